@@ -1,0 +1,542 @@
+//! The generic cache-aside engine: any key, any `Serialize + DeserializeOwned`
+//! value, any loader.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use crate::cache::{Acquired, Cache, Claim, Keys, new_token, ttl_millis};
+use crate::config::Config;
+use crate::db::Db;
+use crate::entry::{Entry, Payload};
+use crate::error::{Error, ErrorKind, Result};
+use crate::singleflight::{Role, SingleFlight, WaitError};
+
+/// How a read that misses the cache reaches the source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Mode {
+    /// Every caller that misses loads for itself (the naive pattern; still
+    /// lease-protected, so it never caches a stale row).
+    Plain,
+    /// One load per key at a time: in this process through single-flight,
+    /// across processes through a Redis rebuild lock.
+    SingleFlight,
+}
+
+/// The cache-aside engine: Redis in front of any loader.
+///
+/// Reads check Redis first (one round trip on a hit). On a miss the reader
+/// takes a *lease* before it loads, and its fill is stored only if the lease
+/// is still its own, so a write that invalidates the key while the load runs
+/// makes the fill be dropped rather than cache the pre-write row. Absent rows
+/// are cached too (for [`Config::negative_ttl`]). Near expiry, XFetch lets
+/// one caller refresh the value early while the others keep reading it.
+///
+/// `CacheAside` is `Send + Sync`: share one (by reference or in an `Arc`)
+/// between all threads. Every method blocks.
+///
+/// ```no_run
+/// use std::time::Duration;
+/// use cacheaside::{CacheAside, Config};
+///
+/// let engine = CacheAside::open(&Config::from_env())?;
+/// let db = engine.db().clone();
+/// let count: Option<i64> = engine.get_or_load_singleflight("orders:count", Duration::from_secs(30), || {
+///     let row = db.query_one("SELECT count(*) FROM pg_class", &[])?;
+///     Ok(row.map(|r| r.get(0)))
+/// })?;
+/// # Ok::<(), cacheaside::Error>(())
+/// ```
+pub struct CacheAside {
+    db: Db,
+    cache: Cache,
+    flights: SingleFlight<Shared>,
+    settings: Settings,
+    corrupt_entries: AtomicU64,
+    #[cfg(feature = "test-hooks")]
+    hooks: crate::hooks::Hooks,
+}
+
+/// What a single-flight leader hands its followers.
+type Shared = Result<Landed, Error>;
+
+#[derive(Clone)]
+enum Landed {
+    /// The JSON of the value, stored in the cache.
+    Value(Arc<[u8]>),
+    /// The source has no such row (cached as absent).
+    Absent,
+    /// The leader's fill lost its lease: a write happened during the load,
+    /// so its row may predate the write. Followers must read again.
+    Stale,
+    /// The leader loaded a value but could not store it (a cache error after
+    /// the load); followers may use it: nobody wrote during the load as far
+    /// as we know, and every one of them asked before the load ended.
+    Uncached(Arc<[u8]>),
+}
+
+#[derive(Clone)]
+struct Settings {
+    negative_ttl: Duration,
+    lease_ttl: Duration,
+    lock_ttl: Duration,
+    lock_wait: Duration,
+    lock_poll: Duration,
+    follower_wait: Duration,
+    beta: f64,
+}
+
+/// A load's result, with the version that orders it against write-through.
+struct Loaded<T> {
+    value: Option<T>,
+    version: u64,
+    took: Duration,
+}
+
+impl CacheAside {
+    /// Connects to Postgres and Redis as `config` says.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for an invalid config; timeouts when a
+    /// server does not answer.
+    pub fn open(config: &Config) -> Result<CacheAside> {
+        config.validate()?;
+        Ok(CacheAside::new(Db::connect(config)?, Cache::connect(config)?, config))
+    }
+
+    /// Builds an engine over pools you already have (sharing their query
+    /// counter and namespace). `config` supplies the engine's settings.
+    pub fn new(db: Db, cache: Cache, config: &Config) -> CacheAside {
+        CacheAside {
+            db,
+            cache,
+            flights: SingleFlight::new(),
+            settings: Settings {
+                negative_ttl: config.negative_ttl,
+                lease_ttl: config.lease_ttl,
+                lock_ttl: config.lock_ttl,
+                lock_wait: config.lock_wait,
+                lock_poll: config.lock_poll,
+                // A follower waits as long as its leader can take: the lock
+                // wait, then a load bounded by the pool and statement timeouts.
+                follower_wait: config.lock_wait
+                    + config.pool_timeout
+                    + config.statement_timeout
+                    + config.cache_io_timeout * 2,
+                beta: config.beta,
+            },
+            corrupt_entries: AtomicU64::new(0),
+            #[cfg(feature = "test-hooks")]
+            hooks: Default::default(),
+        }
+    }
+
+    /// The Postgres pool (and its query counter).
+    pub fn db(&self) -> &Db {
+        &self.db
+    }
+
+    /// The Redis pool.
+    pub fn cache(&self) -> &Cache {
+        &self.cache
+    }
+
+    /// Reads `key` from the cache, or on a miss calls `load` and caches what
+    /// it returns for `ttl` (`None`: cached as absent for the negative TTL).
+    ///
+    /// Every caller that misses calls its own `load` (see
+    /// [`get_or_load_singleflight`](Self::get_or_load_singleflight) for
+    /// one load per key). An entry that does not decode as `T` is deleted,
+    /// counted in [`corrupt_entries`](Self::corrupt_entries) and treated as a
+    /// miss.
+    ///
+    /// # Errors
+    /// What `load` returns; cache errors and timeouts; [`ErrorKind::InvalidArgument`]
+    /// for an empty key or a zero TTL.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let v: Option<String> = engine.get_or_load("greeting", std::time::Duration::from_secs(60), || {
+    ///     Ok(Some("hello".to_owned()))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_or_load<T, F>(&self, key: &str, ttl: Duration, load: F) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
+        self.get_or_load_versioned(key, ttl, Mode::Plain, || Ok(load()?.map(|v| (v, 0))))
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load), but however many threads and
+    /// processes miss `key` at once, one `load` runs: the others wait for its
+    /// value (in-process on a condvar, across processes on the cache).
+    ///
+    /// If the leader's `load` fails, every thread waiting on it gets the
+    /// same error (a panic reaches them as [`ErrorKind::Panicked`]); the next
+    /// call tries again.
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), plus [`ErrorKind::Timeout`] when
+    /// the leader takes longer than the configured bounds.
+    pub fn get_or_load_singleflight<T, F>(&self, key: &str, ttl: Duration, load: F) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
+        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || {
+            Ok(load()?.map(|v| (v, 0)))
+        })
+    }
+
+    /// The general read: `load` also returns the row's version (any number
+    /// that grows with every write, e.g. a `version` column), which orders
+    /// cached values against [`write_through`](Self::write_through). Use it
+    /// for every read of a key that is also written through.
+    ///
+    /// # Errors
+    /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
+    pub fn get_or_load_versioned<T, F>(&self, key: &str, ttl: Duration, mode: Mode, load: F) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<(T, u64)>>,
+    {
+        check_key(key)?;
+        ttl_millis(ttl)?;
+        let keys = self.cache.keys(key);
+        let load = || timed(load);
+        if let Some(raw) = self.cache.get_raw(&keys.value)? {
+            if let Some((hit, refresh_due)) = self.decode_hit::<T>(&keys, &raw) {
+                if refresh_due {
+                    return self.refresh_early(key, &keys, ttl, load, hit);
+                }
+                return Ok(hit);
+            }
+        }
+        match mode {
+            Mode::Plain => self.miss_plain(key, &keys, ttl, load),
+            Mode::SingleFlight => self.miss_single_flight(key, &keys, ttl, load),
+        }
+    }
+
+    /// Removes `key`'s value and revokes any reader's lease on it, so a load
+    /// that started before this call can no longer fill it. Call it after
+    /// the write to the source has committed.
+    ///
+    /// # Errors
+    /// Cache errors and timeouts. (If it fails, the old value lives until
+    /// its TTL: retry, or keep TTLs short.)
+    pub fn invalidate(&self, key: &str) -> Result<()> {
+        check_key(key)?;
+        self.cache.delete(key)?;
+        Ok(())
+    }
+
+    /// Stores `value` (just written to the source with `version`) unless the
+    /// cache already holds `version` or newer, and revokes readers' leases.
+    /// Two writers that finish in either order leave the newer value cached.
+    /// Returns whether this value was stored.
+    ///
+    /// # Errors
+    /// Cache errors and timeouts; [`ErrorKind::InvalidArgument`] for an
+    /// empty key, a zero TTL or a value that does not serialize.
+    pub fn write_through<T: Serialize>(&self, key: &str, value: &T, version: u64, ttl: Duration) -> Result<bool> {
+        check_key(key)?;
+        ttl_millis(ttl)?;
+        let json = to_json(value)?;
+        let raw = Entry::new(Payload::Value(&json), version, Duration::ZERO, ttl).encode();
+        self.cache.write_through(&self.cache.keys(key), &raw, version, ttl)
+    }
+
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn hooks(&self) -> &crate::hooks::Hooks {
+        &self.hooks
+    }
+
+    /// Cache entries found corrupt (undecodable, or not a `T`) and deleted.
+    pub fn corrupt_entries(&self) -> u64 {
+        self.corrupt_entries.load(Ordering::Relaxed)
+    }
+
+    /// Keys with a single-flight load in progress in this process; 0 when no
+    /// call is running (per-key state is freed when its flight ends).
+    pub fn in_flight(&self) -> usize {
+        self.flights.len()
+    }
+
+    /// Decodes a cached entry: `Some((value, refresh_due))`, or `None` after
+    /// deleting and counting a corrupt one.
+    fn decode_hit<T: DeserializeOwned>(&self, keys: &Keys, raw: &[u8]) -> Option<(Option<T>, bool)> {
+        let decoded = Entry::decode(raw).and_then(|entry| {
+            let value = match entry.payload {
+                Payload::Absent => None,
+                Payload::Value(json) => {
+                    Some(serde_json::from_slice(json).map_err(|_| "value does not decode")?)
+                }
+            };
+            Ok((value, entry.should_refresh_early(self.settings.beta, fastrand::f64())))
+        });
+        match decoded {
+            Ok(hit) => Some(hit),
+            Err(_) => {
+                self.corrupt_entries.fetch_add(1, Ordering::Relaxed);
+                // Best effort: if the delete fails, the fill that follows
+                // this miss overwrites the entry anyway.
+                let _ = self.cache.delete_if_equal(&keys.value, raw);
+                None
+            }
+        }
+    }
+
+    fn miss_plain<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Loaded<T>>,
+    {
+        let token = new_token();
+        let claim = self.acquire(key, keys, Claim::Lease, &token)?;
+        match claim {
+            Claimed::Cached(hit) => Ok(hit),
+            Claimed::Busy => Ok(load()?.value),
+            Claimed::Granted => {
+                let hold = self.hold(keys, &token);
+                let loaded = load()?;
+                self.fill(key, hold, ttl, &loaded)?;
+                Ok(loaded.value)
+            }
+        }
+    }
+
+    fn miss_single_flight<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Loaded<T>>,
+    {
+        let deadline = Instant::now() + self.settings.follower_wait;
+        loop {
+            let leader = match self.flights.join(key) {
+                Role::Leader(leader) => leader,
+                Role::Follower(follower) => {
+                    match follower.wait(deadline) {
+                        Ok(Ok(Landed::Value(json) | Landed::Uncached(json))) => {
+                            return decode_shared(key, &json);
+                        }
+                        Ok(Ok(Landed::Absent)) => return Ok(None),
+                        Ok(Err(err)) => return Err(err),
+                        Err(WaitError::Abandoned) => {
+                            return Err(Error::new(
+                                ErrorKind::Panicked,
+                                "the thread loading this key panicked",
+                            ));
+                        }
+                        Err(WaitError::TimedOut) => {
+                            return Err(Error::timeout("waiting for another thread's load"));
+                        }
+                        // A write happened during the leader's load: read again.
+                        Ok(Ok(Landed::Stale)) => {}
+                    }
+                    if Instant::now() >= deadline {
+                        return Err(Error::timeout("reading a key that keeps being written"));
+                    }
+                    if let Some(raw) = self.cache.get_raw(&keys.value)? {
+                        if let Some((hit, _)) = self.decode_hit::<T>(keys, &raw) {
+                            return Ok(hit);
+                        }
+                    }
+                    continue;
+                }
+            };
+            // We lead. Whatever happens below, followers hear of it: an error
+            // is published explicitly; a panic drops `leader`, which wakes
+            // them with `Abandoned`.
+            let (result, landed) = self.lead(key, keys, ttl, load, &leader);
+            leader.publish(landed);
+            return result;
+        }
+    }
+
+    /// The single-flight leader's work: take the cross-process rebuild lock
+    /// (or wait for whoever has it), load, fill. Returns the caller's result
+    /// and what to hand the followers. Closes the flight before filling.
+    fn lead<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F, leader: &crate::singleflight::Leader<'_, Shared>) -> (Result<Option<T>>, Shared)
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Loaded<T>>,
+    {
+        let token = new_token();
+        let wait_until = Instant::now() + self.settings.lock_wait;
+        let mut claim = Claim::Lock;
+        let granted = loop {
+            match self.acquire(key, keys, claim, &token) {
+                Err(err) => return (Err(err.clone()), Err(err)),
+                Ok(Claimed::Cached(hit)) => {
+                    let landed = match &hit {
+                        None => Ok(Landed::Absent),
+                        Some(value) => to_json(value).map(|j| Landed::Value(j.into())),
+                    };
+                    return (Ok(hit), landed);
+                }
+                Ok(Claimed::Granted) => break true,
+                // Waited long enough: load anyway, filling only through a
+                // lease so the fallback can never cache a stale row either.
+                Ok(Claimed::Busy) if claim == Claim::Lease => break false,
+                Ok(Claimed::Busy) if Instant::now() >= wait_until => claim = Claim::Lease,
+                // Another process is rebuilding: its value lands in the
+                // cache, which the next attempt reads. If it dies, its lock
+                // expires and an attempt takes it over.
+                Ok(Claimed::Busy) => std::thread::sleep(self.settings.lock_poll),
+            }
+        };
+        let hold = granted.then(|| self.hold(keys, &token));
+        let loaded = match load() {
+            Ok(loaded) => loaded,
+            Err(err) => return (Err(err.clone()), Err(err)),
+        };
+        let json = match loaded.value.as_ref().map(to_json).transpose() {
+            Ok(json) => json.map(Arc::<[u8]>::from),
+            Err(err) => return (Err(err.clone()), Err(err)),
+        };
+        leader.close();
+        let landed = match hold {
+            None => json.map_or(Landed::Absent, Landed::Uncached),
+            Some(hold) => match self.fill(key, hold, ttl, &loaded) {
+                Ok(true) => json.map_or(Landed::Absent, Landed::Value),
+                Ok(false) => Landed::Stale,
+                Err(_) => json.map_or(Landed::Absent, Landed::Uncached),
+            },
+        };
+        (Ok(loaded.value), Ok(landed))
+    }
+
+    /// A hit that XFetch picked for early refresh: reload under the rebuild
+    /// lock if nobody else is; serve the cached value otherwise, and also if
+    /// the refresh fails (the cached value is still valid).
+    fn refresh_early<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F, cached: Option<T>) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Loaded<T>>,
+    {
+        let token = new_token();
+        if !matches!(self.acquire::<T>(key, keys, Claim::Refresh, &token), Ok(Claimed::Granted)) {
+            return Ok(cached);
+        }
+        let hold = self.hold(keys, &token);
+        let Ok(loaded) = load() else {
+            return Ok(cached);
+        };
+        // A refresh the lease rejects was overtaken by a write: our caller
+        // started before that write finished, so either row is fine for it.
+        let _ = self.fill(key, hold, ttl, &loaded);
+        Ok(loaded.value)
+    }
+
+    fn acquire<T: DeserializeOwned>(&self, key: &str, keys: &Keys, claim: Claim, token: &str) -> Result<Claimed<T>> {
+        let s = &self.settings;
+        match self.cache.acquire(keys, claim, token, s.lease_ttl, s.lock_ttl)? {
+            Acquired::Granted => Ok(Claimed::Granted),
+            Acquired::Busy => Ok(Claimed::Busy),
+            Acquired::Cached(raw) => match self.decode_hit::<T>(keys, &raw) {
+                Some((hit, _)) => Ok(Claimed::Cached(hit)),
+                // Corrupt (and now deleted): take the claim on a clean slate.
+                None => self.acquire(key, keys, claim, token),
+            },
+        }
+    }
+
+    fn hold<'a>(&'a self, keys: &'a Keys, token: &'a str) -> Hold<'a> {
+        Hold {
+            cache: &self.cache,
+            keys,
+            token,
+        }
+    }
+
+    /// Stores a load's result if `hold` still has the lease, and releases
+    /// the lease and lock. The lease check and the write are one Lua script:
+    /// there is no window between them.
+    fn fill<T: Serialize>(&self, key: &str, hold: Hold<'_>, ttl: Duration, loaded: &Loaded<T>) -> Result<bool> {
+        let json;
+        let (payload, ttl) = match &loaded.value {
+            Some(value) => {
+                json = to_json(value)?;
+                (Payload::Value(&json), ttl)
+            }
+            None => (Payload::Absent, self.settings.negative_ttl),
+        };
+        let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
+        #[cfg(feature = "test-hooks")]
+        if let Some(stored) = self.hooks.before_fill(key, &self.cache, hold.keys, &raw, ttl) {
+            return stored;
+        }
+        let _ = key;
+        let stored = self.cache.fill(hold.keys, hold.token, &raw, ttl)?;
+        // The script released the lease and lock; skip the guard's release
+        // round trip.
+        std::mem::forget(hold);
+        Ok(stored)
+    }
+}
+
+/// A granted lease (and maybe lock). Dropping it releases both if still
+/// ours, so a loader that fails or panics does not hold up other readers
+/// until the lease expires; a successful fill releases them itself and
+/// forgets the guard.
+struct Hold<'a> {
+    cache: &'a Cache,
+    keys: &'a Keys,
+    token: &'a str,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        // Compare-and-delete: harmless if the lease or lock is someone else's
+        // by now. A failure leaves them to expire.
+        let _ = self.cache.release(self.keys, self.token);
+    }
+}
+
+/// What the engine made of an acquire attempt.
+enum Claimed<T> {
+    Cached(Option<T>),
+    Granted,
+    Busy,
+}
+
+/// Runs a loader and times it (XFetch needs the time a load takes). A panic
+/// unwinds through: the drop guards on the way release the lease and lock
+/// and wake single-flight followers.
+fn timed<T>(load: impl FnOnce() -> Result<Option<(T, u64)>>) -> Result<Loaded<T>> {
+    let start = Instant::now();
+    let (value, version) = match load()? {
+        Some((value, version)) => (Some(value), version),
+        None => (None, 0),
+    };
+    Ok(Loaded {
+        value,
+        version,
+        took: start.elapsed(),
+    })
+}
+
+fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
+    serde_json::to_vec(value)
+        .map_err(|e| Error::invalid_argument("value does not serialize to JSON").with_source(e))
+}
+
+fn decode_shared<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>> {
+    serde_json::from_slice(json)
+        .map(Some)
+        .map_err(|e| Error::corrupt(key, format!("another caller loaded a different type: {e}")))
+}
+
+fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid_argument("cache key must not be empty"));
+    }
+    Ok(())
+}

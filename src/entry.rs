@@ -1,0 +1,166 @@
+//! The format of a cached entry: a one-line text header, then the payload.
+//!
+//! ```text
+//! ca1 <kind> <version> <load_ms> <expires_at_ms>\n<payload>
+//! ```
+//!
+//! `kind` is `v` (a JSON value follows) or `a` (the row is absent: negative
+//! caching). `version` orders write-through updates (0 when unversioned) and
+//! is parsed by the write-through Lua script, `load_ms` and `expires_at_ms`
+//! (Unix milliseconds) feed XFetch early refresh. Anything else under a key
+//! of ours is corrupt and treated as a miss.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const MAGIC: &str = "ca1";
+
+/// What an entry says about the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Payload<'a> {
+    /// The JSON encoding of the cached value.
+    Value(&'a [u8]),
+    /// The source has no such row.
+    Absent,
+}
+
+/// A decoded entry, borrowing its payload from the raw bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry<'a> {
+    pub version: u64,
+    pub load_ms: u64,
+    pub expires_at_ms: u64,
+    pub payload: Payload<'a>,
+}
+
+impl<'a> Entry<'a> {
+    /// An entry that expires `ttl` from now.
+    pub fn new(payload: Payload<'a>, version: u64, load: Duration, ttl: Duration) -> Self {
+        Entry {
+            version,
+            load_ms: load.as_millis().try_into().unwrap_or(u64::MAX),
+            expires_at_ms: now_ms().saturating_add(ttl.as_millis().try_into().unwrap_or(u64::MAX)),
+            payload,
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        let (kind, body): (&str, &[u8]) = match self.payload {
+            Payload::Value(json) => ("v", json),
+            Payload::Absent => ("a", b""),
+        };
+        let header = format!(
+            "{MAGIC} {kind} {} {} {}\n",
+            self.version, self.load_ms, self.expires_at_ms
+        );
+        let mut out = Vec::with_capacity(header.len() + body.len());
+        out.extend_from_slice(header.as_bytes());
+        out.extend_from_slice(body);
+        out
+    }
+
+    /// Parses raw bytes from Redis; `Err` says why they are not an entry.
+    pub fn decode(raw: &'a [u8]) -> Result<Self, &'static str> {
+        let newline = raw
+            .iter()
+            .position(|&b| b == b'\n')
+            .ok_or("no header line")?;
+        let header = std::str::from_utf8(&raw[..newline]).map_err(|_| "header is not UTF-8")?;
+        let body = &raw[newline + 1..];
+        let mut fields = header.split(' ');
+        if fields.next() != Some(MAGIC) {
+            return Err("unknown format");
+        }
+        let kind = fields.next().ok_or("missing kind")?;
+        let mut number = || -> Result<u64, &'static str> {
+            fields
+                .next()
+                .and_then(|f| f.parse().ok())
+                .ok_or("bad header number")
+        };
+        let (version, load_ms, expires_at_ms) = (number()?, number()?, number()?);
+        if fields.next().is_some() {
+            return Err("trailing header fields");
+        }
+        let payload = match kind {
+            "v" => Payload::Value(body),
+            "a" if body.is_empty() => Payload::Absent,
+            _ => return Err("unknown kind"),
+        };
+        Ok(Entry {
+            version,
+            load_ms,
+            expires_at_ms,
+            payload,
+        })
+    }
+
+    /// XFetch (Vattani et al., VLDB 2015): refresh early when
+    /// `now - load * beta * ln(u) >= expiry`, `u` uniform in (0, 1]. The
+    /// chance rises smoothly towards expiry, and faster for slow loads, so
+    /// one caller (usually) refreshes before the key vanishes.
+    pub fn should_refresh_early(&self, beta: f64, uniform: f64) -> bool {
+        if beta <= 0.0 || self.load_ms == 0 {
+            return false;
+        }
+        let head_start = -(self.load_ms as f64) * beta * uniform.max(f64::MIN_POSITIVE).ln();
+        now_ms() as f64 + head_start >= self.expires_at_ms as f64
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let entry = Entry::new(
+            Payload::Value(br#"{"a":1}"#),
+            7,
+            Duration::from_millis(12),
+            Duration::from_secs(60),
+        );
+        let raw = entry.encode();
+        assert_eq!(Entry::decode(&raw), Ok(entry));
+        let absent = Entry::new(Payload::Absent, 0, Duration::ZERO, Duration::from_secs(1));
+        assert_eq!(Entry::decode(&absent.encode()), Ok(absent));
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        for raw in [
+            &b""[..],
+            b"{\"a\":1}",
+            b"ca1 v 1 2\n{}",
+            b"ca1 v 1 2 3 4\n{}",
+            b"ca1 x 1 2 3\n{}",
+            b"ca1 a 1 2 3\nbody",
+            b"ca1 v -1 2 3\n{}",
+            b"ca2 v 1 2 3\n{}",
+            b"ca1 v 1 2 \xff\n{}",
+        ] {
+            assert!(Entry::decode(raw).is_err(), "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn xfetch_never_refreshes_fresh_entries_and_always_expired_ones() {
+        let fresh = Entry::new(Payload::Absent, 0, Duration::from_millis(5), Duration::from_secs(60));
+        assert!(!fresh.should_refresh_early(1.0, 0.5));
+        assert!(!fresh.should_refresh_early(0.0, 1e-300));
+        let mut stale = fresh;
+        stale.expires_at_ms = now_ms().saturating_sub(1);
+        assert!(stale.should_refresh_early(1.0, 1.0));
+        // Close to expiry, an unlucky draw refreshes and a lucky one does not.
+        let mut near = fresh;
+        near.expires_at_ms = now_ms() + 10;
+        assert!(near.should_refresh_early(1.0, 1e-6)); // head start ~69 ms
+        assert!(!near.should_refresh_early(1.0, 0.99)); // head start ~0.05 ms
+    }
+}

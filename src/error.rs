@@ -1,0 +1,194 @@
+//! The one error type of the crate.
+
+use std::error::Error as StdError;
+use std::fmt;
+use std::sync::Arc;
+
+/// Which side of the system failed, so a caller can decide what to do.
+///
+/// The C ABI maps each kind to one `cacheaside_status` code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// PostgreSQL refused or failed a statement, or a connection to it broke.
+    Database,
+    /// Redis refused or failed a command, or a connection to it broke.
+    Cache,
+    /// A connect, read, write, statement or pool checkout deadline passed.
+    Timeout,
+    /// A caller passed something unusable (bad identifier, empty plan, ...).
+    InvalidArgument,
+    /// A cache entry could not be decoded (the read paths treat it as a miss;
+    /// only the raw [`Cache::get_json`](crate::Cache::get_json) reports it).
+    CorruptEntry,
+    /// A caller-supplied loader returned an error.
+    Loader,
+    /// A loader panicked; its single-flight waiters get this kind.
+    Panicked,
+}
+
+/// The error every fallible function of the crate returns.
+///
+/// It carries a [`ErrorKind`], a short lowercase message, and the underlying
+/// error as its [`source`](std::error::Error::source). It is cheap to clone,
+/// which is how one failed single-flight load reaches every waiter.
+///
+/// ```
+/// use cacheaside::{Error, ErrorKind};
+/// let err = Error::invalid_argument("plan must not be empty");
+/// assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+/// assert_eq!(err.to_string(), "invalid argument: plan must not be empty");
+/// ```
+#[derive(Clone)]
+pub struct Error {
+    kind: ErrorKind,
+    message: String,
+    source: Option<Arc<dyn StdError + Send + Sync>>,
+}
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
+    }
+
+    pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
+        self.source = Some(Arc::new(source));
+        self
+    }
+
+    /// An [`ErrorKind::InvalidArgument`] error with the given explanation.
+    pub fn invalid_argument(why: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::InvalidArgument, format!("invalid argument: {why}"))
+    }
+
+    /// An [`ErrorKind::Loader`] error wrapping what a custom loader failed with.
+    ///
+    /// ```
+    /// let err = cacheaside::Error::loader(std::io::Error::other("upstream down"));
+    /// assert_eq!(err.kind(), cacheaside::ErrorKind::Loader);
+    /// ```
+    pub fn loader(source: impl StdError + Send + Sync + 'static) -> Self {
+        Error::new(ErrorKind::Loader, "loader failed").with_source(source)
+    }
+
+    pub(crate) fn corrupt(key: &str, why: impl fmt::Display) -> Self {
+        Error::new(
+            ErrorKind::CorruptEntry,
+            format!("corrupt cache entry at {key:?}: {why}"),
+        )
+    }
+
+    pub(crate) fn timeout(what: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::Timeout, format!("timed out: {what}"))
+    }
+
+    /// Which side failed.
+    pub fn kind(&self) -> ErrorKind {
+        self.kind
+    }
+
+    /// True when a deadline passed (connect, I/O, statement, pool checkout or
+    /// rebuild-lock wait): retrying later may succeed.
+    pub fn is_timeout(&self) -> bool {
+        self.kind == ErrorKind::Timeout
+    }
+
+    /// The message and every source below it, joined by `": "`; what the C ABI
+    /// reports through `cacheaside_last_error()`.
+    pub fn chain(&self) -> String {
+        let mut text = self.message.clone();
+        let mut next = self.source();
+        while let Some(err) = next {
+            text.push_str(": ");
+            text.push_str(&err.to_string());
+            next = err.source();
+        }
+        text
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Error")
+            .field("kind", &self.kind)
+            .field("message", &self.chain())
+            .finish()
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
+impl From<postgres::Error> for Error {
+    fn from(err: postgres::Error) -> Self {
+        // 57014 query_canceled is what statement_timeout raises.
+        let timed_out = err.code() == Some(&postgres::error::SqlState::QUERY_CANCELED)
+            || err.to_string().contains("timed out");
+        let kind = if timed_out {
+            ErrorKind::Timeout
+        } else {
+            ErrorKind::Database
+        };
+        let message = if timed_out {
+            "timed out: database statement"
+        } else {
+            "database query failed"
+        };
+        Error::new(kind, message).with_source(err)
+    }
+}
+
+impl From<redis::RedisError> for Error {
+    fn from(err: redis::RedisError) -> Self {
+        if err.is_timeout() {
+            Error::timeout("cache command").with_source(err)
+        } else {
+            Error::new(ErrorKind::Cache, "cache command failed").with_source(err)
+        }
+    }
+}
+
+/// r2d2 only fails a checkout when its timeout passes (connection errors are
+/// retried until then), so a pool error is a timeout whichever side it is.
+pub(crate) fn pool_timeout(side: &str, err: r2d2::Error) -> Error {
+    Error::timeout(format!("waiting for a {side} connection")).with_source(err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chain_includes_sources() {
+        let err = Error::loader(std::io::Error::other("boom"));
+        assert_eq!(err.to_string(), "loader failed");
+        assert_eq!(err.chain(), "loader failed: boom");
+        assert!(!err.is_timeout());
+    }
+
+    #[test]
+    fn clones_share_the_source() {
+        let err = Error::loader(std::io::Error::other("boom"));
+        let copy = err.clone();
+        assert_eq!(copy.chain(), err.chain());
+        assert_eq!(copy.kind(), ErrorKind::Loader);
+    }
+}

@@ -1,0 +1,49 @@
+//! # cacheaside
+//!
+//! Redis in front of PostgreSQL with the cache-aside (lazy-loading) pattern,
+//! for synchronous Rust programs (and, through a C ABI, C and C++ ones).
+//!
+//! - Reads check Redis first; a miss loads from Postgres and caches the
+//!   result (or its absence) with a TTL. A hit never touches Postgres.
+//! - Writes go to Postgres, then invalidate (or write through to) the cache.
+//!   Readers hold a *lease* while they load, so a read that raced a write can
+//!   never put the pre-write row back into the cache.
+//! - A hot key that misses costs one load however many threads and processes
+//!   ask at once: single-flight in process, a Redis rebuild lock across
+//!   processes, and XFetch early refresh before the key expires.
+//!
+//! [`Client`] is the lab's users workload; [`CacheAside`] is the generic
+//! engine under it, for any key, value and loader.
+//!
+//! ```no_run
+//! use cacheaside::{Client, Config};
+//!
+//! let client = Client::open(&Config::from_env())?;
+//! client.install_schema()?;
+//! client.seed_demo_users()?;
+//! let profile = client.get_user_profile_singleflight(1)?;
+//! println!("{profile:?}, {} queries so far", client.db().query_count());
+//! # Ok::<(), cacheaside::Error>(())
+//! ```
+#![warn(missing_docs)]
+
+mod aside;
+mod cache;
+mod config;
+mod db;
+mod entry;
+mod error;
+#[cfg(feature = "test-hooks")]
+mod hooks;
+mod singleflight;
+mod users;
+
+pub use aside::{CacheAside, Mode};
+pub use cache::Cache;
+pub use config::Config;
+pub use db::{Db, Params};
+pub use error::{Error, ErrorKind, Result};
+pub use users::{Client, DEMO_USERS, UserProfile};
+
+/// Re-exported so callers of [`Db`] can name rows and parameter types.
+pub use postgres::{Row, types::ToSql};

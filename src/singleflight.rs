@@ -1,0 +1,275 @@
+//! In-process single-flight: of the threads that ask for one key at once,
+//! one (the leader) does the work and the others wait for its outcome.
+//!
+//! The shape follows Go's `x/sync/singleflight`: a map from key to the
+//! flight in progress, guarded by one mutex that is never held across I/O;
+//! each flight has its own mutex and condvar for its waiters.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
+
+/// Per-key flights in progress. `V` is what a leader hands its waiters.
+pub(crate) struct SingleFlight<V> {
+    /// Guarded by its mutex: read and written only while joining a flight and
+    /// when its leader closes it. Never held across I/O or a flight's lock.
+    flights: Mutex<HashMap<String, Arc<Flight<V>>>>,
+}
+
+struct Flight<V> {
+    /// Guarded by its mutex; `done` is the condvar paired with it (and with
+    /// no other mutex, as parking_lot requires).
+    state: Mutex<State<V>>,
+    done: Condvar,
+}
+
+enum State<V> {
+    Running,
+    Landed(V),
+    /// The leader unwound (a panic) without publishing.
+    Abandoned,
+}
+
+/// What [`SingleFlight::join`] made of the caller.
+pub(crate) enum Role<'a, V: Clone> {
+    /// Do the work, then [`Leader::publish`] the outcome.
+    Leader(Leader<'a, V>),
+    /// Someone else is doing it: [`Follower::wait`] for them.
+    Follower(Follower<V>),
+}
+
+/// Why a follower got no outcome.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WaitError {
+    /// The leader panicked.
+    Abandoned,
+    /// The deadline passed first.
+    TimedOut,
+}
+
+impl<V: Clone> SingleFlight<V> {
+    pub fn new() -> Self {
+        SingleFlight {
+            flights: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Joins the flight for `key`, starting one (as its leader) if none runs.
+    pub fn join(&self, key: &str) -> Role<'_, V> {
+        let mut flights = self.flights.lock();
+        if let Some(flight) = flights.get(key) {
+            return Role::Follower(Follower(Arc::clone(flight)));
+        }
+        let flight = Arc::new(Flight {
+            state: Mutex::new(State::Running),
+            done: Condvar::new(),
+        });
+        flights.insert(key.to_owned(), Arc::clone(&flight));
+        Role::Leader(Leader {
+            group: self,
+            key: key.to_owned(),
+            flight,
+            published: false,
+        })
+    }
+
+    /// Flights in progress; 0 whenever no call is running.
+    pub fn len(&self) -> usize {
+        self.flights.lock().len()
+    }
+}
+
+/// The one thread doing the work for a key. Dropping it without publishing
+/// (a panic unwinding through the leader) wakes every waiter with
+/// [`WaitError::Abandoned`], so nobody waits for a leader that is gone.
+pub(crate) struct Leader<'a, V: Clone> {
+    group: &'a SingleFlight<V>,
+    key: String,
+    flight: Arc<Flight<V>>,
+    published: bool,
+}
+
+impl<V: Clone> Leader<'_, V> {
+    /// Stops new callers from joining this flight: from now on they start a
+    /// new one. A leader closes before it writes the cache, so that whatever
+    /// that write's verdict is, it covers every thread that joined.
+    pub fn close(&self) {
+        let mut flights = self.group.flights.lock();
+        // Only remove the entry if it is still ours (it always is while we
+        // have not closed, but a second close must not remove a successor).
+        if flights
+            .get(&self.key)
+            .is_some_and(|f| Arc::ptr_eq(f, &self.flight))
+        {
+            flights.remove(&self.key);
+        }
+    }
+
+    /// Hands `outcome` to every waiter and ends the flight.
+    pub fn publish(mut self, outcome: V) {
+        self.finish(State::Landed(outcome));
+    }
+
+    fn finish(&mut self, state: State<V>) {
+        self.close();
+        self.published = true;
+        *self.flight.state.lock() = state;
+        self.flight.done.notify_all();
+    }
+}
+
+impl<V: Clone> Drop for Leader<'_, V> {
+    fn drop(&mut self) {
+        if !self.published {
+            self.finish(State::Abandoned);
+        }
+    }
+}
+
+/// A thread waiting for another's outcome.
+pub(crate) struct Follower<V>(Arc<Flight<V>>);
+
+impl<V: Clone> Follower<V> {
+    /// Blocks until the leader publishes, gives up, or `deadline` passes.
+    pub fn wait(&self, deadline: Instant) -> Result<V, WaitError> {
+        let mut state = self.0.state.lock();
+        loop {
+            match &*state {
+                State::Landed(value) => return Ok(value.clone()),
+                State::Abandoned => return Err(WaitError::Abandoned),
+                State::Running => {
+                    if self.0.done.wait_until(&mut state, deadline).timed_out() {
+                        // The leader may have published at the same instant.
+                        return match &*state {
+                            State::Landed(value) => Ok(value.clone()),
+                            State::Abandoned => Err(WaitError::Abandoned),
+                            State::Running => Err(WaitError::TimedOut),
+                        };
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Barrier;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    fn far() -> Instant {
+        Instant::now() + Duration::from_secs(30)
+    }
+
+    #[test]
+    fn one_leader_many_followers() {
+        let group = SingleFlight::<u32>::new();
+        let runs = AtomicUsize::new(0);
+        let threads = 16;
+        let start = Barrier::new(threads);
+        // The leader only publishes once every thread has joined, so the
+        // count below is exact rather than timing-dependent.
+        let joined = AtomicUsize::new(0);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        start.wait();
+                        match group.join("k") {
+                            Role::Leader(leader) => {
+                                joined.fetch_add(1, Ordering::SeqCst);
+                                runs.fetch_add(1, Ordering::SeqCst);
+                                while joined.load(Ordering::SeqCst) < threads {
+                                    std::thread::yield_now();
+                                }
+                                leader.publish(7);
+                                7
+                            }
+                            Role::Follower(f) => {
+                                joined.fetch_add(1, Ordering::SeqCst);
+                                f.wait(far()).unwrap()
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                assert_eq!(h.join().unwrap(), 7);
+            }
+        });
+        assert_eq!(runs.load(Ordering::SeqCst), 1);
+        assert_eq!(group.len(), 0);
+    }
+
+    #[test]
+    fn dropped_leader_abandons_followers_and_frees_the_key() {
+        let group = SingleFlight::<u32>::new();
+        let Role::Leader(leader) = group.join("k") else {
+            panic!("first caller must lead")
+        };
+        let Role::Follower(follower) = group.join("k") else {
+            panic!("second caller must follow")
+        };
+        drop(leader);
+        assert_eq!(follower.wait(far()), Err(WaitError::Abandoned));
+        assert_eq!(group.len(), 0);
+        assert!(matches!(group.join("k"), Role::Leader(_)));
+    }
+
+    #[test]
+    fn panicking_leader_wakes_followers() {
+        let group = SingleFlight::<u32>::new();
+        std::thread::scope(|s| {
+            let Role::Leader(leader) = group.join("k") else {
+                panic!("first caller must lead")
+            };
+            let Role::Follower(follower) = group.join("k") else {
+                panic!("second caller must follow")
+            };
+            let waiter = s.spawn(move || follower.wait(far()));
+            let panicked = s
+                .spawn(move || {
+                    let _leader = leader;
+                    panic!("loader blew up");
+                })
+                .join();
+            assert!(panicked.is_err());
+            assert_eq!(waiter.join().unwrap(), Err(WaitError::Abandoned));
+        });
+        assert_eq!(group.len(), 0);
+    }
+
+    #[test]
+    fn closed_flight_takes_no_new_followers() {
+        let group = SingleFlight::<u32>::new();
+        let Role::Leader(first) = group.join("k") else {
+            panic!("first caller must lead")
+        };
+        first.close();
+        let Role::Leader(second) = group.join("k") else {
+            panic!("after close a caller must start a new flight")
+        };
+        // Publishing the first must not remove the second's entry.
+        first.publish(1);
+        assert_eq!(group.len(), 1);
+        second.publish(2);
+        assert_eq!(group.len(), 0);
+    }
+
+    #[test]
+    fn follower_times_out() {
+        let group = SingleFlight::<u32>::new();
+        let Role::Leader(_leader) = group.join("k") else {
+            panic!("first caller must lead")
+        };
+        let Role::Follower(follower) = group.join("k") else {
+            panic!("second caller must follow")
+        };
+        let deadline = Instant::now() + Duration::from_millis(20);
+        assert_eq!(follower.wait(deadline), Err(WaitError::TimedOut));
+    }
+}

@@ -1,0 +1,288 @@
+//! The teaching lab's workload: a `users` table behind the cache, and its
+//! three functions, as thin users of the generic engine.
+
+use std::time::Duration;
+
+use postgres::Row;
+use serde::{Deserialize, Serialize};
+
+use crate::aside::{CacheAside, Mode};
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::{Error, Result};
+
+/// One row of the users table, as cached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserProfile {
+    /// Primary key.
+    pub id: i64,
+    /// Display name.
+    pub name: String,
+    /// Email address.
+    pub email: String,
+    /// Subscription plan, e.g. `"free"` or `"pro"`.
+    pub plan: String,
+    /// Starts at 1 and grows by one with every update: orders cached copies.
+    pub version: i64,
+}
+
+/// The lab's five demo users: `(id, name, email, plan)`.
+pub const DEMO_USERS: [(i64, &str, &str, &str); 5] = [
+    (1, "Ada Lovelace", "ada@example.com", "pro"),
+    (2, "Alan Turing", "alan@example.com", "free"),
+    (3, "Grace Hopper", "grace@example.com", "enterprise"),
+    (4, "Edsger Dijkstra", "edsger@example.com", "free"),
+    (5, "Barbara Liskov", "barbara@example.com", "pro"),
+];
+
+/// The lab's client: a [`CacheAside`] engine plus the users table.
+///
+/// Thread-safe: share one `Client` between all threads (in an `Arc`, or by
+/// reference from scoped threads). Every method blocks.
+///
+/// ```no_run
+/// use cacheaside::{Client, Config};
+///
+/// let client = Client::open(&Config::from_env())?;
+/// client.install_schema()?;
+/// client.seed_demo_users()?;
+/// let before = client.db().query_count();
+/// let ada = client.get_user_profile(1)?.expect("seeded"); // miss: 1 query
+/// let again = client.get_user_profile(1)?;                 // hit: 0 queries
+/// assert_eq!(client.db().query_count() - before, 1);
+/// assert_eq!(again.as_ref(), Some(&ada));
+/// client.update_user_plan(1, "enterprise")?;               // write, then invalidate
+/// assert_eq!(client.get_user_profile(1)?.unwrap().plan, "enterprise");
+/// # Ok::<(), cacheaside::Error>(())
+/// ```
+pub struct Client {
+    engine: CacheAside,
+    ttl: Duration,
+    sql: Sql,
+}
+
+/// The statements, built once from the validated table name (an identifier
+/// cannot be a bind parameter; every value is one).
+struct Sql {
+    table: String,
+    select: String,
+    update: String,
+    update_returning: String,
+    insert: String,
+}
+
+impl Sql {
+    fn new(table: &str) -> Sql {
+        const COLUMNS: &str = "id, name, email, plan, version";
+        Sql {
+            table: table.to_owned(),
+            select: format!("SELECT {COLUMNS} FROM {table} WHERE id = $1"),
+            update: format!(
+                "UPDATE {table} SET plan = $2, updated_at = now(), version = version + 1 WHERE id = $1"
+            ),
+            update_returning: format!(
+                "UPDATE {table} SET plan = $2, updated_at = now(), version = version + 1 WHERE id = $1 RETURNING {COLUMNS}"
+            ),
+            insert: format!(
+                "INSERT INTO {table} (id, name, email, plan) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING"
+            ),
+        }
+    }
+}
+
+impl Client {
+    /// Connects to Postgres and Redis as `config` says. Does not touch the
+    /// table: see [`install_schema`](Self::install_schema).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an invalid config
+    /// (e.g. a table name that is not an identifier); timeouts when a server
+    /// does not answer.
+    pub fn open(config: &Config) -> Result<Client> {
+        let engine = CacheAside::open(config)?;
+        Ok(Client {
+            engine,
+            ttl: config.ttl,
+            sql: Sql::new(&config.users_table),
+        })
+    }
+
+    /// The generic engine under this client, for caching anything else.
+    pub fn engine(&self) -> &CacheAside {
+        &self.engine
+    }
+
+    /// The Postgres pool; [`Db::query_count`] proves hits skip it.
+    pub fn db(&self) -> &Db {
+        self.engine.db()
+    }
+
+    /// The Redis pool.
+    pub fn cache(&self) -> &Cache {
+        self.engine.cache()
+    }
+
+    /// The users table this client reads and writes.
+    pub fn users_table(&self) -> &str {
+        &self.sql.table
+    }
+
+    /// The cache key of a user: `user:{id}`.
+    pub fn user_key(user_id: i64) -> String {
+        format!("user:{user_id}")
+    }
+
+    /// Creates the users table (and its schema, if qualified) unless it
+    /// exists.
+    ///
+    /// # Errors
+    /// Database errors and timeouts.
+    pub fn install_schema(&self) -> Result<()> {
+        let table = &self.sql.table;
+        let schema = match table.split_once('.') {
+            Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+            None => String::new(),
+        };
+        self.db().batch_execute(&format!(
+            "{schema}
+             CREATE TABLE IF NOT EXISTS {table} (
+                 id         bigint PRIMARY KEY,
+                 name       text NOT NULL,
+                 email      text NOT NULL,
+                 plan       text NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now(),
+                 version    bigint NOT NULL DEFAULT 1
+             )"
+        ))
+    }
+
+    /// Inserts the lab's five [`DEMO_USERS`] where their ids are free, and
+    /// invalidates their cache entries (an "absent" entry may be cached).
+    /// Idempotent.
+    ///
+    /// # Errors
+    /// Database and cache errors, timeouts.
+    pub fn seed_demo_users(&self) -> Result<()> {
+        for (id, name, email, plan) in DEMO_USERS {
+            self.insert_user(id, name, email, plan)?;
+        }
+        Ok(())
+    }
+
+    /// Inserts a user unless the id is taken (then nothing changes), and
+    /// invalidates the id's cache entry so a cached "absent" goes away.
+    /// Returns whether a row was inserted.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty plan;
+    /// database and cache errors, timeouts.
+    pub fn insert_user(&self, user_id: i64, name: &str, email: &str, plan: &str) -> Result<bool> {
+        check_plan(plan)?;
+        let inserted = self
+            .db()
+            .execute(&self.sql.insert, &[&user_id, &name, &email, &plan])?;
+        self.engine.invalidate(&Client::user_key(user_id))?;
+        Ok(inserted == 1)
+    }
+
+    /// Cache-aside read: Redis first; on a miss one Postgres query, whose
+    /// row (or absence) is cached. `Ok(None)` when the user does not exist.
+    ///
+    /// A hit costs one Redis round trip and no Postgres statement. Under
+    /// concurrent misses every caller queries Postgres; use
+    /// [`get_user_profile_singleflight`](Self::get_user_profile_singleflight)
+    /// for hot keys.
+    ///
+    /// # Errors
+    /// Database and cache errors, timeouts.
+    pub fn get_user_profile(&self, user_id: i64) -> Result<Option<UserProfile>> {
+        self.read(user_id, Mode::Plain)
+    }
+
+    /// Stampede-safe read: however many threads (and processes) miss one
+    /// user at once, Postgres sees one query; the others reuse its row.
+    ///
+    /// # Errors
+    /// As [`get_user_profile`](Self::get_user_profile); a failed load's error
+    /// reaches every thread that waited on it.
+    pub fn get_user_profile_singleflight(&self, user_id: i64) -> Result<Option<UserProfile>> {
+        self.read(user_id, Mode::SingleFlight)
+    }
+
+    /// Sets a user's plan in Postgres (bumping `version` and `updated_at`),
+    /// then invalidates the cached profile. `Ok(false)` if no such user.
+    ///
+    /// Once this returns, no read that starts afterwards sees the old plan:
+    /// a reader that loaded the old row before the write loses its lease and
+    /// cannot cache it.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty plan;
+    /// database and cache errors, timeouts.
+    pub fn update_user_plan(&self, user_id: i64, plan: &str) -> Result<bool> {
+        check_plan(plan)?;
+        let updated = self.db().execute(&self.sql.update, &[&user_id, &plan])?;
+        self.engine.invalidate(&Client::user_key(user_id))?;
+        Ok(updated == 1)
+    }
+
+    /// Sets a user's plan and writes the new row through to the cache, unless
+    /// the cache already holds a newer version. Returns the new row, or
+    /// `Ok(None)` if no such user.
+    ///
+    /// # Errors
+    /// As [`update_user_plan`](Self::update_user_plan).
+    pub fn update_user_plan_write_through(&self, user_id: i64, plan: &str) -> Result<Option<UserProfile>> {
+        check_plan(plan)?;
+        let Some(row) = self
+            .db()
+            .query_one(&self.sql.update_returning, &[&user_id, &plan])?
+        else {
+            // No row; an "absent" entry may still be cached, and is right.
+            return Ok(None);
+        };
+        let profile = profile_from_row(&row)?;
+        self.engine.write_through(
+            &Client::user_key(user_id),
+            &profile,
+            version_of(&profile),
+            self.ttl,
+        )?;
+        Ok(Some(profile))
+    }
+
+    fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
+        self.engine
+            .get_or_load_versioned(&Client::user_key(user_id), self.ttl, mode, || {
+                let row = self.db().query_one(&self.sql.select, &[&user_id])?;
+                let profile = row.as_ref().map(profile_from_row).transpose()?;
+                Ok(profile.map(|p| {
+                    let version = version_of(&p);
+                    (p, version)
+                }))
+            })
+    }
+}
+
+fn profile_from_row(row: &Row) -> Result<UserProfile> {
+    let column = |e: postgres::Error| Error::from(e);
+    Ok(UserProfile {
+        id: row.try_get(0).map_err(column)?,
+        name: row.try_get(1).map_err(column)?,
+        email: row.try_get(2).map_err(column)?,
+        plan: row.try_get(3).map_err(column)?,
+        version: row.try_get(4).map_err(column)?,
+    })
+}
+
+fn version_of(profile: &UserProfile) -> u64 {
+    u64::try_from(profile.version).unwrap_or(0)
+}
+
+fn check_plan(plan: &str) -> Result<()> {
+    if plan.trim().is_empty() {
+        return Err(Error::invalid_argument("plan must not be empty"));
+    }
+    Ok(())
+}
