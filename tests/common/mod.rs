@@ -1,0 +1,98 @@
+//! Shared test fixture: a users table and a Redis namespace that belong to
+//! one test alone, removed again when the fixture drops. Tests therefore run
+//! in parallel and never touch anyone else's data.
+
+#![allow(dead_code)] // each test binary uses a different part of it
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use cacheaside::{Client, Config};
+
+/// A client on its own table and namespace, seeded with the demo users.
+pub struct Fixture {
+    pub client: Client,
+    pub config: Config,
+}
+
+/// A name no other test, process or earlier session uses.
+pub fn unique(label: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{label}_{}_{}_{:x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+/// The config every test starts from: the servers from the environment, a
+/// fresh table and namespace, and generous timeouts (CI machines are slow,
+/// and a test must fail on a wrong result, not on a slow box).
+pub fn test_config(label: &str) -> Config {
+    let name = unique(&format!("ca_test_{label}"));
+    let mut config = Config::from_env();
+    config.users_table = name.clone();
+    config.namespace = format!("{name}:");
+    config.db_pool_size = 4;
+    config
+}
+
+impl Fixture {
+    /// A seeded fixture with the default test config.
+    pub fn new(label: &str) -> Fixture {
+        Fixture::with(test_config(label))
+    }
+
+    /// A seeded fixture with `config` (whose table and namespace must be
+    /// unique, as [`test_config`] makes them).
+    pub fn with(config: Config) -> Fixture {
+        let client = Client::open(&config).expect("open client (are the services up? scripts/services.sh)");
+        client.install_schema().expect("install schema");
+        client.seed_demo_users().expect("seed");
+        Fixture { client, config }
+    }
+
+    /// Statements sent to Postgres so far.
+    pub fn queries(&self) -> u64 {
+        self.client.db().query_count()
+    }
+
+    /// Sets a user's row behind the library's back (no invalidation).
+    pub fn set_plan_directly(&self, id: i64, plan: &str) {
+        let sql = format!(
+            "UPDATE {} SET plan = $2, version = version + 1 WHERE id = $1",
+            self.config.users_table
+        );
+        self.client.db().execute(&sql, &[&id, &plan]).unwrap();
+    }
+
+    /// Reads the committed row's version straight from Postgres.
+    pub fn db_version(&self, id: i64) -> i64 {
+        let sql = format!("SELECT version FROM {} WHERE id = $1", self.config.users_table);
+        self.client.db().query_one(&sql, &[&id]).unwrap().unwrap().get(0)
+    }
+
+    /// Stores raw bytes under a key of this fixture's namespace.
+    pub fn put_raw(&self, key: &str, raw: &[u8]) {
+        let redis_key = self.client.cache().redis_key(key);
+        self.client
+            .cache()
+            .with_connection(|c| redis::cmd("SET").arg(redis_key).arg(raw).arg("PX").arg(60_000).query::<()>(c))
+            .unwrap();
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        // The table name came from `unique`, so this drops only our own.
+        let _ = self
+            .client
+            .db()
+            .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.config.users_table));
+        let _ = self.client.cache().delete_namespace();
+    }
+}
+
+/// A bound long enough that only a hang reaches it.
+pub const PATIENCE: Duration = Duration::from_secs(30);
