@@ -56,7 +56,7 @@ pub struct CacheAside {
     cache: Cache,
     flights: SingleFlight<Shared>,
     settings: Settings,
-    corrupt_entries: AtomicU64,
+    counters: Counters,
     #[cfg(feature = "test-hooks")]
     hooks: crate::hooks::Hooks,
 }
@@ -90,6 +90,37 @@ struct Settings {
     beta: f64,
 }
 
+/// What an engine has done since it opened; see [`CacheAside::stats`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Stats {
+    /// Reads answered from the cache (values and cached absences).
+    pub hits: u64,
+    /// Reads that found no usable entry.
+    pub misses: u64,
+    /// Hits that XFetch picked to reload ahead of expiry, and that did.
+    pub early_refreshes: u64,
+    /// Fills refused because their lease was revoked by a write (or taken
+    /// over): each is a stale row that was *not* cached.
+    pub fills_dropped: u64,
+    /// Entries that did not decode (or were not the expected type); each was
+    /// treated as a miss and deleted.
+    pub corrupt_entries: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    hits: AtomicU64,
+    misses: AtomicU64,
+    early_refreshes: AtomicU64,
+    fills_dropped: AtomicU64,
+    corrupt_entries: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64) {
+    counter.fetch_add(1, Ordering::Relaxed);
+}
+
 /// A load's result, with the version that orders it against write-through.
 struct Loaded<T> {
     value: Option<T>,
@@ -105,7 +136,11 @@ impl CacheAside {
     /// server does not answer.
     pub fn open(config: &Config) -> Result<CacheAside> {
         config.validate()?;
-        Ok(CacheAside::new(Db::connect(config)?, Cache::connect(config)?, config))
+        Ok(CacheAside::new(
+            Db::connect(config)?,
+            Cache::connect(config)?,
+            config,
+        ))
     }
 
     /// Builds an engine over pools you already have (sharing their query
@@ -129,7 +164,7 @@ impl CacheAside {
                     + config.cache_io_timeout * 2,
                 beta: config.beta,
             },
-            corrupt_entries: AtomicU64::new(0),
+            counters: Counters::default(),
             #[cfg(feature = "test-hooks")]
             hooks: Default::default(),
         }
@@ -184,14 +219,17 @@ impl CacheAside {
     /// # Errors
     /// As [`get_or_load`](Self::get_or_load), plus [`ErrorKind::Timeout`] when
     /// the leader takes longer than the configured bounds.
-    pub fn get_or_load_singleflight<T, F>(&self, key: &str, ttl: Duration, load: F) -> Result<Option<T>>
+    pub fn get_or_load_singleflight<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        load: F,
+    ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<T>>,
     {
-        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || {
-            Ok(load()?.map(|v| (v, 0)))
-        })
+        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || Ok(load()?.map(|v| (v, 0))))
     }
 
     /// The general read: `load` also returns the row's version (any number
@@ -201,7 +239,13 @@ impl CacheAside {
     ///
     /// # Errors
     /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
-    pub fn get_or_load_versioned<T, F>(&self, key: &str, ttl: Duration, mode: Mode, load: F) -> Result<Option<T>>
+    pub fn get_or_load_versioned<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        load: F,
+    ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<(T, u64)>>,
@@ -209,15 +253,22 @@ impl CacheAside {
         check_key(key)?;
         ttl_millis(ttl)?;
         let keys = self.cache.keys(key);
-        let load = || timed(load);
+        let load = || {
+            let loaded = timed(load);
+            #[cfg(feature = "test-hooks")]
+            self.hooks.after_load(key);
+            loaded
+        };
         if let Some(raw) = self.cache.get_raw(&keys.value)? {
             if let Some((hit, refresh_due)) = self.decode_hit::<T>(&keys, &raw) {
+                bump(&self.counters.hits);
                 if refresh_due {
                     return self.refresh_early(key, &keys, ttl, load, hit);
                 }
                 return Ok(hit);
             }
         }
+        bump(&self.counters.misses);
         match mode {
             Mode::Plain => self.miss_plain(key, &keys, ttl, load),
             Mode::SingleFlight => self.miss_single_flight(key, &keys, ttl, load),
@@ -245,12 +296,19 @@ impl CacheAside {
     /// # Errors
     /// Cache errors and timeouts; [`ErrorKind::InvalidArgument`] for an
     /// empty key, a zero TTL or a value that does not serialize.
-    pub fn write_through<T: Serialize>(&self, key: &str, value: &T, version: u64, ttl: Duration) -> Result<bool> {
+    pub fn write_through<T: Serialize>(
+        &self,
+        key: &str,
+        value: &T,
+        version: u64,
+        ttl: Duration,
+    ) -> Result<bool> {
         check_key(key)?;
         ttl_millis(ttl)?;
         let json = to_json(value)?;
         let raw = Entry::new(Payload::Value(&json), version, Duration::ZERO, ttl).encode();
-        self.cache.write_through(&self.cache.keys(key), &raw, version, ttl)
+        self.cache
+            .write_through(&self.cache.keys(key), &raw, version, ttl)
     }
 
     #[cfg(feature = "test-hooks")]
@@ -258,9 +316,30 @@ impl CacheAside {
         &self.hooks
     }
 
-    /// Cache entries found corrupt (undecodable, or not a `T`) and deleted.
-    pub fn corrupt_entries(&self) -> u64 {
-        self.corrupt_entries.load(Ordering::Relaxed)
+    /// Test hook: how many threads wait on the flight for `key` in progress.
+    #[cfg(feature = "test-hooks")]
+    pub fn flight_followers(&self, key: &str) -> usize {
+        self.flights.followers(key)
+    }
+
+    /// Counters of what this engine has done since it opened.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let stats = engine.stats();
+    /// println!("hit ratio {:.2}", stats.hits as f64 / (stats.hits + stats.misses).max(1) as f64);
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn stats(&self) -> Stats {
+        let c = &self.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Stats {
+            hits: get(&c.hits),
+            misses: get(&c.misses),
+            early_refreshes: get(&c.early_refreshes),
+            fills_dropped: get(&c.fills_dropped),
+            corrupt_entries: get(&c.corrupt_entries),
+        }
     }
 
     /// Keys with a single-flight load in progress in this process; 0 when no
@@ -271,7 +350,11 @@ impl CacheAside {
 
     /// Decodes a cached entry: `Some((value, refresh_due))`, or `None` after
     /// deleting and counting a corrupt one.
-    fn decode_hit<T: DeserializeOwned>(&self, keys: &Keys, raw: &[u8]) -> Option<(Option<T>, bool)> {
+    fn decode_hit<T: DeserializeOwned>(
+        &self,
+        keys: &Keys,
+        raw: &[u8],
+    ) -> Option<(Option<T>, bool)> {
         let decoded = Entry::decode(raw).and_then(|entry| {
             let value = match entry.payload {
                 Payload::Absent => None,
@@ -279,12 +362,15 @@ impl CacheAside {
                     Some(serde_json::from_slice(json).map_err(|_| "value does not decode")?)
                 }
             };
-            Ok((value, entry.should_refresh_early(self.settings.beta, fastrand::f64())))
+            Ok((
+                value,
+                entry.should_refresh_early(self.settings.beta, fastrand::f64()),
+            ))
         });
         match decoded {
             Ok(hit) => Some(hit),
             Err(_) => {
-                self.corrupt_entries.fetch_add(1, Ordering::Relaxed);
+                bump(&self.counters.corrupt_entries);
                 // Best effort: if the delete fails, the fill that follows
                 // this miss overwrites the entry anyway.
                 let _ = self.cache.delete_if_equal(&keys.value, raw);
@@ -306,13 +392,19 @@ impl CacheAside {
             Claimed::Granted => {
                 let hold = self.hold(keys, &token);
                 let loaded = load()?;
-                self.fill(key, hold, ttl, &loaded)?;
+                self.fill(hold, ttl, &loaded)?;
                 Ok(loaded.value)
             }
         }
     }
 
-    fn miss_single_flight<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F) -> Result<Option<T>>
+    fn miss_single_flight<T, F>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        ttl: Duration,
+        load: F,
+    ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Loaded<T>>,
@@ -363,7 +455,14 @@ impl CacheAside {
     /// The single-flight leader's work: take the cross-process rebuild lock
     /// (or wait for whoever has it), load, fill. Returns the caller's result
     /// and what to hand the followers. Closes the flight before filling.
-    fn lead<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F, leader: &crate::singleflight::Leader<'_, Shared>) -> (Result<Option<T>>, Shared)
+    fn lead<T, F>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        ttl: Duration,
+        load: F,
+        leader: &crate::singleflight::Leader<'_, Shared>,
+    ) -> (Result<Option<T>>, Shared)
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Loaded<T>>,
@@ -404,7 +503,7 @@ impl CacheAside {
         leader.close();
         let landed = match hold {
             None => json.map_or(Landed::Absent, Landed::Uncached),
-            Some(hold) => match self.fill(key, hold, ttl, &loaded) {
+            Some(hold) => match self.fill(hold, ttl, &loaded) {
                 Ok(true) => json.map_or(Landed::Absent, Landed::Value),
                 Ok(false) => Landed::Stale,
                 Err(_) => json.map_or(Landed::Absent, Landed::Uncached),
@@ -416,28 +515,48 @@ impl CacheAside {
     /// A hit that XFetch picked for early refresh: reload under the rebuild
     /// lock if nobody else is; serve the cached value otherwise, and also if
     /// the refresh fails (the cached value is still valid).
-    fn refresh_early<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F, cached: Option<T>) -> Result<Option<T>>
+    fn refresh_early<T, F>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        ttl: Duration,
+        load: F,
+        cached: Option<T>,
+    ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Loaded<T>>,
     {
         let token = new_token();
-        if !matches!(self.acquire::<T>(key, keys, Claim::Refresh, &token), Ok(Claimed::Granted)) {
+        if !matches!(
+            self.acquire::<T>(key, keys, Claim::Refresh, &token),
+            Ok(Claimed::Granted)
+        ) {
             return Ok(cached);
         }
         let hold = self.hold(keys, &token);
         let Ok(loaded) = load() else {
             return Ok(cached);
         };
+        bump(&self.counters.early_refreshes);
         // A refresh the lease rejects was overtaken by a write: our caller
         // started before that write finished, so either row is fine for it.
-        let _ = self.fill(key, hold, ttl, &loaded);
+        let _ = self.fill(hold, ttl, &loaded);
         Ok(loaded.value)
     }
 
-    fn acquire<T: DeserializeOwned>(&self, key: &str, keys: &Keys, claim: Claim, token: &str) -> Result<Claimed<T>> {
+    fn acquire<T: DeserializeOwned>(
+        &self,
+        key: &str,
+        keys: &Keys,
+        claim: Claim,
+        token: &str,
+    ) -> Result<Claimed<T>> {
         let s = &self.settings;
-        match self.cache.acquire(keys, claim, token, s.lease_ttl, s.lock_ttl)? {
+        match self
+            .cache
+            .acquire(keys, claim, token, s.lease_ttl, s.lock_ttl)?
+        {
             Acquired::Granted => Ok(Claimed::Granted),
             Acquired::Busy => Ok(Claimed::Busy),
             Acquired::Cached(raw) => match self.decode_hit::<T>(keys, &raw) {
@@ -459,7 +578,12 @@ impl CacheAside {
     /// Stores a load's result if `hold` still has the lease, and releases
     /// the lease and lock. The lease check and the write are one Lua script:
     /// there is no window between them.
-    fn fill<T: Serialize>(&self, key: &str, hold: Hold<'_>, ttl: Duration, loaded: &Loaded<T>) -> Result<bool> {
+    fn fill<T: Serialize>(
+        &self,
+        hold: Hold<'_>,
+        ttl: Duration,
+        loaded: &Loaded<T>,
+    ) -> Result<bool> {
         let json;
         let (payload, ttl) = match &loaded.value {
             Some(value) => {
@@ -470,14 +594,19 @@ impl CacheAside {
         };
         let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
         #[cfg(feature = "test-hooks")]
-        if let Some(stored) = self.hooks.before_fill(key, &self.cache, hold.keys, &raw, ttl) {
-            return stored;
+        if self.hooks.leases_disabled() {
+            return self
+                .cache
+                .set_raw(&hold.keys.value, &raw, ttl)
+                .map(|()| true);
         }
-        let _ = key;
         let stored = self.cache.fill(hold.keys, hold.token, &raw, ttl)?;
         // The script released the lease and lock; skip the guard's release
         // round trip.
         std::mem::forget(hold);
+        if !stored {
+            bump(&self.counters.fills_dropped);
+        }
         Ok(stored)
     }
 }

@@ -154,10 +154,16 @@ impl Cache {
     /// # Errors
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for a TTL under 1 ms or
     /// a value that does not serialize; cache errors and timeouts.
-    pub fn set_json<T: Serialize + ?Sized>(&self, key: &str, value: &T, ttl: Duration) -> Result<()> {
+    pub fn set_json<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        value: &T,
+        ttl: Duration,
+    ) -> Result<()> {
         let ttl_ms = ttl_millis(ttl)?;
-        let json = serde_json::to_vec(value)
-            .map_err(|e| Error::invalid_argument("value does not serialize to JSON").with_source(e))?;
+        let json = serde_json::to_vec(value).map_err(|e| {
+            Error::invalid_argument("value does not serialize to JSON").with_source(e)
+        })?;
         let raw = Entry::new(Payload::Value(&json), 0, Duration::ZERO, ttl).encode();
         self.run(|conn| {
             redis::cmd("SET")
@@ -209,7 +215,9 @@ impl Cache {
         }
         let pattern = format!("{}*", escape_glob(&self.namespace));
         self.run(|conn| {
-            let keys: Vec<String> = conn.scan_match::<_, String>(&pattern)?.collect::<redis::RedisResult<_>>()?;
+            let keys: Vec<String> = conn
+                .scan_match::<_, String>(&pattern)?
+                .collect::<redis::RedisResult<_>>()?;
             let mut deleted = 0;
             for chunk in keys.chunks(500) {
                 deleted += redis::cmd("UNLINK").arg(chunk).query::<u64>(conn)?;
@@ -224,7 +232,10 @@ impl Cache {
     ///
     /// # Errors
     /// What `f` returns, and pool timeouts.
-    pub fn with_connection<T>(&self, f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>) -> Result<T> {
+    pub fn with_connection<T>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> redis::RedisResult<T>,
+    ) -> Result<T> {
         self.run(f)
     }
 
@@ -259,7 +270,14 @@ impl Cache {
 
     /// One round trip: returns the cached value if there is one, otherwise
     /// tries to take what `claim` asks for under `token`.
-    pub(crate) fn acquire(&self, keys: &Keys, claim: Claim, token: &str, lease_ttl: Duration, lock_ttl: Duration) -> Result<Acquired> {
+    pub(crate) fn acquire(
+        &self,
+        keys: &Keys,
+        claim: Claim,
+        token: &str,
+        lease_ttl: Duration,
+        lock_ttl: Duration,
+    ) -> Result<Acquired> {
         let mode = match claim {
             Claim::Lease => "lease",
             Claim::Lock => "lock",
@@ -321,7 +339,13 @@ impl Cache {
     /// Stores `raw` unless the cached entry has `version` or newer; always
     /// revokes the lease, so no reader that started before this write can
     /// fill an older row afterwards. True if stored.
-    pub(crate) fn write_through(&self, keys: &Keys, raw: &[u8], version: u64, ttl: Duration) -> Result<bool> {
+    pub(crate) fn write_through(
+        &self,
+        keys: &Keys,
+        raw: &[u8],
+        version: u64,
+        ttl: Duration,
+    ) -> Result<bool> {
         self.run(|conn| {
             SCRIPTS
                 .write_through
@@ -455,7 +479,9 @@ impl ManageConnection for RedisManager {
     type Error = redis::RedisError;
 
     fn connect(&self) -> redis::RedisResult<Connection> {
-        let conn = self.client.get_connection_with_timeout(self.connect_timeout)?;
+        let conn = self
+            .client
+            .get_connection_with_timeout(self.connect_timeout)?;
         conn.set_read_timeout(Some(self.io_timeout))?;
         conn.set_write_timeout(Some(self.io_timeout))?;
         Ok(conn)

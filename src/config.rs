@@ -161,9 +161,7 @@ impl Config {
             }
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
-            return Err(Error::invalid_argument(
-                "beta must be a finite number >= 0",
-            ));
+            return Err(Error::invalid_argument("beta must be a finite number >= 0"));
         }
         Ok(())
     }

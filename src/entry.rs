@@ -151,7 +151,12 @@ mod tests {
 
     #[test]
     fn xfetch_never_refreshes_fresh_entries_and_always_expired_ones() {
-        let fresh = Entry::new(Payload::Absent, 0, Duration::from_millis(5), Duration::from_secs(60));
+        let fresh = Entry::new(
+            Payload::Absent,
+            0,
+            Duration::from_millis(5),
+            Duration::from_secs(60),
+        );
         assert!(!fresh.should_refresh_early(1.0, 0.5));
         assert!(!fresh.should_refresh_early(0.0, 1e-300));
         let mut stale = fresh;

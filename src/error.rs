@@ -39,10 +39,12 @@ pub enum ErrorKind {
 /// assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 /// assert_eq!(err.to_string(), "invalid argument: plan must not be empty");
 /// ```
-#[derive(Clone)]
+#[derive(Clone, thiserror::Error)]
+#[error("{message}")]
 pub struct Error {
     kind: ErrorKind,
     message: String,
+    #[source]
     source: Option<Arc<dyn StdError + Send + Sync>>,
 }
 
@@ -65,7 +67,10 @@ impl Error {
 
     /// An [`ErrorKind::InvalidArgument`] error with the given explanation.
     pub fn invalid_argument(why: impl fmt::Display) -> Self {
-        Error::new(ErrorKind::InvalidArgument, format!("invalid argument: {why}"))
+        Error::new(
+            ErrorKind::InvalidArgument,
+            format!("invalid argument: {why}"),
+        )
     }
 
     /// An [`ErrorKind::Loader`] error wrapping what a custom loader failed with.
@@ -114,26 +119,12 @@ impl Error {
     }
 }
 
-impl fmt::Display for Error {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.message)
-    }
-}
-
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Error")
             .field("kind", &self.kind)
             .field("message", &self.chain())
             .finish()
-    }
-}
-
-impl StdError for Error {
-    fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source
-            .as_deref()
-            .map(|e| e as &(dyn StdError + 'static))
     }
 }
 

@@ -38,7 +38,7 @@ mod hooks;
 mod singleflight;
 mod users;
 
-pub use aside::{CacheAside, Mode};
+pub use aside::{CacheAside, Mode, Stats};
 pub use cache::Cache;
 pub use config::Config;
 pub use db::{Db, Params};

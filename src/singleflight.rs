@@ -75,6 +75,16 @@ impl<V: Clone> SingleFlight<V> {
         })
     }
 
+    /// Threads waiting on `key`'s flight (its leader not counted).
+    #[cfg(feature = "test-hooks")]
+    pub fn followers(&self, key: &str) -> usize {
+        // Holders of the Arc: the map, the leader, and one per follower.
+        self.flights
+            .lock()
+            .get(key)
+            .map_or(0, |f| Arc::strong_count(f).saturating_sub(2))
+    }
+
     /// Flights in progress; 0 whenever no call is running.
     pub fn len(&self) -> usize {
         self.flights.lock().len()

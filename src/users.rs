@@ -233,7 +233,11 @@ impl Client {
     ///
     /// # Errors
     /// As [`update_user_plan`](Self::update_user_plan).
-    pub fn update_user_plan_write_through(&self, user_id: i64, plan: &str) -> Result<Option<UserProfile>> {
+    pub fn update_user_plan_write_through(
+        &self,
+        user_id: i64,
+        plan: &str,
+    ) -> Result<Option<UserProfile>> {
         check_plan(plan)?;
         let Some(row) = self
             .db()

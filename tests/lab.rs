@@ -15,7 +15,11 @@ fn hit_does_not_touch_postgres() {
     let fx = Fixture::new("hit");
     let before = fx.queries();
     let miss = fx.client.get_user_profile(1).unwrap().expect("seeded");
-    assert_eq!(fx.queries(), before + 1, "a miss sends exactly one statement");
+    assert_eq!(
+        fx.queries(),
+        before + 1,
+        "a miss sends exactly one statement"
+    );
     assert_eq!(miss.name, "Ada Lovelace");
     assert!(fx.client.cache().exists(&Client::user_key(1)).unwrap());
 
@@ -39,7 +43,10 @@ fn cached_value_is_what_the_cache_holds() {
         .cache()
         .set_json(&Client::user_key(2), &profile, Duration::from_secs(60))
         .unwrap();
-    assert_eq!(fx.client.get_user_profile(2).unwrap().unwrap().plan, "planted");
+    assert_eq!(
+        fx.client.get_user_profile(2).unwrap().unwrap().plan,
+        "planted"
+    );
 }
 
 #[test]
@@ -50,7 +57,10 @@ fn write_invalidates() {
     assert!(fx.client.cache().exists(&key).unwrap());
 
     assert!(fx.client.update_user_plan(2, "pro").unwrap());
-    assert!(!fx.client.cache().exists(&key).unwrap(), "update deletes the entry");
+    assert!(
+        !fx.client.cache().exists(&key).unwrap(),
+        "update deletes the entry"
+    );
 
     let before = fx.queries();
     let fresh = fx.client.get_user_profile(2).unwrap().unwrap();
@@ -63,7 +73,12 @@ fn write_invalidates() {
 fn update_of_missing_user_is_false() {
     let fx = Fixture::new("upd_missing");
     assert!(!fx.client.update_user_plan(999, "pro").unwrap());
-    assert_eq!(fx.client.update_user_plan_write_through(999, "pro").unwrap(), None);
+    assert_eq!(
+        fx.client
+            .update_user_plan_write_through(999, "pro")
+            .unwrap(),
+        None
+    );
 }
 
 #[test]
@@ -80,19 +95,35 @@ fn negative_cache_absorbs_a_flood_until_an_insert() {
     for _ in 0..50 {
         assert_eq!(fx.client.get_user_profile(77).unwrap(), None);
     }
-    assert_eq!(fx.queries(), before + 1, "one query, then the absent entry answers");
+    assert_eq!(
+        fx.queries(),
+        before + 1,
+        "one query, then the absent entry answers"
+    );
     let ttl_ms: i64 = fx
         .client
         .cache()
-        .with_connection(|c| redis::cmd("PTTL").arg(fx.client.cache().redis_key("user:77")).query(c))
+        .with_connection(|c| {
+            redis::cmd("PTTL")
+                .arg(fx.client.cache().redis_key("user:77"))
+                .query(c)
+        })
         .unwrap();
     assert!(
         ttl_ms > 0 && ttl_ms <= fx.config.negative_ttl.as_millis() as i64,
         "absent entries use the shorter negative TTL, got {ttl_ms} ms"
     );
 
-    assert!(fx.client.insert_user(77, "New", "new@example.com", "free").unwrap());
-    let fresh = fx.client.get_user_profile(77).unwrap().expect("insert invalidated the absent entry");
+    assert!(
+        fx.client
+            .insert_user(77, "New", "new@example.com", "free")
+            .unwrap()
+    );
+    let fresh = fx
+        .client
+        .get_user_profile(77)
+        .unwrap()
+        .expect("insert invalidated the absent entry");
     assert_eq!(fresh.name, "New");
 }
 
@@ -122,7 +153,11 @@ fn fifty_cold_readers_cost_one_query() {
             .collect();
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
-    assert_eq!(fx.queries(), before + 1, "exactly one query for {threads} cold readers");
+    assert_eq!(
+        fx.queries(),
+        before + 1,
+        "exactly one query for {threads} cold readers"
+    );
     let first = results[0].clone().expect("seeded");
     assert_eq!(first.name, "Grace Hopper");
     assert!(results.iter().all(|r| r.as_ref() == Some(&first)));
@@ -173,16 +208,17 @@ fn loader_error_reaches_every_waiter_and_the_next_call_retries() {
             s.spawn(|| {
                 barrier.wait();
                 joined.fetch_add(1, Ordering::SeqCst);
-                let got: Result<Option<u32>, Error> = engine.get_or_load_singleflight("k", Duration::from_secs(60), || {
-                    calls.fetch_add(1, Ordering::SeqCst);
-                    // Hold the flight open until every thread has at least
-                    // entered the call, so most join it as followers.
-                    while joined.load(Ordering::SeqCst) < threads {
-                        std::thread::yield_now();
-                    }
-                    std::thread::sleep(Duration::from_millis(50));
-                    Err(Error::loader(std::io::Error::other("upstream down")))
-                });
+                let got: Result<Option<u32>, Error> =
+                    engine.get_or_load_singleflight("k", Duration::from_secs(60), || {
+                        calls.fetch_add(1, Ordering::SeqCst);
+                        // Hold the flight open until every thread has at least
+                        // entered the call, so most join it as followers.
+                        while joined.load(Ordering::SeqCst) < threads {
+                            std::thread::yield_now();
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        Err(Error::loader(std::io::Error::other("upstream down")))
+                    });
                 let err = got.expect_err("every caller sees the failure");
                 assert_eq!(err.kind(), ErrorKind::Loader);
                 assert!(err.chain().contains("upstream down"), "{}", err.chain());
@@ -190,11 +226,19 @@ fn loader_error_reaches_every_waiter_and_the_next_call_retries() {
         }
     });
     let failed_loads = calls.load(Ordering::SeqCst);
-    assert!(failed_loads >= 1 && failed_loads < threads, "waiters shared the failure ({failed_loads} loads)");
+    assert!(
+        failed_loads >= 1 && failed_loads < threads,
+        "waiters shared the failure ({failed_loads} loads)"
+    );
     assert_eq!(engine.in_flight(), 0);
-    assert!(!fx.client.cache().exists("k").unwrap(), "a failure is not cached");
+    assert!(
+        !fx.client.cache().exists("k").unwrap(),
+        "a failure is not cached"
+    );
     // Nothing is left locked: the next call loads at once.
-    let v: Option<u32> = engine.get_or_load_singleflight("k", Duration::from_secs(60), || Ok(Some(1))).unwrap();
+    let v: Option<u32> = engine
+        .get_or_load_singleflight("k", Duration::from_secs(60), || Ok(Some(1)))
+        .unwrap();
     assert_eq!(v, Some(1));
 }
 
@@ -211,13 +255,17 @@ fn loader_panic_wakes_waiters_with_an_error() {
                 s.spawn(|| {
                     barrier.wait();
                     joined.fetch_add(1, Ordering::SeqCst);
-                    engine.get_or_load_singleflight::<u32, _>("boom", Duration::from_secs(60), || {
-                        while joined.load(Ordering::SeqCst) < threads {
-                            std::thread::yield_now();
-                        }
-                        std::thread::sleep(Duration::from_millis(50));
-                        panic!("loader bug");
-                    })
+                    engine.get_or_load_singleflight::<u32, _>(
+                        "boom",
+                        Duration::from_secs(60),
+                        || {
+                            while joined.load(Ordering::SeqCst) < threads {
+                                std::thread::yield_now();
+                            }
+                            std::thread::sleep(Duration::from_millis(50));
+                            panic!("loader bug");
+                        },
+                    )
                 })
             })
             .collect();
@@ -228,11 +276,20 @@ fn loader_panic_wakes_waiters_with_an_error() {
         .iter()
         .filter(|o| matches!(o, Ok(Err(e)) if e.kind() == ErrorKind::Panicked))
         .count();
-    assert!(panicked >= 1, "the leader's panic propagates to its own caller");
-    assert_eq!(panicked + told, threads, "every other caller got the Panicked error");
+    assert!(
+        panicked >= 1,
+        "the leader's panic propagates to its own caller"
+    );
+    assert_eq!(
+        panicked + told,
+        threads,
+        "every other caller got the Panicked error"
+    );
     assert_eq!(engine.in_flight(), 0);
     // The panicking leader released its lease and lock on the way out.
-    let v: Option<u32> = engine.get_or_load_singleflight("boom", Duration::from_secs(60), || Ok(Some(2))).unwrap();
+    let v: Option<u32> = engine
+        .get_or_load_singleflight("boom", Duration::from_secs(60), || Ok(Some(2)))
+        .unwrap();
     assert_eq!(v, Some(2));
 }
 
@@ -255,27 +312,51 @@ fn per_key_state_is_freed_after_many_distinct_keys() {
             });
         }
     });
-    assert_eq!(engine.in_flight(), 0, "no per-key state outlives its flight");
+    assert_eq!(
+        engine.in_flight(),
+        0,
+        "no per-key state outlives its flight"
+    );
 }
 
 #[test]
 fn corrupt_entry_is_a_miss_and_is_deleted() {
     let fx = Fixture::new("corrupt");
     let key = Client::user_key(4);
-    for raw in [&b"not an entry"[..], b"ca1 v 1 2 3\n{broken json", b"ca1 v 1 2 3\n[1,2,3]", b"\xff\xfe"] {
+    for raw in [
+        &b"not an entry"[..],
+        b"ca1 v 1 2 3\n{broken json",
+        b"ca1 v 1 2 3\n[1,2,3]",
+        b"\xff\xfe",
+    ] {
         fx.put_raw(&key, raw);
-        let corrupt_before = fx.client.engine().corrupt_entries();
+        let corrupt_before = fx.client.engine().stats().corrupt_entries;
         let before = fx.queries();
-        let got = fx.client.get_user_profile(4).unwrap().expect("loaded from Postgres");
+        let got = fx
+            .client
+            .get_user_profile(4)
+            .unwrap()
+            .expect("loaded from Postgres");
         assert_eq!(got.name, "Edsger Dijkstra");
         assert_eq!(fx.queries(), before + 1, "a corrupt entry is a miss");
-        assert_eq!(fx.client.engine().corrupt_entries(), corrupt_before + 1);
+        assert_eq!(
+            fx.client.engine().stats().corrupt_entries,
+            corrupt_before + 1
+        );
         // The miss refilled the key with a good entry.
-        assert_eq!(fx.client.cache().get_json::<UserProfile>(&key).unwrap(), Some(got));
+        assert_eq!(
+            fx.client.cache().get_json::<UserProfile>(&key).unwrap(),
+            Some(got)
+        );
     }
     // Through the single-flight path too.
     fx.put_raw(&key, b"garbage");
-    assert!(fx.client.get_user_profile_singleflight(4).unwrap().is_some());
+    assert!(
+        fx.client
+            .get_user_profile_singleflight(4)
+            .unwrap()
+            .is_some()
+    );
     // The raw accessor reports corruption instead of hiding it.
     fx.put_raw(&key, b"garbage");
     let err = fx.client.cache().get_json::<UserProfile>(&key).unwrap_err();
@@ -290,9 +371,17 @@ fn bad_input_is_rejected_with_clear_errors() {
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("plan"));
     }
-    let err = fx.client.engine().get_or_load::<u32, _>("", Duration::from_secs(1), || Ok(None)).unwrap_err();
+    let err = fx
+        .client
+        .engine()
+        .get_or_load::<u32, _>("", Duration::from_secs(1), || Ok(None))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    let err = fx.client.engine().get_or_load::<u32, _>("k", Duration::ZERO, || Ok(None)).unwrap_err();
+    let err = fx
+        .client
+        .engine()
+        .get_or_load::<u32, _>("k", Duration::ZERO, || Ok(None))
+        .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 
     let mut config = test_config("badtable");
@@ -303,11 +392,17 @@ fn bad_input_is_rejected_with_clear_errors() {
 
     let mut config = test_config("badns");
     config.namespace = "a{b}".into();
-    assert_eq!(Client::open(&config).err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        Client::open(&config).err().map(|e| e.kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
 
     let mut config = test_config("badurl");
     config.redis_url = "not a url".into();
-    assert_eq!(Client::open(&config).err().map(|e| e.kind()), Some(ErrorKind::InvalidArgument));
+    assert_eq!(
+        Client::open(&config).err().map(|e| e.kind()),
+        Some(ErrorKind::InvalidArgument)
+    );
 }
 
 #[test]
@@ -336,7 +431,9 @@ fn a_hung_redis_is_a_timeout_not_a_hang() {
     config.cache_io_timeout = Duration::from_millis(200);
     config.pool_timeout = Duration::from_millis(500);
     let started = std::time::Instant::now();
-    let err = CacheAside::open(&config).err().expect("no answer, no client");
+    let err = CacheAside::open(&config)
+        .err()
+        .expect("no answer, no client");
     assert!(err.is_timeout(), "{err:?}");
     assert!(started.elapsed() < common::PATIENCE);
 }
@@ -346,7 +443,9 @@ fn an_unreachable_database_is_a_timeout() {
     let mut config = Config::from_env();
     config.database_url = "postgres://postgres@127.0.0.1:1/test".into();
     config.pool_timeout = Duration::from_millis(300);
-    let err = CacheAside::open(&config).err().expect("no server, no client");
+    let err = CacheAside::open(&config)
+        .err()
+        .expect("no server, no client");
     assert!(err.is_timeout(), "{err:?}");
 }
 
@@ -355,7 +454,11 @@ fn statement_timeout_is_a_timeout() {
     let mut config = test_config("stmt");
     config.statement_timeout = Duration::from_millis(50);
     let fx = Fixture::with(config);
-    let err = fx.client.db().query_one("SELECT pg_sleep(2)", &[]).unwrap_err();
+    let err = fx
+        .client
+        .db()
+        .query_one("SELECT pg_sleep(2)", &[])
+        .unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
 }
 
@@ -364,11 +467,16 @@ fn generic_engine_caches_any_query() {
     // A non-users use: an aggregate over the table, cached under its own key.
     let fx = Fixture::new("generic");
     let engine = fx.client.engine();
-    let sql = format!("SELECT count(*) FROM {} WHERE plan = $1", fx.config.users_table);
+    let sql = format!(
+        "SELECT count(*) FROM {} WHERE plan = $1",
+        fx.config.users_table
+    );
     let count_plan = |plan: &str| -> cacheaside::Result<Option<i64>> {
-        engine.get_or_load(&format!("plan-count:{plan}"), Duration::from_secs(60), || {
-            Ok(engine.db().query_one(&sql, &[&plan])?.map(|r| r.get(0)))
-        })
+        engine.get_or_load(
+            &format!("plan-count:{plan}"),
+            Duration::from_secs(60),
+            || Ok(engine.db().query_one(&sql, &[&plan])?.map(|r| r.get(0))),
+        )
     };
     let before = fx.queries();
     assert_eq!(count_plan("free").unwrap(), Some(2));

@@ -47,7 +47,8 @@ impl Fixture {
     /// A seeded fixture with `config` (whose table and namespace must be
     /// unique, as [`test_config`] makes them).
     pub fn with(config: Config) -> Fixture {
-        let client = Client::open(&config).expect("open client (are the services up? scripts/services.sh)");
+        let client =
+            Client::open(&config).expect("open client (are the services up? scripts/services.sh)");
         client.install_schema().expect("install schema");
         client.seed_demo_users().expect("seed");
         Fixture { client, config }
@@ -69,8 +70,16 @@ impl Fixture {
 
     /// Reads the committed row's version straight from Postgres.
     pub fn db_version(&self, id: i64) -> i64 {
-        let sql = format!("SELECT version FROM {} WHERE id = $1", self.config.users_table);
-        self.client.db().query_one(&sql, &[&id]).unwrap().unwrap().get(0)
+        let sql = format!(
+            "SELECT version FROM {} WHERE id = $1",
+            self.config.users_table
+        );
+        self.client
+            .db()
+            .query_one(&sql, &[&id])
+            .unwrap()
+            .unwrap()
+            .get(0)
     }
 
     /// Stores raw bytes under a key of this fixture's namespace.
@@ -78,7 +87,14 @@ impl Fixture {
         let redis_key = self.client.cache().redis_key(key);
         self.client
             .cache()
-            .with_connection(|c| redis::cmd("SET").arg(redis_key).arg(raw).arg("PX").arg(60_000).query::<()>(c))
+            .with_connection(|c| {
+                redis::cmd("SET")
+                    .arg(redis_key)
+                    .arg(raw)
+                    .arg("PX")
+                    .arg(60_000)
+                    .query::<()>(c)
+            })
             .unwrap();
     }
 }

@@ -1,0 +1,331 @@
+//! Never stale: leases drop a fill that raced a write, single-flight
+//! followers never get a pre-write row, write-through keeps the newest
+//! version. The races are forced with the `test-hooks` after-load hook, not
+//! hoped for.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use cacheaside::{Client, UserProfile};
+use common::{Fixture, PATIENCE};
+
+/// Makes the next load of `key` stop after reading its row: `loaded` is
+/// reached once the row is read, and the load goes on to fill once the test
+/// passes `go`.
+fn pause_after_load(fx: &Fixture, key: &str) -> (Arc<Barrier>, Arc<Barrier>) {
+    let loaded = Arc::new(Barrier::new(2));
+    let go = Arc::new(Barrier::new(2));
+    let (l, g, key, armed) = (
+        Arc::clone(&loaded),
+        Arc::clone(&go),
+        key.to_owned(),
+        AtomicBool::new(true),
+    );
+    fx.client.engine().set_after_load_hook(move |k| {
+        if k == key && armed.swap(false, Ordering::SeqCst) {
+            l.wait();
+            g.wait();
+        }
+    });
+    (loaded, go)
+}
+
+/// Reader reads the old row, writer commits and invalidates, reader fills.
+/// Returns the plan left in the cache afterwards, if any.
+fn race_read_against_write(leases: bool) -> Option<String> {
+    let fx = Fixture::new(if leases { "race_lease" } else { "race_naive" });
+    fx.client.engine().set_leases_enabled(leases);
+    let key = Client::user_key(1);
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| fx.client.get_user_profile(1).unwrap().unwrap());
+        loaded.wait(); // the reader holds the old row
+        assert!(fx.client.update_user_plan(1, "after-write").unwrap());
+        go.wait(); // now it fills
+        let read = reader.join().unwrap();
+        assert_eq!(
+            read.plan, "pro",
+            "the reader itself returns the row it read"
+        );
+    });
+    fx.client
+        .cache()
+        .get_json::<UserProfile>(&key)
+        .unwrap()
+        .map(|p| p.plan)
+}
+
+#[test]
+fn fill_after_invalidate_is_dropped() {
+    // Without leases the race caches the pre-write row: the bug most teams ship.
+    assert_eq!(race_read_against_write(false).as_deref(), Some("pro"));
+    // With leases the fill is refused and nothing stale is cached.
+    assert_eq!(race_read_against_write(true), None);
+}
+
+#[test]
+fn dropped_fill_is_counted_and_next_read_is_fresh() {
+    let fx = Fixture::new("race_next");
+    let key = Client::user_key(2);
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| fx.client.get_user_profile_singleflight(2).unwrap());
+        loaded.wait();
+        fx.client.update_user_plan(2, "new").unwrap();
+        go.wait();
+        reader.join().unwrap();
+    });
+    assert_eq!(fx.client.engine().stats().fills_dropped, 1);
+    assert_eq!(fx.client.get_user_profile(2).unwrap().unwrap().plan, "new");
+}
+
+/// A thread that joins a flight after a write returned must not get the row
+/// that flight read before the write.
+fn follower_after_write(leases: bool) -> (UserProfile, UserProfile) {
+    let fx = Fixture::new(if leases {
+        "follow_lease"
+    } else {
+        "follow_naive"
+    });
+    fx.client.engine().set_leases_enabled(leases);
+    let key = Client::user_key(3);
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| fx.client.get_user_profile_singleflight(3).unwrap().unwrap());
+        loaded.wait();
+        assert!(fx.client.update_user_plan(3, "post-write").unwrap());
+        // The write has returned; this reader starts now and joins the flight
+        // that is still open.
+        let follower = s.spawn(|| fx.client.get_user_profile_singleflight(3).unwrap().unwrap());
+        let deadline = Instant::now() + PATIENCE;
+        while fx.client.engine().flight_followers(&key) < 1 {
+            assert!(Instant::now() < deadline, "follower never joined");
+            std::thread::yield_now();
+        }
+        go.wait();
+        (leader.join().unwrap(), follower.join().unwrap())
+    })
+}
+
+#[test]
+fn follower_that_joined_after_a_write_gets_the_post_write_row() {
+    let (leader, follower) = follower_after_write(false);
+    assert_eq!(
+        follower.plan, "enterprise",
+        "without leases the follower reuses the stale row"
+    );
+    assert_eq!(leader.plan, "enterprise");
+
+    let (leader, follower) = follower_after_write(true);
+    assert_eq!(
+        leader.plan, "enterprise",
+        "the leader's caller started before the write"
+    );
+    assert_eq!(follower.plan, "post-write");
+    assert_eq!(follower.version, 2);
+}
+
+#[test]
+fn write_through_keeps_the_newer_version_in_either_order() {
+    let fx = Fixture::new("wt_order");
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    let profile = |plan: &str, version: i64| UserProfile {
+        id: 1,
+        name: "Ada Lovelace".into(),
+        email: "ada@example.com".into(),
+        plan: plan.into(),
+        version,
+    };
+    // Older first, newer second: the newer replaces it.
+    assert!(
+        engine
+            .write_through("a", &profile("v2", 2), 2, ttl)
+            .unwrap()
+    );
+    assert!(
+        engine
+            .write_through("a", &profile("v3", 3), 3, ttl)
+            .unwrap()
+    );
+    // Newer first, older second: the older is refused.
+    assert!(
+        engine
+            .write_through("b", &profile("v3", 3), 3, ttl)
+            .unwrap()
+    );
+    assert!(
+        !engine
+            .write_through("b", &profile("v2", 2), 2, ttl)
+            .unwrap()
+    );
+    // The same version twice is not a change.
+    assert!(
+        !engine
+            .write_through("b", &profile("v3bis", 3), 3, ttl)
+            .unwrap()
+    );
+    for key in ["a", "b"] {
+        let cached = fx
+            .client
+            .cache()
+            .get_json::<UserProfile>(key)
+            .unwrap()
+            .unwrap();
+        assert_eq!((cached.plan.as_str(), cached.version), ("v3", 3), "{key}");
+    }
+}
+
+#[test]
+fn write_through_through_the_client_caches_the_new_row() {
+    let fx = Fixture::new("wt_client");
+    fx.client.get_user_profile(4).unwrap(); // cache version 1
+    let written = fx
+        .client
+        .update_user_plan_write_through(4, "pro")
+        .unwrap()
+        .unwrap();
+    assert_eq!((written.plan.as_str(), written.version), ("pro", 2));
+    let before = fx.queries();
+    assert_eq!(fx.client.get_user_profile(4).unwrap(), Some(written));
+    assert_eq!(fx.queries(), before, "the written-through row is a hit");
+}
+
+#[test]
+fn reader_that_raced_a_write_through_cannot_overwrite_it() {
+    let fx = Fixture::new("wt_race");
+    let key = Client::user_key(5);
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| fx.client.get_user_profile(5).unwrap());
+        loaded.wait();
+        fx.client
+            .update_user_plan_write_through(5, "written")
+            .unwrap();
+        go.wait();
+        reader.join().unwrap();
+    });
+    let cached = fx
+        .client
+        .cache()
+        .get_json::<UserProfile>(&key)
+        .unwrap()
+        .unwrap();
+    assert_eq!((cached.plan.as_str(), cached.version), ("written", 2));
+}
+
+#[test]
+fn concurrent_write_through_leaves_the_newest_row() {
+    let fx = Fixture::new("wt_concurrent");
+    let writers = 8;
+    let rounds = 15;
+    let barrier = Barrier::new(writers);
+    std::thread::scope(|s| {
+        for w in 0..writers {
+            let (fx, barrier) = (&fx, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                for r in 0..rounds {
+                    fx.client
+                        .update_user_plan_write_through(1, &format!("w{w}r{r}"))
+                        .unwrap()
+                        .unwrap();
+                }
+            });
+        }
+    });
+    let sql = format!(
+        "SELECT plan, version FROM {} WHERE id = 1",
+        fx.config.users_table
+    );
+    let row = fx.client.db().query_one(&sql, &[]).unwrap().unwrap();
+    let (plan, version): (String, i64) = (row.get(0), row.get(1));
+    assert_eq!(version, 1 + (writers * rounds) as i64);
+    let cached = fx
+        .client
+        .cache()
+        .get_json::<UserProfile>(&Client::user_key(1))
+        .unwrap()
+        .unwrap();
+    assert_eq!((cached.plan, cached.version), (plan, version));
+}
+
+/// Readers and writers on one hot row with a slow read path: every read that
+/// starts after an update returned sees that update's version or newer.
+#[test]
+fn soak_reads_never_see_a_version_older_than_a_finished_write() {
+    let fx = Fixture::new("soak");
+    // The slow read path widens every race window between load and fill.
+    fx.client
+        .engine()
+        .set_after_load_hook(|_| std::thread::sleep(Duration::from_millis(2)));
+    let floor = AtomicI64::new(1); // newest version whose write has returned
+    let stop = AtomicBool::new(false);
+    let (reads, writes, violations) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let run_for = Duration::from_secs(3);
+    std::thread::scope(|s| {
+        for r in 0..4 {
+            let (fx, floor, stop, reads, violations) = (&fx, &floor, &stop, &reads, &violations);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let must_see = floor.load(Ordering::SeqCst);
+                    let got = if (r + i) % 2 == 0 {
+                        fx.client.get_user_profile(1)
+                    } else {
+                        fx.client.get_user_profile_singleflight(1)
+                    };
+                    let version = got.unwrap().unwrap().version;
+                    if version < must_see {
+                        violations.fetch_add(1, Ordering::SeqCst);
+                        eprintln!("stale read: version {version} after {must_see} was written");
+                    }
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                }
+            });
+        }
+        for w in 0..2 {
+            let (fx, floor, stop, writes) = (&fx, &floor, &stop, &writes);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let written = if w == 0 {
+                        // Our update makes the version at least one more than
+                        // any version committed before it.
+                        let before = fx.db_version(1);
+                        assert!(fx.client.update_user_plan(1, &format!("plain{i}")).unwrap());
+                        before + 1
+                    } else {
+                        let row = fx
+                            .client
+                            .update_user_plan_write_through(1, &format!("wt{i}"))
+                            .unwrap();
+                        row.unwrap().version
+                    };
+                    floor.fetch_max(written, Ordering::SeqCst);
+                    writes.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            });
+        }
+        std::thread::sleep(run_for);
+        stop.store(true, Ordering::SeqCst);
+    });
+    let (reads, writes) = (reads.load(Ordering::SeqCst), writes.load(Ordering::SeqCst));
+    let stats = fx.client.engine().stats();
+    eprintln!(
+        "soak: {reads} reads and {writes} writes checked, {} stale fills dropped",
+        stats.fills_dropped
+    );
+    assert!(
+        reads > 100 && writes > 20,
+        "the soak ran: {reads} reads, {writes} writes"
+    );
+    assert_eq!(violations.load(Ordering::SeqCst), 0);
+    assert_eq!(fx.client.engine().in_flight(), 0);
+}
