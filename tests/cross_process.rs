@@ -1,0 +1,200 @@
+//! Single-flight across processes: the Redis rebuild lock. The test binary
+//! re-runs itself as child processes (see `child_process_entry_point`); the
+//! parent starts them together over their stdin and sums what they report.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdout, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Barrier, Mutex};
+use std::time::{Duration, Instant};
+
+use cacheaside::{CacheAside, Config};
+use common::{Fixture, test_config};
+
+const ROLE: &str = "CACHEASIDE_TEST_CHILD";
+const TABLE: &str = "CACHEASIDE_TEST_TABLE";
+const NAMESPACE: &str = "CACHEASIDE_TEST_NAMESPACE";
+const LOCK_TTL_MS: &str = "CACHEASIDE_TEST_LOCK_TTL_MS";
+const KEY: &str = "hot";
+const THREADS_PER_CHILD: usize = 50;
+/// What the slow loader returns, so every reader can check its value.
+const ANSWER: i64 = 42;
+
+/// The slow query every reader would send on a miss: one statement that
+/// takes `SLOW_LOAD`, counted by the query counter like any other.
+const SLOW_LOAD: &str = "SELECT 42::bigint FROM pg_sleep(0.2)";
+
+/// Not a test of its own: when the parent runs this binary as a child, this
+/// is the child's `main`. In a normal test run (no role set) it does nothing.
+#[test]
+fn child_process_entry_point() {
+    let Ok(role) = std::env::var(ROLE) else {
+        return;
+    };
+    let mut config = Config::from_env();
+    config.users_table = std::env::var(TABLE).unwrap();
+    config.namespace = std::env::var(NAMESPACE).unwrap();
+    config.lock_ttl = Duration::from_millis(std::env::var(LOCK_TTL_MS).unwrap().parse().unwrap());
+    config.db_pool_size = 2;
+    let engine = CacheAside::open(&config).unwrap();
+    match role.as_str() {
+        "stampede" => child_stampede(&engine),
+        "holder" => child_holder(&engine),
+        other => panic!("unknown child role {other}"),
+    }
+}
+
+/// 50 threads read the cold key at once, released when the parent says go.
+fn child_stampede(engine: &CacheAside) {
+    let barrier = Barrier::new(THREADS_PER_CHILD + 1);
+    let wrong = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..THREADS_PER_CHILD {
+            s.spawn(|| {
+                barrier.wait();
+                if read_hot_key(engine).unwrap() != Some(ANSWER) {
+                    wrong.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        println!("CHILD ready");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).unwrap();
+        barrier.wait();
+    });
+    println!(
+        "CHILD queries {} wrong {}",
+        engine.db().query_count(),
+        wrong.load(Ordering::SeqCst)
+    );
+}
+
+/// Takes the rebuild lock and never fills: the parent kills us mid-load.
+fn child_holder(engine: &CacheAside) {
+    let _ = engine.get_or_load_singleflight::<i64, _>(KEY, Duration::from_secs(60), || {
+        println!("CHILD loading");
+        loop {
+            std::thread::park();
+        }
+    });
+}
+
+fn read_hot_key(engine: &CacheAside) -> cacheaside::Result<Option<i64>> {
+    engine.get_or_load_singleflight(KEY, Duration::from_secs(60), || {
+        Ok(engine.db().query_one(SLOW_LOAD, &[])?.map(|row| row.get(0)))
+    })
+}
+
+fn spawn_child(role: &str, config: &Config) -> (Child, BufReader<ChildStdout>) {
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry_point",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(ROLE, role)
+        .env(TABLE, &config.users_table)
+        .env(NAMESPACE, &config.namespace)
+        .env(LOCK_TTL_MS, config.lock_ttl.as_millis().to_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = BufReader::new(child.stdout.take().unwrap());
+    (child, stdout)
+}
+
+/// What follows `marker` in the next line of the child's output holding it.
+/// (The marker may not start the line: libtest prints `test name ... `
+/// without a newline before the test's own output.)
+fn expect_line(out: &mut BufReader<ChildStdout>, marker: &str) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let read = out.read_line(&mut line).unwrap();
+        assert!(read > 0, "child exited before {marker:?}");
+        if let Some(at) = line.find(marker) {
+            return line[at + marker.len()..].trim().to_owned();
+        }
+    }
+}
+
+#[test]
+fn four_processes_of_fifty_threads_send_one_query() {
+    let fx = Fixture::new("xproc");
+    let processes = 4;
+    let mut children: Vec<_> = (0..processes)
+        .map(|_| spawn_child("stampede", &fx.config))
+        .collect();
+    for (_, out) in &mut children {
+        expect_line(out, "CHILD ready");
+    }
+    let started = Instant::now();
+    for (child, _) in &mut children {
+        child.stdin.as_mut().unwrap().write_all(b"go\n").unwrap();
+    }
+    let mut total_queries = 0;
+    for (mut child, mut out) in children {
+        let report = expect_line(&mut out, "CHILD queries");
+        let fields: Vec<&str> = report.split_whitespace().collect();
+        assert_eq!(fields[1..], ["wrong", "0"], "every thread read {ANSWER}");
+        total_queries += fields[0].parse::<u64>().unwrap();
+        assert!(child.wait().unwrap().success());
+    }
+    eprintln!(
+        "{processes} processes x {THREADS_PER_CHILD} threads: {total_queries} query in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(total_queries, 1, "one query across all processes");
+}
+
+#[test]
+fn a_dead_lock_holder_delays_but_does_not_block_readers() {
+    let mut config = test_config("deadholder");
+    config.lock_ttl = Duration::from_millis(600);
+    config.lock_wait = Duration::from_secs(5);
+    let fx = Fixture::with(config);
+    let (mut holder, mut out) = spawn_child("holder", &fx.config);
+    expect_line(&mut out, "CHILD loading"); // it holds the lock now
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+
+    let engine = fx.client.engine();
+    let threads = 50;
+    let barrier = Barrier::new(threads);
+    let loads = AtomicUsize::new(0);
+    let slowest = Mutex::new(Duration::ZERO);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                let started = Instant::now();
+                let got: Option<i64> = engine
+                    .get_or_load_singleflight(KEY, Duration::from_secs(60), || {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        Ok(Some(ANSWER))
+                    })
+                    .unwrap();
+                assert_eq!(got, Some(ANSWER));
+                let took = started.elapsed();
+                let mut slowest = slowest.lock().unwrap();
+                *slowest = (*slowest).max(took);
+            });
+        }
+    });
+    let slowest = *slowest.lock().unwrap();
+    eprintln!("dead holder: slowest reader waited {slowest:?}");
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        1,
+        "one reload after the lock expired"
+    );
+    assert!(
+        slowest < fx.config.lock_wait,
+        "no reader waited past the bound: {slowest:?}"
+    );
+    assert_eq!(engine.in_flight(), 0);
+}
