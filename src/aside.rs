@@ -259,18 +259,16 @@ impl CacheAside {
             self.hooks.after_load(key);
             loaded
         };
-        if let Some(raw) = self.cache.get_raw(&keys.value)? {
-            if let Some((hit, refresh_due)) = self.decode_hit::<T>(&keys, &raw) {
-                bump(&self.counters.hits);
-                if refresh_due {
-                    return self.refresh_early(key, &keys, ttl, load, hit);
-                }
-                return Ok(hit);
+        if let Some((hit, refresh_due)) = self.lookup::<T>(&keys)? {
+            bump(&self.counters.hits);
+            if refresh_due {
+                return self.refresh_early(&keys, ttl, load, hit);
             }
+            return Ok(hit);
         }
         bump(&self.counters.misses);
         match mode {
-            Mode::Plain => self.miss_plain(key, &keys, ttl, load),
+            Mode::Plain => self.miss_plain(&keys, ttl, load),
             Mode::SingleFlight => self.miss_single_flight(key, &keys, ttl, load),
         }
     }
@@ -348,6 +346,15 @@ impl CacheAside {
         self.flights.len()
     }
 
+    /// The hit path: one GET. `Some((value, refresh_due))` for a usable
+    /// entry; `None` for no entry or a corrupt one (deleted and counted).
+    fn lookup<T: DeserializeOwned>(&self, keys: &Keys) -> Result<Option<(Option<T>, bool)>> {
+        Ok(self
+            .cache
+            .get_raw(&keys.value)?
+            .and_then(|raw| self.decode_hit(keys, &raw)))
+    }
+
     /// Decodes a cached entry: `Some((value, refresh_due))`, or `None` after
     /// deleting and counting a corrupt one.
     fn decode_hit<T: DeserializeOwned>(
@@ -379,13 +386,13 @@ impl CacheAside {
         }
     }
 
-    fn miss_plain<T, F>(&self, key: &str, keys: &Keys, ttl: Duration, load: F) -> Result<Option<T>>
+    fn miss_plain<T, F>(&self, keys: &Keys, ttl: Duration, load: F) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Loaded<T>>,
     {
         let token = new_token();
-        let claim = self.acquire(key, keys, Claim::Lease, &token)?;
+        let claim = self.acquire(keys, Claim::Lease, &token)?;
         match claim {
             Claimed::Cached(hit) => Ok(hit),
             Claimed::Busy => Ok(load()?.value),
@@ -435,10 +442,8 @@ impl CacheAside {
                     if Instant::now() >= deadline {
                         return Err(Error::timeout("reading a key that keeps being written"));
                     }
-                    if let Some(raw) = self.cache.get_raw(&keys.value)? {
-                        if let Some((hit, _)) = self.decode_hit::<T>(keys, &raw) {
-                            return Ok(hit);
-                        }
+                    if let Some((hit, _)) = self.lookup::<T>(keys)? {
+                        return Ok(hit);
                     }
                     continue;
                 }
@@ -446,7 +451,7 @@ impl CacheAside {
             // We lead. Whatever happens below, followers hear of it: an error
             // is published explicitly; a panic drops `leader`, which wakes
             // them with `Abandoned`.
-            let (result, landed) = self.lead(key, keys, ttl, load, &leader);
+            let (result, landed) = self.lead(keys, ttl, load, &leader);
             leader.publish(landed);
             return result;
         }
@@ -457,7 +462,7 @@ impl CacheAside {
     /// and what to hand the followers. Closes the flight before filling.
     fn lead<T, F>(
         &self,
-        key: &str,
+
         keys: &Keys,
         ttl: Duration,
         load: F,
@@ -471,7 +476,7 @@ impl CacheAside {
         let wait_until = Instant::now() + self.settings.lock_wait;
         let mut claim = Claim::Lock;
         let granted = loop {
-            match self.acquire(key, keys, claim, &token) {
+            match self.acquire(keys, claim, &token) {
                 Err(err) => return (Err(err.clone()), Err(err)),
                 Ok(Claimed::Cached(hit)) => {
                     let landed = match &hit {
@@ -517,7 +522,7 @@ impl CacheAside {
     /// the refresh fails (the cached value is still valid).
     fn refresh_early<T, F>(
         &self,
-        key: &str,
+
         keys: &Keys,
         ttl: Duration,
         load: F,
@@ -529,7 +534,7 @@ impl CacheAside {
     {
         let token = new_token();
         if !matches!(
-            self.acquire::<T>(key, keys, Claim::Refresh, &token),
+            self.acquire::<T>(keys, Claim::Refresh, &token),
             Ok(Claimed::Granted)
         ) {
             return Ok(cached);
@@ -547,7 +552,7 @@ impl CacheAside {
 
     fn acquire<T: DeserializeOwned>(
         &self,
-        key: &str,
+
         keys: &Keys,
         claim: Claim,
         token: &str,
@@ -562,7 +567,7 @@ impl CacheAside {
             Acquired::Cached(raw) => match self.decode_hit::<T>(keys, &raw) {
                 Some((hit, _)) => Ok(Claimed::Cached(hit)),
                 // Corrupt (and now deleted): take the claim on a clean slate.
-                None => self.acquire(key, keys, claim, token),
+                None => self.acquire(keys, claim, token),
             },
         }
     }

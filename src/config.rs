@@ -240,8 +240,10 @@ mod tests {
         assert!(c.validate().is_ok());
         c.ttl = Duration::ZERO;
         assert!(c.validate().is_err());
-        let mut c = Config::default();
-        c.beta = f64::NAN;
+        let c = Config {
+            beta: f64::NAN,
+            ..Config::default()
+        };
         assert!(c.validate().is_err());
     }
 }

@@ -273,7 +273,7 @@ fn soak_reads_never_see_a_version_older_than_a_finished_write() {
                 let mut i = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     let must_see = floor.load(Ordering::SeqCst);
-                    let got = if (r + i) % 2 == 0 {
+                    let got = if (r + i).is_multiple_of(2) {
                         fx.client.get_user_profile(1)
                     } else {
                         fx.client.get_user_profile_singleflight(1)
