@@ -33,6 +33,7 @@ mod config;
 mod db;
 mod entry;
 mod error;
+pub mod ffi;
 #[cfg(feature = "test-hooks")]
 mod hooks;
 mod singleflight;

@@ -1,0 +1,321 @@
+/*
+ * cacheaside.hpp: a header-only C++17 wrapper over the C API in
+ * cacheaside.h (Redis in front of PostgreSQL with cache-aside).
+ *
+ * Hand-written (unlike cacheaside.h); it adds no behaviour, only RAII and
+ * C++ types:
+ *   - handles are owned by std::unique_ptr with the library's free
+ *     functions as deleters, so nothing leaks when an exception unwinds;
+ *   - results are std::optional<UserProfile> / std::optional<std::string>
+ *     (std::nullopt is CACHEASIDE_NOT_FOUND);
+ *   - every failure throws cacheaside::Error, carrying the status and the
+ *     library's message.
+ *
+ * Thread safety: a cacheaside::Client may be used from many threads at
+ * once (every member function is const); a cacheaside::Config may not.
+ *
+ * Build: c++ -std=c++17 -I include app.cpp -L target/release -lcacheaside
+ *        -Wl,-rpath,$PWD/target/release -pthread
+ */
+#ifndef CACHEASIDE_HPP
+#define CACHEASIDE_HPP
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <exception>
+#include <memory>
+#include <optional>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "cacheaside.h"
+
+namespace cacheaside {
+
+/** A failed call: the C status and the message cacheaside_last_error() gave. */
+class Error : public std::runtime_error {
+public:
+    Error(cacheaside_status status, const std::string &message)
+        : std::runtime_error(message), status_(status) {}
+
+    /** The C status, never CACHEASIDE_OK or CACHEASIDE_NOT_FOUND. */
+    cacheaside_status status() const noexcept { return status_; }
+
+private:
+    cacheaside_status status_;
+};
+
+namespace detail {
+
+/** Throws unless the call succeeded; call right after the C function, on
+ *  the same thread, so the message is that call's. */
+inline void check(cacheaside_status status) {
+    if (status != CACHEASIDE_OK) {
+        throw Error(status, cacheaside_last_error());
+    }
+}
+
+/** A NUL inside a std::string would silently cut the C string short. */
+inline const char *c_str(const std::string &text, const char *what) {
+    if (text.find('\0') != std::string::npos) {
+        throw Error(CACHEASIDE_INVALID_ARGUMENT,
+                    std::string("invalid argument: ") + what + " holds a NUL byte");
+    }
+    return text.c_str();
+}
+
+struct ConfigFree {
+    void operator()(cacheaside_config *config) const noexcept { cacheaside_config_free(config); }
+};
+
+struct ClientFree {
+    void operator()(cacheaside_client *client) const noexcept { cacheaside_client_free(client); }
+};
+
+/** Frees the strings of a profile that lives elsewhere (on the stack). */
+struct ProfileFree {
+    void operator()(cacheaside_user_profile *profile) const noexcept {
+        cacheaside_user_profile_free(profile);
+    }
+};
+
+/** Frees the data of a cacheaside_bytes that lives elsewhere. */
+struct BytesFree {
+    void operator()(cacheaside_bytes *bytes) const noexcept { cacheaside_bytes_free(bytes); }
+};
+
+inline uint64_t millis(std::chrono::milliseconds duration) {
+    // A negative duration becomes 0, which the library rejects.
+    return duration.count() < 0 ? 0 : static_cast<uint64_t>(duration.count());
+}
+
+}  // namespace detail
+
+/** One user (a copy: it owns its strings and outlives the client). */
+struct UserProfile {
+    int64_t id = 0;
+    std::string name;
+    std::string email;
+    std::string plan;
+    int64_t version = 0;
+
+    bool operator==(const UserProfile &other) const {
+        return id == other.id && name == other.name && email == other.email &&
+               plan == other.plan && version == other.version;
+    }
+    bool operator!=(const UserProfile &other) const { return !(*this == other); }
+};
+
+/** The library's version at run time, e.g. "0.1.0". */
+inline std::string version() { return cacheaside_version(); }
+
+/**
+ * Settings for a Client: the defaults, with DATABASE_URL and REDIS_URL
+ * from the environment; each setter validates and throws Error on a bad
+ * value. Setters return *this so they chain. Not thread-safe.
+ */
+class Config {
+public:
+    Config() : handle_(cacheaside_config_new()) {
+        if (!handle_) {
+            throw Error(CACHEASIDE_PANIC, cacheaside_last_error());
+        }
+    }
+
+    Config &database_url(const std::string &url) {
+        detail::check(cacheaside_config_set_database_url(get(), detail::c_str(url, "url")));
+        return *this;
+    }
+    Config &redis_url(const std::string &url) {
+        detail::check(cacheaside_config_set_redis_url(get(), detail::c_str(url, "url")));
+        return *this;
+    }
+    Config &users_table(const std::string &table) {
+        detail::check(cacheaside_config_set_users_table(get(), detail::c_str(table, "table")));
+        return *this;
+    }
+    Config &namespace_(const std::string &ns) {
+        detail::check(cacheaside_config_set_namespace(get(), detail::c_str(ns, "namespace")));
+        return *this;
+    }
+    Config &ttl(std::chrono::milliseconds ttl) {
+        detail::check(cacheaside_config_set_ttl_ms(get(), detail::millis(ttl)));
+        return *this;
+    }
+    Config &negative_ttl(std::chrono::milliseconds ttl) {
+        detail::check(cacheaside_config_set_negative_ttl_ms(get(), detail::millis(ttl)));
+        return *this;
+    }
+    Config &lease_ttl(std::chrono::milliseconds ttl) {
+        detail::check(cacheaside_config_set_lease_ttl_ms(get(), detail::millis(ttl)));
+        return *this;
+    }
+    Config &lock_ttl(std::chrono::milliseconds ttl) {
+        detail::check(cacheaside_config_set_lock_ttl_ms(get(), detail::millis(ttl)));
+        return *this;
+    }
+    Config &lock_wait(std::chrono::milliseconds wait) {
+        detail::check(cacheaside_config_set_lock_wait_ms(get(), detail::millis(wait)));
+        return *this;
+    }
+    Config &beta(double beta) {
+        detail::check(cacheaside_config_set_beta(get(), beta));
+        return *this;
+    }
+
+    /** The C handle, still owned by this object. */
+    cacheaside_config *get() const noexcept { return handle_.get(); }
+
+private:
+    std::unique_ptr<cacheaside_config, detail::ConfigFree> handle_;
+};
+
+/**
+ * A connected client. Move-only; share it between threads by reference.
+ * Every member function blocks and may be called from many threads at once.
+ */
+class Client {
+public:
+    /** Connects with the defaults (DATABASE_URL / REDIS_URL when set). */
+    Client() { open(nullptr); }
+
+    /** Connects as `config` says; the config may be destroyed afterwards. */
+    explicit Client(const Config &config) { open(config.get()); }
+
+    /** Creates the users table unless it exists. */
+    void install_schema() const { detail::check(cacheaside_install_schema(get())); }
+
+    /** Inserts the five demo users where their ids are free. */
+    void seed_demo_users() const { detail::check(cacheaside_seed_demo_users(get())); }
+
+    /** Cache-aside read; std::nullopt when no such user exists. */
+    std::optional<UserProfile> get_user_profile(int64_t user_id) const {
+        return read(cacheaside_get_user_profile, user_id);
+    }
+
+    /** Stampede-safe read: one query however many threads miss at once. */
+    std::optional<UserProfile> get_user_profile_singleflight(int64_t user_id) const {
+        return read(cacheaside_get_user_profile_singleflight, user_id);
+    }
+
+    /** Sets a user's plan, then invalidates it; false if no such user. */
+    bool update_user_plan(int64_t user_id, const std::string &plan) const {
+        cacheaside_status status =
+            cacheaside_update_user_plan(get(), user_id, detail::c_str(plan, "plan"));
+        if (status == CACHEASIDE_NOT_FOUND) {
+            return false;
+        }
+        detail::check(status);
+        return true;
+    }
+
+    /** Sets a user's plan and writes the new row through to the cache;
+     *  std::nullopt if no such user. */
+    std::optional<UserProfile> update_user_plan_write_through(int64_t user_id,
+                                                              const std::string &plan) const {
+        cacheaside_user_profile raw{};
+        std::unique_ptr<cacheaside_user_profile, detail::ProfileFree> owned(&raw);
+        cacheaside_status status = cacheaside_update_user_plan_write_through(
+            get(), user_id, detail::c_str(plan, "plan"), &raw);
+        return profile(status, raw);
+    }
+
+    /**
+     * Generic cache-aside read with single-flight: on a miss, one caller in
+     * this process runs `load(key)`, which returns std::optional<std::string>
+     * (UTF-8 text; std::nullopt caches the absence), and every caller gets
+     * its result. If `load` throws, the exception is rethrown to the caller
+     * whose loader threw; callers that waited on it get Error with
+     * CACHEASIDE_LOADER_ERROR.
+     */
+    template <class Load>
+    std::optional<std::string> get_or_load(const std::string &key, std::chrono::milliseconds ttl,
+                                           Load &&load) const {
+        struct Context {
+            std::remove_reference_t<Load> *load;
+            std::exception_ptr thrown;
+        } context{&load, nullptr};
+        // Captureless, so it converts to the C function pointer. No
+        // exception may cross into the library: all are caught here.
+        cacheaside_loader trampoline = [](void *user_data, const char *c_key,
+                                          cacheaside_bytes *out_value) -> int {
+            Context *context = static_cast<Context *>(user_data);
+            try {
+                std::optional<std::string> value = (*context->load)(std::string(c_key));
+                if (!value) {
+                    return CACHEASIDE_NOT_FOUND;
+                }
+                detail::check(cacheaside_bytes_set(out_value, value->data(), value->size()));
+                return CACHEASIDE_OK;
+            } catch (...) {
+                context->thrown = std::current_exception();
+                return CACHEASIDE_LOADER_ERROR;
+            }
+        };
+        cacheaside_bytes raw{};
+        std::unique_ptr<cacheaside_bytes, detail::BytesFree> owned(&raw);
+        cacheaside_status status =
+            cacheaside_get_or_load(get(), detail::c_str(key, "key"), detail::millis(ttl),
+                                   trampoline, &context, &raw);
+        if (context.thrown) {
+            std::rethrow_exception(context.thrown);
+        }
+        if (status == CACHEASIDE_NOT_FOUND) {
+            return std::nullopt;
+        }
+        detail::check(status);
+        return std::string(reinterpret_cast<const char *>(raw.data), raw.len);
+    }
+
+    /** Removes a key's cached value and revokes readers' leases on it. */
+    void invalidate(const std::string &key) const {
+        detail::check(cacheaside_invalidate(get(), detail::c_str(key, "key")));
+    }
+
+    /** Deletes every Redis key under this client's (non-empty) namespace. */
+    void delete_namespace() const { detail::check(cacheaside_delete_namespace(get())); }
+
+    /** Statements sent to PostgreSQL since the client opened. */
+    uint64_t query_count() const noexcept { return cacheaside_query_count(get()); }
+
+    /** Keys with a single-flight load in progress in this process. */
+    std::size_t in_flight() const noexcept { return cacheaside_in_flight(get()); }
+
+    /** The C handle, still owned by this object. */
+    const cacheaside_client *get() const noexcept { return handle_.get(); }
+
+private:
+    void open(const cacheaside_config *config) {
+        cacheaside_client *raw = nullptr;
+        detail::check(cacheaside_client_open(config, &raw));
+        handle_.reset(raw);
+    }
+
+    using ReadFn = cacheaside_status (*)(const cacheaside_client *, int64_t,
+                                         cacheaside_user_profile *);
+
+    std::optional<UserProfile> read(ReadFn read_fn, int64_t user_id) const {
+        cacheaside_user_profile raw{};
+        std::unique_ptr<cacheaside_user_profile, detail::ProfileFree> owned(&raw);
+        cacheaside_status status = read_fn(get(), user_id, &raw);
+        return profile(status, raw);
+    }
+
+    /** Copies a filled profile out (the caller's unique_ptr frees it). */
+    static std::optional<UserProfile> profile(cacheaside_status status,
+                                              const cacheaside_user_profile &raw) {
+        if (status == CACHEASIDE_NOT_FOUND) {
+            return std::nullopt;
+        }
+        detail::check(status);
+        return UserProfile{raw.id, raw.name, raw.email, raw.plan, raw.version};
+    }
+
+    std::unique_ptr<cacheaside_client, detail::ClientFree> handle_;
+};
+
+}  // namespace cacheaside
+
+#endif /* CACHEASIDE_HPP */

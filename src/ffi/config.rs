@@ -1,0 +1,297 @@
+//! `cacheaside_config`: an owned [`Config`] that C fills in with setters.
+
+use std::ffi::c_char;
+use std::time::Duration;
+
+use super::cacheaside_status::{self, *};
+use super::error::fail;
+use crate::config::Config;
+use crate::error::Result;
+
+/// Settings for `cacheaside_client_open()` (opaque).
+///
+/// Ownership: created by `cacheaside_config_new()`, freed by
+/// `cacheaside_config_free()`. A client copies what it needs, so the config
+/// may be freed (or reused for another client) as soon as
+/// `cacheaside_client_open()` returns.
+///
+/// Thread safety: not synchronized; use one config from one thread at a time.
+pub struct cacheaside_config {
+    pub(crate) inner: Config,
+}
+
+/// Applies `change` to a copy of the config and keeps it only if the whole
+/// config still validates, so a config never holds a value that
+/// `cacheaside_client_open()` would reject, and the checks stay in
+/// [`Config::validate`].
+fn update(
+    config: &mut cacheaside_config,
+    change: impl FnOnce(&mut Config) -> Result<()>,
+) -> cacheaside_status {
+    let mut next = config.inner.clone();
+    match change(&mut next).and_then(|()| next.validate()) {
+        Ok(()) => {
+            config.inner = next;
+            CACHEASIDE_OK
+        }
+        Err(err) => fail(&err),
+    }
+}
+
+/// Creates a config holding the defaults, with `DATABASE_URL` and
+/// `REDIS_URL` taken from the environment when set.
+///
+/// Defaults: `postgres://postgres@127.0.0.1:5432/test`,
+/// `redis://127.0.0.1:6379/`, table `users`, namespace `""`, TTL 60 s
+/// (see the setters for the others).
+///
+/// Ownership: the caller owns the result and frees it with
+/// `cacheaside_config_free()`. Returns NULL only if the library failed
+/// internally (see `cacheaside_last_error()`).
+#[unsafe(no_mangle)]
+pub extern "C" fn cacheaside_config_new() -> *mut cacheaside_config {
+    ffi_panic_boundary! {
+        Box::into_raw(Box::new(cacheaside_config {
+            inner: Config::from_env(),
+        }))
+    }
+}
+
+/// Frees a config. NULL is a no-op.
+///
+/// # Safety
+/// `config` is NULL or came from `cacheaside_config_new()` and was not freed
+/// yet; it must not be used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_free(config: *mut cacheaside_config) {
+    ffi_panic_boundary! {
+        if !config.is_null() {
+            // SAFETY: the caller hands back a pointer from Box::into_raw.
+            drop(unsafe { Box::from_raw(config) });
+        }
+    }
+}
+
+/// Sets the PostgreSQL URL, e.g. `postgres://user@host:5432/db`.
+/// Defaults to `DATABASE_URL`, else `postgres://postgres@127.0.0.1:5432/test`.
+///
+/// The URL is parsed by `cacheaside_client_open()`, which returns
+/// `CACHEASIDE_INVALID_ARGUMENT` for one that does not parse.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a URL that is
+/// not UTF-8 (the config is then unchanged).
+///
+/// # Safety
+/// `config` is NULL or a live config; `url` is NULL or a NUL-terminated
+/// string. The string is copied.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_database_url(
+    config: *mut cacheaside_config,
+    url: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let url = non_null!(str url);
+        update(config, |c| {
+            c.database_url = url.to_owned();
+            Ok(())
+        })
+    }
+}
+
+/// Sets the Redis URL, e.g. `redis://host:6379/0`. Defaults to `REDIS_URL`,
+/// else `redis://127.0.0.1:6379/`.
+///
+/// The URL is parsed by `cacheaside_client_open()`, which returns
+/// `CACHEASIDE_INVALID_ARGUMENT` for one that does not parse.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a URL that is
+/// not UTF-8 (the config is then unchanged).
+///
+/// # Safety
+/// As `cacheaside_config_set_database_url()`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_redis_url(
+    config: *mut cacheaside_config,
+    url: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let url = non_null!(str url);
+        update(config, |c| {
+            c.redis_url = url.to_owned();
+            Ok(())
+        })
+    }
+}
+
+/// Sets the users table: an SQL identifier (`[A-Za-z_][A-Za-z0-9_]*`, at
+/// most 63 bytes), optionally schema-qualified (`app.users`). Defaults to
+/// `users`.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, non-UTF-8 or a name that
+/// is not an identifier (the config is then unchanged).
+///
+/// # Safety
+/// `config` is NULL or a live config; `table` is NULL or a NUL-terminated
+/// string. The string is copied.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_users_table(
+    config: *mut cacheaside_config,
+    table: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let table = non_null!(str table);
+        update(config, |c| c.set_users_table(table))
+    }
+}
+
+/// Sets the prefix of every Redis key the client touches, e.g. `"myapp:"`.
+/// Defaults to `""`.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, non-UTF-8, or a
+/// namespace holding `{`, `}` or a control character (the config is then
+/// unchanged).
+///
+/// # Safety
+/// `config` is NULL or a live config; `ns` is NULL or a NUL-terminated
+/// string. The string is copied.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_namespace(
+    config: *mut cacheaside_config,
+    ns: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let ns = non_null!(str ns);
+        update(config, |c| c.set_namespace(ns))
+    }
+}
+
+/// Sets how long a cached value lives, in milliseconds. Defaults to 60000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_ttl_ms(
+    config: *mut cacheaside_config,
+    ttl_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.ttl = Duration::from_millis(ttl_ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long a cached "absent" entry (a user that does not exist)
+/// lives, in milliseconds. Defaults to 10000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_negative_ttl_ms(
+    config: *mut cacheaside_config,
+    ttl_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.negative_ttl = Duration::from_millis(ttl_ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long a reader's lease (its right to fill a missed key) lives,
+/// in milliseconds; a fill after it expired is dropped. Defaults to 10000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_lease_ttl_ms(
+    config: *mut cacheaside_config,
+    ttl_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.lease_ttl = Duration::from_millis(ttl_ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long the cross-process rebuild lock lives if its holder dies
+/// without releasing it, in milliseconds. Defaults to 5000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_lock_ttl_ms(
+    config: *mut cacheaside_config,
+    ttl_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.lock_ttl = Duration::from_millis(ttl_ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets the longest a reader waits for another process's rebuild of a key
+/// before loading it itself, in milliseconds (0: never wait). Defaults to
+/// 10000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_lock_wait_ms(
+    config: *mut cacheaside_config,
+    wait_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.lock_wait = Duration::from_millis(wait_ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets XFetch's early-refresh aggressiveness: 0 turns early refresh off,
+/// larger values refresh earlier. Defaults to 1.0.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, a negative number, NaN or
+/// infinity.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_beta(
+    config: *mut cacheaside_config,
+    beta: f64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.beta = beta;
+            Ok(())
+        })
+    }
+}

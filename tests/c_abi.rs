@@ -1,0 +1,297 @@
+//! The C ABI from C and C++: compiles each program under `tests/c/` and
+//! `tests/cpp/` with `-Wall -Wextra -Werror` against the cdylib and
+//! `include/`, runs it with a table and namespace of its own, and expects
+//! exit code 0. Also checks the generated header itself.
+//!
+//! Needs `cc` and `c++` (C11, C++17) besides Postgres and Redis.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cacheaside::{Cache, Config, Db};
+
+const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
+
+fn manifest_path(relative: &str) -> PathBuf {
+    Path::new(MANIFEST_DIR).join(relative)
+}
+
+/// `<target>/<profile>`: this test binary is `<target>/<profile>/deps/c_abi-*`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_path_buf()
+}
+
+/// The directory holding a `libcacheaside.so` built from the current source.
+///
+/// `cargo test` builds the library for the tests but does not promise to
+/// put the cdylib in `<target>/<profile>/`, so build it explicitly, with this
+/// run's profile and features (so nothing is rebuilt when the test build
+/// already made it). Done once per test process.
+fn lib_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = profile_dir();
+        let target_dir = dir.parent().expect("<target> above <profile>");
+        let profile = match dir.file_name().and_then(|n| n.to_str()) {
+            Some("debug") => "dev".to_owned(),
+            Some(other) => other.to_owned(),
+            None => panic!("unexpected profile directory {}", dir.display()),
+        };
+        let mut cargo = Command::new(env!("CARGO"));
+        cargo
+            .current_dir(MANIFEST_DIR)
+            .args(["build", "--lib", "--profile", &profile, "--target-dir"])
+            .arg(target_dir);
+        if cfg!(feature = "test-hooks") {
+            cargo.args(["--features", "test-hooks"]);
+        }
+        let status = cargo.status().expect("run cargo build --lib");
+        assert!(status.success(), "cargo build --lib failed: {status}");
+        let lib = dir.join(format!(
+            "{}cacheaside{}",
+            std::env::consts::DLL_PREFIX,
+            std::env::consts::DLL_SUFFIX
+        ));
+        assert!(lib.exists(), "{} was not built", lib.display());
+        dir
+    })
+}
+
+/// A table and namespace no other test uses; dropped (table) and emptied
+/// (namespace) on drop, also when the test fails.
+struct Scratch {
+    table: String,
+    namespace: String,
+}
+
+impl Scratch {
+    fn new(lang: &str) -> Scratch {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        let id = format!("{}_{nanos}_{n}", std::process::id());
+        Scratch {
+            table: format!("ca_{lang}_{id}"),
+            namespace: format!("ca-{lang}-{id}:"),
+        }
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let mut config = Config::from_env();
+        if config.set_namespace(&self.namespace).is_err() {
+            return;
+        }
+        // Best effort: a failure here must not hide the test's own verdict.
+        if let Ok(db) = Db::connect(&config) {
+            let _ = db.batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table));
+        }
+        if let Ok(cache) = Cache::connect(&config) {
+            let _ = cache.delete_namespace();
+        }
+    }
+}
+
+/// Compiles `source` (C11 or C++17 by its extension) into `out`.
+fn compile(source: &Path, out: &Path) {
+    let cpp = source.extension().is_some_and(|e| e == "cpp");
+    let (compiler, std) = if cpp {
+        (
+            std::env::var("CXX").unwrap_or_else(|_| "c++".into()),
+            "-std=c++17",
+        )
+    } else {
+        (
+            std::env::var("CC").unwrap_or_else(|_| "cc".into()),
+            "-std=c11",
+        )
+    };
+    let lib = lib_dir();
+    let output = Command::new(&compiler)
+        .args([
+            std,
+            "-Wall",
+            "-Wextra",
+            "-Werror",
+            "-pedantic",
+            "-g",
+            "-pthread",
+        ])
+        .arg("-I")
+        .arg(manifest_path("include"))
+        .arg("-I")
+        .arg(source.parent().expect("source directory"))
+        .arg(source)
+        .arg("-o")
+        .arg(out)
+        .arg(format!("-L{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-lcacheaside", "-lm"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
+    assert!(
+        output.status.success(),
+        "{compiler} failed on {}:\n{}",
+        source.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// Compiles and runs one program from `tests/c` or `tests/cpp` on a table
+/// and namespace of its own; panics unless it exits with 0.
+fn run_program(relative: &str) {
+    let source = manifest_path(relative);
+    let lang = if relative.ends_with(".cpp") {
+        "cpp"
+    } else {
+        "c"
+    };
+    let scratch = Scratch::new(lang);
+    let bin_dir = profile_dir().join("c-abi-tests");
+    std::fs::create_dir_all(&bin_dir).expect("create the test binaries' directory");
+    let stem = source
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .expect("file name");
+    let bin = bin_dir.join(format!("{lang}_{stem}_{}", std::process::id()));
+    compile(&source, &bin);
+
+    let config = Config::from_env();
+    let output = Command::new(&bin)
+        .env("DATABASE_URL", &config.database_url)
+        .env("REDIS_URL", &config.redis_url)
+        .env("CACHEASIDE_TEST_TABLE", &scratch.table)
+        .env("CACHEASIDE_TEST_NAMESPACE", &scratch.namespace)
+        .output()
+        .expect("run the test program");
+    let _ = std::fs::remove_file(&bin);
+    assert!(
+        output.status.success(),
+        "{relative} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn c_users_miss_hit_update_and_single_flight() {
+    run_program("tests/c/users.c");
+}
+
+#[test]
+fn c_bad_input_returns_status_without_crashing() {
+    run_program("tests/c/bad_input.c");
+}
+
+#[test]
+fn c_get_or_load_runs_the_loader_once() {
+    run_program("tests/c/get_or_load.c");
+}
+
+#[test]
+fn cpp_wrapper_raii_optional_and_single_flight() {
+    run_program("tests/cpp/client.cpp");
+}
+
+/// Every program in `tests/c` and `tests/cpp` has a test above.
+#[test]
+fn every_program_is_run() {
+    let listed = [
+        "tests/c/users.c",
+        "tests/c/bad_input.c",
+        "tests/c/get_or_load.c",
+        "tests/cpp/client.cpp",
+    ];
+    for dir in ["tests/c", "tests/cpp"] {
+        for entry in std::fs::read_dir(manifest_path(dir)).expect("read test sources") {
+            let path = entry.expect("directory entry").path();
+            let is_program = path.extension().is_some_and(|e| e == "c" || e == "cpp");
+            if is_program {
+                let name = format!(
+                    "{dir}/{}",
+                    path.file_name().and_then(|n| n.to_str()).unwrap_or("")
+                );
+                assert!(
+                    listed.contains(&name.as_str()),
+                    "{name} has no #[test] in tests/c_abi.rs"
+                );
+            }
+        }
+    }
+}
+
+/// The header's version macros are Cargo.toml's version.
+#[test]
+fn header_version_macros_match_cargo_toml() {
+    let header =
+        std::fs::read_to_string(manifest_path("include/cacheaside.h")).expect("read the header");
+    let define = |name: &str| {
+        header
+            .lines()
+            .find_map(|line| line.strip_prefix(&format!("#define {name} ")))
+            .unwrap_or_else(|| panic!("{name} is not defined in include/cacheaside.h"))
+            .trim()
+            .to_owned()
+    };
+    assert_eq!(
+        define("CACHEASIDE_VERSION_MAJOR"),
+        env!("CARGO_PKG_VERSION_MAJOR")
+    );
+    assert_eq!(
+        define("CACHEASIDE_VERSION_MINOR"),
+        env!("CARGO_PKG_VERSION_MINOR")
+    );
+    assert_eq!(
+        define("CACHEASIDE_VERSION_PATCH"),
+        env!("CARGO_PKG_VERSION_PATCH")
+    );
+    assert_eq!(
+        define("CACHEASIDE_VERSION"),
+        format!("\"{}\"", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(header.contains("#ifndef CACHEASIDE_H"), "include guard");
+    assert!(header.contains("Do not edit this file"), "generated banner");
+}
+
+/// Every `extern "C"` function in `src/ffi/` is declared in the checked-in
+/// header, so a header that lags the source fails here too (CI also runs
+/// `git diff --exit-code include/` after a build).
+#[test]
+fn header_declares_every_exported_function() {
+    let header =
+        std::fs::read_to_string(manifest_path("include/cacheaside.h")).expect("read the header");
+    let mut found = 0;
+    for entry in std::fs::read_dir(manifest_path("src/ffi")).expect("read src/ffi") {
+        let source =
+            std::fs::read_to_string(entry.expect("directory entry").path()).expect("read source");
+        for line in source.lines() {
+            let Some(rest) = line.split("extern \"C\" fn ").nth(1) else {
+                continue;
+            };
+            let Some(name) = rest
+                .split('(')
+                .next()
+                .filter(|n| n.starts_with("cacheaside_"))
+            else {
+                continue;
+            };
+            found += 1;
+            assert!(
+                header.contains(&format!(" {name}(")) || header.contains(&format!("*{name}(")),
+                "{name} is missing from include/cacheaside.h: rebuild to regenerate it"
+            );
+        }
+    }
+    assert!(found >= 30, "only {found} exported functions found");
+}
