@@ -1,0 +1,184 @@
+//! The lab, in plain numbers: a miss, a hit, an update and the fresh read
+//! after it, and a 50-thread stampede on a cold key through the plain and the
+//! single-flight paths.
+//!
+//! ```text
+//! scripts/services.sh                      # Postgres and Redis, if not running
+//! cargo run --release --example lab
+//! ```
+//!
+//! It works on its own table and namespace (`cacheaside_lab_users`,
+//! `cacheaside-lab:`) and removes both when it ends.
+
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use cacheaside::{Client, Config, Result};
+
+const TABLE: &str = "cacheaside_lab_users";
+const THREADS: usize = 50;
+
+fn main() {
+    if let Err(err) = run() {
+        eprintln!("lab failed: {}", err.chain());
+        if err.is_timeout() || err.kind() == cacheaside::ErrorKind::Database {
+            eprintln!("are Postgres and Redis running? try scripts/services.sh");
+        }
+        std::process::exit(1);
+    }
+}
+
+fn run() -> Result<()> {
+    let mut config = Config::from_env();
+    config.set_users_table(TABLE)?;
+    config.set_namespace("cacheaside-lab:")?;
+    config.db_pool_size = 16;
+    config.cache_pool_size = 32;
+    let client = Client::open(&config)?;
+    println!("cacheaside lab");
+    println!(
+        "  postgres {}  redis {}",
+        config.database_url, config.redis_url
+    );
+    println!(
+        "  table {TABLE}, keys under {:?}\n",
+        client.cache().namespace()
+    );
+
+    // A clean slate every run: the table and namespace are the lab's own.
+    client
+        .db()
+        .batch_execute(&format!("DROP TABLE IF EXISTS {TABLE}"))?;
+    client.cache().delete_namespace()?;
+    client.install_schema()?;
+    client.seed_demo_users()?;
+    let result = walk_through(&client);
+    client.db().batch_execute(&format!("DROP TABLE {TABLE}"))?;
+    client.cache().delete_namespace()?;
+    result
+}
+
+fn walk_through(client: &Client) -> Result<()> {
+    let queries = || client.db().query_count();
+
+    println!("1. cache-aside read");
+    let q = queries();
+    let (profile, took) = timed(|| client.get_user_profile(1))?;
+    println!(
+        "   miss  get_user_profile(1)   queries +{}  {:>8.3} ms  {profile:?}",
+        queries() - q,
+        ms(took)
+    );
+    let q = queries();
+    let (_, took) = timed(|| client.get_user_profile(1))?;
+    println!(
+        "   hit   get_user_profile(1)   queries +{}  {:>8.3} ms",
+        queries() - q,
+        ms(took)
+    );
+
+    // Single calls are noisy; medians over many say what each path costs.
+    let q = queries();
+    let mut misses = Vec::new();
+    for _ in 0..200 {
+        client.engine().invalidate(&Client::user_key(1))?;
+        misses.push(timed(|| client.get_user_profile(1))?.1);
+    }
+    let miss_queries = queries() - q;
+    let q = queries();
+    let mut hits = Vec::new();
+    for _ in 0..2_000 {
+        hits.push(timed(|| client.get_user_profile(1))?.1);
+    }
+    let (miss, hit) = (median(&mut misses), median(&mut hits));
+    println!(
+        "   median of 200 misses {:.3} ms ({miss_queries} queries), of 2000 hits {:.3} ms ({} queries): hit is {:.1}x faster\n",
+        ms(miss),
+        ms(hit),
+        queries() - q,
+        miss.as_secs_f64() / hit.as_secs_f64()
+    );
+
+    println!("2. write, then read");
+    let changed = client.update_user_plan(1, "enterprise")?;
+    let cached = client.cache().exists(&Client::user_key(1))?;
+    println!("   update_user_plan(1, \"enterprise\") -> {changed}; still cached: {cached}");
+    let q = queries();
+    let fresh = client.get_user_profile(1)?;
+    let plan = fresh.as_ref().map_or("(none)", |p| p.plan.as_str());
+    println!(
+        "   get_user_profile(1)   queries +{}  plan = {plan}\n",
+        queries() - q
+    );
+
+    println!("3. {THREADS} threads read one cold key at once");
+    let plain = stampede(client, 2, |c| c.get_user_profile(2))?;
+    println!(
+        "   plain         get_user_profile               queries: {:>3}  {:>8.3} ms",
+        plain.0,
+        ms(plain.1)
+    );
+    let flight = stampede(client, 3, |c| c.get_user_profile_singleflight(3))?;
+    println!(
+        "   single-flight get_user_profile_singleflight  queries: {:>3}  {:>8.3} ms",
+        flight.0,
+        ms(flight.1)
+    );
+    println!(
+        "   per-key state left behind: {}",
+        client.engine().in_flight()
+    );
+    let stats = client.engine().stats();
+    println!(
+        "\nengine: {} hits, {} misses, {} stale fills dropped, {} corrupt entries",
+        stats.hits, stats.misses, stats.fills_dropped, stats.corrupt_entries
+    );
+    Ok(())
+}
+
+/// Releases `THREADS` threads together on `user_id`'s cold key; returns the
+/// Postgres queries they cost and the wall time.
+fn stampede(
+    client: &Client,
+    user_id: i64,
+    read: impl Fn(&Client) -> Result<Option<cacheaside::UserProfile>> + Sync,
+) -> Result<(u64, Duration)> {
+    client.engine().invalidate(&Client::user_key(user_id))?;
+    let barrier = Barrier::new(THREADS);
+    let before = client.db().query_count();
+    let started = Instant::now();
+    let results: Vec<Result<_>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..THREADS)
+            .map(|_| {
+                s.spawn(|| {
+                    barrier.wait();
+                    read(client)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().expect("reader thread"))
+            .collect()
+    });
+    let took = started.elapsed();
+    for result in results {
+        result?;
+    }
+    Ok((client.db().query_count() - before, took))
+}
+
+fn timed<T>(f: impl FnOnce() -> Result<T>) -> Result<(T, Duration)> {
+    let started = Instant::now();
+    let value = f()?;
+    Ok((value, started.elapsed()))
+}
+
+fn median(samples: &mut [Duration]) -> Duration {
+    samples.sort();
+    samples[samples.len() / 2]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
