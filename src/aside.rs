@@ -70,13 +70,12 @@ enum Landed {
     Value(Arc<[u8]>),
     /// The source has no such row (cached as absent).
     Absent,
-    /// The leader's fill lost its lease: a write happened during the load,
-    /// so its row may predate the write. Followers must read again.
-    Stale,
-    /// The leader loaded a value but could not store it (a cache error after
-    /// the load); followers may use it: nobody wrote during the load as far
-    /// as we know, and every one of them asked before the load ended.
-    Uncached(Arc<[u8]>),
+    /// Followers must read the cache again themselves: the leader's answer
+    /// may predate a write that returned before some follower joined. Either
+    /// its fill lost its lease (a write happened during the load) or failed
+    /// (nobody knows), or it found the value already cached by someone else,
+    /// a read that followers who joined later must not reuse.
+    ReadAgain,
 }
 
 #[derive(Clone)]
@@ -286,27 +285,56 @@ impl CacheAside {
         Ok(())
     }
 
-    /// Stores `value` (just written to the source with `version`) unless the
-    /// cache already holds `version` or newer, and revokes readers' leases.
-    /// Two writers that finish in either order leave the newer value cached.
-    /// Returns whether this value was stored.
+    /// Runs `write` (a write to the source that returns the new value and
+    /// its version, e.g. `UPDATE … RETURNING`), then stores that value in the
+    /// cache unless the cache holds the same version or newer, or another
+    /// writer invalidated the key after this one started. Readers' leases are
+    /// revoked either way. Returns what `write` returned.
+    ///
+    /// Two write-throughs that finish in either order leave the newer value
+    /// cached; a write-through that commits before a plain update (write +
+    /// [`invalidate`](Self::invalidate)) never overwrites it with the older
+    /// row. That is why the engine runs the write itself: it registers the
+    /// writer in Redis first, and an invalidation revokes it.
     ///
     /// # Errors
-    /// Cache errors and timeouts; [`ErrorKind::InvalidArgument`] for an
-    /// empty key, a zero TTL or a value that does not serialize.
-    pub fn write_through<T: Serialize>(
-        &self,
-        key: &str,
-        value: &T,
-        version: u64,
-        ttl: Duration,
-    ) -> Result<bool> {
+    /// What `write` returns (nothing is cached then); cache errors and
+    /// timeouts; [`ErrorKind::InvalidArgument`] for an empty key, a zero
+    /// TTL or a value that does not serialize.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let sql = "UPDATE prices SET cents = $2, version = version + 1 WHERE sku = $1 RETURNING cents, version";
+    /// let cents: Option<i64> = engine.write_through("price:A1", std::time::Duration::from_secs(60), || {
+    ///     let row = engine.db().query_one(sql, &[&"A1", &999_i64])?;
+    ///     Ok(row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn write_through<T, F>(&self, key: &str, ttl: Duration, write: F) -> Result<Option<T>>
+    where
+        T: Serialize,
+        F: FnOnce() -> Result<Option<(T, u64)>>,
+    {
         check_key(key)?;
         ttl_millis(ttl)?;
-        let json = to_json(value)?;
+        let keys = self.cache.keys(key);
+        let token = new_token();
+        self.cache
+            .register_writer(&keys, &token, self.settings.lease_ttl)?;
+        let (value, version) = match write() {
+            Ok(Some(written)) => written,
+            other => {
+                // Best effort: a token left behind expires with its set.
+                let _ = self.cache.unregister_writer(&keys, &token);
+                return other.map(|_| None);
+            }
+        };
+        let json = to_json(&value)?;
         let raw = Entry::new(Payload::Value(&json), version, Duration::ZERO, ttl).encode();
         self.cache
-            .write_through(&self.cache.keys(key), &raw, version, ttl)
+            .write_through(&keys, &token, &raw, version, ttl)?;
+        Ok(Some(value))
     }
 
     #[cfg(feature = "test-hooks")]
@@ -399,7 +427,9 @@ impl CacheAside {
             Claimed::Granted => {
                 let hold = self.hold(keys, &token);
                 let loaded = load()?;
-                self.fill(hold, ttl, &loaded)?;
+                // Not caching is never wrong: a fill that fails (or loses its
+                // lease) still returns the row this call read.
+                let _ = self.fill(hold, ttl, &loaded);
                 Ok(loaded.value)
             }
         }
@@ -422,7 +452,7 @@ impl CacheAside {
                 Role::Leader(leader) => leader,
                 Role::Follower(follower) => {
                     match follower.wait(deadline) {
-                        Ok(Ok(Landed::Value(json) | Landed::Uncached(json))) => {
+                        Ok(Ok(Landed::Value(json))) => {
                             return decode_shared(key, &json);
                         }
                         Ok(Ok(Landed::Absent)) => return Ok(None),
@@ -436,8 +466,7 @@ impl CacheAside {
                         Err(WaitError::TimedOut) => {
                             return Err(Error::timeout("waiting for another thread's load"));
                         }
-                        // A write happened during the leader's load: read again.
-                        Ok(Ok(Landed::Stale)) => {}
+                        Ok(Ok(Landed::ReadAgain)) => {}
                     }
                     if Instant::now() >= deadline {
                         return Err(Error::timeout("reading a key that keeps being written"));
@@ -462,7 +491,6 @@ impl CacheAside {
     /// and what to hand the followers. Closes the flight before filling.
     fn lead<T, F>(
         &self,
-
         keys: &Keys,
         ttl: Duration,
         load: F,
@@ -475,45 +503,39 @@ impl CacheAside {
         let token = new_token();
         let wait_until = Instant::now() + self.settings.lock_wait;
         let mut claim = Claim::Lock;
-        let granted = loop {
+        loop {
             match self.acquire(keys, claim, &token) {
                 Err(err) => return (Err(err.clone()), Err(err)),
-                Ok(Claimed::Cached(hit)) => {
-                    let landed = match &hit {
-                        None => Ok(Landed::Absent),
-                        Some(value) => to_json(value).map(|j| Landed::Value(j.into())),
-                    };
-                    return (Ok(hit), landed);
-                }
-                Ok(Claimed::Granted) => break true,
-                // Waited long enough: load anyway, filling only through a
-                // lease so the fallback can never cache a stale row either.
-                Ok(Claimed::Busy) if claim == Claim::Lease => break false,
-                Ok(Claimed::Busy) if Instant::now() >= wait_until => claim = Claim::Lease,
+                // Another process filled it (or an earlier flight did). Our
+                // caller asked before this read; a follower may have joined
+                // after it and after a write, so followers read for themselves.
+                Ok(Claimed::Cached(hit)) => return (Ok(hit), Ok(Landed::ReadAgain)),
+                Ok(Claimed::Granted) => break,
+                // Waited long enough: load ourselves, still through a lease
+                // (taken over), so this fallback cannot cache a stale row.
+                Ok(Claimed::Busy) if Instant::now() >= wait_until => claim = Claim::Takeover,
                 // Another process is rebuilding: its value lands in the
                 // cache, which the next attempt reads. If it dies, its lock
                 // expires and an attempt takes it over.
                 Ok(Claimed::Busy) => std::thread::sleep(self.settings.lock_poll),
             }
-        };
-        let hold = granted.then(|| self.hold(keys, &token));
+        }
+        let hold = self.hold(keys, &token);
         let loaded = match load() {
             Ok(loaded) => loaded,
             Err(err) => return (Err(err.clone()), Err(err)),
         };
         let json = match loaded.value.as_ref().map(to_json).transpose() {
-            Ok(json) => json.map(Arc::<[u8]>::from),
+            Ok(json) => json,
             Err(err) => return (Err(err.clone()), Err(err)),
         };
         leader.close();
-        let landed = match hold {
-            None => json.map_or(Landed::Absent, Landed::Uncached),
-            Some(hold) => match self.fill(hold, ttl, &loaded) {
-                Ok(true) => json.map_or(Landed::Absent, Landed::Value),
-                Ok(false) => Landed::Stale,
-                Err(_) => json.map_or(Landed::Absent, Landed::Uncached),
-            },
+        let landed = match self.fill(hold, ttl, &loaded) {
+            Ok(true) => json.map_or(Landed::Absent, |j| Landed::Value(j.into())),
+            Ok(false) | Err(_) => Landed::ReadAgain,
         };
+        // The leader's own call began before any write its fill lost to, so
+        // the row it read is a valid answer for it.
         (Ok(loaded.value), Ok(landed))
     }
 
@@ -522,7 +544,6 @@ impl CacheAside {
     /// the refresh fails (the cached value is still valid).
     fn refresh_early<T, F>(
         &self,
-
         keys: &Keys,
         ttl: Duration,
         load: F,
@@ -552,24 +573,31 @@ impl CacheAside {
 
     fn acquire<T: DeserializeOwned>(
         &self,
-
         keys: &Keys,
         claim: Claim,
         token: &str,
     ) -> Result<Claimed<T>> {
         let s = &self.settings;
-        match self
-            .cache
-            .acquire(keys, claim, token, s.lease_ttl, s.lock_ttl)?
-        {
-            Acquired::Granted => Ok(Claimed::Granted),
-            Acquired::Busy => Ok(Claimed::Busy),
-            Acquired::Cached(raw) => match self.decode_hit::<T>(keys, &raw) {
-                Some((hit, _)) => Ok(Claimed::Cached(hit)),
-                // Corrupt (and now deleted): take the claim on a clean slate.
-                None => self.acquire(keys, claim, token),
-            },
+        // A corrupt value is deleted and the claim retried on a clean slate;
+        // bounded, in case something keeps writing garbage under our key.
+        for _ in 0..3 {
+            match self
+                .cache
+                .acquire(keys, claim, token, s.lease_ttl, s.lock_ttl)?
+            {
+                Acquired::Granted => return Ok(Claimed::Granted),
+                Acquired::Busy => return Ok(Claimed::Busy),
+                Acquired::Cached(raw) => {
+                    if let Some((hit, _)) = self.decode_hit::<T>(keys, &raw) {
+                        return Ok(Claimed::Cached(hit));
+                    }
+                }
+            }
         }
+        Err(Error::corrupt(
+            &keys.value,
+            "rewritten with garbage as fast as it is deleted",
+        ))
     }
 
     fn hold<'a>(&'a self, keys: &'a Keys, token: &'a str) -> Hold<'a> {

@@ -40,11 +40,15 @@ pub struct Cache {
     namespace: Arc<str>,
 }
 
-/// The three Redis keys that belong to one cache key.
+/// The Redis keys that belong to one cache key.
 pub(crate) struct Keys {
     pub value: String,
+    /// The reader holding the right to fill the value (one token).
     pub lease: String,
+    /// The cross-process rebuild lock (one token).
     pub lock: String,
+    /// Write-through writers in progress (a set of tokens).
+    pub writers: String,
 }
 
 /// What [`Cache::acquire`] found or got.
@@ -66,6 +70,10 @@ pub(crate) enum Claim {
     Lock,
     /// The rebuild lock even though a value is cached (early refresh).
     Refresh,
+    /// The lease, taken over from whoever holds it, without the lock: a
+    /// reader that waited `lock_wait` for another process loads itself, and
+    /// still fills only through a lease.
+    Takeover,
 }
 
 impl Cache {
@@ -121,6 +129,7 @@ impl Cache {
         Keys {
             lease: format!("{value}:lease"),
             lock: format!("{value}:lock"),
+            writers: format!("{value}:writers"),
             value,
         }
     }
@@ -175,17 +184,18 @@ impl Cache {
         })
     }
 
-    /// Deletes `key`'s value and lease; true if a value was there.
+    /// Deletes `key`'s value and revokes every lease on it (readers' and
+    /// write-through writers'), atomically; true if a value was there.
     ///
     /// # Errors
     /// Cache errors and timeouts.
     pub fn delete(&self, key: &str) -> Result<bool> {
         let keys = self.keys(key);
-        let (value_deleted, _lease_deleted): (bool, bool) = self.run(|conn| {
+        let (value_deleted, _revoked): (bool, u32) = self.run(|conn| {
             redis::pipe()
                 .atomic()
                 .del(&keys.value)
-                .del(&keys.lease)
+                .del(&[&keys.lease, &keys.writers])
                 .query(conn)
         })?;
         Ok(value_deleted)
@@ -282,6 +292,7 @@ impl Cache {
             Claim::Lease => "lease",
             Claim::Lock => "lock",
             Claim::Refresh => "refresh",
+            Claim::Takeover => "takeover",
         };
         let reply: Value = self.run(|conn| {
             SCRIPTS
@@ -336,12 +347,38 @@ impl Cache {
         Ok(())
     }
 
-    /// Stores `raw` unless the cached entry has `version` or newer; always
-    /// revokes the lease, so no reader that started before this write can
-    /// fill an older row afterwards. True if stored.
+    /// Registers a write-through writer before it writes the source, so an
+    /// invalidation from another writer that commits later revokes it.
+    pub(crate) fn register_writer(&self, keys: &Keys, token: &str, ttl: Duration) -> Result<()> {
+        self.run(|conn| {
+            redis::pipe()
+                .atomic()
+                .sadd(&keys.writers, token)
+                .ignore()
+                .pexpire(&keys.writers, millis(ttl) as i64)
+                .ignore()
+                .query::<()>(conn)
+        })
+    }
+
+    /// Forgets a writer whose write did not happen.
+    pub(crate) fn unregister_writer(&self, keys: &Keys, token: &str) -> Result<()> {
+        self.run(|conn| {
+            redis::cmd("SREM")
+                .arg(&keys.writers)
+                .arg(token)
+                .query::<()>(conn)
+        })
+    }
+
+    /// Stores `raw` (written to the source with `version`) if the writer
+    /// `token` was not revoked by an invalidation and the cached entry is
+    /// older; always revokes readers' leases, so no reader that started
+    /// before this write can fill an older row afterwards. True if stored.
     pub(crate) fn write_through(
         &self,
         keys: &Keys,
+        token: &str,
         raw: &[u8],
         version: u64,
         ttl: Duration,
@@ -351,6 +388,8 @@ impl Cache {
                 .write_through
                 .key(&keys.value)
                 .key(&keys.lease)
+                .key(&keys.writers)
+                .arg(token)
                 .arg(raw)
                 .arg(version)
                 .arg(millis(ttl))
@@ -403,6 +442,8 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| S
     // exactly one fills. "lock"/"refresh": the rebuild lock, and with it the
     // lease (taken over from any plain reader: the lock holder is the one
     // other processes wait for, so its fill must not be refused for that).
+    // "takeover": the lease alone, from anyone. Taking a lease over is always
+    // safe: it can only make an older reader's fill fail, never succeed.
     acquire: Script::new(
         r"
         if ARGV[1] ~= 'refresh' then
@@ -412,6 +453,10 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| S
         if ARGV[1] == 'lease' then
           if redis.call('SET', KEYS[2], ARGV[2], 'NX', 'PX', ARGV[3]) then return 1 end
           return 0
+        end
+        if ARGV[1] == 'takeover' then
+          redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
+          return 1
         end
         if redis.call('SET', KEYS[3], ARGV[2], 'NX', 'PX', ARGV[4]) then
           redis.call('SET', KEYS[2], ARGV[2], 'PX', ARGV[3])
@@ -444,16 +489,27 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| S
         return 0
         ",
     ),
-    // KEYS: value, lease. ARGV: entry, version, ttl_ms.
+    // KEYS: value, lease, writers. ARGV: token, entry, version, ttl_ms.
+    // Versions order write-throughs among themselves and against fills. An
+    // invalidation leaves no version to compare with, so the writer token
+    // covers that case: if a plain update that may be newer invalidated the
+    // key after this writer registered (revoking its token) and the key is
+    // still empty, we cannot tell whose row is newer and store nothing. If
+    // the key holds an older version, replacing it is right even then: that
+    // entry was filled after the invalidation, so no newer committed write
+    // is being overwritten.
     write_through: Script::new(
         r"
         redis.call('DEL', KEYS[2])
+        local registered = redis.call('SREM', KEYS[3], ARGV[1]) == 1
         local cur = redis.call('GET', KEYS[1])
         if cur then
           local v = tonumber(string.match(cur, '^ca1 %a (%d+) '))
-          if v and v >= tonumber(ARGV[2]) then return 0 end
+          if v and v >= tonumber(ARGV[3]) then return 0 end
+        elseif not registered then
+          return 0
         end
-        redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+        redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
         return 1
         ",
     ),

@@ -1,13 +1,14 @@
 //! The format of a cached entry: a one-line text header, then the payload.
 //!
 //! ```text
-//! ca1 <kind> <version> <load_ms> <expires_at_ms>\n<payload>
+//! ca1 <kind> <version> <load_us> <expires_at_ms>\n<payload>
 //! ```
 //!
 //! `kind` is `v` (a JSON value follows) or `a` (the row is absent: negative
 //! caching). `version` orders write-through updates (0 when unversioned) and
-//! is parsed by the write-through Lua script, `load_ms` and `expires_at_ms`
-//! (Unix milliseconds) feed XFetch early refresh. Anything else under a key
+//! is parsed by the write-through Lua script; `load_us` (how long the load
+//! took, in microseconds: fast loads take well under a millisecond) and
+//! `expires_at_ms` (Unix milliseconds) feed XFetch early refresh. Anything else under a key
 //! of ours is corrupt and treated as a miss.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +28,7 @@ pub(crate) enum Payload<'a> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Entry<'a> {
     pub version: u64,
-    pub load_ms: u64,
+    pub load_us: u64,
     pub expires_at_ms: u64,
     pub payload: Payload<'a>,
 }
@@ -37,7 +38,7 @@ impl<'a> Entry<'a> {
     pub fn new(payload: Payload<'a>, version: u64, load: Duration, ttl: Duration) -> Self {
         Entry {
             version,
-            load_ms: load.as_millis().try_into().unwrap_or(u64::MAX),
+            load_us: load.as_micros().try_into().unwrap_or(u64::MAX),
             expires_at_ms: now_ms().saturating_add(ttl.as_millis().try_into().unwrap_or(u64::MAX)),
             payload,
         }
@@ -50,7 +51,7 @@ impl<'a> Entry<'a> {
         };
         let header = format!(
             "{MAGIC} {kind} {} {} {}\n",
-            self.version, self.load_ms, self.expires_at_ms
+            self.version, self.load_us, self.expires_at_ms
         );
         let mut out = Vec::with_capacity(header.len() + body.len());
         out.extend_from_slice(header.as_bytes());
@@ -77,7 +78,7 @@ impl<'a> Entry<'a> {
                 .and_then(|f| f.parse().ok())
                 .ok_or("bad header number")
         };
-        let (version, load_ms, expires_at_ms) = (number()?, number()?, number()?);
+        let (version, load_us, expires_at_ms) = (number()?, number()?, number()?);
         if fields.next().is_some() {
             return Err("trailing header fields");
         }
@@ -88,7 +89,7 @@ impl<'a> Entry<'a> {
         };
         Ok(Entry {
             version,
-            load_ms,
+            load_us,
             expires_at_ms,
             payload,
         })
@@ -99,10 +100,11 @@ impl<'a> Entry<'a> {
     /// chance rises smoothly towards expiry, and faster for slow loads, so
     /// one caller (usually) refreshes before the key vanishes.
     pub fn should_refresh_early(&self, beta: f64, uniform: f64) -> bool {
-        if beta <= 0.0 || self.load_ms == 0 {
+        if beta <= 0.0 || self.load_us == 0 {
             return false;
         }
-        let head_start = -(self.load_ms as f64) * beta * uniform.max(f64::MIN_POSITIVE).ln();
+        let load_ms = self.load_us as f64 / 1e3;
+        let head_start = -load_ms * beta * uniform.max(f64::MIN_POSITIVE).ln();
         now_ms() as f64 + head_start >= self.expires_at_ms as f64
     }
 }

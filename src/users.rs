@@ -239,34 +239,31 @@ impl Client {
         plan: &str,
     ) -> Result<Option<UserProfile>> {
         check_plan(plan)?;
-        let Some(row) = self
-            .db()
-            .query_one(&self.sql.update_returning, &[&user_id, &plan])?
-        else {
-            // No row; an "absent" entry may still be cached, and is right.
-            return Ok(None);
-        };
-        let profile = profile_from_row(&row)?;
-        self.engine.write_through(
-            &Client::user_key(user_id),
-            &profile,
-            version_of(&profile),
-            self.ttl,
-        )?;
-        Ok(Some(profile))
+        self.engine
+            .write_through(&Client::user_key(user_id), self.ttl, || {
+                // No row: nothing to cache (a cached "absent" stays right).
+                let row = self
+                    .db()
+                    .query_one(&self.sql.update_returning, &[&user_id, &plan])?;
+                versioned_profile(row)
+            })
     }
 
     fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
         self.engine
             .get_or_load_versioned(&Client::user_key(user_id), self.ttl, mode, || {
-                let row = self.db().query_one(&self.sql.select, &[&user_id])?;
-                let profile = row.as_ref().map(profile_from_row).transpose()?;
-                Ok(profile.map(|p| {
-                    let version = version_of(&p);
-                    (p, version)
-                }))
+                versioned_profile(self.db().query_one(&self.sql.select, &[&user_id])?)
             })
     }
+}
+
+/// A row as the engine caches it: the profile and the version that orders it.
+fn versioned_profile(row: Option<Row>) -> Result<Option<(UserProfile, u64)>> {
+    let profile = row.as_ref().map(profile_from_row).transpose()?;
+    Ok(profile.map(|p| {
+        let version = u64::try_from(p.version).unwrap_or(0);
+        (p, version)
+    }))
 }
 
 fn profile_from_row(row: &Row) -> Result<UserProfile> {
@@ -278,10 +275,6 @@ fn profile_from_row(row: &Row) -> Result<UserProfile> {
         plan: row.try_get(3).map_err(column)?,
         version: row.try_get(4).map_err(column)?,
     })
-}
-
-fn version_of(profile: &UserProfile) -> u64 {
-    u64::try_from(profile.version).unwrap_or(0)
 }
 
 fn check_plan(plan: &str) -> Result<()> {

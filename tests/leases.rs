@@ -129,54 +129,132 @@ fn follower_that_joined_after_a_write_gets_the_post_write_row() {
 }
 
 #[test]
-fn write_through_keeps_the_newer_version_in_either_order() {
-    let fx = Fixture::new("wt_order");
-    let engine = fx.client.engine();
-    let ttl = Duration::from_secs(60);
-    let profile = |plan: &str, version: i64| UserProfile {
+fn follower_of_a_load_after_a_lock_wait_timeout_gets_the_post_write_row() {
+    // Another process holds the rebuild lock and never finishes: our leader
+    // waits `lock_wait`, then loads itself. That fallback load must still be
+    // lease-checked, or its followers could get a pre-write row.
+    let mut config = common::test_config("fallback");
+    config.lock_wait = Duration::from_millis(100);
+    let fx = Fixture::with(config);
+    let key = Client::user_key(4);
+    let lock = format!("{}:lock", fx.client.cache().redis_key(&key));
+    fx.client
+        .cache()
+        .with_connection(|c| {
+            redis::cmd("SET")
+                .arg(&lock)
+                .arg("another-process")
+                .arg("PX")
+                .arg(60_000)
+                .query::<()>(c)
+        })
+        .unwrap();
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| fx.client.get_user_profile_singleflight(4).unwrap().unwrap());
+        loaded.wait(); // the lock wait timed out and the leader read the old row
+        assert!(fx.client.update_user_plan(4, "post-write").unwrap());
+        let follower = s.spawn(|| fx.client.get_user_profile_singleflight(4).unwrap().unwrap());
+        let deadline = Instant::now() + PATIENCE;
+        while fx.client.engine().flight_followers(&key) < 1 {
+            assert!(Instant::now() < deadline, "follower never joined");
+            std::thread::yield_now();
+        }
+        go.wait();
+        assert_eq!(leader.join().unwrap().plan, "free");
+        assert_eq!(follower.join().unwrap().plan, "post-write");
+    });
+    let cached = fx.client.cache().get_json::<UserProfile>(&key).unwrap();
+    assert_eq!(cached.map(|p| p.plan).as_deref(), Some("post-write"));
+}
+
+fn profile(plan: &str, version: i64) -> UserProfile {
+    UserProfile {
         id: 1,
         name: "Ada Lovelace".into(),
         email: "ada@example.com".into(),
         plan: plan.into(),
         version,
-    };
-    // Older first, newer second: the newer replaces it.
-    assert!(
-        engine
-            .write_through("a", &profile("v2", 2), 2, ttl)
-            .unwrap()
-    );
-    assert!(
-        engine
-            .write_through("a", &profile("v3", 3), 3, ttl)
-            .unwrap()
-    );
-    // Newer first, older second: the older is refused.
-    assert!(
-        engine
-            .write_through("b", &profile("v3", 3), 3, ttl)
-            .unwrap()
-    );
-    assert!(
-        !engine
-            .write_through("b", &profile("v2", 2), 2, ttl)
-            .unwrap()
-    );
-    // The same version twice is not a change.
-    assert!(
-        !engine
-            .write_through("b", &profile("v3bis", 3), 3, ttl)
-            .unwrap()
-    );
-    for key in ["a", "b"] {
-        let cached = fx
-            .client
-            .cache()
-            .get_json::<UserProfile>(key)
-            .unwrap()
-            .unwrap();
-        assert_eq!((cached.plan.as_str(), cached.version), ("v3", 3), "{key}");
     }
+}
+
+fn cached(fx: &Fixture, key: &str) -> Option<(String, i64)> {
+    let entry = fx.client.cache().get_json::<UserProfile>(key).unwrap();
+    entry.map(|p| (p.plan, p.version))
+}
+
+#[test]
+fn write_through_keeps_the_newer_version_in_either_order() {
+    let fx = Fixture::new("wt_order");
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    let write = |key: &str, plan: &str, version: i64| {
+        engine
+            .write_through(key, ttl, || {
+                Ok(Some((profile(plan, version), version as u64)))
+            })
+            .unwrap()
+            .unwrap()
+    };
+    // Older finishes first: the newer replaces it.
+    write("a", "v2", 2);
+    write("a", "v3", 3);
+    assert_eq!(cached(&fx, "a"), Some(("v3".into(), 3)));
+    // Newer finishes first: the older, finishing later, is refused. The
+    // older writer is held between its write and its cache update while the
+    // newer one runs start to finish.
+    let (written, go) = (Barrier::new(2), Barrier::new(2));
+    std::thread::scope(|s| {
+        let older = s.spawn(|| {
+            engine.write_through("b", ttl, || {
+                written.wait();
+                go.wait();
+                Ok(Some((profile("v2", 2), 2)))
+            })
+        });
+        written.wait();
+        write("b", "v3", 3);
+        go.wait();
+        older.join().unwrap().unwrap();
+    });
+    assert_eq!(cached(&fx, "b"), Some(("v3".into(), 3)));
+    // The same version again is not news.
+    write("b", "v3bis", 3);
+    assert_eq!(cached(&fx, "b"), Some(("v3".into(), 3)));
+}
+
+#[test]
+fn write_through_that_an_invalidating_update_overtook_is_not_cached() {
+    // Write-through A commits version 2; plain update B commits version 3 and
+    // invalidates; then A updates the cache. Comparing versions cannot catch
+    // this (the invalidation left nothing to compare with): A's writer token,
+    // revoked by B's invalidation, does.
+    let fx = Fixture::new("wt_overtaken");
+    let key = Client::user_key(1);
+    let (written, go) = (Barrier::new(2), Barrier::new(2));
+    let sql = format!(
+        "UPDATE {} SET plan = 'a', version = version + 1 WHERE id = 1 RETURNING version",
+        fx.config.users_table
+    );
+    std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            fx.client
+                .engine()
+                .write_through(&key, Duration::from_secs(60), || {
+                    let version: i64 = fx.client.db().query_one(&sql, &[])?.unwrap().get(0);
+                    written.wait();
+                    go.wait();
+                    Ok(Some((profile("a", version), version as u64)))
+                })
+        });
+        written.wait(); // A has committed version 2
+        assert!(fx.client.update_user_plan(1, "b").unwrap()); // version 3
+        go.wait();
+        a.join().unwrap().unwrap();
+    });
+    assert_eq!(cached(&fx, &key), None, "A's older row was not cached");
+    let read = fx.client.get_user_profile(1).unwrap().unwrap();
+    assert_eq!((read.plan.as_str(), read.version), ("b", 3));
 }
 
 #[test]
