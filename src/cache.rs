@@ -490,6 +490,7 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| S
         ",
     ),
     // KEYS: value, lease, writers. ARGV: token, entry, version, ttl_ms.
+    // The invariant: once a write has returned, no cached entry is older.
     // Versions order write-throughs among themselves and against fills. An
     // invalidation leaves no version to compare with, so the writer token
     // covers that case: if a plain update that may be newer invalidated the
@@ -497,7 +498,9 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| S
     // still empty, we cannot tell whose row is newer and store nothing. If
     // the key holds an older version, replacing it is right even then: that
     // entry was filled after the invalidation, so no newer committed write
-    // is being overwritten.
+    // is being overwritten. A writer that leaves the key empty revokes all
+    // others: one of them may be older than this one, and must not fill the
+    // empty key after this write returns (a newer one only loses a fill).
     write_through: Script::new(
         r"
         redis.call('DEL', KEYS[2])
@@ -507,6 +510,7 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| S
           local v = tonumber(string.match(cur, '^ca1 %a (%d+) '))
           if v and v >= tonumber(ARGV[3]) then return 0 end
         elseif not registered then
+          redis.call('DEL', KEYS[3])
           return 0
         end
         redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])

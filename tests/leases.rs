@@ -258,6 +258,66 @@ fn write_through_that_an_invalidating_update_overtook_is_not_cached() {
 }
 
 #[test]
+fn write_through_that_a_newer_one_overtook_never_fills_the_empty_key() {
+    // X registers; plain update Y invalidates (revoking X); W registers and
+    // commits; X commits (newer than W) and, revoked and facing an empty key,
+    // stores nothing; then W's cache update runs. W must not store its older
+    // row in the key X left empty.
+    let fx = Fixture::new("wt_overtook");
+    let engine = fx.client.engine();
+    let key = Client::user_key(2);
+    let ttl = Duration::from_secs(60);
+    let sql = format!(
+        "UPDATE {} SET plan = $1, version = version + 1 WHERE id = 2 RETURNING version",
+        fx.config.users_table
+    );
+    let commit = |plan: &str| -> i64 {
+        fx.client
+            .db()
+            .query_one(&sql, &[&plan])
+            .unwrap()
+            .unwrap()
+            .get(0)
+    };
+    let (x_registered, x_go) = (Barrier::new(2), Barrier::new(2));
+    let (w_committed, w_go) = (Barrier::new(2), Barrier::new(2));
+    std::thread::scope(|s| {
+        let x = s.spawn(|| {
+            engine.write_through(&key, ttl, || {
+                x_registered.wait();
+                x_go.wait();
+                let v = commit("x");
+                Ok(Some((profile("x", v), v as u64)))
+            })
+        });
+        x_registered.wait();
+        assert!(fx.client.update_user_plan(2, "y").unwrap());
+        let w = s.spawn(|| {
+            engine.write_through(&key, ttl, || {
+                let v = commit("w");
+                w_committed.wait();
+                w_go.wait();
+                Ok(Some((profile("w", v), v as u64)))
+            })
+        });
+        w_committed.wait();
+        x_go.wait();
+        x.join().unwrap().unwrap(); // X has returned: its row is the newest
+        w_go.wait();
+        w.join().unwrap().unwrap();
+    });
+    let newest = fx.db_version(2);
+    if let Some((plan, version)) = cached(&fx, &key) {
+        assert_eq!(
+            (plan.as_str(), version),
+            ("x", newest),
+            "the cache holds an older row"
+        );
+    }
+    assert_eq!(fx.client.get_user_profile(2).unwrap().unwrap().plan, "x");
+}
+
+#[test]
 fn write_through_through_the_client_caches_the_new_row() {
     let fx = Fixture::new("wt_client");
     fx.client.get_user_profile(4).unwrap(); // cache version 1
