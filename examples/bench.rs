@@ -29,7 +29,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex, PoisonError, mpsc};
+use std::sync::{Arc, Barrier, Mutex, mpsc};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -790,29 +790,20 @@ struct Stampede {
     queries: Vec<u64>,
     wall_ms: Vec<f64>,
     /// The machine's cost of waking N parked threads (see [`wake_floor`]),
-    /// per repetition, (parking_lot, std) in ms; single-flight rows only.
+    /// per repetition, (condvar, RwLock gate) in ms; single-flight rows only.
     wake_ms: Vec<(f64, f64)>,
 }
 
-/// A one-shot gate that threads park on, as single-flight followers park
-/// on their flight: the two condvar flavours the wake floor compares.
-trait Gate: Sync {
-    /// Parks until the gate opens (30 s at most). `parked` is bumped under
-    /// the lock, which the wait releases only once the thread is parked: when
-    /// the opener holds the lock and the count is n, all n are asleep.
-    fn wait(&self, parked: &AtomicUsize);
-    /// Opens the gate and wakes every waiter with `notify_all`; returns the
-    /// instant it opened.
-    fn open(&self) -> Instant;
-}
-
-/// `parking_lot`'s condvar, the one `src/singleflight.rs` uses: its
-/// `notify_all` requeues the waiters onto the mutex, and each woken thread
-/// wakes the next only when it unlocks, one after the other.
+/// `parking_lot`'s condvar as a one-shot gate, which `src/singleflight.rs`
+/// used before its RwLock gate: `notify_all` requeues the waiters onto the
+/// mutex, and each woken thread wakes the next only when it unlocks, one
+/// after the other.
 #[derive(Default)]
-struct ParkingLotGate(parking_lot::Mutex<bool>, parking_lot::Condvar);
+struct CondvarGate(parking_lot::Mutex<bool>, parking_lot::Condvar);
 
-impl Gate for ParkingLotGate {
+impl CondvarGate {
+    /// Parks until the gate opens (30 s at most). `parked` is bumped under
+    /// the lock, which the wait releases only once the thread is parked.
     fn wait(&self, parked: &AtomicUsize) {
         let mut open = self.0.lock();
         parked.fetch_add(1, Ordering::Relaxed);
@@ -831,45 +822,15 @@ impl Gate for ParkingLotGate {
     }
 }
 
-/// The standard library's condvar: on Linux its `notify_all` is one futex
-/// wake of every waiter, which then run in parallel.
-#[derive(Default)]
-struct StdGate(Mutex<bool>, std::sync::Condvar);
-
-impl Gate for StdGate {
-    fn wait(&self, parked: &AtomicUsize) {
-        let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-        parked.fetch_add(1, Ordering::Relaxed);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !*open {
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
-                break;
-            }
-            open = self
-                .1
-                .wait_timeout(open, left)
-                .unwrap_or_else(PoisonError::into_inner)
-                .0;
-        }
-    }
-
-    fn open(&self) -> Instant {
-        let at = {
-            let mut open = self.0.lock().unwrap_or_else(PoisonError::into_inner);
-            *open = true;
-            Instant::now()
-        };
-        self.1.notify_all();
-        at
-    }
-}
-
-/// The scheduler's share of a stampede's wall time: `n` threads parked on
-/// `gate` are woken by `notify_all`; returns the time until the last of them
-/// has run. No Redis, no Postgres: once the load is done, a single-flight
-/// stampede cannot end sooner than this.
-fn wake_floor(n: usize, gate: &dyn Gate) -> BoxResult<Duration> {
+/// The scheduler's share of a stampede's wall time: `n` threads park in
+/// `wait`, then `open` (run on this thread) releases them; returns the time
+/// until the last of them has run. No Redis, no Postgres: once the load is
+/// done, a single-flight stampede cannot end sooner than this.
+fn wake_floor(
+    n: usize,
+    wait: &(dyn Fn(&AtomicUsize) + Sync),
+    open: impl FnOnce() -> Instant,
+) -> BoxResult<Duration> {
     let parked = AtomicUsize::new(0);
     thread::scope(|s| {
         let mut workers = Vec::with_capacity(n);
@@ -877,13 +838,13 @@ fn wake_floor(n: usize, gate: &dyn Gate) -> BoxResult<Duration> {
             let worker = thread::Builder::new()
                 .stack_size(STAMPEDE_STACK)
                 .spawn_scoped(s, || {
-                    gate.wait(&parked);
+                    wait(&parked);
                     Instant::now()
                 });
             match worker {
                 Ok(w) => workers.push(w),
                 Err(err) => {
-                    gate.open();
+                    open();
                     return Err(format!("could not spawn a thread: {err}").into());
                 }
             }
@@ -891,7 +852,9 @@ fn wake_floor(n: usize, gate: &dyn Gate) -> BoxResult<Duration> {
         while parked.load(Ordering::Relaxed) < n {
             thread::sleep(Duration::from_millis(1));
         }
-        let start = gate.open();
+        // A waiter is counted just before it parks; give the last ones time.
+        thread::sleep(Duration::from_millis(20));
+        let start = open();
         let mut last = start;
         for w in workers {
             last = last.max(w.join().expect("wake-floor thread panicked"));
@@ -900,11 +863,24 @@ fn wake_floor(n: usize, gate: &dyn Gate) -> BoxResult<Duration> {
     })
 }
 
-/// [`wake_floor`] with both condvars, in ms: (parking_lot, std).
+/// [`wake_floor`] with the old and the current single-flight gate, in ms:
+/// (parking_lot condvar, parking_lot RwLock held for writing by the opener,
+/// which unparks every waiting reader in one pass on unlock).
 fn wake_floors(n: usize) -> BoxResult<(f64, f64)> {
-    let pl = wake_floor(n, &ParkingLotGate::default())?;
-    let std = wake_floor(n, &StdGate::default())?;
-    Ok((pl.as_secs_f64() * 1e3, std.as_secs_f64() * 1e3))
+    let gate = CondvarGate::default();
+    let condvar = wake_floor(n, &|parked| gate.wait(parked), || gate.open())?;
+    let lock = parking_lot::RwLock::new(());
+    let held = lock.write();
+    let wait = |parked: &AtomicUsize| {
+        parked.fetch_add(1, Ordering::Relaxed);
+        drop(lock.try_read_for(Duration::from_secs(30)));
+    };
+    let rwlock = wake_floor(n, &wait, move || {
+        let at = Instant::now();
+        drop(held);
+        at
+    })?;
+    Ok((condvar.as_secs_f64() * 1e3, rwlock.as_secs_f64() * 1e3))
 }
 
 /// (6) N threads released by a barrier on a cold key whose load takes 50 ms.
@@ -954,7 +930,7 @@ fn measure_stampedes(
                     .collect::<Vec<_>>()
             };
             eprintln!(
-                "bench: stampede {} N={n}: queries {:?}, wall ms {:?}, wake floor ms (parking_lot/std) {:?}",
+                "bench: stampede {} N={n}: queries {:?}, wall ms {:?}, wake floor ms (condvar/rwlock) {:?}",
                 path_name(single_flight),
                 s.queries,
                 round(&s.wall_ms),
@@ -1698,7 +1674,7 @@ impl Report<'_> {
              (one load alone: {one_load_ms:.1} ms)\n"
         );
         md.push_str(
-            "| path | N | Postgres queries (per repetition) | wall ms, median (min–max) | wall / one load | wake N threads: parking_lot / std condvar, ms |\n",
+            "| path | N | Postgres queries (per repetition) | wall ms, median (min–max) | wall / one load | wake N threads: condvar / RwLock gate, ms |\n",
         );
         md.push_str("|---|---:|---|---:|---:|---:|\n");
         let wake = |v: &[(f64, f64)]| {
@@ -1736,10 +1712,11 @@ impl Report<'_> {
             wake(&self.xproc.wake_ms)
         );
         md.push_str(
-            "\nThe last column is the scheduler's share of a stampede: the time for `notify_all` to \
-             wake N threads parked on one condvar until the last has run (no Redis, no Postgres), \
-             with parking_lot's condvar (which `src/singleflight.rs` uses) and with std's. \
-             Once its load is done, a single-flight stampede cannot end sooner than that.\n",
+            "\nThe last column is the scheduler's share of a stampede: the time to wake N parked \
+             threads until the last has run (no Redis, no Postgres), with parking_lot's condvar \
+             (`notify_all` hands off from thread to thread) and with the RwLock gate \
+             `src/singleflight.rs` uses (one unlock unparks every reader). Once its load is done, \
+             a single-flight stampede cannot end sooner than that.\n",
         );
 
         let mem = self.memory;
@@ -1811,7 +1788,7 @@ impl Report<'_> {
                     "queries": s.queries,
                     "wall_ms": s.wall_ms,
                     "wall_ms_spread": Spread::of(s.wall_ms.iter().copied()).json(),
-                    "wake_floor_ms": s.wake_ms.iter().map(|(pl, std)| json!({"parking_lot": pl, "std": std})).collect::<Vec<_>>(),
+                    "wake_floor_ms": s.wake_ms.iter().map(|(pl, std)| json!({"condvar": pl, "rwlock_gate": std})).collect::<Vec<_>>(),
                 })).collect::<Vec<_>>(),
                 "cross_process": {
                     "processes": XPROC_PROCESSES,
@@ -1819,7 +1796,7 @@ impl Report<'_> {
                     "queries": self.xproc.queries,
                     "wall_ms": self.xproc.wall_ms,
                     "wall_ms_spread": Spread::of(self.xproc.wall_ms.iter().copied()).json(),
-                    "wake_floor_ms": self.xproc.wake_ms.iter().map(|(pl, std)| json!({"parking_lot": pl, "std": std})).collect::<Vec<_>>(),
+                    "wake_floor_ms": self.xproc.wake_ms.iter().map(|(pl, std)| json!({"condvar": pl, "rwlock_gate": std})).collect::<Vec<_>>(),
                     "children": self.xproc.children.iter().map(|rep| rep.iter().map(|(go, first, last, q)| json!({
                         "go_read_ms": go, "first_done_ms": first, "last_done_ms": last, "queries": q,
                     })).collect::<Vec<_>>()).collect::<Vec<_>>(),
