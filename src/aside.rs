@@ -251,21 +251,22 @@ impl CacheAside {
     {
         check_key(key)?;
         ttl_millis(ttl)?;
-        let keys = self.cache.keys(key);
+        let value_key = self.cache.redis_key(key);
         let load = || {
             let loaded = timed(load);
             #[cfg(feature = "test-hooks")]
             self.hooks.after_load(key);
             loaded
         };
-        if let Some((hit, refresh_due)) = self.lookup::<T>(&keys)? {
+        if let Some((hit, refresh_due)) = self.lookup::<T>(&value_key)? {
             bump(&self.counters.hits);
             if refresh_due {
-                return self.refresh_early(&keys, ttl, load, hit);
+                return self.refresh_early(&Keys::for_value(value_key), ttl, load, hit);
             }
             return Ok(hit);
         }
         bump(&self.counters.misses);
+        let keys = Keys::for_value(value_key);
         match mode {
             Mode::Plain => self.miss_plain(&keys, ttl, load),
             Mode::SingleFlight => self.miss_single_flight(key, &keys, ttl, load),
@@ -376,18 +377,18 @@ impl CacheAside {
 
     /// The hit path: one GET. `Some((value, refresh_due))` for a usable
     /// entry; `None` for no entry or a corrupt one (deleted and counted).
-    fn lookup<T: DeserializeOwned>(&self, keys: &Keys) -> Result<Option<(Option<T>, bool)>> {
+    fn lookup<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(Option<T>, bool)>> {
         Ok(self
             .cache
-            .get_raw(&keys.value)?
-            .and_then(|raw| self.decode_hit(keys, &raw)))
+            .get_raw(value_key)?
+            .and_then(|raw| self.decode_hit(value_key, &raw)))
     }
 
     /// Decodes a cached entry: `Some((value, refresh_due))`, or `None` after
     /// deleting and counting a corrupt one.
     fn decode_hit<T: DeserializeOwned>(
         &self,
-        keys: &Keys,
+        value_key: &str,
         raw: &[u8],
     ) -> Option<(Option<T>, bool)> {
         let decoded = Entry::decode(raw).and_then(|entry| {
@@ -408,7 +409,7 @@ impl CacheAside {
                 bump(&self.counters.corrupt_entries);
                 // Best effort: if the delete fails, the fill that follows
                 // this miss overwrites the entry anyway.
-                let _ = self.cache.delete_if_equal(&keys.value, raw);
+                let _ = self.cache.delete_if_equal(value_key, raw);
                 None
             }
         }
@@ -471,7 +472,7 @@ impl CacheAside {
                     if Instant::now() >= deadline {
                         return Err(Error::timeout("reading a key that keeps being written"));
                     }
-                    if let Some((hit, _)) = self.lookup::<T>(keys)? {
+                    if let Some((hit, _)) = self.lookup::<T>(&keys.value)? {
                         return Ok(hit);
                     }
                     continue;
@@ -588,7 +589,7 @@ impl CacheAside {
                 Acquired::Granted => return Ok(Claimed::Granted),
                 Acquired::Busy => return Ok(Claimed::Busy),
                 Acquired::Cached(raw) => {
-                    if let Some((hit, _)) = self.decode_hit::<T>(keys, &raw) {
+                    if let Some((hit, _)) = self.decode_hit::<T>(&keys.value, &raw) {
                         return Ok(Claimed::Cached(hit));
                     }
                 }

@@ -51,6 +51,19 @@ pub(crate) struct Keys {
     pub writers: String,
 }
 
+impl Keys {
+    /// The side keys of a value key (a hit needs only the value key, so the
+    /// read path builds these on a miss).
+    pub fn for_value(value: String) -> Keys {
+        Keys {
+            lease: format!("{value}:lease"),
+            lock: format!("{value}:lock"),
+            writers: format!("{value}:writers"),
+            value,
+        }
+    }
+}
+
 /// What [`Cache::acquire`] found or got.
 pub(crate) enum Acquired {
     /// The value is (now) cached: raw entry bytes.
@@ -125,13 +138,7 @@ impl Cache {
     }
 
     pub(crate) fn keys(&self, key: &str) -> Keys {
-        let value = self.redis_key(key);
-        Keys {
-            lease: format!("{value}:lease"),
-            lock: format!("{value}:lock"),
-            writers: format!("{value}:writers"),
-            value,
-        }
+        Keys::for_value(self.redis_key(key))
     }
 
     /// Reads `key` and decodes its JSON value; `Ok(None)` when it is not
