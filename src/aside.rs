@@ -209,7 +209,7 @@ impl CacheAside {
 
     /// Like [`get_or_load`](Self::get_or_load), but however many threads and
     /// processes miss `key` at once, one `load` runs: the others wait for its
-    /// value (in-process on a condvar, across processes on the cache).
+    /// value (in-process on the flight's lock, across processes on the cache).
     ///
     /// If the leader's `load` fails, every thread waiting on it gets the
     /// same error (a panic reaches them as [`ErrorKind::Panicked`]); the next
