@@ -234,7 +234,9 @@ impl CacheAside {
     /// The general read: `load` also returns the row's version (any number
     /// that grows with every write, e.g. a `version` column), which orders
     /// cached values against [`write_through`](Self::write_through). Use it
-    /// for every read of a key that is also written through.
+    /// for every read of a key that is also written through: the unversioned
+    /// reads cache version 0, which a delayed write-through of an older row
+    /// would replace.
     ///
     /// # Errors
     /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
