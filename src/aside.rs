@@ -185,7 +185,7 @@ impl CacheAside {
     /// Every caller that misses calls its own `load` (see
     /// [`get_or_load_singleflight`](Self::get_or_load_singleflight) for
     /// one load per key). An entry that does not decode as `T` is deleted,
-    /// counted in [`corrupt_entries`](Self::corrupt_entries) and treated as a
+    /// counted in [`Stats::corrupt_entries`] and treated as a
     /// miss.
     ///
     /// # Errors
