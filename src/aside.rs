@@ -135,17 +135,18 @@ impl CacheAside {
     /// server does not answer.
     pub fn open(config: &Config) -> Result<CacheAside> {
         config.validate()?;
-        Ok(CacheAside::new(
-            Db::connect(config)?,
-            Cache::connect(config)?,
-            config,
-        ))
+        CacheAside::new(Db::connect(config)?, Cache::connect(config)?, config)
     }
 
     /// Builds an engine over pools you already have (sharing their query
-    /// counter and namespace). `config` supplies the engine's settings.
-    pub fn new(db: Db, cache: Cache, config: &Config) -> CacheAside {
-        CacheAside {
+    /// counter and namespace). `config` supplies the engine's settings
+    /// (TTLs, lease, lock, XFetch); its URLs and pool sizes are not used.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for an invalid config.
+    pub fn new(db: Db, cache: Cache, config: &Config) -> Result<CacheAside> {
+        config.validate()?;
+        Ok(CacheAside {
             db,
             cache,
             flights: SingleFlight::new(),
@@ -166,7 +167,7 @@ impl CacheAside {
             counters: Counters::default(),
             #[cfg(feature = "test-hooks")]
             hooks: Default::default(),
-        }
+        })
     }
 
     /// The Postgres pool (and its query counter).
