@@ -513,7 +513,11 @@ impl CacheAside {
                 // Another process filled it (or an earlier flight did). Our
                 // caller asked before this read; a follower may have joined
                 // after it and after a write, so followers read for themselves.
-                Ok(Claimed::Cached(hit)) => return (Ok(hit), Ok(Landed::ReadAgain)),
+                Ok(Claimed::Cached(hit)) => {
+                    #[cfg(feature = "test-hooks")]
+                    self.hooks.after_load(&keys.value);
+                    return (Ok(hit), Ok(Landed::ReadAgain));
+                }
                 Ok(Claimed::Granted) => break,
                 // Waited long enough: load ourselves, still through a lease
                 // (taken over), so this fallback cannot cache a stale row.

@@ -31,9 +31,12 @@ impl Hooks {
 }
 
 impl CacheAside {
-    /// Test hook: `hook(key)` runs on the loading thread right after every
-    /// load returns, before the single-flight closes and before the fill.
-    /// Block in it to force an interleaving; sleep in it for a slow read path.
+    /// Test hook: `hook(key)` runs on the reading thread once it has its
+    /// answer and before anyone else sees it: right after a load returns
+    /// (before the single-flight closes and before the fill), and when a
+    /// single-flight leader finds the value already cached (there `key` is
+    /// the full Redis key). Block in it to force an interleaving; sleep in
+    /// it for a slow read path.
     pub fn set_after_load_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         *self.hooks().after_load.lock() = Some(Arc::new(hook));
     }

@@ -184,6 +184,50 @@ fn cached(fx: &Fixture, key: &str) -> Option<(String, i64)> {
 }
 
 #[test]
+fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
+    // Another process holds the rebuild lock; our leader polls until that
+    // process fills the key, and finds it cached. A write returns before a
+    // follower joins the flight: the follower must not get the leader's read.
+    let fx = Fixture::new("leader_cached");
+    let key = Client::user_key(1);
+    let redis_key = fx.client.cache().redis_key(&key);
+    let lock = format!("{redis_key}:lock");
+    let set_lock = |c: &mut redis::Connection| {
+        redis::cmd("SET")
+            .arg(&lock)
+            .arg("another-process")
+            .arg("PX")
+            .arg(60_000)
+            .query::<()>(c)
+    };
+    fx.client.cache().with_connection(set_lock).unwrap();
+    let (answered, go) = pause_after_load(&fx, &redis_key);
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
+        // The other process fills the key and releases its lock.
+        let row = fx.client.get_user_profile(1).unwrap().unwrap();
+        let del_lock = |c: &mut redis::Connection| redis::cmd("DEL").arg(&lock).query::<()>(c);
+        fx.client.cache().with_connection(del_lock).unwrap();
+        answered.wait(); // our leader found that row cached
+        assert_eq!(row.plan, "pro");
+        assert!(fx.client.update_user_plan(1, "post-write").unwrap());
+        let follower = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
+        let deadline = Instant::now() + PATIENCE;
+        while fx.client.engine().flight_followers(&key) < 1 {
+            assert!(Instant::now() < deadline, "follower never joined");
+            std::thread::yield_now();
+        }
+        go.wait();
+        assert_eq!(
+            leader.join().unwrap().plan,
+            "pro",
+            "its call began before the write"
+        );
+        assert_eq!(follower.join().unwrap().plan, "post-write");
+    });
+}
+
+#[test]
 fn write_through_keeps_the_newer_version_in_either_order() {
     let fx = Fixture::new("wt_order");
     let engine = fx.client.engine();
