@@ -33,6 +33,32 @@ fn pause_after_load(fx: &Fixture, key: &str) -> (Arc<Barrier>, Arc<Barrier>) {
     (loaded, go)
 }
 
+/// Blocks until a thread has joined the single-flight for `key` as a
+/// follower (bounded by `PATIENCE`).
+fn wait_for_a_follower(fx: &Fixture, key: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while fx.client.engine().flight_followers(key) < 1 {
+        assert!(Instant::now() < deadline, "follower never joined");
+        std::thread::yield_now();
+    }
+}
+
+/// Makes `key`'s rebuild lock look held by another process (for a minute);
+/// returns the lock's Redis key.
+fn hold_rebuild_lock_elsewhere(fx: &Fixture, key: &str) -> String {
+    let lock = format!("{}:lock", fx.client.cache().redis_key(key));
+    let set = |c: &mut redis::Connection| {
+        redis::cmd("SET")
+            .arg(&lock)
+            .arg("another-process")
+            .arg("PX")
+            .arg(60_000)
+            .query::<()>(c)
+    };
+    fx.client.cache().with_connection(set).unwrap();
+    lock
+}
+
 /// Reader reads the old row, writer commits and invalidates, reader fills.
 /// Returns the plan left in the cache afterwards, if any.
 fn race_read_against_write(leases: bool) -> Option<String> {
@@ -100,11 +126,7 @@ fn follower_after_write(leases: bool) -> (UserProfile, UserProfile) {
         // The write has returned; this reader starts now and joins the flight
         // that is still open.
         let follower = s.spawn(|| fx.client.get_user_profile_singleflight(3).unwrap().unwrap());
-        let deadline = Instant::now() + PATIENCE;
-        while fx.client.engine().flight_followers(&key) < 1 {
-            assert!(Instant::now() < deadline, "follower never joined");
-            std::thread::yield_now();
-        }
+        wait_for_a_follower(&fx, &key);
         go.wait();
         (leader.join().unwrap(), follower.join().unwrap())
     })
@@ -137,29 +159,14 @@ fn follower_of_a_load_after_a_lock_wait_timeout_gets_the_post_write_row() {
     config.lock_wait = Duration::from_millis(100);
     let fx = Fixture::with(config);
     let key = Client::user_key(4);
-    let lock = format!("{}:lock", fx.client.cache().redis_key(&key));
-    fx.client
-        .cache()
-        .with_connection(|c| {
-            redis::cmd("SET")
-                .arg(&lock)
-                .arg("another-process")
-                .arg("PX")
-                .arg(60_000)
-                .query::<()>(c)
-        })
-        .unwrap();
+    hold_rebuild_lock_elsewhere(&fx, &key);
     let (loaded, go) = pause_after_load(&fx, &key);
     std::thread::scope(|s| {
         let leader = s.spawn(|| fx.client.get_user_profile_singleflight(4).unwrap().unwrap());
         loaded.wait(); // the lock wait timed out and the leader read the old row
         assert!(fx.client.update_user_plan(4, "post-write").unwrap());
         let follower = s.spawn(|| fx.client.get_user_profile_singleflight(4).unwrap().unwrap());
-        let deadline = Instant::now() + PATIENCE;
-        while fx.client.engine().flight_followers(&key) < 1 {
-            assert!(Instant::now() < deadline, "follower never joined");
-            std::thread::yield_now();
-        }
+        wait_for_a_follower(&fx, &key);
         go.wait();
         assert_eq!(leader.join().unwrap().plan, "free");
         assert_eq!(follower.join().unwrap().plan, "post-write");
@@ -191,16 +198,7 @@ fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
     let fx = Fixture::new("leader_cached");
     let key = Client::user_key(1);
     let redis_key = fx.client.cache().redis_key(&key);
-    let lock = format!("{redis_key}:lock");
-    let set_lock = |c: &mut redis::Connection| {
-        redis::cmd("SET")
-            .arg(&lock)
-            .arg("another-process")
-            .arg("PX")
-            .arg(60_000)
-            .query::<()>(c)
-    };
-    fx.client.cache().with_connection(set_lock).unwrap();
+    let lock = hold_rebuild_lock_elsewhere(&fx, &key);
     let (answered, go) = pause_after_load(&fx, &redis_key);
     std::thread::scope(|s| {
         let leader = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
@@ -212,11 +210,7 @@ fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
         assert_eq!(row.plan, "pro");
         assert!(fx.client.update_user_plan(1, "post-write").unwrap());
         let follower = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
-        let deadline = Instant::now() + PATIENCE;
-        while fx.client.engine().flight_followers(&key) < 1 {
-            assert!(Instant::now() < deadline, "follower never joined");
-            std::thread::yield_now();
-        }
+        wait_for_a_follower(&fx, &key);
         go.wait();
         assert_eq!(
             leader.join().unwrap().plan,
