@@ -2063,15 +2063,26 @@ mod plots {
                     });
                 chart.draw_series(points.iter().map(|&p| Circle::new(p, 3, c.filled())))?;
             }
-            chart
-                .configure_series_labels()
-                .position(SeriesLabelPosition::UpperLeft)
-                .background_style(WHITE.mix(0.85))
-                .border_style(BLACK)
-                .label_font(("sans-serif", 13))
-                .draw()?;
+            legend(&mut chart)?;
         }
         root.present()?;
+        Ok(())
+    }
+
+    /// Every plot's legend: upper left, on a light box.
+    fn legend<'a, DB, CT>(chart: &mut ChartContext<'a, DB, CT>) -> BoxResult<()>
+    where
+        DB: DrawingBackend + 'a,
+        DB::ErrorType: 'static,
+        CT: CoordTranslate,
+    {
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font(("sans-serif", 13))
+            .draw()?;
         Ok(())
     }
 
@@ -2170,18 +2181,8 @@ mod plots {
                 });
             w.draw_series(wp.iter().map(|&p| Circle::new(p, 4, c.filled())))?;
         }
-        q.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()?;
-        w.configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .background_style(WHITE.mix(0.85))
-            .border_style(BLACK)
-            .label_font(("sans-serif", 13))
-            .draw()?;
+        legend(&mut q)?;
+        legend(&mut w)?;
         root.present()?;
         Ok(())
     }
