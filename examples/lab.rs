@@ -31,6 +31,7 @@ fn main() {
 fn run() -> Result<()> {
     let mut config = Config::from_env();
     config.set_users_table(TABLE)?;
+    config.outbox_table = "cacheaside_lab_outbox".into();
     config.set_namespace("cacheaside-lab:")?;
     config.db_pool_size = 16;
     config.cache_pool_size = 32;
@@ -46,14 +47,14 @@ fn run() -> Result<()> {
     );
 
     // A clean slate every run: the table and namespace are the lab's own.
-    client
-        .db()
-        .batch_execute(&format!("DROP TABLE IF EXISTS {TABLE}"))?;
+    client.drop_schema()?;
     client.cache().delete_namespace()?;
     client.install_schema()?;
     client.seed_demo_users()?;
+    // The relay's invalidations of the seeding must not land mid-demo.
+    client.engine().sync_relay(Duration::from_secs(10));
     let result = walk_through(&client);
-    client.db().batch_execute(&format!("DROP TABLE {TABLE}"))?;
+    client.drop_schema()?;
     client.cache().delete_namespace()?;
     result
 }

@@ -30,6 +30,14 @@
 #include <string>
 #include <type_traits>
 
+#if defined(__GLIBCXX__)
+#include <cxxabi.h>
+#endif
+#if defined(__unix__) || defined(__APPLE__)
+#include <pthread.h>
+#define CACHEASIDE_HPP_PTHREADS 1
+#endif
+
 #include "cacheaside.h"
 
 namespace cacheaside {
@@ -90,6 +98,30 @@ inline uint64_t millis(std::chrono::milliseconds duration) {
     // A negative duration becomes 0, which the library rejects.
     return duration.count() < 0 ? 0 : static_cast<uint64_t>(duration.count());
 }
+
+/** Defers thread cancellation for its lifetime: a loader runs inside the
+ *  library, and a cancellation (a forced unwind) must not start there. A
+ *  pending cancellation is acted on at the next cancellation point after
+ *  the call. */
+class NoCancel {
+public:
+    NoCancel() noexcept {
+#ifdef CACHEASIDE_HPP_PTHREADS
+        pthread_setcancelstate(PTHREAD_CANCEL_DISABLE, &old_);
+#endif
+    }
+    ~NoCancel() {
+#ifdef CACHEASIDE_HPP_PTHREADS
+        int ignored;
+        pthread_setcancelstate(old_, &ignored);
+#endif
+    }
+    NoCancel(const NoCancel &) = delete;
+    NoCancel &operator=(const NoCancel &) = delete;
+
+private:
+    int old_ = 0;
+};
 
 }  // namespace detail
 
@@ -164,6 +196,65 @@ public:
         detail::check(cacheaside_config_set_beta(get(), beta));
         return *this;
     }
+    Config &db_pool_size(uint32_t size) {
+        detail::check(cacheaside_config_set_db_pool_size(get(), size));
+        return *this;
+    }
+    Config &cache_pool_size(uint32_t size) {
+        detail::check(cacheaside_config_set_cache_pool_size(get(), size));
+        return *this;
+    }
+    Config &pool_timeout(std::chrono::milliseconds timeout) {
+        detail::check(cacheaside_config_set_pool_timeout_ms(get(), detail::millis(timeout)));
+        return *this;
+    }
+    Config &connect_timeout(std::chrono::milliseconds timeout) {
+        detail::check(cacheaside_config_set_connect_timeout_ms(get(), detail::millis(timeout)));
+        return *this;
+    }
+    Config &cache_timeout(std::chrono::milliseconds timeout) {
+        detail::check(cacheaside_config_set_cache_timeout_ms(get(), detail::millis(timeout)));
+        return *this;
+    }
+    Config &statement_timeout(std::chrono::milliseconds timeout) {
+        detail::check(cacheaside_config_set_statement_timeout_ms(get(), detail::millis(timeout)));
+        return *this;
+    }
+    Config &lock_poll(std::chrono::milliseconds poll) {
+        detail::check(cacheaside_config_set_lock_poll_ms(get(), detail::millis(poll)));
+        return *this;
+    }
+    /** Fail-safe: how long past its TTL a copy may be served when a reload
+     *  fails; 0 turns it off. */
+    Config &fail_safe(std::chrono::milliseconds max) {
+        detail::check(cacheaside_config_set_fail_safe_ms(get(), detail::millis(max)));
+        return *this;
+    }
+    Config &fail_safe_throttle(std::chrono::milliseconds throttle) {
+        detail::check(cacheaside_config_set_fail_safe_throttle_ms(get(), detail::millis(throttle)));
+        return *this;
+    }
+    Config &soft_timeout(std::chrono::milliseconds timeout) {
+        detail::check(cacheaside_config_set_soft_timeout_ms(get(), detail::millis(timeout)));
+        return *this;
+    }
+    Config &breaker(uint32_t failures, std::chrono::milliseconds cool_off) {
+        detail::check(cacheaside_config_set_breaker(get(), failures, detail::millis(cool_off)));
+        return *this;
+    }
+    Config &invalidation_relay(bool on) {
+        detail::check(cacheaside_config_set_invalidation_relay(get(), on));
+        return *this;
+    }
+    Config &outbox_table(const std::string &table) {
+        detail::check(
+            cacheaside_config_set_outbox_table(get(), detail::c_str(table, "outbox table")));
+        return *this;
+    }
+    Config &relay_poll(std::chrono::milliseconds poll) {
+        detail::check(cacheaside_config_set_relay_poll_ms(get(), detail::millis(poll)));
+        return *this;
+    }
 
     /** The C handle, still owned by this object. */
     cacheaside_config *get() const noexcept { return handle_.get(); }
@@ -186,6 +277,9 @@ public:
 
     /** Creates the users table unless it exists. */
     void install_schema() const { detail::check(cacheaside_install_schema(get())); }
+
+    /** Drops the users table, the outbox and the capture functions. */
+    void drop_schema() const { detail::check(cacheaside_drop_schema(get())); }
 
     /** Inserts the five demo users where their ids are free. */
     void seed_demo_users() const { detail::check(cacheaside_seed_demo_users(get())); }
@@ -227,8 +321,11 @@ public:
      * this process runs `load(key)`, which returns std::optional<std::string>
      * (UTF-8 text; std::nullopt caches the absence), and every caller gets
      * its result. If `load` throws, the exception is rethrown to the caller
-     * whose loader threw; callers that waited on it get Error with
-     * CACHEASIDE_LOADER_ERROR.
+     * whose loader threw, when its call failed because of it; callers that
+     * waited on it get Error with CACHEASIDE_LOADER_ERROR. A call that still
+     * answers (a hit whose early refresh threw, a fail-safe copy) returns
+     * its value: a hit never throws. Thread cancellation is deferred while
+     * the library runs the loader.
      */
     template <class Load>
     std::optional<std::string> get_or_load(const std::string &key, std::chrono::milliseconds ttl,
@@ -249,17 +346,30 @@ public:
                 }
                 detail::check(cacheaside_bytes_set(out_value, value->data(), value->size()));
                 return CACHEASIDE_OK;
-            } catch (...) {
+            }
+#if defined(__GLIBCXX__)
+            // A forced unwind (pthread_exit) must not be swallowed; it cannot
+            // cross the library either, so it ends the process. Loaders must
+            // not call pthread_exit; cancellation is deferred below.
+            catch (abi::__forced_unwind &) {
+                throw;
+            }
+#endif
+            catch (...) {
                 context->thrown = std::current_exception();
                 return CACHEASIDE_LOADER_ERROR;
             }
         };
         cacheaside_bytes raw{};
         std::unique_ptr<cacheaside_bytes, detail::BytesFree> owned(&raw);
-        cacheaside_status status =
-            cacheaside_get_or_load(get(), detail::c_str(key, "key"), detail::millis(ttl),
-                                   trampoline, &context, &raw);
-        if (context.thrown) {
+        const char *c_key = detail::c_str(key, "key");
+        cacheaside_status status;
+        {
+            detail::NoCancel no_cancel;
+            status = cacheaside_get_or_load(get(), c_key, detail::millis(ttl), trampoline,
+                                            &context, &raw);
+        }
+        if (context.thrown && status == CACHEASIDE_LOADER_ERROR) {
             std::rethrow_exception(context.thrown);
         }
         if (status == CACHEASIDE_NOT_FOUND) {
@@ -279,6 +389,20 @@ public:
 
     /** Statements sent to PostgreSQL since the client opened. */
     uint64_t query_count() const noexcept { return cacheaside_query_count(get()); }
+
+    /** Waits until the invalidation relay has applied every change
+     *  committed so far; false at the timeout or without a relay. */
+    bool relay_sync(std::chrono::milliseconds timeout) const {
+        return cacheaside_relay_sync(get(), detail::millis(timeout)) == CACHEASIDE_OK;
+    }
+
+    /** The client's counters (see cacheaside_stats). */
+    cacheaside_stats stats() const {
+        cacheaside_stats out{};
+        out.size = sizeof out;
+        detail::check(cacheaside_client_stats(get(), &out));
+        return out;
+    }
 
     /** Keys with a single-flight load in progress in this process. */
     std::size_t in_flight() const noexcept { return cacheaside_in_flight(get()); }

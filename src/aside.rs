@@ -1,19 +1,41 @@
-//! The generic cache-aside engine: any key, any `Serialize + DeserializeOwned`
-//! value, any loader.
+//! The generic cache-aside engine: any key, any `Serialize +
+//! DeserializeOwned` value, any loader.
+//!
+//! Guarantees (each with a test named in the README):
+//! - A hit is one Redis round trip and no Postgres statement.
+//! - No read returns, and no fill caches, a row older than a write that
+//!   returned before the read began: fills go through leases
+//!   ([`crate::lease`]), and a single-flight follower takes its leader's
+//!   row only if the read that produced it began after the follower joined
+//!   ([`crate::singleflight`]).
+//! - However many threads and processes miss one key together, one load
+//!   runs, also when it outlasts the lease and lock TTLs (they are renewed).
+//! - Every call honours one deadline ([`Config::call_deadline`]), whatever
+//!   role it ends up in.
+//! - When Redis fails, reads go to the source (still one load per key per
+//!   process) and do not fill; after a few failures the circuit breaker
+//!   stops them touching Redis at all ([`crate::breaker`]).
+//! - When the source fails and fail-safe is on, the last good copy is
+//!   served and re-armed for a throttle period; with a soft timeout, a slow
+//!   reload finishes in the background while callers get the copy.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::cache::{Acquired, Cache, Claim, Keys, new_token, ttl_millis};
-use crate::config::Config;
+use crate::background::Background;
+use crate::breaker::{Breaker, Permit};
+use crate::cache::Cache;
+use crate::config::{Config, check_ttl};
 use crate::db::Db;
-use crate::entry::{Entry, Payload};
+use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
-use crate::singleflight::{Role, SingleFlight, WaitError};
+use crate::lease::{self, Acquired, Claim, Hold, Keeper, Keys, Ttls, new_token};
+use crate::singleflight::{Leader, Role, SingleFlight, WaitError, Waited};
 
 /// How a read that misses the cache reaches the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,41 +74,55 @@ pub enum Mode {
 /// # Ok::<(), cacheaside::Error>(())
 /// ```
 pub struct CacheAside {
-    db: Db,
-    cache: Cache,
+    engine: Engine,
+    background: Background,
+    relay: Mutex<Option<crate::relay::Relay>>,
+    config: Config,
+}
+
+/// Everything a read needs, cheap to clone into a background job (which
+/// must not own the [`Background`] pool it runs on).
+#[derive(Clone)]
+pub(crate) struct Engine {
+    pub(crate) db: Db,
+    pub(crate) cache: Cache,
     flights: SingleFlight<Shared>,
-    settings: Settings,
-    counters: Counters,
+    keeper: Arc<Keeper>,
+    pub(crate) breaker: Arc<Breaker>,
+    settings: Arc<Settings>,
+    pub(crate) counters: Arc<Counters>,
     #[cfg(feature = "test-hooks")]
-    hooks: crate::hooks::Hooks,
+    hooks: Arc<crate::hooks::Hooks>,
 }
 
 /// What a single-flight leader hands its followers.
-type Shared = Result<Landed, Error>;
+type Shared = Result<Answer, Error>;
 
-#[derive(Clone)]
-enum Landed {
-    /// The JSON of the value, stored in the cache.
+/// A read's answer, before the caller decodes it as its type.
+#[derive(Clone, Debug)]
+enum Answer {
+    /// The JSON of the value.
     Value(Arc<[u8]>),
-    /// The source has no such row (cached as absent).
+    /// The source has no such row.
     Absent,
-    /// Followers must read the cache again themselves: the leader's answer
-    /// may predate a write that returned before some follower joined. Either
-    /// its fill lost its lease (a write happened during the load) or failed
-    /// (nobody knows), or it found the value already cached by someone else,
-    /// a read that followers who joined later must not reuse.
-    ReadAgain,
+    /// Serve the fail-safe copy (each caller its own: the one its lookup
+    /// found).
+    Stale,
 }
 
-#[derive(Clone)]
 struct Settings {
     negative_ttl: Duration,
-    lease_ttl: Duration,
-    lock_ttl: Duration,
+    ttls: Ttls,
     lock_wait: Duration,
     lock_poll: Duration,
-    follower_wait: Duration,
+    /// The longest one call may take.
+    call_deadline: Duration,
+    /// What a load may take: kept free at the end of a call's deadline.
+    load_budget: Duration,
     beta: f64,
+    fail_safe_max: Duration,
+    fail_safe_throttle: Duration,
+    soft_timeout: Duration,
 }
 
 /// What an engine has done since it opened; see [`CacheAside::stats`].
@@ -95,44 +131,170 @@ struct Settings {
 pub struct Stats {
     /// Reads answered from the cache (values and cached absences).
     pub hits: u64,
-    /// Reads that found no usable entry.
+    /// Reads that found no usable entry in the cache.
     pub misses: u64,
+    /// Reads that did not touch the cache because the circuit breaker was
+    /// open (each went to the source).
+    pub bypassed: u64,
     /// Hits that XFetch picked to reload ahead of expiry, and that did.
     pub early_refreshes: u64,
     /// Fills refused because their lease was revoked by a write (or taken
     /// over): each is a stale row that was *not* cached.
     pub fills_dropped: u64,
-    /// Entries that did not decode (or were not the expected type); each was
-    /// treated as a miss and deleted.
+    /// Fills that failed (Redis unreachable, out of memory, ...): the row
+    /// was returned but not cached.
+    pub fills_failed: u64,
+    /// Entries that did not decode (or were not the expected type, or not a
+    /// string at all); each was treated as a miss and deleted.
     pub corrupt_entries: u64,
+    /// Fail-safe copies served because a reload failed or was too slow.
+    pub stale_served: u64,
+    /// Redis calls that failed because Redis was unavailable.
+    pub cache_errors: u64,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: u64,
+    /// Times the circuit breaker closed again.
+    pub breaker_closed: u64,
+    /// Invalidations that could not reach Redis (each left to the relay, or
+    /// reported to the caller when no relay runs).
+    pub invalidations_failed: u64,
+    /// Invalidations the relay applied from the outbox.
+    pub relay_invalidations: u64,
+    /// Relay rounds that read the outbox to the end.
+    pub relay_rounds: u64,
+    /// Relay rounds that failed (Postgres or Redis unreachable); each is
+    /// retried.
+    pub relay_errors: u64,
+    /// Times the relay found itself away longer than the outbox retention
+    /// and emptied its namespace.
+    pub relay_resets: u64,
 }
 
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     hits: AtomicU64,
     misses: AtomicU64,
+    bypassed: AtomicU64,
     early_refreshes: AtomicU64,
     fills_dropped: AtomicU64,
+    fills_failed: AtomicU64,
     corrupt_entries: AtomicU64,
+    stale_served: AtomicU64,
+    cache_errors: AtomicU64,
+    invalidations_failed: AtomicU64,
+    pub(crate) relay_invalidations: AtomicU64,
+    pub(crate) relay_rounds: AtomicU64,
+    pub(crate) relay_errors: AtomicU64,
+    pub(crate) relay_resets: AtomicU64,
 }
 
-fn bump(counter: &AtomicU64) {
+pub(crate) fn bump(counter: &AtomicU64) {
     counter.fetch_add(1, Ordering::Relaxed);
 }
 
-/// A load's result, with the version that orders it against write-through.
-struct Loaded<T> {
-    value: Option<T>,
+/// A load's result in the form the cache stores: JSON, with the version
+/// that orders it against write-through and how long it took.
+struct Loaded {
+    json: Option<Vec<u8>>,
     version: u64,
     took: Duration,
 }
 
+type LoadResult = Result<Loaded>;
+
+/// A loader as the engine runs it: on the calling thread, or, when it owns
+/// what it needs, on a background thread.
+trait Load: Sized {
+    fn run(self) -> LoadResult;
+    /// The loader as a job for another thread, if it can move there.
+    fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self>;
+}
+
+/// A loader that borrows from its caller's stack.
+struct Inline<F>(F);
+
+impl<F: FnOnce() -> LoadResult> Load for Inline<F> {
+    fn run(self) -> LoadResult {
+        (self.0)()
+    }
+
+    fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self> {
+        Err(self)
+    }
+}
+
+/// A loader that owns what it needs.
+struct Owned<F>(F);
+
+impl<F: FnOnce() -> LoadResult + Send + 'static> Load for Owned<F> {
+    fn run(self) -> LoadResult {
+        (self.0)()
+    }
+
+    fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self> {
+        Ok(Box::new(self.0))
+    }
+}
+
+/// Runs a typed loader and encodes its value as the cache stores it.
+fn encoded<T: Serialize>(load: impl FnOnce() -> Result<Option<(T, u64)>>) -> LoadResult {
+    let started = Instant::now();
+    let loaded = load()?;
+    let took = started.elapsed();
+    Ok(match loaded {
+        Some((value, version)) => Loaded {
+            json: Some(to_json(&value)?),
+            version,
+            took,
+        },
+        None => Loaded {
+            json: None,
+            version: 0,
+            took,
+        },
+    })
+}
+
+/// One read's miss: what it knows and may still do.
+struct Miss<'a> {
+    key: &'a str,
+    keys: Keys,
+    ttl: Duration,
+    /// The fail-safe copy the lookup found (raw entry), if any.
+    stale: Option<Vec<u8>>,
+    /// Whether this call may use Redis (the breaker's verdict and the
+    /// lookup's outcome).
+    permit: Permit,
+    use_redis: bool,
+    started: Instant,
+    deadline: Instant,
+    /// Does a decoded payload have the caller's type?
+    fits: &'a dyn Fn(&[u8]) -> bool,
+}
+
+impl Miss<'_> {
+    /// When a caller holding a fail-safe copy stops waiting for a reload.
+    fn soft_deadline(&self, settings: &Settings) -> Option<Instant> {
+        (self.stale.is_some() && !settings.soft_timeout.is_zero())
+            .then(|| (self.started + settings.soft_timeout).min(self.deadline))
+    }
+}
+
+/// A usable entry a lookup found.
+struct Found<T> {
+    value: Option<T>,
+    fresh: bool,
+    refresh_due: bool,
+}
+
 impl CacheAside {
-    /// Connects to Postgres and Redis as `config` says.
+    /// Connects to Postgres and Redis as `config` says. Neither server needs
+    /// to be up: connections open lazily, and calls degrade (or fail) while
+    /// one is down.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`] for an invalid config; timeouts when a
-    /// server does not answer.
+    /// [`ErrorKind::InvalidArgument`] for an invalid config or an unparsable
+    /// URL.
     pub fn open(config: &Config) -> Result<CacheAside> {
         config.validate()?;
         CacheAside::new(Db::connect(config)?, Cache::connect(config)?, config)
@@ -140,44 +302,67 @@ impl CacheAside {
 
     /// Builds an engine over pools you already have (sharing their query
     /// counter and namespace). `config` supplies the engine's settings
-    /// (TTLs, lease, lock, XFetch); its URLs and pool sizes are not used.
+    /// (TTLs, lease, lock, XFetch, fail-safe, breaker, relay); its URLs and
+    /// pool sizes are not used.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for an invalid config.
     pub fn new(db: Db, cache: Cache, config: &Config) -> Result<CacheAside> {
         config.validate()?;
+        let ttls = Ttls {
+            lease: config.lease_ttl,
+            lock: config.lock_ttl,
+        };
+        let settings = Settings {
+            negative_ttl: config.negative_ttl,
+            ttls,
+            lock_wait: config.lock_wait,
+            lock_poll: config.lock_poll,
+            call_deadline: config.call_deadline(),
+            load_budget: config.pool_timeout
+                + config.statement_timeout
+                + crate::db::CLIENT_MARGIN
+                + config.cache_timeout * 2,
+            beta: config.beta,
+            fail_safe_max: config.fail_safe_max,
+            fail_safe_throttle: config.fail_safe_throttle,
+            soft_timeout: config.soft_timeout,
+        };
         Ok(CacheAside {
-            db,
-            cache,
-            flights: SingleFlight::new(),
-            settings: Settings {
-                negative_ttl: config.negative_ttl,
-                lease_ttl: config.lease_ttl,
-                lock_ttl: config.lock_ttl,
-                lock_wait: config.lock_wait,
-                lock_poll: config.lock_poll,
-                // A follower waits as long as its leader can take: the lock
-                // wait, then a load bounded by the pool and statement timeouts.
-                follower_wait: config.lock_wait
-                    + config.pool_timeout
-                    + config.statement_timeout
-                    + config.cache_io_timeout * 2,
-                beta: config.beta,
+            engine: Engine {
+                keeper: Arc::new(Keeper::new(cache.clone(), ttls)),
+                breaker: Arc::new(Breaker::new(
+                    config.breaker_failures,
+                    config.breaker_cool_off,
+                    config.invalidation_relay,
+                )),
+                db,
+                cache,
+                flights: SingleFlight::new(),
+                settings: Arc::new(settings),
+                counters: Arc::new(Counters::default()),
+                #[cfg(feature = "test-hooks")]
+                hooks: Default::default(),
             },
-            counters: Counters::default(),
-            #[cfg(feature = "test-hooks")]
-            hooks: Default::default(),
+            background: Background::new(config.background_threads),
+            relay: Mutex::new(None),
+            config: config.clone(),
         })
     }
 
     /// The Postgres pool (and its query counter).
     pub fn db(&self) -> &Db {
-        &self.db
+        &self.engine.db
     }
 
     /// The Redis pool.
     pub fn cache(&self) -> &Cache {
-        &self.cache
+        &self.engine.cache
+    }
+
+    /// The config this engine was built with.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// Reads `key` from the cache, or on a miss calls `load` and caches what
@@ -186,12 +371,13 @@ impl CacheAside {
     /// Every caller that misses calls its own `load` (see
     /// [`get_or_load_singleflight`](Self::get_or_load_singleflight) for
     /// one load per key). An entry that does not decode as `T` is deleted,
-    /// counted in [`Stats::corrupt_entries`] and treated as a
-    /// miss.
+    /// counted in [`Stats::corrupt_entries`] and treated as a miss.
     ///
     /// # Errors
-    /// What `load` returns; cache errors and timeouts; [`ErrorKind::InvalidArgument`]
-    /// for an empty key or a zero TTL.
+    /// What `load` returns (or, with fail-safe on and a copy at hand, the
+    /// copy instead); cache errors only when nothing else can answer;
+    /// [`ErrorKind::InvalidArgument`] for an empty key or a TTL of zero or
+    /// beyond [`MAX_TTL`](crate::MAX_TTL).
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
@@ -216,9 +402,12 @@ impl CacheAside {
     /// same error (a panic reaches them as [`ErrorKind::Panicked`]); the next
     /// call tries again.
     ///
+    /// `load` must not read `key` through this engine: that is reported as
+    /// [`ErrorKind::InvalidArgument`] instead of waiting for itself.
+    ///
     /// # Errors
-    /// As [`get_or_load`](Self::get_or_load), plus [`ErrorKind::Timeout`] when
-    /// the leader takes longer than the configured bounds.
+    /// As [`get_or_load`](Self::get_or_load), plus [`ErrorKind::Timeout`]
+    /// when the call's deadline passes while it waits.
     pub fn get_or_load_singleflight<T, F>(
         &self,
         key: &str,
@@ -237,7 +426,7 @@ impl CacheAside {
     /// cached values against [`write_through`](Self::write_through). Use it
     /// for every read of a key that is also written through: the unversioned
     /// reads cache version 0, which a delayed write-through of an older row
-    /// would replace.
+    /// would replace. `load` runs on the calling thread.
     ///
     /// # Errors
     /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
@@ -252,59 +441,80 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
-        check_key(key)?;
-        ttl_millis(ttl)?;
-        let value_key = self.cache.redis_key(key);
-        let load = || {
-            let loaded = timed(load);
-            #[cfg(feature = "test-hooks")]
-            self.hooks.after_load(key);
-            loaded
-        };
-        if let Some((hit, refresh_due)) = self.lookup::<T>(&value_key)? {
-            bump(&self.counters.hits);
-            if refresh_due {
-                return self.refresh_early(&Keys::for_value(value_key), ttl, load, hit);
-            }
-            return Ok(hit);
-        }
-        bump(&self.counters.misses);
-        let keys = Keys::for_value(value_key);
-        match mode {
-            Mode::Plain => self.miss_plain(&keys, ttl, load),
-            Mode::SingleFlight => self.miss_single_flight(key, &keys, ttl, load),
-        }
+        self.read(key, ttl, mode, Inline(move || encoded(load)))
+    }
+
+    /// Like [`get_or_load_versioned`](Self::get_or_load_versioned), for a
+    /// loader that owns what it needs (`Send + 'static`). The engine may then
+    /// run it on its background pool: a reload slower than
+    /// [`Config::soft_timeout`] finishes (and fills) there while callers get
+    /// the fail-safe copy, and an early refresh never makes the caller that
+    /// triggered it wait. [`Client`](crate::Client) reads this way.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use cacheaside::Mode;
+    /// let db = engine.db().clone();
+    /// let n: Option<i64> = engine.get_or_load_owned("tables", std::time::Duration::from_secs(60), Mode::SingleFlight, move || {
+    ///     Ok(db.query_one("SELECT count(*) FROM pg_class", &[])?.map(|r| (r.get(0), 0)))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
+    pub fn get_or_load_owned<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned + 'static,
+        F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
+    {
+        self.read(key, ttl, mode, Owned(move || encoded(load)))
     }
 
     /// Removes `key`'s value and revokes any reader's lease on it, so a load
     /// that started before this call can no longer fill it. Call it after
-    /// the write to the source has committed.
+    /// the write to the source has committed. One Redis command, accepted
+    /// even by a Redis that is out of memory.
+    ///
+    /// If it fails, this process stops reading the cache (the circuit
+    /// breaker opens) until Redis answers again and, when the invalidation
+    /// relay runs, until it has applied the outbox: with the table's changes
+    /// captured ([`capture_changes`](Self::capture_changes)) the relay will
+    /// delete the key, so the write needs no retry (see
+    /// [`relay_running`](Self::relay_running)).
     ///
     /// # Errors
-    /// Cache errors and timeouts. (If it fails, the old value lives until
-    /// its TTL: retry, or keep TTLs short.)
+    /// Cache errors and timeouts.
     pub fn invalidate(&self, key: &str) -> Result<()> {
         check_key(key)?;
-        self.cache.delete(key)?;
-        Ok(())
+        self.engine.invalidate(key)
     }
 
     /// Runs `write` (a write to the source that returns the new value and
     /// its version, e.g. `UPDATE … RETURNING`), then stores that value in the
-    /// cache unless the cache holds the same version or newer, or another
-    /// writer invalidated the key after this one started. Readers' leases are
-    /// revoked either way. Returns what `write` returned.
+    /// cache unless that could leave the cache older than a write that has
+    /// returned. Readers' leases are revoked either way. Returns what
+    /// `write` returned.
     ///
     /// Two write-throughs that finish in either order leave the newer value
     /// cached; a write-through that commits before a plain update (write +
-    /// [`invalidate`](Self::invalidate)) never overwrites it with the older
-    /// row. That is why the engine runs the write itself: it registers the
-    /// writer in Redis first, and an invalidation revokes it.
+    /// [`invalidate`](Self::invalidate)) or a delete never overwrites it with
+    /// its older row. That is why the engine runs the write itself: it
+    /// registers the writer in Redis first, and an invalidation revokes it.
     ///
     /// # Errors
     /// What `write` returns (nothing is cached then); cache errors and
-    /// timeouts; [`ErrorKind::InvalidArgument`] for an empty key, a zero
-    /// TTL or a value that does not serialize.
+    /// timeouts (if Redis fails after the write committed, the key is
+    /// invalidated, or the error says the cache may hold the old row);
+    /// [`ErrorKind::InvalidArgument`] for an empty key, a TTL of zero or
+    /// beyond [`MAX_TTL`](crate::MAX_TTL), or a value that does not
+    /// serialize.
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
@@ -321,35 +531,20 @@ impl CacheAside {
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
         check_key(key)?;
-        ttl_millis(ttl)?;
-        let keys = self.cache.keys(key);
-        let token = new_token();
-        self.cache
-            .register_writer(&keys, &token, self.settings.lease_ttl)?;
-        let (value, version) = match write() {
-            Ok(Some(written)) => written,
-            other => {
-                // Best effort: a token left behind expires with its set.
-                let _ = self.cache.unregister_writer(&keys, &token);
-                return other.map(|_| None);
-            }
-        };
-        let json = to_json(&value)?;
-        let raw = Entry::new(Payload::Value(&json), version, Duration::ZERO, ttl).encode();
-        self.cache
-            .write_through(&keys, &token, &raw, version, ttl)?;
-        Ok(Some(value))
+        check_ttl("ttl", ttl)?;
+        self.engine
+            .write_through(key, ttl, write, self.relay_running())
     }
 
     #[cfg(feature = "test-hooks")]
     pub(crate) fn hooks(&self) -> &crate::hooks::Hooks {
-        &self.hooks
+        &self.engine.hooks
     }
 
     /// Test hook: how many threads wait on the flight for `key` in progress.
     #[cfg(feature = "test-hooks")]
     pub fn flight_followers(&self, key: &str) -> usize {
-        self.flights.followers(key)
+        self.engine.flights.followers(key)
     }
 
     /// Counters of what this engine has done since it opened.
@@ -361,39 +556,245 @@ impl CacheAside {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        let c = &self.counters;
+        let c = &self.engine.counters;
         let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        let breaker = self.engine.breaker.counts();
         Stats {
             hits: get(&c.hits),
             misses: get(&c.misses),
+            bypassed: get(&c.bypassed),
             early_refreshes: get(&c.early_refreshes),
             fills_dropped: get(&c.fills_dropped),
+            fills_failed: get(&c.fills_failed),
             corrupt_entries: get(&c.corrupt_entries),
+            stale_served: get(&c.stale_served),
+            cache_errors: get(&c.cache_errors),
+            breaker_opened: breaker.opened,
+            breaker_closed: breaker.closed,
+            invalidations_failed: get(&c.invalidations_failed),
+            relay_invalidations: get(&c.relay_invalidations),
+            relay_rounds: get(&c.relay_rounds),
+            relay_errors: get(&c.relay_errors),
+            relay_resets: get(&c.relay_resets),
         }
     }
 
     /// Keys with a single-flight load in progress in this process; 0 when no
     /// call is running (per-key state is freed when its flight ends).
     pub fn in_flight(&self) -> usize {
-        self.flights.len()
+        self.engine.flights.len()
     }
 
-    /// The hit path: one GET. `Some((value, refresh_due))` for a usable
-    /// entry; `None` for no entry or a corrupt one (deleted and counted).
-    fn lookup<T: DeserializeOwned>(&self, value_key: &str) -> Result<Option<(Option<T>, bool)>> {
-        Ok(self
-            .cache
-            .get_raw(value_key)?
-            .and_then(|raw| self.decode_hit(value_key, &raw)))
+    /// Loads whose leases and locks are being renewed now; 0 when no load
+    /// runs.
+    pub fn holds(&self) -> usize {
+        self.engine.keeper.live()
     }
 
-    /// Decodes a cached entry: `Some((value, refresh_due))`, or `None` after
-    /// deleting and counting a corrupt one.
-    fn decode_hit<T: DeserializeOwned>(
+    /// True while the circuit breaker keeps reads away from Redis.
+    pub fn breaker_open(&self) -> bool {
+        self.engine.breaker.is_open()
+    }
+
+    /// Starts the invalidation relay (if the config turns it on and it is
+    /// not running yet): a thread that applies the outbox to the cache.
+    /// [`Client::open`](crate::Client::open) and
+    /// [`capture_changes`](Self::capture_changes) start it; call this when
+    /// another process installed the capture.
+    pub fn start_relay(&self) {
+        if !self.config.invalidation_relay {
+            return;
+        }
+        let mut relay = self.relay.lock();
+        if relay.is_none() {
+            *relay = Some(crate::relay::Relay::start(
+                self.engine.clone(),
+                &self.config,
+            ));
+        }
+    }
+
+    /// Captures the changes of `table` for the invalidation relay: installs
+    /// (idempotently) the outbox ([`Config::outbox_table`]) and a trigger
+    /// that, in the same transaction as every insert, update or delete of a
+    /// row, records the cache key `key_prefix || <key_column>` (the old and
+    /// the new one) and notifies the relay; then starts the relay. After
+    /// this, a write to `table` from anywhere (psql, another service, a
+    /// migration) invalidates its key, and an insert ends a cached absence.
+    /// One capture per table: capturing it again replaces the triggers.
+    ///
+    /// With a `version_column` (the version your versioned reads and
+    /// write-throughs cache), the relay leaves alone a key whose cached row
+    /// is already at the changed row's version or newer, so it does not undo
+    /// a write-through or evict a fresh fill; and every update bumps that
+    /// column if the writer did not (so a write from psql orders correctly).
+    /// Without one, every captured change deletes its key.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// // row id 7 -> key "order:7"
+    /// engine.capture_changes("orders", "order:", "id", Some("version"))?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a table or column that is not an
+    /// SQL identifier or a prefix holding `{`, `}` or control characters;
+    /// database errors and timeouts.
+    pub fn capture_changes(
         &self,
-        value_key: &str,
-        raw: &[u8],
-    ) -> Option<(Option<T>, bool)> {
+        table: &str,
+        key_prefix: &str,
+        key_column: &str,
+        version_column: Option<&str>,
+    ) -> Result<()> {
+        crate::relay::Outbox::new(&self.config.outbox_table)?.capture(
+            &self.engine.db,
+            table,
+            key_prefix,
+            key_column,
+            version_column,
+        )?;
+        self.start_relay();
+        Ok(())
+    }
+
+    /// True when the invalidation relay runs for this engine.
+    pub fn relay_running(&self) -> bool {
+        self.relay.lock().is_some()
+    }
+
+    /// Makes the relay read the outbox now, and waits (up to `timeout`) until
+    /// it has applied every change committed before this call. True if it
+    /// did. Without a relay, false at once.
+    pub fn sync_relay(&self, timeout: Duration) -> bool {
+        let relay = self.relay.lock().as_ref().map(crate::relay::Relay::handle);
+        relay.is_some_and(|r| r.sync(timeout))
+    }
+
+    /// The read behind every `get_or_load*` method.
+    fn read<T: DeserializeOwned, L: Load>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        load: L,
+    ) -> Result<Option<T>> {
+        check_key(key)?;
+        check_ttl("ttl", ttl)?;
+        let e = &self.engine;
+        let value_key = e.cache.redis_key(key);
+        let mut permit = e.breaker.permit();
+        let mut stale = None;
+        let mut use_redis = permit != Permit::Bypass;
+        if use_redis {
+            match e.cache.get_raw(&value_key) {
+                Ok(raw) => {
+                    e.breaker.succeeded(permit);
+                    if permit == Permit::Probe && e.breaker.is_open() {
+                        // Redis answers, but writes of the outage may still
+                        // be pending: nothing it holds is trusted until the
+                        // relay has caught up.
+                        use_redis = false;
+                    } else if let Some(raw) = raw
+                        && let Some(found) = e.decode::<T>(&value_key, &raw)
+                    {
+                        if found.fresh {
+                            bump(&e.counters.hits);
+                            if found.refresh_due {
+                                self.refresh_early(key, value_key, ttl, load);
+                            }
+                            return Ok(found.value);
+                        }
+                        stale = Some((raw, found.value));
+                    }
+                }
+                Err(err) => {
+                    e.cache_failed(permit, &err);
+                    use_redis = false;
+                }
+            }
+        }
+        if use_redis {
+            bump(&e.counters.misses);
+        } else {
+            bump(&e.counters.bypassed);
+            permit = Permit::Bypass;
+        }
+        let fits = |json: &[u8]| serde_json::from_slice::<T>(json).is_ok();
+        let (stale_raw, stale_value) = match stale {
+            Some((raw, value)) => (Some(raw), Some(value)),
+            None => (None, None),
+        };
+        let miss = Miss {
+            key,
+            keys: Keys::for_value(value_key),
+            ttl,
+            stale: stale_raw,
+            permit,
+            use_redis,
+            started: Instant::now(),
+            deadline: Instant::now() + e.settings.call_deadline,
+            fits: &fits,
+        };
+        let answer = match mode {
+            Mode::Plain => e.miss_plain(&self.background, &miss, load),
+            Mode::SingleFlight => e.miss_single_flight(&self.background, &miss, load),
+        }?;
+        match answer {
+            Answer::Value(json) => decode_value(key, &json),
+            Answer::Absent => Ok(None),
+            Answer::Stale => Ok(stale_value.flatten()),
+        }
+    }
+
+    /// A hit that XFetch picked: refresh it as a flight leader (in the
+    /// background when the loader can move there), unless a load of the key
+    /// already runs in this process; the caller keeps its cached value.
+    fn refresh_early<L: Load>(&self, key: &str, value_key: String, ttl: Duration, load: L) {
+        let e = &self.engine;
+        let Role::Leader(leader) = e.flights.join(key) else {
+            return;
+        };
+        let target = Target {
+            key: key.to_owned(),
+            keys: Keys::for_value(value_key),
+            ttl,
+            deadline: Instant::now() + e.settings.call_deadline,
+        };
+        match load.detach() {
+            Ok(job) => {
+                let engine = e.clone();
+                let work = Box::new(move || {
+                    leader.adopt();
+                    engine.refresh(leader, &target, job);
+                });
+                if let Err(work) = self.background.spawn(work) {
+                    work();
+                }
+            }
+            Err(load) => e.refresh(leader, &target, move || load.run()),
+        }
+    }
+
+    /// Stops the relay, waits for background work, and closes the pools.
+    fn shutdown(&mut self) {
+        if let Some(relay) = self.relay.get_mut().take() {
+            relay.stop();
+        }
+    }
+}
+
+impl Drop for CacheAside {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+impl Engine {
+    /// Decodes a cached entry: `Some` for a usable one (fresh or a fail-safe
+    /// copy), `None` after deleting and counting a corrupt one.
+    fn decode<T: DeserializeOwned>(&self, value_key: &str, raw: &[u8]) -> Option<Found<T>> {
         let decoded = Entry::decode(raw).and_then(|entry| {
             let value = match entry.payload {
                 Payload::Absent => None,
@@ -401,296 +802,612 @@ impl CacheAside {
                     Some(serde_json::from_slice(json).map_err(|_| "value does not decode")?)
                 }
             };
-            Ok((
+            let fresh = entry.is_fresh(now_ms());
+            Ok(Found {
                 value,
-                entry.should_refresh_early(self.settings.beta, fastrand::f64()),
-            ))
+                fresh,
+                refresh_due: fresh
+                    && entry.should_refresh_early(self.settings.beta, fastrand::f64()),
+            })
         });
         match decoded {
-            Ok(hit) => Some(hit),
+            Ok(found) => Some(found),
             Err(_) => {
-                bump(&self.counters.corrupt_entries);
-                // Best effort: if the delete fails, the fill that follows
-                // this miss overwrites the entry anyway.
-                let _ = self.cache.delete_if_equal(value_key, raw);
+                self.corrupt(value_key, raw);
                 None
             }
         }
     }
 
-    fn miss_plain<T, F>(&self, keys: &Keys, ttl: Duration, load: F) -> Result<Option<T>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Result<Loaded<T>>,
-    {
-        let token = new_token();
-        let claim = self.acquire(keys, Claim::Lease, &token)?;
-        match claim {
-            Claimed::Cached(hit) => Ok(hit),
-            Claimed::Busy => Ok(load()?.value),
-            Claimed::Granted => {
-                let hold = self.hold(keys, &token);
-                let loaded = load()?;
-                // Not caching is never wrong: a fill that fails (or loses its
-                // lease) still returns the row this call read.
-                let _ = self.fill(hold, ttl, &loaded);
-                Ok(loaded.value)
+    fn corrupt(&self, value_key: &str, raw: &[u8]) {
+        bump(&self.counters.corrupt_entries);
+        // Best effort: if the delete fails, the fill that follows this miss
+        // overwrites the entry anyway.
+        let _ = lease::discard(&self.cache, value_key, raw);
+    }
+
+    /// Records a failed Redis call: counted, and told to the breaker when it
+    /// says Redis is unavailable.
+    fn cache_failed(&self, permit: Permit, err: &Error) {
+        if err.is_outage() {
+            bump(&self.counters.cache_errors);
+            self.breaker.failed(permit, err);
+        }
+    }
+
+    /// Records a Redis call's outcome with the breaker.
+    fn cache_call<T>(&self, permit: Permit, outcome: Result<T>) -> Result<T> {
+        match &outcome {
+            Ok(_) => self.breaker.succeeded(permit),
+            Err(err) => self.cache_failed(permit, err),
+        }
+        outcome
+    }
+
+    fn invalidate(&self, key: &str) -> Result<()> {
+        let keys = Keys::for_value(self.cache.redis_key(key));
+        match lease::invalidate(&self.cache, &keys) {
+            Ok(()) => Ok(()),
+            Err(err) => {
+                bump(&self.counters.invalidations_failed);
+                self.cache_failed(Permit::Use, &err);
+                // This process must not read what may now be stale.
+                self.breaker.trip(&err);
+                Err(err)
             }
         }
     }
 
-    fn miss_single_flight<T, F>(
+    fn write_through<T, F>(
         &self,
         key: &str,
-        keys: &Keys,
         ttl: Duration,
-        load: F,
+        write: F,
+        relay: bool,
     ) -> Result<Option<T>>
     where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Result<Loaded<T>>,
+        T: Serialize,
+        F: FnOnce() -> Result<Option<(T, u64)>>,
     {
-        let deadline = Instant::now() + self.settings.follower_wait;
-        loop {
-            let leader = match self.flights.join(key) {
-                Role::Leader(leader) => leader,
-                Role::Follower(follower) => {
-                    match follower.wait(deadline) {
-                        Ok(Ok(Landed::Value(json))) => {
-                            return decode_shared(key, &json);
-                        }
-                        Ok(Ok(Landed::Absent)) => return Ok(None),
-                        Ok(Err(err)) => return Err(err),
-                        Err(WaitError::Abandoned) => {
-                            return Err(Error::new(
-                                ErrorKind::Panicked,
-                                "the thread loading this key panicked",
-                            ));
-                        }
-                        Err(WaitError::TimedOut) => {
-                            return Err(Error::timeout("waiting for another thread's load"));
-                        }
-                        Ok(Ok(Landed::ReadAgain)) => {}
-                    }
-                    if Instant::now() >= deadline {
-                        return Err(Error::timeout("reading a key that keeps being written"));
-                    }
-                    if let Some((hit, _)) = self.lookup::<T>(&keys.value)? {
-                        return Ok(hit);
-                    }
-                    continue;
+        let keys = Keys::for_value(self.cache.redis_key(key));
+        let token = new_token();
+        let writer =
+            match lease::register_writer(&self.cache, &keys, &token, self.settings.call_deadline) {
+                Ok(()) => Some(Writer {
+                    cache: &self.cache,
+                    keys: &keys,
+                    token: &token,
+                }),
+                Err(err) if relay => {
+                    // Redis is out; the write itself can go ahead: the outbox
+                    // row it commits will invalidate the key once Redis is back.
+                    self.cache_failed(Permit::Use, &err);
+                    self.breaker.trip(&err);
+                    None
+                }
+                Err(err) => {
+                    self.cache_failed(Permit::Use, &err);
+                    return Err(err);
                 }
             };
-            // We lead. Whatever happens below, followers hear of it: an error
-            // is published explicitly; a panic drops `leader`, which wakes
-            // them with `Abandoned`.
-            let (result, landed) = self.lead(keys, ttl, load, &leader);
-            leader.publish(landed);
-            return result;
+        let started = Instant::now();
+        let Some((value, version)) = write()? else {
+            return Ok(None);
+        };
+        let Some(writer) = writer else {
+            return Ok(Some(value));
+        };
+        let json = to_json(&value)?;
+        // XFetch needs a load time: the write's, with a floor, so an entry
+        // written through is refreshed early like one that was loaded.
+        let took = started.elapsed().max(Duration::from_millis(1));
+        let raw = Entry::new(Payload::Value(&json), version, took, ttl).encode();
+        let physical = ttl.saturating_add(self.settings.fail_safe_max);
+        match lease::write_through(&self.cache, &keys, &token, &raw, version, physical) {
+            Ok(_) => {
+                writer.consumed();
+                Ok(Some(value))
+            }
+            Err(err) => {
+                // The write committed, and the cache may hold the row before
+                // it: remove that.
+                self.cache_failed(Permit::Use, &err);
+                drop(writer);
+                match self.invalidate(key) {
+                    Ok(()) => Ok(Some(value)),
+                    Err(_) if relay => Ok(Some(value)),
+                    Err(err) => Err(err),
+                }
+            }
+        }
+    }
+
+    fn miss_plain<L: Load>(&self, bg: &Background, m: &Miss<'_>, load: L) -> Result<Answer> {
+        if !m.use_redis {
+            return self.load_uncached(m, load);
+        }
+        let token = new_token();
+        match self.acquire(m, Claim::Lease, &token) {
+            Err(_) | Ok(Claimed::Busy) => self.load_uncached(m, load),
+            Ok(Claimed::Cached(answer)) => Ok(answer),
+            Ok(Claimed::Granted) => {
+                let hold = self.keeper.hold(&m.keys, token, m.deadline);
+                let counter = Arc::new(AtomicU64::new(0));
+                match self.load_held(bg, m, load, hold, counter) {
+                    Held::Done(filled) => filled.outcome.or_else(|err| self.load_failed(m, err)),
+                    Held::GaveUp => self.serve_stale(m),
+                }
+            }
+        }
+    }
+
+    fn miss_single_flight<L: Load>(
+        &self,
+        bg: &Background,
+        m: &Miss<'_>,
+        load: L,
+    ) -> Result<Answer> {
+        loop {
+            let follower = match self.flights.join(m.key) {
+                Role::Leader(leader) => return self.lead(bg, m, load, leader),
+                Role::Reentrant => {
+                    return Err(Error::invalid_argument(format!(
+                        "the loader of key {:?} read that same key: it would wait for itself",
+                        m.key
+                    )));
+                }
+                Role::Follower(follower) => follower,
+            };
+            let wait_until = m.soft_deadline(&self.settings).unwrap_or(m.deadline);
+            match follower.wait(wait_until) {
+                Ok(Waited::Outcome(Ok(Answer::Stale))) if m.stale.is_none() => {}
+                Ok(Waited::Outcome(Ok(Answer::Stale))) => return self.serve_stale(m),
+                Ok(Waited::Outcome(Ok(answer))) => return Ok(answer),
+                Ok(Waited::Outcome(Err(err))) => return self.load_failed(m, err),
+                Ok(Waited::TooOld(_)) => {}
+                Err(WaitError::Abandoned) => {
+                    return Err(Error::new(
+                        ErrorKind::Panicked,
+                        "the thread loading this key panicked",
+                    ));
+                }
+                Err(WaitError::TimedOut) if m.stale.is_some() && Instant::now() < m.deadline => {
+                    return self.serve_stale(m);
+                }
+                Err(WaitError::TimedOut) => {
+                    return Err(Error::timeout("waiting for another thread's load"));
+                }
+            }
+            // The outcome may predate a write that returned before this call:
+            // read for ourselves.
+            if Instant::now() >= m.deadline {
+                return Err(Error::timeout("reading a key that keeps being written"));
+            }
+            if m.use_redis {
+                match self.cache.get_raw(&m.keys.value) {
+                    Ok(Some(raw)) => {
+                        if let Some(answer) = self.fresh_answer(m, &raw) {
+                            return Ok(answer);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(err) => self.cache_failed(m.permit, &err),
+                }
+            }
         }
     }
 
     /// The single-flight leader's work: take the cross-process rebuild lock
-    /// (or wait for whoever has it), load, fill. Returns the caller's result
-    /// and what to hand the followers. Closes the flight before filling.
-    fn lead<T, F>(
+    /// (or wait for whoever has it), load, fill; publish to the followers on
+    /// every path.
+    fn lead<L: Load>(
         &self,
-        keys: &Keys,
-        ttl: Duration,
-        load: F,
-        leader: &crate::singleflight::Leader<'_, Shared>,
-    ) -> (Result<Option<T>>, Shared)
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Result<Loaded<T>>,
-    {
+        bg: &Background,
+        m: &Miss<'_>,
+        load: L,
+        leader: Leader<Shared>,
+    ) -> Result<Answer> {
+        if !m.use_redis {
+            let read = leader.begin_read();
+            let outcome = self.load_uncached_shared(m, load);
+            leader.publish(outcome.clone(), read);
+            return outcome.or_else(|err| self.load_failed(m, err));
+        }
         let token = new_token();
-        let wait_until = Instant::now() + self.settings.lock_wait;
+        let s = &self.settings;
+        // Wait for another process at most `lock_wait`, and never so long
+        // that the load cannot finish within this call's deadline.
+        let lock_deadline = (m.started + s.lock_wait)
+            .min(m.deadline.checked_sub(s.load_budget).unwrap_or(m.started));
+        let soft = m.soft_deadline(s);
         let mut claim = Claim::Lock;
         loop {
-            match self.acquire(keys, claim, &token) {
-                Err(err) => return (Err(err.clone()), Err(err)),
-                // Another process filled it (or an earlier flight did). Our
-                // caller asked before this read; a follower may have joined
-                // after it and after a write, so followers read for themselves.
-                Ok(Claimed::Cached(hit)) => {
+            let read = leader.begin_read();
+            match self.acquire(m, claim, &token) {
+                Err(_) => {
+                    // Redis failed mid-call: load without it (still one load
+                    // in this process), and do not fill.
+                    let read = leader.begin_read();
+                    let outcome = self.load_uncached_shared(m, load);
+                    leader.publish(outcome.clone(), read);
+                    return outcome.or_else(|err| self.load_failed(m, err));
+                }
+                Ok(Claimed::Cached(answer)) => {
                     #[cfg(feature = "test-hooks")]
-                    self.hooks.after_load(&keys.value);
-                    return (Ok(hit), Ok(Landed::ReadAgain));
+                    self.hooks.after_load(&m.keys.value);
+                    leader.publish(Ok(answer.clone()), read);
+                    return Ok(answer);
                 }
                 Ok(Claimed::Granted) => break,
-                // Waited long enough: load ourselves, still through a lease
-                // (taken over), so this fallback cannot cache a stale row.
-                Ok(Claimed::Busy) if Instant::now() >= wait_until => claim = Claim::Takeover,
-                // Another process is rebuilding: its value lands in the
-                // cache, which the next attempt reads. If it dies, its lock
-                // expires and an attempt takes it over.
-                Ok(Claimed::Busy) => std::thread::sleep(self.settings.lock_poll),
+                Ok(Claimed::Busy) => {
+                    let now = Instant::now();
+                    if soft.is_some_and(|soft| now >= soft) {
+                        // Another process is reloading, slowly: take the copy.
+                        leader.publish(Ok(Answer::Stale), u64::MAX);
+                        return self.serve_stale(m);
+                    }
+                    if now >= lock_deadline {
+                        // Waited long enough: load ourselves, still through a
+                        // lease (taken over), so this cannot cache a stale row.
+                        claim = Claim::Takeover;
+                        continue;
+                    }
+                    // Another process is rebuilding: its value lands in the
+                    // cache, which the next attempt reads. If it dies, its
+                    // lock expires and an attempt takes it.
+                    let mut until = lock_deadline;
+                    if let Some(soft) = soft {
+                        until = until.min(soft);
+                    }
+                    std::thread::sleep(s.lock_poll.min(until.saturating_duration_since(now)));
+                }
             }
         }
-        let hold = self.hold(keys, &token);
-        let loaded = match load() {
-            Ok(loaded) => loaded,
-            Err(err) => return (Err(err.clone()), Err(err)),
-        };
-        let json = match loaded.value.as_ref().map(to_json).transpose() {
-            Ok(json) => json,
-            Err(err) => return (Err(err.clone()), Err(err)),
-        };
-        leader.close();
-        let landed = match self.fill(hold, ttl, &loaded) {
-            Ok(true) => json.map_or(Landed::Absent, |j| Landed::Value(j.into())),
-            Ok(false) | Err(_) => Landed::ReadAgain,
-        };
-        // The leader's own call began before any write its fill lost to, so
-        // the row it read is a valid answer for it.
-        (Ok(loaded.value), Ok(landed))
+        let hold = self.keeper.hold(&m.keys, token, m.deadline);
+        match self.load_held(bg, m, load, hold, leader.read_counter()) {
+            Held::Done(filled) => {
+                leader.publish(filled.outcome.clone(), filled.valid_before);
+                filled.outcome.or_else(|err| self.load_failed(m, err))
+            }
+            Held::GaveUp => {
+                leader.publish(Ok(Answer::Stale), u64::MAX);
+                self.serve_stale(m)
+            }
+        }
     }
 
-    /// A hit that XFetch picked for early refresh: reload under the rebuild
-    /// lock if nobody else is; serve the cached value otherwise, and also if
-    /// the refresh fails (the cached value is still valid).
-    fn refresh_early<T, F>(
+    /// A refresh run by a flight's leader: take the rebuild lock if nobody
+    /// holds it, load, fill, publish. Failures are silent: the cached value
+    /// is still valid.
+    fn refresh(&self, leader: Leader<Shared>, t: &Target, load: impl FnOnce() -> LoadResult) {
+        let token = new_token();
+        let acquired = lease::acquire(
+            &self.cache,
+            &t.keys,
+            Claim::Refresh,
+            &token,
+            self.settings.ttls,
+            now_ms(),
+        );
+        match acquired {
+            Ok(Acquired::Granted) => {}
+            Ok(_) => {
+                // Another process is loading the key. Anyone who joined this
+                // flight reads again (valid for none).
+                leader.publish(Err(Error::timeout("refresh skipped")), 0);
+                return;
+            }
+            Err(err) => {
+                self.cache_failed(Permit::Use, &err);
+                if err.is_outage() {
+                    self.keeper.orphan(&t.keys, token);
+                }
+                leader.publish(Err(err), 0);
+                return;
+            }
+        }
+        let hold = self.keeper.hold(&t.keys, token, t.deadline);
+        let load_read = leader.begin_read();
+        let loaded = load();
+        #[cfg(feature = "test-hooks")]
+        self.hooks.after_load(&t.key);
+        if loaded.is_ok() {
+            bump(&self.counters.early_refreshes);
+        }
+        let counter = leader.read_counter();
+        let filled = self.fill_loaded(&t.keys, t.ttl, hold, loaded, load_read, &counter);
+        leader.publish(filled.outcome, filled.valid_before);
+    }
+
+    /// Loads under a hold (lease, maybe lock) and fills. With a fail-safe
+    /// copy, a soft timeout and a loader that can move, the load runs in the
+    /// background and this waits only until the soft timeout
+    /// ([`Held::GaveUp`]: the load goes on and fills when it ends).
+    fn load_held<L: Load>(
+        &self,
+        bg: &Background,
+        m: &Miss<'_>,
+        load: L,
+        hold: Hold,
+        counter: Arc<AtomicU64>,
+    ) -> Held {
+        let begin = |c: &AtomicU64| c.fetch_add(1, Ordering::SeqCst) + 1;
+        let load = match m.soft_deadline(&self.settings) {
+            None => load,
+            Some(soft) => match load.detach() {
+                Err(load) => load,
+                Ok(job) => {
+                    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                    let engine = self.clone();
+                    let (keys, ttl) = (m.keys.clone(), m.ttl);
+                    #[cfg(feature = "test-hooks")]
+                    let key = m.key.to_owned();
+                    let work = Box::new(move || {
+                        let load_read = begin(&counter);
+                        let loaded = job();
+                        #[cfg(feature = "test-hooks")]
+                        engine.hooks.after_load(&key);
+                        let done = Held::Done(
+                            engine.fill_loaded(&keys, ttl, hold, loaded, load_read, &counter),
+                        );
+                        // The caller may have stopped waiting: the fill is
+                        // what mattered then.
+                        let _ = tx.send(done);
+                    });
+                    if let Err(work) = bg.spawn(work) {
+                        work();
+                    }
+                    return match rx.recv_timeout(soft.saturating_duration_since(Instant::now())) {
+                        Ok(done) => done,
+                        Err(_) => Held::GaveUp,
+                    };
+                }
+            },
+        };
+        let load_read = begin(&counter);
+        let loaded = load.run();
+        #[cfg(feature = "test-hooks")]
+        self.hooks.after_load(m.key);
+        Held::Done(self.fill_loaded(&m.keys, m.ttl, hold, loaded, load_read, &counter))
+    }
+
+    /// Fills what a load returned and says for which followers its answer
+    /// is valid.
+    fn fill_loaded(
         &self,
         keys: &Keys,
         ttl: Duration,
-        load: F,
-        cached: Option<T>,
-    ) -> Result<Option<T>>
-    where
-        T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Result<Loaded<T>>,
-    {
-        let token = new_token();
-        if !matches!(
-            self.acquire::<T>(keys, Claim::Refresh, &token),
-            Ok(Claimed::Granted)
-        ) {
-            return Ok(cached);
-        }
-        let hold = self.hold(keys, &token);
-        let Ok(loaded) = load() else {
-            return Ok(cached);
+        hold: Hold,
+        loaded: LoadResult,
+        load_read: u64,
+        counter: &AtomicU64,
+    ) -> Filled {
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            // Every follower hears of a failed load (errors are not stale
+            // data); the hold drops and releases.
+            Err(err) => {
+                return Filled {
+                    outcome: Err(err),
+                    valid_before: u64::MAX,
+                };
+            }
         };
-        bump(&self.counters.early_refreshes);
-        // A refresh the lease rejects was overtaken by a write: our caller
-        // started before that write finished, so either row is fine for it.
-        let _ = self.fill(hold, ttl, &loaded);
-        Ok(loaded.value)
+        let fill_read = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let verdict = self.fill(keys, ttl, hold, &loaded);
+        // A stored fill proves no write came between the lease and the fill:
+        // the row is valid for everyone who joined before the fill. Otherwise
+        // only for those who joined before the load began.
+        Filled {
+            outcome: Ok(answer_of(&loaded)),
+            valid_before: if verdict == Verdict::Stored {
+                fill_read
+            } else {
+                load_read
+            },
+        }
     }
 
-    fn acquire<T: DeserializeOwned>(
-        &self,
-        keys: &Keys,
-        claim: Claim,
-        token: &str,
-    ) -> Result<Claimed<T>> {
-        let s = &self.settings;
+    /// Stores a load's result if `hold` still has the lease; the lease check
+    /// and the write are one Lua script, with no window between them.
+    fn fill(&self, keys: &Keys, ttl: Duration, hold: Hold, loaded: &Loaded) -> Verdict {
+        let (payload, ttl) = match &loaded.json {
+            Some(json) => (Payload::Value(json), ttl),
+            None => (Payload::Absent, self.settings.negative_ttl),
+        };
+        let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
+        let physical = ttl.saturating_add(self.settings.fail_safe_max);
+        #[cfg(feature = "test-hooks")]
+        if self.hooks.leases_disabled() {
+            return match self.cache.set_raw(&keys.value, &raw, physical) {
+                Ok(()) => Verdict::Stored,
+                Err(_) => Verdict::Failed,
+            };
+        }
+        match lease::fill(&self.cache, keys, hold.token(), &raw, physical) {
+            Ok(stored) => {
+                // The script released the lease and lock.
+                hold.filled();
+                if stored {
+                    Verdict::Stored
+                } else {
+                    bump(&self.counters.fills_dropped);
+                    Verdict::Dropped
+                }
+            }
+            Err(err) => {
+                bump(&self.counters.fills_failed);
+                self.cache_failed(Permit::Use, &err);
+                log::debug!("fill of {:?} failed: {}", keys.value, err.chain());
+                Verdict::Failed
+            }
+        }
+    }
+
+    /// A load that will not be cached (no lease, or no Redis).
+    fn load_uncached<L: Load>(&self, m: &Miss<'_>, load: L) -> Result<Answer> {
+        self.load_uncached_shared(m, load)
+            .or_else(|err| self.load_failed(m, err))
+    }
+
+    fn load_uncached_shared<L: Load>(&self, m: &Miss<'_>, load: L) -> Shared {
+        let loaded = load.run();
+        #[cfg(feature = "test-hooks")]
+        self.hooks.after_load(m.key);
+        #[cfg(not(feature = "test-hooks"))]
+        let _ = m;
+        loaded.map(|loaded| answer_of(&loaded))
+    }
+
+    /// A load failed: with a fail-safe copy at hand, serve it; else the error.
+    fn load_failed(&self, m: &Miss<'_>, err: Error) -> Result<Answer> {
+        if m.stale.is_some() && err.kind() != ErrorKind::InvalidArgument {
+            return self.serve_stale(m);
+        }
+        Err(err)
+    }
+
+    /// Serves the fail-safe copy and re-arms it for the throttle period
+    /// (only if it is still the same bytes: nothing newer is overwritten).
+    fn serve_stale(&self, m: &Miss<'_>) -> Result<Answer> {
+        let Some(raw) = &m.stale else {
+            return Err(Error::new(
+                ErrorKind::Database,
+                "no fail-safe copy to serve",
+            ));
+        };
+        bump(&self.counters.stale_served);
+        if m.use_redis
+            && let Ok(entry) = Entry::decode(raw)
+        {
+            let again = entry.rearmed(self.settings.fail_safe_throttle);
+            let rearmed = lease::rearm(&self.cache, &m.keys.value, raw, &again);
+            let _ = self.cache_call(m.permit, rearmed);
+        }
+        Ok(Answer::Stale)
+    }
+
+    /// A fresh entry read again by a follower, as an answer.
+    fn fresh_answer(&self, m: &Miss<'_>, raw: &[u8]) -> Option<Answer> {
+        match Entry::decode(raw) {
+            Ok(entry) if entry.is_fresh(now_ms()) => match entry.payload {
+                Payload::Absent => Some(Answer::Absent),
+                Payload::Value(json) if (m.fits)(json) => Some(Answer::Value(json.into())),
+                Payload::Value(_) => {
+                    self.corrupt(&m.keys.value, raw);
+                    None
+                }
+            },
+            Ok(_) => None,
+            Err(_) => {
+                self.corrupt(&m.keys.value, raw);
+                None
+            }
+        }
+    }
+
+    fn acquire(&self, m: &Miss<'_>, claim: Claim, token: &lease::Token) -> Result<Claimed> {
         // A corrupt value is deleted and the claim retried on a clean slate;
         // bounded, in case something keeps writing garbage under our key.
         for _ in 0..3 {
-            match self
-                .cache
-                .acquire(keys, claim, token, s.lease_ttl, s.lock_ttl)?
-            {
-                Acquired::Granted => return Ok(Claimed::Granted),
-                Acquired::Busy => return Ok(Claimed::Busy),
-                Acquired::Cached(raw) => {
-                    if let Some((hit, _)) = self.decode_hit::<T>(&keys.value, &raw) {
-                        return Ok(Claimed::Cached(hit));
+            let acquired = lease::acquire(
+                &self.cache,
+                &m.keys,
+                claim,
+                token,
+                self.settings.ttls,
+                now_ms(),
+            );
+            match self.cache_call(m.permit, acquired) {
+                Ok(Acquired::Granted) => return Ok(Claimed::Granted),
+                Ok(Acquired::Busy) => return Ok(Claimed::Busy),
+                Ok(Acquired::Cached(raw)) => {
+                    if let Some(answer) = self.fresh_answer(m, &raw) {
+                        return Ok(Claimed::Cached(answer));
                     }
+                }
+                Err(err) => {
+                    // The script may have run on the server after the client
+                    // gave up: what it took is an orphan until released.
+                    if err.is_outage() {
+                        self.keeper.orphan(&m.keys, token.clone());
+                    }
+                    return Err(err);
                 }
             }
         }
         Err(Error::corrupt(
-            &keys.value,
+            &m.keys.value,
             "rewritten with garbage as fast as it is deleted",
         ))
     }
-
-    fn hold<'a>(&'a self, keys: &'a Keys, token: &'a str) -> Hold<'a> {
-        Hold {
-            cache: &self.cache,
-            keys,
-            token,
-        }
-    }
-
-    /// Stores a load's result if `hold` still has the lease, and releases
-    /// the lease and lock. The lease check and the write are one Lua script:
-    /// there is no window between them.
-    fn fill<T: Serialize>(
-        &self,
-        hold: Hold<'_>,
-        ttl: Duration,
-        loaded: &Loaded<T>,
-    ) -> Result<bool> {
-        let json;
-        let (payload, ttl) = match &loaded.value {
-            Some(value) => {
-                json = to_json(value)?;
-                (Payload::Value(&json), ttl)
-            }
-            None => (Payload::Absent, self.settings.negative_ttl),
-        };
-        let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
-        #[cfg(feature = "test-hooks")]
-        if self.hooks.leases_disabled() {
-            return self
-                .cache
-                .set_raw(&hold.keys.value, &raw, ttl)
-                .map(|()| true);
-        }
-        let stored = self.cache.fill(hold.keys, hold.token, &raw, ttl)?;
-        // The script released the lease and lock; skip the guard's release
-        // round trip.
-        std::mem::forget(hold);
-        if !stored {
-            bump(&self.counters.fills_dropped);
-        }
-        Ok(stored)
-    }
 }
 
-/// A granted lease (and maybe lock). Dropping it releases both if still
-/// ours, so a loader that fails or panics does not hold up other readers
-/// until the lease expires; a successful fill releases them itself and
-/// forgets the guard.
-struct Hold<'a> {
+/// What an early refresh reloads.
+#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
+struct Target {
+    key: String,
+    keys: Keys,
+    ttl: Duration,
+    deadline: Instant,
+}
+
+/// A fill's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Stored,
+    Dropped,
+    Failed,
+}
+
+/// A finished load: its answer (or error), and the read number before which
+/// a follower must have joined to take it.
+struct Filled {
+    outcome: Shared,
+    valid_before: u64,
+}
+
+/// What a load under a hold came to.
+enum Held {
+    Done(Filled),
+    /// The soft timeout passed first; the load goes on in the background.
+    GaveUp,
+}
+
+/// What the engine made of an acquire attempt.
+enum Claimed {
+    Cached(Answer),
+    Granted,
+    Busy,
+}
+
+/// Removes a write-through writer's token on every path but success
+/// (errors, panics), so tokens never pile up in the writers set.
+struct Writer<'a> {
     cache: &'a Cache,
     keys: &'a Keys,
     token: &'a str,
 }
 
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        // Compare-and-delete: harmless if the lease or lock is someone else's
-        // by now. A failure leaves them to expire.
-        let _ = self.cache.release(self.keys, self.token);
+impl Writer<'_> {
+    /// The write-through script removed the token.
+    fn consumed(self) {
+        std::mem::forget(self);
     }
 }
 
-/// What the engine made of an acquire attempt.
-enum Claimed<T> {
-    Cached(Option<T>),
-    Granted,
-    Busy,
+impl Drop for Writer<'_> {
+    fn drop(&mut self) {
+        // Best effort: a token left behind expires with its set.
+        let _ = lease::unregister_writer(self.cache, self.keys, self.token);
+    }
 }
 
-/// Runs a loader and times it (XFetch needs the time a load takes). A panic
-/// unwinds through: the drop guards on the way release the lease and lock
-/// and wake single-flight followers.
-fn timed<T>(load: impl FnOnce() -> Result<Option<(T, u64)>>) -> Result<Loaded<T>> {
-    let start = Instant::now();
-    let (value, version) = match load()? {
-        Some((value, version)) => (Some(value), version),
-        None => (None, 0),
-    };
-    Ok(Loaded {
-        value,
-        version,
-        took: start.elapsed(),
-    })
+fn answer_of(loaded: &Loaded) -> Answer {
+    match &loaded.json {
+        Some(json) => Answer::Value(json.as_slice().into()),
+        None => Answer::Absent,
+    }
 }
 
 fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
@@ -698,7 +1415,7 @@ fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid_argument("value does not serialize to JSON").with_source(e))
 }
 
-fn decode_shared<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>> {
+fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>> {
     serde_json::from_slice(json)
         .map(Some)
         .map_err(|e| Error::corrupt(key, format!("another caller loaded a different type: {e}")))

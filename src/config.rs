@@ -4,11 +4,28 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// The longest TTL a value may be given (ten years): a TTL is a promise
+/// about freshness, and Redis refuses expiry times past the year 2262 anyway.
+/// A C caller that passes `UINT64_MAX` for "forever" gets
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind) naming this bound.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
 /// Every setting of a [`Client`](crate::Client) or [`CacheAside`](crate::CacheAside).
 ///
 /// Start from [`Config::default()`] or [`Config::from_env()`] and change the
 /// fields you need; [`Config::validate`] (called when a client opens) rejects
-/// unusable values with [`ErrorKind::InvalidArgument`](crate::ErrorKind).
+/// unusable values, and values that cannot work together, with
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind) naming the fields.
+///
+/// How the timeouts fit together (each is checked):
+/// - a database load takes at most `pool_timeout + statement_timeout` (plus
+///   the client's margin), so `lock_wait`, how long another process waits
+///   for a load before running its own, is at least that;
+/// - a lease or rebuild lock is renewed every third of its TTL while its
+///   load runs, so each TTL is at least three `cache_timeout`s (a renewal
+///   that times out leaves time for the next);
+/// - `cache_timeout` is at most `pool_timeout`: the cache is the fast path;
+/// - with fail-safe on, `fail_safe_max` is at least `fail_safe_throttle`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -17,6 +34,8 @@ use crate::error::{Error, Result};
 /// config.ttl = Duration::from_secs(300);
 /// config.set_users_table("accounts.users").unwrap();
 /// assert!(config.set_users_table("users; drop table users").is_err());
+/// config.lock_wait = Duration::from_secs(1); // shorter than a load may take
+/// assert!(config.validate().unwrap_err().to_string().contains("lock_wait"));
 /// ```
 #[derive(Debug, Clone)]
 #[non_exhaustive]
@@ -30,22 +49,30 @@ pub struct Config {
     pub db_pool_size: u32,
     /// Most Redis connections one client opens. Defaults to 16.
     pub cache_pool_size: u32,
-    /// Idle connections each pool keeps open; the rest are opened on demand.
-    /// Defaults to 1.
+    /// Idle connections each pool keeps open (opened in the background; a
+    /// client opens without waiting for them). Defaults to 1.
     pub pool_min_idle: u32,
-    /// How long a caller waits for a free pooled connection before
-    /// [`ErrorKind::Timeout`](crate::ErrorKind). Defaults to 5 s.
+    /// How long a caller waits for a free Postgres connection when every
+    /// pooled one is busy, before [`ErrorKind::Timeout`](crate::ErrorKind).
+    /// (A server that refuses connections fails the call at once instead.)
+    /// Defaults to 5 s.
     pub pool_timeout: Duration,
-    /// TCP connect timeout for both servers. Defaults to 3 s.
+    /// Bound on opening one Postgres connection: TCP connect, startup and
+    /// authentication. Defaults to 3 s.
     pub connect_timeout: Duration,
-    /// Read and write timeout of every Redis command; without one a
-    /// synchronous connection blocks forever on a hung server. Defaults to 3 s.
-    pub cache_io_timeout: Duration,
-    /// Postgres `statement_timeout` set on every connection. Defaults to 10 s.
+    /// Bound on everything Redis does for one command: opening a connection,
+    /// waiting for a pooled one, and each read and write. A frozen Redis
+    /// costs a call at most this (and nothing once the circuit breaker has
+    /// opened). Defaults to 250 ms.
+    pub cache_timeout: Duration,
+    /// Postgres `statement_timeout`, set on every connection; the client
+    /// gives up 500 ms later on a server that did not cancel the statement
+    /// itself. Defaults to 10 s.
     pub statement_timeout: Duration,
-    /// TTL of a cached value. Defaults to 60 s.
+    /// TTL of a cached value. At most [`MAX_TTL`]. Defaults to 60 s.
     pub ttl: Duration,
-    /// TTL of a cached "absent" entry (negative caching). Defaults to 10 s.
+    /// TTL of a cached "absent" entry (negative caching). At most
+    /// [`MAX_TTL`]. Defaults to 10 s.
     pub negative_ttl: Duration,
     /// Prefix of every Redis key this client touches, e.g. `"myapp:"`.
     /// May not contain `{` or `}` (they delimit the cluster hash tag).
@@ -54,14 +81,17 @@ pub struct Config {
     /// Table the lab's user functions read and write; an SQL identifier,
     /// optionally schema-qualified. Defaults to `users`.
     pub users_table: String,
-    /// How long a reader's lease (its right to fill a missed key) lives.
-    /// A fill after it expired is dropped. Defaults to 10 s.
+    /// How long a reader's lease (its right to fill a missed key) lives
+    /// without renewal; it is renewed while its load runs, so this is how
+    /// long a dead reader's lease blocks fills. Defaults to 3 s.
     pub lease_ttl: Duration,
-    /// How long the cross-process rebuild lock lives if its holder dies
-    /// without releasing it. Defaults to 5 s.
+    /// How long the cross-process rebuild lock lives without renewal; it is
+    /// renewed while its load runs, so this is how long a dead holder delays
+    /// other processes. Defaults to 3 s.
     pub lock_ttl: Duration,
     /// Longest a reader waits for another process's rebuild before loading
-    /// the value itself. Defaults to 10 s.
+    /// the value itself. At least `pool_timeout + statement_timeout`.
+    /// Defaults to 15 s.
     pub lock_wait: Duration,
     /// How often a reader waiting on another process's rebuild looks for the
     /// value. Defaults to 2 ms.
@@ -69,6 +99,50 @@ pub struct Config {
     /// XFetch early-refresh aggressiveness; `0.0` turns early refresh off,
     /// larger values refresh earlier. Defaults to 1.0.
     pub beta: f64,
+    /// Fail-safe: how long past its TTL an entry stays in Redis as a
+    /// last-known-good copy, served when a reload fails (the database is down
+    /// or too slow) instead of the error. `Duration::ZERO` turns fail-safe
+    /// off. Defaults to off.
+    pub fail_safe_max: Duration,
+    /// After a copy was served because a reload failed, for how long it is
+    /// served as if fresh, so the next callers do not all retry the database
+    /// at once. Defaults to 5 s.
+    pub fail_safe_throttle: Duration,
+    /// With a fail-safe copy at hand, how long a reader waits for a reload
+    /// before it takes the copy (the reload goes on and fills the cache when
+    /// it finishes, when it can run in the background).
+    /// `Duration::ZERO` waits for the reload. Defaults to off.
+    pub soft_timeout: Duration,
+    /// Consecutive Redis failures that open the circuit breaker, after which
+    /// reads go straight to Postgres without touching Redis. 0 turns the
+    /// breaker off. Defaults to 3.
+    pub breaker_failures: u32,
+    /// How long the breaker stays open before one caller probes Redis again.
+    /// Defaults to 1 s.
+    pub breaker_cool_off: Duration,
+    /// Threads of the client's background pool (early refreshes, slow
+    /// reloads past the soft timeout). 0 runs that work on the calling
+    /// thread. Defaults to 2.
+    pub background_threads: u32,
+    /// Run the invalidation relay: a thread that applies the changes the
+    /// outbox trigger recorded (including writes that bypassed the library,
+    /// and invalidations Redis missed) to the cache. Defaults to on.
+    pub invalidation_relay: bool,
+    /// How often the relay reads the outbox when no notification wakes it:
+    /// a lost notification costs at most this. Defaults to 1 s.
+    pub relay_poll: Duration,
+    /// The outbox table the change-capture trigger writes and the relay
+    /// reads; an SQL identifier. Defaults to `cacheaside_invalidations`.
+    pub outbox_table: String,
+    /// How long outbox rows are kept. A relay that was away longer than this
+    /// cannot know what it missed, and empties its namespace of cached
+    /// entries instead. Defaults to 24 h.
+    pub outbox_retention: Duration,
+    /// Prepared statements kept per Postgres connection (least recently
+    /// used evicted). 0 prepares, runs and closes every statement: for
+    /// poolers that cannot keep prepared statements across calls (PgBouncer
+    /// in transaction mode before 1.21). Defaults to 256.
+    pub statement_cache_size: usize,
 }
 
 impl Default for Config {
@@ -81,17 +155,28 @@ impl Default for Config {
             pool_min_idle: 1,
             pool_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(3),
-            cache_io_timeout: Duration::from_secs(3),
+            cache_timeout: Duration::from_millis(250),
             statement_timeout: Duration::from_secs(10),
             ttl: Duration::from_secs(60),
             negative_ttl: Duration::from_secs(10),
             namespace: String::new(),
             users_table: "users".into(),
-            lease_ttl: Duration::from_secs(10),
-            lock_ttl: Duration::from_secs(5),
-            lock_wait: Duration::from_secs(10),
+            lease_ttl: Duration::from_secs(3),
+            lock_ttl: Duration::from_secs(3),
+            lock_wait: Duration::from_secs(15),
             lock_poll: Duration::from_millis(2),
             beta: 1.0,
+            fail_safe_max: Duration::ZERO,
+            fail_safe_throttle: Duration::from_secs(5),
+            soft_timeout: Duration::ZERO,
+            breaker_failures: 3,
+            breaker_cool_off: Duration::from_secs(1),
+            background_threads: 2,
+            invalidation_relay: true,
+            relay_poll: Duration::from_secs(1),
+            outbox_table: "cacheaside_invalidations".into(),
+            outbox_retention: Duration::from_secs(24 * 3600),
+            statement_cache_size: 256,
         }
     }
 }
@@ -132,12 +217,21 @@ impl Config {
         Ok(())
     }
 
-    /// Checks every setting; a client refuses to open with an invalid one.
+    /// Checks every setting, alone and against the others; a client refuses
+    /// to open with an invalid config.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) naming the setting.
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) naming the settings.
     pub fn validate(&self) -> Result<()> {
+        self.validate_each()?;
+        self.validate_together()
+    }
+
+    /// Checks each setting on its own (what a C setter checks: the relations
+    /// are checked when the client opens, so setters may come in any order).
+    pub(crate) fn validate_each(&self) -> Result<()> {
         validate_table_name(&self.users_table)?;
+        validate_table_name(&self.outbox_table)?;
         validate_namespace(&self.namespace)?;
         if self.db_pool_size == 0 || self.cache_pool_size == 0 {
             return Err(Error::invalid_argument("pool sizes must be at least 1"));
@@ -145,13 +239,16 @@ impl Config {
         let nonzero = [
             ("pool_timeout", self.pool_timeout),
             ("connect_timeout", self.connect_timeout),
-            ("cache_io_timeout", self.cache_io_timeout),
+            ("cache_timeout", self.cache_timeout),
             ("statement_timeout", self.statement_timeout),
             ("ttl", self.ttl),
             ("negative_ttl", self.negative_ttl),
             ("lease_ttl", self.lease_ttl),
             ("lock_ttl", self.lock_ttl),
             ("lock_poll", self.lock_poll),
+            ("breaker_cool_off", self.breaker_cool_off),
+            ("relay_poll", self.relay_poll),
+            ("outbox_retention", self.outbox_retention),
         ];
         for (name, value) in nonzero {
             if value.as_millis() == 0 {
@@ -160,11 +257,96 @@ impl Config {
                 )));
             }
         }
+        for (name, value) in [
+            ("ttl", self.ttl),
+            ("negative_ttl", self.negative_ttl),
+            (
+                "ttl + fail_safe_max",
+                self.ttl.saturating_add(self.fail_safe_max),
+            ),
+        ] {
+            check_ttl(name, value)?;
+        }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             return Err(Error::invalid_argument("beta must be a finite number >= 0"));
         }
         Ok(())
     }
+
+    /// Checks the settings that must fit together.
+    fn validate_together(&self) -> Result<()> {
+        let ms = |d: Duration| d.as_millis();
+        if self.cache_timeout > self.pool_timeout {
+            return Err(Error::invalid_argument(format!(
+                "cache_timeout ({} ms) must not be longer than pool_timeout ({} ms): \
+                 the cache is the fast path",
+                ms(self.cache_timeout),
+                ms(self.pool_timeout)
+            )));
+        }
+        for (name, ttl) in [("lease_ttl", self.lease_ttl), ("lock_ttl", self.lock_ttl)] {
+            if ttl < self.cache_timeout * 3 {
+                return Err(Error::invalid_argument(format!(
+                    "{name} ({} ms) must be at least 3 x cache_timeout ({} ms): it is renewed \
+                     every third of its TTL, and a renewal may take a cache_timeout",
+                    ms(ttl),
+                    ms(self.cache_timeout) * 3
+                )));
+            }
+        }
+        check_ttl(
+            "ttl + fail_safe_max",
+            self.ttl
+                .max(self.negative_ttl)
+                .saturating_add(self.fail_safe_max),
+        )?;
+        let longest_load = self.pool_timeout + self.statement_timeout;
+        if self.lock_wait < longest_load {
+            return Err(Error::invalid_argument(format!(
+                "lock_wait ({} ms) must be at least pool_timeout + statement_timeout ({} ms), \
+                 the longest a database load may take: a waiter that gives up sooner loads a \
+                 second time",
+                ms(self.lock_wait),
+                ms(longest_load)
+            )));
+        }
+        if !self.fail_safe_max.is_zero() && self.fail_safe_max < self.fail_safe_throttle {
+            return Err(Error::invalid_argument(format!(
+                "fail_safe_max ({} ms) must be at least fail_safe_throttle ({} ms)",
+                ms(self.fail_safe_max),
+                ms(self.fail_safe_throttle)
+            )));
+        }
+        Ok(())
+    }
+
+    /// The longest one call may take before it gives up: a wait for another
+    /// process's load, then a load of its own, and the cache round trips
+    /// around them.
+    pub(crate) fn call_deadline(&self) -> Duration {
+        self.lock_wait
+            + self.pool_timeout
+            + self.statement_timeout
+            + crate::db::CLIENT_MARGIN
+            + self.cache_timeout * 4
+    }
+}
+
+/// Rejects a TTL of zero or beyond [`MAX_TTL`].
+pub(crate) fn check_ttl(name: &str, ttl: Duration) -> Result<()> {
+    if ttl.as_millis() == 0 {
+        return Err(Error::invalid_argument(format!(
+            "{name} must be at least 1 ms"
+        )));
+    }
+    if ttl > MAX_TTL {
+        return Err(Error::invalid_argument(format!(
+            "{name} ({} ms) is longer than the maximum TTL ({} ms, ten years)",
+            ttl.as_millis(),
+            MAX_TTL.as_millis()
+        )));
+    }
+    Ok(())
 }
 
 /// Accepts `name` or `schema.name`, each part `[A-Za-z_][A-Za-z0-9_]*` and at
@@ -232,6 +414,52 @@ mod tests {
         assert!(validate_namespace("app:v1:").is_ok());
         assert!(validate_namespace("a{b").is_err());
         assert!(validate_namespace("a\nb").is_err());
+    }
+
+    #[test]
+    fn validate_relates_the_timeouts() {
+        let c = Config {
+            cache_timeout: Duration::from_secs(6),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("cache_timeout") && err.contains("pool_timeout"),
+            "{err}"
+        );
+        let c = Config {
+            lease_ttl: Duration::from_millis(500),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("lease_ttl"));
+        let c = Config {
+            fail_safe_max: Duration::from_secs(1),
+            fail_safe_throttle: Duration::from_secs(2),
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("fail_safe_max") && err.contains("fail_safe_throttle"),
+            "{err}"
+        );
+        let c = Config {
+            statement_timeout: Duration::from_secs(60),
+            ..Config::default()
+        };
+        assert!(c.validate().unwrap_err().to_string().contains("lock_wait"));
+    }
+
+    #[test]
+    fn ttls_have_a_ceiling() {
+        assert!(check_ttl("ttl", MAX_TTL).is_ok());
+        let err = check_ttl("ttl", Duration::from_millis(u64::MAX)).unwrap_err();
+        assert!(err.to_string().contains("maximum TTL"), "{err}");
+        let c = Config {
+            ttl: MAX_TTL,
+            fail_safe_max: Duration::from_secs(3600),
+            ..Config::default()
+        };
+        assert!(c.validate().is_err(), "ttl + fail_safe_max is bounded too");
     }
 
     #[test]

@@ -1,21 +1,31 @@
-//! PostgreSQL: a pool of blocking connections, prepared statements, and a
+//! PostgreSQL: a pool of blocking connections with a deadline on every
+//! statement, a bounded cache of prepared statements per connection, and a
 //! counter of every statement sent, which is how tests prove a cache hit
 //! never reaches the database.
+//!
+//! Bounds: a checkout waits at most `pool_timeout` for a busy pool (and fails
+//! at once, with the cause, when the server refuses connections); a connect
+//! at most `connect_timeout`; a statement at most `statement_timeout` on the
+//! server and that plus [`CLIENT_MARGIN`] on the client, so a server that
+//! stops answering fails the call instead of hanging it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-use postgres::types::ToSql;
-use postgres::{NoTls, Row, Statement};
-use r2d2::ManageConnection;
-use r2d2_postgres::PostgresConnectionManager;
+use tokio_postgres::{Row, Statement};
 
 use crate::config::Config;
-use crate::error::{Error, Result, pool_timeout};
-
+use crate::error::{Error, Result};
+use crate::pg::PgConnection;
 /// Query parameters: values bound to `$1`, `$2`, ... never formatted into SQL.
-pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
+pub type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
+use crate::pool::{Conn, Connector, Pool};
+
+/// How long after `statement_timeout` the client gives up on a statement the
+/// server did not cancel (it is frozen, or the network dropped us).
+pub const CLIENT_MARGIN: Duration = Duration::from_millis(500);
 
 /// A pooled PostgreSQL client that counts the statements it sends.
 ///
@@ -31,55 +41,65 @@ pub type Params<'a> = &'a [&'a (dyn ToSql + Sync)];
 /// ```
 #[derive(Clone)]
 pub struct Db {
-    pool: r2d2::Pool<PgManager>,
+    pool: Pool<PgConnector>,
     queries: Arc<AtomicU64>,
+    deadline: Duration,
 }
 
 impl Db {
-    /// Opens the pool (and its first idle connection) for `config.database_url`.
+    /// Builds the pool for `config.database_url`. Connections open lazily
+    /// (and in the background), so this succeeds while the server is down;
+    /// the first statement then reports why it cannot connect.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an unparsable URL;
-    /// [`ErrorKind::Timeout`](crate::ErrorKind) when no connection could be
-    /// made within `pool_timeout`.
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an unparsable URL.
     pub fn connect(config: &Config) -> Result<Db> {
-        let mut pg: postgres::Config = config
+        let mut pg: tokio_postgres::Config = config
             .database_url
             .parse()
-            .map_err(|e| Error::invalid_argument("database URL").with_source(e))?;
+            .map_err(|e| Error::invalid_argument("database URL does not parse").with_source(e))?;
         pg.connect_timeout(config.connect_timeout);
-        pg.options(&format!(
+        pg.options(format!(
             "-c statement_timeout={}",
             config.statement_timeout.as_millis()
         ));
-        let manager = PgManager(PostgresConnectionManager::new(pg, NoTls));
-        let pool = r2d2::Pool::builder()
-            .max_size(config.db_pool_size)
-            .min_idle(Some(config.pool_min_idle.min(config.db_pool_size)))
-            .connection_timeout(config.pool_timeout)
-            // No validation query on checkout: it would cost a round trip per
-            // statement. A connection that broke is seen by `has_broken` when
-            // it comes back, and the statement that found it fails with a
-            // database error the caller can retry.
-            .test_on_check_out(false)
-            .build(manager)
-            .map_err(|e| pool_timeout("database", e))?;
+        // A dead peer on an idle pooled connection is noticed by the kernel
+        // (keepalives), and unacknowledged data fails a socket after
+        // `tcp_user_timeout` (a partition, not a frozen server: that one
+        // ACKs, and only the client-side deadline catches it).
+        pg.keepalives(true);
+        pg.keepalives_idle(Duration::from_secs(5));
+        pg.keepalives_interval(Duration::from_secs(1));
+        pg.keepalives_retries(3);
+        pg.tcp_user_timeout(config.statement_timeout + CLIENT_MARGIN);
+        let connector = PgConnector {
+            config: pg,
+            connect_timeout: config.connect_timeout,
+            statement_capacity: config.statement_cache_size,
+        };
         Ok(Db {
-            pool,
+            pool: Pool::new(
+                connector,
+                config.db_pool_size,
+                config.pool_min_idle,
+                config.pool_timeout,
+            ),
             queries: Arc::new(AtomicU64::new(0)),
+            deadline: config.statement_timeout + CLIENT_MARGIN,
         })
     }
 
     /// Runs a statement that returns at most one row; `Ok(None)` for no row.
     ///
-    /// The statement is prepared once per pooled connection and reused.
+    /// The statement is prepared once per pooled connection and reused (see
+    /// [`Config::statement_cache_size`]).
     ///
     /// # Errors
     /// [`ErrorKind::Database`](crate::ErrorKind) when Postgres refuses it or
     /// it returns more than one row; [`ErrorKind::Timeout`](crate::ErrorKind)
-    /// for a pool checkout or `statement_timeout`.
+    /// for a pool checkout, `statement_timeout` or the client-side deadline.
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.with_statement(sql, |client, stmt| client.query_opt(stmt, params))
+        self.with_conn(|conn| conn.query_one(sql, params))
     }
 
     /// Runs a statement and returns all its rows.
@@ -87,7 +107,7 @@ impl Db {
     /// # Errors
     /// As [`Db::query_one`].
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
-        self.with_statement(sql, |client, stmt| client.query(stmt, params))
+        self.with_conn(|conn| conn.query(sql, params))
     }
 
     /// Runs a statement and returns how many rows it changed.
@@ -95,7 +115,7 @@ impl Db {
     /// # Errors
     /// As [`Db::query_one`].
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
-        self.with_statement(sql, |client, stmt| client.execute(stmt, params))
+        self.with_conn(|conn| conn.execute(sql, params))
     }
 
     /// Runs one or more `;`-separated statements without parameters (schema
@@ -104,10 +124,42 @@ impl Db {
     /// # Errors
     /// As [`Db::query_one`].
     pub fn batch_execute(&self, sql: &str) -> Result<()> {
-        let mut conn = self.checkout()?;
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        conn.client.batch_execute(sql)?;
-        Ok(())
+        self.with_conn(|conn| conn.batch_execute(sql))
+    }
+
+    /// Runs `work` in one transaction on one connection: committed when it
+    /// returns `Ok`, rolled back when it returns `Err` (or panics, or a
+    /// deadline breaks the connection). `BEGIN` and `COMMIT` are not counted
+    /// as statements; what `work` runs is.
+    ///
+    /// ```no_run
+    /// # let db = cacheaside::Db::connect(&cacheaside::Config::from_env())?;
+    /// let moved = db.transaction(|tx| {
+    ///     tx.execute("UPDATE accounts SET cents = cents - 100 WHERE id = $1", &[&1_i64])?;
+    ///     tx.execute("UPDATE accounts SET cents = cents + 100 WHERE id = $1", &[&2_i64])
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// What `work` returns; database errors and timeouts of `BEGIN` and
+    /// `COMMIT`.
+    pub fn transaction<T>(
+        &self,
+        work: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
+    ) -> Result<T> {
+        let mut conn = self.pool.get("database")?;
+        conn.pg.batch_execute("BEGIN", self.deadline)?;
+        let mut tx = Transaction {
+            conn: &mut conn,
+            db: self,
+            finished: false,
+        };
+        let outcome = work(&mut tx);
+        let finished = tx.finish(outcome.is_ok());
+        let value = outcome?;
+        finished?;
+        Ok(value)
     }
 
     /// How many statements this pool has sent to Postgres since it opened
@@ -116,56 +168,270 @@ impl Db {
         self.queries.load(Ordering::Relaxed)
     }
 
-    fn checkout(&self) -> Result<r2d2::PooledConnection<PgManager>> {
-        self.pool.get().map_err(|e| pool_timeout("database", e))
+    /// The same pool with a counter of its own: for the library's own
+    /// statements (the relay's), which [`Db::query_count`] must not show.
+    pub(crate) fn uncounted(&self) -> Db {
+        Db {
+            queries: Arc::new(AtomicU64::new(0)),
+            ..self.clone()
+        }
     }
 
-    fn with_statement<T>(
-        &self,
-        sql: &str,
-        run: impl FnOnce(&mut postgres::Client, &Statement) -> Result<T, postgres::Error>,
-    ) -> Result<T> {
-        let mut conn = self.checkout()?;
-        let PgConn { client, statements } = &mut *conn;
-        let stmt = match statements.get(sql) {
-            Some(stmt) => stmt.clone(),
-            None => {
-                let stmt = client.prepare(sql)?;
-                statements.insert(sql.to_owned(), stmt.clone());
-                stmt
-            }
+    /// A connection of its own, outside the pool, for a long-lived use
+    /// (`LISTEN`): bounded like every other.
+    pub(crate) fn dedicated(&self) -> Result<DbConn> {
+        Ok(DbConn {
+            conn: self.pool.fresh()?,
+            db: self.clone(),
+        })
+    }
+
+    fn with_conn<T>(&self, work: impl FnOnce(&mut DbConn) -> Result<T>) -> Result<T> {
+        let mut conn = DbConn {
+            conn: self.pool.get("database")?,
+            db: self.clone(),
         };
-        self.queries.fetch_add(1, Ordering::Relaxed);
-        Ok(run(client, &stmt)?)
+        work(&mut conn)
+    }
+}
+
+/// One checked-out connection with the pool's counter and deadline.
+pub(crate) struct DbConn {
+    conn: Conn<PgConnector>,
+    db: Db,
+}
+
+impl DbConn {
+    fn statement(&mut self, sql: &str) -> Result<Statement> {
+        let deadline = self.db.deadline;
+        self.conn.statement(sql, deadline)
+    }
+
+    fn counted(&self) {
+        self.db.queries.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        let statement = self.statement(sql)?;
+        self.counted();
+        let deadline = self.db.deadline;
+        self.conn.pg.query_opt(&statement, params, deadline)
+    }
+
+    pub(crate) fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        let statement = self.statement(sql)?;
+        self.counted();
+        let deadline = self.db.deadline;
+        self.conn.pg.query(&statement, params, deadline)
+    }
+
+    pub(crate) fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64> {
+        let statement = self.statement(sql)?;
+        self.counted();
+        let deadline = self.db.deadline;
+        self.conn.pg.execute(&statement, params, deadline)
+    }
+
+    pub(crate) fn batch_execute(&mut self, sql: &str) -> Result<()> {
+        self.counted();
+        let deadline = self.db.deadline;
+        self.conn.pg.batch_execute(sql, deadline)
+    }
+
+    /// Waits up to `timeout` for a notification on a channel this connection
+    /// listens on.
+    pub(crate) fn next_notification(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<tokio_postgres::Notification>> {
+        self.conn.pg.next_notification(timeout)
+    }
+
+    pub(crate) fn is_broken(&self) -> bool {
+        self.conn.pg.is_broken()
+    }
+}
+
+/// Statements of one [`Db::transaction`], all on its connection.
+pub struct Transaction<'a> {
+    conn: &'a mut Conn<PgConnector>,
+    db: &'a Db,
+    /// `COMMIT` or `ROLLBACK` went through. If not (a panic in the work, a
+    /// failed rollback), the connection is dropped rather than handed to the
+    /// next caller in the middle of a transaction.
+    finished: bool,
+}
+
+impl Transaction<'_> {
+    fn run<T>(
+        &mut self,
+        sql: &str,
+        go: impl FnOnce(&mut PgConnection, &Statement, Duration) -> Result<T>,
+    ) -> Result<T> {
+        let deadline = self.db.deadline;
+        let statement = self.conn.statement(sql, deadline)?;
+        self.db.queries.fetch_add(1, Ordering::Relaxed);
+        go(&mut self.conn.pg, &statement, deadline)
+    }
+
+    fn finish(&mut self, commit: bool) -> Result<()> {
+        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
+        self.conn.pg.batch_execute(sql, self.db.deadline)?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// As [`Db::query_one`], inside the transaction.
+    ///
+    /// # Errors
+    /// As [`Db::query_one`].
+    pub fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        self.run(sql, |pg, s, d| pg.query_opt(s, params, d))
+    }
+
+    /// As [`Db::query`], inside the transaction.
+    ///
+    /// # Errors
+    /// As [`Db::query_one`].
+    pub fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
+        self.run(sql, |pg, s, d| pg.query(s, params, d))
+    }
+
+    /// As [`Db::batch_execute`], inside the transaction.
+    ///
+    /// # Errors
+    /// As [`Db::query_one`].
+    pub fn batch_execute(&mut self, sql: &str) -> Result<()> {
+        self.db.queries.fetch_add(1, Ordering::Relaxed);
+        self.conn.pg.batch_execute(sql, self.db.deadline)
+    }
+
+    /// As [`Db::execute`], inside the transaction.
+    ///
+    /// # Errors
+    /// As [`Db::query_one`].
+    pub fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64> {
+        self.run(sql, |pg, s, d| pg.execute(s, params, d))
+    }
+}
+
+impl Drop for Transaction<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.conn.pg.mark_broken();
+        }
     }
 }
 
 /// A pooled connection with the statements prepared on it.
 pub(crate) struct PgConn {
-    client: postgres::Client,
-    statements: HashMap<String, Statement>,
+    pg: PgConnection,
+    statements: StatementCache<Statement>,
 }
 
-/// `r2d2_postgres`'s manager, extended with a per-connection statement cache
-/// so a miss costs one round trip (bind + execute), not two (prepare too).
-struct PgManager(PostgresConnectionManager<NoTls>);
+impl PgConn {
+    fn statement(&mut self, sql: &str, deadline: Duration) -> Result<Statement> {
+        if let Some(statement) = self.statements.get(sql) {
+            return Ok(statement);
+        }
+        let statement = self.pg.prepare(sql, deadline)?;
+        self.statements.insert(sql, statement.clone());
+        Ok(statement)
+    }
+}
 
-impl ManageConnection for PgManager {
-    type Connection = PgConn;
-    type Error = postgres::Error;
+/// At most `capacity` prepared statements, the least recently used evicted
+/// first (dropping a `Statement` closes it on the server). Keyed by SQL text,
+/// so dynamic SQL cannot grow it without bound. Capacity 0 keeps none: every
+/// statement is prepared, run and closed.
+struct StatementCache<S> {
+    capacity: usize,
+    clock: u64,
+    entries: HashMap<String, (S, u64)>,
+}
 
-    fn connect(&self) -> Result<PgConn, postgres::Error> {
-        Ok(PgConn {
-            client: self.0.connect()?,
-            statements: HashMap::new(),
+impl<S: Clone> StatementCache<S> {
+    fn new(capacity: usize) -> Self {
+        StatementCache {
+            capacity,
+            clock: 0,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&mut self, sql: &str) -> Option<S> {
+        self.clock += 1;
+        let clock = self.clock;
+        self.entries.get_mut(sql).map(|(statement, used)| {
+            *used = clock;
+            statement.clone()
         })
     }
 
-    fn is_valid(&self, conn: &mut PgConn) -> Result<(), postgres::Error> {
-        self.0.is_valid(&mut conn.client)
+    fn insert(&mut self, sql: &str, statement: S) {
+        if self.capacity == 0 {
+            return;
+        }
+        if self.entries.len() >= self.capacity {
+            // O(capacity), and only when a new SQL text arrives at a full
+            // cache: cheap next to the prepare round trip it follows.
+            let oldest = self
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(sql, _)| sql.clone());
+            if let Some(oldest) = oldest {
+                self.entries.remove(&oldest);
+            }
+        }
+        self.clock += 1;
+        self.entries.insert(sql.to_owned(), (statement, self.clock));
+    }
+}
+
+/// Opens the pool's connections.
+pub(crate) struct PgConnector {
+    config: tokio_postgres::Config,
+    connect_timeout: Duration,
+    statement_capacity: usize,
+}
+
+impl Connector for PgConnector {
+    type Conn = PgConn;
+
+    fn connect(&self) -> Result<PgConn> {
+        Ok(PgConn {
+            pg: PgConnection::connect(&self.config, self.connect_timeout)?,
+            statements: StatementCache::new(self.statement_capacity),
+        })
     }
 
-    fn has_broken(&self, conn: &mut PgConn) -> bool {
-        self.0.has_broken(&mut conn.client)
+    fn is_broken(&self, conn: &mut PgConn) -> bool {
+        conn.pg.is_broken()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statement_cache_evicts_the_least_recently_used() {
+        let mut cache = StatementCache::new(2);
+        cache.insert("a", 1);
+        cache.insert("b", 2);
+        assert_eq!(cache.get("a"), Some(1)); // "b" is now the oldest
+        cache.insert("c", 3);
+        assert_eq!(cache.get("b"), None);
+        assert_eq!(cache.get("a"), Some(1));
+        assert_eq!(cache.get("c"), Some(3));
+        assert_eq!(cache.entries.len(), 2);
+    }
+
+    #[test]
+    fn statement_cache_of_zero_keeps_nothing() {
+        let mut cache = StatementCache::new(0);
+        cache.insert("a", 1);
+        assert_eq!(cache.get("a"), None);
     }
 }

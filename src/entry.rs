@@ -8,8 +8,11 @@
 //! caching). `version` orders write-through updates (0 when unversioned) and
 //! is parsed by the write-through Lua script; `load_us` (how long the load
 //! took, in microseconds: fast loads take well under a millisecond) and
-//! `expires_at_ms` (Unix milliseconds) feed XFetch early refresh. Anything else under a key
-//! of ours is corrupt and treated as a miss.
+//! `expires_at_ms` (Unix milliseconds) feed XFetch early refresh.
+//! `expires_at_ms` is the entry's logical expiry (its TTL); with fail-safe on
+//! the key lives in Redis longer, and an entry past its logical expiry is a
+//! last-known-good copy: a miss, served only when a reload fails. Anything
+//! else under a key of ours is corrupt and treated as a miss.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -95,6 +98,20 @@ impl<'a> Entry<'a> {
         })
     }
 
+    /// True until the entry's TTL (its logical expiry) has passed.
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        self.expires_at_ms > now_ms
+    }
+
+    /// This entry again, fresh for `period` from now (same payload, version
+    /// and load time): a fail-safe copy re-armed after a failed reload.
+    pub fn rearmed(&self, period: Duration) -> Vec<u8> {
+        let mut again = *self;
+        again.expires_at_ms =
+            now_ms().saturating_add(period.as_millis().try_into().unwrap_or(u64::MAX));
+        again.encode()
+    }
+
     /// XFetch (Vattani et al., VLDB 2015): refresh early when
     /// `now - load * beta * ln(u) >= expiry`, `u` uniform in (0, 1]. The
     /// chance rises smoothly towards expiry, and faster for slow loads, so
@@ -132,6 +149,17 @@ mod tests {
         assert_eq!(Entry::decode(&raw), Ok(entry));
         let absent = Entry::new(Payload::Absent, 0, Duration::ZERO, Duration::from_secs(1));
         assert_eq!(Entry::decode(&absent.encode()), Ok(absent));
+    }
+
+    #[test]
+    fn freshness_is_the_logical_expiry() {
+        let entry = Entry::new(Payload::Absent, 3, Duration::ZERO, Duration::from_secs(1));
+        assert!(entry.is_fresh(now_ms()));
+        assert!(!entry.is_fresh(entry.expires_at_ms));
+        let raw = entry.rearmed(Duration::from_secs(60));
+        let again = Entry::decode(&raw).unwrap();
+        assert_eq!((again.version, again.payload), (3, Payload::Absent));
+        assert!(again.expires_at_ms >= entry.expires_at_ms + 59_000);
     }
 
     #[test]

@@ -46,6 +46,10 @@ pub struct Error {
     message: String,
     #[source]
     source: Option<Arc<dyn StdError + Send + Sync>>,
+    /// The server is unavailable (refused, dropped, timed out, rejected our
+    /// credentials), as opposed to refusing one request: what the circuit
+    /// breaker counts.
+    outage: bool,
 }
 
 /// `Result` with this crate's [`Error`].
@@ -57,7 +61,21 @@ impl Error {
             kind,
             message: message.into(),
             source: None,
+            outage: false,
         }
+    }
+
+    /// Marks the error as one that says the server is unavailable.
+    pub(crate) fn outage(mut self) -> Self {
+        self.outage = true;
+        self
+    }
+
+    /// True when the server is unavailable (refused, dropped or timed out a
+    /// connection, rejected the credentials), not merely refusing one
+    /// request.
+    pub(crate) fn is_outage(&self) -> bool {
+        self.outage
     }
 
     pub(crate) fn with_source(mut self, source: impl StdError + Send + Sync + 'static) -> Self {
@@ -128,39 +146,16 @@ impl fmt::Debug for Error {
     }
 }
 
-impl From<postgres::Error> for Error {
-    fn from(err: postgres::Error) -> Self {
-        // 57014 query_canceled is what statement_timeout raises.
-        let timed_out = err.code() == Some(&postgres::error::SqlState::QUERY_CANCELED)
-            || err.to_string().contains("timed out");
-        let kind = if timed_out {
-            ErrorKind::Timeout
-        } else {
-            ErrorKind::Database
-        };
-        let message = if timed_out {
-            "timed out: database statement"
-        } else {
-            "database query failed"
-        };
-        Error::new(kind, message).with_source(err)
+impl From<tokio_postgres::Error> for Error {
+    fn from(err: tokio_postgres::Error) -> Self {
+        crate::pg::db_error(err)
     }
 }
 
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
-        if err.is_timeout() {
-            Error::timeout("cache command").with_source(err)
-        } else {
-            Error::new(ErrorKind::Cache, "cache command failed").with_source(err)
-        }
+        crate::cache::classify(err)
     }
-}
-
-/// r2d2 only fails a checkout when its timeout passes (connection errors are
-/// retried until then), so a pool error is a timeout whichever side it is.
-pub(crate) fn pool_timeout(side: &str, err: r2d2::Error) -> Error {
-    Error::timeout(format!("waiting for a {side} connection")).with_source(err)
 }
 
 #[cfg(test)]

@@ -14,12 +14,20 @@ type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 #[derive(Default)]
 pub(crate) struct Hooks {
     after_load: Mutex<Option<Hook>>,
+    after_write: Mutex<Option<Hook>>,
     leases_disabled: AtomicBool,
 }
 
 impl Hooks {
     pub(crate) fn after_load(&self, key: &str) {
         let hook = self.after_load.lock().clone();
+        if let Some(hook) = hook {
+            hook(key);
+        }
+    }
+
+    pub(crate) fn after_write(&self, key: &str) {
+        let hook = self.after_write.lock().clone();
         if let Some(hook) = hook {
             hook(key);
         }
@@ -39,6 +47,13 @@ impl CacheAside {
     /// it for a slow read path.
     pub fn set_after_load_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         *self.hooks().after_load.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: `hook(key)` runs after a [`Client`](crate::Client) write
+    /// has committed and before it invalidates `key` (e.g. to kill the
+    /// process there).
+    pub fn set_after_write_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.hooks().after_write.lock() = Some(Arc::new(hook));
     }
 
     /// Test hook: removes the after-load hook.

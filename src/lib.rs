@@ -27,24 +27,30 @@
 //! ```
 #![warn(missing_docs)]
 
-mod aside;
-mod cache;
-mod config;
-mod db;
-mod entry;
-mod error;
-pub mod ffi;
+mod aside; // the engine: reads, writes, fail-safe
+mod background; // the client's small pool of background threads
+mod breaker; // the circuit breaker in front of Redis
+mod cache; // Redis: pool, keys, JSON values
+mod config; // settings and how they must fit together
+mod db; // Postgres: pool, statements, query counter
+mod entry; // the cached entry format, XFetch's decision
+mod error; // the one Error type and its kinds
+pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
-mod hooks;
-mod singleflight;
-mod users;
+mod hooks; // forced interleavings for tests
+mod lease; // the lease protocol: keys, scripts, renewal
+mod pg; // one blocking Postgres connection with deadlines
+mod pool; // pools that fail fast and heal fast
+mod relay; // invalidation from Postgres: outbox, trigger, relay
+mod singleflight; // in-process single-flight
+mod users; // the lab: users table and its functions
 
 pub use aside::{CacheAside, Mode, Stats};
 pub use cache::Cache;
-pub use config::Config;
-pub use db::{Db, Params};
+pub use config::{Config, MAX_TTL};
+pub use db::{Db, Params, Transaction};
 pub use error::{Error, ErrorKind, Result};
 pub use users::{Client, DEMO_USERS, UserProfile};
 
 /// Re-exported so callers of [`Db`] can name rows and parameter types.
-pub use postgres::{Row, types::ToSql};
+pub use tokio_postgres::{Row, types::ToSql};

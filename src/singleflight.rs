@@ -13,36 +13,92 @@
 //! next, which on two cores cost 57 ms for 1,000 followers (see the
 //! benchmark's stampede table); releasing a write lock unparks every waiting
 //! reader in one pass, and they then read the outcome side by side.
+//!
+//! Who may take an outcome. Each flight counts the reads of the source its
+//! leader begins (a cache lookup, a load, a fill: anything whose result it
+//! may publish). A follower notes the count when it joins; an outcome
+//! produced by read `n` is valid for the followers that joined before read
+//! `n` began, since that read happened during their calls. Later joiners
+//! must read again: a write may have returned between the read and their
+//! call. That is what lets a leader's row reach every early follower even
+//! when a write made its fill be dropped, without handing anyone a row
+//! older than a write that finished before they asked.
+//!
+//! Guarantees: the leader publishes on every exit path (a drop guard does
+//! it, panics included), a flight's map entry is removed only by its own
+//! leader, and a thread that calls back into the same key while it leads
+//! that key's flight is told so instead of waiting for itself.
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::ThreadId;
 use std::time::Instant;
 
 use parking_lot::{ArcRwLockWriteGuard, Mutex, RawRwLock, RwLock};
 
-/// Per-key flights in progress. `V` is what a leader hands its waiters.
+/// Per-key flights in progress. `V` is what a leader hands its followers.
+/// Cheap to clone; clones share the map.
 pub(crate) struct SingleFlight<V> {
     /// Guarded by its mutex: read and written only while joining a flight and
-    /// when its leader closes it. Never held across I/O or a flight's gate.
-    flights: Mutex<HashMap<String, Arc<Flight<V>>>>,
+    /// when its leader leaves. Never held across I/O or a flight's gate.
+    flights: Arc<Mutex<HashMap<String, Entry<V>>>>,
 }
 
-/// Write-locked by the leader until it publishes; followers block on read.
-type Flight<V> = RwLock<State<V>>;
+impl<V> Clone for SingleFlight<V> {
+    fn clone(&self) -> Self {
+        SingleFlight {
+            flights: Arc::clone(&self.flights),
+        }
+    }
+}
+
+struct Entry<V> {
+    flight: Flight<V>,
+    /// The thread running the leader's work now.
+    leader: ThreadId,
+}
+
+struct Flight<V> {
+    /// Write-locked by the leader until it publishes; followers block on read.
+    gate: Arc<RwLock<State<V>>>,
+    /// Reads of the source the leader has begun.
+    reads: Arc<AtomicU64>,
+}
+
+impl<V> Clone for Flight<V> {
+    fn clone(&self) -> Self {
+        Flight {
+            gate: Arc::clone(&self.gate),
+            reads: Arc::clone(&self.reads),
+        }
+    }
+}
 
 enum State<V> {
     /// The leader has not published. A follower that gets read access and
     /// still finds this knows the leader unwound (a panic) without publishing.
     Running,
-    Landed(V),
+    Landed(Landed<V>),
+}
+
+/// A published outcome and the read that produced it.
+struct Landed<V> {
+    value: V,
+    /// Followers that noted fewer reads than this when they joined may take
+    /// `value`; `u64::MAX` makes it valid for all.
+    valid_before: u64,
 }
 
 /// What [`SingleFlight::join`] made of the caller.
-pub(crate) enum Role<'a, V> {
+pub(crate) enum Role<V> {
     /// Do the work, then [`Leader::publish`] the outcome.
-    Leader(Leader<'a, V>),
+    Leader(Leader<V>),
     /// Someone else is doing it: [`Follower::wait`] for them.
     Follower(Follower<V>),
+    /// This very thread leads the key's flight: it was called back from its
+    /// own work (a loader that reads the key it is loading).
+    Reentrant,
 }
 
 /// Why a follower got no outcome.
@@ -54,27 +110,56 @@ pub(crate) enum WaitError {
     TimedOut,
 }
 
+/// What a follower got.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Waited<V> {
+    /// An outcome valid for this follower.
+    Outcome(V),
+    /// An outcome of a read that began before this follower joined: it may
+    /// predate a write that returned before the follower's call, so the
+    /// follower must read for itself.
+    TooOld(V),
+}
+
 impl<V: Clone> SingleFlight<V> {
     pub fn new() -> Self {
         SingleFlight {
-            flights: Mutex::new(HashMap::new()),
+            flights: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
     /// Joins the flight for `key`, starting one (as its leader) if none runs.
-    pub fn join(&self, key: &str) -> Role<'_, V> {
+    pub fn join(&self, key: &str) -> Role<V> {
         let mut flights = self.flights.lock();
-        if let Some(flight) = flights.get(key) {
-            return Role::Follower(Follower(Arc::clone(flight)));
+        if let Some(entry) = flights.get(key) {
+            if entry.leader == std::thread::current().id() {
+                return Role::Reentrant;
+            }
+            let flight = entry.flight.clone();
+            // Noted after joining (and before the lock is released, though
+            // that is not needed): a count read later is only ever larger,
+            // which makes the follower more careful, never less.
+            let seen = flight.reads.load(Ordering::SeqCst);
+            return Role::Follower(Follower { flight, seen });
         }
-        let flight = Arc::new(RwLock::new(State::Running));
+        let flight = Flight {
+            gate: Arc::new(RwLock::new(State::Running)),
+            reads: Arc::new(AtomicU64::new(0)),
+        };
         // A new lock: taking it for writing cannot block, and it is locked
         // before any follower can find it in the map.
-        let gate = flight.write_arc();
-        flights.insert(key.to_owned(), flight);
+        let gate = flight.gate.write_arc();
+        flights.insert(
+            key.to_owned(),
+            Entry {
+                flight: flight.clone(),
+                leader: std::thread::current().id(),
+            },
+        );
         Role::Leader(Leader {
-            group: self,
+            group: self.clone(),
             key: key.to_owned(),
+            flight,
             gate,
         })
     }
@@ -87,62 +172,97 @@ impl<V: Clone> SingleFlight<V> {
     /// Threads waiting on `key`'s flight (its leader not counted).
     #[cfg(feature = "test-hooks")]
     pub fn followers(&self, key: &str) -> usize {
-        // Holders of the Arc: the map, the leader's gate, one per follower.
+        // Holders of the gate's Arc: the map entry, the leader's guard and
+        // its own copy of the flight, one per follower.
         self.flights
             .lock()
             .get(key)
-            .map_or(0, |f| Arc::strong_count(f).saturating_sub(2))
+            .map_or(0, |e| Arc::strong_count(&e.flight.gate).saturating_sub(3))
     }
 }
 
 /// The one thread doing the work for a key. However it goes away (after
 /// [`publish`](Leader::publish), or dropped by a panic unwinding through
-/// the leader) the flight is closed and its gate opened, so nobody waits
+/// the leader) the flight leaves the map and its gate opens, so nobody waits
 /// for a leader that is gone; without a published outcome, followers get
-/// [`WaitError::Abandoned`].
-pub(crate) struct Leader<'a, V> {
-    group: &'a SingleFlight<V>,
+/// [`WaitError::Abandoned`]. It may move to another thread (a background
+/// refresh): call [`Leader::adopt`] there.
+pub(crate) struct Leader<V> {
+    group: SingleFlight<V>,
     key: String,
+    flight: Flight<V>,
     gate: ArcRwLockWriteGuard<RawRwLock, State<V>>,
 }
 
-impl<V> Leader<'_, V> {
-    /// Stops new callers from joining this flight: from now on they start a
-    /// new one. A leader closes before it writes the cache, so that whatever
-    /// that write's verdict is, it covers every thread that joined.
-    pub fn close(&self) {
+impl<V> Leader<V> {
+    /// Notes that the leader begins a read of the source (a lookup, a load,
+    /// a fill) whose result it may publish; returns that read's number, to
+    /// pass to [`publish`](Leader::publish).
+    pub fn begin_read(&self) -> u64 {
+        self.flight.reads.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// The flight's read counter, for work that moved to another thread:
+    /// `fetch_add(1) + 1` there is [`begin_read`](Leader::begin_read).
+    pub fn read_counter(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.flight.reads)
+    }
+
+    /// The current thread now runs this leader's work (it moved here).
+    pub fn adopt(&self) {
         let mut flights = self.group.flights.lock();
-        // Only remove the entry if it is still ours: after we closed, a new
-        // flight may have taken the key.
-        let ours = ArcRwLockWriteGuard::rwlock(&self.gate);
-        if flights.get(&self.key).is_some_and(|f| Arc::ptr_eq(f, ours)) {
-            flights.remove(&self.key);
+        if let Some(entry) = flights.get_mut(&self.key)
+            && Arc::ptr_eq(&entry.flight.gate, &self.flight.gate)
+        {
+            entry.leader = std::thread::current().id();
         }
     }
 
-    /// Hands `outcome` to every follower and ends the flight.
-    pub fn publish(mut self, outcome: V) {
-        *self.gate = State::Landed(outcome);
-        // Dropping closes the flight, then opens the gate.
+    /// Hands `value` to the followers that joined before read `valid_before`
+    /// began (`u64::MAX`: to all), and ends the flight.
+    pub fn publish(mut self, value: V, valid_before: u64) {
+        *self.gate = State::Landed(Landed {
+            value,
+            valid_before,
+        });
+        // Dropping leaves the map, then opens the gate.
     }
 }
 
-impl<V> Drop for Leader<'_, V> {
+impl<V> Drop for Leader<V> {
     fn drop(&mut self) {
-        self.close();
+        let mut flights = self.group.flights.lock();
+        // Only remove the entry if it is still ours.
+        if flights
+            .get(&self.key)
+            .is_some_and(|e| Arc::ptr_eq(&e.flight.gate, &self.flight.gate))
+        {
+            flights.remove(&self.key);
+        }
         // `gate` is dropped after this, which wakes every follower.
     }
 }
 
 /// A thread waiting for another's outcome.
-pub(crate) struct Follower<V>(Arc<Flight<V>>);
+pub(crate) struct Follower<V> {
+    flight: Flight<V>,
+    /// Reads the leader had begun when this follower joined.
+    seen: u64,
+}
 
 impl<V: Clone> Follower<V> {
     /// Blocks until the leader publishes, gives up, or `deadline` passes.
-    pub fn wait(&self, deadline: Instant) -> Result<V, WaitError> {
-        let state = self.0.try_read_until(deadline).ok_or(WaitError::TimedOut)?;
+    pub fn wait(&self, deadline: Instant) -> Result<Waited<V>, WaitError> {
+        let state = self
+            .flight
+            .gate
+            .try_read_until(deadline)
+            .ok_or(WaitError::TimedOut)?;
         match &*state {
-            State::Landed(value) => Ok(value.clone()),
+            State::Landed(landed) if self.seen < landed.valid_before => {
+                Ok(Waited::Outcome(landed.value.clone()))
+            }
+            State::Landed(landed) => Ok(Waited::TooOld(landed.value.clone())),
             State::Running => Err(WaitError::Abandoned),
         }
     }
@@ -152,11 +272,28 @@ impl<V: Clone> Follower<V> {
 mod tests {
     use super::*;
     use std::sync::Barrier;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
     use std::time::Duration;
 
     fn far() -> Instant {
         Instant::now() + Duration::from_secs(30)
+    }
+
+    fn lead(group: &SingleFlight<u32>) -> Leader<u32> {
+        match group.join("k") {
+            Role::Leader(leader) => leader,
+            _ => panic!("expected to lead"),
+        }
+    }
+
+    /// Joins from another thread (the leader's own thread would be told it
+    /// is calling back into its own flight).
+    fn follow(group: &SingleFlight<u32>) -> Follower<u32> {
+        let role = std::thread::scope(|s| s.spawn(|| group.join("k")).join().unwrap());
+        match role {
+            Role::Follower(follower) => follower,
+            _ => panic!("expected to follow"),
+        }
     }
 
     #[test]
@@ -180,13 +317,17 @@ mod tests {
                                 while joined.load(Ordering::SeqCst) < threads {
                                     std::thread::yield_now();
                                 }
-                                leader.publish(7);
+                                leader.publish(7, u64::MAX);
                                 7
                             }
                             Role::Follower(f) => {
                                 joined.fetch_add(1, Ordering::SeqCst);
-                                f.wait(far()).unwrap()
+                                match f.wait(far()).unwrap() {
+                                    Waited::Outcome(v) => v,
+                                    Waited::TooOld(_) => panic!("valid for all"),
+                                }
                             }
+                            Role::Reentrant => panic!("different threads"),
                         }
                     })
                 })
@@ -200,14 +341,35 @@ mod tests {
     }
 
     #[test]
+    fn only_followers_that_joined_before_the_read_may_take_its_outcome() {
+        let group = SingleFlight::<u32>::new();
+        let leader = lead(&group);
+        let early = follow(&group);
+        let read = leader.begin_read();
+        let late = follow(&group);
+        leader.publish(1, read);
+        assert_eq!(early.wait(far()), Ok(Waited::Outcome(1)));
+        assert_eq!(late.wait(far()), Ok(Waited::TooOld(1)));
+    }
+
+    #[test]
+    fn a_leader_calling_back_into_its_own_key_is_told() {
+        let group = SingleFlight::<u32>::new();
+        let leader = lead(&group);
+        assert!(matches!(group.join("k"), Role::Reentrant));
+        // Moved to another thread, the old thread is a follower again.
+        std::thread::scope(|s| {
+            s.spawn(|| leader.adopt());
+        });
+        assert!(matches!(group.join("k"), Role::Follower(_)));
+        drop(leader);
+    }
+
+    #[test]
     fn dropped_leader_abandons_followers_and_frees_the_key() {
         let group = SingleFlight::<u32>::new();
-        let Role::Leader(leader) = group.join("k") else {
-            panic!("first caller must lead")
-        };
-        let Role::Follower(follower) = group.join("k") else {
-            panic!("second caller must follow")
-        };
+        let leader = lead(&group);
+        let follower = follow(&group);
         drop(leader);
         assert_eq!(follower.wait(far()), Err(WaitError::Abandoned));
         assert_eq!(group.len(), 0);
@@ -220,17 +382,13 @@ mod tests {
         let (led, followed) = (Barrier::new(2), Barrier::new(2));
         std::thread::scope(|s| {
             let leader = s.spawn(|| {
-                let Role::Leader(_leader) = group.join("k") else {
-                    panic!("first caller must lead")
-                };
+                let _leader = lead(&group);
                 led.wait();
                 followed.wait();
                 panic!("loader blew up");
             });
             led.wait();
-            let Role::Follower(follower) = group.join("k") else {
-                panic!("second caller must follow")
-            };
+            let follower = follow(&group);
             followed.wait();
             assert_eq!(follower.wait(far()), Err(WaitError::Abandoned));
             assert!(leader.join().is_err());
@@ -239,31 +397,24 @@ mod tests {
     }
 
     #[test]
-    fn closed_flight_takes_no_new_followers() {
+    fn a_finished_flight_never_removes_its_successor() {
         let group = SingleFlight::<u32>::new();
-        let Role::Leader(first) = group.join("k") else {
-            panic!("first caller must lead")
-        };
-        first.close();
-        let Role::Leader(second) = group.join("k") else {
-            panic!("after close a caller must start a new flight")
-        };
-        // Publishing the first must not remove the second's entry.
-        first.publish(1);
+        let first = lead(&group);
+        // Simulate the first leaving the map (as on publish) while a second
+        // flight starts before the first's guard is gone.
+        group.flights.lock().remove("k");
+        let second = lead(&group);
+        first.publish(1, u64::MAX);
         assert_eq!(group.len(), 1);
-        second.publish(2);
+        second.publish(2, u64::MAX);
         assert_eq!(group.len(), 0);
     }
 
     #[test]
     fn follower_times_out() {
         let group = SingleFlight::<u32>::new();
-        let Role::Leader(_leader) = group.join("k") else {
-            panic!("first caller must lead")
-        };
-        let Role::Follower(follower) = group.join("k") else {
-            panic!("second caller must follow")
-        };
+        let _leader = lead(&group);
+        let follower = follow(&group);
         let deadline = Instant::now() + Duration::from_millis(20);
         assert_eq!(follower.wait(deadline), Err(WaitError::TimedOut));
     }

@@ -1,10 +1,11 @@
 //! The teaching lab's workload: a `users` table behind the cache, and its
 //! three functions, as thin users of the generic engine.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use postgres::Row;
 use serde::{Deserialize, Serialize};
+use tokio_postgres::Row;
 
 use crate::aside::{CacheAside, Mode};
 use crate::cache::Cache;
@@ -59,7 +60,7 @@ pub const DEMO_USERS: [(i64, &str, &str, &str); 5] = [
 pub struct Client {
     engine: CacheAside,
     ttl: Duration,
-    sql: Sql,
+    sql: Arc<Sql>,
 }
 
 /// The statements, built once from the validated table name (an identifier
@@ -92,19 +93,23 @@ impl Sql {
 }
 
 impl Client {
-    /// Connects to Postgres and Redis as `config` says. Does not touch the
-    /// table: see [`install_schema`](Self::install_schema).
+    /// Connects to Postgres and Redis as `config` says, and starts the
+    /// invalidation relay when [`Config::invalidation_relay`] is on. Does not
+    /// touch the table: see [`install_schema`](Self::install_schema).
+    ///
+    /// Neither server needs to be up: connections open lazily, and calls
+    /// degrade (or fail, with the cause) while one is down.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an invalid config
-    /// (e.g. a table name that is not an identifier); timeouts when a server
-    /// does not answer.
+    /// (e.g. a table name that is not an identifier, or an unparsable URL).
     pub fn open(config: &Config) -> Result<Client> {
         let engine = CacheAside::open(config)?;
+        engine.start_relay();
         Ok(Client {
             engine,
             ttl: config.ttl,
-            sql: Sql::new(&config.users_table),
+            sql: Arc::new(Sql::new(&config.users_table)),
         })
     }
 
@@ -134,7 +139,11 @@ impl Client {
     }
 
     /// Creates the users table (and its schema, if qualified) unless it
-    /// exists.
+    /// exists, and captures its changes for the invalidation relay: a
+    /// trigger writes every changed user's key to the outbox
+    /// ([`Config::outbox_table`]) in the same transaction, so a write that
+    /// bypasses this library (psql, another service) invalidates the cache
+    /// too. Idempotent.
     ///
     /// # Errors
     /// Database errors and timeouts.
@@ -154,6 +163,24 @@ impl Client {
                  updated_at timestamptz NOT NULL DEFAULT now(),
                  version    bigint NOT NULL DEFAULT 1
              )"
+        ))?;
+        self.engine
+            .capture_changes(table, "user:", "id", Some("version"))
+    }
+
+    /// Drops what [`install_schema`](Self::install_schema) created: the users
+    /// table, the outbox and its cursor table, and the capture functions.
+    /// For demos and tests that own their tables; the users' rows are gone
+    /// afterwards. Idempotent.
+    ///
+    /// # Errors
+    /// Database errors and timeouts.
+    pub fn drop_schema(&self) -> Result<()> {
+        let outbox = &self.engine.config().outbox_table;
+        self.db().batch_execute(&format!(
+            "DROP TABLE IF EXISTS {users}, {outbox}, {outbox}_cursors;
+             DROP FUNCTION IF EXISTS {outbox}_capture(), {outbox}_bump();",
+            users = self.sql.table
         ))
     }
 
@@ -182,7 +209,7 @@ impl Client {
         let inserted = self
             .db()
             .execute(&self.sql.insert, &[&user_id, &name, &email, &plan])?;
-        self.engine.invalidate(&Client::user_key(user_id))?;
+        self.invalidate_written(user_id)?;
         Ok(inserted == 1)
     }
 
@@ -217,13 +244,22 @@ impl Client {
     /// a reader that loaded the old row before the write loses its lease and
     /// cannot cache it.
     ///
+    /// When Redis cannot be reached, the update still succeeds while the
+    /// invalidation relay runs: the trigger's outbox row, committed with the
+    /// update, invalidates the key once Redis answers, and until then this
+    /// process reads around the cache (its breaker is open).
+    ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty plan;
-    /// database and cache errors, timeouts.
+    /// database errors and timeouts; cache errors only without the relay (the
+    /// update has committed then, but the cache may keep the old row until
+    /// its TTL).
     pub fn update_user_plan(&self, user_id: i64, plan: &str) -> Result<bool> {
         check_plan(plan)?;
         let updated = self.db().execute(&self.sql.update, &[&user_id, &plan])?;
-        self.engine.invalidate(&Client::user_key(user_id))?;
+        #[cfg(feature = "test-hooks")]
+        self.engine.hooks().after_write(&Client::user_key(user_id));
+        self.invalidate_written(user_id)?;
         Ok(updated == 1)
     }
 
@@ -250,10 +286,26 @@ impl Client {
     }
 
     fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
+        let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
         self.engine
-            .get_or_load_versioned(&Client::user_key(user_id), self.ttl, mode, || {
-                versioned_profile(self.db().query_one(&self.sql.select, &[&user_id])?)
+            .get_or_load_owned(&Client::user_key(user_id), self.ttl, mode, move || {
+                versioned_profile(db.query_one(&sql.select, &[&user_id])?)
             })
+    }
+
+    /// Invalidates a user after a committed write. A failure is not the
+    /// caller's while the relay runs: the outbox row commits with the write.
+    fn invalidate_written(&self, user_id: i64) -> Result<()> {
+        match self.engine.invalidate(&Client::user_key(user_id)) {
+            Err(err) if self.engine.relay_running() => {
+                log::warn!(
+                    "invalidating user {user_id} failed; the relay will: {}",
+                    err.chain()
+                );
+                Ok(())
+            }
+            outcome => outcome,
+        }
     }
 }
 
@@ -267,7 +319,7 @@ fn versioned_profile(row: Option<Row>) -> Result<Option<(UserProfile, u64)>> {
 }
 
 fn profile_from_row(row: &Row) -> Result<UserProfile> {
-    let column = |e: postgres::Error| Error::from(e);
+    let column = |e: tokio_postgres::Error| Error::from(e);
     Ok(UserProfile {
         id: row.try_get(0).map_err(column)?,
         name: row.try_get(1).map_err(column)?,

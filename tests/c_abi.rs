@@ -68,6 +68,7 @@ fn lib_dir() -> &'static Path {
 /// (namespace) on drop, also when the test fails.
 struct Scratch {
     table: String,
+    outbox: String,
     namespace: String,
 }
 
@@ -81,6 +82,7 @@ impl Scratch {
         let id = format!("{}_{nanos}_{n}", std::process::id());
         Scratch {
             table: format!("ca_{lang}_{id}"),
+            outbox: format!("ca_{lang}_{id}_outbox"),
             namespace: format!("ca-{lang}-{id}:"),
         }
     }
@@ -94,7 +96,12 @@ impl Drop for Scratch {
         }
         // Best effort: a failure here must not hide the test's own verdict.
         if let Ok(db) = Db::connect(&config) {
-            let _ = db.batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table));
+            let _ = db.batch_execute(&format!(
+                "DROP TABLE IF EXISTS {table}, {outbox}, {outbox}_cursors;
+                 DROP FUNCTION IF EXISTS {outbox}_capture(), {outbox}_bump();",
+                table = self.table,
+                outbox = self.outbox
+            ));
         }
         if let Ok(cache) = Cache::connect(&config) {
             let _ = cache.delete_namespace();
@@ -172,6 +179,7 @@ fn run_program(relative: &str) {
         .env("REDIS_URL", &config.redis_url)
         .env("CACHEASIDE_TEST_TABLE", &scratch.table)
         .env("CACHEASIDE_TEST_NAMESPACE", &scratch.namespace)
+        .env("CACHEASIDE_TEST_OUTBOX", &scratch.outbox)
         .output()
         .expect("run the test program");
     let _ = std::fs::remove_file(&bin);

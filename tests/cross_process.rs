@@ -14,17 +14,21 @@ use cacheaside::{CacheAside, Config};
 use common::{Fixture, test_config};
 
 const ROLE: &str = "CACHEASIDE_TEST_CHILD";
-const TABLE: &str = "CACHEASIDE_TEST_TABLE";
-const NAMESPACE: &str = "CACHEASIDE_TEST_NAMESPACE";
-const LOCK_TTL_MS: &str = "CACHEASIDE_TEST_LOCK_TTL_MS";
+/// The child's settings: `name=value` pairs, see `child_config`.
+const SETTINGS: &str = "CACHEASIDE_TEST_SETTINGS";
 const KEY: &str = "hot";
-const THREADS_PER_CHILD: usize = 50;
 /// What the slow loader returns, so every reader can check its value.
 const ANSWER: i64 = 42;
 
 /// The slow query every reader would send on a miss: one statement that
-/// takes `SLOW_LOAD`, counted by the query counter like any other.
+/// takes a while, counted by the query counter like any other.
 const SLOW_LOAD: &str = "SELECT 42::bigint FROM pg_sleep(0.2)";
+
+/// What a stampede child does.
+struct Stampede {
+    threads: usize,
+    load: String,
+}
 
 /// Not a test of its own: when the parent runs this binary as a child, this
 /// is the child's `main`. Ignored in a normal run, where it would prove
@@ -33,29 +37,67 @@ const SLOW_LOAD: &str = "SELECT 42::bigint FROM pg_sleep(0.2)";
 #[ignore = "the child process of the cross-process tests, run by them"]
 fn child_process_entry_point() {
     let role = std::env::var(ROLE).expect("run by the cross-process tests, which set the role");
-    let mut config = Config::from_env();
-    config.users_table = std::env::var(TABLE).unwrap();
-    config.namespace = std::env::var(NAMESPACE).unwrap();
-    config.lock_ttl = Duration::from_millis(std::env::var(LOCK_TTL_MS).unwrap().parse().unwrap());
-    config.db_pool_size = 2;
+    let (config, stampede) = child_config(&std::env::var(SETTINGS).unwrap());
     let engine = CacheAside::open(&config).unwrap();
     match role.as_str() {
-        "stampede" => child_stampede(&engine),
+        "stampede" => child_stampede(&engine, &stampede),
         "holder" => child_holder(&engine),
         other => panic!("unknown child role {other}"),
     }
 }
 
-/// 50 threads read the cold key at once, released when the parent says go.
-fn child_stampede(engine: &CacheAside) {
-    let barrier = Barrier::new(THREADS_PER_CHILD + 1);
+/// The settings a parent hands its children, as `name=value;...`.
+fn settings(config: &Config, stampede: &Stampede) -> String {
+    format!(
+        "table={};namespace={};lock_ttl={};lease_ttl={};cache_timeout={};threads={};load={}",
+        config.users_table,
+        config.namespace,
+        config.lock_ttl.as_millis(),
+        config.lease_ttl.as_millis(),
+        config.cache_timeout.as_millis(),
+        stampede.threads,
+        stampede.load,
+    )
+}
+
+fn child_config(text: &str) -> (Config, Stampede) {
+    let mut config = Config::from_env();
+    config.db_pool_size = 2;
+    let mut stampede = Stampede {
+        threads: 50,
+        load: SLOW_LOAD.into(),
+    };
+    for pair in text.split(';') {
+        let (name, value) = pair.split_once('=').unwrap();
+        let ms = || Duration::from_millis(value.parse().unwrap());
+        match name {
+            "table" => config.users_table = value.into(),
+            "namespace" => config.namespace = value.into(),
+            "lock_ttl" => config.lock_ttl = ms(),
+            "lease_ttl" => config.lease_ttl = ms(),
+            "cache_timeout" => config.cache_timeout = ms(),
+            "threads" => stampede.threads = value.parse().unwrap(),
+            "load" => stampede.load = value.into(),
+            other => panic!("unknown setting {other}"),
+        }
+    }
+    (config, stampede)
+}
+
+/// N threads read the cold key at once, released when the parent says go.
+fn child_stampede(engine: &CacheAside, stampede: &Stampede) {
+    let barrier = Barrier::new(stampede.threads + 1);
     let wrong = AtomicUsize::new(0);
     std::thread::scope(|s| {
-        for _ in 0..THREADS_PER_CHILD {
+        for _ in 0..stampede.threads {
             s.spawn(|| {
                 barrier.wait();
-                if read_hot_key(engine).unwrap() != Some(ANSWER) {
-                    wrong.fetch_add(1, Ordering::SeqCst);
+                match read_hot_key(engine, &stampede.load) {
+                    Ok(Some(ANSWER)) => {}
+                    other => {
+                        eprintln!("CHILD read {other:?}");
+                        wrong.fetch_add(1, Ordering::SeqCst);
+                    }
                 }
             });
         }
@@ -81,13 +123,25 @@ fn child_holder(engine: &CacheAside) {
     });
 }
 
-fn read_hot_key(engine: &CacheAside) -> cacheaside::Result<Option<i64>> {
+fn read_hot_key(engine: &CacheAside, load: &str) -> cacheaside::Result<Option<i64>> {
     engine.get_or_load_singleflight(KEY, Duration::from_secs(60), || {
-        Ok(engine.db().query_one(SLOW_LOAD, &[])?.map(|row| row.get(0)))
+        Ok(engine.db().query_one(load, &[])?.map(|row| row.get(0)))
     })
 }
 
 fn spawn_child(role: &str, config: &Config) -> (Child, BufReader<ChildStdout>) {
+    let stampede = Stampede {
+        threads: 50,
+        load: SLOW_LOAD.into(),
+    };
+    spawn_stampede(role, config, &stampede)
+}
+
+fn spawn_stampede(
+    role: &str,
+    config: &Config,
+    stampede: &Stampede,
+) -> (Child, BufReader<ChildStdout>) {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -97,9 +151,7 @@ fn spawn_child(role: &str, config: &Config) -> (Child, BufReader<ChildStdout>) {
             "--test-threads=1",
         ])
         .env(ROLE, role)
-        .env(TABLE, &config.users_table)
-        .env(NAMESPACE, &config.namespace)
-        .env(LOCK_TTL_MS, config.lock_ttl.as_millis().to_string())
+        .env(SETTINGS, settings(config, stampede))
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -123,12 +175,11 @@ fn expect_line(out: &mut BufReader<ChildStdout>, marker: &str) -> String {
     }
 }
 
-#[test]
-fn four_processes_of_fifty_threads_send_one_query() {
-    let fx = Fixture::new("xproc");
-    let processes = 4;
+/// Runs `processes` stampede children released together; returns the
+/// queries they sent in total (each child checks every read was `ANSWER`).
+fn run_stampede(fx: &Fixture, processes: usize, stampede: &Stampede) -> u64 {
     let mut children: Vec<_> = (0..processes)
-        .map(|_| spawn_child("stampede", &fx.config))
+        .map(|_| spawn_stampede("stampede", &fx.config, stampede))
         .collect();
     for (_, out) in &mut children {
         expect_line(out, "CHILD ready");
@@ -146,17 +197,57 @@ fn four_processes_of_fifty_threads_send_one_query() {
         assert!(child.wait().unwrap().success());
     }
     eprintln!(
-        "{processes} processes x {THREADS_PER_CHILD} threads: {total_queries} query in {:?}",
+        "{processes} processes x {} threads: {total_queries} queries in {:?}",
+        stampede.threads,
         started.elapsed()
     );
-    assert_eq!(total_queries, 1, "one query across all processes");
+    total_queries
+}
+
+#[test]
+fn four_processes_of_fifty_threads_send_one_query() {
+    let fx = Fixture::new("xproc");
+    let stampede = Stampede {
+        threads: 50,
+        load: SLOW_LOAD.into(),
+    };
+    assert_eq!(
+        run_stampede(&fx, 4, &stampede),
+        1,
+        "one query across all processes"
+    );
+}
+
+#[test]
+fn a_load_longer_than_the_lease_and_lock_ttls_costs_one_query_and_is_cached() {
+    // Before renewal: the lock expired mid-load, another process took it
+    // (revoking the first loader's lease), and the processes took turns
+    // loading for ever (7 queries, most reads failed).
+    let mut config = test_config("longload");
+    config.cache_timeout = Duration::from_millis(300);
+    config.lease_ttl = Duration::from_millis(1000);
+    config.lock_ttl = Duration::from_millis(1000);
+    let fx = Fixture::with(config);
+    let stampede = Stampede {
+        threads: 10,
+        load: "SELECT 42::bigint FROM pg_sleep(2.5)".into(),
+    };
+    assert_eq!(run_stampede(&fx, 2, &stampede), 1, "one load in all");
+    assert_eq!(
+        fx.client.cache().get_json::<i64>(KEY).unwrap(),
+        Some(ANSWER),
+        "the long load's value was cached"
+    );
 }
 
 #[test]
 fn a_dead_lock_holder_delays_but_does_not_block_readers() {
     let mut config = test_config("deadholder");
     config.lock_ttl = Duration::from_millis(600);
-    config.lock_wait = Duration::from_secs(5);
+    config.cache_timeout = Duration::from_millis(200);
+    config.pool_timeout = Duration::from_secs(1);
+    config.statement_timeout = Duration::from_secs(2);
+    config.lock_wait = Duration::from_secs(3);
     let fx = Fixture::with(config);
     let (mut holder, mut out) = spawn_child("holder", &fx.config);
     expect_line(&mut out, "CHILD loading"); // it holds the lock now

@@ -156,7 +156,11 @@ fn follower_of_a_load_after_a_lock_wait_timeout_gets_the_post_write_row() {
     // waits `lock_wait`, then loads itself. That fallback load must still be
     // lease-checked, or its followers could get a pre-write row.
     let mut config = common::test_config("fallback");
-    config.lock_wait = Duration::from_millis(100);
+    // A lock wait that ends soon: it must cover the longest load.
+    config.cache_timeout = Duration::from_millis(100);
+    config.pool_timeout = Duration::from_millis(100);
+    config.statement_timeout = Duration::from_millis(100);
+    config.lock_wait = Duration::from_millis(200);
     let fx = Fixture::with(config);
     let key = Client::user_key(4);
     hold_rebuild_lock_elsewhere(&fx, &key);

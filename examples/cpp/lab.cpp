@@ -3,10 +3,10 @@
 //
 // Build and run (from the repository root):  make -C examples run
 //
-// Uses its own table (cacheaside_cpp_lab) and Redis namespace (cpp-lab:);
-// DATABASE_URL and REDIS_URL override the default servers. At the end it
-// restores the demo row it changed and deletes its namespace, so it can be
-// run again; `make -C examples clean-db` drops the table.
+// Uses its own table (cacheaside_cpp_lab), outbox (cacheaside_cpp_lab_outbox)
+// and Redis namespace (cpp-lab:); DATABASE_URL and REDIS_URL override the
+// default servers. At the end it drops its tables and deletes its namespace
+// (if it crashes first, `make -C examples clean-db` drops them).
 #include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
@@ -52,9 +52,14 @@ int main() try {
     std::cout << "cacheaside " << cacheaside::version() << " (header " << CACHEASIDE_VERSION
               << ")\n";
     cacheaside::Client client(
-        cacheaside::Config().users_table("cacheaside_cpp_lab").namespace_("cpp-lab:"));
+        cacheaside::Config()
+            .users_table("cacheaside_cpp_lab")
+            .namespace_("cpp-lab:")
+            .outbox_table("cacheaside_cpp_lab_outbox"));
+    client.drop_schema();  // a fresh table every run
     client.install_schema();
     client.seed_demo_users();
+    client.relay_sync(std::chrono::seconds(10));  // the seeding's invalidations are behind us
     client.delete_namespace();  // start with a cold cache
 
     std::uint64_t last = client.query_count();
@@ -96,8 +101,8 @@ int main() try {
               << ", " << (identical ? "identical profiles" : "PROFILES DIFFER")
               << ", queries: " << queries << "\n";
 
-    // Leave the demo as we found it.
-    client.update_user_plan(1, "pro");
+    // Leave nothing behind.
+    client.drop_schema();
     client.delete_namespace();
     return identical && queries == 1 ? EXIT_SUCCESS : EXIT_FAILURE;
 } catch (const cacheaside::Error &e) {

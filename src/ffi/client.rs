@@ -108,6 +108,24 @@ pub unsafe extern "C" fn cacheaside_install_schema(
     }
 }
 
+/// Drops what `cacheaside_install_schema()` created: the users table, the
+/// outbox and its cursor table, and the capture functions. For demos and
+/// tests that own their tables. Idempotent. Blocks.
+///
+/// Returns `CACHEASIDE_DATABASE_ERROR` or `CACHEASIDE_TIMEOUT` on failure.
+///
+/// # Safety
+/// `client` is NULL or a live client.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_drop_schema(
+    client: *const cacheaside_client,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let client = non_null!(client);
+        status(client.inner.drop_schema())
+    }
+}
+
 /// Inserts the lab's five demo users (ids 1 to 5) where their ids are free,
 /// and invalidates their cache entries. Idempotent. Blocks.
 ///
@@ -120,6 +138,37 @@ pub unsafe extern "C" fn cacheaside_seed_demo_users(
     ffi_panic_boundary! {
         let client = non_null!(client);
         status(client.inner.seed_demo_users())
+    }
+}
+
+/// Waits until the invalidation relay has applied every change committed
+/// before this call (to the users table or any captured table), at most
+/// `timeout_ms` milliseconds. For tests and demos that want the relay's
+/// invalidations of earlier writes behind them. Blocks.
+///
+/// Returns `CACHEASIDE_OK` when it has, `CACHEASIDE_TIMEOUT` when it has not
+/// within the timeout or no relay runs (see
+/// `cacheaside_config_set_invalidation_relay()`).
+///
+/// # Safety
+/// `client` is NULL or a live client.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_relay_sync(
+    client: *const cacheaside_client,
+    timeout_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let client = non_null!(client);
+        let engine = client.inner.engine();
+        if engine.sync_relay(std::time::Duration::from_millis(timeout_ms)) {
+            CACHEASIDE_OK
+        } else {
+            fail(&crate::Error::timeout(if engine.relay_running() {
+                "waiting for the invalidation relay"
+            } else {
+                "no invalidation relay runs"
+            }))
+        }
     }
 }
 
@@ -166,5 +215,120 @@ pub unsafe extern "C" fn cacheaside_delete_namespace(
     ffi_panic_boundary! {
         let client = non_null!(client);
         status(client.inner.cache().delete_namespace().map(drop))
+    }
+}
+
+/// Counters of what a client has done since it opened.
+///
+/// ABI: set `size` to `sizeof(cacheaside_stats)` before calling
+/// `cacheaside_client_stats()`. The library fills at most that many bytes
+/// and sets `size` to how many it filled, so a program compiled against an
+/// older, shorter struct keeps working with a newer library, and a newer
+/// program learns which fields an older library filled. Fields are only
+/// ever added at the end.
+#[repr(C)]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct cacheaside_stats {
+    /// In: `sizeof(cacheaside_stats)`. Out: bytes filled.
+    pub size: u64,
+    /// Statements sent to PostgreSQL (as `cacheaside_query_count()`).
+    pub queries: u64,
+    /// Reads answered from the cache (values and cached absences).
+    pub hits: u64,
+    /// Reads that found no usable entry in the cache.
+    pub misses: u64,
+    /// Reads that skipped the cache because the circuit breaker was open.
+    pub bypassed: u64,
+    /// Hits that XFetch reloaded ahead of expiry.
+    pub early_refreshes: u64,
+    /// Fills refused because a write revoked their lease (stale rows not cached).
+    pub fills_dropped: u64,
+    /// Fills that failed (Redis unreachable, out of memory).
+    pub fills_failed: u64,
+    /// Entries that did not decode; each was deleted and reloaded.
+    pub corrupt_entries: u64,
+    /// Fail-safe copies served because a reload failed or was too slow.
+    pub stale_served: u64,
+    /// Redis calls that failed because Redis was unavailable.
+    pub cache_errors: u64,
+    /// Times the circuit breaker opened.
+    pub breaker_opened: u64,
+    /// Times the circuit breaker closed again.
+    pub breaker_closed: u64,
+    /// Invalidations that could not reach Redis.
+    pub invalidations_failed: u64,
+    /// Invalidations the relay applied from the outbox.
+    pub relay_invalidations: u64,
+    /// Relay rounds that read the outbox to the end.
+    pub relay_rounds: u64,
+    /// Relay rounds that failed and were retried.
+    pub relay_errors: u64,
+    /// Times the relay emptied its namespace after being away too long.
+    pub relay_resets: u64,
+    /// Keys with a single-flight load in progress now.
+    pub in_flight: u64,
+}
+
+/// Reads the client's counters into `*out`; see `cacheaside_stats` for how
+/// `size` makes the struct safe to grow.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a `size`
+/// too small to hold any counter (`*out` is then unchanged).
+///
+/// Thread-safe; the counters are read one by one, not as one snapshot.
+///
+/// # Safety
+/// `client` is NULL or a live client; `out` is NULL or points to `size`
+/// writable bytes that begin with the `size` field.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_client_stats(
+    client: *const cacheaside_client,
+    out: *mut cacheaside_stats,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let client = non_null!(client);
+        let out = non_null!(raw out);
+        // SAFETY: the caller promises at least the `size` field is there.
+        let room = unsafe { std::ptr::addr_of!((*out).size).read_unaligned() };
+        let ours = std::mem::size_of::<cacheaside_stats>() as u64;
+        if room < 16 {
+            return fail(&crate::Error::invalid_argument(
+                "stats `size` must be set to sizeof(cacheaside_stats)",
+            ));
+        }
+        let engine = client.inner.engine();
+        let s = engine.stats();
+        let filled = room.min(ours);
+        let stats = cacheaside_stats {
+            size: filled,
+            queries: client.inner.db().query_count(),
+            hits: s.hits,
+            misses: s.misses,
+            bypassed: s.bypassed,
+            early_refreshes: s.early_refreshes,
+            fills_dropped: s.fills_dropped,
+            fills_failed: s.fills_failed,
+            corrupt_entries: s.corrupt_entries,
+            stale_served: s.stale_served,
+            cache_errors: s.cache_errors,
+            breaker_opened: s.breaker_opened,
+            breaker_closed: s.breaker_closed,
+            invalidations_failed: s.invalidations_failed,
+            relay_invalidations: s.relay_invalidations,
+            relay_rounds: s.relay_rounds,
+            relay_errors: s.relay_errors,
+            relay_resets: s.relay_resets,
+            in_flight: engine.in_flight() as u64,
+        };
+        // SAFETY: `filled` bytes are writable at `out` (the caller's `size`),
+        // and our struct is all u64 fields: no padding bytes are read.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                std::ptr::addr_of!(stats).cast::<u8>(),
+                out.cast::<u8>(),
+                filled as usize,
+            );
+        }
+        CACHEASIDE_OK
     }
 }

@@ -20,16 +20,16 @@ pub struct cacheaside_config {
     pub(crate) inner: Config,
 }
 
-/// Applies `change` to a copy of the config and keeps it only if the whole
-/// config still validates, so a config never holds a value that
-/// `cacheaside_client_open()` would reject, and the checks stay in
-/// [`Config::validate`].
+/// Applies `change` to a copy of the config and keeps it only if every
+/// setting is still valid on its own, so the checks stay in [`Config`].
+/// Settings that must fit together (timeouts) are checked when the client
+/// opens, so setters may be called in any order.
 fn update(
     config: &mut cacheaside_config,
     change: impl FnOnce(&mut Config) -> Result<()>,
 ) -> cacheaside_status {
     let mut next = config.inner.clone();
-    match change(&mut next).and_then(|()| next.validate()) {
+    match change(&mut next).and_then(|()| next.validate_each()) {
         Ok(()) => {
             config.inner = next;
             CACHEASIDE_OK
@@ -291,6 +291,328 @@ pub unsafe extern "C" fn cacheaside_config_set_beta(
         let config = non_null!(mut config);
         update(config, |c| {
             c.beta = beta;
+            Ok(())
+        })
+    }
+}
+
+/// Sets the most PostgreSQL connections the client opens. Defaults to 8.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_db_pool_size(
+    config: *mut cacheaside_config,
+    size: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.db_pool_size = size;
+            Ok(())
+        })
+    }
+}
+
+/// Sets the most Redis connections the client opens. Defaults to 16.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_cache_pool_size(
+    config: *mut cacheaside_config,
+    size: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.cache_pool_size = size;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long a call waits for a free PostgreSQL connection when every
+/// pooled one is busy, in milliseconds (a server that refuses connections
+/// fails the call at once instead). Defaults to 5000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+/// `cacheaside_client_open()` also checks that it is at least the cache
+/// timeout.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_pool_timeout_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.pool_timeout = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets the bound on opening one PostgreSQL connection (TCP connect,
+/// startup, authentication), in milliseconds. Defaults to 3000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_connect_timeout_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.connect_timeout = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets the bound on everything Redis does for one command (connecting,
+/// waiting for a pooled connection, each read and write), in milliseconds.
+/// A frozen Redis costs a call at most this, and nothing once the circuit
+/// breaker has opened. Defaults to 250.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+/// `cacheaside_client_open()` also checks that it is at most the pool
+/// timeout and at most a third of the lease and lock TTLs.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_cache_timeout_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.cache_timeout = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets PostgreSQL's `statement_timeout`, in milliseconds; the client gives
+/// up 500 ms later on a server that does not answer at all. Defaults to
+/// 10000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+/// `cacheaside_client_open()` also checks that the lock wait is at least
+/// the pool timeout plus this.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_statement_timeout_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.statement_timeout = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how often a reader waiting on another process's rebuild looks for
+/// the value, in milliseconds. Defaults to 2.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_lock_poll_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.lock_poll = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Turns fail-safe on: entries stay in Redis `ms` milliseconds past their
+/// TTL, and a copy past its TTL is served (instead of an error) when the
+/// reload fails. 0 turns it off, the default.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or more than ten years.
+/// `cacheaside_client_open()` also checks that it is at least the fail-safe
+/// throttle.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_fail_safe_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.fail_safe_max = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets for how long a fail-safe copy served after a failed reload is then
+/// served as if fresh, in milliseconds, so the next callers do not all
+/// retry the database. Defaults to 5000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_fail_safe_throttle_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.fail_safe_throttle = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets the soft timeout, in milliseconds: with a fail-safe copy at hand, a
+/// reader waits at most this for a reload and then takes the copy. 0 (the
+/// default) waits for the reload. (A C loader runs on its caller's thread,
+/// so the caller that runs it waits for it; the callers waiting on it do
+/// not.)
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_soft_timeout_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.soft_timeout = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets the circuit breaker: after `failures` consecutive Redis failures it
+/// opens and reads go straight to PostgreSQL; after `cool_off_ms` one call
+/// probes Redis again. `failures` 0 turns the breaker off. Defaults to 3
+/// failures and 1000 ms.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a cool-off of 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_breaker(
+    config: *mut cacheaside_config,
+    failures: u32,
+    cool_off_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.breaker_failures = failures;
+            c.breaker_cool_off = Duration::from_millis(cool_off_ms);
+            Ok(())
+        })
+    }
+}
+
+/// Turns the invalidation relay on or off. With it on (the default) the
+/// client runs a thread that applies the outbox the capture trigger fills
+/// (`cacheaside_install_schema()` installs it on the users table): writes
+/// that bypass the library invalidate the cache too, and an update whose
+/// invalidation could not reach Redis still succeeds (the relay applies it
+/// once Redis answers).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_invalidation_relay(
+    config: *mut cacheaside_config,
+    on: bool,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.invalidation_relay = on;
+            Ok(())
+        })
+    }
+}
+
+/// Sets the outbox table the capture trigger writes and the relay reads: an
+/// SQL identifier, optionally schema-qualified. Defaults to
+/// `cacheaside_invalidations`.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, non-UTF-8 or a name that
+/// is not an identifier.
+///
+/// # Safety
+/// `config` is NULL or a live config; `table` is NULL or a NUL-terminated
+/// string. The string is copied.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_outbox_table(
+    config: *mut cacheaside_config,
+    table: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let table = non_null!(str table);
+        update(config, |c| {
+            c.outbox_table = table.to_owned();
+            Ok(())
+        })
+    }
+}
+
+/// Sets how often the relay reads the outbox when no notification wakes it,
+/// in milliseconds: a lost notification costs at most this. Defaults to
+/// 1000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_relay_poll_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.relay_poll = Duration::from_millis(ms);
             Ok(())
         })
     }

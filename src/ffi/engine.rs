@@ -76,12 +76,17 @@ impl cacheaside_bytes {
 /// returns an `int` so that any value a C function returns is well defined;
 /// return `cacheaside_status` values.
 ///
-/// Threads: it runs on the thread that called `cacheaside_get_or_load()`,
-/// while no library lock is held, and for one key at most one loader runs
-/// at a time in this process. It may call the library, but must not call
-/// `cacheaside_get_or_load()` for the same key (that would wait for itself
-/// until the timeout). It must not unwind (throw a C++ exception or
-/// `longjmp`) out of the callback.
+/// Threads: it runs on the thread that called `cacheaside_get_or_load()`.
+/// For one key at most one loader runs at a time in this process: while it
+/// runs, the key's single-flight entry is held (other threads asking for
+/// the key wait on it), and no other library lock. It may call the
+/// library, for other keys; a call for the same key from inside its own
+/// loader returns `CACHEASIDE_INVALID_ARGUMENT` at once (it would otherwise
+/// wait for itself). It must not unwind out of the callback: no C++
+/// exception, no `longjmp`, no `pthread_exit` or cancellation (that would
+/// leave the key held until the process ends, and an unwind through the
+/// library aborts the process). The C++ wrapper catches exceptions and
+/// defers cancellation around the call.
 ///
 /// Ownership: `key` and `out_value` are borrowed for the call; `out_value`
 /// arrives zeroed, and the library takes what `cacheaside_bytes_set()` put
@@ -95,7 +100,8 @@ pub type cacheaside_loader = Option<
 >;
 
 /// Copies `len` bytes from `data` into `*out`, which then owns the copy.
-/// Whatever `*out` held before is freed first.
+/// Whatever `*out` held before is freed after the copy, so `data` may point
+/// into `*out`'s own bytes.
 ///
 /// The bytes must be valid UTF-8; `data` may be NULL when `len` is 0 (the
 /// empty value). This is how a `cacheaside_loader` hands back its value, so
@@ -118,21 +124,27 @@ pub unsafe extern "C" fn cacheaside_bytes_set(
 ) -> cacheaside_status {
     ffi_panic_boundary! {
         let out = non_null!(mut out);
+        // Copy first, free after: `data` may point into `*out` itself (a
+        // caller re-setting a value from its own bytes).
+        let copied = if len == 0 {
+            Ok(String::new())
+        } else if data.is_null() {
+            Err(Error::invalid_argument("`data` is NULL but `len` is not 0"))
+        } else {
+            // SAFETY: the caller promises `len` readable bytes at `data`.
+            let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
+            std::str::from_utf8(bytes)
+                .map(str::to_owned)
+                .map_err(|_| Error::invalid_argument("value bytes are not valid UTF-8"))
+        };
         // SAFETY: zeroed or library-filled, as the caller promises.
         drop(unsafe { out.take() });
-        let bytes: &[u8] = if len == 0 {
-            &[]
-        } else {
-            let data = non_null!(raw data);
-            // SAFETY: the caller promises `len` readable bytes at `data`.
-            unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) }
-        };
-        match std::str::from_utf8(bytes) {
+        match copied {
             Ok(text) => {
-                *out = cacheaside_bytes::from_string(text.to_owned());
+                *out = cacheaside_bytes::from_string(text);
                 CACHEASIDE_OK
             }
-            Err(_) => fail(&Error::invalid_argument("value bytes are not valid UTF-8")),
+            Err(err) => fail(&err),
         }
     }
 }
@@ -314,5 +326,23 @@ mod tests {
         // SAFETY: NULL data with nonzero len is rejected, not read.
         let status = unsafe { cacheaside_bytes_set(&mut value, ptr::null(), 3) };
         assert_eq!(status, CACHEASIDE_INVALID_ARGUMENT);
+    }
+
+    #[test]
+    fn bytes_set_from_its_own_bytes_copies_before_freeing() {
+        let mut value = cacheaside_bytes::ZEROED;
+        let text = b"same bytes";
+        // SAFETY: valid pointers for the call.
+        unsafe { cacheaside_bytes_set(&mut value, text.as_ptr().cast(), text.len()) };
+        // SAFETY: `value.data` holds `value.len` bytes; the call must read
+        // them before it frees them (Miri/valgrind see a use after free
+        // otherwise, and the content below would be garbage).
+        let status = unsafe { cacheaside_bytes_set(&mut value, value.data.cast(), value.len) };
+        assert_eq!(status, CACHEASIDE_OK);
+        // SAFETY: library-filled.
+        let stored = unsafe { std::slice::from_raw_parts(value.data, value.len) };
+        assert_eq!(stored, text);
+        // SAFETY: library-filled.
+        unsafe { cacheaside_bytes_free(&mut value) };
     }
 }

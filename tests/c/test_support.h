@@ -55,6 +55,7 @@ static inline cacheaside_client *open_test_client(void) {
     EXPECT(config != NULL);
     CHECK(cacheaside_config_set_users_table(config, test_env("CACHEASIDE_TEST_TABLE")));
     CHECK(cacheaside_config_set_namespace(config, test_env("CACHEASIDE_TEST_NAMESPACE")));
+    CHECK(cacheaside_config_set_outbox_table(config, test_env("CACHEASIDE_TEST_OUTBOX")));
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client));
     cacheaside_config_free(config);

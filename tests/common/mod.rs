@@ -27,14 +27,17 @@ pub fn unique(label: &str) -> String {
 }
 
 /// The config every test starts from: the servers from the environment, a
-/// fresh table and namespace, and generous timeouts (CI machines are slow,
-/// and a test must fail on a wrong result, not on a slow box).
+/// fresh table, outbox and namespace, and generous timeouts (CI machines are
+/// slow, and a test must fail on a wrong result, not on a slow box: a Redis
+/// command that takes 300 ms on a loaded 2-core machine is not an outage).
 pub fn test_config(label: &str) -> Config {
     let name = unique(&format!("ca_test_{label}"));
     let mut config = Config::from_env();
     config.users_table = name.clone();
+    config.outbox_table = format!("{name}_outbox");
     config.namespace = format!("{name}:");
     config.db_pool_size = 4;
+    config.cache_timeout = Duration::from_secs(1);
     config
 }
 
@@ -51,7 +54,22 @@ impl Fixture {
             Client::open(&config).expect("open client (are the services up? scripts/services.sh)");
         client.install_schema().expect("install schema");
         client.seed_demo_users().expect("seed");
-        Fixture { client, config }
+        let fx = Fixture { client, config };
+        fx.settle();
+        fx
+    }
+
+    /// Waits until the relay has applied every change committed so far, so
+    /// its invalidations of earlier writes (the seeding's) cannot land in
+    /// the middle of what a test measures.
+    pub fn settle(&self) {
+        if self.config.invalidation_relay {
+            assert!(
+                self.client.engine().sync_relay(PATIENCE),
+                "the relay did not catch up: {:?}",
+                self.client.engine().stats()
+            );
+        }
     }
 
     /// Statements sent to Postgres so far.
@@ -89,7 +107,7 @@ impl Fixture {
             .cache()
             .with_connection(|c| {
                 redis::cmd("SET")
-                    .arg(redis_key)
+                    .arg(&redis_key)
                     .arg(raw)
                     .arg("PX")
                     .arg(60_000)
@@ -101,11 +119,7 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // The table name came from `unique`, so this drops only our own.
-        let _ = self
-            .client
-            .db()
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.config.users_table));
+        let _ = self.client.drop_schema();
         let _ = self.client.cache().delete_namespace();
     }
 }

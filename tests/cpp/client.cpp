@@ -200,7 +200,8 @@ int main() {
     try {
         cacheaside::Client client(cacheaside::Config()
                                       .users_table(env("CACHEASIDE_TEST_TABLE"))
-                                      .namespace_(env("CACHEASIDE_TEST_NAMESPACE")));
+                                      .namespace_(env("CACHEASIDE_TEST_NAMESPACE"))
+                                      .outbox_table(env("CACHEASIDE_TEST_OUTBOX")));
         client.install_schema();
         client.seed_demo_users();
         miss_hit_update(client);

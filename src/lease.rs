@@ -1,0 +1,747 @@
+//! The lease protocol: the Redis keys of one cache entry, the Lua scripts
+//! that make every step atomic, and the keeper that renews what a live load
+//! holds.
+//!
+//! Keys. A cache key `k` lives at `{namespace}{k}` (a Redis Cluster hash
+//! tag); beside it `…:lease` (the one reader allowed to fill it: a token),
+//! `…:lock` (the cross-process rebuild lock: a token) and `…:writers` (the
+//! write-through writers in progress: a set of tokens). All share one slot.
+//!
+//! Guarantees, each kept by one script:
+//! - A reader fills a key only while it holds its lease (`fill`); a write
+//!   deletes the value, the lease and the writers in one command
+//!   (`invalidate`), so a load that may have read the pre-write row can
+//!   never cache it.
+//! - Taking the rebuild lock never revokes a live loader's lease: the lock
+//!   is taken only when neither lock nor lease is held (`acquire`). Only a
+//!   reader that waited `lock_wait` takes a lease over.
+//! - A load keeps its lease and lock for as long as it runs: the keeper
+//!   renews them every third of their TTL until the load ends or its call's
+//!   deadline passes. A dead process stops renewing, so what it held expires
+//!   one TTL later.
+//! - A script that timed out on the client may still run on the server; its
+//!   lease or lock is then an orphan, which the keeper deletes (compare and
+//!   delete on the token) as soon as Redis answers, instead of letting it
+//!   stall readers for a TTL.
+//! - Side keys that are not ours (another type, or no TTL: ours always have
+//!   one) are removed when a reader meets them, so a stray value cannot
+//!   block fills or waiters for ever.
+//! - Write-through stores the newest version whatever order writers finish
+//!   in, never overwrites a newer plain update, and never brings back a row
+//!   that a delete removed (`write_through`, whose comment has the cases).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+use redis::{Script, Value};
+
+use crate::cache::{Cache, millis};
+use crate::error::{Error, ErrorKind, Result};
+
+/// The Redis keys that belong to one cache key.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub value: String,
+    pub lease: String,
+    pub lock: String,
+    pub writers: String,
+}
+
+impl Keys {
+    /// The side keys of a value key (a hit needs only the value key, so the
+    /// read path builds these on a miss).
+    pub fn for_value(value: String) -> Keys {
+        Keys {
+            lease: format!("{value}:lease"),
+            lock: format!("{value}:lock"),
+            writers: format!("{value}:writers"),
+            value,
+        }
+    }
+}
+
+/// Names one holder of a lease, lock or writer slot: unique across
+/// processes (pid, a random start) and within one (a counter).
+pub(crate) type Token = Arc<str>;
+
+pub(crate) fn new_token() -> Token {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    static START: once_cell::sync::Lazy<u64> = once_cell::sync::Lazy::new(|| fastrand::u64(..));
+    format!(
+        "{}:{:x}:{}",
+        std::process::id(),
+        *START,
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+    .into()
+}
+
+/// What [`acquire`] asks for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Claim {
+    /// A lease, unless someone holds one (plain cache-aside miss).
+    Lease,
+    /// The rebuild lock and the lease, if neither is held (single-flight
+    /// miss).
+    Lock,
+    /// As `Lock`, while a (still fresh) value is cached: early refresh.
+    Refresh,
+    /// The lease, taken over from whoever holds it: a reader that waited
+    /// `lock_wait` loads itself, and still fills only through a lease.
+    /// Taking a lease over can only make an older reader's fill fail.
+    Takeover,
+}
+
+/// What [`acquire`] found or got.
+pub(crate) enum Acquired {
+    /// A value is cached and not past its logical expiry: raw entry bytes.
+    Cached(Vec<u8>),
+    /// We hold what we asked for.
+    Granted,
+    /// Another reader holds the lease or the lock.
+    Busy,
+}
+
+/// The TTLs of what a load holds.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ttls {
+    pub lease: Duration,
+    pub lock: Duration,
+}
+
+/// One round trip: the cached value if there is a fresh one (logical expiry
+/// after `now_ms`), else an attempt at what `claim` asks for under `token`.
+pub(crate) fn acquire(
+    cache: &Cache,
+    keys: &Keys,
+    claim: Claim,
+    token: &str,
+    ttls: Ttls,
+    now_ms: u64,
+) -> Result<Acquired> {
+    let mode = match claim {
+        Claim::Lease => "lease",
+        Claim::Lock => "lock",
+        Claim::Refresh => "refresh",
+        Claim::Takeover => "takeover",
+    };
+    let reply: Value = cache.run(|conn| {
+        SCRIPTS
+            .acquire
+            .key(&keys.value)
+            .key(&keys.lease)
+            .key(&keys.lock)
+            .arg(mode)
+            .arg(token)
+            .arg(millis(ttls.lease))
+            .arg(millis(ttls.lock))
+            .arg(now_ms)
+            .invoke(conn)
+    })?;
+    match reply {
+        Value::BulkString(raw) => Ok(Acquired::Cached(raw)),
+        Value::Int(1) => Ok(Acquired::Granted),
+        Value::Int(0) => Ok(Acquired::Busy),
+        other => Err(Error::new(
+            ErrorKind::Cache,
+            format!("unexpected reply from the acquire script: {other:?}"),
+        )),
+    }
+}
+
+/// Stores `raw` for `ttl` if `token` still holds the lease, and releases the
+/// lease and the lock if `token` holds them; one atomic script. True if
+/// stored.
+pub(crate) fn fill(
+    cache: &Cache,
+    keys: &Keys,
+    token: &str,
+    raw: &[u8],
+    ttl: Duration,
+) -> Result<bool> {
+    cache.run(|conn| {
+        SCRIPTS
+            .fill
+            .key(&keys.value)
+            .key(&keys.lease)
+            .key(&keys.lock)
+            .arg(token)
+            .arg(raw)
+            .arg(millis(ttl))
+            .invoke(conn)
+    })
+}
+
+/// Gives up `token`'s lease and lock, if it still holds them.
+pub(crate) fn release(cache: &Cache, lease: &str, lock: &str, token: &str) -> Result<()> {
+    cache.run(|conn| {
+        SCRIPTS
+            .release
+            .key(lease)
+            .key(lock)
+            .arg(token)
+            .invoke::<i64>(conn)
+    })?;
+    Ok(())
+}
+
+/// Deletes a key's value and revokes its lease and every registered
+/// writer: one command, so it costs at most one timeout, and Redis accepts
+/// it even when it is out of memory (a delete is not refused).
+pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
+    cache.run(|conn| {
+        redis::cmd("DEL")
+            .arg(&keys.value)
+            .arg(&keys.lease)
+            .arg(&keys.writers)
+            .query::<i64>(conn)
+    })?;
+    Ok(())
+}
+
+/// Registers a write-through writer before it writes the source, so an
+/// invalidation that comes later revokes it.
+pub(crate) fn register_writer(
+    cache: &Cache,
+    keys: &Keys,
+    token: &str,
+    ttl: Duration,
+) -> Result<()> {
+    cache.run(|conn| {
+        SCRIPTS
+            .register_writer
+            .key(&keys.writers)
+            .arg(token)
+            .arg(millis(ttl))
+            .invoke::<i64>(conn)
+    })?;
+    Ok(())
+}
+
+/// Forgets a writer whose write did not happen.
+pub(crate) fn unregister_writer(cache: &Cache, keys: &Keys, token: &str) -> Result<()> {
+    cache.run(|conn| {
+        redis::cmd("SREM")
+            .arg(&keys.writers)
+            .arg(token)
+            .query::<i64>(conn)
+    })?;
+    Ok(())
+}
+
+/// Stores a written row (`raw`, at `version`) unless that could leave the
+/// cache older than a write that has returned; always revokes readers'
+/// leases. True if stored.
+pub(crate) fn write_through(
+    cache: &Cache,
+    keys: &Keys,
+    token: &str,
+    raw: &[u8],
+    version: u64,
+    ttl: Duration,
+) -> Result<bool> {
+    cache.run(|conn| {
+        SCRIPTS
+            .write_through
+            .key(&keys.value)
+            .key(&keys.lease)
+            .key(&keys.writers)
+            .arg(token)
+            .arg(raw)
+            .arg(version)
+            .arg(millis(ttl))
+            .invoke(conn)
+    })
+}
+
+/// Applies changes the relay read from the outbox, in one round trip: each
+/// as [`invalidate`], unless the cached entry is a row of the changed row's
+/// version or newer (it was loaded or written after that change, so it
+/// reflects it; and any lease held now was taken after it was filled, so
+/// after the change too). A change without a version (a delete, or a table
+/// without a version column) always invalidates.
+pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -> Result<()> {
+    cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        // Pipelined EVALSHA has no EVAL fallback: load the script first (it
+        // is a no-op when Redis has it).
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&SCRIPTS.relay_invalidate_code)
+            .ignore();
+        for (keys, version) in changes {
+            let version = version.map_or(String::new(), |v| v.to_string());
+            let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
+            call.key(&keys.lease).key(&keys.writers).arg(version);
+            pipe.invoke_script(&call).ignore();
+        }
+        pipe.query::<()>(conn)
+    })
+}
+
+/// Deletes a value that is not an entry of ours: one of another type, or a
+/// string still equal to `raw` (a good value filled meanwhile survives).
+pub(crate) fn discard(cache: &Cache, value_key: &str, raw: &[u8]) -> Result<()> {
+    cache.run(|conn| SCRIPTS.discard.key(value_key).arg(raw).invoke::<i64>(conn))?;
+    Ok(())
+}
+
+/// Replaces `old` with `new` (same physical TTL) if the key still holds
+/// `old`: re-arms a fail-safe copy without overwriting anything newer.
+pub(crate) fn rearm(cache: &Cache, value_key: &str, old: &[u8], new: &[u8]) -> Result<bool> {
+    cache.run(|conn| SCRIPTS.rearm.key(value_key).arg(old).arg(new).invoke(conn))
+}
+
+/// The scripts, hashed once per process; `invoke` sends EVALSHA and falls
+/// back to EVAL after a server restart forgot them.
+struct Scripts {
+    relay_invalidate: Script,
+    relay_invalidate_code: String,
+    acquire: Script,
+    fill: Script,
+    release: Script,
+    renew: Script,
+    register_writer: Script,
+    write_through: Script,
+    discard: Script,
+    rearm: Script,
+}
+
+/// Versions are compared as decimal strings (length, then text), exact for
+/// any u64; Lua numbers are doubles, which round above 2^53.
+const OLDER: &str = r"
+local function older(a, b)
+  a = string.gsub(a, '^0+', ''); b = string.gsub(b, '^0+', '')
+  if #a ~= #b then return #a < #b end
+  return a < b
+end
+";
+
+static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
+    // KEYS: value, lease, writers. ARGV: the changed row's version, or ''.
+    let relay_invalidate_code = format!(
+        r"{OLDER}
+        if ARGV[1] ~= '' and redis.call('TYPE', KEYS[1]).ok == 'string' then
+          local kind, v = string.match(redis.call('GET', KEYS[1]), '^ca1 (%a) (%d+) ')
+          if kind == 'v' and v and not older(v, ARGV[1]) then return 0 end
+        end
+        redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+        return 1
+        "
+    );
+    Scripts {
+        relay_invalidate: Script::new(&relay_invalidate_code),
+        relay_invalidate_code,
+        // KEYS: value, lease, lock. ARGV: mode, token, lease_ms, lock_ms, now_ms.
+        // A value past its logical expiry (a fail-safe copy) counts as missing.
+        // Retrying with the same token finds what the first attempt took.
+        acquire: Script::new(
+            r"
+        local function sweep(key)
+          local t = redis.call('TYPE', key).ok
+          if t ~= 'none' and (t ~= 'string' or redis.call('PTTL', key) < 0) then
+            redis.call('DEL', key)
+          end
+        end
+        sweep(KEYS[2]); sweep(KEYS[3])
+        local mode, token = ARGV[1], ARGV[2]
+        if mode ~= 'refresh' then
+          local t = redis.call('TYPE', KEYS[1]).ok
+          if t == 'string' then
+            local v = redis.call('GET', KEYS[1])
+            local expires = tonumber(string.match(v, '^ca1 %a %d+ %d+ (%d+)\n'))
+            if not expires or expires > tonumber(ARGV[5]) then return v end
+          elseif t ~= 'none' then
+            redis.call('DEL', KEYS[1])
+          end
+        end
+        if mode == 'lease' or mode == 'takeover' then
+          local holder = redis.call('GET', KEYS[2])
+          if holder and holder ~= token and mode == 'lease' then return 0 end
+          redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+          return 1
+        end
+        local locker = redis.call('GET', KEYS[3])
+        if locker == token then return 1 end
+        if locker or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+        redis.call('SET', KEYS[3], token, 'PX', ARGV[4])
+        redis.call('SET', KEYS[2], token, 'PX', ARGV[3])
+        return 1
+        ",
+        ),
+        // KEYS: value, lease, lock. ARGV: token, entry, ttl_ms.
+        // The lease check is what drops a stale fill: an invalidation after our
+        // read deleted the lease (or a newer reader took it over).
+        fill: Script::new(
+            r"
+        local stored = 0
+        if redis.call('GET', KEYS[2]) == ARGV[1] then
+          redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+          redis.call('DEL', KEYS[2])
+          stored = 1
+        end
+        if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+        return stored
+        ",
+        ),
+        // KEYS: lease, lock. ARGV: token. Compare-and-delete: a holder whose
+        // lease or lock expired never deletes one that is now someone else's.
+        release: Script::new(
+            r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+        if redis.call('GET', KEYS[2]) == ARGV[1] then redis.call('DEL', KEYS[2]) end
+        return 0
+        ",
+        ),
+        // KEYS: lease, lock. ARGV: token, lease_ms, lock_ms. Compare-and-expire;
+        // returns 1 for the lease, 2 for the lock, 3 for both, 0 for nothing.
+        renew: Script::new(
+            r"
+        local held = 0
+        if redis.call('GET', KEYS[1]) == ARGV[1] then
+          redis.call('PEXPIRE', KEYS[1], ARGV[2]); held = held + 1
+        end
+        if redis.call('GET', KEYS[2]) == ARGV[1] then
+          redis.call('PEXPIRE', KEYS[2], ARGV[3]); held = held + 2
+        end
+        return held
+        ",
+        ),
+        // KEYS: writers. ARGV: token, ttl_ms. The set lives as long as its
+        // newest writer may.
+        register_writer: Script::new(
+            r"
+        redis.call('SADD', KEYS[1], ARGV[1])
+        redis.call('PEXPIRE', KEYS[1], ARGV[2])
+        return 1
+        ",
+        ),
+        // KEYS: value, lease, writers. ARGV: token, entry, version, ttl_ms.
+        // The invariant: once a write has returned, no cached entry is older.
+        // - Registered (no invalidation since this writer registered): store
+        //   unless the cached version is the same or newer.
+        // - Revoked by an invalidation whose write may be newer than ours
+        //   (plain updates and deletes leave no version behind): whatever is
+        //   cached now was filled after that invalidation, so it reflects that
+        //   write or a later one. Replacing it is right only when it provably
+        //   predates ours: a present row of a lower version (it was loaded
+        //   before our commit, and so after nothing newer). Never an absent
+        //   entry: a delete may have made it, after our write. Never an empty
+        //   key: we cannot tell who is newer; and then every other writer is
+        //   revoked too, since any of them may be older than ours and must not
+        //   fill the key we left empty.
+        write_through: Script::new(&format!(
+            r"{OLDER}
+        redis.call('DEL', KEYS[2])
+        local registered = redis.call('SREM', KEYS[3], ARGV[1]) == 1
+        local t = redis.call('TYPE', KEYS[1]).ok
+        if t ~= 'string' and t ~= 'none' then redis.call('DEL', KEYS[1]) end
+        local cur = redis.call('GET', KEYS[1])
+        if cur then
+          local kind, v = string.match(cur, '^ca1 (%a) (%d+) ')
+          if registered then
+            if v and not older(v, ARGV[3]) then return 0 end
+          elseif kind ~= 'v' or not v or not older(v, ARGV[3]) then
+            return 0
+          end
+        elseif not registered then
+          redis.call('DEL', KEYS[3])
+          return 0
+        end
+        redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[4])
+        return 1
+        "
+        )),
+        // KEYS: value. ARGV: the raw bytes read.
+        discard: Script::new(
+            r"
+        local t = redis.call('TYPE', KEYS[1]).ok
+        if t == 'none' then return 0 end
+        if t ~= 'string' or redis.call('GET', KEYS[1]) == ARGV[1] then
+          return redis.call('DEL', KEYS[1])
+        end
+        return 0
+        ",
+        ),
+        // KEYS: value. ARGV: old, new.
+        rearm: Script::new(
+            r"
+        if redis.call('GET', KEYS[1]) == ARGV[1] then
+          redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+          return 1
+        end
+        return 0
+        ",
+        ),
+    }
+});
+
+/// Renews the leases and locks of live loads, and deletes orphans.
+///
+/// One thread per engine, started with it and stopped (joined) when it
+/// drops. It wakes every third of the shorter TTL; a load that ends before
+/// the first wake-up costs it nothing but a map insert and remove.
+pub(crate) struct Keeper {
+    shared: Arc<KeeperShared>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+struct KeeperShared {
+    cache: Cache,
+    ttls: Ttls,
+    /// Guarded by its mutex; never held across I/O (the thread copies what
+    /// it renews, then unlocks).
+    state: Mutex<KeeperState>,
+    wake: Condvar,
+}
+
+#[derive(Default)]
+struct KeeperState {
+    next_id: u64,
+    live: HashMap<u64, Renewal>,
+    orphans: Vec<Orphan>,
+    stop: bool,
+}
+
+#[derive(Clone)]
+struct Renewal {
+    lease: Arc<str>,
+    lock: Arc<str>,
+    token: Token,
+    /// Renew until then: the holder's call has given up by that time.
+    until: Instant,
+}
+
+struct Orphan {
+    lease: Arc<str>,
+    lock: Arc<str>,
+    token: Token,
+    /// Expired in Redis by then anyway.
+    gone_at: Instant,
+}
+
+impl Keeper {
+    pub fn new(cache: Cache, ttls: Ttls) -> Keeper {
+        Keeper {
+            shared: Arc::new(KeeperShared {
+                cache,
+                ttls,
+                state: Mutex::new(KeeperState::default()),
+                wake: Condvar::new(),
+            }),
+            thread: Mutex::new(None),
+        }
+    }
+
+    /// Takes responsibility for what `token` holds on `keys` until the
+    /// returned [`Hold`] drops (or fills), renewing it until `until`.
+    pub fn hold(self: &Arc<Self>, keys: &Keys, token: Token, until: Instant) -> Hold {
+        let (lease, lock): (Arc<str>, Arc<str>) =
+            (keys.lease.as_str().into(), keys.lock.as_str().into());
+        let id = {
+            let mut state = self.shared.state.lock();
+            state.next_id += 1;
+            let id = state.next_id;
+            state.live.insert(
+                id,
+                Renewal {
+                    lease: Arc::clone(&lease),
+                    lock: Arc::clone(&lock),
+                    token: Arc::clone(&token),
+                    until,
+                },
+            );
+            id
+        };
+        self.ensure_running();
+        Hold {
+            keeper: Arc::clone(self),
+            id,
+            lease,
+            lock,
+            token,
+            done: false,
+        }
+    }
+
+    /// A claim whose reply never came (a timeout, a dropped connection): it
+    /// may have taken a lease or lock on the server. Delete them (if still
+    /// `token`'s) as soon as Redis answers.
+    pub fn orphan(&self, keys: &Keys, token: Token) {
+        let ttl = self.shared.ttls.lease.max(self.shared.ttls.lock);
+        self.shared.state.lock().orphans.push(Orphan {
+            lease: keys.lease.as_str().into(),
+            lock: keys.lock.as_str().into(),
+            token,
+            gone_at: Instant::now() + ttl,
+        });
+        self.ensure_running();
+        self.shared.wake.notify_one();
+    }
+
+    /// Loads whose leases and locks are being renewed now.
+    pub fn live(&self) -> usize {
+        self.shared.state.lock().live.len()
+    }
+
+    fn ensure_running(&self) {
+        let mut thread = self.thread.lock();
+        if thread.is_some() {
+            return;
+        }
+        let shared = Arc::clone(&self.shared);
+        // Best effort: without the thread, loads are not renewed (they keep
+        // today's TTLs) and orphans expire on their own.
+        *thread = std::thread::Builder::new()
+            .name("cacheaside-keeper".into())
+            .spawn(move || shared.run())
+            .map_err(|e| log::warn!("cannot start the lease keeper thread: {e}"))
+            .ok();
+    }
+}
+
+impl Drop for Keeper {
+    fn drop(&mut self) {
+        self.shared.state.lock().stop = true;
+        self.shared.wake.notify_all();
+        if let Some(thread) = self.thread.lock().take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl KeeperShared {
+    fn interval(&self) -> Duration {
+        self.ttls.lease.min(self.ttls.lock) / 3
+    }
+
+    fn run(&self) {
+        let mut state = self.state.lock();
+        loop {
+            if state.stop {
+                return;
+            }
+            let timeout = self.interval();
+            if state.orphans.is_empty() {
+                self.wake.wait_for(&mut state, timeout);
+            } else {
+                // Orphans are retried sooner: they block other readers.
+                self.wake
+                    .wait_for(&mut state, timeout.min(Duration::from_millis(50)));
+            }
+            if state.stop {
+                return;
+            }
+            let now = Instant::now();
+            let due: Vec<Renewal> = state
+                .live
+                .values()
+                .filter(|r| r.until > now)
+                .cloned()
+                .collect();
+            state.orphans.retain(|o| o.gone_at > now);
+            let orphans: Vec<(Arc<str>, Arc<str>, Token)> = state
+                .orphans
+                .iter()
+                .map(|o| {
+                    (
+                        Arc::clone(&o.lease),
+                        Arc::clone(&o.lock),
+                        Arc::clone(&o.token),
+                    )
+                })
+                .collect();
+            drop(state);
+            for r in &due {
+                let renewed = self.cache.run(|conn| {
+                    SCRIPTS
+                        .renew
+                        .key(&*r.lease)
+                        .key(&*r.lock)
+                        .arg(&*r.token)
+                        .arg(millis(self.ttls.lease))
+                        .arg(millis(self.ttls.lock))
+                        .invoke::<i64>(conn)
+                });
+                if let Err(err) = renewed {
+                    log::debug!("lease renewal failed (retried next round): {}", err.chain());
+                }
+            }
+            let mut released = Vec::new();
+            for (lease, lock, token) in &orphans {
+                if release(&self.cache, lease, lock, token).is_ok() {
+                    released.push(Arc::clone(token));
+                }
+            }
+            state = self.state.lock();
+            state.orphans.retain(|o| !released.contains(&o.token));
+        }
+    }
+}
+
+/// What one load holds (a lease, maybe a lock), renewed while it lives.
+/// Dropping it releases both if still ours, so a loader that fails or
+/// panics does not hold up other readers; [`Hold::filled`] says a fill
+/// script released them already.
+pub(crate) struct Hold {
+    keeper: Arc<Keeper>,
+    id: u64,
+    lease: Arc<str>,
+    lock: Arc<str>,
+    token: Token,
+    done: bool,
+}
+
+impl Hold {
+    pub fn token(&self) -> &str {
+        &self.token
+    }
+
+    /// The fill script released the lease and lock.
+    pub fn filled(mut self) {
+        self.done = true;
+    }
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        let shared = &self.keeper.shared;
+        shared.state.lock().live.remove(&self.id);
+        if self.done {
+            return;
+        }
+        if release(&shared.cache, &self.lease, &self.lock, &self.token).is_err() {
+            // Left for the keeper: it deletes them once Redis answers.
+            let ttl = shared.ttls.lease.max(shared.ttls.lock);
+            shared.state.lock().orphans.push(Orphan {
+                lease: Arc::clone(&self.lease),
+                lock: Arc::clone(&self.lock),
+                token: Arc::clone(&self.token),
+                gone_at: Instant::now() + ttl,
+            });
+            shared.wake.notify_one();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_unique() {
+        assert_ne!(new_token(), new_token());
+    }
+
+    #[test]
+    fn side_keys_share_the_value_keys_slot() {
+        let keys = Keys::for_value("ns:{user:1}".into());
+        assert_eq!(keys.lease, "ns:{user:1}:lease");
+        assert_eq!(keys.lock, "ns:{user:1}:lock");
+        assert_eq!(keys.writers, "ns:{user:1}:writers");
+    }
+}

@@ -1,0 +1,267 @@
+//! A blocking PostgreSQL connection with a deadline on everything it does.
+//!
+//! Guarantees: connecting (TCP, startup, authentication) finishes within
+//! `connect_timeout`, and every statement within its deadline, whatever the
+//! server or the network does. `statement_timeout` is only asked of the
+//! server; a server that is frozen, or a network path that silently drops
+//! everything, never answers it, and the kernel would keep a read waiting for
+//! a quarter of an hour. So the deadline is kept here, on the client: a
+//! statement that misses it fails with [`ErrorKind::Timeout`] and marks the
+//! connection broken (its protocol state is unknown), so the pool drops it.
+//! TCP keepalives and `tcp_user_timeout` are set as well: they notice a dead
+//! peer on an idle pooled connection, which no statement deadline can.
+//!
+//! The shape is the `postgres` crate's: a current-thread tokio runtime per
+//! connection, driven only while a call blocks on it. That crate has no
+//! per-call deadline, and its `connect_timeout` covers the TCP connect only,
+//! so this module drives `tokio-postgres` itself.
+//!
+//! [`ErrorKind::Timeout`]: crate::ErrorKind::Timeout
+
+use std::collections::VecDeque;
+use std::future::{Future, poll_fn};
+use std::pin::pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{AsyncMessage, NoTls, Notification, Row, Socket, Statement};
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub(crate) use crate::db::Params;
+
+/// One open connection. Not `Sync`: a pool hands it to one thread at a time.
+pub(crate) struct PgConnection {
+    client: tokio_postgres::Client,
+    driver: Driver,
+}
+
+/// Drives the connection's socket while a call waits, and keeps what the
+/// server sent unasked (notifications).
+struct Driver {
+    runtime: tokio::runtime::Runtime,
+    connection: tokio_postgres::Connection<Socket, NoTlsStream>,
+    /// The connection reported its end (closed or failed); polling it again
+    /// is not allowed.
+    ended: bool,
+    /// A deadline passed mid-statement: the protocol state is unknown.
+    broken: bool,
+    notifications: VecDeque<Notification>,
+}
+
+impl PgConnection {
+    /// Connects, with `timeout` bounding the whole handshake.
+    pub fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<PgConnection> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| {
+                Error::new(ErrorKind::Database, "cannot start a runtime").with_source(e)
+            })?;
+        // Timers need the runtime's context: build them inside block_on.
+        let connected =
+            runtime.block_on(async { tokio::time::timeout(timeout, config.connect(NoTls)).await });
+        match connected {
+            Ok(Ok((client, connection))) => Ok(PgConnection {
+                client,
+                driver: Driver {
+                    runtime,
+                    connection,
+                    ended: false,
+                    broken: false,
+                    notifications: VecDeque::new(),
+                },
+            }),
+            Ok(Err(err)) => Err(connect_error(err)),
+            Err(_) => Err(Error::timeout(format!(
+                "connecting to the database (no answer within {} ms)",
+                timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// True once the connection cannot be used again: closed by the server,
+    /// failed, or abandoned mid-statement at a deadline.
+    pub fn is_broken(&self) -> bool {
+        self.driver.broken || self.driver.ended || self.client.is_closed()
+    }
+
+    /// Makes the pool drop this connection (its state is unknown).
+    pub fn mark_broken(&mut self) {
+        self.driver.broken = true;
+    }
+
+    pub fn prepare(&mut self, sql: &str, timeout: Duration) -> Result<Statement> {
+        let future = self.client.prepare(sql);
+        self.driver.block_on(timeout, future)
+    }
+
+    pub fn query_opt(
+        &mut self,
+        statement: &Statement,
+        params: Params<'_>,
+        timeout: Duration,
+    ) -> Result<Option<Row>> {
+        let future = self.client.query_opt(statement, params);
+        self.driver.block_on(timeout, future)
+    }
+
+    pub fn query(
+        &mut self,
+        statement: &Statement,
+        params: Params<'_>,
+        timeout: Duration,
+    ) -> Result<Vec<Row>> {
+        let future = self.client.query(statement, params);
+        self.driver.block_on(timeout, future)
+    }
+
+    pub fn execute(
+        &mut self,
+        statement: &Statement,
+        params: Params<'_>,
+        timeout: Duration,
+    ) -> Result<u64> {
+        let future = self.client.execute(statement, params);
+        self.driver.block_on(timeout, future)
+    }
+
+    /// Runs `;`-separated statements without parameters (simple protocol).
+    pub fn batch_execute(&mut self, sql: &str, timeout: Duration) -> Result<()> {
+        let future = self.client.batch_execute(sql);
+        self.driver.block_on(timeout, future)
+    }
+
+    /// Waits up to `timeout` for a `NOTIFY` on a channel this connection
+    /// `LISTEN`s on; `Ok(None)` when none came.
+    pub fn next_notification(&mut self, timeout: Duration) -> Result<Option<Notification>> {
+        if let Some(note) = self.driver.notifications.pop_front() {
+            return Ok(Some(note));
+        }
+        let driver = &mut self.driver;
+        let waited = driver.runtime.block_on(async {
+            tokio::time::timeout(
+                timeout,
+                poll_fn(|cx| {
+                    if let Err(err) = Driver::pump(
+                        &mut driver.connection,
+                        &mut driver.ended,
+                        &mut driver.notifications,
+                        cx,
+                    ) {
+                        return Poll::Ready(Err(db_error(err)));
+                    }
+                    if driver.ended {
+                        return Poll::Ready(Err(Error::new(
+                            ErrorKind::Database,
+                            "the database closed the connection",
+                        )));
+                    }
+                    match driver.notifications.pop_front() {
+                        Some(note) => Poll::Ready(Ok(note)),
+                        None => Poll::Pending,
+                    }
+                }),
+            )
+            .await
+        });
+        match waited {
+            Ok(Ok(note)) => Ok(Some(note)),
+            Ok(Err(err)) => Err(err),
+            Err(_) => Ok(None),
+        }
+    }
+}
+
+impl Driver {
+    /// Blocks until `future` resolves or `timeout` passes, driving the socket
+    /// meanwhile.
+    fn block_on<T>(
+        &mut self,
+        timeout: Duration,
+        future: impl Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T> {
+        let mut future = pin!(future);
+        let (connection, ended, notifications) = (
+            &mut self.connection,
+            &mut self.ended,
+            &mut self.notifications,
+        );
+        let outcome = self.runtime.block_on(async {
+            tokio::time::timeout(
+                timeout,
+                poll_fn(|cx| {
+                    // Errors of the connection itself surface through the
+                    // statement's future (it sees the channel close), so
+                    // they are only recorded here.
+                    let _ = Driver::pump(connection, ended, notifications, cx);
+                    future.as_mut().poll(cx)
+                }),
+            )
+            .await
+        });
+        match outcome {
+            Ok(result) => result.map_err(db_error),
+            Err(_) => {
+                self.broken = true;
+                Err(Error::timeout(format!(
+                    "database statement (no answer within {} ms)",
+                    timeout.as_millis()
+                )))
+            }
+        }
+    }
+
+    /// Reads what the server sent until the socket has nothing more.
+    fn pump(
+        connection: &mut tokio_postgres::Connection<Socket, NoTlsStream>,
+        ended: &mut bool,
+        notifications: &mut VecDeque<Notification>,
+        cx: &mut Context<'_>,
+    ) -> Result<(), tokio_postgres::Error> {
+        while !*ended {
+            match connection.poll_message(cx) {
+                Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
+                    notifications.push_back(note);
+                }
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(err))) => {
+                    *ended = true;
+                    return Err(err);
+                }
+                Poll::Ready(None) => *ended = true,
+                Poll::Pending => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a failed statement means to a caller.
+pub(crate) fn db_error(err: tokio_postgres::Error) -> Error {
+    // 57014 query_canceled is what statement_timeout raises.
+    if err.code() == Some(&tokio_postgres::error::SqlState::QUERY_CANCELED) {
+        return Error::new(ErrorKind::Timeout, "timed out: database statement").with_source(err);
+    }
+    Error::new(ErrorKind::Database, "database query failed").with_source(err)
+}
+
+/// A connect failure, worded so a misconfiguration reads as one.
+fn connect_error(err: tokio_postgres::Error) -> Error {
+    use tokio_postgres::error::SqlState;
+    let why = match err.code() {
+        Some(c) if *c == SqlState::INVALID_PASSWORD => "authentication failed",
+        Some(c) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "authentication failed",
+        Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "no such database",
+        Some(c) if *c == SqlState::TOO_MANY_CONNECTIONS => "too many connections",
+        _ => "cannot connect to the database",
+    };
+    Error::new(ErrorKind::Database, why).with_source(err)
+}
+
+/// Pins for the type checker that a connection may move between threads.
+const _: () = {
+    const fn movable<T: Send>() {}
+    movable::<PgConnection>();
+};

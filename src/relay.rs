@@ -1,0 +1,583 @@
+//! Invalidation from Postgres itself: a trigger records every changed key in
+//! an outbox table in the same transaction as the change, and a relay thread
+//! applies the outbox to the cache.
+//!
+//! This catches what the library's own invalidation cannot: writes that
+//! bypass the library (psql, a migration, another service), and writes whose
+//! `DEL` never reached Redis (Redis was down, the process died between
+//! `COMMIT` and `DEL`).
+//!
+//! Guarantees:
+//! - Every committed change to a captured table is applied to the cache
+//!   exactly as [`CacheAside::invalidate`](crate::CacheAside::invalidate)
+//!   does (value, lease and writers deleted, so an in-flight fill of the
+//!   pre-change row is dropped), within about the notification latency, and
+//!   at most `relay_poll` after a lost notification.
+//! - Nothing is skipped, whatever order transactions commit in. Outbox ids
+//!   are handed out at insert time, not at commit, so a cursor on ids would
+//!   step over a row whose transaction commits late. The cursor is instead a
+//!   transaction horizon: every row written by a transaction older than the
+//!   horizon has been applied. A round reads, in one snapshot, the rows at
+//!   or above the horizon and the snapshot's `xmin` (every older transaction
+//!   has ended, so all its rows are in the snapshot); after applying them the
+//!   horizon moves to that `xmin`. Rows above it may be read again next
+//!   round; they are applied once per process (and deletes are idempotent
+//!   anyway).
+//! - The horizon is kept in Postgres, per namespace, so a restarted relay
+//!   (or a relay in another process) goes on where the last one stopped.
+//!   When Redis fails, the horizon stays and the round is retried; when the
+//!   relay's Postgres connection drops, it reconnects and catches up.
+//! - Outbox rows older than `outbox_retention` are pruned. A relay whose
+//!   namespace was not served for longer than that cannot know what it
+//!   missed: it deletes every key of its namespace (never anything else; no
+//!   `FLUSHALL`) and goes on.
+//! - While the circuit breaker waits in recovery, the breaker closes only
+//!   after a round that began in recovery has applied everything.
+//!
+//! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::aside::{Engine, bump};
+use crate::config::{Config, validate_table_name};
+use crate::db::{Db, DbConn};
+use crate::error::{Error, Result};
+use crate::lease::{self, Keys};
+
+/// How long the relay thread sleeps at most before it looks at its flags
+/// (stop, sync requests, breaker recovery).
+const SLICE: Duration = Duration::from_millis(25);
+
+/// Outbox rows read per query.
+const PAGE: i64 = 1000;
+
+/// The SQL of one outbox, built once from its validated name.
+pub(crate) struct Outbox {
+    table: String,
+    cursors: String,
+    channel: String,
+}
+
+impl Outbox {
+    pub fn new(table: &str) -> Result<Outbox> {
+        validate_table_name(table)?;
+        let cursors = format!("{table}_cursors");
+        validate_table_name(&cursors)?;
+        Ok(Outbox {
+            table: table.to_owned(),
+            cursors,
+            channel: table.to_owned(),
+        })
+    }
+
+    /// The unqualified name, for objects that cannot carry a schema.
+    fn bare(&self) -> &str {
+        self.table.rsplit('.').next().unwrap_or(&self.table)
+    }
+
+    /// Creates the outbox, its cursor table and its trigger functions, and
+    /// installs the triggers on `table`: every insert, update or delete of a
+    /// row writes `key_prefix || <key_column>` (old and new key) to the
+    /// outbox in the same transaction, with the row's version when there is
+    /// a version column, and notifies the relay. With a version column,
+    /// every update also bumps it if the writer did not, so a write from
+    /// anywhere orders correctly.
+    pub fn capture(
+        &self,
+        db: &Db,
+        table: &str,
+        key_prefix: &str,
+        key_column: &str,
+        version_column: Option<&str>,
+    ) -> Result<()> {
+        validate_table_name(table)?;
+        for column in std::iter::once(key_column).chain(version_column) {
+            if column.contains('.') {
+                return Err(Error::invalid_argument(format!(
+                    "{column:?} must be a column name, not qualified"
+                )));
+            }
+            validate_table_name(column)?;
+        }
+        if key_prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_control())
+        {
+            return Err(Error::invalid_argument(
+                "key_prefix may not contain '{', '}' or control characters",
+            ));
+        }
+        // Trigger arguments are string literals in the DDL: double quotes
+        // inside them, the only character that needs it.
+        let prefix = key_prefix.replace('\'', "''");
+        let (outbox, cursors, channel, bare) =
+            (&self.table, &self.cursors, &self.channel, self.bare());
+        let version = version_column.unwrap_or("");
+        let bump = match version_column {
+            Some(column) => format!(
+                "CREATE TRIGGER cacheaside_version BEFORE UPDATE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION {outbox}_bump('{column}');"
+            ),
+            None => String::new(),
+        };
+        let schema = match outbox.split_once('.') {
+            Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+            None => String::new(),
+        };
+        let ddl = format!(
+            "{schema}
+             CREATE TABLE IF NOT EXISTS {outbox} (
+                 id         bigserial PRIMARY KEY,
+                 cache_key  text NOT NULL,
+                 version    bigint,
+                 txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
+                 created_at timestamptz NOT NULL DEFAULT now()
+             );
+             CREATE INDEX IF NOT EXISTS {bare}_txid ON {outbox} (txid);
+             CREATE INDEX IF NOT EXISTS {bare}_created ON {outbox} (created_at);
+             CREATE TABLE IF NOT EXISTS {cursors} (
+                 consumer   text PRIMARY KEY,
+                 horizon    xid8 NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT now()
+             );
+             -- TG_ARGV: key prefix, key column, version column ('' for none).
+             CREATE OR REPLACE FUNCTION {outbox}_capture() RETURNS trigger
+             LANGUAGE plpgsql AS $fn$
+             DECLARE
+                 old_key text;
+                 new_key text;
+                 new_version bigint;
+             BEGIN
+                 IF TG_OP <> 'INSERT' THEN
+                     old_key := TG_ARGV[0] || (to_jsonb(OLD) ->> TG_ARGV[1]);
+                 END IF;
+                 IF TG_OP <> 'DELETE' THEN
+                     new_key := TG_ARGV[0] || (to_jsonb(NEW) ->> TG_ARGV[1]);
+                     IF TG_ARGV[2] <> '' THEN
+                         new_version := (to_jsonb(NEW) ->> TG_ARGV[2])::bigint;
+                     END IF;
+                 END IF;
+                 -- A key that no longer exists is invalidated whatever is
+                 -- cached; the new key only if the cache is older.
+                 IF old_key IS DISTINCT FROM new_key AND old_key IS NOT NULL THEN
+                     INSERT INTO {outbox} (cache_key) VALUES (old_key);
+                 END IF;
+                 IF new_key IS NOT NULL THEN
+                     INSERT INTO {outbox} (cache_key, version) VALUES (new_key, new_version);
+                 END IF;
+                 PERFORM pg_notify('{channel}', '');
+                 RETURN NULL;
+             END
+             $fn$;
+             -- TG_ARGV: version column. Every update moves it forward.
+             CREATE OR REPLACE FUNCTION {outbox}_bump() RETURNS trigger
+             LANGUAGE plpgsql AS $fn$
+             DECLARE
+                 was bigint := (to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
+             BEGIN
+                 IF (to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
+                     NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], was + 1));
+                 END IF;
+                 RETURN NEW;
+             END
+             $fn$;
+             DROP TRIGGER IF EXISTS cacheaside_capture ON {table};
+             DROP TRIGGER IF EXISTS cacheaside_version ON {table};
+             CREATE TRIGGER cacheaside_capture
+                 AFTER INSERT OR UPDATE OR DELETE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION {outbox}_capture('{prefix}', '{key_column}', '{version}');
+             {bump}"
+        );
+        // Concurrent installs (several processes starting at once) would
+        // collide on CREATE OR REPLACE FUNCTION: serialize them.
+        db.transaction(|tx| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &[&outbox.as_str()],
+            )?;
+            tx.batch_execute(&ddl)
+        })
+    }
+}
+
+/// A running relay; stopping it (or dropping it) joins its thread.
+pub(crate) struct Relay {
+    shared: Arc<RelayShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What callers use to talk to a running relay.
+#[derive(Clone)]
+pub(crate) struct RelayHandle(Arc<RelayShared>);
+
+struct RelayShared {
+    stop: AtomicBool,
+    /// Sync requests made, and the last one a finished round covers.
+    requested: AtomicU64,
+    served: Mutex<u64>,
+    served_cv: Condvar,
+}
+
+impl Relay {
+    pub fn start(mut engine: Engine, config: &Config) -> Relay {
+        // The relay's statements are not the application's queries.
+        engine.db = engine.db.uncounted();
+        let shared = Arc::new(RelayShared {
+            stop: AtomicBool::new(false),
+            requested: AtomicU64::new(0),
+            served: Mutex::new(0),
+            served_cv: Condvar::new(),
+        });
+        let outbox = Outbox::new(&config.outbox_table);
+        let worker = Worker {
+            engine,
+            shared: Arc::clone(&shared),
+            poll: config.relay_poll,
+            retention: config.outbox_retention,
+            consumer: config.namespace.clone(),
+            applied: HashMap::new(),
+            last_prune: None,
+        };
+        let thread = match outbox {
+            Ok(outbox) => std::thread::Builder::new()
+                .name("cacheaside-relay".into())
+                .spawn(move || worker.run(&outbox))
+                .map_err(|e| log::warn!("cannot start the invalidation relay: {e}"))
+                .ok(),
+            Err(err) => {
+                log::warn!("invalidation relay not started: {}", err.chain());
+                None
+            }
+        };
+        Relay { shared, thread }
+    }
+
+    pub fn handle(&self) -> RelayHandle {
+        RelayHandle(Arc::clone(&self.shared))
+    }
+
+    pub fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+impl RelayHandle {
+    /// Asks for a round and waits until one that began after this call has
+    /// finished; false at the timeout.
+    pub fn sync(&self, timeout: Duration) -> bool {
+        let want = self.0.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        let deadline = Instant::now() + timeout;
+        let mut served = self.0.served.lock();
+        while *served < want {
+            if self
+                .0
+                .served_cv
+                .wait_until(&mut served, deadline)
+                .timed_out()
+            {
+                return *served >= want;
+            }
+        }
+        true
+    }
+}
+
+/// The relay thread's state.
+struct Worker {
+    engine: Engine,
+    shared: Arc<RelayShared>,
+    poll: Duration,
+    retention: Duration,
+    /// Whose progress the horizon records: the namespace.
+    consumer: String,
+    /// Outbox ids applied at or above the horizon (with their transaction
+    /// ids), so rows read again are not applied again.
+    applied: HashMap<i64, u64>,
+    last_prune: Option<Instant>,
+}
+
+impl Worker {
+    fn run(mut self, outbox: &Outbox) {
+        let mut conn: Option<DbConn> = None;
+        let mut backoff = Duration::from_millis(50);
+        let mut next_round = Instant::now();
+        while !self.shared.stop.load(Ordering::SeqCst) {
+            let listening = match conn.take() {
+                Some(c) if !c.is_broken() => Ok(c),
+                _ => self.listen(outbox),
+            };
+            let mut listening = match listening {
+                Ok(c) => c,
+                Err(err) => {
+                    bump(&self.engine.counters.relay_errors);
+                    log::debug!("invalidation relay cannot listen: {}", err.chain());
+                    self.sleep(backoff);
+                    backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
+                    continue;
+                }
+            };
+            let wanted = Instant::now() >= next_round
+                || self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
+                || self.engine.breaker.recovery_ticket().is_some();
+            if wanted {
+                match self.round(outbox) {
+                    Ok(()) => {
+                        backoff = Duration::from_millis(50);
+                        next_round = Instant::now() + self.poll;
+                    }
+                    Err(err) => {
+                        bump(&self.engine.counters.relay_errors);
+                        log::debug!("invalidation relay round failed (retried): {}", err.chain());
+                        self.sleep(backoff);
+                        backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
+                        next_round = Instant::now();
+                    }
+                }
+            }
+            // Wait for a notification, a little at a time.
+            match listening.next_notification(SLICE) {
+                Ok(Some(_)) => {
+                    next_round = Instant::now();
+                    conn = Some(listening);
+                }
+                Ok(None) => conn = Some(listening),
+                Err(err) => {
+                    // The connection dropped: reconnect and catch up.
+                    log::debug!("invalidation relay lost its connection: {}", err.chain());
+                    next_round = Instant::now();
+                }
+            }
+        }
+    }
+
+    fn sleep(&self, total: Duration) {
+        let until = Instant::now() + total;
+        while !self.shared.stop.load(Ordering::SeqCst) && Instant::now() < until {
+            std::thread::sleep(SLICE.min(until.saturating_duration_since(Instant::now())));
+        }
+    }
+
+    fn listen(&self, outbox: &Outbox) -> Result<DbConn> {
+        let mut conn = self.engine.db.dedicated()?;
+        conn.batch_execute(&format!("LISTEN \"{}\"", outbox.channel))?;
+        Ok(conn)
+    }
+
+    /// Reads the outbox above the horizon in one snapshot, applies it, and
+    /// moves the horizon.
+    fn round(&mut self, outbox: &Outbox) -> Result<()> {
+        let ticket = self.engine.breaker.recovery_ticket();
+        let serving = self.shared.requested.load(Ordering::SeqCst);
+        let read = match self.read(outbox) {
+            Ok(read) => read,
+            // No outbox yet (nothing captured): nothing to apply.
+            Err(err) if undefined_table(&err) => Read::default(),
+            Err(err) => return Err(err),
+        };
+        if read.away_too_long {
+            log::warn!(
+                "invalidation relay for namespace {:?} was away longer than the outbox \
+                 retention: emptying the namespace",
+                self.consumer
+            );
+            if !self.consumer.is_empty() {
+                self.engine.cache.delete_namespace()?;
+            }
+            bump(&self.engine.counters.relay_resets);
+        }
+        let fresh: Vec<&Change> = read
+            .rows
+            .iter()
+            .filter(|c| !self.applied.contains_key(&c.id))
+            .collect();
+        for chunk in fresh.chunks(100) {
+            let cache = &self.engine.cache;
+            let changes: Vec<(Keys, Option<i64>)> = chunk
+                .iter()
+                .map(|c| (Keys::for_value(cache.redis_key(&c.key)), c.version))
+                .collect();
+            lease::relay_invalidate(cache, &changes)?;
+            for c in chunk {
+                self.applied.insert(c.id, c.txid);
+            }
+            self.engine
+                .counters
+                .relay_invalidations
+                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(horizon) = read.new_horizon {
+            if read.horizon != Some(horizon) || read.touch {
+                self.advance(outbox, horizon)?;
+            }
+            self.applied.retain(|_, txid| *txid >= horizon);
+        }
+        self.prune(outbox);
+        bump(&self.engine.counters.relay_rounds);
+        if let Some(ticket) = ticket {
+            self.engine.breaker.relay_caught_up(ticket);
+        }
+        let mut served = self.shared.served.lock();
+        *served = (*served).max(serving);
+        self.shared.served_cv.notify_all();
+        Ok(())
+    }
+
+    fn read(&self, outbox: &Outbox) -> Result<Read> {
+        let retention_s = self.retention.as_secs_f64();
+        let (table, cursors) = (&outbox.table, &outbox.cursors);
+        self.engine.db.transaction(|tx| {
+            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+            let cursor = tx.query_one(
+                &format!(
+                    "SELECT horizon::text,
+                            now() - updated_at > make_interval(secs => $2),
+                            now() - updated_at > make_interval(secs => $2 / 8)
+                     FROM {cursors} WHERE consumer = $1"
+                ),
+                &[&self.consumer, &retention_s],
+            )?;
+            let (horizon, away_too_long, touch) = match cursor {
+                Some(row) => (
+                    Some(parse_xid(&row.get::<_, String>(0))?),
+                    row.get::<_, bool>(1),
+                    row.get::<_, bool>(2),
+                ),
+                None => (None, false, true),
+            };
+            let xmin: String = tx
+                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
+                .map(|r| r.get(0))
+                .unwrap_or_default();
+            let new_horizon = parse_xid(&xmin)?;
+            let from = horizon.unwrap_or(0).to_string();
+            let mut rows = Vec::new();
+            let mut after = 0_i64;
+            loop {
+                let page = tx.query(
+                    &format!(
+                        "SELECT id, cache_key, txid::text, version FROM {table}
+                         WHERE txid >= $1::text::xid8 AND id > $2
+                         ORDER BY id LIMIT {PAGE}"
+                    ),
+                    &[&from, &after],
+                )?;
+                let full = page.len() as i64 == PAGE;
+                for row in page {
+                    let id: i64 = row.get(0);
+                    after = id;
+                    rows.push(Change {
+                        id,
+                        key: row.get(1),
+                        txid: parse_xid(&row.get::<_, String>(2))?,
+                        version: row.get(3),
+                    });
+                }
+                if !full {
+                    break;
+                }
+            }
+            Ok(Read {
+                horizon,
+                new_horizon: Some(new_horizon),
+                away_too_long,
+                touch,
+                rows,
+            })
+        })
+    }
+
+    fn advance(&self, outbox: &Outbox, horizon: u64) -> Result<()> {
+        let cursors = &outbox.cursors;
+        self.engine.db.execute(
+            &format!(
+                "INSERT INTO {cursors} (consumer, horizon) VALUES ($1, $2::text::xid8)
+                 ON CONFLICT (consumer) DO UPDATE
+                 SET horizon = GREATEST({cursors}.horizon, EXCLUDED.horizon), updated_at = now()"
+            ),
+            &[&self.consumer, &horizon.to_string()],
+        )?;
+        Ok(())
+    }
+
+    /// Deletes rows past the retention, at most once a minute. Best effort.
+    fn prune(&mut self, outbox: &Outbox) {
+        if self
+            .last_prune
+            .is_some_and(|at| at.elapsed() < Duration::from_secs(60))
+        {
+            return;
+        }
+        self.last_prune = Some(Instant::now());
+        let sql = format!(
+            "DELETE FROM {} WHERE created_at < now() - make_interval(secs => $1)",
+            outbox.table
+        );
+        if let Err(err) = self
+            .engine
+            .db
+            .execute(&sql, &[&self.retention.as_secs_f64()])
+        {
+            log::debug!("outbox prune failed: {}", err.chain());
+        }
+    }
+}
+
+/// What one round read.
+#[derive(Default)]
+struct Read {
+    horizon: Option<u64>,
+    new_horizon: Option<u64>,
+    away_too_long: bool,
+    /// The cursor's timestamp is old enough to refresh even if the horizon
+    /// did not move.
+    touch: bool,
+    rows: Vec<Change>,
+}
+
+/// One outbox row.
+struct Change {
+    id: i64,
+    key: String,
+    txid: u64,
+    version: Option<i64>,
+}
+
+fn parse_xid(text: &str) -> Result<u64> {
+    text.parse().map_err(|_| {
+        Error::new(
+            crate::ErrorKind::Database,
+            format!("not a transaction id: {text:?}"),
+        )
+    })
+}
+
+/// 42P01 undefined_table.
+fn undefined_table(err: &Error) -> bool {
+    let mut source = std::error::Error::source(err);
+    while let Some(e) = source {
+        if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
+            return pg.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE);
+        }
+        source = e.source();
+    }
+    false
+}
