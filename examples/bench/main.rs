@@ -1,0 +1,111 @@
+//! The benchmark of issue 5: how close a cache hit gets to a raw Redis round
+//! trip, and what a stampede costs, side by side in one run.
+//!
+//! ```text
+//! cargo run --release --example bench            # full run, < 3 minutes
+//! cargo run --release --example bench -- --quick # ~20 s smoke run (CI)
+//! ```
+//!
+//! It prints a markdown table and writes `target/bench/report.json` and
+//! `target/bench/report.md`; the full run also draws `docs/bench-latency.png`
+//! and `docs/bench-stampede.png`.
+//!
+//! Targets are reported as met or not met, never asserted: a slow machine
+//! must not fail CI. What does fail the run (exit status 1) is a broken
+//! correctness property: a single-flight stampede that sends more than one
+//! query, a single-flight key left in flight, or a read that returns a wrong
+//! value or an error.
+//!
+//! Every run owns a users table `bench_users_<pid>` and a Redis namespace
+//! `bench:<pid>:`, and removes both when it ends, also after an error.
+//!
+//! One module per section, measured in the order [`run`] lists them; each
+//! hands the report a [`Section`](report::Section) that says what to show of
+//! it. Adding a section is one module and one line in [`run`]. The sections
+//! share [`fixture`] (the client, table, namespace and floors) and
+//! [`measure`] (timing loops, repetitions, percentiles, paired ratios).
+//!
+//! Two hidden modes (`--child-stampede`, `--child-memory`) are this binary
+//! run as a child process: the cross-process stampede needs several
+//! processes, and peak RSS is only meaningful in a fresh one.
+
+mod c_abi;
+mod fixture;
+mod floors;
+mod hits;
+mod measure;
+mod memory;
+mod misses;
+mod plan;
+mod plots;
+mod report;
+mod stampede;
+mod wake;
+mod xproc;
+
+use std::error::Error as StdError;
+
+use fixture::Bench;
+use plan::Plan;
+use report::Report;
+
+type BoxError = Box<dyn StdError + Send + Sync>;
+type BoxResult<T> = Result<T, BoxError>;
+
+const USAGE: &str = "usage: bench [--quick [--plots]]
+  (no flag)  the full run (< 3 min): report in target/bench/, plots in docs/
+  --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
+  --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)";
+
+/// The hidden modes: this binary run as a child process by a section.
+type ChildMode = fn(&[String]) -> BoxResult<()>;
+const CHILD_MODES: [(&str, ChildMode); 2] = [
+    ("--child-stampede", xproc::child),
+    ("--child-memory", memory::child),
+];
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let child = args
+        .first()
+        .and_then(|flag| CHILD_MODES.iter().find(|(mode, _)| mode == flag));
+    let outcome = match (child, args.first().map(String::as_str)) {
+        (Some((_, child)), _) => child(&args[1..]).map(|()| 0),
+        (None, Some("-h" | "--help")) => {
+            println!("{USAGE}");
+            Ok(0)
+        }
+        (None, _) => {
+            let quick = args.iter().any(|a| a == "--quick");
+            let plots = args.iter().any(|a| a == "--plots");
+            if let Some(other) = args.iter().find(|a| *a != "--quick" && *a != "--plots") {
+                eprintln!("bench: unknown argument {other:?}\n{USAGE}");
+                std::process::exit(2);
+            }
+            run(Plan::new(quick), quick && plots)
+        }
+    };
+    match outcome {
+        Ok(code) => std::process::exit(code),
+        Err(err) => {
+            eprintln!("bench: error: {err}");
+            let mut source = err.source();
+            while let Some(cause) = source {
+                eprintln!("  caused by: {cause}");
+                source = cause.source();
+            }
+            std::process::exit(1);
+        }
+    }
+}
+
+/// The sections in order, then the report; returns the exit status.
+fn run(plan: Plan, quick_plots: bool) -> BoxResult<i32> {
+    let bench = Bench::open(plan)?;
+    let mut report = Report::default();
+    report.add(hits::measure(&bench)?); // (1)-(4), (7): hits against the floors
+    report.add(misses::measure(&bench)?); // (5): misses against both floors
+    report.add(stampede::measure(&bench)?); // (6): stampedes, in and across processes
+    report.add(memory::measure(&bench)?); // (8): memory, in a fresh process
+    report.finish(bench, quick_plots)
+}
