@@ -13,10 +13,10 @@ use std::ptr;
 use cacheaside::Config;
 use cacheaside::ffi::{
     cacheaside_client, cacheaside_client_free, cacheaside_client_open, cacheaside_config,
-    cacheaside_config_free, cacheaside_config_new, cacheaside_config_set_namespace,
-    cacheaside_config_set_ttl_ms, cacheaside_config_set_users_table, cacheaside_get_user_profile,
-    cacheaside_last_error, cacheaside_status, cacheaside_user_profile,
-    cacheaside_user_profile_free,
+    cacheaside_config_free, cacheaside_config_new, cacheaside_config_set_invalidation_relay,
+    cacheaside_config_set_namespace, cacheaside_config_set_ttl_ms,
+    cacheaside_config_set_users_table, cacheaside_get_user_profile, cacheaside_last_error,
+    cacheaside_status, cacheaside_user_profile, cacheaside_user_profile_free,
 };
 
 use crate::BoxResult;
@@ -74,6 +74,11 @@ impl CAbi {
                 "set users table",
             )?;
             check(cacheaside_config_set_ttl_ms(c_config.0, ttl_ms), "set ttl")?;
+            // The Rust client's relay serves the table; one is enough.
+            check(
+                cacheaside_config_set_invalidation_relay(c_config.0, false),
+                "turn the relay off",
+            )?;
             check(
                 cacheaside_client_open(c_config.0, &mut client),
                 "open client",

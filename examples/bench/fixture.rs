@@ -35,6 +35,8 @@ pub fn bench_config(namespace: &str) -> BoxResult<Config> {
     config.cache_pool_size = BENCH_CACHE_POOL;
     config.db_pool_size = BENCH_DB_POOL;
     config.pool_timeout = BENCH_POOL_TIMEOUT;
+    // A waiter for another process's load must outwait the longest load.
+    config.lock_wait = BENCH_POOL_TIMEOUT + config.statement_timeout;
     // Long enough that no hit measurement sees its key expire.
     config.ttl = Duration::from_secs(600);
     Ok(config)
@@ -64,6 +66,7 @@ impl Bench {
         let namespace = format!("bench:{pid}:");
         let mut config = bench_config(&namespace)?;
         config.set_users_table(&format!("bench_users_{pid}"))?;
+        config.outbox_table = format!("bench_outbox_{pid}");
         eprintln!(
             "bench: {} run, table {}, namespace {namespace:?}",
             plan.mode(),
@@ -114,18 +117,16 @@ impl Fixture {
         };
         fixture.client.install_schema()?;
         fixture.client.seed_demo_users()?;
+        // The relay's invalidations of the seeding must not land mid-run.
+        fixture.client.engine().sync_relay(Duration::from_secs(30));
         Ok(fixture)
     }
 }
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        // Only the table this run created: its name carries our pid.
-        if let Err(err) = self
-            .client
-            .db()
-            .batch_execute(&format!("DROP TABLE IF EXISTS {}", self.table))
-        {
+        // Only the tables this run created: their names carry our pid.
+        if let Err(err) = self.client.drop_schema() {
             eprintln!("bench: could not drop {}: {err}", self.table);
         }
         match self.client.cache().delete_namespace() {
