@@ -36,6 +36,8 @@ mod error;
 pub mod ffi;
 #[cfg(feature = "test-hooks")]
 mod hooks;
+mod names;
+mod ratelimit;
 mod singleflight;
 mod users;
 
@@ -44,6 +46,7 @@ pub use cache::Cache;
 pub use config::Config;
 pub use db::{Db, Params};
 pub use error::{Error, ErrorKind, Result};
+pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use users::{Client, DEMO_USERS, UserProfile};
 
 /// Re-exported so callers of [`Db`] can name rows and parameter types.
