@@ -69,6 +69,11 @@ pub struct Config {
     /// XFetch early-refresh aggressiveness; `0.0` turns early refresh off,
     /// larger values refresh earlier. Defaults to 1.0.
     pub beta: f64,
+    /// The longest a session of [`Client::sessions`](crate::Client::sessions)
+    /// (and of the C `cacheaside_session_create`) lives, however often it is
+    /// read: reads renew its idle TTL only up to this deadline. Defaults to
+    /// 24 hours.
+    pub session_max_lifetime: Duration,
 }
 
 impl Default for Config {
@@ -92,6 +97,7 @@ impl Default for Config {
             lock_wait: Duration::from_secs(10),
             lock_poll: Duration::from_millis(2),
             beta: 1.0,
+            session_max_lifetime: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -152,6 +158,7 @@ impl Config {
             ("lease_ttl", self.lease_ttl),
             ("lock_ttl", self.lock_ttl),
             ("lock_poll", self.lock_poll),
+            ("session_max_lifetime", self.session_max_lifetime),
         ];
         for (name, value) in nonzero {
             if value.as_millis() == 0 {
@@ -159,6 +166,11 @@ impl Config {
                     "{name} must be at least 1 ms"
                 )));
             }
+        }
+        if self.session_max_lifetime > crate::Sessions::MAX_LIFETIME {
+            return Err(Error::invalid_argument(
+                "session_max_lifetime must be at most 366 days",
+            ));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             return Err(Error::invalid_argument("beta must be a finite number >= 0"));

@@ -38,6 +38,7 @@ pub mod ffi;
 mod hooks;
 mod names;
 mod ratelimit;
+mod sessions;
 mod singleflight;
 mod users;
 
@@ -47,6 +48,7 @@ pub use config::Config;
 pub use db::{Db, Params};
 pub use error::{Error, ErrorKind, Result};
 pub use ratelimit::{RateLimitDecision, RateLimiter};
+pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
 
 /// Re-exported so callers of [`Db`] can name rows and parameter types.

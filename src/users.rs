@@ -60,6 +60,9 @@ pub struct Client {
     engine: CacheAside,
     ttl: Duration,
     sql: Sql,
+    /// The settings it was opened with: the patterns (sessions, pub/sub)
+    /// read theirs from it.
+    config: Config,
 }
 
 /// The statements, built once from the validated table name (an identifier
@@ -105,7 +108,13 @@ impl Client {
             engine,
             ttl: config.ttl,
             sql: Sql::new(&config.users_table),
+            config: config.clone(),
         })
+    }
+
+    /// The settings this client was opened with.
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The generic engine under this client, for caching anything else.
