@@ -33,6 +33,7 @@ mod config;
 mod db;
 mod entry;
 mod error;
+mod events;
 pub mod ffi;
 #[cfg(feature = "test-hooks")]
 mod hooks;
@@ -47,6 +48,7 @@ pub use cache::Cache;
 pub use config::Config;
 pub use db::{Db, Params};
 pub use error::{Error, ErrorKind, Result};
+pub use events::{Event, Events, Subscription};
 pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
