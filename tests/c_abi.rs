@@ -260,6 +260,11 @@ fn cpp_wrapper_raii_optional_and_single_flight() {
     run_program("tests/cpp/client.cpp");
 }
 
+#[test]
+fn cpp_wrapper_patterns() {
+    run_program("tests/cpp/patterns.cpp");
+}
+
 /// Every program in `tests/c` and `tests/cpp` has a test above.
 #[test]
 fn every_program_is_run() {
@@ -269,6 +274,7 @@ fn every_program_is_run() {
         "tests/c/get_or_load.c",
         "tests/c/patterns.c",
         "tests/cpp/client.cpp",
+        "tests/cpp/patterns.cpp",
     ];
     for dir in ["tests/c", "tests/cpp"] {
         for entry in std::fs::read_dir(manifest_path(dir)).expect("read test sources") {
