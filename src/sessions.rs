@@ -9,8 +9,7 @@
 //!   URLs and cookies.
 //! - **One round trip per read.** A Lua script reads the session and renews
 //!   its idle expiry in the same step (the article's version sends `GET`
-//!   then `EXPIRE`, two round trips, and can renew a session that was
-//!   deleted between them).
+//!   then `EXPIRE`: two round trips on every request that reads a session).
 //! - **A bounded life.** The session stores its deadline (creation time plus
 //!   its maximum lifetime, on the Redis server's clock); every renewal is
 //!   clamped to the time left before it, so a session read forever still
