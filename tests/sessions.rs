@@ -160,7 +160,7 @@ fn a_session_read_keeps_living_but_never_past_its_maximum() {
         std::thread::sleep(Duration::from_millis(100));
     }
     eprintln!("{reads} reads kept it alive; the last {clamped} renewals were clamped");
-    assert!(reads >= 15, "the reads spanned the lifetime");
+    assert!(reads >= 10, "the reads spanned the lifetime");
     assert!(clamped >= 3, "renewals near the deadline were clamped");
 }
 
