@@ -21,8 +21,10 @@
 //! - **Bounded shutdown.** Each subscription has a dedicated connection
 //!   (not from the pool: a subscribed connection cannot run other commands)
 //!   read with a short timeout, so dropping the [`Subscription`] stops it
-//!   within about 50 ms (plus, at worst, one keepalive `PING`'s I/O
-//!   timeout). Dropping it from inside its own callback is safe.
+//!   within about 50 ms, or once the callback in progress returns. (At
+//!   worst it waits out one connect timeout, while reconnecting, or one I/O
+//!   timeout, during a keepalive `PING`.) Dropping it from inside its own
+//!   callback is safe.
 //!
 //! Channel names are stored under the namespace: `publish("orders", ..)`
 //! with namespace `app:` publishes to the Redis channel `app:orders`, and a

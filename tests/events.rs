@@ -284,3 +284,78 @@ fn patterns_match_within_the_namespace_only() {
         .unwrap();
     assert_eq!(raw, 0);
 }
+
+/// A fake Redis that answers the subscriber's handshake, then sends one
+/// message in two halves, 300 ms apart: longer than the subscriber's read
+/// timeout, so its read times out in the middle of the message.
+fn serve_a_split_message(listener: std::net::TcpListener, channel: String) {
+    use std::io::{BufRead, BufReader, Write};
+    let (stream, _) = listener.accept().unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let mut out = stream;
+    // Reads one command (a RESP array of bulk strings).
+    let mut command = || -> Vec<String> {
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let n: usize = line.trim_start_matches('*').trim().parse().unwrap();
+        (0..n)
+            .map(|_| {
+                let mut len = String::new();
+                reader.read_line(&mut len).unwrap();
+                let mut arg = String::new();
+                reader.read_line(&mut arg).unwrap();
+                arg.trim_end().to_owned()
+            })
+            .collect()
+    };
+    loop {
+        let args = command();
+        if args[0].eq_ignore_ascii_case("SUBSCRIBE") {
+            let reply = format!(
+                "*3\r\n$9\r\nsubscribe\r\n${}\r\n{}\r\n:1\r\n",
+                args[1].len(),
+                args[1]
+            );
+            out.write_all(reply.as_bytes()).unwrap();
+            break;
+        }
+        out.write_all(b"+OK\r\n").unwrap();
+    }
+    let message = format!(
+        "*3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n$11\r\nhello world\r\n",
+        channel.len()
+    );
+    let (first, second) = message.split_at(message.len() - 9);
+    out.write_all(first.as_bytes()).unwrap();
+    out.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    out.write_all(second.as_bytes()).unwrap();
+    // Keep the connection open until the subscriber hangs up.
+    let mut rest = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut out, &mut rest);
+}
+
+#[test]
+fn a_message_split_across_read_timeouts_arrives_whole() {
+    let fx = Fixture::new("ev_split");
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut config = fx.config.clone();
+    config.redis_url = format!("redis://{}/", listener.local_addr().unwrap());
+    // The fake server does not confirm the unsubscribe that drop sends.
+    config.cache_io_timeout = Duration::from_millis(500);
+    let channel = format!("{}split", fx.config.namespace);
+    let server = std::thread::spawn(move || serve_a_split_message(listener, channel));
+    let events = Events::new(fx.client.cache(), &config).unwrap();
+    let (tx, rx) = mpsc::channel();
+    let sub = events
+        .subscribe(&["split"], move |event| {
+            let _ = tx.send(own(event));
+        })
+        .unwrap();
+    assert_eq!(
+        next(&rx),
+        Got::Message("split".into(), b"hello world".to_vec())
+    );
+    drop(sub);
+    server.join().unwrap();
+}
