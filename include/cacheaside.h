@@ -23,6 +23,12 @@
 #define CACHEASIDE_VERSION "0.1.0"
 
 /**
+ * Characters in a session id `cacheaside_session_create()` returns, not
+ * counting the trailing NUL.
+ */
+#define CACHEASIDE_SESSION_ID_LEN 43
+
+/**
  * The outcome of a call.
  *
  * Every function that can fail returns one. `CACHEASIDE_OK` (0) is success;
@@ -101,6 +107,19 @@ typedef struct cacheaside_client cacheaside_client;
  * Thread safety: not synchronized; use one config from one thread at a time.
  */
 typedef struct cacheaside_config cacheaside_config;
+
+/**
+ * A live subscription: a thread with its own Redis connection, delivering
+ * events to a `cacheaside_message_cb` (opaque).
+ *
+ * Ownership: created by `cacheaside_subscribe()` or
+ * `cacheaside_psubscribe()`, freed by `cacheaside_subscription_free()`. It
+ * does not borrow its client: it may outlive it.
+ *
+ * Thread safety: it may be freed from any thread, including its own
+ * callback's.
+ */
+typedef struct cacheaside_subscription cacheaside_subscription;
 
 /**
  * Counters of what a client has done since it opened.
@@ -242,6 +261,62 @@ typedef struct cacheaside_bytes {
 typedef int (*cacheaside_loader)(void *user_data,
                                  const char *key,
                                  struct cacheaside_bytes *out_value);
+
+/**
+ * Receives a subscription's events, on the subscription's own thread.
+ *
+ * A message: `channel` is the channel it was published to (without the
+ * client's namespace), `payload` its `len` bytes (followed by a NUL the
+ * library adds, not counted in `len`, so text payloads print as C
+ * strings).
+ *
+ * A gap notice: `channel` is NULL. The subscription's connection broke and
+ * has just been restored; messages published in between may have been
+ * lost (Redis pub/sub delivers at most once), and every message published
+ * from now on is delivered. `payload` is a NUL-terminated description of
+ * what broke, `len` bytes long. Re-read whatever state the messages
+ * describe from its source of truth; for delivery that survives
+ * disconnects, use Redis Streams instead of pub/sub.
+ *
+ * Threads: calls for one subscription come one at a time, in publish
+ * order, on that subscription's thread (not the thread that subscribed);
+ * `user_data` must be usable there. While the callback runs, that
+ * subscription's later messages wait. It may call the library, including
+ * `cacheaside_subscription_free()` on its own subscription (see there). It
+ * must not unwind (throw a C++ exception or `longjmp`) out of the call.
+ *
+ * Ownership: `channel` and `payload` are borrowed for the call only; copy
+ * what you keep.
+ */
+typedef void (*cacheaside_message_cb)(void *user_data,
+                                      const char *channel,
+                                      const char *payload,
+                                      size_t len);
+
+/**
+ * The decision `cacheaside_rate_limit()` made for one request.
+ *
+ * Ownership: plain data, the caller's (usually on the stack). It is zeroed
+ * unless the call succeeds.
+ */
+typedef struct cacheaside_rate_limit_result {
+    /**
+     * Whether the request may go ahead. An allowed request was counted; a
+     * rejected one was not, and does not delay later requests.
+     */
+    bool allowed;
+    /**
+     * How many more requests the window allows right now.
+     */
+    uint32_t remaining;
+    /**
+     * Milliseconds until the next request would be allowed: 0 while
+     * `remaining` is above 0; otherwise at least 1 and at most the window
+     * (rounded up, so waiting this long is always enough, unless another
+     * client takes the slot first).
+     */
+    uint64_t retry_after_ms;
+} cacheaside_rate_limit_result;
 
 /**
  * One user, as read from the cache or the users table.
@@ -770,6 +845,20 @@ enum cacheaside_status cacheaside_config_set_relay_poll_ms(struct cacheaside_con
                                                            uint64_t ms);
 
 /**
+ * Sets the longest a session lives, in milliseconds, however often it is
+ * read: `cacheaside_session_get()` renews a session's idle TTL only up to
+ * its creation time plus this. Applies to sessions created afterwards by
+ * clients opened with this config. Defaults to 86400000 (24 hours).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_session_max_lifetime_ms(struct cacheaside_config *config,
+                                                                     uint64_t max_lifetime_ms);
+
+/**
  * Copies `len` bytes from `data` into `*out`, which then owns the copy.
  * Whatever `*out` held before is freed after the copy, so `data` may point
  * into `*out`'s own bytes.
@@ -870,6 +959,212 @@ enum cacheaside_status cacheaside_invalidate(const struct cacheaside_client *cli
  * Thread safety: each thread has its own message.
  */
 const char *cacheaside_last_error(void);
+
+/**
+ * Publishes `len` bytes at `payload` on `channel` (stored under the
+ * client's namespace: namespace `app:` and channel `orders` publish to the
+ * Redis channel `app:orders`), and stores in `*receivers` how many
+ * subscribers received it (0: nobody was listening, and the message is
+ * gone). Blocks for one Redis round trip.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers (`payload` may
+ * be NULL only with `len` 0) or a channel that is empty, longer than 512
+ * bytes, not UTF-8, or holds `{`, `}` or a control character;
+ * `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis fails.
+ * `*receivers` is 0 unless the call succeeds.
+ *
+ * Ownership: the caller keeps `payload` (any bytes). Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `channel` is NULL or a NUL-terminated
+ * string; `payload` is NULL or points to `len` readable bytes; `receivers`
+ * is NULL or points to writable storage for one `uint64_t`.
+ */
+enum cacheaside_status cacheaside_publish(const struct cacheaside_client *client,
+                                          const char *channel,
+                                          const char *payload,
+                                          size_t len,
+                                          uint64_t *receivers);
+
+/**
+ * Subscribes to `channel` (under the client's namespace) and calls
+ * `callback(user_data, channel, payload, len)` for every message published
+ * to it, on a thread of the subscription's own, until the subscription is
+ * freed. Stores the subscription in `*out`.
+ *
+ * Returns once Redis has confirmed the subscription: a message published
+ * after this returns is delivered. The subscription has its own Redis
+ * connection (named `cacheaside-sub-...` in `CLIENT LIST`), opened with the
+ * client's connect and I/O timeouts. When it breaks, the subscription
+ * reconnects with exponential backoff (25 ms doubling to 5 s, with
+ * jitter), subscribes again, and then calls `callback` once with
+ * `channel == NULL`: the gap notice described at `cacheaside_message_cb`.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or a bad channel
+ * name (as for `cacheaside_publish()`); `CACHEASIDE_CACHE_ERROR` or
+ * `CACHEASIDE_TIMEOUT` when the first connection or subscription fails.
+ * `*out` is set to NULL first and to the subscription on success only.
+ *
+ * Ownership: the caller owns `*out` and frees it with
+ * `cacheaside_subscription_free()`; `user_data` stays the caller's, and
+ * must stay valid until then. Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `channel` is NULL or a NUL-terminated
+ * string; `callback` is NULL or a function of the shape
+ * `cacheaside_message_cb` documents; `user_data` may be used from another
+ * thread; `out` is NULL or points to writable storage for one pointer.
+ */
+enum cacheaside_status cacheaside_subscribe(const struct cacheaside_client *client,
+                                            const char *channel,
+                                            cacheaside_message_cb callback,
+                                            void *user_data,
+                                            struct cacheaside_subscription **out);
+
+/**
+ * `cacheaside_subscribe()` to every channel matching `pattern`, a Redis
+ * glob (`*`, `?`, `[...]`, `\` escapes) within the client's namespace (the
+ * namespace itself is matched literally). `channel` in the callback is the
+ * channel a message was published to, without the namespace.
+ *
+ * Returns, owns and promises as `cacheaside_subscribe()`.
+ *
+ * # Safety
+ * As `cacheaside_subscribe()`, with `pattern` for `channel`.
+ */
+enum cacheaside_status cacheaside_psubscribe(const struct cacheaside_client *client,
+                                             const char *pattern,
+                                             cacheaside_message_cb callback,
+                                             void *user_data,
+                                             struct cacheaside_subscription **out);
+
+/**
+ * Unsubscribes, closes the subscription's connection, stops its thread
+ * and frees it. NULL is a no-op.
+ *
+ * From any other thread, it waits for the thread to finish (at most about
+ * 50 ms when idle, or until the callback in progress returns): once it
+ * returns, the callback is not running and is never called again, so
+ * `user_data` may be freed.
+ *
+ * From inside the subscription's own callback, it cannot wait for itself:
+ * it returns at once, and the callback call in progress is the last one
+ * (the thread ends when it returns). The callback may free `user_data`
+ * after this call, as long as it does not use it afterwards.
+ *
+ * # Safety
+ * `subscription` is NULL or came from `cacheaside_subscribe()` or
+ * `cacheaside_psubscribe()` and was not freed yet.
+ */
+void cacheaside_subscription_free(struct cacheaside_subscription *subscription);
+
+/**
+ * Decides whether one request of `subject` may go ahead, allowing at most
+ * `limit` requests in any sliding window of `window_ms` milliseconds, and
+ * counts it if so. Blocks for one Redis round trip.
+ *
+ * The check is exact and atomic across threads and processes (one Lua
+ * script evicts, counts and adds), uses the Redis server's clock, and
+ * counts only allowed requests: a client that keeps retrying while limited
+ * is allowed again once the window slides. The subject's entries live in
+ * the sorted set `<namespace>{rate_limit:<subject>}`; memory per subject
+ * is at most `limit` entries.
+ *
+ * Returns `CACHEASIDE_OK` with the decision in `*out` (a rejection is
+ * `CACHEASIDE_OK` with `out->allowed == false`);
+ * `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers, `limit` 0, `window_ms`
+ * 0 or over 366 days, or a subject that is empty, longer than 512 bytes,
+ * not UTF-8, or holds `{`, `}` or a control character;
+ * `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis fails (the
+ * request was then not counted). `*out` is zeroed unless the call
+ * succeeds.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `subject` is NULL or a NUL-terminated
+ * string; `out` is NULL or points to writable storage for one
+ * `cacheaside_rate_limit_result`.
+ */
+enum cacheaside_status cacheaside_rate_limit(const struct cacheaside_client *client,
+                                             const char *subject,
+                                             uint32_t limit,
+                                             uint64_t window_ms,
+                                             struct cacheaside_rate_limit_result *out);
+
+/**
+ * Creates a session holding `len` bytes of JSON at `data`, and stores its
+ * id in `*out_id`: 43 characters of unpadded base64url (256 bits from the
+ * operating system's CSPRNG), NUL-terminated. Blocks for one Redis round
+ * trip.
+ *
+ * The session expires `ttl_ms` milliseconds after its creation or last
+ * `cacheaside_session_get()`, and in any case at its absolute deadline:
+ * creation plus the client's session maximum lifetime
+ * (`cacheaside_config_set_session_max_lifetime_ms()`, 24 hours by
+ * default). A `ttl_ms` longer than that lifetime is clamped to it. The
+ * TTL and the deadline are stored with the session, on the Redis server's
+ * clock.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers (`data` may be
+ * NULL only with `len` 0, which is not JSON either), `ttl_ms` 0 or over
+ * 366 days, or bytes that are not one UTF-8 JSON value;
+ * `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis fails.
+ * `*out_id` is zeroed unless the call succeeds.
+ *
+ * Ownership: the caller keeps `data`; it owns `*out_id` and frees it with
+ * `cacheaside_bytes_free()`. Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `data` is NULL or points to `len`
+ * readable bytes; `out_id` is NULL or points to writable storage for one
+ * `cacheaside_bytes` (its old contents are not freed).
+ */
+enum cacheaside_status cacheaside_session_create(const struct cacheaside_client *client,
+                                                 const char *data,
+                                                 size_t len,
+                                                 uint64_t ttl_ms,
+                                                 struct cacheaside_bytes *out_id);
+
+/**
+ * Reads a session's JSON into `*out_data` and renews its idle TTL (never
+ * past its absolute deadline), in one Redis round trip. Blocks.
+ *
+ * Returns `CACHEASIDE_OK` with the data; `CACHEASIDE_NOT_FOUND` when no
+ * such session lives (unknown, deleted or expired id);
+ * `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or an id that cannot be
+ * a session id (empty, over 128 characters, or outside `A-Z a-z 0-9 - _`);
+ * `CACHEASIDE_CORRUPT_ENTRY` when the key holds something that is not a
+ * session; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis
+ * fails. `*out_data` is zeroed unless the call succeeds.
+ *
+ * Ownership: the caller owns `*out_data` and frees it with
+ * `cacheaside_bytes_free()`. Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `session_id` is NULL or a
+ * NUL-terminated string; `out_data` is NULL or points to writable storage
+ * for one `cacheaside_bytes` (its old contents are not freed).
+ */
+enum cacheaside_status cacheaside_session_get(const struct cacheaside_client *client,
+                                              const char *session_id,
+                                              struct cacheaside_bytes *out_data);
+
+/**
+ * Ends a session at once. Blocks for one Redis round trip.
+ *
+ * Returns `CACHEASIDE_OK` when it existed, `CACHEASIDE_NOT_FOUND` when it
+ * did not (unknown, already deleted or expired: the outcome is the same);
+ * `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or an id that cannot be
+ * a session id; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
+ * Redis fails. Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `session_id` is NULL or a
+ * NUL-terminated string.
+ */
+enum cacheaside_status cacheaside_session_delete(const struct cacheaside_client *client,
+                                                 const char *session_id);
 
 /**
  * Cache-aside read of one user: Redis first; on a miss one PostgreSQL

@@ -9,7 +9,9 @@
  *   - results are std::optional<UserProfile> / std::optional<std::string>
  *     (std::nullopt is CACHEASIDE_NOT_FOUND);
  *   - every failure throws cacheaside::Error, carrying the status and the
- *     library's message.
+ *     library's message;
+ *   - a pub/sub subscription is a move-only cacheaside::Subscription whose
+ *     callback may be any std::function; destroying it unsubscribes.
  *
  * Thread safety: a cacheaside::Client may be used from many threads at
  * once (every member function is const); a cacheaside::Config may not.
@@ -24,11 +26,14 @@
 #include <cstddef>
 #include <cstdint>
 #include <exception>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <stdexcept>
 #include <string>
+#include <string_view>
 #include <type_traits>
+#include <utility>
 
 #if defined(__GLIBCXX__)
 #include <cxxabi.h>
@@ -94,6 +99,12 @@ struct BytesFree {
     void operator()(cacheaside_bytes *bytes) const noexcept { cacheaside_bytes_free(bytes); }
 };
 
+struct SubscriptionFree {
+    void operator()(cacheaside_subscription *subscription) const noexcept {
+        cacheaside_subscription_free(subscription);
+    }
+};
+
 inline uint64_t millis(std::chrono::milliseconds duration) {
     // A negative duration becomes 0, which the library rejects.
     return duration.count() < 0 ? 0 : static_cast<uint64_t>(duration.count());
@@ -138,6 +149,107 @@ struct UserProfile {
                plan == other.plan && version == other.version;
     }
     bool operator!=(const UserProfile &other) const { return !(*this == other); }
+};
+
+/** What Client::rate_limit decided for one request. */
+struct RateLimitResult {
+    /** Whether the request may go ahead (only allowed requests are counted). */
+    bool allowed = false;
+    /** How many more requests the window allows right now. */
+    uint32_t remaining = 0;
+    /** Until the next request would be allowed: zero while `remaining` > 0,
+     *  otherwise between 1 ms and the window. */
+    std::chrono::milliseconds retry_after{0};
+};
+
+/**
+ * What a subscription's callback receives. The views point into the
+ * library's buffers and are valid only during the call: copy what you keep.
+ */
+struct Event {
+    /** False: a message. True: a gap notice: the connection broke and has
+     *  just been restored, messages published meanwhile may be lost (pub/sub
+     *  is at-most-once), and every later message is delivered. */
+    bool gap = false;
+    /** The channel a message was published to, without the namespace
+     *  (empty for a gap notice). */
+    std::string_view channel;
+    /** The message's bytes; for a gap notice, why the connection broke. */
+    std::string_view payload;
+};
+
+/**
+ * A live pub/sub subscription: a thread with its own Redis connection that
+ * calls the callback for each Event, one at a time, in publish order.
+ *
+ * Move-only. Destroying it (or reset()) unsubscribes and waits for the
+ * thread, so afterwards the callback is not running and never runs again.
+ * Destroying or resetting it from inside its own callback is allowed: it
+ * returns at once and the call in progress is the last one (the callback
+ * object itself is kept alive until that call returns). The callback must
+ * not throw: an exception escaping it calls std::terminate.
+ */
+class Subscription {
+public:
+    /** An empty subscription (nothing to stop). */
+    Subscription() = default;
+    Subscription(Subscription &&other) noexcept = default;
+    Subscription &operator=(Subscription &&other) noexcept {
+        if (this != &other) {
+            reset();  // stop ours before its callback object can go away
+            handle_ = std::move(other.handle_);
+            state_ = std::move(other.state_);
+        }
+        return *this;
+    }
+    Subscription(const Subscription &) = delete;
+    Subscription &operator=(const Subscription &) = delete;
+    ~Subscription() { reset(); }
+
+    /** Unsubscribes and stops the thread now; a no-op when empty. */
+    void reset() noexcept {
+        handle_.reset();  // first: afterwards the callback is never called
+        state_.reset();
+    }
+
+    /** True until reset (or moved from). */
+    explicit operator bool() const noexcept { return handle_ != nullptr; }
+
+private:
+    friend class Client;
+
+    struct State : std::enable_shared_from_this<State> {
+        explicit State(std::function<void(const Event &)> fn) : on_event(std::move(fn)) {}
+        std::function<void(const Event &)> on_event;
+    };
+
+    using SubscribeFn = cacheaside_status (*)(const cacheaside_client *, const char *,
+                                              cacheaside_message_cb, void *,
+                                              cacheaside_subscription **);
+
+    Subscription(const cacheaside_client *client, SubscribeFn subscribe, const char *name,
+                 std::function<void(const Event &)> on_event)
+        : state_(std::make_shared<State>(std::move(on_event))) {
+        cacheaside_subscription *raw = nullptr;
+        detail::check(subscribe(client, name, &Subscription::trampoline, state_.get(), &raw));
+        handle_.reset(raw);
+    }
+
+    static void trampoline(void *user_data, const char *channel, const char *payload,
+                           std::size_t len) noexcept {
+        State *state = static_cast<State *>(user_data);
+        // Holds the state for the length of the call: the callback may
+        // destroy the Subscription that owns it.
+        std::shared_ptr<State> keep = state->shared_from_this();
+        Event event;
+        event.gap = channel == nullptr;
+        event.channel = channel == nullptr ? std::string_view() : std::string_view(channel);
+        event.payload = std::string_view(payload, len);
+        keep->on_event(event);
+    }
+
+    std::shared_ptr<State> state_;
+    std::unique_ptr<cacheaside_subscription, detail::SubscriptionFree> handle_;
 };
 
 /** The library's version at run time, e.g. "0.1.0". */
@@ -253,6 +365,12 @@ public:
     }
     Config &relay_poll(std::chrono::milliseconds poll) {
         detail::check(cacheaside_config_set_relay_poll_ms(get(), detail::millis(poll)));
+        return *this;
+    }
+    /** The longest a session lives, however often it is read (24 h by default). */
+    Config &session_max_lifetime(std::chrono::milliseconds lifetime) {
+        detail::check(
+            cacheaside_config_set_session_max_lifetime_ms(get(), detail::millis(lifetime)));
         return *this;
     }
 
@@ -382,6 +500,82 @@ public:
     /** Removes a key's cached value and revokes readers' leases on it. */
     void invalidate(const std::string &key) const {
         detail::check(cacheaside_invalidate(get(), detail::c_str(key, "key")));
+    }
+
+    /**
+     * Sliding-window rate limit: at most `limit` requests of `subject` in any
+     * `window`, exact across processes; only allowed requests are counted.
+     */
+    RateLimitResult rate_limit(const std::string &subject, uint32_t limit,
+                               std::chrono::milliseconds window) const {
+        cacheaside_rate_limit_result raw{};
+        detail::check(cacheaside_rate_limit(get(), detail::c_str(subject, "subject"), limit,
+                                            detail::millis(window), &raw));
+        RateLimitResult result;
+        result.allowed = raw.allowed;
+        result.remaining = raw.remaining;
+        result.retry_after = std::chrono::milliseconds(raw.retry_after_ms);
+        return result;
+    }
+
+    /**
+     * Creates a session holding `json` (one JSON value); returns its id (43
+     * URL-safe characters). It expires `idle_ttl` after its last read, and at
+     * the latest the config's session_max_lifetime after creation.
+     */
+    std::string session_create(const std::string &json, std::chrono::milliseconds idle_ttl) const {
+        cacheaside_bytes raw{};
+        std::unique_ptr<cacheaside_bytes, detail::BytesFree> owned(&raw);
+        detail::check(cacheaside_session_create(get(), json.data(), json.size(),
+                                                detail::millis(idle_ttl), &raw));
+        return std::string(reinterpret_cast<const char *>(raw.data), raw.len);
+    }
+
+    /** Reads a session's JSON and renews its idle TTL; std::nullopt if it
+     *  does not exist (unknown, deleted or expired). */
+    std::optional<std::string> session_get(const std::string &id) const {
+        cacheaside_bytes raw{};
+        std::unique_ptr<cacheaside_bytes, detail::BytesFree> owned(&raw);
+        cacheaside_status status = cacheaside_session_get(get(), detail::c_str(id, "id"), &raw);
+        if (status == CACHEASIDE_NOT_FOUND) {
+            return std::nullopt;
+        }
+        detail::check(status);
+        return std::string(reinterpret_cast<const char *>(raw.data), raw.len);
+    }
+
+    /** Ends a session; false if it did not exist. */
+    bool session_delete(const std::string &id) const {
+        cacheaside_status status = cacheaside_session_delete(get(), detail::c_str(id, "id"));
+        if (status == CACHEASIDE_NOT_FOUND) {
+            return false;
+        }
+        detail::check(status);
+        return true;
+    }
+
+    /** Publishes `payload` (any bytes) on `channel`; returns how many
+     *  subscribers received it. */
+    uint64_t publish(const std::string &channel, std::string_view payload) const {
+        uint64_t receivers = 0;
+        detail::check(cacheaside_publish(get(), detail::c_str(channel, "channel"), payload.data(),
+                                         payload.size(), &receivers));
+        return receivers;
+    }
+
+    /** Subscribes to `channel`; `on_event` runs on the subscription's own
+     *  thread until the returned Subscription is destroyed. */
+    Subscription subscribe(const std::string &channel,
+                           std::function<void(const Event &)> on_event) const {
+        return Subscription(get(), cacheaside_subscribe, detail::c_str(channel, "channel"),
+                            std::move(on_event));
+    }
+
+    /** Subscribes to every channel matching the Redis glob `pattern`. */
+    Subscription psubscribe(const std::string &pattern,
+                            std::function<void(const Event &)> on_event) const {
+        return Subscription(get(), cacheaside_psubscribe, detail::c_str(pattern, "pattern"),
+                            std::move(on_event));
     }
 
     /** Deletes every Redis key under this client's (non-empty) namespace. */

@@ -143,6 +143,11 @@ pub struct Config {
     /// poolers that cannot keep prepared statements across calls (PgBouncer
     /// in transaction mode before 1.21). Defaults to 256.
     pub statement_cache_size: usize,
+    /// The longest a session of [`Client::sessions`](crate::Client::sessions)
+    /// (and of the C `cacheaside_session_create`) lives, however often it is
+    /// read: reads renew its idle TTL only up to this deadline. Defaults to
+    /// 24 hours.
+    pub session_max_lifetime: Duration,
 }
 
 impl Default for Config {
@@ -177,6 +182,7 @@ impl Default for Config {
             outbox_table: "cacheaside_invalidations".into(),
             outbox_retention: Duration::from_secs(24 * 3600),
             statement_cache_size: 256,
+            session_max_lifetime: Duration::from_secs(24 * 60 * 60),
         }
     }
 }
@@ -249,6 +255,7 @@ impl Config {
             ("breaker_cool_off", self.breaker_cool_off),
             ("relay_poll", self.relay_poll),
             ("outbox_retention", self.outbox_retention),
+            ("session_max_lifetime", self.session_max_lifetime),
         ];
         for (name, value) in nonzero {
             if value.as_millis() == 0 {
@@ -257,15 +264,12 @@ impl Config {
                 )));
             }
         }
-        for (name, value) in [
-            ("ttl", self.ttl),
-            ("negative_ttl", self.negative_ttl),
-            (
-                "ttl + fail_safe_max",
-                self.ttl.saturating_add(self.fail_safe_max),
-            ),
-        ] {
-            check_ttl(name, value)?;
+        check_ttl("ttl", self.ttl)?;
+        check_ttl("negative_ttl", self.negative_ttl)?;
+        if self.session_max_lifetime > crate::Sessions::MAX_LIFETIME {
+            return Err(Error::invalid_argument(
+                "session_max_lifetime must be at most 366 days",
+            ));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {
             return Err(Error::invalid_argument("beta must be a finite number >= 0"));

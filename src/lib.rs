@@ -35,13 +35,17 @@ mod config; // settings and how they must fit together
 mod db; // Postgres: pool, statements, query counter
 mod entry; // the cached entry format, XFetch's decision
 mod error; // the one Error type and its kinds
+mod events; // pub/sub that tells a subscriber what it may have missed
 pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
 mod hooks; // forced interleavings for tests
 mod lease; // the lease protocol: keys, scripts, renewal
+mod names; // validation of subjects and channel names
 mod pg; // one blocking Postgres connection with deadlines
 mod pool; // pools that fail fast and heal fast
+mod ratelimit; // an exact sliding-window rate limiter
 mod relay; // invalidation from Postgres: outbox, trigger, relay
+mod sessions; // sessions with sliding expiry and an absolute lifetime
 mod singleflight; // in-process single-flight
 mod users; // the lab: users table and its functions
 
@@ -50,6 +54,9 @@ pub use cache::Cache;
 pub use config::{Config, MAX_TTL};
 pub use db::{Db, Params, Transaction};
 pub use error::{Error, ErrorKind, Result};
+pub use events::{Event, Events, Subscription};
+pub use ratelimit::{RateLimitDecision, RateLimiter};
+pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
 
 /// Re-exported so callers of [`Db`] can name rows and parameter types.

@@ -113,6 +113,11 @@ impl Client {
         })
     }
 
+    /// The settings this client was opened with.
+    pub(crate) fn config(&self) -> &Config {
+        self.engine.config()
+    }
+
     /// The generic engine under this client, for caching anything else.
     pub fn engine(&self) -> &CacheAside {
         &self.engine

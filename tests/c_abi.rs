@@ -157,6 +157,32 @@ fn compile(source: &Path, out: &Path) {
 /// Compiles and runs one program from `tests/c` or `tests/cpp` on a table
 /// and namespace of its own; panics unless it exits with 0.
 fn run_program(relative: &str) {
+    run_program_under(relative, &[]);
+}
+
+/// `valgrind` with the options CI uses: errors (invalid reads and writes,
+/// uninitialised values) and definite leaks fail the run. `None` when
+/// valgrind is not installed.
+fn valgrind() -> Option<Vec<&'static str>> {
+    let installed = Command::new("valgrind")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    installed.then(|| {
+        vec![
+            "valgrind",
+            "--error-exitcode=1",
+            "--leak-check=full",
+            "--errors-for-leak-kinds=definite",
+            "--show-leak-kinds=definite",
+            "--quiet",
+        ]
+    })
+}
+
+/// [`run_program`], with the program started by `wrapper` (e.g. valgrind
+/// and its options) when it is not empty.
+fn run_program_under(relative: &str, wrapper: &[&str]) {
     let source = manifest_path(relative);
     let lang = if relative.ends_with(".cpp") {
         "cpp"
@@ -170,11 +196,25 @@ fn run_program(relative: &str) {
         .file_stem()
         .and_then(|s| s.to_str())
         .expect("file name");
-    let bin = bin_dir.join(format!("{lang}_{stem}_{}", std::process::id()));
+    // Unique per run: one program may run twice at once (plain, valgrind).
+    static RUNS: AtomicU32 = AtomicU32::new(0);
+    let bin = bin_dir.join(format!(
+        "{lang}_{stem}_{}_{}",
+        std::process::id(),
+        RUNS.fetch_add(1, Ordering::Relaxed)
+    ));
     compile(&source, &bin);
 
     let config = Config::from_env();
-    let output = Command::new(&bin)
+    let mut command = match wrapper.split_first() {
+        Some((tool, args)) => {
+            let mut command = Command::new(tool);
+            command.args(args).arg(&bin);
+            command
+        }
+        None => Command::new(&bin),
+    };
+    let output = command
         .env("DATABASE_URL", &config.database_url)
         .env("REDIS_URL", &config.redis_url)
         .env("CACHEASIDE_TEST_TABLE", &scratch.table)
@@ -208,8 +248,29 @@ fn c_get_or_load_runs_the_loader_once() {
 }
 
 #[test]
+fn c_patterns_rate_limit_sessions_pubsub() {
+    run_program("tests/c/patterns.c");
+}
+
+/// The patterns' C program again under valgrind, when it is installed: no
+/// invalid read or write, no definite leak, through subscription threads
+/// freed from outside and from their own callback.
+#[test]
+fn c_patterns_under_valgrind() {
+    match valgrind() {
+        Some(wrapper) => run_program_under("tests/c/patterns.c", &wrapper),
+        None => eprintln!("valgrind is not installed: skipped"),
+    }
+}
+
+#[test]
 fn cpp_wrapper_raii_optional_and_single_flight() {
     run_program("tests/cpp/client.cpp");
+}
+
+#[test]
+fn cpp_wrapper_patterns() {
+    run_program("tests/cpp/patterns.cpp");
 }
 
 /// Every program in `tests/c` and `tests/cpp` has a test above.
@@ -219,7 +280,9 @@ fn every_program_is_run() {
         "tests/c/users.c",
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
+        "tests/c/patterns.c",
         "tests/cpp/client.cpp",
+        "tests/cpp/patterns.cpp",
     ];
     for dir in ["tests/c", "tests/cpp"] {
         for entry in std::fs::read_dir(manifest_path(dir)).expect("read test sources") {

@@ -617,3 +617,26 @@ pub unsafe extern "C" fn cacheaside_config_set_relay_poll_ms(
         })
     }
 }
+
+/// Sets the longest a session lives, in milliseconds, however often it is
+/// read: `cacheaside_session_get()` renews a session's idle TTL only up to
+/// its creation time plus this. Applies to sessions created afterwards by
+/// clients opened with this config. Defaults to 86400000 (24 hours).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_session_max_lifetime_ms(
+    config: *mut cacheaside_config,
+    max_lifetime_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.session_max_lifetime = Duration::from_millis(max_lifetime_ms);
+            Ok(())
+        })
+    }
+}

@@ -42,7 +42,7 @@ impl Zeroed for cacheaside_bytes {
 
 impl cacheaside_bytes {
     /// Takes ownership of `text`, adding the trailing NUL.
-    fn from_string(text: String) -> Self {
+    pub(crate) fn from_string(text: String) -> Self {
         let mut bytes = text.into_bytes();
         let len = bytes.len();
         bytes.push(0);

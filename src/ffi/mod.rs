@@ -118,12 +118,18 @@ mod client;
 mod config;
 mod engine;
 mod error;
+mod events;
+mod ratelimit;
+mod sessions;
 mod users;
 
 pub use client::*;
 pub use config::*;
 pub use engine::*;
 pub use error::cacheaside_last_error;
+pub use events::*;
+pub use ratelimit::*;
+pub use sessions::*;
 pub use users::*;
 
 /// The outcome of a call.
@@ -210,6 +216,10 @@ pub(crate) trait Zeroed {
 
 impl<T> Zeroed for *mut T {
     const ZEROED: Self = std::ptr::null_mut();
+}
+
+impl Zeroed for u64 {
+    const ZEROED: Self = 0;
 }
 
 /// The library's version, e.g. `"0.1.0"` (the same string as the

@@ -1,0 +1,570 @@
+//! Pub/sub: publish to channels, and subscriptions that deliver messages to
+//! a callback on their own thread, reconnect when their connection breaks,
+//! and say when messages may have been lost.
+//!
+//! What it guarantees, and what it cannot:
+//!
+//! - **At most once, in order.** Redis pub/sub keeps nothing: a message
+//!   published while a subscriber is disconnected is gone. While connected,
+//!   a subscription sees every message of its channels in publish order.
+//!   For delivery that survives disconnects, use Redis Streams (`XADD`,
+//!   `XREADGROUP`, `XACK`) instead; pub/sub is for notifications a consumer
+//!   can afford to miss or can recover from the source of truth.
+//! - **Losses are never silent.** When its connection breaks (server
+//!   restart, `CLIENT KILL`, network failure, a keepalive `PING` that gets
+//!   no answer), a subscription reconnects with exponential backoff (25 ms
+//!   doubling to 5 s) and jitter, subscribes again, and only then delivers [`Event::Gap`]:
+//!   messages published since the break may be missing, and everything
+//!   published after the event arrives is delivered. A consumer that
+//!   re-reads its state when it sees the gap therefore misses nothing (the
+//!   article's subscriber neither reconnects nor knows what it lost).
+//! - **Bounded shutdown.** Each subscription has a dedicated connection
+//!   (not from the pool: a subscribed connection cannot run other commands)
+//!   read with a short timeout, so dropping the [`Subscription`] stops it
+//!   within about 50 ms, or once the callback in progress returns. (At
+//!   worst it waits out one connect timeout, while reconnecting, or one I/O
+//!   timeout, during a keepalive `PING`.) Dropping it from inside its own
+//!   callback is safe.
+//!
+//! Channel names are stored under the namespace: `publish("orders", ..)`
+//! with namespace `app:` publishes to the Redis channel `app:orders`, and a
+//! subscriber sees `orders` again. Channels and patterns are checked like
+//! every caller-chosen name: non-empty, at most 512 bytes, no `{`, `}` or
+//! control characters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use redis::{Connection, PubSub};
+
+use crate::cache::Cache;
+use crate::config::Config;
+use crate::error::{Error, ErrorKind, Result};
+use crate::names::{escape_glob, validate_name};
+use crate::users::Client;
+
+/// How often a subscription's thread wakes up, when no message arrives, to
+/// see whether it was asked to stop.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// First pause before reconnecting after a failed attempt; it doubles per
+/// failure, up to [`MAX_BACKOFF`], each with random jitter.
+const FIRST_BACKOFF: Duration = Duration::from_millis(25);
+/// Longest pause between reconnection attempts.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Publishes messages and opens subscriptions under one namespace.
+///
+/// Publishing uses the pooled connections of the [`Cache`]; every
+/// subscription opens a dedicated connection to the Redis URL of the
+/// [`Config`], with its connect and I/O timeouts.
+///
+/// Cheap to clone, `Send + Sync`.
+///
+/// ```no_run
+/// use cacheaside::{Client, Config, Event};
+///
+/// let client = Client::open(&Config::from_env())?;
+/// let events = client.events()?;
+/// let subscription = events.subscribe(&["orders"], |event| match event {
+///     Event::Message { channel, payload, .. } => {
+///         println!("{channel}: {}", String::from_utf8_lossy(payload));
+///     }
+///     Event::Gap { cause, .. } => println!("reconnected after {cause}: re-read the orders"),
+///     _ => {}
+/// })?;
+/// let receivers = events.publish("orders", r#"{"id": 7, "status": "shipped"}"#)?;
+/// assert!(receivers >= 1);
+/// drop(subscription); // unsubscribes and joins the thread
+/// # Ok::<(), cacheaside::Error>(())
+/// ```
+#[derive(Clone)]
+pub struct Events {
+    cache: Cache,
+    redis: redis::Client,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+}
+
+/// What a subscription's callback receives.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Event<'a> {
+    /// A message published to one of the subscription's channels (or to a
+    /// channel matching one of its patterns).
+    #[non_exhaustive]
+    Message {
+        /// The channel it was published to, without the namespace.
+        channel: &'a str,
+        /// The message, as published (any bytes).
+        payload: &'a [u8],
+    },
+    /// The connection broke and the subscription has just been restored:
+    /// messages published between the break and now may have been lost.
+    /// Messages published from now on are delivered.
+    #[non_exhaustive]
+    Gap {
+        /// Why the connection broke.
+        cause: &'a Error,
+    },
+}
+
+/// A live subscription: a thread delivering [`Event`]s to a callback.
+///
+/// Dropping it stops the thread: it unsubscribes, closes its connection and
+/// is joined, so once `drop` returns the callback is not running and never
+/// runs again. Dropping it *from inside its own callback* (for example a
+/// callback that owns it through an `Arc<Mutex<Option<Subscription>>>`)
+/// cannot join the thread it runs on; it detaches it instead: the callback
+/// call in progress is the last one, and the thread ends right after it
+/// returns. Do not drop a subscription from another subscription's callback
+/// if that one may do the same to the first (each would wait for the other).
+///
+/// `Send + Sync`: it may be dropped on any thread.
+pub struct Subscription {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+    name: String,
+}
+
+/// What the owner and the thread share.
+struct Shared {
+    /// Set once, by `Drop` (or a failed start); the thread reads it before
+    /// each delivery and between reads. Never cleared.
+    stop: AtomicBool,
+}
+
+impl Shared {
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// Channels or patterns, already prefixed with the namespace.
+#[derive(Clone)]
+enum Targets {
+    Channels(Vec<String>),
+    Patterns(Vec<String>),
+}
+
+/// Everything a subscription's thread needs to (re)connect.
+struct Setup {
+    redis: redis::Client,
+    connect_timeout: Duration,
+    io_timeout: Duration,
+    name: String,
+    targets: Targets,
+    namespace: String,
+}
+
+type Callback = Box<dyn FnMut(Event<'_>) + Send>;
+
+/// Silence after which a subscription checks its connection with a `PING`
+/// (answered within the I/O timeout, or the connection counts as broken).
+const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
+
+impl Events {
+    /// Publishing and subscribing through `cache` (for its pool and
+    /// namespace), with subscriptions connecting to `config.redis_url`, each
+    /// connect and command bounded by `config.cache_timeout`.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse.
+    pub fn new(cache: &Cache, config: &Config) -> Result<Events> {
+        let redis = redis::Client::open(config.redis_url.as_str())
+            .map_err(|e| Error::invalid_argument("redis URL").with_source(e))?;
+        Ok(Events {
+            cache: cache.clone(),
+            redis,
+            connect_timeout: config.cache_timeout,
+            io_timeout: config.cache_timeout,
+        })
+    }
+
+    /// Publishes `payload` on `channel` and returns how many subscribers
+    /// (connections, in any process) received it; 0 means nobody was
+    /// listening and the message is gone. Blocks for one round trip.
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a bad channel name; cache errors
+    /// and timeouts.
+    pub fn publish(&self, channel: &str, payload: impl AsRef<[u8]>) -> Result<u64> {
+        validate_name("channel", channel)?;
+        let channel = format!("{}{channel}", self.cache.namespace());
+        self.cache.with_connection(|conn| {
+            redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(payload.as_ref())
+                .query(conn)
+        })
+    }
+
+    /// Subscribes to `channels` and calls `on_event` for each message, on a
+    /// thread of the subscription's own, until the returned
+    /// [`Subscription`] is dropped.
+    ///
+    /// Returns once Redis has confirmed the subscription, so a message
+    /// published after `subscribe` returns is delivered. The callback runs
+    /// for one event at a time, in order; while it runs, later messages
+    /// wait (in the socket, then in Redis's output buffer for the client,
+    /// which Redis caps: a callback that is too slow for long enough gets
+    /// its connection closed by the server, and then sees a gap).
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for no channels or a bad channel name;
+    /// cache errors and timeouts when the first connection or subscription
+    /// fails (later failures are retried, and reported as [`Event::Gap`]).
+    pub fn subscribe<F>(&self, channels: &[&str], on_event: F) -> Result<Subscription>
+    where
+        F: FnMut(Event<'_>) + Send + 'static,
+    {
+        let targets = self.targets("channel", channels, self.cache.namespace())?;
+        self.start(Targets::Channels(targets), Box::new(on_event))
+    }
+
+    /// [`subscribe`](Self::subscribe) to every channel matching one of
+    /// `patterns` (Redis globs: `*`, `?`, `[...]`, `\` escapes), within the
+    /// namespace: the namespace itself is matched literally.
+    ///
+    /// ```no_run
+    /// # let events = cacheaside::Client::open(&cacheaside::Config::from_env())?.events()?;
+    /// let all_orders = events.psubscribe(&["order:*"], |event| println!("{event:?}"))?;
+    /// events.publish("order:7", "shipped")?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`subscribe`](Self::subscribe).
+    pub fn psubscribe<F>(&self, patterns: &[&str], on_event: F) -> Result<Subscription>
+    where
+        F: FnMut(Event<'_>) + Send + 'static,
+    {
+        let prefix = escape_glob(self.cache.namespace());
+        let targets = self.targets("channel pattern", patterns, &prefix)?;
+        self.start(Targets::Patterns(targets), Box::new(on_event))
+    }
+
+    /// Validates names and prefixes them (with the namespace, or for
+    /// patterns the namespace escaped as a glob).
+    fn targets(&self, what: &str, names: &[&str], prefix: &str) -> Result<Vec<String>> {
+        if names.is_empty() {
+            return Err(Error::invalid_argument(format!(
+                "no {what} to subscribe to"
+            )));
+        }
+        names
+            .iter()
+            .map(|name| {
+                validate_name(what, name)?;
+                Ok(format!("{prefix}{name}"))
+            })
+            .collect()
+    }
+
+    fn start(&self, targets: Targets, on_event: Callback) -> Result<Subscription> {
+        let name = connection_name();
+        let setup = Setup {
+            redis: self.redis.clone(),
+            connect_timeout: self.connect_timeout,
+            io_timeout: self.io_timeout,
+            name: name.clone(),
+            targets,
+            namespace: self.cache.namespace().to_owned(),
+        };
+        let shared = Arc::new(Shared {
+            stop: AtomicBool::new(false),
+        });
+        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+        let thread = thread::Builder::new()
+            .name("cacheaside-subscription".to_owned())
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || run(&setup, &shared, on_event, ready_tx)
+            })
+            .map_err(|e| {
+                Error::new(ErrorKind::Cache, "could not start a subscription thread").with_source(e)
+            })?;
+        let mut subscription = Subscription {
+            shared,
+            thread: Some(thread),
+            name,
+        };
+        // The thread's first connect and subscribe are bounded by these
+        // timeouts; the margin is for a slow scheduler.
+        let deadline = self.connect_timeout + self.io_timeout * 3 + Duration::from_secs(5);
+        match ready_rx.recv_timeout(deadline) {
+            Ok(Ok(())) => Ok(subscription),
+            Ok(Err(err)) => Err(err),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                // Stop it without waiting for it: it is stuck somewhere.
+                subscription.shared.stop.store(true, Ordering::SeqCst);
+                subscription.thread.take();
+                Err(Error::timeout("subscribing"))
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::new(
+                ErrorKind::Panicked,
+                "the subscription thread panicked while subscribing",
+            )),
+        }
+    }
+}
+
+impl Subscription {
+    /// The name its connection gives itself (`CLIENT SETNAME`), unique per
+    /// subscription, e.g. `cacheaside-sub-3f9c0a12-7`: find it in
+    /// `CLIENT LIST`.
+    pub fn connection_name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
+        if thread.thread().id() == thread::current().id() {
+            // Dropped from inside its own callback: joining would wait for
+            // ourselves. The thread sees `stop` when the callback returns.
+            return;
+        }
+        // Wake it if it is sleeping between reconnection attempts.
+        thread.thread().unpark();
+        // A panic in the callback ended the thread already; nothing to add.
+        let _ = thread.join();
+    }
+}
+
+impl Client {
+    /// Pub/sub under this client's namespace, connecting subscriptions with
+    /// the settings the client was opened with.
+    ///
+    /// ```no_run
+    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
+    /// let receivers = client.events()?.publish("news", "hello")?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Events::new`].
+    pub fn events(&self) -> Result<Events> {
+        Events::new(self.cache(), self.config())
+    }
+}
+
+/// A subscription's thread: connect and subscribe (reporting the first
+/// outcome to `ready`), then deliver messages; on a broken connection,
+/// reconnect with backoff and deliver a gap; until `stop`.
+fn run(
+    setup: &Setup,
+    shared: &Shared,
+    mut on_event: Callback,
+    ready: mpsc::SyncSender<Result<()>>,
+) {
+    let mut ready = Some(ready);
+    let mut backoff = Backoff::new();
+    // Why the last connection broke, until a gap has been reported for it.
+    let mut broken: Option<Error> = None;
+    while !shared.stopped() {
+        let mut conn = match setup.connect() {
+            Ok(conn) => conn,
+            Err(err) => {
+                if let Some(ready) = ready.take() {
+                    let _ = ready.send(Err(err));
+                    return;
+                }
+                backoff.sleep(shared);
+                continue;
+            }
+        };
+        let mut pubsub = conn.as_pubsub();
+        if let Err(err) = setup.subscribe(&mut pubsub) {
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(Err(err));
+                return;
+            }
+            drop(pubsub);
+            backoff.sleep(shared);
+            continue;
+        }
+        if let Some(ready) = ready.take() {
+            let _ = ready.send(Ok(()));
+        }
+        if let Some(cause) = broken.take() {
+            if shared.stopped() {
+                let _ = pubsub.set_read_timeout(Some(setup.io_timeout));
+                return;
+            }
+            on_event(Event::Gap { cause: &cause });
+        }
+        let connected_at = Instant::now();
+        match setup.listen(&mut pubsub, shared, &mut on_event) {
+            None => {
+                // Dropping `pubsub` unsubscribes and waits for Redis to
+                // confirm, so a publish after `drop(subscription)` reaches
+                // nobody; give the confirmations the full I/O timeout.
+                let _ = pubsub.set_read_timeout(Some(setup.io_timeout));
+                return;
+            }
+            Some(cause) => broken = Some(cause),
+        }
+        // A connection that lived a while was a good one: start the backoff
+        // over. One that broke at once (a server refusing us) keeps growing
+        // it, so a flapping server is not hammered.
+        if connected_at.elapsed() >= MAX_BACKOFF {
+            backoff = Backoff::new();
+        }
+        drop(pubsub);
+        backoff.sleep(shared);
+    }
+}
+
+impl Setup {
+    /// A dedicated connection with timeouts, named for `CLIENT LIST`.
+    fn connect(&self) -> Result<Connection> {
+        let mut conn = self
+            .redis
+            .get_connection_with_timeout(self.connect_timeout)?;
+        conn.set_write_timeout(Some(self.io_timeout))?;
+        conn.set_read_timeout(Some(self.io_timeout))?;
+        redis::cmd("CLIENT")
+            .arg("SETNAME")
+            .arg(&self.name)
+            .query::<()>(&mut conn)?;
+        Ok(conn)
+    }
+
+    /// Subscribes and waits for Redis to confirm (the first confirmation
+    /// means the whole command ran: Redis runs one command at a time).
+    fn subscribe(&self, pubsub: &mut PubSub<'_>) -> Result<()> {
+        match &self.targets {
+            Targets::Channels(channels) => pubsub.subscribe(channels)?,
+            Targets::Patterns(patterns) => pubsub.psubscribe(patterns)?,
+        }
+        pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
+        Ok(())
+    }
+
+    /// Delivers messages until asked to stop (`None`) or the connection
+    /// breaks (`Some(why)`).
+    ///
+    /// A connection that has been silent for `KEEPALIVE_AFTER` is sent a
+    /// `PING`; no answer within the I/O timeout counts as broken, so a
+    /// server that vanished without closing the socket is noticed too.
+    fn listen(
+        &self,
+        pubsub: &mut PubSub<'_>,
+        shared: &Shared,
+        on_event: &mut Callback,
+    ) -> Option<Error> {
+        let mut last_heard = Instant::now();
+        loop {
+            if shared.stopped() {
+                return None;
+            }
+            match pubsub.get_message() {
+                Ok(message) => {
+                    last_heard = Instant::now();
+                    if shared.stopped() {
+                        return None;
+                    }
+                    let channel = message.get_channel_name();
+                    let channel = channel.strip_prefix(&self.namespace).unwrap_or(channel);
+                    on_event(Event::Message {
+                        channel,
+                        payload: message.get_payload_bytes(),
+                    });
+                }
+                Err(err) if err.is_timeout() => {
+                    if last_heard.elapsed() < KEEPALIVE_AFTER {
+                        continue;
+                    }
+                    if let Err(err) = self.ping(pubsub) {
+                        return Some(err);
+                    }
+                    last_heard = Instant::now();
+                }
+                Err(err) => return Some(err.into()),
+            }
+        }
+    }
+
+    fn ping(&self, pubsub: &mut PubSub<'_>) -> Result<()> {
+        pubsub.set_read_timeout(Some(self.io_timeout))?;
+        pubsub.ping::<redis::Value>()?;
+        pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
+        Ok(())
+    }
+}
+
+/// Exponential backoff with jitter between reconnection attempts.
+struct Backoff {
+    next: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            next: FIRST_BACKOFF,
+        }
+    }
+
+    /// Sleeps for a random time in `[next / 2, next]` (so many subscribers
+    /// that lost the same server do not reconnect in lockstep), then
+    /// doubles `next`. Returns early when asked to stop: `Drop` unparks us.
+    fn sleep(&mut self, shared: &Shared) {
+        let half = self.next / 2;
+        let pause = half + half.mul_f64(fastrand::f64());
+        self.next = (self.next * 2).min(MAX_BACKOFF);
+        let deadline = Instant::now() + pause;
+        while !shared.stopped() {
+            let now = Instant::now();
+            if now >= deadline {
+                return;
+            }
+            thread::park_timeout(deadline - now);
+        }
+    }
+}
+
+/// `cacheaside-sub-<random>-<n>`: unique per subscription across processes.
+fn connection_name() -> String {
+    static PROCESS: once_cell::sync::Lazy<u32> = once_cell::sync::Lazy::new(|| fastrand::u32(..));
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "cacheaside-sub-{:08x}-{}-{}",
+        *PROCESS,
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_its_cap_with_jitter() {
+        let shared = Shared {
+            stop: AtomicBool::new(true), // so sleep returns at once
+        };
+        let mut backoff = Backoff::new();
+        for _ in 0..20 {
+            backoff.sleep(&shared);
+        }
+        assert_eq!(backoff.next, MAX_BACKOFF);
+    }
+
+    #[test]
+    fn connection_names_are_unique_and_valid() {
+        let a = connection_name();
+        let b = connection_name();
+        assert_ne!(a, b);
+        // CLIENT SETNAME refuses spaces and newlines.
+        assert!(a.chars().all(|c| c.is_ascii_graphic()));
+    }
+}
