@@ -29,7 +29,7 @@ use serde::de::DeserializeOwned;
 
 use crate::background::Background;
 use crate::breaker::{Breaker, Permit};
-use crate::cache::Cache;
+use crate::cache::{Cache, Raw};
 use crate::config::{Config, check_ttl};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
@@ -688,7 +688,7 @@ impl CacheAside {
         let mut stale = None;
         let mut use_redis = permit != Permit::Bypass;
         if use_redis {
-            match e.cache.get_raw(&value_key) {
+            match e.cache.lookup(&value_key) {
                 Ok(raw) => {
                     e.breaker.succeeded(permit);
                     if permit == Permit::Probe && e.breaker.is_open() {
@@ -696,7 +696,9 @@ impl CacheAside {
                         // be pending: nothing it holds is trusted until the
                         // relay has caught up.
                         use_redis = false;
-                    } else if let Some(raw) = raw
+                    } else if let Raw::Foreign = raw {
+                        e.corrupt(&value_key, b"");
+                    } else if let Raw::Bytes(raw) = raw
                         && let Some(found) = e.decode::<T>(&value_key, &raw)
                     {
                         if found.fresh {
@@ -984,13 +986,14 @@ impl Engine {
                 return Err(Error::timeout("reading a key that keeps being written"));
             }
             if m.use_redis {
-                match self.cache.get_raw(&m.keys.value) {
-                    Ok(Some(raw)) => {
+                match self.cache.lookup(&m.keys.value) {
+                    Ok(Raw::Bytes(raw)) => {
                         if let Some(answer) = self.fresh_answer(m, &raw) {
                             return Ok(answer);
                         }
                     }
-                    Ok(None) => {}
+                    Ok(Raw::Foreign) => self.corrupt(&m.keys.value, b""),
+                    Ok(Raw::Missing) => {}
                     Err(err) => self.cache_failed(m.permit, &err),
                 }
             }

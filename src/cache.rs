@@ -238,6 +238,17 @@ impl Cache {
         self.run(|conn| redis::cmd("GET").arg(redis_key).query(conn))
     }
 
+    /// One `GET` of a value key, telling a value of another type (a list,
+    /// a set: never ours) from a failure.
+    pub(crate) fn lookup(&self, redis_key: &str) -> Result<Raw> {
+        self.run(|conn| match redis::cmd("GET").arg(redis_key).query(conn) {
+            Ok(Some(bytes)) => Ok(Raw::Bytes(bytes)),
+            Ok(None) => Ok(Raw::Missing),
+            Err(err) if err.code() == Some("WRONGTYPE") => Ok(Raw::Foreign),
+            Err(err) => Err(err),
+        })
+    }
+
     /// Runs `f`; if its pooled connection was dropped by the server, marks
     /// all pooled connections dead and runs `f` once more on a fresh one.
     pub(crate) fn run<T>(
@@ -260,6 +271,14 @@ impl Cache {
     pub fn open_connections(&self) -> u32 {
         self.pool.open_connections()
     }
+}
+
+/// What a value key holds.
+pub(crate) enum Raw {
+    Missing,
+    Bytes(Vec<u8>),
+    /// Not a string: nothing of ours.
+    Foreign,
 }
 
 /// True when the server closed the connection under us (a restart, a

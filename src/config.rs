@@ -266,6 +266,12 @@ impl Config {
         }
         check_ttl("ttl", self.ttl)?;
         check_ttl("negative_ttl", self.negative_ttl)?;
+        if self.fail_safe_max > MAX_TTL {
+            return Err(Error::invalid_argument(format!(
+                "fail_safe_max is longer than the maximum TTL ({} ms, ten years)",
+                MAX_TTL.as_millis()
+            )));
+        }
         if self.session_max_lifetime > crate::Sessions::MAX_LIFETIME {
             return Err(Error::invalid_argument(
                 "session_max_lifetime must be at most 366 days",

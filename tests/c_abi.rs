@@ -247,6 +247,17 @@ fn c_get_or_load_runs_the_loader_once() {
     run_program("tests/c/get_or_load.c");
 }
 
+/// The generic engine's C program again under valgrind, when it is
+/// installed: `cacheaside_bytes_set` from its own bytes used to read freed
+/// memory.
+#[test]
+fn c_get_or_load_under_valgrind() {
+    match valgrind() {
+        Some(wrapper) => run_program_under("tests/c/get_or_load.c", &wrapper),
+        None => eprintln!("valgrind is not installed: skipped"),
+    }
+}
+
 #[test]
 fn c_patterns_rate_limit_sessions_pubsub() {
     run_program("tests/c/patterns.c");

@@ -503,3 +503,130 @@ fn generic_engine_caches_any_query() {
     fx.set_plan_directly(1, "free");
     assert_eq!(count_plan("free").unwrap(), Some(3));
 }
+
+#[test]
+fn ttls_beyond_the_maximum_are_rejected_not_silently_uncached() {
+    // `UINT64_MAX` ms (a natural "forever" from C) made Redis refuse PX:
+    // nothing was ever cached, and followers were served one per round.
+    let fx = Fixture::new("ttl_max");
+    let engine = fx.client.engine();
+    for ttl in [Duration::from_millis(u64::MAX), cacheaside::MAX_TTL * 2] {
+        let err = engine
+            .get_or_load_singleflight::<u32, _>("k", ttl, || Ok(Some(1)))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("maximum TTL"), "{err}");
+    }
+    let v: Option<u32> = engine
+        .get_or_load_singleflight("k", cacheaside::MAX_TTL, || Ok(Some(1)))
+        .unwrap();
+    assert_eq!(v, Some(1));
+    assert!(
+        fx.client.cache().exists("k").unwrap(),
+        "the longest TTL caches"
+    );
+}
+
+#[test]
+fn a_loader_that_reads_its_own_key_is_told_at_once() {
+    // It used to wait for itself until the follower deadline (tens of
+    // seconds), then time out.
+    let fx = Fixture::new("reentrant");
+    let engine = fx.client.engine();
+    let started = std::time::Instant::now();
+    let outer: cacheaside::Result<Option<u32>> =
+        engine.get_or_load_singleflight("self", Duration::from_secs(60), || {
+            let inner =
+                engine.get_or_load_singleflight::<u32, _>("self", Duration::from_secs(60), || {
+                    Ok(Some(2))
+                });
+            let err = inner.expect_err("a loader cannot wait for itself");
+            assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+            assert!(err.to_string().contains("same key"), "{err}");
+            // Other keys are fine from inside a loader.
+            let other: Option<u32> =
+                engine
+                    .get_or_load_singleflight("other", Duration::from_secs(60), || Ok(Some(3)))?;
+            Ok(other)
+        });
+    assert_eq!(outer.unwrap(), Some(3));
+    assert!(started.elapsed() < common::PATIENCE / 10, "told at once");
+    assert_eq!(engine.in_flight(), 0);
+}
+
+#[test]
+fn deleting_a_namespace_leaves_one_that_starts_with_it_alone() {
+    // `delete_namespace` matched `fp7:*`, which also deleted every key of
+    // `fp7:v2:`.
+    let base = common::unique("nsprefix");
+    let mut short = test_config("nsprefix_a");
+    short.namespace = format!("{base}:");
+    let mut long = test_config("nsprefix_b");
+    long.namespace = format!("{base}:v2:");
+    let a = cacheaside::Cache::connect(&short).unwrap();
+    let b = cacheaside::Cache::connect(&long).unwrap();
+    a.set_json("k", &1, Duration::from_secs(60)).unwrap();
+    b.set_json("k", &2, Duration::from_secs(60)).unwrap();
+    assert_eq!(a.delete_namespace().unwrap(), 1);
+    assert_eq!(a.get_json::<i32>("k").unwrap(), None);
+    assert_eq!(
+        b.get_json::<i32>("k").unwrap(),
+        Some(2),
+        "the other survives"
+    );
+    assert_eq!(b.delete_namespace().unwrap(), 1);
+}
+
+#[test]
+fn a_foreign_value_under_our_keys_is_removed_and_reloaded() {
+    // A list under a value key made every read fail with WRONGTYPE for
+    // ever; a value without a TTL under a `:lease` key turned fills off for
+    // ever. Both are now treated like a corrupt entry.
+    let fx = Fixture::new("foreign");
+    let key = Client::user_key(5);
+    let value_key = fx.client.cache().redis_key(&key);
+    let run = |cmd: redis::Cmd| {
+        fx.client
+            .cache()
+            .with_connection(|c| cmd.query::<()>(c))
+            .unwrap()
+    };
+    run(redis::cmd("RPUSH").arg(&value_key).arg("x").clone());
+    let corrupt_before = fx.client.engine().stats().corrupt_entries;
+    let got = fx
+        .client
+        .get_user_profile(5)
+        .unwrap()
+        .expect("from Postgres");
+    assert_eq!(got.name, "Barbara Liskov");
+    assert_eq!(
+        fx.client.engine().stats().corrupt_entries,
+        corrupt_before + 1
+    );
+    let before = fx.queries();
+    assert_eq!(fx.client.get_user_profile(5).unwrap(), Some(got.clone()));
+    assert_eq!(fx.queries(), before, "reloaded and cached again: a hit");
+
+    // A stray lease: a string with no TTL (ours always have one).
+    fx.client.engine().invalidate(&key).unwrap();
+    run(redis::cmd("SET")
+        .arg(format!("{value_key}:lease"))
+        .arg("not-ours")
+        .clone());
+    assert_eq!(fx.client.get_user_profile(5).unwrap(), Some(got.clone()));
+    assert!(
+        fx.client.cache().exists(&key).unwrap(),
+        "the fill went through: the stray lease was swept"
+    );
+    // And a foreign type under the lock key does not block single-flight.
+    fx.client.engine().invalidate(&key).unwrap();
+    run(redis::cmd("SADD")
+        .arg(format!("{value_key}:lock"))
+        .arg("x")
+        .clone());
+    assert_eq!(
+        fx.client.get_user_profile_singleflight(5).unwrap(),
+        Some(got)
+    );
+    assert!(fx.client.cache().exists(&key).unwrap());
+}

@@ -509,3 +509,286 @@ fn soak_reads_never_see_a_version_older_than_a_finished_write() {
     assert_eq!(violations.load(Ordering::SeqCst), 0);
     assert_eq!(fx.client.engine().in_flight(), 0);
 }
+
+/// Waits up to `within` for `done`; false if it never held (used to give a
+/// wrong behaviour its chance to show, not to make a test pass).
+fn eventually(within: Duration, done: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if done() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    done()
+}
+
+#[test]
+fn taking_the_rebuild_lock_does_not_revoke_a_live_loaders_lease() {
+    // A plain reader in one process holds the lease mid-load; a
+    // single-flight reader in another process misses the same key. It used
+    // to take the lock and the lease over, load a second time, and make the
+    // first reader's fill be dropped. Now it waits for that fill.
+    let fx = Fixture::new("lock_no_steal");
+    let key = Client::user_key(1);
+    let other = Client::open(&fx.config).unwrap();
+    let other_loads = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&other_loads);
+    other.engine().set_after_load_hook(move |k| {
+        // Loads only: the hook also runs (with the full Redis key) when a
+        // leader finds the value cached.
+        if k == "user:1" {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let plain = s.spawn(|| fx.client.get_user_profile(1).unwrap().unwrap());
+        loaded.wait(); // the plain reader holds the lease and the old row
+        let single = s.spawn(|| other.get_user_profile_singleflight(1).unwrap().unwrap());
+        // Give a lease thief its chance to load.
+        assert!(
+            !eventually(Duration::from_millis(300), || other_loads
+                .load(Ordering::SeqCst)
+                > 0),
+            "the lock taker loaded while a live loader held the lease"
+        );
+        go.wait();
+        assert_eq!(plain.join().unwrap().plan, "pro");
+        assert_eq!(single.join().unwrap().plan, "pro");
+    });
+    assert_eq!(other_loads.load(Ordering::SeqCst), 0, "one load in all");
+    assert_eq!(fx.client.engine().stats().fills_dropped, 0);
+    assert_eq!(
+        cached(&fx, &key).map(|(plan, _)| plan).as_deref(),
+        Some("pro")
+    );
+}
+
+#[test]
+fn followers_that_joined_before_the_load_take_its_row_though_a_write_dropped_the_fill() {
+    // Single-flight under steady writes used to serve one reader per load:
+    // every write dropped the leader's fill and sent all followers back to
+    // read again. Followers that joined before the load began may take the
+    // row: it was read during their calls.
+    let fx = Fixture::new("early_followers");
+    let key = Client::user_key(2);
+    let lock = hold_rebuild_lock_elsewhere(&fx, &key);
+    let loads = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&loads);
+    let writer = Client::open(&fx.config).unwrap();
+    fx.client.engine().set_after_load_hook(move |k| {
+        if k == "user:2" && counter.fetch_add(1, Ordering::SeqCst) == 0 {
+            // A write commits (and invalidates) during the load: the fill
+            // will be dropped.
+            assert!(writer.update_user_plan(2, "during").unwrap());
+        }
+    });
+    let followers = 8;
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| fx.client.get_user_profile_singleflight(2).unwrap().unwrap());
+        // The leader polls the lock another process holds; followers join.
+        let joined: Vec<_> = (0..followers)
+            .map(|_| s.spawn(|| fx.client.get_user_profile_singleflight(2).unwrap().unwrap()))
+            .collect();
+        let deadline = Instant::now() + PATIENCE;
+        while fx.client.engine().flight_followers(&key) < followers {
+            assert!(Instant::now() < deadline, "followers never joined");
+            std::thread::yield_now();
+        }
+        let del_lock = |c: &mut redis::Connection| redis::cmd("DEL").arg(&lock).query::<()>(c);
+        fx.client.cache().with_connection(del_lock).unwrap();
+        assert_eq!(leader.join().unwrap().plan, "free");
+        for follower in joined {
+            assert_eq!(follower.join().unwrap().plan, "free", "the leader's row");
+        }
+    });
+    assert_eq!(loads.load(Ordering::SeqCst), 1, "one load served everyone");
+    assert_eq!(fx.client.engine().stats().fills_dropped, 1);
+    assert_eq!(cached(&fx, &key), None, "the pre-write row was not cached");
+}
+
+#[test]
+fn a_follower_never_pays_the_lock_wait_twice() {
+    // The lock is held by a process that never finishes; the leader waits
+    // `lock_wait`, loads itself, and a write drops its fill. A follower that
+    // joined at the start used to read again, lead, and wait `lock_wait` a
+    // second time; now it takes the leader's row.
+    let mut config = common::test_config("one_deadline");
+    config.cache_timeout = Duration::from_millis(100);
+    config.pool_timeout = Duration::from_millis(100);
+    config.statement_timeout = Duration::from_millis(200);
+    config.lock_wait = Duration::from_millis(1000);
+    let fx = Fixture::with(config);
+    let key = Client::user_key(3);
+    hold_rebuild_lock_elsewhere(&fx, &key);
+    let writer = Client::open(&fx.config).unwrap();
+    let wrote = Arc::new(AtomicBool::new(false));
+    let w = Arc::clone(&wrote);
+    fx.client.engine().set_after_load_hook(move |k| {
+        if k == "user:3" && !w.swap(true, Ordering::SeqCst) {
+            assert!(writer.update_user_plan(3, "during").unwrap());
+        }
+    });
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| fx.client.get_user_profile_singleflight(3).unwrap());
+        wait_for_a_follower_or_join(&fx, &key);
+        let started = Instant::now();
+        let follower = s.spawn(|| fx.client.get_user_profile_singleflight(3).unwrap());
+        let took = {
+            let row = follower.join().unwrap();
+            assert!(row.is_some());
+            started.elapsed()
+        };
+        leader.join().unwrap();
+        assert!(
+            took < fx.config.lock_wait * 3 / 2,
+            "the follower waited {took:?}: more than one lock wait"
+        );
+    });
+    assert!(wrote.load(Ordering::SeqCst));
+}
+
+/// Blocks until a single-flight for `key` is in progress (its leader polls).
+fn wait_for_a_follower_or_join(fx: &Fixture, key: &str) {
+    let deadline = Instant::now() + PATIENCE;
+    while fx.client.engine().in_flight() == 0 {
+        assert!(Instant::now() < deadline, "no flight for {key}");
+        std::thread::yield_now();
+    }
+}
+
+#[test]
+fn a_write_through_revoked_by_a_delete_never_brings_the_row_back() {
+    // W commits version 2; D deletes the row and invalidates (revoking W);
+    // a reader caches "absent" (version 0); then W's cache update runs. It
+    // used to see 0 < 2 and store the deleted row for a whole TTL.
+    let fx = Fixture::new("wt_delete");
+    let key = Client::user_key(4);
+    let (written, go) = (Barrier::new(2), Barrier::new(2));
+    let update = format!(
+        "UPDATE {} SET plan = 'w', version = version + 1 WHERE id = 4 RETURNING version",
+        fx.config.users_table
+    );
+    let delete = format!("DELETE FROM {} WHERE id = 4", fx.config.users_table);
+    std::thread::scope(|s| {
+        let w = s.spawn(|| {
+            fx.client
+                .engine()
+                .write_through(&key, Duration::from_secs(60), || {
+                    let version: i64 = fx.client.db().query_one(&update, &[])?.unwrap().get(0);
+                    written.wait();
+                    go.wait();
+                    Ok(Some((profile("w", version), version as u64)))
+                })
+        });
+        written.wait(); // W has committed
+        fx.client.db().execute(&delete, &[]).unwrap();
+        fx.client.engine().invalidate(&key).unwrap();
+        assert_eq!(fx.client.get_user_profile(4).unwrap(), None, "absent now");
+        go.wait();
+        w.join().unwrap().unwrap();
+    });
+    assert_eq!(
+        fx.client.get_user_profile(4).unwrap(),
+        None,
+        "stays deleted"
+    );
+}
+
+#[test]
+fn versions_near_two_to_the_63_compare_exactly() {
+    // As Lua doubles, 2^63 - 2 and 2^63 - 1 are the same number: the newer
+    // write-through was refused as "not newer".
+    let fx = Fixture::new("wt_bigver");
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    let write = |plan: &str, version: u64| {
+        engine
+            .write_through("big", ttl, || {
+                Ok(Some((profile(plan, version as i64), version)))
+            })
+            .unwrap()
+    };
+    let (older, newer) = (i64::MAX as u64 - 1, i64::MAX as u64);
+    write("older", older);
+    write("newer", newer);
+    assert_eq!(cached(&fx, "big"), Some(("newer".into(), newer as i64)));
+    write("older again", older);
+    assert_eq!(cached(&fx, "big"), Some(("newer".into(), newer as i64)));
+    // And across a change of length, as strings of digits would not.
+    write("short", 9);
+    write("long", 10);
+    assert_eq!(cached(&fx, "big"), Some(("newer".into(), newer as i64)));
+}
+
+/// The writers set of `key`: empty after every write-through, whatever
+/// happened in it.
+fn writers(fx: &Fixture, key: &str) -> i64 {
+    let set = format!("{}:writers", fx.client.cache().redis_key(key));
+    let card = |c: &mut redis::Connection| redis::cmd("SCARD").arg(&set).query::<i64>(c);
+    fx.client.cache().with_connection(card).unwrap()
+}
+
+#[test]
+fn write_through_removes_its_writer_token_on_every_path() {
+    // Tokens used to stay behind when the value did not serialize or the
+    // write panicked; every later writer extended the set's TTL.
+    let fx = Fixture::new("wt_tokens");
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    let unserializable: std::collections::HashMap<(i32, i32), i32> = [((1, 2), 3)].into();
+    let err = engine
+        .write_through("t", ttl, || Ok(Some((unserializable, 1))))
+        .unwrap_err();
+    assert_eq!(err.kind(), cacheaside::ErrorKind::InvalidArgument);
+    assert_eq!(
+        writers(&fx, "t"),
+        0,
+        "after a value that does not serialize"
+    );
+    let failed = engine.write_through::<i32, _>("t", ttl, || {
+        Err(cacheaside::Error::loader(std::io::Error::other("no")))
+    });
+    assert!(failed.is_err());
+    assert_eq!(writers(&fx, "t"), 0, "after a failed write");
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let _ = engine.write_through::<i32, _>("t", ttl, || panic!("write blew up"));
+    }));
+    assert!(panicked.is_err());
+    assert_eq!(writers(&fx, "t"), 0, "after a panicking write");
+    engine.write_through("t", ttl, || Ok(Some((1, 1)))).unwrap();
+    assert_eq!(writers(&fx, "t"), 0, "after a good one");
+}
+
+#[test]
+fn written_through_entries_are_refreshed_early_too() {
+    // A written-through entry recorded a load time of 0, so XFetch never
+    // picked it; it now records the write's duration (at least 1 ms).
+    let mut config = common::test_config("wt_xfetch");
+    // With a 1 ms load time, an entry of a 2 s TTL is due unless the draw
+    // is above 1 - 2e-6.
+    config.beta = 1e9;
+    let fx = Fixture::with(config);
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(2);
+    engine
+        .write_through("x", ttl, || Ok(Some((1_i64, 1))))
+        .unwrap();
+    let refreshed = Arc::new(AtomicU64::new(0));
+    let before = engine.stats().early_refreshes;
+    let v: Option<i64> = engine
+        .get_or_load_versioned("x", ttl, cacheaside::Mode::SingleFlight, || {
+            refreshed.fetch_add(1, Ordering::SeqCst);
+            Ok(Some((2, 2)))
+        })
+        .unwrap();
+    assert_eq!(v, Some(1), "the caller gets the cached value");
+    assert_eq!(refreshed.load(Ordering::SeqCst), 1, "and it was refreshed");
+    assert_eq!(engine.stats().early_refreshes, before + 1);
+    assert_eq!(cached_i64(&fx, "x"), Some(2));
+}
+
+fn cached_i64(fx: &Fixture, key: &str) -> Option<i64> {
+    fx.client.cache().get_json::<i64>(key).unwrap()
+}

@@ -211,7 +211,8 @@ pub unsafe extern "C" fn cacheaside_config_set_negative_ttl_ms(
 }
 
 /// Sets how long a reader's lease (its right to fill a missed key) lives,
-/// in milliseconds; a fill after it expired is dropped. Defaults to 10000.
+/// in milliseconds, without renewal: it is renewed while its load runs, so
+/// this is how long a dead reader's lease blocks fills. Defaults to 3000.
 ///
 /// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
 ///
@@ -232,7 +233,8 @@ pub unsafe extern "C" fn cacheaside_config_set_lease_ttl_ms(
 }
 
 /// Sets how long the cross-process rebuild lock lives if its holder dies
-/// without releasing it, in milliseconds. Defaults to 5000.
+/// without renewal, in milliseconds: it is renewed while its load runs, so
+/// this is how long a dead holder delays other processes. Defaults to 3000.
 ///
 /// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
 ///
@@ -253,10 +255,11 @@ pub unsafe extern "C" fn cacheaside_config_set_lock_ttl_ms(
 }
 
 /// Sets the longest a reader waits for another process's rebuild of a key
-/// before loading it itself, in milliseconds (0: never wait). Defaults to
-/// 10000.
+/// before loading it itself, in milliseconds. Defaults to 15000.
 ///
 /// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+/// `cacheaside_client_open()` also checks that it is at least the pool
+/// timeout plus the statement timeout (the longest a load may take).
 ///
 /// # Safety
 /// `config` is NULL or a live config.

@@ -58,15 +58,74 @@ static void config_setters(void) {
     EXPECT_INVALID(cacheaside_config_set_lease_ttl_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_lock_ttl_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_lock_wait_ms(NULL, 0));
-    CHECK(cacheaside_config_set_lock_wait_ms(config, 0)); /* 0: never wait */
     EXPECT_INVALID(cacheaside_config_set_beta(config, -1.0));
     EXPECT_INVALID(cacheaside_config_set_beta(config, NAN));
     EXPECT_INVALID(cacheaside_config_set_beta(config, INFINITY));
     CHECK(cacheaside_config_set_beta(config, 0.0));
     CHECK(cacheaside_config_set_ttl_ms(config, 1));
+    EXPECT_INVALID(cacheaside_config_set_ttl_ms(config, UINT64_MAX));
+    EXPECT(strstr(cacheaside_last_error(), "maximum TTL") != NULL);
+
+    EXPECT_INVALID(cacheaside_config_set_db_pool_size(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_db_pool_size(NULL, 4));
+    CHECK(cacheaside_config_set_db_pool_size(config, 4));
+    EXPECT_INVALID(cacheaside_config_set_cache_pool_size(config, 0));
+    CHECK(cacheaside_config_set_cache_pool_size(config, 4));
+    EXPECT_INVALID(cacheaside_config_set_pool_timeout_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_connect_timeout_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_cache_timeout_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_statement_timeout_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_lock_poll_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_lock_poll_ms(NULL, 2));
+    EXPECT_INVALID(cacheaside_config_set_fail_safe_ms(config, UINT64_MAX));
+    CHECK(cacheaside_config_set_fail_safe_ms(config, 0)); /* off */
+    EXPECT_INVALID(cacheaside_config_set_fail_safe_throttle_ms(NULL, 1));
+    EXPECT_INVALID(cacheaside_config_set_soft_timeout_ms(NULL, 1));
+    EXPECT_INVALID(cacheaside_config_set_breaker(config, 3, 0));
+    CHECK(cacheaside_config_set_breaker(config, 0, 1000)); /* off */
+    EXPECT_INVALID(cacheaside_config_set_invalidation_relay(NULL, true));
+    CHECK(cacheaside_config_set_invalidation_relay(config, false));
+    EXPECT_INVALID(cacheaside_config_set_outbox_table(config, "outbox; drop table x"));
+    EXPECT_INVALID(cacheaside_config_set_outbox_table(config, NULL));
+    EXPECT_INVALID(cacheaside_config_set_relay_poll_ms(config, 0));
 
     cacheaside_config_free(config);
     cacheaside_config_free(NULL);
+}
+
+static void settings_that_do_not_fit_together_fail_at_open(void) {
+    /* Setters take each value alone, in any order; open checks the mix. */
+    cacheaside_config *config = cacheaside_config_new();
+    EXPECT(config != NULL);
+    CHECK(cacheaside_config_set_pool_timeout_ms(config, 100));
+    CHECK(cacheaside_config_set_cache_timeout_ms(config, 1000));
+    cacheaside_client *client = (cacheaside_client *)1;
+    EXPECT_INVALID(cacheaside_client_open(config, &client));
+    EXPECT(client == NULL);
+    EXPECT(strstr(cacheaside_last_error(), "cache_timeout") != NULL);
+    EXPECT(strstr(cacheaside_last_error(), "pool_timeout") != NULL);
+    cacheaside_config_free(config);
+}
+
+static void stats_fill_what_the_caller_has_room_for(const cacheaside_client *client) {
+    cacheaside_stats stats;
+    memset(&stats, 0xab, sizeof stats);
+    stats.size = 0;
+    EXPECT_INVALID(cacheaside_client_stats(client, &stats));
+    EXPECT_INVALID(cacheaside_client_stats(client, NULL));
+    stats.size = sizeof stats;
+    EXPECT_INVALID(cacheaside_client_stats(NULL, &stats));
+    CHECK(cacheaside_client_stats(client, &stats));
+    EXPECT(stats.size == sizeof stats);
+    /* A program built against a shorter struct (size and queries only):
+     * nothing past its end is written. */
+    memset(&stats, 0xab, sizeof stats);
+    stats.size = 2 * sizeof(uint64_t);
+    CHECK(cacheaside_client_stats(client, &stats));
+    EXPECT(stats.size == 2 * sizeof(uint64_t));
+    uint64_t untouched;
+    memset(&untouched, 0xab, sizeof untouched);
+    EXPECT(stats.hits == untouched && stats.in_flight == untouched);
 }
 
 static void open_failures_leave_out_null(void) {
@@ -200,11 +259,13 @@ static void version_matches_the_header(void) {
 }
 
 int main(void) {
+    settings_that_do_not_fit_together_fail_at_open();
     version_matches_the_header();
     config_setters();
     open_failures_leave_out_null();
     cacheaside_client *client = open_test_client();
     client_calls(client);
+    stats_fill_what_the_caller_has_room_for(client);
     empty_namespace_is_not_deleted();
     frees_accept_null_and_twice(client);
     last_error_is_per_thread();

@@ -152,6 +152,51 @@ static void values_round_trip_as_bytes(void) {
     cacheaside_bytes_free(&value);
 }
 
+static void bytes_set_from_its_own_bytes(void) {
+    /* It used to free *out before copying from data: here, from itself.
+     * Under valgrind that was an invalid read. */
+    cacheaside_bytes value = {0};
+    CHECK(cacheaside_bytes_set(&value, "same bytes", 10));
+    CHECK(cacheaside_bytes_set(&value, value.data, value.len));
+    EXPECT(value.len == 10 && memcmp(value.data, "same bytes", 10) == 0);
+    cacheaside_bytes_free(&value);
+}
+
+struct reentrant {
+    cacheaside_status inner;
+};
+
+static int load_own_key(void *user_data, const char *key, cacheaside_bytes *out_value) {
+    struct reentrant *r = user_data;
+    cacheaside_bytes inner = {0};
+    struct source never = {.status = CACHEASIDE_OK, .value = "x", .len = 1};
+    r->inner = cacheaside_get_or_load(client, key, 60000, load, &never, &inner);
+    cacheaside_bytes_free(&inner);
+    return cacheaside_bytes_set(out_value, "outer", 5);
+}
+
+static void a_loader_reading_its_own_key_is_told_at_once(void) {
+    struct reentrant r = {CACHEASIDE_OK};
+    cacheaside_bytes value = {0};
+    time_t started = time(NULL);
+    CHECK(cacheaside_get_or_load(client, "reentrant", 60000, load_own_key, &r, &value));
+    EXPECT(r.inner == CACHEASIDE_INVALID_ARGUMENT);
+    EXPECT(time(NULL) - started < 5); /* not the follower deadline */
+    EXPECT(value.len == 5 && memcmp(value.data, "outer", 5) == 0);
+    cacheaside_bytes_free(&value);
+    EXPECT(cacheaside_in_flight(client) == 0);
+}
+
+static void ttl_beyond_the_maximum_is_invalid(void) {
+    /* UINT64_MAX ("forever") used to cache nothing, silently. */
+    struct source s = {.status = CACHEASIDE_OK, .value = "v", .len = 1};
+    cacheaside_bytes value = {0};
+    EXPECT_STATUS(cacheaside_get_or_load(client, "forever", UINT64_MAX, load, &s, &value),
+                  CACHEASIDE_INVALID_ARGUMENT);
+    EXPECT(strstr(cacheaside_last_error(), "maximum TTL") != NULL);
+    EXPECT(atomic_load(&s.calls) == 0 && value.data == NULL);
+}
+
 int main(void) {
     cacheaside_client *owned = open_test_client();
     client = owned;
@@ -159,6 +204,9 @@ int main(void) {
     absence_is_cached();
     loader_failures_are_reported_and_not_cached();
     values_round_trip_as_bytes();
+    bytes_set_from_its_own_bytes();
+    a_loader_reading_its_own_key_is_told_at_once();
+    ttl_beyond_the_maximum_is_invalid();
     cacheaside_client_free(owned);
     puts("get_or_load: ok");
     return EXIT_SUCCESS;

@@ -56,11 +56,18 @@ static inline cacheaside_client *open_test_client(void) {
     CHECK(cacheaside_config_set_users_table(config, test_env("CACHEASIDE_TEST_TABLE")));
     CHECK(cacheaside_config_set_namespace(config, test_env("CACHEASIDE_TEST_NAMESPACE")));
     CHECK(cacheaside_config_set_outbox_table(config, test_env("CACHEASIDE_TEST_OUTBOX")));
+    /* Generous: under valgrind everything is tens of times slower, and a
+     * slow box is not an outage. */
+    CHECK(cacheaside_config_set_cache_timeout_ms(config, 2000));
+    CHECK(cacheaside_config_set_lease_ttl_ms(config, 6000));
+    CHECK(cacheaside_config_set_lock_ttl_ms(config, 6000));
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client));
     cacheaside_config_free(config);
     CHECK(cacheaside_install_schema(client));
     CHECK(cacheaside_seed_demo_users(client));
+    /* The relay's invalidations of the seeding must not land mid-test. */
+    CHECK(cacheaside_relay_sync(client, 30000));
     return client;
 }
 

@@ -194,6 +194,38 @@ void bad_input(const cacheaside::Client &client) {
     EXPECT(cacheaside::version() == CACHEASIDE_VERSION);
 }
 
+void a_hit_never_throws_when_its_early_refresh_does() {
+    // Early refresh (XFetch) runs the caller's loader on a hit; if it throws,
+    // the call still returns the cached value. The wrapper used to rethrow
+    // it: a hit threw.
+    cacheaside::Client client(cacheaside::Config()
+                                  .users_table(env("CACHEASIDE_TEST_TABLE"))
+                                  .namespace_(env("CACHEASIDE_TEST_NAMESPACE"))
+                                  .outbox_table(env("CACHEASIDE_TEST_OUTBOX"))
+                                  .beta(1e9));  // every hit of a 2 ms load is due
+    auto slow = [](const std::string &) -> std::optional<std::string> {
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+        return std::string("cached");
+    };
+    EXPECT(client.get_or_load("refreshed", std::chrono::seconds(60), slow) == "cached");
+    int thrown = 0;
+    auto throwing = [&](const std::string &) -> std::optional<std::string> {
+        thrown++;
+        throw std::runtime_error("the database is down");
+    };
+    auto hit = client.get_or_load("refreshed", std::chrono::seconds(60), throwing);
+    EXPECT(thrown == 1);  // the refresh ran, and threw
+    EXPECT(hit == "cached");
+    // A miss whose loader throws still rethrows to its caller.
+    bool rethrown = false;
+    try {
+        client.get_or_load("never-cached", std::chrono::seconds(60), throwing);
+    } catch (const std::runtime_error &) {
+        rethrown = true;
+    }
+    EXPECT(rethrown);
+}
+
 }  // namespace
 
 int main() {
@@ -204,11 +236,14 @@ int main() {
                                       .outbox_table(env("CACHEASIDE_TEST_OUTBOX")));
         client.install_schema();
         client.seed_demo_users();
+        // The relay's invalidations of the seeding must not land mid-test.
+        EXPECT(client.relay_sync(std::chrono::seconds(30)));
         miss_hit_update(client);
         missing_user(client);
         fifty_threads_one_query(client);
         fifty_threads_one_load(client);
         bad_input(client);
+        a_hit_never_throws_when_its_early_refresh_does();
     } catch (const cacheaside::Error &e) {
         std::cerr << "unexpected cacheaside::Error " << e.status() << ": " << e.what() << "\n";
         return EXIT_FAILURE;
