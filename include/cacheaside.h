@@ -429,6 +429,22 @@ enum cacheaside_status cacheaside_drop_schema(const struct cacheaside_client *cl
 enum cacheaside_status cacheaside_seed_demo_users(const struct cacheaside_client *client);
 
 /**
+ * Checks that both servers answer (a Redis `PING`, a PostgreSQL
+ * `SELECT 1`, not counted by `cacheaside_query_count()`). Reads keep
+ * working while Redis is down, so this is where a misconfiguration shows:
+ * a closed port, a wrong password, a missing database each fail with a
+ * message naming the server and the cause (never the password). Blocks,
+ * at most the connect timeouts.
+ *
+ * Returns `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_DATABASE_ERROR` with the
+ * cause, `CACHEASIDE_TIMEOUT` for a server that does not answer.
+ *
+ * # Safety
+ * `client` is NULL or a live client.
+ */
+enum cacheaside_status cacheaside_client_ping(const struct cacheaside_client *client);
+
+/**
  * Waits until the invalidation relay has applied every change committed
  * before this call (to the users table or any captured table), at most
  * `timeout_ms` milliseconds. For tests and demos that want the relay's

@@ -584,6 +584,10 @@ public:
     /** Statements sent to PostgreSQL since the client opened. */
     uint64_t query_count() const noexcept { return cacheaside_query_count(get()); }
 
+    /** Checks that Redis and PostgreSQL answer; throws Error with the
+     *  cause (a closed port, a wrong password, a missing database). */
+    void ping() const { detail::check(cacheaside_client_ping(get())); }
+
     /** Waits until the invalidation relay has applied every change
      *  committed so far; false at the timeout or without a relay. */
     bool relay_sync(std::chrono::milliseconds timeout) const {

@@ -360,6 +360,35 @@ impl CacheAside {
         &self.engine.cache
     }
 
+    /// Checks that both servers answer: one Redis `PING` and one Postgres
+    /// `SELECT 1` (not counted in [`Db::query_count`]). Reads keep working
+    /// while Redis is down (they go to Postgres), so this is where a
+    /// misconfiguration shows: a closed port, a wrong password, a server
+    /// that wants one, a missing database each fail with a message that
+    /// names the server and the cause (never the password), within the
+    /// connect timeout.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// if let Err(err) = engine.ping() {
+    ///     eprintln!("not ready: {}", err.chain());
+    /// }
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::Cache`] or [`ErrorKind::Database`] with the cause;
+    /// [`ErrorKind::Timeout`] for a server that does not answer.
+    pub fn ping(&self) -> Result<()> {
+        let pong: String = self
+            .engine
+            .cache
+            .run(|conn| redis::cmd("PING").query(conn))?;
+        debug_assert_eq!(pong, "PONG");
+        self.engine.db.uncounted().query_one("SELECT 1", &[])?;
+        Ok(())
+    }
+
     /// The config this engine was built with.
     pub fn config(&self) -> &Config {
         &self.config
@@ -659,6 +688,14 @@ impl CacheAside {
         Ok(())
     }
 
+    /// Stops the invalidation relay, if it runs (and joins its thread).
+    pub fn stop_relay(&self) {
+        let relay = self.relay.lock().take();
+        if let Some(relay) = relay {
+            relay.stop();
+        }
+    }
+
     /// True when the invalidation relay runs for this engine.
     pub fn relay_running(&self) -> bool {
         self.relay.lock().is_some()
@@ -778,18 +815,13 @@ impl CacheAside {
             Err(load) => e.refresh(leader, &target, move || load.run()),
         }
     }
-
-    /// Stops the relay, waits for background work, and closes the pools.
-    fn shutdown(&mut self) {
-        if let Some(relay) = self.relay.get_mut().take() {
-            relay.stop();
-        }
-    }
 }
 
 impl Drop for CacheAside {
     fn drop(&mut self) {
-        self.shutdown();
+        // Before the background pool and the keeper go: the relay uses the
+        // engine they serve.
+        self.stop_relay();
     }
 }
 

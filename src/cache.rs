@@ -263,7 +263,14 @@ impl Cache {
                 let mut fresh = self.pool.fresh()?;
                 Ok(f(&mut fresh)?)
             }
-            outcome => Ok(outcome?),
+            Err(err) => {
+                if err.is_timeout() {
+                    // The reply may still come: never reuse this connection.
+                    conn.discard();
+                }
+                Err(err.into())
+            }
+            Ok(value) => Ok(value),
         }
     }
 

@@ -80,6 +80,9 @@ struct Shared<C> {
 pub(crate) struct Tagged<T> {
     conn: T,
     generation: u64,
+    /// A call gave up on it mid-reply (a timeout): its protocol state is
+    /// unknown, so it is closed instead of handed to the next caller.
+    discarded: bool,
 }
 
 pub(crate) struct Manager<C>(Arc<Shared<C>>);
@@ -98,7 +101,7 @@ impl<C: Connector> ManageConnection for Manager<C> {
     }
 
     fn has_broken(&self, conn: &mut Tagged<C::Conn>) -> bool {
-        self.0.is_stale(conn) || self.0.connector.is_broken(&mut conn.conn)
+        conn.discarded || self.0.is_stale(conn) || self.0.connector.is_broken(&mut conn.conn)
     }
 }
 
@@ -114,6 +117,7 @@ impl<C: Connector> Shared<C> {
                     // Read after the connect: a connection opened while the
                     // generation moved on is still a live one.
                     generation: self.generation.load(Ordering::SeqCst),
+                    discarded: false,
                 })
             }
             Err(err) => {
@@ -218,6 +222,17 @@ impl<C: Connector> Pool<C> {
 pub(crate) enum Conn<C: Connector> {
     Pooled(r2d2::PooledConnection<Manager<C>>),
     Direct(Tagged<C::Conn>),
+}
+
+impl<C: Connector> Conn<C> {
+    /// Closes this connection when it is dropped, instead of returning it to
+    /// the pool (a call gave up on it mid-reply).
+    pub fn discard(&mut self) {
+        match self {
+            Conn::Pooled(conn) => conn.discarded = true,
+            Conn::Direct(conn) => conn.discarded = true,
+        }
+    }
 }
 
 impl<C: Connector> Deref for Conn<C> {

@@ -182,8 +182,12 @@ impl Client {
     /// Database errors and timeouts.
     pub fn drop_schema(&self) -> Result<()> {
         let outbox = &self.engine.config().outbox_table;
+        self.engine.stop_relay();
+        // In the order every other path locks them (a writer: users, then
+        // the outbox through the trigger; a relay round: cursors, then the
+        // outbox), so a drop never deadlocks with either.
         self.db().batch_execute(&format!(
-            "DROP TABLE IF EXISTS {users}, {outbox}, {outbox}_cursors;
+            "DROP TABLE IF EXISTS {users}, {outbox}_cursors, {outbox};
              DROP FUNCTION IF EXISTS {outbox}_capture(), {outbox}_bump();",
             users = self.sql.table
         ))

@@ -97,7 +97,7 @@ impl Drop for Scratch {
         // Best effort: a failure here must not hide the test's own verdict.
         if let Ok(db) = Db::connect(&config) {
             let _ = db.batch_execute(&format!(
-                "DROP TABLE IF EXISTS {table}, {outbox}, {outbox}_cursors;
+                "DROP TABLE IF EXISTS {table}, {outbox}_cursors, {outbox};
                  DROP FUNCTION IF EXISTS {outbox}_capture(), {outbox}_bump();",
                 table = self.table,
                 outbox = self.outbox

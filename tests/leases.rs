@@ -546,14 +546,16 @@ fn taking_the_rebuild_lock_does_not_revoke_a_live_loaders_lease() {
         let plain = s.spawn(|| fx.client.get_user_profile(1).unwrap().unwrap());
         loaded.wait(); // the plain reader holds the lease and the old row
         let single = s.spawn(|| other.get_user_profile_singleflight(1).unwrap().unwrap());
-        // Give a lease thief its chance to load.
+        // Give a lease thief its chance to load (then release the plain
+        // reader before asserting, so a failure cannot hang the test).
+        let stole = eventually(Duration::from_millis(300), || {
+            other_loads.load(Ordering::SeqCst) > 0
+        });
+        go.wait();
         assert!(
-            !eventually(Duration::from_millis(300), || other_loads
-                .load(Ordering::SeqCst)
-                > 0),
+            !stole,
             "the lock taker loaded while a live loader held the lease"
         );
-        go.wait();
         assert_eq!(plain.join().unwrap().plan, "pro");
         assert_eq!(single.join().unwrap().plan, "pro");
     });

@@ -141,6 +141,28 @@ pub unsafe extern "C" fn cacheaside_seed_demo_users(
     }
 }
 
+/// Checks that both servers answer (a Redis `PING`, a PostgreSQL
+/// `SELECT 1`, not counted by `cacheaside_query_count()`). Reads keep
+/// working while Redis is down, so this is where a misconfiguration shows:
+/// a closed port, a wrong password, a missing database each fail with a
+/// message naming the server and the cause (never the password). Blocks,
+/// at most the connect timeouts.
+///
+/// Returns `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_DATABASE_ERROR` with the
+/// cause, `CACHEASIDE_TIMEOUT` for a server that does not answer.
+///
+/// # Safety
+/// `client` is NULL or a live client.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_client_ping(
+    client: *const cacheaside_client,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let client = non_null!(client);
+        status(client.inner.engine().ping())
+    }
+}
+
 /// Waits until the invalidation relay has applied every change committed
 /// before this call (to the users table or any captured table), at most
 /// `timeout_ms` milliseconds. For tests and demos that want the relay's

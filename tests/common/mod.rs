@@ -119,7 +119,9 @@ impl Fixture {
 
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let _ = self.client.drop_schema();
+        if let Err(err) = self.client.drop_schema() {
+            eprintln!("could not drop the test's tables: {}", err.chain());
+        }
         let _ = self.client.cache().delete_namespace();
     }
 }
