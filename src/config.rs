@@ -131,6 +131,11 @@ pub struct Config {
     /// How often the relay reads the outbox when no notification wakes it:
     /// a lost notification costs at most this. Defaults to 1 s.
     pub relay_poll: Duration,
+    /// Whether the relay `LISTEN`s for the trigger's notifications (and so
+    /// applies a change within milliseconds). Off, it only polls every
+    /// `relay_poll`: for poolers that cannot hold a `LISTEN` (PgBouncer in
+    /// transaction mode). Defaults to on.
+    pub relay_listen: bool,
     /// The outbox table the change-capture trigger writes and the relay
     /// reads; an SQL identifier. Defaults to `cacheaside_invalidations`.
     pub outbox_table: String,
@@ -179,6 +184,7 @@ impl Default for Config {
             background_threads: 2,
             invalidation_relay: true,
             relay_poll: Duration::from_secs(1),
+            relay_listen: true,
             outbox_table: "cacheaside_invalidations".into(),
             outbox_retention: Duration::from_secs(24 * 3600),
             statement_cache_size: 256,

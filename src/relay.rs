@@ -239,6 +239,7 @@ impl Relay {
             engine,
             shared: Arc::clone(&shared),
             poll: config.relay_poll,
+            listen: config.relay_listen,
             retention: config.outbox_retention,
             consumer: config.namespace.clone(),
             applied: HashMap::new(),
@@ -306,6 +307,8 @@ struct Worker {
     engine: Engine,
     shared: Arc<RelayShared>,
     poll: Duration,
+    /// LISTEN for notifications (else poll only).
+    listen: bool,
     retention: Duration,
     /// Whose progress the horizon records: the namespace.
     consumer: String,
@@ -317,24 +320,27 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, outbox: &Outbox) {
-        let mut conn: Option<DbConn> = None;
+        let mut listener: Option<DbConn> = None;
         let mut backoff = Duration::from_millis(50);
         let mut next_round = Instant::now();
         while !self.shared.stop.load(Ordering::SeqCst) {
-            let listening = match conn.take() {
-                Some(c) if !c.is_broken() => Ok(c),
-                _ => self.listen(outbox),
-            };
-            let mut listening = match listening {
-                Ok(c) => c,
-                Err(err) => {
-                    bump(&self.engine.counters.relay_errors);
-                    log::debug!("invalidation relay cannot listen: {}", err.chain());
-                    self.sleep(backoff);
-                    backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
-                    continue;
+            if self.listen && listener.as_ref().is_none_or(DbConn::is_broken) {
+                match self.listen_on(outbox) {
+                    Ok(conn) => {
+                        listener = Some(conn);
+                        // Notifications sent while we were not listening
+                        // are lost: catch up.
+                        next_round = Instant::now();
+                    }
+                    Err(err) => {
+                        bump(&self.engine.counters.relay_errors);
+                        log::debug!("invalidation relay cannot listen: {}", err.chain());
+                        self.sleep(backoff);
+                        backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
+                        continue;
+                    }
                 }
-            };
+            }
             let wanted = Instant::now() >= next_round
                 || self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
                 || self.engine.breaker.recovery_ticket().is_some();
@@ -353,18 +359,17 @@ impl Worker {
                     }
                 }
             }
-            // Wait for a notification, a little at a time.
-            match listening.next_notification(SLICE) {
-                Ok(Some(_)) => {
-                    next_round = Instant::now();
-                    conn = Some(listening);
-                }
-                Ok(None) => conn = Some(listening),
-                Err(err) => {
+            // Wait for a notification (or, polling only, for the time), a
+            // little at a time, so stop and sync requests are seen soon.
+            match listener.as_mut().map(|conn| conn.next_notification(SLICE)) {
+                Some(Ok(Some(_))) => next_round = Instant::now(),
+                Some(Ok(None)) => {}
+                Some(Err(err)) => {
                     // The connection dropped: reconnect and catch up.
                     log::debug!("invalidation relay lost its connection: {}", err.chain());
-                    next_round = Instant::now();
+                    listener = None;
                 }
+                None => self.sleep(SLICE),
             }
         }
     }
@@ -376,7 +381,7 @@ impl Worker {
         }
     }
 
-    fn listen(&self, outbox: &Outbox) -> Result<DbConn> {
+    fn listen_on(&self, outbox: &Outbox) -> Result<DbConn> {
         let mut conn = self.engine.db.dedicated()?;
         conn.batch_execute(&format!("LISTEN \"{}\"", outbox.channel))?;
         Ok(conn)
