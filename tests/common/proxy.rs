@@ -289,7 +289,7 @@ fn listen(addr: &SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// Listens on `addr` again, retrying briefly: a port that was just closed can
-/// still be busy for a moment.
+/// still be bound for a moment by a forked child's copy of the descriptor.
 fn listen_again(addr: &SocketAddr) -> Result<TcpListener, String> {
     let deadline = Instant::now() + REBIND_WITHIN;
     loop {
@@ -305,7 +305,18 @@ fn listen_again(addr: &SocketAddr) -> Result<TcpListener, String> {
     }
 }
 
-/// Makes the socket's last close send a RST instead of a FIN.
+/// Closes `listener` so that connecting is refused at once, which closing
+/// alone does not ensure: a child process forked elsewhere in the test
+/// binary holds a copy of every descriptor until it execs, and the socket
+/// keeps listening until its last copy is closed. shutdown() acts on the
+/// socket itself; it also resets the connections waiting in the backlog.
+/// (The copy may keep the port bound a moment longer: see `listen_again`.)
+fn stop_listening(listener: TcpListener) {
+    let _ = SockRef::from(&listener).shutdown(Shutdown::Read);
+}
+
+/// Makes the socket's last close send a RST instead of a FIN. (A forked
+/// child's copy of the descriptor can delay that close until it execs.)
 fn reset_on_close(stream: &TcpStream) {
     let _ = SockRef::from(stream).set_linger(Some(Duration::ZERO));
 }
@@ -343,12 +354,18 @@ fn accept_loop(shared: &Arc<Shared>, listener: TcpListener) {
     loop {
         let control = shared.control();
         if control.shutdown {
-            return; // drops the listener
+            if let Some(l) = listener.take() {
+                stop_listening(l);
+            }
+            return;
         }
         if control.generation != adopted {
             match control.fault {
-                // Closing the listener also resets what waits in its backlog.
-                Fault::Refuse => listener = None,
+                Fault::Refuse => {
+                    if let Some(l) = listener.take() {
+                        stop_listening(l);
+                    }
+                }
                 _ if listener.is_none() => match listen_again(&shared.addr) {
                     Ok(l) => listener = Some(l),
                     Err(e) => *shared.bind_error.lock() = Some(e),
