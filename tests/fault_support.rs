@@ -58,10 +58,19 @@ fn connect(addr: SocketAddr) -> TcpStream {
     with_timeouts(TcpStream::connect(addr).unwrap())
 }
 
-/// A client connected through `proxy` and the server end it reached.
+/// A client connected through `proxy` (which must pass traffic) and the
+/// server end it reached, checked to be the same connection by a token.
 fn link(proxy: &FaultProxy, listener: &TcpListener) -> (TcpStream, TcpStream) {
-    let client = connect(proxy.addr());
-    let server = accept_within(listener, WAIT).expect("the proxy connects upstream on accept");
+    let mut client = connect(proxy.addr());
+    let mut server = accept_within(listener, WAIT).expect("the proxy connects upstream on accept");
+    let token = fastrand::u64(..).to_le_bytes();
+    client.write_all(&token).unwrap();
+    assert_eq!(
+        read_n(&mut server, token.len()),
+        token,
+        "the upstream connection is the client's (peer {:?})",
+        server.peer_addr()
+    );
     (client, server)
 }
 
@@ -73,23 +82,43 @@ fn read_n(stream: &mut TcpStream, n: usize) -> Vec<u8> {
 
 /// Asserts nothing arrives on `stream` for [`SILENCE`]: no byte, no EOF, no reset.
 fn assert_silent(stream: &mut TcpStream, what: &str) {
-    stream.set_read_timeout(Some(SILENCE)).unwrap();
+    let deadline = Instant::now() + SILENCE;
     let mut byte = [0];
-    match stream.read(&mut byte) {
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) => {}
-        other => panic!("{what}: expected silence, got {other:?}"),
+    // A read with a timeout can end early with EINTR, which is not an
+    // answer: keep listening until the whole interval has passed.
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        if left.is_zero() {
+            break;
+        }
+        stream.set_read_timeout(Some(left)).unwrap();
+        match stream.read(&mut byte) {
+            Err(e) if is_timeout(&e) => {}
+            other => panic!("{what}: expected silence, got {other:?}"),
+        }
     }
     stream.set_read_timeout(Some(WAIT)).unwrap();
 }
 
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+    )
+}
+
+/// One read of up to one byte, retried when EINTR cuts it short.
+fn read_once(stream: &mut TcpStream) -> io::Result<usize> {
+    loop {
+        match stream.read(&mut [0]) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            result => return result,
+        }
+    }
+}
+
 /// Asserts the next read on `stream` fails because the peer sent a RST.
 fn assert_reset(stream: &mut TcpStream, what: &str) {
-    let mut byte = [0];
-    match stream.read(&mut byte) {
+    match read_once(stream) {
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
         other => panic!("{what}: expected a connection reset, got {other:?}"),
     }
@@ -143,7 +172,7 @@ fn pass_forwards_bytes_unchanged_and_closes_cleanly() {
     // A close on either side reaches the other as end-of-stream, not a reset.
     drop(client);
     assert_eq!(
-        server.read(&mut [0]).unwrap(),
+        read_once(&mut server).unwrap(),
         0,
         "the client's FIN is passed on"
     );
@@ -408,7 +437,7 @@ fn private_redis_freezes_thaws_dies_and_restarts() {
     assert!(!process_exists(pid), "killed and reaped");
     assert_eq!(redis.pid(), None);
     assert_refused(redis.addr(), "killed redis");
-    match conn.read(&mut [0]) {
+    match read_once(&mut conn) {
         Ok(0) => {}
         Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
         other => panic!("a killed server's clients are cut off, got {other:?}"),
