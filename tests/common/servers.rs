@@ -376,13 +376,16 @@ pub struct PrivatePostgres {
 
 impl PrivatePostgres {
     /// Creates a cluster (initdb) and starts it; returns once a client can
-    /// connect. Takes about 2 s.
+    /// connect. Takes about 2 s. Run as root, the server runs as the
+    /// `postgres` user, which must be able to reach the system temp dir.
     ///
     /// # Panics
     /// With initdb's output or the server's log, if either fails or the
     /// server does not accept connections within 10 s.
     pub fn start() -> PrivatePostgres {
         let dir = temp_dir("pg");
+        // Whatever the umask, `postgres` must get through to its data dir.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
         let data = dir.join("data");
         fs::create_dir(&data).expect("create data dir");
         fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
