@@ -384,25 +384,25 @@ impl PrivatePostgres {
     /// server does not accept connections within 10 s.
     pub fn start() -> PrivatePostgres {
         let dir = temp_dir("pg");
+        // Owns the temp dir from here on, so a failed start removes it too.
+        let mut pg = PrivatePostgres {
+            port: 0,
+            data: dir.join("data"),
+            dir,
+            child: None,
+        };
         // Whatever the umask, `postgres` must get through to its data dir.
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
-        let data = dir.join("data");
-        fs::create_dir(&data).expect("create data dir");
-        fs::set_permissions(&data, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
+        fs::set_permissions(&pg.dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        fs::create_dir(&pg.data).expect("create data dir");
+        fs::set_permissions(&pg.data, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
         if is_root() {
             let status = Command::new("chown")
                 .args(["postgres:postgres"])
-                .arg(&data)
+                .arg(&pg.data)
                 .status()
                 .expect("run chown");
-            assert!(status.success(), "chown postgres {}", data.display());
+            assert!(status.success(), "chown postgres {}", pg.data.display());
         }
-        let mut pg = PrivatePostgres {
-            port: 0,
-            dir,
-            data,
-            child: None,
-        };
         let output = as_postgres(&pg_program("initdb"))
             .arg("-D")
             .arg(&pg.data)
