@@ -1,8 +1,15 @@
 //! Shared test fixture: a users table and a Redis namespace that belong to
 //! one test alone, removed again when the fixture drops. Tests therefore run
 //! in parallel and never touch anyone else's data.
+//!
+//! For failure tests: [`proxy`] puts a fault proxy between a client and a
+//! server, [`servers`] starts private Redis and PostgreSQL servers to kill,
+//! freeze and restart.
 
 #![allow(dead_code)] // each test binary uses a different part of it
+
+pub mod proxy;
+pub mod servers;
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;

@@ -1,0 +1,596 @@
+//! Private Redis and PostgreSQL servers that one test owns and may kill,
+//! freeze and restart. The shared servers on 6379 and 5432 are never touched.
+//!
+//! Every process here is a direct child of the test (signalled and reaped by
+//! its own pid, never by name), so a kill is over when the call returns; the
+//! server and its temp dir go away on `Drop`, also when the test panics.
+
+use std::fs::{self, OpenOptions};
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long a server may take to answer after it was started.
+const START_WITHIN: Duration = Duration::from_secs(10);
+/// How long a killed or stopped server's processes may take to disappear.
+const GONE_WITHIN: Duration = Duration::from_secs(10);
+/// Attempts, each on a fresh port, when another process takes ours first.
+const PORT_ATTEMPTS: usize = 3;
+
+/// A 127.0.0.1 port that was free a moment ago (bound to port 0, read and
+/// released); another process may still take it before the caller binds it.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind 127.0.0.1:0")
+        .port()
+}
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// A fresh directory under the system temp dir, named for this test process.
+fn temp_dir(label: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(super::unique(&format!("cacheaside-{label}")));
+    fs::create_dir(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// Opens `path` for appending, for a child's stdout and stderr.
+fn log_file(path: &Path) -> (Stdio, Stdio) {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()));
+    let err = file.try_clone().expect("clone log file handle");
+    (file.into(), err.into())
+}
+
+fn read_log(path: &Path) -> String {
+    fs::read_to_string(path).unwrap_or_else(|e| format!("(no log at {}: {e})", path.display()))
+}
+
+/// Sends `signal` (a name such as `STOP`) to `pid` with the `kill` command.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// The state letter of `/proc/<pid>/stat` (`R`, `S`, `T`, `Z`, ...), or
+/// `None` once the process is gone.
+fn process_state(pid: u32) -> Option<char> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name in parentheses may contain spaces; the state follows it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.trim_start().chars().next()
+}
+
+/// Polls `done` until it holds or `within` has passed; returns whether it held.
+fn wait_for(within: Duration, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + within;
+    loop {
+        if done() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Kills `child` with SIGKILL by its pid (even when it is stopped) and reaps it.
+fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A redis-server of our own on a free port: no persistence, output logged
+/// to a temp dir, killed and removed on `Drop`.
+///
+/// For kill, restart and freeze tests; set it up with [`command`](Self::command).
+pub struct PrivateRedis {
+    port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivateRedis {
+    /// Starts a server and returns once it answers PING.
+    ///
+    /// # Panics
+    /// With the server's log, if it does not answer within 10 s.
+    pub fn start() -> PrivateRedis {
+        let mut redis = PrivateRedis {
+            port: 0,
+            dir: temp_dir("redis"),
+            child: None,
+        };
+        let mut failure = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            redis.port = free_port();
+            match redis.launch() {
+                Ok(()) => return redis,
+                Err(log) if log.contains("Address already in use") => failure = log,
+                Err(log) => panic!("redis-server did not start:\n{log}"),
+            }
+        }
+        panic!("redis-server found no free port:\n{failure}")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("redis.log")
+    }
+
+    /// Spawns the server on `self.port` and waits until it is ours and up.
+    fn launch(&mut self) -> Result<(), String> {
+        let (stdout, stderr) = log_file(&self.log_path());
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--dir"])
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("spawn redis-server: {e}"))?;
+        let pid = child.id();
+        let child = self.child.insert(child);
+        let addr = loopback(self.port);
+        let mut exited = None;
+        let up = wait_for(START_WITHIN, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            is_redis_with_pid(addr, pid)
+        });
+        match (up, exited) {
+            (true, None) => Ok(()),
+            (_, exited) => {
+                kill_child(child);
+                self.child = None;
+                Err(format!(
+                    "(port {}, exit {exited:?})\n{}",
+                    self.port,
+                    read_log(&self.log_path())
+                ))
+            }
+        }
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's address, 127.0.0.1 and [`port`](Self::port).
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    /// `redis://127.0.0.1:<port>/`, for `redis::Client::open` or a `Config`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// The server's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Kills the server with SIGKILL and returns once it is reaped, so its
+    /// port refuses connections; it keeps no data. No-op if not running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            kill_child(&mut child);
+        }
+    }
+
+    /// Starts the server again on the same port (killing it first if it
+    /// still runs) and returns once it answers PING; it starts empty.
+    ///
+    /// # Panics
+    /// With the log, if it does not come up in 10 s (for one, if another
+    /// process took the port while it was down).
+    pub fn restart(&mut self) {
+        self.kill();
+        if let Err(log) = self.launch() {
+            panic!("redis-server did not restart:\n{log}");
+        }
+    }
+
+    /// Stops the server with SIGSTOP and returns once it is stopped: its
+    /// kernel still accepts connections and buffers requests, nothing
+    /// answers until [`thaw`](Self::thaw).
+    ///
+    /// # Panics
+    /// If the server is not running.
+    pub fn freeze(&self) {
+        let pid = self.pid().expect("freeze: redis is not running");
+        // kill(1) returns before the signal is acted on; wait until it is.
+        signal(pid, "STOP");
+        assert!(
+            wait_for(GONE_WITHIN, || process_state(pid) == Some('T')),
+            "redis {pid} did not stop"
+        );
+    }
+
+    /// Resumes a frozen server with SIGCONT; it then answers what was
+    /// buffered meanwhile.
+    ///
+    /// # Panics
+    /// If the server is not running.
+    pub fn thaw(&self) {
+        let pid = self.pid().expect("thaw: redis is not running");
+        signal(pid, "CONT");
+        assert!(
+            wait_for(GONE_WITHIN, || process_state(pid) != Some('T')),
+            "redis {pid} did not resume"
+        );
+    }
+
+    /// Runs `redis-cli -p <port> <args>` and returns its output, trimmed
+    /// (an error reply comes back as text such as `ERR ...`, not a panic).
+    ///
+    /// For test setup, e.g. `command(&["CONFIG", "SET", "maxmemory", "1mb"])`.
+    /// Blocks while the server is frozen.
+    ///
+    /// # Panics
+    /// If redis-cli cannot run or exits non-zero.
+    pub fn command(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli");
+        assert!(
+            output.status.success(),
+            "redis-cli {args:?}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether the server at `addr` is a Redis whose `INFO server` reports
+/// `pid`, so a server that took our port is never mistaken for ours.
+fn is_redis_with_pid(addr: SocketAddr, pid: u32) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) else {
+        return false;
+    };
+    let timeout = Some(Duration::from_millis(500));
+    if stream.set_read_timeout(timeout).is_err()
+        || stream.set_write_timeout(timeout).is_err()
+        || stream.write_all(b"INFO server\r\n").is_err()
+    {
+        return false;
+    }
+    let wanted = format!("process_id:{pid}\r\n");
+    let mut reply = Vec::new();
+    let mut buf = [0; 4096];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => reply.extend_from_slice(&buf[..n]),
+        }
+        let text = String::from_utf8_lossy(&reply);
+        if text.contains(&wanted) {
+            return true;
+        }
+        // Another server's pid, an error reply (e.g. still loading): not yet.
+        if text.starts_with('-') || text.contains("\r\nrun_id:") {
+            return false;
+        }
+    }
+}
+
+/// Whether this process runs as root (then the servers must run as
+/// `postgres`, since PostgreSQL refuses to run as root).
+fn is_root() -> bool {
+    fs::metadata("/proc/self").is_ok_and(|m| m.uid() == 0)
+}
+
+/// The path of a PostgreSQL server program: from `$PG_BIN`, else `PATH`,
+/// else Debian's `/usr/lib/postgresql/<newest>/bin`.
+fn pg_program(name: &str) -> PathBuf {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return PathBuf::from(dir).join(name);
+    }
+    let on_path = std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|path| std::env::split_paths(&path).collect::<Vec<_>>())
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file());
+    if let Some(path) = on_path {
+        return path;
+    }
+    let mut versions: Vec<(u32, PathBuf)> = fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path())))
+        .collect();
+    versions.sort();
+    match versions.pop() {
+        Some((_, dir)) => dir.join("bin").join(name),
+        None => panic!("{name} not found: set PG_BIN or put it on PATH"),
+    }
+}
+
+/// A command that runs `program` as the `postgres` user when we are root.
+///
+/// setpriv changes user and then execs, so the child's pid is the program's
+/// own: we signal and reap it directly. (pg_ctl would leave the postmaster
+/// to init, which here reaps slowly; a killed postmaster would stay a zombie
+/// whose pid still "exists", and a new one would refuse the old lock file.)
+fn as_postgres(program: &Path) -> Command {
+    if is_root() {
+        let mut command = Command::new("setpriv");
+        command
+            .args([
+                "--reuid=postgres",
+                "--regid=postgres",
+                "--init-groups",
+                "--",
+            ])
+            .arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A PostgreSQL server of our own: a fresh cluster in a temp dir, trust
+/// auth for `postgres`, fsync off; stopped and removed on `Drop`.
+///
+/// For stop, crash and restart tests. Committed data survives
+/// [`stop`](Self::stop) and [`kill`](Self::kill) (crash recovery replays it).
+pub struct PrivatePostgres {
+    port: u16,
+    /// Ours: holds `data` and the log.
+    dir: PathBuf,
+    /// The cluster, owned by `postgres`; also the Unix socket's directory.
+    data: PathBuf,
+    child: Option<Child>,
+}
+
+impl PrivatePostgres {
+    /// Creates a cluster (initdb) and starts it; returns once a client can
+    /// connect. Takes about 2 s. Run as root, the server runs as the
+    /// `postgres` user, which must be able to reach the system temp dir.
+    ///
+    /// # Panics
+    /// With initdb's output or the server's log, if either fails or the
+    /// server does not accept connections within 10 s.
+    pub fn start() -> PrivatePostgres {
+        let dir = temp_dir("pg");
+        // Owns the temp dir from here on, so a failed start removes it too.
+        let mut pg = PrivatePostgres {
+            port: 0,
+            data: dir.join("data"),
+            dir,
+            child: None,
+        };
+        // Whatever the umask, `postgres` must get through to its data dir.
+        fs::set_permissions(&pg.dir, fs::Permissions::from_mode(0o755)).expect("chmod temp dir");
+        fs::create_dir(&pg.data).expect("create data dir");
+        fs::set_permissions(&pg.data, fs::Permissions::from_mode(0o700)).expect("chmod data dir");
+        if is_root() {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&pg.data)
+                .status()
+                .expect("run chown");
+            assert!(status.success(), "chown postgres {}", pg.data.display());
+        }
+        let output = as_postgres(&pg_program("initdb"))
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
+            .args(["--no-locale", "--encoding=UTF8", "--no-instructions"])
+            .current_dir(&pg.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run initdb");
+        assert!(
+            output.status.success(),
+            "initdb failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let mut failure = String::new();
+        for _ in 0..PORT_ATTEMPTS {
+            pg.port = free_port();
+            match pg.launch() {
+                Ok(()) => return pg,
+                Err(log) if log.contains("Address already in use") => failure = log,
+                Err(log) => panic!("postgres did not start:\n{log}"),
+            }
+        }
+        panic!("postgres found no free port:\n{failure}")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("postgres.log")
+    }
+
+    /// Spawns the postmaster on `self.port` and waits until it accepts a
+    /// connection and reports our data directory.
+    fn launch(&mut self) -> Result<(), String> {
+        let (stdout, stderr) = log_file(&self.log_path());
+        let child = as_postgres(&pg_program("postgres"))
+            .arg("-D")
+            .arg(&self.data)
+            .args(["-p", &self.port.to_string(), "-k"])
+            .arg(&self.data)
+            .args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"])
+            .current_dir(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(stderr)
+            .spawn()
+            .map_err(|e| format!("spawn postgres: {e}"))?;
+        let (url, data) = (self.url(), self.data.clone());
+        let child = self.child.insert(child);
+        let mut exited = None;
+        let up = wait_for(START_WITHIN, || {
+            if let Ok(Some(status)) = child.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            serves_data_dir(&url, &data)
+        });
+        match (up, exited) {
+            (true, None) => Ok(()),
+            (_, exited) => {
+                kill_child(child);
+                self.child = None;
+                Err(format!(
+                    "(port {}, exit {exited:?})\n{}",
+                    self.port,
+                    read_log(&self.log_path())
+                ))
+            }
+        }
+    }
+
+    /// `postgres://postgres@127.0.0.1:<port>/postgres`, for a `Config`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// The server's port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's address, 127.0.0.1 and [`port`](Self::port).
+    pub fn addr(&self) -> SocketAddr {
+        loopback(self.port)
+    }
+
+    /// The postmaster's pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Stops the server the way `pg_ctl stop -m immediate` does (SIGQUIT to
+    /// the postmaster, no checkpoint, so the next start runs crash
+    /// recovery) and returns once every server process has exited. No-op
+    /// if not running.
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        signal(child.id(), "QUIT");
+        // The postmaster exits only after its children (it SIGKILLs them
+        // after 5 s), so its exit means the whole server is gone.
+        let exited = wait_for(GONE_WITHIN, || matches!(child.try_wait(), Ok(Some(_))));
+        if !exited {
+            kill_child(&mut child);
+            panic!("postgres did not stop:\n{}", read_log(&self.log_path()));
+        }
+    }
+
+    /// Starts the stopped or killed server again on the same port, on the
+    /// same data, and returns once a client can connect.
+    ///
+    /// # Panics
+    /// If it is running, or with the log if it does not come up in 10 s
+    /// (for one, if another process took the port while it was down).
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "start_again: postgres is running");
+        if let Err(log) = self.launch() {
+            panic!("postgres did not start again:\n{log}");
+        }
+    }
+
+    /// Crashes the server: SIGKILL to the postmaster (the pid in
+    /// `postmaster.pid`, which is our child's), then returns once the
+    /// postmaster is reaped and its orphaned backends have exited. No-op if
+    /// not running.
+    pub fn kill(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let recorded = fs::read_to_string(self.data.join("postmaster.pid"))
+            .ok()
+            .and_then(|s| s.lines().next()?.trim().parse::<u32>().ok());
+        assert_eq!(
+            recorded,
+            Some(child.id()),
+            "postmaster.pid does not name the postmaster we started"
+        );
+        kill_child(&mut child);
+        // The backends notice their postmaster died and exit on their own;
+        // until then they hold its shared memory and a new postmaster would
+        // refuse to start. A backend's working directory is the data dir.
+        let data = fs::canonicalize(&self.data).unwrap_or_else(|_| self.data.clone());
+        assert!(
+            wait_for(GONE_WITHIN, || processes_in(&data).is_empty()),
+            "backends of the killed postmaster still run: {:?}",
+            processes_in(&data)
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), "QUIT");
+            if !wait_for(GONE_WITHIN, || matches!(child.try_wait(), Ok(Some(_)))) {
+                kill_child(&mut child);
+            }
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether a client can log in at `url` and the server there runs on `data`.
+fn serves_data_dir(url: &str, data: &Path) -> bool {
+    let Ok(mut config) = url.parse::<postgres::Config>() else {
+        return false;
+    };
+    config.connect_timeout(Duration::from_secs(1));
+    let Ok(mut client) = config.connect(postgres::NoTls) else {
+        return false;
+    };
+    let Ok(row) = client.query_one("SHOW data_directory", &[]) else {
+        return false;
+    };
+    let shown: String = row.get(0);
+    fs::canonicalize(&shown).ok() == fs::canonicalize(data).ok()
+}
+
+/// Live (non-zombie) processes whose working directory is `dir`.
+fn processes_in(dir: &Path) -> Vec<u32> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| fs::read_link(format!("/proc/{pid}/cwd")).is_ok_and(|cwd| cwd == dir))
+        .filter(|&pid| !matches!(process_state(pid), None | Some('Z')))
+        .collect()
+}
