@@ -460,26 +460,35 @@ fn private_postgres_stops_crashes_and_starts_again() {
         pg.url(),
         format!("postgres://postgres@127.0.0.1:{}/postgres", pg.port())
     );
-    let connect_pg = |pg: &PrivatePostgres| postgres::Client::connect(&pg.url(), postgres::NoTls);
-    let mut client = connect_pg(&pg).unwrap();
+    let connect_pg = |pg: &PrivatePostgres| {
+        let mut config = cacheaside::Config::from_env();
+        config.database_url = pg.url();
+        config.pool_min_idle = 0;
+        cacheaside::Db::connect(&config)
+    };
+    let client = connect_pg(&pg).unwrap();
     client
         .batch_execute("CREATE TABLE t (v int); INSERT INTO t VALUES (42)")
         .unwrap();
-    let read = |client: &mut postgres::Client| -> i32 {
-        client.query_one("SELECT v FROM t", &[]).unwrap().get(0)
+    let read = |client: &cacheaside::Db| -> i32 {
+        client
+            .query_one("SELECT v FROM t", &[])
+            .unwrap()
+            .unwrap()
+            .get(0)
     };
 
     pg.stop();
     assert_eq!(pg.pid(), None);
     assert_refused(pg.addr(), "stopped");
     assert!(
-        client.simple_query("SELECT 1").is_err(),
+        client.query_one("SELECT 1", &[]).is_err(),
         "old sessions are gone"
     );
 
     pg.start_again();
     assert_eq!(
-        read(&mut connect_pg(&pg).unwrap()),
+        read(&connect_pg(&pg).unwrap()),
         42,
         "after an immediate stop"
     );
@@ -489,7 +498,7 @@ fn private_postgres_stops_crashes_and_starts_again() {
     assert!(!process_exists(pid), "killed and reaped");
     assert_refused(pg.addr(), "killed");
     pg.start_again();
-    assert_eq!(read(&mut connect_pg(&pg).unwrap()), 42, "after a crash");
+    assert_eq!(read(&connect_pg(&pg).unwrap()), 42, "after a crash");
 
     let pid = pg.pid().unwrap();
     drop(pg);

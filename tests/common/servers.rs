@@ -568,14 +568,14 @@ impl Drop for PrivatePostgres {
 
 /// Whether a client can log in at `url` and the server there runs on `data`.
 fn serves_data_dir(url: &str, data: &Path) -> bool {
-    let Ok(mut config) = url.parse::<postgres::Config>() else {
+    let mut config = cacheaside::Config::from_env();
+    config.database_url = url.to_owned();
+    config.connect_timeout = Duration::from_secs(1);
+    config.pool_min_idle = 0;
+    let Ok(db) = cacheaside::Db::connect(&config) else {
         return false;
     };
-    config.connect_timeout(Duration::from_secs(1));
-    let Ok(mut client) = config.connect(postgres::NoTls) else {
-        return false;
-    };
-    let Ok(row) = client.query_one("SHOW data_directory", &[]) else {
+    let Ok(Some(row)) = db.query_one("SHOW data_directory", &[]) else {
         return false;
     };
     let shown: String = row.get(0);
