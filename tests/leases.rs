@@ -10,14 +10,14 @@ use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
 use cacheaside::{Client, UserProfile};
-use common::{Fixture, PATIENCE};
+use common::{Fixture, Meet, PATIENCE};
 
 /// Makes the next load of `key` stop after reading its row: `loaded` is
 /// reached once the row is read, and the load goes on to fill once the test
 /// passes `go`.
-fn pause_after_load(fx: &Fixture, key: &str) -> (Arc<Barrier>, Arc<Barrier>) {
-    let loaded = Arc::new(Barrier::new(2));
-    let go = Arc::new(Barrier::new(2));
+fn pause_after_load(fx: &Fixture, key: &str) -> (Arc<Meet>, Arc<Meet>) {
+    let loaded = Arc::new(Meet::new(2));
+    let go = Arc::new(Meet::new(2));
     let (l, g, key, armed) = (
         Arc::clone(&loaded),
         Arc::clone(&go),
@@ -245,7 +245,7 @@ fn write_through_keeps_the_newer_version_in_either_order() {
     // Newer finishes first: the older, finishing later, is refused. The
     // older writer is held between its write and its cache update while the
     // newer one runs start to finish.
-    let (written, go) = (Barrier::new(2), Barrier::new(2));
+    let (written, go) = (Meet::new(2), Meet::new(2));
     std::thread::scope(|s| {
         let older = s.spawn(|| {
             engine.write_through("b", ttl, || {
@@ -273,7 +273,7 @@ fn write_through_that_an_invalidating_update_overtook_is_not_cached() {
     // revoked by B's invalidation, does.
     let fx = Fixture::new("wt_overtaken");
     let key = Client::user_key(1);
-    let (written, go) = (Barrier::new(2), Barrier::new(2));
+    let (written, go) = (Meet::new(2), Meet::new(2));
     let sql = format!(
         "UPDATE {} SET plan = 'a', version = version + 1 WHERE id = 1 RETURNING version",
         fx.config.users_table
@@ -321,8 +321,8 @@ fn write_through_that_a_newer_one_overtook_never_fills_the_empty_key() {
             .unwrap()
             .get(0)
     };
-    let (x_registered, x_go) = (Barrier::new(2), Barrier::new(2));
-    let (w_committed, w_go) = (Barrier::new(2), Barrier::new(2));
+    let (x_registered, x_go) = (Meet::new(2), Meet::new(2));
+    let (w_committed, w_go) = (Meet::new(2), Meet::new(2));
     std::thread::scope(|s| {
         let x = s.spawn(|| {
             engine.write_through(&key, ttl, || {
@@ -667,7 +667,7 @@ fn a_write_through_revoked_by_a_delete_never_brings_the_row_back() {
     // used to see 0 < 2 and store the deleted row for a whole TTL.
     let fx = Fixture::new("wt_delete");
     let key = Client::user_key(4);
-    let (written, go) = (Barrier::new(2), Barrier::new(2));
+    let (written, go) = (Meet::new(2), Meet::new(2));
     let update = format!(
         "UPDATE {} SET plan = 'w', version = version + 1 WHERE id = 4 RETURNING version",
         fx.config.users_table

@@ -135,3 +135,43 @@ impl Drop for Fixture {
 
 /// A bound long enough that only a hang reaches it.
 pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// A barrier that gives up: `wait` blocks until `parties` threads have
+/// called it, like `std::sync::Barrier`, but panics after [`PATIENCE`], so a
+/// test whose other side died fails instead of hanging for ever.
+pub struct Meet {
+    parties: usize,
+    /// (threads arrived in this round, rounds completed).
+    state: std::sync::Mutex<(usize, u64)>,
+    all_here: std::sync::Condvar,
+}
+
+impl Meet {
+    pub fn new(parties: usize) -> Meet {
+        Meet {
+            parties,
+            state: std::sync::Mutex::new((0, 0)),
+            all_here: std::sync::Condvar::new(),
+        }
+    }
+
+    pub fn wait(&self) {
+        let mut state = self.state.lock().unwrap();
+        let round = state.1;
+        state.0 += 1;
+        if state.0 == self.parties {
+            *state = (0, round + 1);
+            self.all_here.notify_all();
+            return;
+        }
+        let (state, timeout) = self
+            .all_here
+            .wait_timeout_while(state, PATIENCE, |s| s.1 == round)
+            .unwrap();
+        drop(state);
+        assert!(
+            !timeout.timed_out(),
+            "the other side never arrived (it failed?)"
+        );
+    }
+}
