@@ -35,7 +35,7 @@ use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Acquired, Claim, Hold, Keeper, Keys, Ttls, new_token};
-use crate::singleflight::{Leader, Role, SingleFlight, WaitError, Waited};
+use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
 
 /// How a read that misses the cache reaches the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,8 +141,9 @@ pub struct Stats {
     /// Fills refused because their lease was revoked by a write (or taken
     /// over): each is a stale row that was *not* cached.
     pub fills_dropped: u64,
-    /// Fills that failed (Redis unreachable, out of memory, ...): the row
-    /// was returned but not cached.
+    /// Loads whose row could not be cached because Redis failed or refused
+    /// the claim or the fill (unreachable, out of memory): the row was
+    /// returned, not cached.
     pub fills_failed: u64,
     /// Entries that did not decode (or were not the expected type, or not a
     /// string at all); each was treated as a miss and deleted.
@@ -878,7 +879,14 @@ impl Engine {
         outcome
     }
 
+    /// Tells an open flight of `key` that its row changed (a write of this
+    /// process, or one the relay read from the outbox).
+    pub(crate) fn note_write(&self, key: &str) {
+        self.flights.note_write(key);
+    }
+
     fn invalidate(&self, key: &str) -> Result<()> {
+        self.flights.note_write(key);
         let keys = Keys::for_value(self.cache.redis_key(key));
         match lease::invalidate(&self.cache, &keys) {
             Ok(()) => Ok(()),
@@ -966,8 +974,8 @@ impl Engine {
             Ok(Claimed::Cached(answer)) => Ok(answer),
             Ok(Claimed::Granted) => {
                 let hold = self.keeper.hold(&m.keys, token, m.deadline);
-                let counter = Arc::new(AtomicU64::new(0));
-                match self.load_held(bg, m, load, hold, counter) {
+                // No flight: the marks only number this call's own reads.
+                match self.load_held(bg, m, load, hold, Marks::default()) {
                     Held::Done(filled) => filled.outcome.or_else(|err| self.load_failed(m, err)),
                     Held::GaveUp => self.serve_stale(m),
                 }
@@ -1043,10 +1051,7 @@ impl Engine {
         leader: Leader<Shared>,
     ) -> Result<Answer> {
         if !m.use_redis {
-            let read = leader.begin_read();
-            let outcome = self.load_uncached_shared(m, load);
-            leader.publish(outcome.clone(), read);
-            return outcome.or_else(|err| self.load_failed(m, err));
+            return self.lead_uncached(m, load, leader);
         }
         let token = new_token();
         let s = &self.settings;
@@ -1059,14 +1064,9 @@ impl Engine {
         loop {
             let read = leader.begin_read();
             match self.acquire(m, claim, &token) {
-                Err(_) => {
-                    // Redis failed mid-call: load without it (still one load
-                    // in this process), and do not fill.
-                    let read = leader.begin_read();
-                    let outcome = self.load_uncached_shared(m, load);
-                    leader.publish(outcome.clone(), read);
-                    return outcome.or_else(|err| self.load_failed(m, err));
-                }
+                // Redis failed mid-call: load without it (still one load in
+                // this process), and do not fill.
+                Err(_) => return self.lead_uncached(m, load, leader),
                 Ok(Claimed::Cached(answer)) => {
                     #[cfg(feature = "test-hooks")]
                     self.hooks.after_load(&m.keys.value);
@@ -1099,7 +1099,7 @@ impl Engine {
             }
         }
         let hold = self.keeper.hold(&m.keys, token, m.deadline);
-        match self.load_held(bg, m, load, hold, leader.read_counter()) {
+        match self.load_held(bg, m, load, hold, leader.marks()) {
             Held::Done(filled) => {
                 leader.publish(filled.outcome.clone(), filled.valid_before);
                 filled.outcome.or_else(|err| self.load_failed(m, err))
@@ -1109,6 +1109,25 @@ impl Engine {
                 self.serve_stale(m)
             }
         }
+    }
+
+    /// A leader's load without Redis (it is down, or failed mid-call).
+    fn lead_uncached<L: Load>(
+        &self,
+        m: &Miss<'_>,
+        load: L,
+        leader: Leader<Shared>,
+    ) -> Result<Answer> {
+        let marks = leader.marks();
+        let load_read = marks.begin_read();
+        let outcome = self.load_uncached_shared(m, load);
+        let now = marks.begin_read();
+        let valid = match &outcome {
+            Err(_) => u64::MAX,
+            Ok(_) => valid_before(Verdict::Failed, load_read, now, &marks),
+        };
+        leader.publish(outcome.clone(), valid);
+        outcome.or_else(|err| self.load_failed(m, err))
     }
 
     /// A refresh run by a flight's leader: take the rebuild lock if nobody
@@ -1149,8 +1168,7 @@ impl Engine {
         if loaded.is_ok() {
             bump(&self.counters.early_refreshes);
         }
-        let counter = leader.read_counter();
-        let filled = self.fill_loaded(&t.keys, t.ttl, hold, loaded, load_read, &counter);
+        let filled = self.fill_loaded(&t.keys, t.ttl, hold, loaded, load_read, &leader.marks());
         leader.publish(filled.outcome, filled.valid_before);
     }
 
@@ -1164,9 +1182,8 @@ impl Engine {
         m: &Miss<'_>,
         load: L,
         hold: Hold,
-        counter: Arc<AtomicU64>,
+        marks: Marks,
     ) -> Held {
-        let begin = |c: &AtomicU64| c.fetch_add(1, Ordering::SeqCst) + 1;
         let load = match m.soft_deadline(&self.settings) {
             None => load,
             Some(soft) => match load.detach() {
@@ -1178,12 +1195,12 @@ impl Engine {
                     #[cfg(feature = "test-hooks")]
                     let key = m.key.to_owned();
                     let work = Box::new(move || {
-                        let load_read = begin(&counter);
+                        let load_read = marks.begin_read();
                         let loaded = job();
                         #[cfg(feature = "test-hooks")]
                         engine.hooks.after_load(&key);
                         let done = Held::Done(
-                            engine.fill_loaded(&keys, ttl, hold, loaded, load_read, &counter),
+                            engine.fill_loaded(&keys, ttl, hold, loaded, load_read, &marks),
                         );
                         // The caller may have stopped waiting: the fill is
                         // what mattered then.
@@ -1199,11 +1216,11 @@ impl Engine {
                 }
             },
         };
-        let load_read = begin(&counter);
+        let load_read = marks.begin_read();
         let loaded = load.run();
         #[cfg(feature = "test-hooks")]
         self.hooks.after_load(m.key);
-        Held::Done(self.fill_loaded(&m.keys, m.ttl, hold, loaded, load_read, &counter))
+        Held::Done(self.fill_loaded(&m.keys, m.ttl, hold, loaded, load_read, &marks))
     }
 
     /// Fills what a load returned and says for which followers its answer
@@ -1215,7 +1232,7 @@ impl Engine {
         hold: Hold,
         loaded: LoadResult,
         load_read: u64,
-        counter: &AtomicU64,
+        marks: &Marks,
     ) -> Filled {
         let loaded = match loaded {
             Ok(loaded) => loaded,
@@ -1228,18 +1245,11 @@ impl Engine {
                 };
             }
         };
-        let fill_read = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        let fill_read = marks.begin_read();
         let verdict = self.fill(keys, ttl, hold, &loaded);
-        // A stored fill proves no write came between the lease and the fill:
-        // the row is valid for everyone who joined before the fill. Otherwise
-        // only for those who joined before the load began.
         Filled {
             outcome: Ok(answer_of(&loaded)),
-            valid_before: if verdict == Verdict::Stored {
-                fill_read
-            } else {
-                load_read
-            },
+            valid_before: valid_before(verdict, load_read, fill_read, marks),
         }
     }
 
@@ -1274,7 +1284,13 @@ impl Engine {
                 bump(&self.counters.fills_failed);
                 self.cache_failed(Permit::Use, &err);
                 log::debug!("fill of {:?} failed: {}", keys.value, err.chain());
-                Verdict::Failed
+                // Not stored (a full Redis refuses the write). If the lease is
+                // still ours, no write invalidated the key since we took it:
+                // the row is as good as a stored one (a GET is not refused).
+                match lease::holds(&self.cache, keys, hold.token()) {
+                    Ok(true) => Verdict::Held,
+                    _ => Verdict::Failed,
+                }
             }
         }
     }
@@ -1353,6 +1369,8 @@ impl Engine {
                 self.settings.ttls,
                 now_ms(),
             );
+            #[cfg(feature = "test-hooks")]
+            let acquired = acquired.and_then(|a| self.hooks.lose_reply().map_or(Ok(a), Err));
             match self.cache_call(m.permit, acquired) {
                 Ok(Acquired::Granted) => return Ok(Claimed::Granted),
                 Ok(Acquired::Busy) => return Ok(Claimed::Busy),
@@ -1367,6 +1385,8 @@ impl Engine {
                     if err.is_outage() {
                         self.keeper.orphan(&m.keys, token.clone());
                     }
+                    // The load that follows cannot be cached.
+                    bump(&self.counters.fills_failed);
                     return Err(err);
                 }
             }
@@ -1391,8 +1411,27 @@ struct Target {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Verdict {
     Stored,
+    /// Not stored, but the lease was still ours after the load: no write
+    /// came in between.
+    Held,
+    /// Refused: a write revoked the lease.
     Dropped,
+    /// Redis did not answer.
     Failed,
+}
+
+/// For which followers a loaded row is valid (those that joined before the
+/// returned read number began). A row that was stored (or whose lease was
+/// still held) after the load is proven fresh up to that point; with no
+/// word from Redis, it is valid past the load's start only if this process
+/// did not write the key meanwhile (writes of other processes cannot be
+/// seen then: the outage-mode limit the README states).
+fn valid_before(verdict: Verdict, load_read: u64, fill_read: u64, marks: &Marks) -> u64 {
+    match verdict {
+        Verdict::Stored | Verdict::Held => fill_read,
+        Verdict::Failed if !marks.written() => fill_read,
+        Verdict::Failed | Verdict::Dropped => load_read,
+    }
 }
 
 /// A finished load: its answer (or error), and the read number before which

@@ -3,7 +3,7 @@
 //! applications never contain them.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 
@@ -16,6 +16,7 @@ pub(crate) struct Hooks {
     after_load: Mutex<Option<Hook>>,
     after_write: Mutex<Option<Hook>>,
     leases_disabled: AtomicBool,
+    lost_replies: AtomicU32,
 }
 
 impl Hooks {
@@ -31,6 +32,16 @@ impl Hooks {
         if let Some(hook) = hook {
             hook(key);
         }
+    }
+
+    /// A reply to lose, if one is due: the claim ran on the server, and the
+    /// client sees a timeout.
+    pub(crate) fn lose_reply(&self) -> Option<crate::Error> {
+        let due = self
+            .lost_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        due.then(|| crate::Error::timeout("cache command (a reply lost by a test hook)").outage())
     }
 
     pub(crate) fn leases_disabled(&self) -> bool {
@@ -54,6 +65,13 @@ impl CacheAside {
     /// process there).
     pub fn set_after_write_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         *self.hooks().after_write.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: the replies of the next `n` lease and lock claims are lost
+    /// after the claim ran on the server: the caller sees a timeout, and
+    /// whatever the claim took is an orphan.
+    pub fn lose_claim_replies(&self, n: u32) {
+        self.hooks().lost_replies.store(n, Ordering::SeqCst);
     }
 
     /// Test hook: removes the after-load hook.

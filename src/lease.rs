@@ -176,6 +176,13 @@ pub(crate) fn fill(
     })
 }
 
+/// True if `token` still holds the lease (a read: a full Redis answers it).
+pub(crate) fn holds(cache: &Cache, keys: &Keys, token: &str) -> Result<bool> {
+    let holder: Option<String> =
+        cache.run(|conn| redis::cmd("GET").arg(&keys.lease).query(conn))?;
+    Ok(holder.as_deref() == Some(token))
+}
+
 /// Gives up `token`'s lease and lock, if it still holds them.
 pub(crate) fn release(cache: &Cache, lease: &str, lock: &str, token: &str) -> Result<()> {
     cache.run(|conn| {

@@ -192,17 +192,30 @@ impl Driver {
             tokio::time::timeout(
                 timeout,
                 poll_fn(|cx| {
-                    // Errors of the connection itself surface through the
-                    // statement's future (it sees the channel close), so
-                    // they are only recorded here.
-                    let _ = Driver::pump(connection, ended, notifications, cx);
-                    future.as_mut().poll(cx)
+                    // A connection that failed or closed fails the call at
+                    // once: its in-flight statement's reply can never come.
+                    if let Err(err) = Driver::pump(connection, ended, notifications, cx) {
+                        return Poll::Ready(Err(db_error(err)));
+                    }
+                    match future.as_mut().poll(cx) {
+                        Poll::Ready(result) => Poll::Ready(result.map_err(db_error)),
+                        Poll::Pending if *ended => Poll::Ready(Err(Error::new(
+                            ErrorKind::Database,
+                            "the database closed the connection",
+                        ))),
+                        Poll::Pending => Poll::Pending,
+                    }
                 }),
             )
             .await
         });
         match outcome {
-            Ok(result) => result.map_err(db_error),
+            Ok(result) => {
+                if result.is_err() && *ended {
+                    self.broken = true;
+                }
+                result
+            }
             Err(_) => {
                 self.broken = true;
                 Err(Error::timeout(format!(

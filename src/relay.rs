@@ -414,6 +414,11 @@ impl Worker {
             .iter()
             .filter(|c| !self.applied.contains_key(&c.id))
             .collect();
+        // Known here even when Redis is out: a load of the key in flight
+        // must not hand its row to readers that came after the change.
+        for change in &fresh {
+            self.engine.note_write(&change.key);
+        }
         for chunk in fresh.chunks(100) {
             let cache = &self.engine.cache;
             let changes: Vec<(Keys, Option<i64>)> = chunk

@@ -31,7 +31,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::ThreadId;
 use std::time::Instant;
 
@@ -62,16 +62,39 @@ struct Entry<V> {
 struct Flight<V> {
     /// Write-locked by the leader until it publishes; followers block on read.
     gate: Arc<RwLock<State<V>>>,
-    /// Reads of the source the leader has begun.
-    reads: Arc<AtomicU64>,
+    /// Reads of the source the leader has begun, and whether this process
+    /// wrote the key while the flight was open.
+    marks: Marks,
 }
 
 impl<V> Clone for Flight<V> {
     fn clone(&self) -> Self {
         Flight {
             gate: Arc::clone(&self.gate),
-            reads: Arc::clone(&self.reads),
+            marks: self.marks.clone(),
         }
+    }
+}
+
+/// What a flight's leader (or the work it moved to another thread) records
+/// for its followers: the reads it began, and whether this process wrote
+/// the key meanwhile.
+#[derive(Clone, Default)]
+pub(crate) struct Marks {
+    reads: Arc<AtomicU64>,
+    written: Arc<AtomicBool>,
+}
+
+impl Marks {
+    /// Notes the start of a read of the source; returns its number.
+    pub fn begin_read(&self) -> u64 {
+        self.reads.fetch_add(1, Ordering::SeqCst) + 1
+    }
+
+    /// True if this process wrote (invalidated) the key since the flight
+    /// began.
+    pub fn written(&self) -> bool {
+        self.written.load(Ordering::SeqCst)
     }
 }
 
@@ -139,12 +162,12 @@ impl<V: Clone> SingleFlight<V> {
             // Noted after joining (and before the lock is released, though
             // that is not needed): a count read later is only ever larger,
             // which makes the follower more careful, never less.
-            let seen = flight.reads.load(Ordering::SeqCst);
+            let seen = flight.marks.reads.load(Ordering::SeqCst);
             return Role::Follower(Follower { flight, seen });
         }
         let flight = Flight {
             gate: Arc::new(RwLock::new(State::Running)),
-            reads: Arc::new(AtomicU64::new(0)),
+            marks: Marks::default(),
         };
         // A new lock: taking it for writing cannot block, and it is locked
         // before any follower can find it in the map.
@@ -162,6 +185,16 @@ impl<V: Clone> SingleFlight<V> {
             flight,
             gate,
         })
+    }
+
+    /// Notes that this process wrote `key` (its write has committed and it
+    /// invalidates the key now): a flight open on it must not hand the row
+    /// it loads to followers that joined after the load began, unless the
+    /// cache proves it fresh.
+    pub fn note_write(&self, key: &str) {
+        if let Some(entry) = self.flights.lock().get(key) {
+            entry.flight.marks.written.store(true, Ordering::SeqCst);
+        }
     }
 
     /// Flights in progress; 0 whenever no call is running.
@@ -199,13 +232,12 @@ impl<V> Leader<V> {
     /// a fill) whose result it may publish; returns that read's number, to
     /// pass to [`publish`](Leader::publish).
     pub fn begin_read(&self) -> u64 {
-        self.flight.reads.fetch_add(1, Ordering::SeqCst) + 1
+        self.flight.marks.begin_read()
     }
 
-    /// The flight's read counter, for work that moved to another thread:
-    /// `fetch_add(1) + 1` there is [`begin_read`](Leader::begin_read).
-    pub fn read_counter(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.flight.reads)
+    /// The flight's marks, for work that moved to another thread.
+    pub fn marks(&self) -> Marks {
+        self.flight.marks.clone()
     }
 
     /// The current thread now runs this leader's work (it moved here).
@@ -350,6 +382,19 @@ mod tests {
         leader.publish(1, read);
         assert_eq!(early.wait(far()), Ok(Waited::Outcome(1)));
         assert_eq!(late.wait(far()), Ok(Waited::TooOld(1)));
+    }
+
+    #[test]
+    fn a_write_of_the_key_marks_its_open_flight() {
+        let group = SingleFlight::<u32>::new();
+        let leader = lead(&group);
+        assert!(!leader.marks().written());
+        group.note_write("other");
+        assert!(!leader.marks().written());
+        group.note_write("k");
+        assert!(leader.marks().written());
+        leader.publish(1, u64::MAX);
+        group.note_write("k"); // no flight: nothing to mark
     }
 
     #[test]
