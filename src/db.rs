@@ -72,6 +72,9 @@ impl Db {
         pg.keepalives_interval(Duration::from_secs(1));
         pg.keepalives_retries(3);
         pg.tcp_user_timeout(config.statement_timeout + CLIENT_MARGIN);
+        if pg.get_application_name().is_none() {
+            pg.application_name("cacheaside");
+        }
         let connector = PgConnector {
             config: pg,
             connect_timeout: config.connect_timeout,
@@ -178,10 +181,13 @@ impl Db {
     }
 
     /// A connection of its own, outside the pool, for a long-lived use
-    /// (`LISTEN`): bounded like every other.
-    pub(crate) fn dedicated(&self) -> Result<DbConn> {
+    /// (`LISTEN`), bounded like every other and named `application_name` in
+    /// `pg_stat_activity`.
+    pub(crate) fn dedicated(&self, application_name: &str) -> Result<DbConn> {
         Ok(DbConn {
-            conn: self.pool.fresh()?,
+            conn: self
+                .pool
+                .fresh_with(|connector| connector.connect_named(application_name))?,
             db: self.clone(),
         })
     }
@@ -394,6 +400,18 @@ pub(crate) struct PgConnector {
     config: tokio_postgres::Config,
     connect_timeout: Duration,
     statement_capacity: usize,
+}
+
+impl PgConnector {
+    /// A connection like the pool's, under another `application_name`.
+    fn connect_named(&self, application_name: &str) -> Result<PgConn> {
+        let mut config = self.config.clone();
+        config.application_name(application_name);
+        Ok(PgConn {
+            pg: PgConnection::connect(&config, self.connect_timeout)?,
+            statements: StatementCache::new(self.statement_capacity),
+        })
+    }
 }
 
 impl Connector for PgConnector {

@@ -205,6 +205,16 @@ impl<C: Connector> Pool<C> {
         self.shared.connect().map(Conn::Direct)
     }
 
+    /// A connection of its own opened by `open` (say, with other settings),
+    /// outside the pool and its health record.
+    pub fn fresh_with(&self, open: impl FnOnce(&C) -> Result<C::Conn>) -> Result<Conn<C>> {
+        Ok(Conn::Direct(Tagged {
+            conn: open(&self.shared.connector)?,
+            generation: self.shared.generation.load(Ordering::SeqCst),
+            discarded: false,
+        }))
+    }
+
     /// Marks every connection open now as dead (the server restarted): none
     /// is handed out again.
     pub fn discard_all(&self) {

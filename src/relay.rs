@@ -76,6 +76,14 @@ impl Outbox {
         })
     }
 
+    /// The `application_name` of a relay's listening connection:
+    /// `relay:<outbox>`, cut to Postgres's 63 bytes.
+    pub fn listener_name(&self) -> String {
+        let mut name = format!("relay:{}", self.table);
+        name.truncate(63);
+        name
+    }
+
     /// The unqualified name, for objects that cannot carry a schema.
     fn bare(&self) -> &str {
         self.table.rsplit('.').next().unwrap_or(&self.table)
@@ -382,7 +390,7 @@ impl Worker {
     }
 
     fn listen_on(&self, outbox: &Outbox) -> Result<DbConn> {
-        let mut conn = self.engine.db.dedicated()?;
+        let mut conn = self.engine.db.dedicated(&outbox.listener_name())?;
         conn.batch_execute(&format!("LISTEN \"{}\"", outbox.channel))?;
         Ok(conn)
     }

@@ -6,7 +6,7 @@
 //! Needs `cc` and `c++` (C11, C++17) besides Postgres and Redis.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -214,22 +214,72 @@ fn run_program_under(relative: &str, wrapper: &[&str]) {
         }
         None => Command::new(&bin),
     };
-    let output = command
+    let mut child = command
         .env("DATABASE_URL", &config.database_url)
         .env("REDIS_URL", &config.redis_url)
         .env("CACHEASIDE_TEST_TABLE", &scratch.table)
         .env("CACHEASIDE_TEST_NAMESPACE", &scratch.namespace)
         .env("CACHEASIDE_TEST_OUTBOX", &scratch.outbox)
-        .output()
+        .env("CACHEASIDE_TEST_DOWN_REDIS", refused_redis_url())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run the test program");
+    let stdout = serve_sql_requests(&mut child, &config);
+    let output = child.wait_with_output().expect("wait for the test program");
     let _ = std::fs::remove_file(&bin);
     assert!(
         output.status.success(),
-        "{relative} failed ({}):\nstdout:\n{}\nstderr:\n{}",
+        "{relative} failed ({}):\nstdout:\n{stdout}\nstderr:\n{}",
         output.status,
-        String::from_utf8_lossy(&output.stdout),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// A Redis URL whose port refuses connections (nothing listens there).
+fn refused_redis_url() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("a free port");
+    let port = listener.local_addr().expect("its address").port();
+    drop(listener);
+    format!("redis://127.0.0.1:{port}/")
+}
+
+/// Reads the program's stdout; a line `SQL: <statement>` asks the harness
+/// to run the statement on a connection of its own (a write that bypasses
+/// the library), after which it answers `done` on the program's stdin.
+/// Returns everything the program printed.
+fn serve_sql_requests(child: &mut std::process::Child, config: &Config) -> String {
+    use std::io::{BufRead, Write};
+    let Some(out) = child.stdout.take() else {
+        return String::new();
+    };
+    let mut stdin = child.stdin.take();
+    let mut printed = String::new();
+    for line in std::io::BufReader::new(out).lines() {
+        let Ok(line) = line else { break };
+        if let Some(sql) = line.strip_prefix("SQL: ") {
+            let db = Db::connect(config).expect("a pool for the harness");
+            db.batch_execute(sql)
+                .unwrap_or_else(|e| panic!("the program's SQL failed: {}", e.chain()));
+            if let Some(stdin) = stdin.as_mut() {
+                let _ = writeln!(stdin, "done").and_then(|()| stdin.flush());
+            }
+        }
+        printed.push_str(&line);
+        printed.push('\n');
+    }
+    printed
+}
+
+#[test]
+fn c_redis_outage_degrades_to_postgres() {
+    run_program("tests/c/outage.c");
+}
+
+#[test]
+fn c_direct_sql_update_reaches_the_cache_through_the_relay() {
+    run_program("tests/c/relay.c");
 }
 
 #[test]
@@ -291,6 +341,8 @@ fn every_program_is_run() {
         "tests/c/users.c",
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
+        "tests/c/outage.c",
+        "tests/c/relay.c",
         "tests/c/patterns.c",
         "tests/cpp/client.cpp",
         "tests/cpp/patterns.cpp",

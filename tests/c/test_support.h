@@ -1,8 +1,12 @@
 /*
  * Helpers shared by the C test programs (header-only; each program is one
  * translation unit). tests/c_abi.rs compiles and runs the programs with
- * CACHEASIDE_TEST_TABLE and CACHEASIDE_TEST_NAMESPACE set to a table and
- * namespace of their own, and drops both afterwards.
+ * CACHEASIDE_TEST_TABLE, CACHEASIDE_TEST_OUTBOX and
+ * CACHEASIDE_TEST_NAMESPACE set to a table, outbox and namespace of their
+ * own (dropped afterwards), and CACHEASIDE_TEST_DOWN_REDIS to a Redis URL
+ * that refuses connections. A program that prints `SQL: <statement>` gets
+ * the statement run by the harness on a connection of its own, and reads
+ * `done` on stdin when it has.
  */
 #ifndef CACHEASIDE_TEST_SUPPORT_H
 #define CACHEASIDE_TEST_SUPPORT_H

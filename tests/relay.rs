@@ -1,0 +1,311 @@
+//! Invalidation from Postgres itself: writes that bypass the library, and
+//! writes whose invalidation never reached Redis, reach the cache through
+//! the outbox trigger and the relay.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use cacheaside::{Client, Config, Db};
+use common::proxy::{Fault, FaultProxy};
+use common::{Fixture, Meet, PATIENCE, test_config};
+
+/// How long the relay may take to apply a change (it takes milliseconds
+/// with its notification; the benchmark reports the real figure).
+const RELAY_BOUND: Duration = Duration::from_secs(1);
+
+/// A pool of its own on the fixture's database: plain SQL that bypasses
+/// the library (as psql, a migration or another service would).
+fn outsider(fx: &Fixture) -> Db {
+    Db::connect(&fx.config).unwrap()
+}
+
+/// Another client on the same table and namespace, as another process
+/// would have (its own pools and engine; only Redis and Postgres are
+/// shared). It runs no relay: the fixture's does the work.
+fn another_process(fx: &Fixture) -> Client {
+    let mut config = fx.config.clone();
+    config.invalidation_relay = false;
+    Client::open(&config).unwrap()
+}
+
+fn set_plan(db: &Db, fx: &Fixture, id: i64, plan: &str) {
+    let sql = format!(
+        "UPDATE {} SET plan = $2 WHERE id = $1",
+        fx.config.users_table
+    );
+    assert_eq!(db.execute(&sql, &[&id, &plan]).unwrap(), 1);
+}
+
+/// Polls `read` until it returns `want`; panics after `within`.
+fn sees(within: Duration, want: &str, read: impl Fn() -> String) -> Duration {
+    let began = Instant::now();
+    loop {
+        let got = read();
+        if got == want {
+            return began.elapsed();
+        }
+        assert!(
+            began.elapsed() < within,
+            "still {got:?} after {within:?}, expected {want:?}"
+        );
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn an_update_that_bypasses_the_library_reaches_every_reader() {
+    let fx = Fixture::new("relay_bypass");
+    let reader = another_process(&fx);
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    let before = fx.client.engine().stats().relay_invalidations;
+    set_plan(&outsider(&fx), &fx, 1, "from-psql");
+    let took = sees(RELAY_BOUND, "from-psql", || {
+        reader.get_user_profile(1).unwrap().unwrap().plan
+    });
+    eprintln!("relay: a bypassing update reached another reader in {took:?}");
+    let stats = fx.client.engine().stats();
+    assert!(stats.relay_invalidations > before, "{stats:?}");
+    // The trigger bumped the version the writer forgot: ordered with the rest.
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().version, 2);
+}
+
+#[test]
+fn an_insert_ends_a_cached_absence() {
+    let fx = Fixture::new("relay_insert");
+    let reader = another_process(&fx);
+    assert_eq!(reader.get_user_profile(42).unwrap(), None); // cached as absent
+    let sql = format!(
+        "INSERT INTO {} (id, name, email, plan) VALUES (42, 'New', 'new@example.com', 'free')",
+        fx.config.users_table
+    );
+    outsider(&fx).execute(&sql, &[]).unwrap();
+    sees(RELAY_BOUND, "New", || {
+        reader
+            .get_user_profile(42)
+            .unwrap()
+            .map_or_else(String::new, |u| u.name)
+    });
+}
+
+#[test]
+fn a_burst_of_updates_while_the_relay_loses_its_connection_is_all_applied() {
+    let fx = Fixture::new("relay_burst");
+    let reader = another_process(&fx);
+    let db = outsider(&fx);
+    for id in 1..=5 {
+        reader.get_user_profile(id).unwrap();
+    }
+    let listener = format!("relay:{}", fx.config.outbox_table);
+    let killed = AtomicBool::new(false);
+    for i in 0..200 {
+        let id = i % 5 + 1;
+        set_plan(&db, &fx, id, &format!("burst-{i}"));
+        if i == 100 {
+            // Only our relay's connection: it carries our outbox's name.
+            let terminated: bool = db
+                .query_one(
+                    "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                     WHERE application_name = $1",
+                    &[&listener],
+                )
+                .unwrap()
+                .unwrap()
+                .get::<_, Option<bool>>(0)
+                .unwrap_or(false);
+            killed.store(terminated, Ordering::SeqCst);
+        }
+    }
+    assert!(
+        killed.load(Ordering::SeqCst),
+        "the relay's connection was killed"
+    );
+    for id in 1..=5 {
+        let last = format!("burst-{}", 195 + id - 1);
+        sees(PATIENCE, &last, || {
+            reader.get_user_profile(id).unwrap().unwrap().plan
+        });
+    }
+}
+
+#[test]
+fn updates_while_redis_is_unreachable_are_applied_once_it_answers() {
+    let mut config = test_config("relay_redis_down");
+    let proxy = FaultProxy::start(
+        std::net::ToSocketAddrs::to_socket_addrs("127.0.0.1:6379")
+            .unwrap()
+            .next()
+            .unwrap(),
+    );
+    let direct_redis = config.redis_url.clone();
+    config.redis_url = format!("redis://{}/", proxy.addr());
+    config.cache_timeout = Duration::from_millis(200);
+    let fx = Fixture::with(config);
+    // A reader that reaches Redis directly, and has the rows cached.
+    let mut direct = fx.config.clone();
+    direct.redis_url = direct_redis;
+    direct.invalidation_relay = false;
+    let reader = Client::open(&direct).unwrap();
+    for id in 1..=5 {
+        reader.get_user_profile(id).unwrap();
+    }
+    proxy.set(Fault::Blackhole);
+    let db = outsider(&fx);
+    for id in 1..=5 {
+        set_plan(&db, &fx, id, &format!("while-down-{id}"));
+    }
+    // The relay keeps its place while its Redis is unreachable...
+    let applied = fx.client.engine().stats().relay_invalidations;
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fx.client.engine().stats().relay_invalidations, applied);
+    // ...and applies everything once it answers.
+    proxy.set(Fault::Pass);
+    for id in 1..=5 {
+        let want = format!("while-down-{id}");
+        sees(PATIENCE, &want, || {
+            reader.get_user_profile(id).unwrap().unwrap().plan
+        });
+    }
+}
+
+#[test]
+fn a_reader_that_read_before_an_external_commit_cannot_fill_it() {
+    // The lease race, with a writer that bypasses the library: the relay's
+    // invalidation revokes the lease like the library's own does.
+    let fx = Fixture::new("relay_lease");
+    let key = Client::user_key(3);
+    let (loaded, go) = (Arc::new(Meet::new(2)), Arc::new(Meet::new(2)));
+    let (l, g, armed) = (Arc::clone(&loaded), Arc::clone(&go), AtomicBool::new(true));
+    let watched = key.clone();
+    fx.client.engine().set_after_load_hook(move |k| {
+        if k == watched && armed.swap(false, Ordering::SeqCst) {
+            l.wait();
+            g.wait();
+        }
+    });
+    std::thread::scope(|s| {
+        let reader = s.spawn(|| fx.client.get_user_profile(3).unwrap().unwrap());
+        loaded.wait(); // the reader holds the lease and the old row
+        set_plan(&outsider(&fx), &fx, 3, "external");
+        assert!(
+            fx.client.engine().sync_relay(PATIENCE),
+            "the relay applied it"
+        );
+        go.wait(); // now it fills
+        assert_eq!(reader.join().unwrap().plan, "enterprise");
+    });
+    assert_eq!(
+        fx.client
+            .cache()
+            .get_json::<cacheaside::UserProfile>(&key)
+            .unwrap(),
+        None,
+        "the pre-write row was not cached"
+    );
+    assert_eq!(
+        fx.client.get_user_profile(3).unwrap().unwrap().plan,
+        "external"
+    );
+}
+
+#[test]
+fn two_relays_share_the_work_and_the_horizon() {
+    let fx = Fixture::new("relay_two");
+    let second = Client::open(&fx.config).unwrap(); // runs a relay too
+    let reader = another_process(&fx);
+    let db = outsider(&fx);
+    let threads = 4;
+    let barrier = Barrier::new(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (db, fx, barrier) = (&db, &fx, &barrier);
+            s.spawn(move || {
+                barrier.wait();
+                for i in 0..25 {
+                    set_plan(db, fx, (t as i64) + 1, &format!("t{t}-{i}"));
+                }
+            });
+        }
+    });
+    for t in 0..threads {
+        let id = (t as i64) + 1;
+        sees(PATIENCE, &format!("t{t}-24"), || {
+            reader.get_user_profile(id).unwrap().unwrap().plan
+        });
+    }
+    assert!(second.engine().sync_relay(PATIENCE));
+    assert!(fx.client.engine().sync_relay(PATIENCE));
+}
+
+#[test]
+fn a_relay_away_longer_than_the_retention_empties_its_namespace() {
+    // Outbox rows older than the retention are pruned: a relay whose
+    // namespace nobody served for longer cannot know what it missed, so it
+    // deletes the namespace's keys (never anything else) and goes on.
+    let mut config = test_config("relay_away");
+    config.outbox_retention = Duration::from_secs(1);
+    let fx = Fixture::with(config);
+    fx.client.get_user_profile(1).unwrap();
+    assert!(fx.client.cache().exists(&Client::user_key(1)).unwrap());
+    fx.client.engine().stop_relay();
+    std::thread::sleep(Duration::from_millis(1500)); // away past the retention
+    fx.client.engine().start_relay();
+    assert!(fx.client.engine().sync_relay(PATIENCE));
+    assert_eq!(fx.client.engine().stats().relay_resets, 1);
+    assert!(!fx.client.cache().exists(&Client::user_key(1)).unwrap());
+}
+
+// ---- a process killed between COMMIT and DEL -------------------------------
+
+const ROLE: &str = "CACHEASIDE_TEST_RELAY_CHILD";
+
+/// The child: an update whose process is killed after the commit, before
+/// the invalidation.
+#[test]
+#[ignore = "the child process of the kill test, run by it"]
+fn child_process_entry_point() {
+    let settings = std::env::var(ROLE).expect("run by the kill test");
+    let mut config = Config::from_env();
+    let mut parts = settings.split(';');
+    config.users_table = parts.next().unwrap().into();
+    config.namespace = parts.next().unwrap().into();
+    config.outbox_table = parts.next().unwrap().into();
+    config.invalidation_relay = false;
+    let client = Client::open(&config).unwrap();
+    client.engine().set_after_write_hook(|_| {
+        let me = std::process::id().to_string();
+        let _ = Command::new("kill").args(["-9", &me]).status();
+        std::thread::sleep(Duration::from_secs(60));
+    });
+    client.update_user_plan(1, "committed-then-killed").unwrap();
+    unreachable!("killed before the invalidation");
+}
+
+#[test]
+fn a_process_killed_between_commit_and_invalidation_loses_no_invalidation() {
+    let fx = Fixture::new("relay_kill");
+    let reader = another_process(&fx);
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    let c = &fx.config;
+    let status = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_process_entry_point",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            ROLE,
+            format!("{};{};{}", c.users_table, c.namespace, c.outbox_table),
+        )
+        .status()
+        .unwrap();
+    assert!(!status.success(), "the child was killed");
+    sees(RELAY_BOUND, "committed-then-killed", || {
+        reader.get_user_profile(1).unwrap().unwrap().plan
+    });
+}
