@@ -1,6 +1,7 @@
 //! The lab, in plain numbers: a miss, a hit, an update and the fresh read
-//! after it, and a 50-thread stampede on a cold key through the plain and the
-//! single-flight paths.
+//! after it, a 50-thread stampede on a cold key through the plain and the
+//! single-flight paths, and a write that bypasses the library reaching the
+//! cache through the invalidation relay.
 //!
 //! ```text
 //! scripts/services.sh                      # Postgres and Redis, if not running
@@ -126,13 +127,39 @@ fn walk_through(client: &Client) -> Result<()> {
         ms(flight.1)
     );
     println!(
-        "   per-key state left behind: {}",
+        "   per-key state left behind: {}\n",
         client.engine().in_flight()
+    );
+
+    println!("4. a write that bypasses the library (psql, another service)");
+    client.get_user_profile(4)?; // cached
+    let outsider = cacheaside::Db::connect(client.engine().config())?;
+    let sql = format!("UPDATE {TABLE} SET plan = 'from-psql' WHERE id = 4");
+    let committed = Instant::now();
+    outsider.execute(&sql, &[])?;
+    let (plan, seen) = loop {
+        let plan = client.get_user_profile(4)?.map(|p| p.plan);
+        if plan.as_deref() == Some("from-psql") || committed.elapsed() > Duration::from_secs(5) {
+            break (plan, committed.elapsed());
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    };
+    println!(
+        "   UPDATE ... SET plan = 'from-psql' on another connection: a reader sees {:?} {:.1} ms after the commit",
+        plan.as_deref().unwrap_or("(none)"),
+        ms(seen)
+    );
+    println!(
+        "   (the trigger wrote the key to the outbox in the same transaction; the relay deleted it)"
     );
     let stats = client.engine().stats();
     println!(
-        "\nengine: {} hits, {} misses, {} stale fills dropped, {} corrupt entries",
-        stats.hits, stats.misses, stats.fills_dropped, stats.corrupt_entries
+        "\nengine: {} hits, {} misses, {} stale fills dropped, {} corrupt entries, {} relay invalidations",
+        stats.hits,
+        stats.misses,
+        stats.fills_dropped,
+        stats.corrupt_entries,
+        stats.relay_invalidations
     );
     Ok(())
 }
