@@ -271,6 +271,9 @@ struct Miss<'a> {
     deadline: Instant,
     /// Does a decoded payload have the caller's type?
     fits: &'a dyn Fn(&[u8]) -> bool,
+    /// A flight this call followed could not hand it its row (a write came
+    /// during that load): the readers it sent back are on their way.
+    sent_back: std::cell::Cell<bool>,
 }
 
 impl Miss<'_> {
@@ -776,6 +779,7 @@ impl CacheAside {
             started: Instant::now(),
             deadline: Instant::now() + e.settings.call_deadline,
             fits: &fits,
+            sent_back: std::cell::Cell::new(false),
         };
         let answer = match mode {
             Mode::Plain => e.miss_plain(&self.background, &miss, load),
@@ -1006,7 +1010,7 @@ impl Engine {
                 Ok(Waited::Outcome(Ok(Answer::Stale))) => return self.serve_stale(m),
                 Ok(Waited::Outcome(Ok(answer))) => return Ok(answer),
                 Ok(Waited::Outcome(Err(err))) => return self.load_failed(m, err),
-                Ok(Waited::TooOld(_)) => {}
+                Ok(Waited::TooOld(_)) => m.sent_back.set(true),
                 Err(WaitError::Abandoned) => {
                     return Err(Error::new(
                         ErrorKind::Panicked,
@@ -1097,6 +1101,13 @@ impl Engine {
                     std::thread::sleep(s.lock_poll.min(until.saturating_duration_since(now)));
                 }
             }
+        }
+        if m.sent_back.get() {
+            // The last load of this key could not serve the readers that
+            // came while it ran (a write dropped its fill): they are
+            // re-reading now, with this one. Give them a moment to join,
+            // so this load serves them all instead of one by one.
+            std::thread::sleep(s.lock_poll);
         }
         let hold = self.keeper.hold(&m.keys, token, m.deadline);
         match self.load_held(bg, m, load, hold, leader.marks()) {

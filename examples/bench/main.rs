@@ -30,6 +30,7 @@
 //! processes, and peak RSS is only meaningful in a fresh one.
 
 mod c_abi;
+mod faults;
 mod fixture;
 mod floors;
 mod hits;
@@ -38,8 +39,10 @@ mod memory;
 mod misses;
 mod plan;
 mod plots;
+mod relay;
 mod report;
 mod stampede;
+mod steady;
 mod wake;
 mod xproc;
 
@@ -107,5 +110,8 @@ fn run(plan: Plan, quick_plots: bool) -> BoxResult<i32> {
     report.add(misses::measure(&bench)?); // (5): misses against both floors
     report.add(stampede::measure(&bench)?); // (6): stampedes, in and across processes
     report.add(memory::measure(&bench)?); // (8): memory, in a fresh process
+    report.add(faults::measure(&bench)?); // (9): Redis out and back, Postgres down
+    report.add(relay::measure(&bench)?); // (10): the invalidation relay, the trigger's cost
+    report.add(steady::measure(&bench)?); // (11): single-flight under steady writes
     report.finish(bench, quick_plots)
 }
