@@ -59,5 +59,11 @@ pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
 
+/// The README's Rust code compiles as doctests, so the front door stays
+/// true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// Re-exported so callers of [`Db`] can name rows and parameter types.
 pub use tokio_postgres::{Row, types::ToSql};

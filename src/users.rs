@@ -118,6 +118,15 @@ impl Client {
         self.engine.config()
     }
 
+    /// Checks that both servers answer; see [`CacheAside::ping`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::Cache`](crate::ErrorKind) or
+    /// [`ErrorKind::Database`](crate::ErrorKind) with the cause; timeouts.
+    pub fn ping(&self) -> Result<()> {
+        self.engine.ping()
+    }
+
     /// The generic engine under this client, for caching anything else.
     pub fn engine(&self) -> &CacheAside {
         &self.engine
