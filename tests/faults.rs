@@ -110,6 +110,31 @@ fn until_closed(client: &Client) {
     }
 }
 
+/// 50 threads, released together, read one cold key of `engine` whose
+/// load takes 200 ms; returns how many loads ran (each thread checks it got
+/// the value).
+fn slow_stampede(engine: &cacheaside::CacheAside) -> u64 {
+    let threads = 50;
+    let barrier = Barrier::new(threads);
+    let loads = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                let v: Option<i64> = engine
+                    .get_or_load_singleflight("hot", Duration::from_secs(60), || {
+                        loads.fetch_add(1, Ordering::SeqCst);
+                        let sql = "SELECT 42::bigint FROM pg_sleep(0.2)";
+                        Ok(engine.db().query_one(sql, &[])?.map(|r| r.get(0)))
+                    })
+                    .unwrap();
+                assert_eq!(v, Some(42));
+            });
+        }
+    });
+    loads.into_inner()
+}
+
 #[test]
 fn a_refused_redis_costs_reads_nothing_once_the_breaker_opens_and_hits_resume_after() {
     let (proxy, config) = through_redis_proxy("refused");
@@ -225,26 +250,8 @@ fn a_stampede_while_redis_is_down_costs_one_query() {
     let fx = Fixture::with(config);
     proxy.set(Fault::Refuse);
     let engine = fx.client.engine();
-    let threads = 50;
-    let barrier = Barrier::new(threads);
-    let loads = AtomicU64::new(0);
     let before = fx.queries();
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                barrier.wait();
-                let v: Option<i64> = engine
-                    .get_or_load_singleflight("hot", Duration::from_secs(60), || {
-                        loads.fetch_add(1, Ordering::SeqCst);
-                        let sql = "SELECT 42::bigint FROM pg_sleep(0.2)";
-                        Ok(engine.db().query_one(sql, &[])?.map(|r| r.get(0)))
-                    })
-                    .unwrap();
-                assert_eq!(v, Some(42));
-            });
-        }
-    });
-    assert_eq!(loads.load(Ordering::SeqCst), 1, "one load in the process");
+    assert_eq!(slow_stampede(engine), 1, "one load in the process");
     assert_eq!(fx.queries(), before + 1);
     assert!(engine.stats().bypassed >= 1);
     assert_eq!(engine.in_flight(), 0);
@@ -336,25 +343,7 @@ fn a_full_redis_still_answers_reads_and_accepts_invalidations() {
     // does not queue the followers one round each; all that overlap the
     // load take its row.
     let engine = client.engine();
-    let threads = 50;
-    let barrier = Barrier::new(threads);
-    let loads = AtomicU64::new(0);
-    std::thread::scope(|s| {
-        for _ in 0..threads {
-            s.spawn(|| {
-                barrier.wait();
-                let v: Option<i64> = engine
-                    .get_or_load_singleflight("hot", Duration::from_secs(60), || {
-                        loads.fetch_add(1, Ordering::SeqCst);
-                        let sql = "SELECT 42::bigint FROM pg_sleep(0.2)";
-                        Ok(engine.db().query_one(sql, &[])?.map(|r| r.get(0)))
-                    })
-                    .unwrap();
-                assert_eq!(v, Some(42));
-            });
-        }
-    });
-    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(slow_stampede(engine), 1);
     assert!(engine.stats().fills_failed >= 1, "counted");
     client.drop_schema().unwrap();
 }

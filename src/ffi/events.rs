@@ -193,13 +193,7 @@ pub unsafe extern "C" fn cacheaside_subscribe(
         let target = Target { callback, user_data };
         let subscribed = events(client)
             .and_then(|events| events.subscribe(&[channel], move |event| target.deliver(event)));
-        match subscribed {
-            Ok(inner) => {
-                *out = Box::into_raw(Box::new(cacheaside_subscription { _inner: inner }));
-                CACHEASIDE_OK
-            }
-            Err(err) => fail(&err),
-        }
+        hand_out(subscribed, out)
     }
 }
 
@@ -230,13 +224,21 @@ pub unsafe extern "C" fn cacheaside_psubscribe(
         let target = Target { callback, user_data };
         let subscribed = events(client)
             .and_then(|events| events.psubscribe(&[pattern], move |event| target.deliver(event)));
-        match subscribed {
-            Ok(inner) => {
-                *out = Box::into_raw(Box::new(cacheaside_subscription { _inner: inner }));
-                CACHEASIDE_OK
-            }
-            Err(err) => fail(&err),
+        hand_out(subscribed, out)
+    }
+}
+
+/// Stores a new subscription in `*out` (already NULL), or records the error.
+fn hand_out(
+    subscribed: crate::Result<crate::Subscription>,
+    out: &mut *mut cacheaside_subscription,
+) -> cacheaside_status {
+    match subscribed {
+        Ok(inner) => {
+            *out = Box::into_raw(Box::new(cacheaside_subscription { _inner: inner }));
+            CACHEASIDE_OK
         }
+        Err(err) => fail(&err),
     }
 }
 
