@@ -84,6 +84,29 @@ typedef enum cacheaside_status {
 } cacheaside_status;
 
 /**
+ * How much a log event matters, from most to least.
+ */
+typedef enum cacheaside_log_level {
+    /**
+     * Something failed that the library could not work around.
+     */
+    CACHEASIDE_LOG_ERROR = 1,
+    /**
+     * Something failed and the library worked around it (Redis unreachable:
+     * the circuit breaker opened).
+     */
+    CACHEASIDE_LOG_WARN = 2,
+    /**
+     * A state change worth knowing (the breaker closed again).
+     */
+    CACHEASIDE_LOG_INFO = 3,
+    /**
+     * Detail for debugging (a relay round that will be retried).
+     */
+    CACHEASIDE_LOG_DEBUG = 4,
+} cacheaside_log_level;
+
+/**
  * A connected client: Postgres and Redis pools, the cache-aside engine and
  * the users table (opaque).
  *
@@ -292,6 +315,18 @@ typedef void (*cacheaside_message_cb)(void *user_data,
                                       const char *channel,
                                       const char *payload,
                                       size_t len);
+
+/**
+ * Receives one log event: its level, and its message (NUL-terminated
+ * UTF-8, valid only during the call: copy it to keep it).
+ *
+ * Threads: it runs on whichever library thread logged (a caller's, the
+ * relay's, the keeper's); it must be thread-safe and must not call
+ * `cacheaside_set_log_callback`. It must not unwind.
+ */
+typedef void (*cacheaside_log_cb)(void *user_data,
+                                  enum cacheaside_log_level level,
+                                  const char *message);
 
 /**
  * The decision `cacheaside_rate_limit()` made for one request.
@@ -1076,6 +1111,27 @@ enum cacheaside_status cacheaside_psubscribe(const struct cacheaside_client *cli
  * `cacheaside_psubscribe()` and was not freed yet.
  */
 void cacheaside_subscription_free(struct cacheaside_subscription *subscription);
+
+/**
+ * Delivers the library's log events at `level` or more important to
+ * `callback(user_data, level, message)`; a NULL `callback` stops them.
+ * Replaces any callback set before. Process-wide (every client).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` when another logger already owns
+ * the process's `log` facade (a Rust host installed one): the events go
+ * there.
+ *
+ * Thread safety: may be called from any thread, but not from inside the
+ * callback. Once it returns, the old callback is not called again.
+ *
+ * # Safety
+ * `callback` is NULL or a function of the shape `cacheaside_log_cb`
+ * documents; it may be called with `user_data` from any thread until it is
+ * replaced.
+ */
+enum cacheaside_status cacheaside_set_log_callback(enum cacheaside_log_level level,
+                                                   cacheaside_log_cb callback,
+                                                   void *user_data);
 
 /**
  * Decides whether one request of `subject` may go ahead, allowing at most

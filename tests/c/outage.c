@@ -2,13 +2,29 @@
  * A Redis outage through the C ABI: a client whose Redis refuses
  * connections opens, installs its schema, seeds, reads the right rows from
  * PostgreSQL (the circuit breaker opens and reads stop trying Redis), and
- * updates (the invalidation is left to the relay); ping reports the cause.
+ * updates (the invalidation is left to the relay); ping reports the cause,
+ * and the log callback hears of the breaker opening.
  */
 #define _POSIX_C_SOURCE 200809L
 
+#include <stdatomic.h>
+
 #include "test_support.h"
 
+/* Log events seen, and whether one told of the breaker opening. */
+static atomic_int logged;
+static atomic_int breaker_opened_logged;
+
+static void on_log(void *user_data, cacheaside_log_level level, const char *message) {
+    (void)user_data;
+    atomic_fetch_add(&logged, 1);
+    if (level == CACHEASIDE_LOG_WARN && strstr(message, "circuit breaker opened") != NULL) {
+        atomic_store(&breaker_opened_logged, 1);
+    }
+}
+
 int main(void) {
+    CHECK(cacheaside_set_log_callback(CACHEASIDE_LOG_WARN, on_log, NULL));
     cacheaside_config *config = cacheaside_config_new();
     EXPECT(config != NULL);
     CHECK(cacheaside_config_set_users_table(config, test_env("CACHEASIDE_TEST_TABLE")));
@@ -45,11 +61,15 @@ int main(void) {
     EXPECT(stats.hits == 0);
     EXPECT(stats.invalidations_failed >= 1);
 
+    EXPECT(atomic_load(&breaker_opened_logged) == 1); /* told through the log callback */
     EXPECT_STATUS(cacheaside_client_ping(client), CACHEASIDE_CACHE_ERROR);
     EXPECT(strstr(cacheaside_last_error(), "refused") != NULL);
 
+    CHECK(cacheaside_set_log_callback(CACHEASIDE_LOG_WARN, NULL, NULL)); /* stop */
+    int seen = atomic_load(&logged);
     CHECK(cacheaside_drop_schema(client));
     cacheaside_client_free(client);
+    EXPECT(atomic_load(&logged) == seen);
     puts("outage: ok");
     return EXIT_SUCCESS;
 }
