@@ -1,23 +1,31 @@
-//! The C ABI's build-time half: the header.
+//! The C ABI's build-time half: the header, and the shared library's SONAME.
 //!
 //! Without the `capi` feature this script does nothing (and cbindgen, an
 //! optional build-dependency, is not even built).
 //!
 //! With it, cbindgen generates the header from `src/ffi/` into
-//! `$OUT_DIR/cacheaside.h` on every build. `include/cacheaside.h` is the
-//! checked-in copy of the same text, for readers and for programs built
-//! against the source tree. A normal build never writes into the source
-//! directory: `cargo package` refuses a build script that does, and a crate
-//! unpacked from a registry may be read-only. So the checked-in copy is
-//! rewritten only on request, with `CACHEASIDE_WRITE_HEADER=1` (and then
-//! only when its content changes, so an unchanged header keeps its mtime and
-//! does not rebuild C programs); CI sets it and fails on
-//! `git diff --exit-code include/`. Without it, a stale checked-in copy
-//! earns a cargo warning.
+//! `$OUT_DIR/cacheaside.h` on every build; `scripts/install.sh` installs that
+//! copy, so an installed header always matches the installed library.
+//! `include/cacheaside.h` is the checked-in copy of the same text, for
+//! readers and for programs built against the source tree. A normal build
+//! never writes into the source directory: `cargo package` refuses a build
+//! script that does, and a crate unpacked from a registry may be read-only.
+//! So the checked-in copy is rewritten only on request, with
+//! `CACHEASIDE_WRITE_HEADER=1` (and then only when its content changes, so
+//! an unchanged header keeps its mtime and does not rebuild C programs); CI
+//! sets it and fails on `git diff --exit-code include/`. Without it, a stale
+//! checked-in copy earns a cargo warning.
 //!
 //! If cbindgen fails, the build goes on with a warning (a user building the
 //! crate must not be stopped by the header generator) and no header in
 //! `OUT_DIR`; with `CACHEASIDE_WRITE_HEADER=1` (CI) it fails the build.
+//!
+//! `CACHEASIDE_SONAME=1` gives `libcacheaside.so` a versioned SONAME
+//! (`libcacheaside.so.0.1` for 0.1.x), as an installed library needs. It is
+//! opt-in, set by `scripts/install.sh`: a program linked against a library
+//! with a SONAME asks the loader for that name, which only an installed
+//! library's symlinks provide, so the Makefile, the C tests and anyone
+//! linking straight against `target/<profile>/` use the plain library.
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
@@ -32,7 +40,11 @@ mod capi {
     use std::path::{Path, PathBuf};
 
     pub fn main() {
+        println!("cargo:rerun-if-env-changed=CACHEASIDE_SONAME");
         header();
+        if env::var("CACHEASIDE_SONAME").is_ok_and(|v| v == "1") {
+            soname();
+        }
     }
 
     /// Generates the header into `OUT_DIR`, and checks or rewrites the
@@ -136,6 +148,36 @@ mod capi {
         let tmp = path.with_extension(format!("h.tmp.{}", std::process::id()));
         fs::write(&tmp, text)?;
         fs::rename(&tmp, path)
+    }
+
+    /// The library's ABI version as the loader sees it: `MAJOR` from 1.0 on;
+    /// `0.MINOR` (and `0.0.PATCH`) before, because Cargo treats 0.1 → 0.2 as
+    /// a breaking change, so it must not satisfy a program built against 0.1
+    /// (cargo-c's convention too). `scripts/install.sh` computes the same.
+    fn abi_version(major: &str, minor: &str, patch: &str) -> String {
+        match (major, minor) {
+            ("0", "0") => format!("0.0.{patch}"),
+            ("0", _) => format!("0.{minor}"),
+            _ => major.to_owned(),
+        }
+    }
+
+    fn soname() {
+        // A SONAME is an ELF notion; other targets keep the linker's default.
+        let elf = matches!(
+            env::var("CARGO_CFG_TARGET_OS").as_deref(),
+            Ok("linux" | "android" | "freebsd" | "netbsd" | "openbsd" | "dragonfly" | "illumos")
+        );
+        if !elf {
+            return warn("CACHEASIDE_SONAME=1 is only supported on ELF targets; ignored");
+        }
+        let var = |name: &str| env::var(name).unwrap_or_default();
+        let abi = abi_version(
+            &var("CARGO_PKG_VERSION_MAJOR"),
+            &var("CARGO_PKG_VERSION_MINOR"),
+            &var("CARGO_PKG_VERSION_PATCH"),
+        );
+        println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libcacheaside.so.{abi}");
     }
 
     fn warn(message: &str) {

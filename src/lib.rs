@@ -30,8 +30,9 @@
 //!
 //! - `capi` (default): the C ABI (module `ffi`), exported as `cacheaside_*`
 //!   symbols from `libcacheaside.so` and `libcacheaside.a`, with the
-//!   header build.rs generates. Without it (`default-features = false`)
-//!   no C symbol is exported and cbindgen is not built.
+//!   header build.rs generates (`docs/install.md` installs both). Without
+//!   it (`default-features = false`) no C symbol is exported and cbindgen
+//!   is not built.
 //! - `test-hooks`: forced race interleavings for this crate's tests; never
 //!   in production.
 #![warn(missing_docs)]
