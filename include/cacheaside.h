@@ -1,10 +1,14 @@
 /*
  * cacheaside: Redis in front of PostgreSQL with cache-aside, for C and C++.
  *
- * Link with -lcacheaside (libcacheaside.so), or with libcacheaside.a plus
- * the system libraries `cargo rustc --lib -- --print native-static-libs`
- * lists (on Linux: -lpthread -ldl -lm). C++ callers may prefer the RAII
- * wrapper in cacheaside.hpp.
+ * Installed (scripts/install.sh, docs/install.md): build with
+ * `pkg-config --cflags --libs cacheaside`, or CMake's
+ * find_package(cacheaside) and the cacheaside::cacheaside target.
+ * Otherwise link with -lcacheaside (libcacheaside.so), or with
+ * libcacheaside.a plus the system libraries
+ * `cargo rustc --lib -- --print native-static-libs` lists (on Linux:
+ * -lpthread -ldl -lm). C++ callers may prefer the RAII wrapper in
+ * cacheaside.hpp.
  */
 
 #ifndef CACHEASIDE_H

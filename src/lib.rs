@@ -25,6 +25,16 @@
 //! println!("{profile:?}, {} queries so far", client.db().query_count());
 //! # Ok::<(), cacheaside::Error>(())
 //! ```
+//!
+//! ## Cargo features
+//!
+//! - `capi` (default): the C ABI (module `ffi`), exported as `cacheaside_*`
+//!   symbols from `libcacheaside.so` and `libcacheaside.a`, with the
+//!   header build.rs generates (`docs/install.md` installs both). Without
+//!   it (`default-features = false`) no C symbol is exported and cbindgen
+//!   is not built.
+//! - `test-hooks`: forced race interleavings for this crate's tests; never
+//!   in production.
 #![warn(missing_docs)]
 
 mod aside; // the engine: reads, writes, fail-safe
@@ -36,6 +46,7 @@ mod db; // Postgres: pool, statements, query counter
 mod entry; // the cached entry format, XFetch's decision
 mod error; // the one Error type and its kinds
 mod events; // pub/sub that tells a subscriber what it may have missed
+#[cfg(feature = "capi")]
 pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
 mod hooks; // forced interleavings for tests
