@@ -20,7 +20,6 @@
 //!   reload finishes in the background while callers get the copy.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -35,6 +34,7 @@ use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Acquired, Claim, Hold, Keeper, Keys, Ttls, new_token};
+use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
 
 /// How a read that misses the cache reaches the source.
@@ -47,6 +47,16 @@ pub enum Mode {
     /// One load per key at a time: in this process through single-flight,
     /// across processes through a Redis rebuild lock.
     SingleFlight,
+}
+
+impl Mode {
+    /// The mode's name in reports (`plain`, `single_flight`).
+    fn name(self) -> &'static str {
+        match self {
+            Mode::Plain => "plain",
+            Mode::SingleFlight => "single_flight",
+        }
+    }
 }
 
 /// The cache-aside engine: Redis in front of any loader.
@@ -171,28 +181,6 @@ pub struct Stats {
     pub relay_resets: u64,
 }
 
-#[derive(Default)]
-pub(crate) struct Counters {
-    hits: AtomicU64,
-    misses: AtomicU64,
-    bypassed: AtomicU64,
-    early_refreshes: AtomicU64,
-    fills_dropped: AtomicU64,
-    fills_failed: AtomicU64,
-    corrupt_entries: AtomicU64,
-    stale_served: AtomicU64,
-    cache_errors: AtomicU64,
-    invalidations_failed: AtomicU64,
-    pub(crate) relay_invalidations: AtomicU64,
-    pub(crate) relay_rounds: AtomicU64,
-    pub(crate) relay_errors: AtomicU64,
-    pub(crate) relay_resets: AtomicU64,
-}
-
-pub(crate) fn bump(counter: &AtomicU64) {
-    counter.fetch_add(1, Ordering::Relaxed);
-}
-
 /// A load's result in the form the cache stores: JSON, with the version
 /// that orders it against write-through and how long it took.
 struct Loaded {
@@ -237,11 +225,17 @@ impl<F: FnOnce() -> LoadResult + Send + 'static> Load for Owned<F> {
     }
 }
 
-/// Runs a typed loader and encodes its value as the cache stores it.
-fn encoded<T: Serialize>(load: impl FnOnce() -> Result<Option<(T, u64)>>) -> LoadResult {
+/// Runs a typed loader (reporting its time, failed or not) and encodes its
+/// value as the cache stores it.
+fn encoded<T: Serialize>(
+    counters: &Counters,
+    load: impl FnOnce() -> Result<Option<(T, u64)>>,
+) -> LoadResult {
     let started = Instant::now();
-    let loaded = load()?;
+    let loaded = load();
     let took = started.elapsed();
+    counters.loaded(took);
+    let loaded = loaded?;
     Ok(match loaded {
         Some((value, version)) => Loaded {
             json: Some(to_json(&value)?),
@@ -332,6 +326,7 @@ impl CacheAside {
             fail_safe_throttle: config.fail_safe_throttle,
             soft_timeout: config.soft_timeout,
         };
+        let counters = Arc::new(Counters::new(&config.namespace));
         Ok(CacheAside {
             engine: Engine {
                 keeper: Arc::new(Keeper::new(cache.clone(), ttls)),
@@ -339,12 +334,13 @@ impl CacheAside {
                     config.breaker_failures,
                     config.breaker_cool_off,
                     config.invalidation_relay,
+                    counters.clone(),
                 )),
                 db,
                 cache,
                 flights: SingleFlight::new(),
                 settings: Arc::new(settings),
-                counters: Arc::new(Counters::default()),
+                counters,
                 #[cfg(feature = "test-hooks")]
                 hooks: Default::default(),
             },
@@ -474,7 +470,8 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
-        self.read(key, ttl, mode, Inline(move || encoded(load)))
+        let counters = &self.engine.counters;
+        self.read(key, ttl, mode, Inline(move || encoded(counters, load)))
     }
 
     /// Like [`get_or_load_versioned`](Self::get_or_load_versioned), for a
@@ -507,7 +504,8 @@ impl CacheAside {
         T: Serialize + DeserializeOwned + 'static,
         F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
     {
-        self.read(key, ttl, mode, Owned(move || encoded(load)))
+        let counters = self.engine.counters.clone();
+        self.read(key, ttl, mode, Owned(move || encoded(&counters, load)))
     }
 
     /// Removes `key`'s value and revokes any reader's lease on it, so a load
@@ -589,27 +587,7 @@ impl CacheAside {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        let c = &self.engine.counters;
-        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let breaker = self.engine.breaker.counts();
-        Stats {
-            hits: get(&c.hits),
-            misses: get(&c.misses),
-            bypassed: get(&c.bypassed),
-            early_refreshes: get(&c.early_refreshes),
-            fills_dropped: get(&c.fills_dropped),
-            fills_failed: get(&c.fills_failed),
-            corrupt_entries: get(&c.corrupt_entries),
-            stale_served: get(&c.stale_served),
-            cache_errors: get(&c.cache_errors),
-            breaker_opened: breaker.opened,
-            breaker_closed: breaker.closed,
-            invalidations_failed: get(&c.invalidations_failed),
-            relay_invalidations: get(&c.relay_invalidations),
-            relay_rounds: get(&c.relay_rounds),
-            relay_errors: get(&c.relay_errors),
-            relay_resets: get(&c.relay_resets),
-        }
+        self.engine.counters.stats()
     }
 
     /// Keys with a single-flight load in progress in this process; 0 when no
@@ -743,7 +721,7 @@ impl CacheAside {
                         && let Some(found) = e.decode::<T>(&value_key, &raw)
                     {
                         if found.fresh {
-                            bump(&e.counters.hits);
+                            e.counters.hits.bump();
                             if found.refresh_due {
                                 self.refresh_early(key, value_key, ttl, load);
                             }
@@ -759,9 +737,9 @@ impl CacheAside {
             }
         }
         if use_redis {
-            bump(&e.counters.misses);
+            e.counters.misses.bump();
         } else {
-            bump(&e.counters.bypassed);
+            e.counters.bypassed.bump();
             permit = Permit::Bypass;
         }
         let fits = |json: &[u8]| serde_json::from_slice::<T>(json).is_ok();
@@ -781,11 +759,18 @@ impl CacheAside {
             fits: &fits,
             sent_back: std::cell::Cell::new(false),
         };
+        let span = MissSpan::enter(key, mode.name(), !use_redis);
         let answer = match mode {
             Mode::Plain => e.miss_plain(&self.background, &miss, load),
             Mode::SingleFlight => e.miss_single_flight(&self.background, &miss, load),
-        }?;
-        match answer {
+        };
+        span.close(match &answer {
+            Ok(Answer::Value(_)) => "value",
+            Ok(Answer::Absent) => "absent",
+            Ok(Answer::Stale) => "stale",
+            Err(_) => "error",
+        });
+        match answer? {
             Answer::Value(json) => decode_value(key, &json),
             Answer::Absent => Ok(None),
             Answer::Stale => Ok(stale_value.flatten()),
@@ -859,7 +844,7 @@ impl Engine {
     }
 
     fn corrupt(&self, value_key: &str, raw: &[u8]) {
-        bump(&self.counters.corrupt_entries);
+        self.counters.corrupt_entries.bump();
         // Best effort: if the delete fails, the fill that follows this miss
         // overwrites the entry anyway.
         let _ = lease::discard(&self.cache, value_key, raw);
@@ -869,7 +854,7 @@ impl Engine {
     /// says Redis is unavailable.
     fn cache_failed(&self, permit: Permit, err: &Error) {
         if err.is_outage() {
-            bump(&self.counters.cache_errors);
+            self.counters.cache_errors.bump();
             self.breaker.failed(permit, err);
         }
     }
@@ -895,7 +880,7 @@ impl Engine {
         match lease::invalidate(&self.cache, &keys) {
             Ok(()) => Ok(()),
             Err(err) => {
-                bump(&self.counters.invalidations_failed);
+                self.counters.invalidations_failed.bump();
                 self.cache_failed(Permit::Use, &err);
                 // This process must not read what may now be stale.
                 self.breaker.trip(&err);
@@ -1065,23 +1050,39 @@ impl Engine {
             .min(m.deadline.checked_sub(s.load_budget).unwrap_or(m.started));
         let soft = m.soft_deadline(s);
         let mut claim = Claim::Lock;
+        // When this leader first found another process's lock, for the
+        // lock-wait report.
+        let mut busy_since = None;
         loop {
             let read = leader.begin_read();
             match self.acquire(m, claim, &token) {
                 // Redis failed mid-call: load without it (still one load in
                 // this process), and do not fill.
-                Err(_) => return self.lead_uncached(m, load, leader),
+                Err(_) => {
+                    self.lock_wait_over(m, busy_since, "Redis failed: loading uncached");
+                    return self.lead_uncached(m, load, leader);
+                }
                 Ok(Claimed::Cached(answer)) => {
+                    self.lock_wait_over(m, busy_since, "read what the holder cached");
                     #[cfg(feature = "test-hooks")]
                     self.hooks.after_load(&m.keys.value);
                     leader.publish(Ok(answer.clone()), read);
                     return Ok(answer);
                 }
-                Ok(Claimed::Granted) => break,
+                Ok(Claimed::Granted) => {
+                    let then = match claim {
+                        Claim::Takeover => "took the lock over",
+                        _ => "took the lock",
+                    };
+                    self.lock_wait_over(m, busy_since, then);
+                    break;
+                }
                 Ok(Claimed::Busy) => {
                     let now = Instant::now();
+                    busy_since.get_or_insert(now);
                     if soft.is_some_and(|soft| now >= soft) {
                         // Another process is reloading, slowly: take the copy.
+                        self.lock_wait_over(m, busy_since, "served the fail-safe copy");
                         leader.publish(Ok(Answer::Stale), u64::MAX);
                         return self.serve_stale(m);
                     }
@@ -1119,6 +1120,15 @@ impl Engine {
                 leader.publish(Ok(Answer::Stale), u64::MAX);
                 self.serve_stale(m)
             }
+        }
+    }
+
+    /// Reports a leader's wait for another process's rebuild lock, if it
+    /// waited (`since` is when it first found the lock held).
+    fn lock_wait_over(&self, m: &Miss<'_>, since: Option<Instant>, then: &'static str) {
+        if let Some(since) = since {
+            self.counters
+                .lock_waited(&m.keys.value, since.elapsed(), then);
         }
     }
 
@@ -1177,7 +1187,7 @@ impl Engine {
         #[cfg(feature = "test-hooks")]
         self.hooks.after_load(&t.key);
         if loaded.is_ok() {
-            bump(&self.counters.early_refreshes);
+            self.counters.refreshed_early(&t.key);
         }
         let filled = self.fill_loaded(&t.keys, t.ttl, hold, loaded, load_read, &leader.marks());
         leader.publish(filled.outcome, filled.valid_before);
@@ -1287,14 +1297,14 @@ impl Engine {
                 if stored {
                     Verdict::Stored
                 } else {
-                    bump(&self.counters.fills_dropped);
+                    self.counters.fill_dropped(&keys.value);
                     Verdict::Dropped
                 }
             }
             Err(err) => {
-                bump(&self.counters.fills_failed);
+                self.counters.fills_failed.bump();
                 self.cache_failed(Permit::Use, &err);
-                log::debug!("fill of {:?} failed: {}", keys.value, err.chain());
+                report!(debug, "fill of {:?} failed: {}", keys.value, err.chain());
                 // Not stored (a full Redis refuses the write). If the lease is
                 // still ours, no write invalidated the key since we took it:
                 // the row is as good as a stored one (a GET is not refused).
@@ -1338,7 +1348,7 @@ impl Engine {
                 "no fail-safe copy to serve",
             ));
         };
-        bump(&self.counters.stale_served);
+        self.counters.stale_served.bump();
         if m.use_redis
             && let Ok(entry) = Entry::decode(raw)
         {
@@ -1397,7 +1407,7 @@ impl Engine {
                         self.keeper.orphan(&m.keys, token.clone());
                     }
                     // The load that follows cannot be cached.
-                    bump(&self.counters.fills_failed);
+                    self.counters.fills_failed.bump();
                     return Err(err);
                 }
             }
@@ -1410,7 +1420,6 @@ impl Engine {
 }
 
 /// What an early refresh reloads.
-#[cfg_attr(not(feature = "test-hooks"), allow(dead_code))]
 struct Target {
     key: String,
     keys: Keys,

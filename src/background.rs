@@ -7,6 +7,7 @@
 //! the pool never grows. Dropping the pool runs what is queued and joins
 //! every thread (a job is a load plus a fill, each bounded by its timeouts).
 
+use crate::observe::report;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -83,7 +84,7 @@ impl Background {
             Ok(thread) => threads.push(thread),
             // The job stays queued for the threads there are; with none, the
             // drop below runs it.
-            Err(err) => log::warn!("cannot start a background thread: {err}"),
+            Err(err) => report!(warn, "cannot start a background thread: {err}"),
         }
     }
 }

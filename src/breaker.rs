@@ -13,16 +13,19 @@
 //!   breaker waits in `Recovering` until the relay has applied every change
 //!   committed before recovery began, and only then closes. Without a relay
 //!   it closes at once.
-//! - Every transition is counted and logged.
+//! - Every transition is counted (in the engine's [`Counters`]) and
+//!   reported ([`crate::observe`]).
 //!
 //! A closed breaker costs a hit one relaxed atomic load.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
 use crate::error::Error;
+use crate::observe::{Counters, report};
 
 const CLOSED: u8 = 0;
 const NOT_CLOSED: u8 = 1;
@@ -56,13 +59,6 @@ enum State {
     },
 }
 
-/// Transition counters; see [`Stats`](crate::Stats).
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct BreakerCounts {
-    pub opened: u64,
-    pub closed: u64,
-}
-
 pub(crate) struct Breaker {
     /// `CLOSED` exactly when `state` is `Closed { failures: 0 }`: the fast
     /// path of every call reads only this.
@@ -73,13 +69,18 @@ pub(crate) struct Breaker {
     cool_off: Duration,
     waits_for_relay: bool,
     tickets: AtomicU64,
-    opened: AtomicU64,
-    closed: AtomicU64,
+    /// Where transitions are counted.
+    counters: Arc<Counters>,
 }
 
 impl Breaker {
     /// `failures_to_open == 0` turns the breaker off (it never opens).
-    pub fn new(failures_to_open: u32, cool_off: Duration, waits_for_relay: bool) -> Self {
+    pub fn new(
+        failures_to_open: u32,
+        cool_off: Duration,
+        waits_for_relay: bool,
+        counters: Arc<Counters>,
+    ) -> Self {
         Breaker {
             fast: AtomicU8::new(CLOSED),
             state: Mutex::new(State::Closed { failures: 0 }),
@@ -87,8 +88,7 @@ impl Breaker {
             cool_off,
             waits_for_relay,
             tickets: AtomicU64::new(0),
-            opened: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
+            counters,
         }
     }
 
@@ -125,7 +125,8 @@ impl Breaker {
             State::Probing if permit == Permit::Probe => {
                 if self.waits_for_relay {
                     let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
-                    log::info!(
+                    report!(
+                        info,
                         "cache circuit breaker: Redis answers again; waiting for the invalidation relay to catch up"
                     );
                     *state = State::Recovering { ticket };
@@ -195,13 +196,6 @@ impl Breaker {
         }
     }
 
-    pub fn counts(&self) -> BreakerCounts {
-        BreakerCounts {
-            opened: self.opened.load(Ordering::Relaxed),
-            closed: self.closed.load(Ordering::Relaxed),
-        }
-    }
-
     /// Opens for a cool-off. Counted (and logged as a warning) only when it
     /// was closed: a failed probe re-opens an open breaker.
     fn open(&self, state: &mut State, why: &str) {
@@ -211,10 +205,13 @@ impl Breaker {
         };
         self.fast.store(NOT_CLOSED, Ordering::Relaxed);
         if was_closed {
-            self.opened.fetch_add(1, Ordering::Relaxed);
-            log::warn!("cache circuit breaker opened ({why}): reads go to Postgres");
+            self.counters.breaker_opened.bump();
+            report!(
+                warn,
+                "cache circuit breaker opened ({why}): reads go to Postgres"
+            );
         } else {
-            log::debug!("cache circuit breaker stays open ({why})");
+            report!(debug, "cache circuit breaker stays open ({why})");
         }
     }
 
@@ -222,8 +219,8 @@ impl Breaker {
         *state = State::Closed { failures: 0 };
         self.fast.store(CLOSED, Ordering::Relaxed);
         if was_open {
-            self.closed.fetch_add(1, Ordering::Relaxed);
-            log::info!("cache circuit breaker closed: reads use Redis again");
+            self.counters.breaker_closed.bump();
+            report!(info, "cache circuit breaker closed: reads use Redis again");
         }
     }
 }
@@ -248,7 +245,12 @@ mod tests {
 
     #[test]
     fn opens_after_consecutive_failures_and_one_caller_probes() {
-        let b = Breaker::new(3, Duration::from_secs(60), false);
+        let b = Breaker::new(
+            3,
+            Duration::from_secs(60),
+            false,
+            Arc::new(Counters::new("t")),
+        );
         b.failed(Permit::Use, &boom());
         b.failed(Permit::Use, &boom());
         b.succeeded(Permit::Use); // not consecutive any more
@@ -257,7 +259,7 @@ mod tests {
         assert_eq!(b.permit(), Permit::Use);
         b.failed(Permit::Use, &boom());
         assert_eq!(b.permit(), Permit::Bypass);
-        assert_eq!(b.counts().opened, 1);
+        assert_eq!(b.counters.breaker_opened.get(), 1);
         cool_off_passes(&b);
         assert_eq!(b.permit(), Permit::Probe);
         assert_eq!(b.permit(), Permit::Bypass, "one probe at a time");
@@ -267,18 +269,18 @@ mod tests {
         assert_eq!(b.permit(), Permit::Probe);
         b.succeeded(Permit::Probe);
         assert_eq!(b.permit(), Permit::Use);
-        assert_eq!(
-            b.counts(),
-            BreakerCounts {
-                opened: 1,
-                closed: 1
-            }
-        );
+        assert_eq!(b.counters.breaker_opened.get(), 1);
+        assert_eq!(b.counters.breaker_closed.get(), 1);
     }
 
     #[test]
     fn with_a_relay_it_closes_only_after_a_round_that_began_in_recovery() {
-        let b = Breaker::new(1, Duration::from_secs(60), true);
+        let b = Breaker::new(
+            1,
+            Duration::from_secs(60),
+            true,
+            Arc::new(Counters::new("t")),
+        );
         b.trip(&boom());
         cool_off_passes(&b);
         assert_eq!(b.permit(), Permit::Probe);
@@ -300,7 +302,12 @@ mod tests {
 
     #[test]
     fn zero_failures_turns_it_off() {
-        let b = Breaker::new(0, Duration::from_secs(60), false);
+        let b = Breaker::new(
+            0,
+            Duration::from_secs(60),
+            false,
+            Arc::new(Counters::new("t")),
+        );
         for _ in 0..10 {
             b.failed(Permit::Use, &boom());
         }

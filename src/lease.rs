@@ -30,6 +30,7 @@
 //!   in, never overwrites a newer plain update, and never brings back a row
 //!   that a delete removed (`write_through`, whose comment has the cases).
 
+use crate::observe::report;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -606,7 +607,7 @@ impl Keeper {
         *thread = std::thread::Builder::new()
             .name("cacheaside-keeper".into())
             .spawn(move || shared.run())
-            .map_err(|e| log::warn!("cannot start the lease keeper thread: {e}"))
+            .map_err(|e| report!(warn, "cannot start the lease keeper thread: {e}"))
             .ok();
     }
 }
@@ -675,7 +676,11 @@ impl KeeperShared {
                         .invoke::<i64>(conn)
                 });
                 if let Err(err) = renewed {
-                    log::debug!("lease renewal failed (retried next round): {}", err.chain());
+                    report!(
+                        debug,
+                        "lease renewal failed (retried next round): {}",
+                        err.chain()
+                    );
                 }
             }
             let mut released = Vec::new();

@@ -33,6 +33,13 @@
 //!   header build.rs generates (`docs/install.md` installs both). Without
 //!   it (`default-features = false`) no C symbol is exported and cbindgen
 //!   is not built.
+//! - `tracing`: a `cacheaside.miss` span per read that misses (key, mode,
+//!   outcome, load time) and events for dropped fills, lock waits, breaker
+//!   transitions and early refreshes. Without it the same events go to the
+//!   `log` facade (which the C log callback receives).
+//! - `metrics`: counters mirroring [`Stats`] and histograms of load time and
+//!   lock wait through the `metrics` facade (`examples/metrics.rs` wires a
+//!   Prometheus exporter).
 //! - `test-hooks`: forced race interleavings for this crate's tests; never
 //!   in production.
 #![warn(missing_docs)]
@@ -52,6 +59,7 @@ pub mod ffi; // the C ABI
 mod hooks; // forced interleavings for tests
 mod lease; // the lease protocol: keys, scripts, renewal
 mod names; // validation of subjects and channel names
+mod observe; // events, spans and metrics: log, tracing, metrics
 mod pg; // one blocking Postgres connection with deadlines
 mod pool; // pools that fail fast and heal fast
 mod ratelimit; // an exact sliding-window rate limiter

@@ -36,6 +36,7 @@
 //!
 //! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`).
 
+use crate::observe::report;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,7 +45,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::aside::{Engine, bump};
+use crate::aside::Engine;
 use crate::config::{Config, validate_table_name};
 use crate::db::{Db, DbConn};
 use crate::error::{Error, Result};
@@ -257,10 +258,10 @@ impl Relay {
             Ok(outbox) => std::thread::Builder::new()
                 .name("cacheaside-relay".into())
                 .spawn(move || worker.run(&outbox))
-                .map_err(|e| log::warn!("cannot start the invalidation relay: {e}"))
+                .map_err(|e| report!(warn, "cannot start the invalidation relay: {e}"))
                 .ok(),
             Err(err) => {
-                log::warn!("invalidation relay not started: {}", err.chain());
+                report!(warn, "invalidation relay not started: {}", err.chain());
                 None
             }
         };
@@ -341,8 +342,8 @@ impl Worker {
                         next_round = Instant::now();
                     }
                     Err(err) => {
-                        bump(&self.engine.counters.relay_errors);
-                        log::debug!("invalidation relay cannot listen: {}", err.chain());
+                        self.engine.counters.relay_errors.bump();
+                        report!(debug, "invalidation relay cannot listen: {}", err.chain());
                         self.sleep(backoff);
                         backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
                         continue;
@@ -359,8 +360,12 @@ impl Worker {
                         next_round = Instant::now() + self.poll;
                     }
                     Err(err) => {
-                        bump(&self.engine.counters.relay_errors);
-                        log::debug!("invalidation relay round failed (retried): {}", err.chain());
+                        self.engine.counters.relay_errors.bump();
+                        report!(
+                            debug,
+                            "invalidation relay round failed (retried): {}",
+                            err.chain()
+                        );
                         self.sleep(backoff);
                         backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
                         next_round = Instant::now();
@@ -374,7 +379,11 @@ impl Worker {
                 Some(Ok(None)) => {}
                 Some(Err(err)) => {
                     // The connection dropped: reconnect and catch up.
-                    log::debug!("invalidation relay lost its connection: {}", err.chain());
+                    report!(
+                        debug,
+                        "invalidation relay lost its connection: {}",
+                        err.chain()
+                    );
                     listener = None;
                 }
                 None => self.sleep(SLICE),
@@ -407,7 +416,8 @@ impl Worker {
             Err(err) => return Err(err),
         };
         if read.away_too_long {
-            log::warn!(
+            report!(
+                warn,
                 "invalidation relay for namespace {:?} was away longer than the outbox \
                  retention: emptying the namespace",
                 self.consumer
@@ -415,7 +425,7 @@ impl Worker {
             if !self.consumer.is_empty() {
                 self.engine.cache.delete_namespace()?;
             }
-            bump(&self.engine.counters.relay_resets);
+            self.engine.counters.relay_resets.bump();
         }
         let fresh: Vec<&Change> = read
             .rows
@@ -440,7 +450,7 @@ impl Worker {
             self.engine
                 .counters
                 .relay_invalidations
-                .fetch_add(chunk.len() as u64, Ordering::Relaxed);
+                .add(chunk.len() as u64);
         }
         if let Some(horizon) = read.new_horizon {
             if read.horizon != Some(horizon) || read.touch {
@@ -449,7 +459,7 @@ impl Worker {
             self.applied.retain(|_, txid| *txid >= horizon);
         }
         self.prune(outbox);
-        bump(&self.engine.counters.relay_rounds);
+        self.engine.counters.relay_rounds.bump();
         if let Some(ticket) = ticket {
             self.engine.breaker.relay_caught_up(ticket);
         }
@@ -554,7 +564,7 @@ impl Worker {
             .db
             .execute(&sql, &[&self.retention.as_secs_f64()])
         {
-            log::debug!("outbox prune failed: {}", err.chain());
+            report!(debug, "outbox prune failed: {}", err.chain());
         }
     }
 }

@@ -1,6 +1,7 @@
 //! The teaching lab's workload: a `users` table behind the cache, and its
 //! three functions, as thin users of the generic engine.
 
+use crate::observe::report;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -316,7 +317,8 @@ impl Client {
     fn invalidate_written(&self, user_id: i64) -> Result<()> {
         match self.engine.invalidate(&Client::user_key(user_id)) {
             Err(err) if self.engine.relay_running() => {
-                log::warn!(
+                report!(
+                    warn,
                     "invalidating user {user_id} failed; the relay will: {}",
                     err.chain()
                 );

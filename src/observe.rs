@@ -1,0 +1,216 @@
+//! What the library tells the world besides [`stats`](crate::CacheAside::stats):
+//! events, spans and metrics.
+//!
+//! Guarantees:
+//! - Every event the library reports goes through [`report!`]: to `tracing`
+//!   with the `tracing` feature, to `log` without it (which is what the C
+//!   log callback, `cacheaside_set_log_callback`, receives).
+//! - With `tracing`: a read that misses runs inside one `cacheaside.miss`
+//!   span (fields `key`, `mode`, `bypass`, `outcome`, `load_ms`); dropped
+//!   fills, lock waits, breaker transitions and early refreshes are events
+//!   with structured fields, children of that span when a caller's read
+//!   caused them.
+//! - With `metrics`: every [`Stats`] field is a counter
+//!   `cacheaside_<field>_total`, and load time and lock wait are
+//!   histograms `cacheaside_load_seconds` and `cacheaside_lock_wait_seconds`,
+//!   all labelled with the engine's `namespace`. Handles are taken when the
+//!   engine opens: install the recorder (the exporter) before that.
+//! - With neither feature the hit path costs what it did: one relaxed
+//!   atomic add per counter, no span, no allocation.
+//! - Reporting never fails or delays a call beyond the cost of the
+//!   subscriber or recorder the application installed.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::aside::Stats;
+
+/// Reports an event at a level (`error`, `warn`, `info`, `debug`), with
+/// `format!` arguments: to `tracing` with that feature, else to `log`.
+macro_rules! report {
+    ($level:ident, $($arg:tt)+) => {{
+        #[cfg(feature = "tracing")]
+        ::tracing::$level!($($arg)+);
+        #[cfg(not(feature = "tracing"))]
+        ::log::$level!($($arg)+);
+    }};
+}
+pub(crate) use report;
+
+/// One counter of [`Stats`]: an atomic the engine reads for `stats()`, and
+/// with `metrics` the application's counter of the same name.
+pub(crate) struct Count {
+    n: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Counter,
+}
+
+impl Count {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn new(name: &'static str, namespace: &str) -> Count {
+        Count {
+            n: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::counter!(
+                format!("cacheaside_{name}_total"),
+                "namespace" => namespace.to_owned()
+            ),
+        }
+    }
+
+    /// Counts one.
+    pub(crate) fn bump(&self) {
+        self.add(1);
+    }
+
+    /// Counts `n`.
+    pub(crate) fn add(&self, n: u64) {
+        self.n.fetch_add(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.increment(n);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.n.load(Ordering::Relaxed)
+    }
+}
+
+/// Declares the counters, one per [`Stats`] field, so the two cannot drift
+/// apart (a field missing here fails to compile in `stats`).
+macro_rules! counters {
+    ($($name:ident),* $(,)?) => {
+        /// What an engine has counted, and its histograms.
+        pub(crate) struct Counters {
+            $(pub(crate) $name: Count,)*
+            #[cfg(feature = "metrics")]
+            load_time: metrics::Histogram,
+            #[cfg(feature = "metrics")]
+            lock_wait: metrics::Histogram,
+        }
+
+        impl Counters {
+            /// Counters for the engine whose keys start with `namespace`.
+            pub(crate) fn new(namespace: &str) -> Counters {
+                Counters {
+                    $($name: Count::new(stringify!($name), namespace),)*
+                    #[cfg(feature = "metrics")]
+                    load_time: metrics::histogram!(
+                        "cacheaside_load_seconds",
+                        "namespace" => namespace.to_owned()
+                    ),
+                    #[cfg(feature = "metrics")]
+                    lock_wait: metrics::histogram!(
+                        "cacheaside_lock_wait_seconds",
+                        "namespace" => namespace.to_owned()
+                    ),
+                }
+            }
+
+            /// The counts now (read one by one, not as one snapshot).
+            pub(crate) fn stats(&self) -> Stats {
+                Stats { $($name: self.$name.get(),)* }
+            }
+        }
+    };
+}
+
+counters!(
+    hits,
+    misses,
+    bypassed,
+    early_refreshes,
+    fills_dropped,
+    fills_failed,
+    corrupt_entries,
+    stale_served,
+    cache_errors,
+    breaker_opened,
+    breaker_closed,
+    invalidations_failed,
+    relay_invalidations,
+    relay_rounds,
+    relay_errors,
+    relay_resets,
+);
+
+impl Counters {
+    /// A load took `took` (recorded in the current miss span too).
+    pub(crate) fn loaded(&self, took: Duration) {
+        #[cfg(feature = "metrics")]
+        self.load_time.record(took.as_secs_f64());
+        #[cfg(feature = "tracing")]
+        tracing::Span::current().record("load_ms", took.as_secs_f64() * 1e3);
+        #[cfg(not(any(feature = "metrics", feature = "tracing")))]
+        let _ = took;
+    }
+
+    /// A fill was refused because a write revoked its lease.
+    pub(crate) fn fill_dropped(&self, redis_key: &str) {
+        self.fills_dropped.bump();
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            key = redis_key,
+            "fill dropped: a write revoked the lease while the load ran"
+        );
+        #[cfg(not(feature = "tracing"))]
+        log::debug!("fill of {redis_key:?} dropped: a write revoked the lease while the load ran");
+    }
+
+    /// A leader waited `waited` for another process's rebuild lock, and
+    /// then `then` (took the value it cached, took the lock over, ...).
+    pub(crate) fn lock_waited(&self, redis_key: &str, waited: Duration, then: &'static str) {
+        #[cfg(feature = "metrics")]
+        self.lock_wait.record(waited.as_secs_f64());
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            key = redis_key,
+            waited_ms = waited.as_secs_f64() * 1e3,
+            then,
+            "waited for another process's rebuild lock"
+        );
+        #[cfg(not(feature = "tracing"))]
+        log::debug!("waited {waited:?} for the rebuild lock of {redis_key:?}, then {then}");
+    }
+
+    /// XFetch refreshed a hit ahead of its expiry.
+    pub(crate) fn refreshed_early(&self, key: &str) {
+        self.early_refreshes.bump();
+        #[cfg(feature = "tracing")]
+        tracing::debug!(key, "refreshed ahead of expiry");
+        #[cfg(not(feature = "tracing"))]
+        log::debug!("{key:?} refreshed ahead of expiry");
+    }
+}
+
+/// The span of one read that missed: entered on the caller's thread for the
+/// whole miss, closed with its outcome.
+pub(crate) struct MissSpan {
+    #[cfg(feature = "tracing")]
+    span: tracing::span::EnteredSpan,
+}
+
+impl MissSpan {
+    #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+    pub(crate) fn enter(key: &str, mode: &'static str, bypass: bool) -> MissSpan {
+        MissSpan {
+            #[cfg(feature = "tracing")]
+            span: tracing::info_span!(
+                "cacheaside.miss",
+                key,
+                mode,
+                bypass,
+                outcome = tracing::field::Empty,
+                load_ms = tracing::field::Empty,
+            )
+            .entered(),
+        }
+    }
+
+    /// Closes the span with how the read ended: `value`, `absent`, `stale`
+    /// (a fail-safe copy) or the error's kind.
+    #[cfg_attr(not(feature = "tracing"), allow(unused_variables))]
+    pub(crate) fn close(self, outcome: &str) {
+        #[cfg(feature = "tracing")]
+        self.span.record("outcome", outcome);
+    }
+}
