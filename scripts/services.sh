@@ -1,11 +1,34 @@
 #!/usr/bin/env bash
-# Make sure PostgreSQL and Redis answer at the URLs the tests use.
-# Idempotent: a service that already answers is left alone; one that is
-# installed but stopped is started; one that is missing is installed from
-# Debian's packages first. Never touches data.
+# Make sure PostgreSQL and Redis answer at the URLs the tests use:
+# DATABASE_URL and REDIS_URL when set (as the library reads them), else
+# postgres://postgres@127.0.0.1:5432/test and redis://127.0.0.1:6379/.
+# Idempotent: a service that already answers is left alone; a local one
+# (loopback host) that is installed but stopped is started; one that is
+# missing is installed from Debian's packages first (postgresql,
+# postgresql-client, redis-server, redis-tools). A server on another host
+# is only checked: this script never installs or starts anything there.
+# Never touches data. Creates the `test` database and the roles `postgres`
+# and `root` (superusers, trust auth on loopback) when they are missing.
 set -euo pipefail
 
-PG_HOST=127.0.0.1 PG_PORT=5432 REDIS_HOST=127.0.0.1 REDIS_PORT=6379
+# host and port of a URL: scheme://[user[:password]@]host[:port][/...]
+url_host() { local rest=${1#*://}; rest=${rest%%/*}; rest=${rest##*@}; echo "${rest%%:*}"; }
+url_port() {
+  local rest=${1#*://}; rest=${rest%%/*}; rest=${rest##*@}
+  if [[ $rest == *:* ]]; then echo "${rest##*:}"; else echo "$2"; fi
+}
+url_user() {
+  local rest=${1#*://}; rest=${rest%%/*}
+  if [[ $rest == *@* ]]; then rest=${rest%%@*}; echo "${rest%%:*}"; else echo postgres; fi
+}
+url_db() { local rest=${1#*://}; rest=${rest#*/}; rest=${rest%%\?*}; [[ $1 == *://*/* && -n $rest ]] && echo "$rest" || echo test; }
+
+DATABASE_URL=${DATABASE_URL:-postgres://postgres@127.0.0.1:5432/test}
+REDIS_URL=${REDIS_URL:-redis://127.0.0.1:6379/}
+PG_HOST=$(url_host "$DATABASE_URL") PG_PORT=$(url_port "$DATABASE_URL" 5432)
+PG_USER=$(url_user "$DATABASE_URL") PG_DB=$(url_db "$DATABASE_URL")
+REDIS_HOST=$(url_host "$REDIS_URL") REDIS_PORT=$(url_port "$REDIS_URL" 6379)
+is_local() { [[ $1 == 127.* || $1 == localhost || $1 == "[::1]" || $1 == ::1 ]]; }
 
 log() { printf 'services: %s\n' "$*" >&2; }
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -24,40 +47,68 @@ wait_for() {
 }
 
 pg_ready() { pg_isready -q -h "$PG_HOST" -p "$PG_PORT"; }
-redis_ready() { [ "$(redis-cli -h "$REDIS_HOST" -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
+redis_ready() { [ "$(redis-cli -u "$REDIS_URL" ping 2>/dev/null)" = PONG ]; }
+
+# A remote server is the caller's: check that it answers, nothing more.
+if ! is_local "$PG_HOST" || ! is_local "$REDIS_HOST"; then
+  command -v pg_isready >/dev/null || apt_install postgresql-client
+  command -v redis-cli >/dev/null || apt_install redis-tools
+fi
+if ! is_local "$PG_HOST"; then
+  pg_ready || { log "PostgreSQL at $PG_HOST:$PG_PORT does not answer (not local: not started here)"; exit 1; }
+fi
+if ! is_local "$REDIS_HOST"; then
+  redis_ready || { log "Redis at $REDIS_HOST:$REDIS_PORT does not answer (not local: not started here)"; exit 1; }
+fi
 
 # ---- PostgreSQL -------------------------------------------------------------
-command -v pg_isready >/dev/null || apt_install postgresql postgresql-client
-if ! pg_ready; then
-  if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then apt_install postgresql; fi
-  ver=$(ls /etc/postgresql | sort -V | tail -n 1)
-  log "starting PostgreSQL $ver"
-  as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
-  wait_for PostgreSQL pg_ready
-fi
-# Trust auth for local TCP and a `test` database, as the README promises.
-# Only done when the server does not already let us in: never rewrites a
-# working setup.
-if ! psql -h "$PG_HOST" -p "$PG_PORT" -U postgres -d test -c 'select 1' >/dev/null 2>&1; then
-  ver=$(ls /etc/postgresql | sort -V | tail -n 1)
-  hba=/etc/postgresql/$ver/main/pg_hba.conf
-  if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
-    log "enabling trust auth on 127.0.0.1 in $hba"
-    as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
-    as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+local_postgres() {
+  command -v pg_isready >/dev/null || apt_install postgresql postgresql-client
+  local ver hba
+  if ! pg_ready; then
+    if ! ls /etc/postgresql/*/main >/dev/null 2>&1; then apt_install postgresql; fi
+    ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+    log "starting PostgreSQL $ver"
+    as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main start || true
+    wait_for PostgreSQL pg_ready
   fi
-  as_root su postgres -c "psql -tAc \"select 1 from pg_database where datname='test'\" | grep -q 1 || createdb test"
-fi
+  # Trust auth for local TCP, the database and the roles, as the README
+  # promises. Only done when the server does not already let us in: never
+  # rewrites a working setup.
+  if ! psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -c 'select 1' >/dev/null 2>&1; then
+    ver=$(ls /etc/postgresql | sort -V | tail -n 1)
+    hba=/etc/postgresql/$ver/main/pg_hba.conf
+    if ! grep -q '^host all all 127.0.0.1/32 trust' "$hba"; then
+      log "enabling trust auth on 127.0.0.1 in $hba"
+      as_root sed -i '1i host all all 127.0.0.1/32 trust\nhost all all ::1/128 trust' "$hba"
+      as_root pg_ctlcluster --skip-systemctl-redirect "$ver" main reload
+    fi
+    as_root su postgres -c "psql -tAc \"select 1 from pg_roles where rolname='$PG_USER'\" | grep -q 1 || createuser --superuser '$PG_USER'"
+    as_root su postgres -c "psql -tAc \"select 1 from pg_database where datname='$PG_DB'\" | grep -q 1 || createdb '$PG_DB'"
+  fi
+  # The roles the README names: `postgres` (the URLs' default) and `root`
+  # (what psql picks when run as root).
+  local role
+  for role in postgres root; do
+    psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -tAc \
+      "select 1 from pg_roles where rolname = '$role'" | grep -q 1 ||
+      psql -h "$PG_HOST" -p "$PG_PORT" -U "$PG_USER" -d "$PG_DB" -qc "create role $role superuser login"
+  done
+}
+if is_local "$PG_HOST"; then local_postgres; fi
 
 # ---- Redis ------------------------------------------------------------------
-command -v redis-cli >/dev/null || apt_install redis-server redis-tools
-if ! redis_ready; then
-  command -v redis-server >/dev/null || apt_install redis-server
-  log "starting Redis"
-  as_root mkdir -p /var/lib/redis /var/log/redis
-  as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
-    --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
-  wait_for Redis redis_ready
-fi
+local_redis() {
+  command -v redis-cli >/dev/null || apt_install redis-server redis-tools
+  if ! redis_ready; then
+    command -v redis-server >/dev/null || apt_install redis-server
+    log "starting Redis"
+    as_root mkdir -p /var/lib/redis /var/log/redis
+    as_root redis-server --daemonize yes --bind 127.0.0.1 -::1 --port "$REDIS_PORT" \
+      --save "" --appendonly no --dir /var/lib/redis --logfile /var/log/redis/ci.log
+    wait_for Redis redis_ready
+  fi
+}
+if is_local "$REDIS_HOST"; then local_redis; fi
 
 log "PostgreSQL and Redis are up"
