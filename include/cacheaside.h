@@ -33,6 +33,11 @@
 #define CACHEASIDE_SESSION_ID_LEN 43
 
 /**
+ * Most write-behind worker threads one engine runs.
+ */
+#define MAX_WRITE_BEHIND_WORKERS 64
+
+/**
  * The outcome of a call.
  *
  * Every function that can fail returns one. `CACHEASIDE_OK` (0) is success;
@@ -85,6 +90,12 @@ typedef enum cacheaside_status {
      * `CACHEASIDE_OK` without setting a value).
      */
     CACHEASIDE_LOADER_ERROR = 8,
+    /**
+     * The write-behind backlog is full: the change was not enqueued (and
+     * nothing was dropped). Retry once the workers have caught up (see
+     * `cacheaside_write_behind_pending()`), or write the change directly.
+     */
+    CACHEASIDE_BACKLOG_FULL = 9,
 } cacheaside_status;
 
 /**
@@ -235,6 +246,36 @@ typedef struct cacheaside_stats {
      * Keys with a single-flight load in progress now.
      */
     uint64_t in_flight;
+    /**
+     * Write-behind changes this client enqueued.
+     */
+    uint64_t write_behind_enqueued;
+    /**
+     * Write-behind changes this client's workers committed to PostgreSQL.
+     */
+    uint64_t write_behind_applied;
+    /**
+     * Write-behind changes written as part of a newer change of their key.
+     */
+    uint64_t write_behind_coalesced;
+    /**
+     * Write-behind writes put off for a retry (PostgreSQL unreachable, or
+     * refusing the write).
+     */
+    uint64_t write_behind_retried;
+    /**
+     * Write-behind changes moved to the dead-letter stream.
+     */
+    uint64_t write_behind_dead_lettered;
+    /**
+     * Write-behind changes claimed from a dead (or slow) worker.
+     */
+    uint64_t write_behind_claimed;
+    /**
+     * Enqueue-to-commit time of the oldest change in the last batch this
+     * client's workers committed, in milliseconds.
+     */
+    uint64_t write_behind_lag_ms;
 } cacheaside_stats;
 
 /**
@@ -427,7 +468,9 @@ enum cacheaside_status cacheaside_client_open(const struct cacheaside_config *co
                                               struct cacheaside_client **out);
 
 /**
- * Closes a client's connections and frees it. NULL is a no-op.
+ * Closes a client's connections and frees it, after stopping and joining
+ * its write-behind workers (what they hold stays queued for other
+ * workers). NULL is a no-op.
  *
  * # Safety
  * `client` is NULL or came from `cacheaside_client_open()` and was not freed
@@ -917,6 +960,49 @@ enum cacheaside_status cacheaside_config_set_session_max_lifetime_ms(struct cach
                                                                      uint64_t max_lifetime_ms);
 
 /**
+ * Sets the write-behind backlog bound: the most changes that may wait to
+ * reach PostgreSQL (across every process of the namespace) before
+ * `cacheaside_update_user_plan_write_behind()` returns
+ * `CACHEASIDE_BACKLOG_FULL` (and enqueues nothing). Defaults to 100000.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_write_behind_backlog(struct cacheaside_config *config,
+                                                                  uint64_t max_backlog);
+
+/**
+ * Sets how long a write-behind change may stay with a worker without
+ * being acknowledged before another worker claims it, in milliseconds:
+ * how long a dead worker delays its changes. Keep it longer than a batch's
+ * transaction may take. Defaults to 30000.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_write_behind_claim_ms(struct cacheaside_config *config,
+                                                                   uint64_t ms);
+
+/**
+ * Sets how many times a write-behind write that PostgreSQL refuses is
+ * tried before the change goes to the dead-letter stream (an unreachable
+ * PostgreSQL does not count), and the wait before the first retry in
+ * milliseconds (doubled with every attempt). Defaults to 5 and 100.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_write_behind_retries(struct cacheaside_config *config,
+                                                                  uint32_t attempts,
+                                                                  uint64_t backoff_ms);
+
+/**
  * Copies `len` bytes from `data` into `*out`, which then owns the copy.
  * Whatever `*out` held before is freed after the copy, so `data` may point
  * into `*out`'s own bytes.
@@ -1336,6 +1422,91 @@ enum cacheaside_status cacheaside_update_user_plan_write_through(const struct ca
  * this library (and not modified since).
  */
 void cacheaside_user_profile_free(struct cacheaside_user_profile *profile);
+
+/**
+ * Write-behind: sets a user's plan in the cache at once (every reader, in
+ * every process, sees it from now on) and queues its write to PostgreSQL,
+ * in one Redis script. Returns once Redis holds the change; a worker
+ * (`cacheaside_write_behind_start()`, in this or any process) writes it
+ * later, and the profile's `version` becomes the change's sequence number.
+ * Blocks (a cache read of the profile, then one Redis round trip).
+ *
+ * Returns `CACHEASIDE_NOT_FOUND` if no such user exists (nothing is
+ * enqueued), `CACHEASIDE_BACKLOG_FULL` when the backlog is full (nothing is
+ * enqueued: retry later), `CACHEASIDE_INVALID_ARGUMENT` for a NULL, empty
+ * or non-UTF-8 plan, `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
+ * Redis fails (after a timeout the change may or may not be enqueued).
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `plan` is NULL or a NUL-terminated
+ * string.
+ */
+enum cacheaside_status cacheaside_update_user_plan_write_behind(const struct cacheaside_client *client,
+                                                                int64_t user_id,
+                                                                const char *plan);
+
+/**
+ * Starts `workers` write-behind worker threads (1 to 64) owned by the
+ * client: they write queued changes (from any process of the namespace)
+ * to PostgreSQL in batches, and are stopped and joined by
+ * `cacheaside_write_behind_stop()` or `cacheaside_client_free()`.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for 0 or more than 64 workers, or
+ * when the client's workers already run.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client.
+ */
+enum cacheaside_status cacheaside_write_behind_start(const struct cacheaside_client *client,
+                                                     uint32_t workers);
+
+/**
+ * Stops the client's write-behind workers and waits for them (each
+ * finishes the batch in hand). Changes not yet written stay queued for
+ * any other worker. A no-op when none run. Blocks.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client.
+ */
+enum cacheaside_status cacheaside_write_behind_stop(const struct cacheaside_client *client);
+
+/**
+ * Waits until every write-behind change enqueued (by any process) before
+ * this call is in PostgreSQL (or in the dead-letter stream, which the
+ * `write_behind_dead_lettered` counter of `cacheaside_stats` reports), at
+ * most `timeout_ms` milliseconds. Workers may run in any process. Blocks.
+ *
+ * Returns `CACHEASIDE_TIMEOUT` when changes from before the call are still
+ * pending at the timeout.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client.
+ */
+enum cacheaside_status cacheaside_write_behind_drain(const struct cacheaside_client *client,
+                                                     uint64_t timeout_ms);
+
+/**
+ * Writes to `*out` how many write-behind changes (of any process) wait to
+ * reach PostgreSQL: the backlog that `cacheaside_config_set_write_behind_backlog()`
+ * bounds. `*out` is set to 0 first and to the count on success only.
+ * Blocks (one Redis round trip).
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `out` is NULL or points to writable
+ * storage for one `uint64_t`.
+ */
+enum cacheaside_status cacheaside_write_behind_pending(const struct cacheaside_client *client,
+                                                       uint64_t *out);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -374,6 +374,26 @@ public:
         return *this;
     }
 
+    /** Most write-behind changes that may wait for PostgreSQL before an
+     *  enqueue throws Error with CACHEASIDE_BACKLOG_FULL (100000 by default). */
+    Config &write_behind_backlog(uint64_t max_backlog) {
+        detail::check(cacheaside_config_set_write_behind_backlog(get(), max_backlog));
+        return *this;
+    }
+    /** How long a dead worker's changes wait before another worker claims
+     *  them (30 s by default). */
+    Config &write_behind_claim(std::chrono::milliseconds after) {
+        detail::check(cacheaside_config_set_write_behind_claim_ms(get(), detail::millis(after)));
+        return *this;
+    }
+    /** Attempts of a write PostgreSQL refuses before it is dead-lettered,
+     *  and the first retry's wait (5 and 100 ms by default). */
+    Config &write_behind_retries(uint32_t attempts, std::chrono::milliseconds backoff) {
+        detail::check(
+            cacheaside_config_set_write_behind_retries(get(), attempts, detail::millis(backoff)));
+        return *this;
+    }
+
     /** The C handle, still owned by this object. */
     cacheaside_config *get() const noexcept { return handle_.get(); }
 
@@ -432,6 +452,48 @@ public:
         cacheaside_status status = cacheaside_update_user_plan_write_through(
             get(), user_id, detail::c_str(plan, "plan"), &raw);
         return profile(status, raw);
+    }
+
+    /**
+     * Write-behind: sets a user's plan in the cache at once (every reader
+     * sees it) and queues its write to PostgreSQL; false if no such user.
+     * Throws Error with CACHEASIDE_BACKLOG_FULL when the backlog is full
+     * (nothing was enqueued).
+     */
+    bool update_user_plan_write_behind(int64_t user_id, const std::string &plan) const {
+        cacheaside_status status =
+            cacheaside_update_user_plan_write_behind(get(), user_id, detail::c_str(plan, "plan"));
+        if (status == CACHEASIDE_NOT_FOUND) {
+            return false;
+        }
+        detail::check(status);
+        return true;
+    }
+
+    /** Starts `workers` write-behind worker threads owned by this client. */
+    void write_behind_start(uint32_t workers) const {
+        detail::check(cacheaside_write_behind_start(get(), workers));
+    }
+
+    /** Stops this client's write-behind workers and joins them. */
+    void write_behind_stop() const { detail::check(cacheaside_write_behind_stop(get())); }
+
+    /** Waits until every write-behind change enqueued before the call is in
+     *  PostgreSQL (or dead-lettered); false at the timeout. */
+    bool write_behind_drain(std::chrono::milliseconds timeout) const {
+        cacheaside_status status = cacheaside_write_behind_drain(get(), detail::millis(timeout));
+        if (status == CACHEASIDE_TIMEOUT) {
+            return false;
+        }
+        detail::check(status);
+        return true;
+    }
+
+    /** Write-behind changes (of any process) not yet in PostgreSQL. */
+    uint64_t write_behind_pending() const {
+        uint64_t pending = 0;
+        detail::check(cacheaside_write_behind_pending(get(), &pending));
+        return pending;
     }
 
     /**

@@ -33,9 +33,10 @@ use crate::config::{Config, check_ttl};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{self, Acquired, Claim, Hold, Keeper, Keys, Ttls, new_token};
+use crate::lease::{self, Acquired, Claim, Hold, Json, Keeper, Keys, Ttls, new_token};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
+use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 
 /// How a read that misses the cache reaches the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -87,6 +88,7 @@ pub struct CacheAside {
     engine: Engine,
     background: Background,
     relay: Mutex<Option<crate::relay::Relay>>,
+    write_behind: WriteBehind,
     config: Config,
 }
 
@@ -102,7 +104,7 @@ pub(crate) struct Engine {
     settings: Arc<Settings>,
     pub(crate) counters: Arc<Counters>,
     #[cfg(feature = "test-hooks")]
-    hooks: Arc<crate::hooks::Hooks>,
+    pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
 
 /// What a single-flight leader hands its followers.
@@ -179,6 +181,28 @@ pub struct Stats {
     /// Times the relay found itself away longer than the outbox retention
     /// and emptied its namespace.
     pub relay_resets: u64,
+    /// Write-behind changes this process enqueued.
+    pub write_behind_enqueued: u64,
+    /// Write-behind changes this process's workers committed to Postgres:
+    /// the newest change of each key in a batch.
+    pub write_behind_applied: u64,
+    /// Write-behind changes that needed no write of their own: a newer
+    /// change of the same key was written in their place.
+    pub write_behind_coalesced: u64,
+    /// Write-behind writes put off for a retry: Postgres was unreachable,
+    /// or refused the write (which counts towards
+    /// [`Config::write_behind_attempts`]).
+    pub write_behind_retried: u64,
+    /// Write-behind changes this process's workers moved to the dead-letter
+    /// stream (unparseable, or refused on every attempt).
+    pub write_behind_dead_lettered: u64,
+    /// Write-behind changes this process's workers claimed from another
+    /// worker (dead, or slower than [`Config::write_behind_claim_after`]).
+    pub write_behind_claimed: u64,
+    /// How long the oldest change of the last batch this process's workers
+    /// committed had waited, from enqueue to commit, in milliseconds
+    /// (Redis's clock at the enqueue against this machine's at the commit).
+    pub write_behind_lag_ms: u64,
 }
 
 /// A load's result in the form the cache stores: JSON, with the version
@@ -327,6 +351,7 @@ impl CacheAside {
             soft_timeout: config.soft_timeout,
         };
         let counters = Arc::new(Counters::new(&config.namespace));
+        let cache_for_write_behind = cache.clone();
         Ok(CacheAside {
             engine: Engine {
                 keeper: Arc::new(Keeper::new(cache.clone(), ttls)),
@@ -346,6 +371,7 @@ impl CacheAside {
             },
             background: Background::new(config.background_threads),
             relay: Mutex::new(None),
+            write_behind: WriteBehind::new(&cache_for_write_behind, config),
             config: config.clone(),
         })
     }
@@ -691,6 +717,194 @@ impl CacheAside {
         relay.is_some_and(|r| r.sync(timeout))
     }
 
+    /// Registers the write that write-behind workers run for keys starting
+    /// with `prefix` (the longest matching prefix wins; `""` matches every
+    /// key). Every process that enqueues or runs workers for this namespace
+    /// registers the same appliers: a worker may flush changes enqueued
+    /// anywhere, and a closure cannot cross processes, so each process
+    /// brings its own copy of the code and the stream carries only data.
+    ///
+    /// A worker calls `applier` with up to
+    /// [`Config::write_behind_batch`] changes, at most one per key (the
+    /// newest), inside a transaction that commits when it returns `Ok`. Its
+    /// write must be conditional on each change's
+    /// [`seq`](WriteBehindChange::seq): a change is delivered at least once,
+    /// and changes of one key may reach different workers in any order, so
+    /// a change older than what the row holds, or one applied before, must
+    /// change nothing. That is what makes the effect exactly once.
+    ///
+    /// An `Err` whose cause is an unreachable or timed-out Postgres makes
+    /// the changes wait and retry; any other `Err` (or a panic) is a
+    /// refusal: the changes are retried one by one, and a change refused
+    /// [`Config::write_behind_attempts`] times goes to the dead-letter
+    /// stream.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// // prices(sku text primary key, cents bigint, seq bigint)
+    /// engine.register_write_behind("price:", |tx, changes| {
+    ///     for change in changes {
+    ///         let sku = &change.key["price:".len()..];
+    ///         let cents: i64 = serde_json::from_slice(change.json)
+    ///             .map_err(|e| cacheaside::Error::invalid_argument(e))?;
+    ///         tx.execute(
+    ///             "INSERT INTO prices (sku, cents, seq) VALUES ($1, $2, $3)
+    ///              ON CONFLICT (sku) DO UPDATE SET cents = $2, seq = $3 WHERE prices.seq < $3",
+    ///             &[&sku, &cents, &(change.seq as i64)],
+    ///         )?;
+    ///     }
+    ///     Ok(())
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a prefix holding `{`, `}` or a
+    /// control character.
+    pub fn register_write_behind<F>(&self, prefix: &str, applier: F) -> Result<()>
+    where
+        F: Fn(&mut crate::db::Transaction<'_>, &[WriteBehindChange<'_>]) -> Result<()>
+            + Send
+            + Sync
+            + 'static,
+    {
+        let applier: Applier = Arc::new(applier);
+        self.write_behind.register(prefix, applier)
+    }
+
+    /// Write-behind: makes `value` the value of `key` at once (every reader,
+    /// in every process, gets it from now on) and queues its write to the
+    /// source, in one Redis script; returns the change's sequence number.
+    /// Workers ([`start_write_behind`](Self::start_write_behind), here or
+    /// in any process) write it later with the applier registered for the
+    /// key's prefix.
+    ///
+    /// Until the source has it, the change wins over the source's older
+    /// row: a reader whose load began earlier cannot cache that row, and if
+    /// the cached value is evicted, expires or is deleted, the next read
+    /// rebuilds it from the key's pending record (no load). Once a worker
+    /// has committed it, the cached value is dropped and the next read
+    /// loads the committed row. Durable once this returns, as far as Redis
+    /// is (see `docs/write-behind.md`).
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// # engine.register_write_behind("price:", |_, _| Ok(()))?;
+    /// let ttl = std::time::Duration::from_secs(60);
+    /// let seq = engine.write_behind("price:A1", ttl, &999_i64)?;
+    /// let now: Option<i64> = engine.get_or_load("price:A1", ttl, || unreachable!("cached"))?;
+    /// assert_eq!(now, Some(999));
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::BacklogFull`] when [`Config::write_behind_max_backlog`]
+    /// changes already wait (nothing was enqueued: retry later);
+    /// [`ErrorKind::InvalidArgument`] for an empty key, a key no applier is
+    /// registered for, a TTL of zero or beyond [`MAX_TTL`](crate::MAX_TTL),
+    /// or a value that does not serialize; cache errors and timeouts (the
+    /// change may or may not have been enqueued after a timeout).
+    pub fn write_behind<T: Serialize + ?Sized>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        value: &T,
+    ) -> Result<u64> {
+        check_key(key)?;
+        check_ttl("ttl", ttl)?;
+        let json = to_json(value)?;
+        self.write_behind
+            .enqueue(&self.engine, key, ttl, Json::Whole(&json), 0)
+    }
+
+    /// [`write_behind`](Self::write_behind) of a value whose JSON carries
+    /// its own sequence number: `head`, the number, `tail`. The number is
+    /// above `floor` (e.g. the version the row had when the value was
+    /// built).
+    pub(crate) fn write_behind_sequenced(
+        &self,
+        key: &str,
+        ttl: Duration,
+        head: &[u8],
+        tail: &[u8],
+        floor: u64,
+    ) -> Result<u64> {
+        check_key(key)?;
+        check_ttl("ttl", ttl)?;
+        self.write_behind.enqueue(
+            &self.engine,
+            key,
+            ttl,
+            Json::Sequenced { head, tail },
+            floor,
+        )
+    }
+
+    /// Starts `workers` write-behind worker threads in this process. They
+    /// read the namespace's change stream through its consumer group
+    /// (sharing the work with the workers of every other process), coalesce
+    /// the changes of each key, write them in batches through the
+    /// registered appliers, and acknowledge them only after the commit.
+    /// Changes a dead worker left pending are claimed after
+    /// [`Config::write_behind_claim_after`].
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for 0 or more than
+    /// [`MAX_WRITE_BEHIND_WORKERS`](crate::MAX_WRITE_BEHIND_WORKERS) workers, or when
+    /// workers already run (stop them first).
+    pub fn start_write_behind(&self, workers: u32) -> Result<()> {
+        self.write_behind.start(&self.engine, workers)
+    }
+
+    /// Stops this process's write-behind workers and waits for them: each
+    /// finishes the batch in hand (bounded by the statement timeout) and
+    /// notices within 100 ms when idle. What a worker holds for a retry
+    /// stays pending, for another worker to claim. A no-op when none run;
+    /// dropping the engine does the same.
+    pub fn stop_write_behind(&self) {
+        self.write_behind.stop();
+    }
+
+    /// Write-behind worker threads running in this process.
+    pub fn write_behind_workers(&self) -> usize {
+        self.write_behind.running()
+    }
+
+    /// Waits until every write-behind change enqueued (by any process)
+    /// before this call has been committed to the source, or dead-lettered
+    /// ([`Stats::write_behind_dead_lettered`] and
+    /// [`write_behind_dead_letters`](Self::write_behind_dead_letters) tell),
+    /// at most `timeout`. Workers may run in any process; without any, it
+    /// times out unless nothing is pending.
+    ///
+    /// # Errors
+    /// [`ErrorKind::Timeout`] when changes from before the call are still
+    /// pending at the timeout; cache errors.
+    pub fn drain_write_behind(&self, timeout: Duration) -> Result<()> {
+        self.write_behind.drain(&self.engine.cache, timeout)
+    }
+
+    /// Write-behind changes enqueued (by any process) and not yet committed
+    /// or dead-lettered: the backlog that
+    /// [`Config::write_behind_max_backlog`] bounds.
+    ///
+    /// # Errors
+    /// Cache errors and timeouts.
+    pub fn write_behind_pending(&self) -> Result<u64> {
+        self.write_behind.pending(&self.engine.cache)
+    }
+
+    /// The oldest `count` entries of the dead-letter stream: changes the
+    /// workers gave up on, with the error that made them. They stay there
+    /// until removed (with `XDEL` on the stream
+    /// `{namespace}{write_behind}:dead`).
+    ///
+    /// # Errors
+    /// Cache errors and timeouts.
+    pub fn write_behind_dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>> {
+        self.write_behind.dead_letters(&self.engine.cache, count)
+    }
+
     /// The read behind every `get_or_load*` method.
     fn read<T: DeserializeOwned, L: Load>(
         &self,
@@ -809,8 +1023,9 @@ impl CacheAside {
 
 impl Drop for CacheAside {
     fn drop(&mut self) {
-        // Before the background pool and the keeper go: the relay uses the
-        // engine they serve.
+        // Before the background pool and the keeper go: the workers and the
+        // relay use the engine they serve.
+        self.write_behind.stop();
         self.stop_relay();
     }
 }
@@ -852,7 +1067,7 @@ impl Engine {
 
     /// Records a failed Redis call: counted, and told to the breaker when it
     /// says Redis is unavailable.
-    fn cache_failed(&self, permit: Permit, err: &Error) {
+    pub(crate) fn cache_failed(&self, permit: Permit, err: &Error) {
         if err.is_outage() {
             self.counters.cache_errors.bump();
             self.breaker.failed(permit, err);

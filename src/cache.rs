@@ -26,7 +26,7 @@ use serde::de::DeserializeOwned;
 use crate::config::{Config, check_ttl, validate_namespace};
 use crate::entry::{Entry, Payload};
 use crate::error::{Error, ErrorKind, Result};
-use crate::pool::{Connector, Pool};
+use crate::pool::{Conn, Connector, Pool};
 
 /// A pooled Redis client whose keys all live under one namespace.
 ///
@@ -272,6 +272,17 @@ impl Cache {
             }
             Ok(value) => Ok(value),
         }
+    }
+
+    /// A connection of its own (outside the pool) whose reads may wait
+    /// `read_timeout`: for a blocking command (`XREADGROUP ... BLOCK`) that
+    /// must not hold a pooled connection, and whose wait would exceed the
+    /// pool's read timeout. Connect and writes keep `cache_timeout`.
+    pub(crate) fn dedicated(&self, read_timeout: Duration) -> Result<Conn<RedisConnector>> {
+        let conn = self.pool.fresh_with(|connector| connector.connect())?;
+        conn.set_read_timeout(Some(read_timeout))
+            .map_err(classify)?;
+        Ok(conn)
     }
 
     /// Connections open now (idle or in use).

@@ -153,6 +153,34 @@ pub struct Config {
     /// read: reads renew its idle TTL only up to this deadline. Defaults to
     /// 24 hours.
     pub session_max_lifetime: Duration,
+    /// Most write-behind changes waiting to reach Postgres (enqueued and not
+    /// yet applied or dead-lettered, across every process of the namespace)
+    /// before an enqueue is refused with
+    /// [`ErrorKind::BacklogFull`](crate::ErrorKind): a bound on Redis memory
+    /// and on how far Postgres may lag. Nothing is dropped: a refused change
+    /// was not taken. At least 1. Defaults to 100 000.
+    pub write_behind_max_backlog: u64,
+    /// Changes one write-behind worker reads from the stream at a time; after
+    /// coalescing (only the newest change of a key is written) they go to
+    /// Postgres in one transaction. 1 to 10 000. Defaults to 256.
+    pub write_behind_batch: u32,
+    /// How long a change may stay delivered to a worker without being
+    /// acknowledged before another worker (of any process) claims it with
+    /// `XAUTOCLAIM`: how long a dead worker delays its changes. A live
+    /// worker renews its claim on changes it is retrying. Keep it longer
+    /// than one batch's transaction may take (`pool_timeout +
+    /// statement_timeout`): a shorter one costs duplicate writes, which the
+    /// sequence guard makes harmless. Defaults to 30 s.
+    pub write_behind_claim_after: Duration,
+    /// How many times a change whose write Postgres refuses (a constraint,
+    /// a type error) is tried before it goes to the dead-letter stream and
+    /// its cache entry is invalidated. An unreachable or timed-out Postgres
+    /// does not count: changes wait for it. At least 1. Defaults to 5.
+    pub write_behind_attempts: u32,
+    /// The wait before a failed write is retried; it doubles with every
+    /// attempt, up to a quarter of `write_behind_claim_after`. Defaults to
+    /// 100 ms.
+    pub write_behind_retry_backoff: Duration,
 }
 
 impl Default for Config {
@@ -189,6 +217,11 @@ impl Default for Config {
             outbox_retention: Duration::from_secs(24 * 3600),
             statement_cache_size: 256,
             session_max_lifetime: Duration::from_secs(24 * 60 * 60),
+            write_behind_max_backlog: 100_000,
+            write_behind_batch: 256,
+            write_behind_claim_after: Duration::from_secs(30),
+            write_behind_attempts: 5,
+            write_behind_retry_backoff: Duration::from_millis(100),
         }
     }
 }
@@ -262,6 +295,11 @@ impl Config {
             ("relay_poll", self.relay_poll),
             ("outbox_retention", self.outbox_retention),
             ("session_max_lifetime", self.session_max_lifetime),
+            ("write_behind_claim_after", self.write_behind_claim_after),
+            (
+                "write_behind_retry_backoff",
+                self.write_behind_retry_backoff,
+            ),
         ];
         for (name, value) in nonzero {
             if value.as_millis() == 0 {
@@ -281,6 +319,21 @@ impl Config {
         if self.session_max_lifetime > crate::Sessions::MAX_LIFETIME {
             return Err(Error::invalid_argument(
                 "session_max_lifetime must be at most 366 days",
+            ));
+        }
+        if self.write_behind_max_backlog == 0 {
+            return Err(Error::invalid_argument(
+                "write_behind_max_backlog must be at least 1",
+            ));
+        }
+        if !(1..=10_000).contains(&self.write_behind_batch) {
+            return Err(Error::invalid_argument(
+                "write_behind_batch must be between 1 and 10000",
+            ));
+        }
+        if self.write_behind_attempts == 0 {
+            return Err(Error::invalid_argument(
+                "write_behind_attempts must be at least 1",
             ));
         }
         if !(self.beta.is_finite() && self.beta >= 0.0) {

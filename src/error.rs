@@ -25,6 +25,11 @@ pub enum ErrorKind {
     Loader,
     /// A loader panicked; its single-flight waiters get this kind.
     Panicked,
+    /// The write-behind backlog is full
+    /// ([`Config::write_behind_max_backlog`](crate::Config::write_behind_max_backlog)
+    /// changes wait to be flushed): the change was not enqueued, nothing was
+    /// dropped, and the caller may retry once workers have caught up.
+    BacklogFull,
 }
 
 /// The error every fallible function of the crate returns.
@@ -112,6 +117,13 @@ impl Error {
         Error::new(ErrorKind::Timeout, format!("timed out: {what}"))
     }
 
+    /// The Postgres error behind this one, if there is one. (Through
+    /// [`source`](std::error::Error::source) a caller sees the `Arc` that
+    /// shares it, which does not downcast.)
+    pub(crate) fn postgres(&self) -> Option<&tokio_postgres::Error> {
+        self.source.as_deref().and_then(|e| e.downcast_ref())
+    }
+
     /// Which side failed.
     pub fn kind(&self) -> ErrorKind {
         self.kind
@@ -121,6 +133,12 @@ impl Error {
     /// rebuild-lock wait): retrying later may succeed.
     pub fn is_timeout(&self) -> bool {
         self.kind == ErrorKind::Timeout
+    }
+
+    /// True when a write-behind enqueue was refused because the backlog is
+    /// full: the change was not taken (retry later, or write it directly).
+    pub fn is_backlog_full(&self) -> bool {
+        self.kind == ErrorKind::BacklogFull
     }
 
     /// The message and every source below it, joined by `": "`; what the C ABI

@@ -15,6 +15,7 @@ type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 pub(crate) struct Hooks {
     after_load: Mutex<Option<Hook>>,
     after_write: Mutex<Option<Hook>>,
+    after_write_behind_commit: Mutex<Option<Hook>>,
     leases_disabled: AtomicBool,
     lost_replies: AtomicU32,
 }
@@ -29,6 +30,13 @@ impl Hooks {
 
     pub(crate) fn after_write(&self, key: &str) {
         let hook = self.after_write.lock().clone();
+        if let Some(hook) = hook {
+            hook(key);
+        }
+    }
+
+    pub(crate) fn after_write_behind_commit(&self, key: &str) {
+        let hook = self.after_write_behind_commit.lock().clone();
         if let Some(hook) = hook {
             hook(key);
         }
@@ -65,6 +73,13 @@ impl CacheAside {
     /// process there).
     pub fn set_after_write_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         *self.hooks().after_write.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: `hook(key)` runs on a write-behind worker thread after the
+    /// transaction that wrote `key`'s change has committed and before the
+    /// change is acknowledged (e.g. to kill the process there).
+    pub fn set_after_write_behind_commit_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.hooks().after_write_behind_commit.lock() = Some(Arc::new(hook));
     }
 
     /// Test hook: the replies of the next `n` lease and lock claims are lost

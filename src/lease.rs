@@ -4,8 +4,10 @@
 //!
 //! Keys. A cache key `k` lives at `{namespace}{k}` (a Redis Cluster hash
 //! tag); beside it `…:lease` (the one reader allowed to fill it: a token),
-//! `…:lock` (the cross-process rebuild lock: a token) and `…:writers` (the
-//! write-through writers in progress: a set of tokens). All share one slot.
+//! `…:lock` (the cross-process rebuild lock: a token), `…:writers` (the
+//! write-through writers in progress: a set of tokens) and `…:pending` (the
+//! newest write-behind change not yet in the source: a hash). All share one
+//! slot.
 //!
 //! Guarantees, each kept by one script:
 //! - A reader fills a key only while it holds its lease (`fill`); a write
@@ -29,6 +31,13 @@
 //! - Write-through stores the newest version whatever order writers finish
 //!   in, never overwrites a newer plain update, and never brings back a row
 //!   that a delete removed (`write_through`, whose comment has the cases).
+//! - A write-behind change is readable from the moment it is enqueued until
+//!   the source has it: the enqueue stores it as the value, revokes readers'
+//!   leases and records it as the key's pending change (`write_behind`); a
+//!   miss rebuilds the value from the pending change instead of loading the
+//!   older row (`acquire`); no fill and no older write-through lands while
+//!   it is pending (`fill`, `write_through`); and the pending change goes
+//!   only once a worker has committed it, or dead-lettered it (`settle`).
 
 use crate::observe::report;
 use std::collections::HashMap;
@@ -50,6 +59,7 @@ pub(crate) struct Keys {
     pub lease: String,
     pub lock: String,
     pub writers: String,
+    pub pending: String,
 }
 
 impl Keys {
@@ -60,6 +70,7 @@ impl Keys {
             lease: format!("{value}:lease"),
             lock: format!("{value}:lock"),
             writers: format!("{value}:writers"),
+            pending: format!("{value}:pending"),
             value,
         }
     }
@@ -115,7 +126,8 @@ pub(crate) struct Ttls {
 }
 
 /// One round trip: the cached value if there is a fresh one (logical expiry
-/// after `now_ms`), else an attempt at what `claim` asks for under `token`.
+/// after `now_ms`), else the key's pending write-behind change (stored again
+/// as the value), else an attempt at what `claim` asks for under `token`.
 pub(crate) fn acquire(
     cache: &Cache,
     keys: &Keys,
@@ -136,6 +148,7 @@ pub(crate) fn acquire(
             .key(&keys.value)
             .key(&keys.lease)
             .key(&keys.lock)
+            .key(&keys.pending)
             .arg(mode)
             .arg(token)
             .arg(millis(ttls.lease))
@@ -154,9 +167,9 @@ pub(crate) fn acquire(
     }
 }
 
-/// Stores `raw` for `ttl` if `token` still holds the lease, and releases the
-/// lease and the lock if `token` holds them; one atomic script. True if
-/// stored.
+/// Stores `raw` for `ttl` if `token` still holds the lease and no
+/// write-behind change of the key is pending, and releases the lease and the
+/// lock if `token` holds them; one atomic script. True if stored.
 pub(crate) fn fill(
     cache: &Cache,
     keys: &Keys,
@@ -170,6 +183,7 @@ pub(crate) fn fill(
             .key(&keys.value)
             .key(&keys.lease)
             .key(&keys.lock)
+            .key(&keys.pending)
             .arg(token)
             .arg(raw)
             .arg(millis(ttl))
@@ -242,8 +256,8 @@ pub(crate) fn unregister_writer(cache: &Cache, keys: &Keys, token: &str) -> Resu
 }
 
 /// Stores a written row (`raw`, at `version`) unless that could leave the
-/// cache older than a write that has returned; always revokes readers'
-/// leases. True if stored.
+/// cache older than a write that has returned (or than a pending
+/// write-behind change); always revokes readers' leases. True if stored.
 pub(crate) fn write_through(
     cache: &Cache,
     keys: &Keys,
@@ -258,11 +272,149 @@ pub(crate) fn write_through(
             .key(&keys.value)
             .key(&keys.lease)
             .key(&keys.writers)
+            .key(&keys.pending)
             .arg(token)
             .arg(raw)
             .arg(version)
             .arg(millis(ttl))
             .invoke(conn)
+    })
+}
+
+/// The value of a write-behind change as its JSON will be stored: whole, or
+/// with its sequence number spliced in between `head` and `tail` (so a
+/// value can carry the number that orders it, e.g. a row's `version`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Json<'a> {
+    Whole(&'a [u8]),
+    Sequenced { head: &'a [u8], tail: &'a [u8] },
+}
+
+/// Where a write-behind change goes besides its key: the stream, and the
+/// consumer group to create with it.
+pub(crate) struct Stream<'a> {
+    pub key: &'a str,
+    pub group: &'a str,
+    pub max_backlog: u64,
+}
+
+/// What [`write_behind`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Enqueued {
+    /// Stored, pending and on the stream: its sequence number and entry id.
+    Taken { seq: u64, id: String },
+    /// The stream holds `max_backlog` changes already: nothing was written.
+    BacklogFull,
+}
+
+/// Enqueues a write-behind change in one script: the value is stored as
+/// the key's entry (version = the change's sequence number), readers'
+/// leases are revoked (a load that began earlier read the older row and
+/// must not fill it), the change becomes the key's pending change, and it is
+/// appended to the stream. Nothing happens when the backlog is full.
+///
+/// The sequence number is Redis's clock in microseconds, or one more than
+/// the key's last (pending or cached) sequence or `floor` when that is
+/// later, so it grows per key even across a clock step or a lost counter.
+///
+/// The one script that spans two slots (the key's and the stream's): the
+/// change must be readable if and only if it will be written, and only one
+/// script makes both true at once. Sharding the stream per slot (Redis
+/// Cluster) is where it splits.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn write_behind(
+    cache: &Cache,
+    keys: &Keys,
+    stream: &Stream<'_>,
+    key: &str,
+    json: Json<'_>,
+    floor: u64,
+    expires_at_ms: u64,
+    ttl: Duration,
+    physical: Duration,
+) -> Result<Enqueued> {
+    let (head, tail, sequenced): (&[u8], &[u8], &str) = match json {
+        Json::Whole(json) => (json, b"", "0"),
+        Json::Sequenced { head, tail } => (head, tail, "1"),
+    };
+    // A retry after a dropped connection may enqueue the change twice: the
+    // second copy is newer and equal, so the flush writes it once.
+    let reply: Value = cache.run(|conn| {
+        SCRIPTS
+            .write_behind
+            .key(&keys.value)
+            .key(&keys.lease)
+            .key(&keys.pending)
+            .key(stream.key)
+            .arg(key)
+            .arg(head)
+            .arg(tail)
+            .arg(sequenced)
+            .arg(floor)
+            .arg(expires_at_ms)
+            .arg(millis(ttl))
+            .arg(millis(physical))
+            .arg(stream.max_backlog)
+            .arg(stream.group)
+            .invoke(conn)
+    })?;
+    let unexpected = |reply: &Value| {
+        Error::new(
+            ErrorKind::Cache,
+            format!("unexpected reply from the write-behind script: {reply:?}"),
+        )
+    };
+    match &reply {
+        Value::Int(-1) => Ok(Enqueued::BacklogFull),
+        Value::Array(parts) => match parts.as_slice() {
+            [Value::BulkString(seq), Value::BulkString(id)] => {
+                let seq = std::str::from_utf8(seq)
+                    .ok()
+                    .and_then(|s| s.parse().ok())
+                    .ok_or_else(|| unexpected(&reply))?;
+                let id = String::from_utf8(id.clone()).map_err(|_| unexpected(&reply))?;
+                Ok(Enqueued::Taken { seq, id })
+            }
+            _ => Err(unexpected(&reply)),
+        },
+        _ => Err(unexpected(&reply)),
+    }
+}
+
+/// How a write-behind change ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Settled {
+    /// Committed to the source.
+    Applied,
+    /// Given up on (dead-lettered): the source does not have it.
+    Dead,
+}
+
+/// After a worker committed (or dead-lettered) changes, one per key (`seq`
+/// on `keys`), in one round trip: unless a newer change of the key is
+/// pending, its pending record goes, and so does its cached value (so
+/// readers load what the source now holds): for [`Settled::Applied`] only if
+/// the value is not newer than `seq`, for [`Settled::Dead`] always, with the
+/// lease. Idempotent: settling a change twice (a replay) changes nothing
+/// the second time.
+pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Result<()> {
+    let how = match how {
+        Settled::Applied => "applied",
+        Settled::Dead => "dead",
+    };
+    cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        // Pipelined EVALSHA has no EVAL fallback: load the script first.
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&SCRIPTS.settle_code)
+            .ignore();
+        for (keys, seq) in changes {
+            let mut call = SCRIPTS.settle.key(&keys.value);
+            call.key(&keys.lease).key(&keys.pending).arg(seq).arg(how);
+            pipe.invoke_script(&call).ignore();
+        }
+        pipe.query::<()>(conn)
     })
 }
 
@@ -317,6 +469,9 @@ struct Scripts {
     write_through: Script,
     discard: Script,
     rearm: Script,
+    write_behind: Script,
+    settle: Script,
+    settle_code: String,
 }
 
 /// Versions are compared as decimal strings (length, then text), exact for
@@ -341,11 +496,38 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 1
         "
     );
+    // KEYS: value, lease, pending. ARGV: seq, 'applied' | 'dead'.
+    let settle_code = format!(
+        r"{OLDER}
+        local pt = redis.call('TYPE', KEYS[3]).ok
+        if pt == 'hash' then
+          local pending = redis.call('HGET', KEYS[3], 's')
+          if pending and older(ARGV[1], pending) then return 0 end
+          redis.call('DEL', KEYS[3])
+        elseif pt ~= 'none' then
+          redis.call('DEL', KEYS[3])
+        end
+        if ARGV[2] == 'dead' then
+          redis.call('DEL', KEYS[1], KEYS[2])
+          return 1
+        end
+        if redis.call('TYPE', KEYS[1]).ok == 'string' then
+          local v = string.match(redis.call('GET', KEYS[1]), '^ca1 %a (%d+) ')
+          if v and older(ARGV[1], v) then return 1 end
+        end
+        redis.call('DEL', KEYS[1])
+        return 1
+        "
+    );
     Scripts {
         relay_invalidate: Script::new(&relay_invalidate_code),
         relay_invalidate_code,
-        // KEYS: value, lease, lock. ARGV: mode, token, lease_ms, lock_ms, now_ms.
+        // KEYS: value, lease, lock, pending. ARGV: mode, token, lease_ms,
+        // lock_ms, now_ms.
         // A value past its logical expiry (a fail-safe copy) counts as missing.
+        // A pending write-behind change is newer than any row a load could
+        // read: it is stored again as the value (fresh for its TTL) and
+        // returned as if it had been cached; an early refresh is skipped.
         // Retrying with the same token finds what the first attempt took.
         acquire: Script::new(
             r"
@@ -367,6 +549,21 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
             redis.call('DEL', KEYS[1])
           end
         end
+        local pt = redis.call('TYPE', KEYS[4]).ok
+        if pt == 'hash' then
+          if mode == 'refresh' then return 0 end
+          local p = redis.call('HMGET', KEYS[4], 's', 'v', 't', 'p')
+          local ttl, physical = tonumber(p[3]), tonumber(p[4])
+          if p[1] and p[2] and ttl and physical then
+            local v = 'ca1 v ' .. p[1] .. ' 0 ' ..
+              string.format('%.0f', tonumber(ARGV[5]) + ttl) .. '\n' .. p[2]
+            redis.call('SET', KEYS[1], v, 'PX', physical)
+            return v
+          end
+          redis.call('DEL', KEYS[4])
+        elseif pt ~= 'none' then
+          redis.call('DEL', KEYS[4])
+        end
         if mode == 'lease' or mode == 'takeover' then
           local holder = redis.call('GET', KEYS[2])
           if holder and holder ~= token and mode == 'lease' then return 0 end
@@ -381,16 +578,20 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 1
         ",
         ),
-        // KEYS: value, lease, lock. ARGV: token, entry, ttl_ms.
+        // KEYS: value, lease, lock, pending. ARGV: token, entry, ttl_ms.
         // The lease check is what drops a stale fill: an invalidation after our
-        // read deleted the lease (or a newer reader took it over).
+        // read deleted the lease (or a newer reader took it over). A pending
+        // write-behind change is newer than what the load read (an enqueue
+        // revokes leases too; this holds also for a lease taken after it).
         fill: Script::new(
             r"
         local stored = 0
         if redis.call('GET', KEYS[2]) == ARGV[1] then
-          redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+          if redis.call('EXISTS', KEYS[4]) == 0 then
+            redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+            stored = 1
+          end
           redis.call('DEL', KEYS[2])
-          stored = 1
         end
         if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
         return stored
@@ -428,8 +629,11 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 1
         ",
         ),
-        // KEYS: value, lease, writers. ARGV: token, entry, version, ttl_ms.
+        // KEYS: value, lease, writers, pending. ARGV: token, entry, version,
+        // ttl_ms.
         // The invariant: once a write has returned, no cached entry is older.
+        // - A pending write-behind change of the same or a higher version
+        //   stays the value: it will be written after this row.
         // - Registered (no invalidation since this writer registered): store
         //   unless the cached version is the same or newer.
         // - Revoked by an invalidation whose write may be newer than ours
@@ -446,6 +650,10 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
             r"{OLDER}
         redis.call('DEL', KEYS[2])
         local registered = redis.call('SREM', KEYS[3], ARGV[1]) == 1
+        if redis.call('TYPE', KEYS[4]).ok == 'hash' then
+          local pending = redis.call('HGET', KEYS[4], 's')
+          if pending and not older(pending, ARGV[3]) then return 0 end
+        end
         local t = redis.call('TYPE', KEYS[1]).ok
         if t ~= 'string' and t ~= 'none' then redis.call('DEL', KEYS[1]) end
         local cur = redis.call('GET', KEYS[1])
@@ -485,6 +693,54 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 0
         ",
         ),
+        // KEYS: value, lease, pending, stream. ARGV: key, head, tail,
+        // sequenced ('1': the JSON is head .. seq .. tail), floor,
+        // expires_at_ms, ttl_ms, physical_ms, max_backlog, group.
+        // Lua numbers are doubles: sequences stay below 2^53 (Redis's clock
+        // in microseconds reaches it in the year 2255).
+        write_behind: Script::new(
+            r"
+        if redis.call('XLEN', KEYS[4]) >= tonumber(ARGV[9]) then return -1 end
+        local now = redis.call('TIME')
+        local seq = tonumber(now[1]) * 1000000 + tonumber(now[2])
+        local function after(v)
+          local n = tonumber(v)
+          if n and n >= seq then seq = n + 1 end
+        end
+        after(ARGV[5])
+        local pt = redis.call('TYPE', KEYS[3]).ok
+        if pt == 'hash' then
+          after(redis.call('HGET', KEYS[3], 's'))
+        elseif pt ~= 'none' then
+          redis.call('DEL', KEYS[3])
+        end
+        local vt = redis.call('TYPE', KEYS[1]).ok
+        if vt == 'string' then
+          after(string.match(redis.call('GET', KEYS[1]), '^ca1 %a (%d+) '))
+        elseif vt ~= 'none' then
+          redis.call('DEL', KEYS[1])
+        end
+        if seq >= 9007199254740992 then
+          return redis.error_reply('write-behind sequence beyond 2^53')
+        end
+        local s = string.format('%.0f', seq)
+        local json = ARGV[2]
+        if ARGV[4] == '1' then json = ARGV[2] .. s .. ARGV[3] end
+        redis.call('SET', KEYS[1], 'ca1 v ' .. s .. ' 0 ' .. ARGV[6] .. '\n' .. json,
+          'PX', ARGV[8])
+        redis.call('DEL', KEYS[2])
+        redis.call('HSET', KEYS[3], 's', s, 'v', json, 't', ARGV[7], 'p', ARGV[8])
+        local new_stream = redis.call('EXISTS', KEYS[4]) == 0
+        local id = redis.call('XADD', KEYS[4], '*', 'k', ARGV[1], 's', s, 'v', json)
+        if new_stream then
+          -- From the start, so workers started later read this entry too.
+          redis.call('XGROUP', 'CREATE', KEYS[4], ARGV[10], '0')
+        end
+        return {s, id}
+        ",
+        ),
+        settle: Script::new(&settle_code),
+        settle_code,
     }
 });
 
@@ -755,5 +1011,6 @@ mod tests {
         assert_eq!(keys.lease, "ns:{user:1}:lease");
         assert_eq!(keys.lock, "ns:{user:1}:lock");
         assert_eq!(keys.writers, "ns:{user:1}:writers");
+        assert_eq!(keys.pending, "ns:{user:1}:pending");
     }
 }

@@ -11,6 +11,12 @@
 //! - A hot key that misses costs one load however many threads and processes
 //!   ask at once: single-flight in process, a Redis rebuild lock across
 //!   processes, and XFetch early refresh before the key expires.
+//! - Write-behind: a change is cached at once and queued on a Redis Stream
+//!   in one script; worker threads (in any process) write it to Postgres in
+//!   batches, acknowledging only after the commit, so nothing is lost and a
+//!   per-key sequence number makes redelivery harmless
+//!   ([`Client::update_user_plan_write_behind`],
+//!   [`CacheAside::write_behind`]).
 //!
 //! [`Client`] is the lab's users workload; [`CacheAside`] is the generic
 //! engine under it, for any key, value and loader.
@@ -67,6 +73,7 @@ mod relay; // invalidation from Postgres: outbox, trigger, relay
 mod sessions; // sessions with sliding expiry and an absolute lifetime
 mod singleflight; // in-process single-flight
 mod users; // the lab: users table and its functions
+mod write_behind; // durable write-behind: stream, workers, appliers
 
 pub use aside::{CacheAside, Mode, Stats};
 pub use cache::Cache;
@@ -77,6 +84,7 @@ pub use events::{Event, Events, Subscription};
 pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
+pub use write_behind::{DeadLetter, MAX_WRITE_BEHIND_WORKERS, WriteBehindChange};
 
 /// The README's Rust code compiles as doctests, so the front door stays
 /// true.

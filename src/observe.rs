@@ -11,7 +11,8 @@
 //!   with structured fields, children of that span when a caller's read
 //!   caused them.
 //! - With `metrics`: every [`Stats`] field is a counter
-//!   `cacheaside_<field>_total`, and load time and lock wait are
+//!   `cacheaside_<field>_total` (or, for a level such as
+//!   `write_behind_lag_ms`, a gauge `cacheaside_<field>`), and load time and lock wait are
 //!   histograms `cacheaside_load_seconds` and `cacheaside_lock_wait_seconds`,
 //!   all labelled with the engine's `namespace`. Handles are taken when the
 //!   engine opens: install the recorder (the exporter) before that.
@@ -75,13 +76,46 @@ impl Count {
     }
 }
 
-/// Declares the counters, one per [`Stats`] field, so the two cannot drift
-/// apart (a field missing here fails to compile in `stats`).
+/// A [`Stats`] field that is a level, not a count (the last value set);
+/// with `metrics`, the application's gauge `cacheaside_<name>`.
+pub(crate) struct Level {
+    n: AtomicU64,
+    #[cfg(feature = "metrics")]
+    metric: metrics::Gauge,
+}
+
+impl Level {
+    #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+    fn new(name: &'static str, namespace: &str) -> Level {
+        Level {
+            n: AtomicU64::new(0),
+            #[cfg(feature = "metrics")]
+            metric: metrics::gauge!(
+                format!("cacheaside_{name}"),
+                "namespace" => namespace.to_owned()
+            ),
+        }
+    }
+
+    pub(crate) fn set(&self, n: u64) {
+        self.n.store(n, Ordering::Relaxed);
+        #[cfg(feature = "metrics")]
+        self.metric.set(n as f64);
+    }
+
+    pub(crate) fn get(&self) -> u64 {
+        self.n.load(Ordering::Relaxed)
+    }
+}
+
+/// Declares the counters and levels, one per [`Stats`] field, so the two
+/// cannot drift apart (a field missing here fails to compile in `stats`).
 macro_rules! counters {
-    ($($name:ident),* $(,)?) => {
+    (counts: [$($name:ident),* $(,)?], levels: [$($level:ident),* $(,)?] $(,)?) => {
         /// What an engine has counted, and its histograms.
         pub(crate) struct Counters {
             $(pub(crate) $name: Count,)*
+            $(pub(crate) $level: Level,)*
             #[cfg(feature = "metrics")]
             load_time: metrics::Histogram,
             #[cfg(feature = "metrics")]
@@ -93,6 +127,7 @@ macro_rules! counters {
             pub(crate) fn new(namespace: &str) -> Counters {
                 Counters {
                     $($name: Count::new(stringify!($name), namespace),)*
+                    $($level: Level::new(stringify!($level), namespace),)*
                     #[cfg(feature = "metrics")]
                     load_time: metrics::histogram!(
                         "cacheaside_load_seconds",
@@ -108,29 +143,41 @@ macro_rules! counters {
 
             /// The counts now (read one by one, not as one snapshot).
             pub(crate) fn stats(&self) -> Stats {
-                Stats { $($name: self.$name.get(),)* }
+                Stats {
+                    $($name: self.$name.get(),)*
+                    $($level: self.$level.get(),)*
+                }
             }
         }
     };
 }
 
 counters!(
-    hits,
-    misses,
-    bypassed,
-    early_refreshes,
-    fills_dropped,
-    fills_failed,
-    corrupt_entries,
-    stale_served,
-    cache_errors,
-    breaker_opened,
-    breaker_closed,
-    invalidations_failed,
-    relay_invalidations,
-    relay_rounds,
-    relay_errors,
-    relay_resets,
+    counts: [
+        hits,
+        misses,
+        bypassed,
+        early_refreshes,
+        fills_dropped,
+        fills_failed,
+        corrupt_entries,
+        stale_served,
+        cache_errors,
+        breaker_opened,
+        breaker_closed,
+        invalidations_failed,
+        relay_invalidations,
+        relay_rounds,
+        relay_errors,
+        relay_resets,
+        write_behind_enqueued,
+        write_behind_applied,
+        write_behind_coalesced,
+        write_behind_retried,
+        write_behind_dead_lettered,
+        write_behind_claimed,
+    ],
+    levels: [write_behind_lag_ms],
 );
 
 impl Counters {

@@ -598,14 +598,9 @@ fn parse_xid(text: &str) -> Result<u64> {
     })
 }
 
-/// 42P01 undefined_table.
+/// 42P01 undefined_table. (Through `Error::postgres`: `source()` hands out
+/// the shared `Arc`, which does not downcast to the Postgres error.)
 fn undefined_table(err: &Error) -> bool {
-    let mut source = std::error::Error::source(err);
-    while let Some(e) = source {
-        if let Some(pg) = e.downcast_ref::<tokio_postgres::Error>() {
-            return pg.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE);
-        }
-        source = e.source();
-    }
-    false
+    err.postgres()
+        .is_some_and(|pg| pg.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE))
 }

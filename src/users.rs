@@ -11,8 +11,9 @@ use tokio_postgres::Row;
 use crate::aside::{CacheAside, Mode};
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::db::Db;
+use crate::db::{Db, Transaction};
 use crate::error::{Error, Result};
+use crate::write_behind::WriteBehindChange;
 
 /// One row of the users table, as cached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,7 +26,9 @@ pub struct UserProfile {
     pub email: String,
     /// Subscription plan, e.g. `"free"` or `"pro"`.
     pub plan: String,
-    /// Starts at 1 and grows by one with every update: orders cached copies.
+    /// Starts at 1 and grows with every update: by one for a direct update,
+    /// to the change's sequence number for a write-behind one
+    /// ([`Client::update_user_plan_write_behind`]). Orders cached copies.
     pub version: i64,
 }
 
@@ -72,6 +75,11 @@ struct Sql {
     update: String,
     update_returning: String,
     insert: String,
+    /// The write-behind applier's: one statement per batch, each row only
+    /// if its version is older than the change (a replayed or overtaken
+    /// change updates nothing); the version becomes the change's sequence
+    /// number.
+    write_behind: String,
 }
 
 impl Sql {
@@ -88,6 +96,11 @@ impl Sql {
             ),
             insert: format!(
                 "INSERT INTO {table} (id, name, email, plan) VALUES ($1, $2, $3, $4) ON CONFLICT (id) DO NOTHING"
+            ),
+            write_behind: format!(
+                "UPDATE {table} AS u SET plan = c.plan, version = c.seq, updated_at = now()
+                 FROM unnest($1::bigint[], $2::text[], $3::bigint[]) AS c(id, plan, seq)
+                 WHERE u.id = c.id AND u.version < c.seq"
             ),
         }
     }
@@ -106,11 +119,16 @@ impl Client {
     /// (e.g. a table name that is not an identifier, or an unparsable URL).
     pub fn open(config: &Config) -> Result<Client> {
         let engine = CacheAside::open(config)?;
+        let sql = Arc::new(Sql::new(&config.users_table));
+        let applier_sql = Arc::clone(&sql);
+        engine.register_write_behind(USER_PREFIX, move |tx, changes| {
+            apply_plans(tx, &applier_sql, changes)
+        })?;
         engine.start_relay();
         Ok(Client {
             engine,
             ttl: config.ttl,
-            sql: Arc::new(Sql::new(&config.users_table)),
+            sql,
         })
     }
 
@@ -150,7 +168,7 @@ impl Client {
 
     /// The cache key of a user: `user:{id}`.
     pub fn user_key(user_id: i64) -> String {
-        format!("user:{user_id}")
+        format!("{USER_PREFIX}{user_id}")
     }
 
     /// Creates the users table (and its schema, if qualified) unless it
@@ -192,6 +210,8 @@ impl Client {
     /// Database errors and timeouts.
     pub fn drop_schema(&self) -> Result<()> {
         let outbox = &self.engine.config().outbox_table;
+        // Nothing may write the tables (or the namespace) afterwards.
+        self.engine.stop_write_behind();
         self.engine.stop_relay();
         // In the order every other path locks them (a writer: users, then
         // the outbox through the trigger; a relay round: cursors, then the
@@ -304,6 +324,93 @@ impl Client {
             })
     }
 
+    /// Write-behind: sets a user's plan in the cache at once and queues the
+    /// write to Postgres, in one Redis script; returns the change's sequence
+    /// number (which becomes the profile's `version`), or `Ok(None)` if no
+    /// such user exists. It costs a read of the profile (a cache hit,
+    /// usually) and one Redis round trip, and no Postgres statement.
+    ///
+    /// From the moment it returns, every read of the user, in every process,
+    /// sees the new plan (also if the cached entry is evicted or deleted
+    /// meanwhile), until the write is in Postgres, which a worker
+    /// ([`start_write_behind`](Self::start_write_behind), in any process)
+    /// does: changes of one user are coalesced, written in batches,
+    /// conditional on the sequence number (`version < seq`), so a change is
+    /// written once in effect, and a newer one is never overwritten by an
+    /// older one. A direct update of the same user
+    /// ([`update_user_plan`](Self::update_user_plan)) is ordered by version:
+    /// a pending change enqueued before it is still written after it.
+    ///
+    /// ```no_run
+    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
+    /// client.start_write_behind(2)?;
+    /// let seq = client.update_user_plan_write_behind(1, "team")?.expect("user 1 exists");
+    /// let now = client.get_user_profile(1)?.unwrap();
+    /// assert_eq!((now.plan.as_str(), now.version as u64), ("team", seq));
+    /// client.drain_write_behind(std::time::Duration::from_secs(5))?; // now in Postgres
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::BacklogFull`](crate::ErrorKind) when the backlog is full
+    /// (nothing was enqueued: retry later, or use `update_user_plan`);
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty plan;
+    /// cache errors (write-behind needs Redis) and timeouts; database errors
+    /// of the read when the profile is not cached.
+    pub fn update_user_plan_write_behind(&self, user_id: i64, plan: &str) -> Result<Option<u64>> {
+        check_plan(plan)?;
+        let Some(current) = self.get_user_profile(user_id)? else {
+            return Ok(None);
+        };
+        let floor = u64::try_from(current.version).unwrap_or(0);
+        let changed = UserProfile {
+            plan: plan.to_owned(),
+            version: 0,
+            ..current
+        };
+        let json = serde_json::to_vec(&changed)
+            .map_err(|e| Error::invalid_argument("profile does not serialize").with_source(e))?;
+        let (head, tail) = split_version(&json)?;
+        self.engine
+            .write_behind_sequenced(&Client::user_key(user_id), self.ttl, head, tail, floor)
+            .map(Some)
+    }
+
+    /// Starts `workers` write-behind worker threads in this process: they
+    /// write the changes of
+    /// [`update_user_plan_write_behind`](Self::update_user_plan_write_behind)
+    /// (from any process of this namespace) to Postgres. See
+    /// [`CacheAside::start_write_behind`].
+    ///
+    /// # Errors
+    /// As [`CacheAside::start_write_behind`].
+    pub fn start_write_behind(&self, workers: u32) -> Result<()> {
+        self.engine.start_write_behind(workers)
+    }
+
+    /// Stops this process's write-behind workers and joins them (see
+    /// [`CacheAside::stop_write_behind`]).
+    pub fn stop_write_behind(&self) {
+        self.engine.stop_write_behind();
+    }
+
+    /// Waits until every write-behind change enqueued before this call is in
+    /// Postgres (or dead-lettered), at most `timeout`.
+    ///
+    /// # Errors
+    /// As [`CacheAside::drain_write_behind`].
+    pub fn drain_write_behind(&self, timeout: Duration) -> Result<()> {
+        self.engine.drain_write_behind(timeout)
+    }
+
+    /// Write-behind changes not yet in Postgres (the backlog).
+    ///
+    /// # Errors
+    /// As [`CacheAside::write_behind_pending`].
+    pub fn write_behind_pending(&self) -> Result<u64> {
+        self.engine.write_behind_pending()
+    }
+
     fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
         let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
         self.engine
@@ -327,6 +434,44 @@ impl Client {
             outcome => outcome,
         }
     }
+}
+
+/// The prefix of users' cache keys, and of their write-behind applier.
+const USER_PREFIX: &str = "user:";
+
+/// The users' write-behind applier: one `UPDATE ... FROM unnest(...)` for
+/// the whole batch.
+fn apply_plans(
+    tx: &mut Transaction<'_>,
+    sql: &Sql,
+    changes: &[WriteBehindChange<'_>],
+) -> Result<()> {
+    let (mut ids, mut plans, mut seqs) = (Vec::new(), Vec::new(), Vec::new());
+    for change in changes {
+        let profile: UserProfile = serde_json::from_slice(change.json).map_err(|e| {
+            Error::invalid_argument(format!("{:?} is not a user profile: {e}", change.key))
+        })?;
+        let seq = i64::try_from(change.seq)
+            .map_err(|_| Error::invalid_argument("sequence number beyond bigint"))?;
+        ids.push(profile.id);
+        plans.push(profile.plan);
+        seqs.push(seq);
+    }
+    tx.execute(&sql.write_behind, &[&ids, &plans, &seqs])?;
+    Ok(())
+}
+
+/// Splits a profile's JSON (serialized with `version` 0) around that 0, so
+/// the enqueue script can put the change's sequence number there.
+fn split_version(json: &[u8]) -> Result<(&[u8], &[u8])> {
+    const END: &[u8] = br#","version":0}"#;
+    if !json.ends_with(END) {
+        return Err(Error::invalid_argument(
+            "a profile's JSON must end with its version",
+        ));
+    }
+    let at = json.len() - 2; // before "0}"
+    Ok((&json[..at], &json[at + 1..]))
 }
 
 /// A row as the engine caches it: the profile and the version that orders it.
@@ -354,4 +499,31 @@ fn check_plan(plan: &str) -> Result<()> {
         return Err(Error::invalid_argument("plan must not be empty"));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_sequence_number_goes_where_the_version_was() {
+        let profile = UserProfile {
+            id: 7,
+            name: "A \"quoted\" name".into(),
+            email: "a@example.com".into(),
+            plan: "version\":0}".into(),
+            version: 0,
+        };
+        let json = serde_json::to_vec(&profile).unwrap();
+        let (head, tail) = split_version(&json).unwrap();
+        let spliced = [head, b"1234567890123456", tail].concat();
+        let back: UserProfile = serde_json::from_slice(&spliced).unwrap();
+        assert_eq!(
+            back,
+            UserProfile {
+                version: 1_234_567_890_123_456,
+                ..profile
+            }
+        );
+    }
 }

@@ -325,6 +325,11 @@ fn c_patterns_under_valgrind() {
 }
 
 #[test]
+fn c_write_behind_enqueue_drain_and_a_killed_worker_process() {
+    run_program("tests/c/write_behind.c");
+}
+
+#[test]
 fn cpp_wrapper_raii_optional_and_single_flight() {
     run_program("tests/cpp/client.cpp");
 }
@@ -332,6 +337,11 @@ fn cpp_wrapper_raii_optional_and_single_flight() {
 #[test]
 fn cpp_wrapper_patterns() {
     run_program("tests/cpp/patterns.cpp");
+}
+
+#[test]
+fn cpp_wrapper_write_behind() {
+    run_program("tests/cpp/write_behind.cpp");
 }
 
 /// Every program in `tests/c` and `tests/cpp` has a test above.
@@ -344,8 +354,10 @@ fn every_program_is_run() {
         "tests/c/outage.c",
         "tests/c/relay.c",
         "tests/c/patterns.c",
+        "tests/c/write_behind.c",
         "tests/cpp/client.cpp",
         "tests/cpp/patterns.cpp",
+        "tests/cpp/write_behind.cpp",
     ];
     for dir in ["tests/c", "tests/cpp"] {
         for entry in std::fs::read_dir(manifest_path(dir)).expect("read test sources") {

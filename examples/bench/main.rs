@@ -44,6 +44,7 @@ mod report;
 mod stampede;
 mod steady;
 mod wake;
+mod write_behind;
 mod xproc;
 
 use std::error::Error as StdError;
@@ -113,5 +114,6 @@ fn run(plan: Plan, quick_plots: bool) -> BoxResult<i32> {
     report.add(faults::measure(&bench)?); // (9): Redis out and back, Postgres down
     report.add(relay::measure(&bench)?); // (10): the invalidation relay, the trigger's cost
     report.add(steady::measure(&bench)?); // (11): single-flight under steady writes
+    report.add(write_behind::measure(&bench)?); // (12): write-behind enqueue, flush, lag
     report.finish(bench, quick_plots)
 }

@@ -76,7 +76,9 @@ pub unsafe extern "C" fn cacheaside_client_open(
     }
 }
 
-/// Closes a client's connections and frees it. NULL is a no-op.
+/// Closes a client's connections and frees it, after stopping and joining
+/// its write-behind workers (what they hold stays queued for other
+/// workers). NULL is a no-op.
 ///
 /// # Safety
 /// `client` is NULL or came from `cacheaside_client_open()` and was not freed
@@ -289,6 +291,22 @@ pub struct cacheaside_stats {
     pub relay_resets: u64,
     /// Keys with a single-flight load in progress now.
     pub in_flight: u64,
+    /// Write-behind changes this client enqueued.
+    pub write_behind_enqueued: u64,
+    /// Write-behind changes this client's workers committed to PostgreSQL.
+    pub write_behind_applied: u64,
+    /// Write-behind changes written as part of a newer change of their key.
+    pub write_behind_coalesced: u64,
+    /// Write-behind writes put off for a retry (PostgreSQL unreachable, or
+    /// refusing the write).
+    pub write_behind_retried: u64,
+    /// Write-behind changes moved to the dead-letter stream.
+    pub write_behind_dead_lettered: u64,
+    /// Write-behind changes claimed from a dead (or slow) worker.
+    pub write_behind_claimed: u64,
+    /// Enqueue-to-commit time of the oldest change in the last batch this
+    /// client's workers committed, in milliseconds.
+    pub write_behind_lag_ms: u64,
 }
 
 /// Reads the client's counters into `*out`; see `cacheaside_stats` for how
@@ -341,6 +359,13 @@ pub unsafe extern "C" fn cacheaside_client_stats(
             relay_errors: s.relay_errors,
             relay_resets: s.relay_resets,
             in_flight: engine.in_flight() as u64,
+            write_behind_enqueued: s.write_behind_enqueued,
+            write_behind_applied: s.write_behind_applied,
+            write_behind_coalesced: s.write_behind_coalesced,
+            write_behind_retried: s.write_behind_retried,
+            write_behind_dead_lettered: s.write_behind_dead_lettered,
+            write_behind_claimed: s.write_behind_claimed,
+            write_behind_lag_ms: s.write_behind_lag_ms,
         };
         // SAFETY: `filled` bytes are writable at `out` (the caller's `size`),
         // and our struct is all u64 fields: no padding bytes are read.

@@ -643,3 +643,74 @@ pub unsafe extern "C" fn cacheaside_config_set_session_max_lifetime_ms(
         })
     }
 }
+
+/// Sets the write-behind backlog bound: the most changes that may wait to
+/// reach PostgreSQL (across every process of the namespace) before
+/// `cacheaside_update_user_plan_write_behind()` returns
+/// `CACHEASIDE_BACKLOG_FULL` (and enqueues nothing). Defaults to 100000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_backlog(
+    config: *mut cacheaside_config,
+    max_backlog: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_max_backlog = max_backlog;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long a write-behind change may stay with a worker without
+/// being acknowledged before another worker claims it, in milliseconds:
+/// how long a dead worker delays its changes. Keep it longer than a batch's
+/// transaction may take. Defaults to 30000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_claim_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_claim_after = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many times a write-behind write that PostgreSQL refuses is
+/// tried before the change goes to the dead-letter stream (an unreachable
+/// PostgreSQL does not count), and the wait before the first retry in
+/// milliseconds (doubled with every attempt). Defaults to 5 and 100.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_retries(
+    config: *mut cacheaside_config,
+    attempts: u32,
+    backoff_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_attempts = attempts;
+            c.write_behind_retry_backoff = Duration::from_millis(backoff_ms);
+            Ok(())
+        })
+    }
+}

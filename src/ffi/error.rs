@@ -26,6 +26,7 @@ pub(crate) fn status_of(kind: ErrorKind) -> cacheaside_status {
         ErrorKind::CorruptEntry => CACHEASIDE_CORRUPT_ENTRY,
         ErrorKind::Loader => CACHEASIDE_LOADER_ERROR,
         ErrorKind::Panicked => CACHEASIDE_PANIC,
+        ErrorKind::BacklogFull => CACHEASIDE_BACKLOG_FULL,
     }
 }
 

@@ -123,6 +123,7 @@ mod log;
 mod ratelimit;
 mod sessions;
 mod users;
+mod write_behind;
 
 pub use client::*;
 pub use config::*;
@@ -133,6 +134,7 @@ pub use log::*;
 pub use ratelimit::*;
 pub use sessions::*;
 pub use users::*;
+pub use write_behind::*;
 
 /// The outcome of a call.
 ///
@@ -169,6 +171,10 @@ pub enum cacheaside_status {
     /// A `cacheaside_loader` callback reported a failure (or returned
     /// `CACHEASIDE_OK` without setting a value).
     CACHEASIDE_LOADER_ERROR = 8,
+    /// The write-behind backlog is full: the change was not enqueued (and
+    /// nothing was dropped). Retry once the workers have caught up (see
+    /// `cacheaside_write_behind_pending()`), or write the change directly.
+    CACHEASIDE_BACKLOG_FULL = 9,
 }
 
 /// What an extern function returns when it fails before reaching the safe

@@ -1,0 +1,1369 @@
+//! Durable write-behind: a change goes into the cache and onto a Redis
+//! Stream in one script, and worker threads (in any number of processes)
+//! write it to Postgres later, in batches.
+//!
+//! Guarantees (each has a test in `tests/write_behind.rs`; the list with
+//! its limits is `docs/write-behind.md`):
+//! - **Nothing is dropped.** An enqueue returns once Redis holds the change
+//!   on the stream and as the key's value. A change leaves the stream only
+//!   after the transaction that wrote it (or a newer change of its key) has
+//!   committed, or when it moves, with its error, to the dead-letter stream.
+//!   A worker that dies at any point leaves what it read pending in the
+//!   consumer group, and another worker claims it (`XAUTOCLAIM`) after
+//!   [`Config::write_behind_claim_after`]. A full backlog refuses the
+//!   enqueue ([`ErrorKind::BacklogFull`]); it never evicts.
+//! - **At-least-once delivery, exactly-once effect.** Every change carries a
+//!   per-key sequence number, and an applier's write is conditional on it:
+//!   a change older than what the row holds, or one applied before, changes
+//!   nothing. So a change delivered twice (a worker killed between `COMMIT`
+//!   and `XACK`) has the effect of one.
+//! - **Read-your-writes while pending.** From its enqueue until it is in
+//!   Postgres, a change is what every reader of its key gets, in every
+//!   process: it is the cached value, and if that is evicted, expires or is
+//!   deleted, a miss rebuilds it from the key's pending record instead of
+//!   loading the older row ([`crate::lease`] has the scripts).
+//! - **Coalescing.** A worker writes only the newest change of each key in
+//!   a batch; the older ones are acknowledged with it.
+//! - **Failures.** An unreachable or timed-out Postgres (and a serialization
+//!   failure, a deadlock, a shutdown) is waited out: the batch is retried,
+//!   with backoff, for as long as it takes. A write Postgres refuses (a
+//!   constraint, a type error, an applier's error) is retried
+//!   [`Config::write_behind_attempts`] times in all, alone (so one bad change
+//!   does not hold up its batch), and then moves to the dead-letter stream
+//!   with its error, and its cache entry is invalidated: readers fall back
+//!   to what Postgres holds. An entry that does not parse moves there at
+//!   once.
+//! - **Bounded.** At most [`MAX_WRITE_BEHIND_WORKERS`] threads per process; each holds
+//!   at most [`Config::write_behind_batch`] entries in memory, reads with a
+//!   blocking `XREADGROUP` of at most 100 ms on a connection of its own
+//!   (so `stop` returns within that plus the batch in progress), and every
+//!   other call is bounded by the cache and database timeouts.
+//!
+//! Keys (the layout of [`crate::lease`]): the stream is
+//! `{namespace}{write_behind}:stream`, the dead-letter stream
+//! `{namespace}{write_behind}:dead`, both in the slot of the hash tag
+//! `write_behind`; the consumer group is `cacheaside`. Entries hold `k` (the
+//! key, without the namespace), `s` (the sequence number) and `v` (the
+//! value's JSON). The scripts that touch the streams alone (acknowledge,
+//! dead-letter) live here, since no cache key is involved; the ones that
+//! touch a cache key live in [`crate::lease`], and the enqueue is the one
+//! script that spans two slots (see [`crate::lease::write_behind`]).
+//!
+//! Durability is Redis's: with `appendonly yes` and `appendfsync always`,
+//! an enqueued change survives a Redis crash; with `everysec` the last
+//! second may be lost. The streams and pending records have no TTL, so
+//! Redis must not evict them (`maxmemory-policy` `noeviction` or a
+//! `volatile-*` one: every cache entry has a TTL).
+
+use std::collections::HashMap;
+use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use redis::{Script, Value};
+
+use crate::aside::Engine;
+use crate::cache::{Cache, RedisConnector, millis};
+use crate::config::Config;
+use crate::db::Transaction;
+use crate::entry::now_ms;
+use crate::error::{Error, ErrorKind, Result};
+use crate::lease::{self, Enqueued, Json, Keys, Settled, new_token};
+use crate::observe::report;
+use crate::pool::Conn;
+
+/// The consumer group every worker of a namespace reads through.
+const GROUP: &str = "cacheaside";
+
+/// Longest one `XREADGROUP` blocks: how soon an idle worker sees `stop`.
+const BLOCK: Duration = Duration::from_millis(100);
+
+/// Most ids one acknowledgement script takes (Lua's `unpack` has a limit).
+const ACK_CHUNK: usize = 1000;
+
+/// Most write-behind worker threads one engine runs.
+pub const MAX_WRITE_BEHIND_WORKERS: u32 = 64;
+
+/// One change handed to an applier: the newest pending change of its key.
+///
+/// `json` is the value's JSON as it was enqueued (and cached); `seq` is its
+/// sequence number, which grows with every change of the key. The applier's
+/// write must be conditional on it (see
+/// [`CacheAside::register_write_behind`](crate::CacheAside::register_write_behind)).
+#[derive(Debug, Clone, Copy)]
+#[non_exhaustive]
+pub struct WriteBehindChange<'a> {
+    /// The cache key, without the namespace (e.g. `user:1`).
+    pub key: &'a str,
+    /// The value's JSON.
+    pub json: &'a [u8],
+    /// The change's sequence number: Redis's clock in microseconds at the
+    /// enqueue, or one more than the key's previous number when that is
+    /// later. Below 2^53, so it fits a `bigint` and a JSON number.
+    pub seq: u64,
+}
+
+/// A change that the workers gave up on, as the dead-letter stream holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DeadLetter {
+    /// The id of the entry in the dead-letter stream.
+    pub id: String,
+    /// The id the change had in the write-behind stream.
+    pub original_id: String,
+    /// The cache key, if the entry had one.
+    pub key: Option<String>,
+    /// The sequence number, if the entry had a valid one.
+    pub seq: Option<u64>,
+    /// The value's JSON, if the entry had one.
+    pub json: Option<String>,
+    /// Why it was given up on: the last error, or what did not parse.
+    pub error: String,
+    /// How many times its write was tried (0: it never was).
+    pub attempts: u32,
+}
+
+/// A write of changes to the source: it runs inside a transaction that
+/// commits when it returns `Ok`.
+pub(crate) type Applier =
+    Arc<dyn Fn(&mut Transaction<'_>, &[WriteBehindChange<'_>]) -> Result<()> + Send + Sync>;
+
+/// The write-behind side of one engine: its appliers and its workers.
+pub(crate) struct WriteBehind {
+    shared: Arc<Shared>,
+    /// Guarded by its mutex, held only to start or stop (stop joins the
+    /// threads under it, so a concurrent start waits for the stop).
+    workers: Mutex<Option<Workers>>,
+}
+
+/// What every worker of an engine reads.
+struct Shared {
+    stream: String,
+    dead: String,
+    /// Longest prefix first. Read by enqueues and by workers (who copy the
+    /// list out, and never hold the lock across I/O); written by register.
+    appliers: RwLock<Vec<(String, Applier)>>,
+    max_backlog: u64,
+    batch: usize,
+    claim_after: Duration,
+    attempts: u32,
+    backoff: Duration,
+    fail_safe_max: Duration,
+    /// XREADGROUP's read timeout: the block plus a command's own bound.
+    read_timeout: Duration,
+}
+
+struct Workers {
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl WriteBehind {
+    pub fn new(cache: &Cache, config: &Config) -> WriteBehind {
+        let base = cache.redis_key("write_behind");
+        WriteBehind {
+            shared: Arc::new(Shared {
+                stream: format!("{base}:stream"),
+                dead: format!("{base}:dead"),
+                appliers: RwLock::new(Vec::new()),
+                max_backlog: config.write_behind_max_backlog,
+                batch: config.write_behind_batch as usize,
+                claim_after: config.write_behind_claim_after,
+                attempts: config.write_behind_attempts,
+                backoff: config.write_behind_retry_backoff,
+                fail_safe_max: config.fail_safe_max,
+                read_timeout: BLOCK + config.cache_timeout,
+            }),
+            workers: Mutex::new(None),
+        }
+    }
+
+    /// Registers (or replaces) the applier of keys that start with `prefix`.
+    pub fn register(&self, prefix: &str, applier: Applier) -> Result<()> {
+        if prefix
+            .chars()
+            .any(|c| c == '{' || c == '}' || c.is_control())
+        {
+            return Err(Error::invalid_argument(
+                "a write-behind prefix may not contain '{', '}' or control characters",
+            ));
+        }
+        let mut appliers = self.shared.appliers.write();
+        appliers.retain(|(p, _)| p != prefix);
+        appliers.push((prefix.to_owned(), applier));
+        appliers.sort_by_key(|(p, _)| std::cmp::Reverse(p.len()));
+        Ok(())
+    }
+
+    /// Enqueues a change of `key`; returns its sequence number.
+    pub fn enqueue(
+        &self,
+        engine: &Engine,
+        key: &str,
+        ttl: Duration,
+        json: Json<'_>,
+        floor: u64,
+    ) -> Result<u64> {
+        if self.shared.applier_for(key).is_none() {
+            return Err(Error::invalid_argument(format!(
+                "no write-behind applier is registered for key {key:?}"
+            )));
+        }
+        // A load of the key in flight in this process read the older row:
+        // followers that join after this write must not take it.
+        engine.note_write(key);
+        let keys = Keys::for_value(engine.cache.redis_key(key));
+        let stream = lease::Stream {
+            key: &self.shared.stream,
+            group: GROUP,
+            max_backlog: self.shared.max_backlog,
+        };
+        let expires_at_ms = now_ms().saturating_add(millis(ttl));
+        let physical = ttl.saturating_add(self.shared.fail_safe_max);
+        let enqueued = lease::write_behind(
+            &engine.cache,
+            &keys,
+            &stream,
+            key,
+            json,
+            floor,
+            expires_at_ms,
+            ttl,
+            physical,
+        );
+        match enqueued {
+            Ok(Enqueued::Taken { seq, .. }) => {
+                engine.counters.write_behind_enqueued.bump();
+                Ok(seq)
+            }
+            Ok(Enqueued::BacklogFull) => Err(Error::new(
+                ErrorKind::BacklogFull,
+                format!(
+                    "write-behind backlog is full ({} changes wait for Postgres): \
+                     the change was not enqueued",
+                    self.shared.max_backlog
+                ),
+            )),
+            Err(err) => {
+                engine.cache_failed(crate::breaker::Permit::Use, &err);
+                Err(err)
+            }
+        }
+    }
+
+    /// Starts `workers` threads.
+    pub fn start(&self, engine: &Engine, workers: u32) -> Result<()> {
+        if workers == 0 || workers > MAX_WRITE_BEHIND_WORKERS {
+            return Err(Error::invalid_argument(format!(
+                "write-behind workers must be between 1 and {MAX_WRITE_BEHIND_WORKERS}"
+            )));
+        }
+        let mut slot = self.workers.lock();
+        if slot.is_some() {
+            return Err(Error::invalid_argument(
+                "write-behind workers already run: stop them first",
+            ));
+        }
+        let mut engine = engine.clone();
+        // The workers' statements are the library's, not the application's.
+        engine.db = engine.db.uncounted();
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut threads = Vec::new();
+        for i in 0..workers {
+            let worker = Worker::new(engine.clone(), Arc::clone(&self.shared), Arc::clone(&stop));
+            match std::thread::Builder::new()
+                .name(format!("cacheaside-write-behind-{i}"))
+                .spawn(move || worker.run())
+            {
+                Ok(thread) => threads.push(thread),
+                Err(err) => report!(warn, "cannot start a write-behind worker thread: {err}"),
+            }
+        }
+        if threads.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "the system refused every write-behind worker thread",
+            ));
+        }
+        *slot = Some(Workers { stop, threads });
+        Ok(())
+    }
+
+    /// Stops the workers and joins them; a no-op when none run.
+    pub fn stop(&self) {
+        let mut slot = self.workers.lock();
+        if let Some(workers) = slot.take() {
+            workers.stop.store(true, Ordering::SeqCst);
+            for thread in workers.threads {
+                let _ = thread.join();
+            }
+        }
+    }
+
+    /// Worker threads running now.
+    pub fn running(&self) -> usize {
+        self.workers.lock().as_ref().map_or(0, |w| w.threads.len())
+    }
+
+    /// Changes enqueued (by any process) and not yet in Postgres or
+    /// dead-lettered.
+    pub fn pending(&self, cache: &Cache) -> Result<u64> {
+        cache.run(|conn| redis::cmd("XLEN").arg(&self.shared.stream).query(conn))
+    }
+
+    /// Waits until every change enqueued before this call has left the
+    /// stream (committed, or dead-lettered), at most `timeout`.
+    pub fn drain(&self, cache: &Cache, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        let Some(target) = self.edge(cache, "XREVRANGE", "+", "-")? else {
+            return Ok(());
+        };
+        loop {
+            match self.edge(cache, "XRANGE", "-", "+")? {
+                None => return Ok(()),
+                Some(first) if first > target => return Ok(()),
+                Some(_) => {}
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(Error::timeout(
+                    "waiting for write-behind changes to reach Postgres",
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(5).min(deadline - now));
+        }
+    }
+
+    /// The first (or last) entry id of the stream.
+    fn edge(&self, cache: &Cache, cmd: &str, from: &str, to: &str) -> Result<Option<StreamId>> {
+        let reply: Value = cache.run(|conn| {
+            redis::cmd(cmd)
+                .arg(&self.shared.stream)
+                .arg(from)
+                .arg(to)
+                .arg("COUNT")
+                .arg(1)
+                .query(conn)
+        })?;
+        Ok(entries(&reply).first().and_then(|e| StreamId::parse(&e.id)))
+    }
+
+    /// The oldest `count` entries of the dead-letter stream.
+    pub fn dead_letters(&self, cache: &Cache, count: usize) -> Result<Vec<DeadLetter>> {
+        let reply: Value = cache.run(|conn| {
+            redis::cmd("XRANGE")
+                .arg(&self.shared.dead)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(count.max(1))
+                .query(conn)
+        })?;
+        Ok(entries(&reply)
+            .into_iter()
+            .map(|e| {
+                let text = |name: &str| {
+                    e.field(name)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                };
+                DeadLetter {
+                    original_id: text("id").unwrap_or_default(),
+                    key: text("k"),
+                    seq: text("s").and_then(|s| s.parse().ok()),
+                    json: text("v"),
+                    error: text("error").unwrap_or_default(),
+                    attempts: text("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
+                    id: e.id,
+                }
+            })
+            .collect())
+    }
+}
+
+impl Drop for WriteBehind {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+impl Shared {
+    fn applier_for(&self, key: &str) -> Option<Applier> {
+        find(&self.appliers.read(), key)
+    }
+
+    /// The wait before a refused write's next attempt (`attempts` made).
+    fn retry_backoff(&self, attempts: u32) -> Duration {
+        let doubled = self
+            .backoff
+            .saturating_mul(1 << attempts.saturating_sub(1).min(20));
+        doubled.min(self.max_wait())
+    }
+
+    /// No wait is longer: a worker renews its claim on what it holds every
+    /// `claim_after / 4`, and must look at its held changes as often.
+    fn max_wait(&self) -> Duration {
+        (self.claim_after / 4).clamp(Duration::from_millis(1), Duration::from_secs(5))
+    }
+}
+
+fn find(appliers: &[(String, Applier)], key: &str) -> Option<Applier> {
+    appliers
+        .iter()
+        .find(|(prefix, _)| key.starts_with(prefix.as_str()))
+        .map(|(_, applier)| Arc::clone(applier))
+}
+
+/// A stream entry id, `<ms>-<n>`, ordered as Redis orders them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamId(u64, u64);
+
+impl StreamId {
+    fn parse(id: &str) -> Option<StreamId> {
+        let (ms, n) = id.split_once('-')?;
+        Some(StreamId(ms.parse().ok()?, n.parse().ok()?))
+    }
+}
+
+/// One stream entry as Redis returned it.
+struct RawEntry {
+    id: String,
+    fields: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RawEntry {
+    fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(f, _)| f == name.as_bytes())
+            .map(|(_, v)| v.as_slice())
+    }
+}
+
+/// The entries of a reply that is, or holds, a list of `[id, [f, v, ...]]`
+/// (`XRANGE`; `XAUTOCLAIM`'s second element; `XREADGROUP`'s streams).
+fn entries(reply: &Value) -> Vec<RawEntry> {
+    let Value::Array(items) = reply else {
+        return Vec::new();
+    };
+    items
+        .iter()
+        .filter_map(|item| {
+            let Value::Array(pair) = item else {
+                return None;
+            };
+            let [Value::BulkString(id), fields] = pair.as_slice() else {
+                return None;
+            };
+            let fields = match fields {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [Value::BulkString(f), Value::BulkString(v)] => {
+                            Some((f.clone(), v.clone()))
+                        }
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Some(RawEntry {
+                id: String::from_utf8_lossy(id).into_owned(),
+                fields,
+            })
+        })
+        .collect()
+}
+
+/// The entries of an `XREADGROUP` reply (one stream, or nil).
+fn read_entries(reply: &Value) -> Vec<RawEntry> {
+    match reply {
+        Value::Array(streams) => streams
+            .iter()
+            .flat_map(|stream| match stream {
+                Value::Array(pair) if pair.len() == 2 => entries(&pair[1]),
+                _ => Vec::new(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// A change as a worker holds it.
+#[derive(Debug, Clone)]
+struct Change {
+    id: String,
+    key: String,
+    seq: u64,
+    json: Vec<u8>,
+}
+
+impl Change {
+    /// Parses an entry; `Err` says why it is poison.
+    fn parse(raw: &RawEntry) -> std::result::Result<Change, String> {
+        let text = |name: &str| {
+            raw.field(name)
+                .ok_or_else(|| format!("unparseable: no field {name:?}"))
+        };
+        let key = std::str::from_utf8(text("k")?)
+            .map_err(|_| "unparseable: the key is not UTF-8".to_owned())?;
+        if key.is_empty() {
+            return Err("unparseable: the key is empty".into());
+        }
+        let seq = std::str::from_utf8(text("s")?)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| "unparseable: the sequence number is not a number".to_owned())?;
+        let json = text("v")?;
+        if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(json) {
+            return Err(format!("unparseable: the value is not JSON: {err}"));
+        }
+        Ok(Change {
+            id: raw.id.clone(),
+            key: key.to_owned(),
+            seq,
+            json: json.to_vec(),
+        })
+    }
+
+    /// Redis's clock (ms) when it was enqueued: its id's first part.
+    fn enqueued_ms(&self) -> Option<u64> {
+        StreamId::parse(&self.id).map(|id| id.0)
+    }
+}
+
+/// One key's changes in a worker's hands: the newest is written, the older
+/// ones (their ids) are acknowledged with it.
+#[derive(Debug)]
+struct KeyBatch {
+    newest: Change,
+    /// Refused writes of `newest` so far.
+    attempts: u32,
+    older: Vec<String>,
+}
+
+impl KeyBatch {
+    fn new(change: Change) -> KeyBatch {
+        KeyBatch {
+            newest: change,
+            attempts: 0,
+            older: Vec::new(),
+        }
+    }
+
+    /// Folds `other` (of the same key) in: the newer change is kept.
+    fn merge(&mut self, other: KeyBatch) {
+        let KeyBatch {
+            newest,
+            attempts,
+            older,
+        } = other;
+        for id in older {
+            self.add_older(id);
+        }
+        if newest.id == self.newest.id {
+            return;
+        }
+        if newest.seq > self.newest.seq {
+            let was = std::mem::replace(&mut self.newest, newest);
+            self.attempts = attempts;
+            self.add_older(was.id);
+        } else {
+            self.add_older(newest.id);
+        }
+    }
+
+    fn add_older(&mut self, id: String) {
+        if id != self.newest.id {
+            self.older.push(id);
+        }
+    }
+
+    /// Drops ids delivered twice (a claim and a read may overlap), once the
+    /// batch is complete: linear merging, then one sort.
+    fn dedup(&mut self) {
+        self.older.sort_unstable();
+        self.older.dedup();
+        let newest = &self.newest.id;
+        self.older.retain(|id| id != newest);
+    }
+
+    fn ids(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.newest.id).chain(&self.older)
+    }
+
+    fn len(&self) -> usize {
+        1 + self.older.len()
+    }
+}
+
+/// A key's changes waiting for their next attempt.
+struct Held {
+    batch: KeyBatch,
+    due: Instant,
+}
+
+/// One worker thread.
+struct Worker {
+    engine: Engine,
+    shared: Arc<Shared>,
+    stop: Arc<AtomicBool>,
+    consumer: String,
+    /// The connection the blocking reads use, opened on demand and dropped
+    /// after any error on it.
+    conn: Option<Conn<RedisConnector>>,
+    group_ready: bool,
+    held: Vec<Held>,
+    claim_cursor: String,
+    next_claim: Instant,
+    next_touch: Instant,
+    next_sweep: Instant,
+    /// The wait before retrying after an outage; doubles while it lasts.
+    outage_backoff: Duration,
+}
+
+impl Worker {
+    fn new(engine: Engine, shared: Arc<Shared>, stop: Arc<AtomicBool>) -> Worker {
+        let now = Instant::now();
+        Worker {
+            engine,
+            consumer: format!("worker-{}", new_token()),
+            conn: None,
+            group_ready: false,
+            held: Vec::new(),
+            claim_cursor: "0-0".into(),
+            next_claim: now,
+            next_touch: now,
+            next_sweep: now + shared.claim_after * 10,
+            outage_backoff: Duration::ZERO,
+            shared,
+            stop,
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    fn run(mut self) {
+        let mut pause = Duration::from_millis(20);
+        while !self.stopping() {
+            match self.round() {
+                Ok(()) => pause = Duration::from_millis(20),
+                Err(err) => {
+                    report!(debug, "write-behind worker (retrying): {}", err.chain());
+                    self.conn = None;
+                    self.sleep(pause);
+                    pause = (pause * 2).min(self.shared.max_wait().max(BLOCK));
+                }
+            }
+        }
+        self.leave();
+    }
+
+    /// Sleeps up to `total`, waking early when stopped.
+    fn sleep(&self, total: Duration) {
+        let until = Instant::now() + total;
+        while !self.stopping() {
+            let now = Instant::now();
+            if now >= until {
+                return;
+            }
+            std::thread::sleep((until - now).min(Duration::from_millis(20)));
+        }
+    }
+
+    /// Entries held (waiting for a retry).
+    fn held_entries(&self) -> usize {
+        self.held.iter().map(|h| h.batch.len()).sum()
+    }
+
+    /// One round: renew claims on held changes, take the due ones, claim
+    /// abandoned ones, read new ones, and flush what it has.
+    fn round(&mut self) -> Result<()> {
+        if !self.group_ready && !self.ensure_group()? {
+            // Nothing was ever enqueued in this namespace.
+            self.sleep(BLOCK);
+            return Ok(());
+        }
+        let now = Instant::now();
+        if !self.held.is_empty() && now >= self.next_touch {
+            self.touch()?;
+            self.next_touch = now + self.shared.max_wait();
+        }
+        if now >= self.next_sweep {
+            self.sweep_consumers();
+            self.next_sweep = now + self.shared.claim_after * 10;
+        }
+        let mut batch: Vec<KeyBatch> = Vec::new();
+        let mut poison: Vec<(RawEntry, String)> = Vec::new();
+        let mut i = 0;
+        while i < self.held.len() {
+            if self.held[i].due <= now {
+                batch.push(self.held.swap_remove(i).batch);
+            } else {
+                i += 1;
+            }
+        }
+        let mut room = self
+            .shared
+            .batch
+            .saturating_sub(self.held_entries() + batch.len());
+        if room > 0 && now >= self.next_claim {
+            let claimed = self.claim(room)?;
+            self.engine
+                .counters
+                .write_behind_claimed
+                .add(claimed.len() as u64);
+            room = room.saturating_sub(claimed.len());
+            sort(claimed, &mut batch, &mut poison);
+            self.next_claim = now + self.shared.max_wait();
+        }
+        if room > 0 {
+            let block = if batch.is_empty() && poison.is_empty() {
+                Some(self.idle_wait(now))
+            } else {
+                None
+            };
+            let read = self.read(room, block)?;
+            sort(read, &mut batch, &mut poison);
+        } else if batch.is_empty() {
+            // Full of changes that wait for their retry.
+            self.sleep(self.idle_wait(now));
+        }
+        for (raw, why) in poison {
+            self.dead_letter_raw(&raw, &why, 0)?;
+        }
+        if !batch.is_empty() {
+            self.process(batch);
+        }
+        Ok(())
+    }
+
+    /// How long an idle worker may wait: until the next held change is due
+    /// or the next claim, at most [`BLOCK`].
+    fn idle_wait(&self, now: Instant) -> Duration {
+        let mut until = now + BLOCK;
+        for held in &self.held {
+            until = until.min(held.due);
+        }
+        until = until.min(self.next_claim.max(now));
+        until
+            .saturating_duration_since(now)
+            .max(Duration::from_millis(1))
+    }
+
+    /// Creates the consumer group at the stream's start if the stream
+    /// exists; false if it does not yet (the first enqueue creates both).
+    fn ensure_group(&mut self) -> Result<bool> {
+        let stream = &self.shared.stream;
+        let exists: bool = self
+            .engine
+            .cache
+            .run(|conn| redis::cmd("EXISTS").arg(stream).query(conn))?;
+        if !exists {
+            return Ok(false);
+        }
+        self.engine.cache.run(|conn| {
+            match redis::cmd("XGROUP")
+                .arg("CREATE")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("0")
+                .query::<()>(conn)
+            {
+                Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
+                other => other,
+            }
+        })?;
+        self.group_ready = true;
+        Ok(true)
+    }
+
+    /// `XREADGROUP` of up to `count` new entries, blocking up to `block`.
+    fn read(&mut self, count: usize, block: Option<Duration>) -> Result<Vec<RawEntry>> {
+        if self.conn.is_none() {
+            self.conn = Some(self.engine.cache.dedicated(self.shared.read_timeout)?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let mut cmd = redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(GROUP)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count);
+        if let Some(block) = block {
+            cmd.arg("BLOCK").arg(millis(block));
+        }
+        cmd.arg("STREAMS").arg(&self.shared.stream).arg(">");
+        match cmd.query::<Value>(&mut **conn) {
+            Ok(reply) => Ok(read_entries(&reply)),
+            Err(err) if err.code() == Some("NOGROUP") => {
+                // The stream (or group) was deleted: wait for it again.
+                self.group_ready = false;
+                Ok(Vec::new())
+            }
+            Err(err) => {
+                // A lost reply leaves what it delivered pending for us; the
+                // next claims (ours or another worker's) pick it up.
+                self.conn = None;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// `XAUTOCLAIM`: entries another worker (or a lost reply) left pending
+    /// for longer than `claim_after`.
+    fn claim(&mut self, count: usize) -> Result<Vec<RawEntry>> {
+        let reply: Value = self.engine.cache.run(|conn| {
+            let claimed = redis::cmd("XAUTOCLAIM")
+                .arg(&self.shared.stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(millis(self.shared.claim_after))
+                .arg(&self.claim_cursor)
+                .arg("COUNT")
+                .arg(count)
+                .query(conn);
+            match claimed {
+                Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
+                other => other,
+            }
+        })?;
+        if reply == Value::Nil {
+            // The stream (or group) was deleted: wait for it again.
+            self.group_ready = false;
+            return Ok(Vec::new());
+        }
+        let Value::Array(parts) = &reply else {
+            return Ok(Vec::new());
+        };
+        self.claim_cursor = match parts.first() {
+            Some(Value::BulkString(cursor)) => String::from_utf8_lossy(cursor).into_owned(),
+            _ => "0-0".into(),
+        };
+        Ok(parts.get(1).map(entries).unwrap_or_default())
+    }
+
+    /// Renews this worker's claim on what it holds (so nobody claims a
+    /// change that only waits for its retry), and forgets what is no longer
+    /// pending (another worker finished it).
+    fn touch(&mut self) -> Result<()> {
+        let ids: Vec<&String> = self.held.iter().flat_map(|h| h.batch.ids()).collect();
+        let mut still: std::collections::HashSet<String> = std::collections::HashSet::new();
+        for chunk in ids.chunks(ACK_CHUNK) {
+            let claimed: Vec<String> = self.engine.cache.run(|conn| {
+                redis::cmd("XCLAIM")
+                    .arg(&self.shared.stream)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(0)
+                    .arg(chunk)
+                    .arg("JUSTID")
+                    .query(conn)
+            })?;
+            still.extend(claimed);
+        }
+        let mut done = Vec::new();
+        self.held.retain_mut(|h| {
+            h.batch.older.retain(|id| still.contains(id));
+            if still.contains(&h.batch.newest.id) {
+                true
+            } else {
+                // Written (or dead-lettered) by someone else: what is older
+                // is superseded by it.
+                done.append(&mut h.batch.older);
+                false
+            }
+        });
+        if !done.is_empty() {
+            self.ack(&done)?;
+        }
+        Ok(())
+    }
+
+    /// Deletes consumers that have nothing pending and have not read for
+    /// ten claim periods (workers of processes that died). Best effort.
+    fn sweep_consumers(&self) {
+        let idle_ms = millis(self.shared.claim_after * 10);
+        let reply: Result<Value> = self.engine.cache.run(|conn| {
+            redis::cmd("XINFO")
+                .arg("CONSUMERS")
+                .arg(&self.shared.stream)
+                .arg(GROUP)
+                .query(conn)
+        });
+        let Ok(Value::Array(consumers)) = reply else {
+            return;
+        };
+        for consumer in consumers {
+            let info: HashMap<String, Value> = match consumer {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [Value::BulkString(k), v] => {
+                            Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
+                        }
+                        [Value::SimpleString(k), v] => Some((k.clone(), v.clone())),
+                        _ => None,
+                    })
+                    .collect(),
+                Value::Map(pairs) => pairs
+                    .into_iter()
+                    .filter_map(|(k, v)| match k {
+                        Value::BulkString(k) => Some((String::from_utf8_lossy(&k).into_owned(), v)),
+                        Value::SimpleString(k) => Some((k, v)),
+                        _ => None,
+                    })
+                    .collect(),
+                _ => continue,
+            };
+            let (Some(Value::BulkString(name)), Some(Value::Int(pending)), Some(Value::Int(idle))) =
+                (info.get("name"), info.get("pending"), info.get("idle"))
+            else {
+                continue;
+            };
+            let name = String::from_utf8_lossy(name);
+            if *pending == 0 && *idle as u64 >= idle_ms && name != self.consumer {
+                let _ = self.engine.cache.run(|conn| {
+                    redis::cmd("XGROUP")
+                        .arg("DELCONSUMER")
+                        .arg(&self.shared.stream)
+                        .arg(GROUP)
+                        .arg(name.as_ref())
+                        .query::<i64>(conn)
+                });
+            }
+        }
+    }
+
+    /// On stop: removes this consumer from the group if it holds nothing
+    /// (what it holds stays pending for another worker to claim).
+    fn leave(&mut self) {
+        if !self.held.is_empty() || !self.group_ready {
+            return;
+        }
+        let stream = &self.shared.stream;
+        let pending: Result<Value> = self.engine.cache.run(|conn| {
+            redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(1)
+                .arg(&self.consumer)
+                .query(conn)
+        });
+        if matches!(pending, Ok(Value::Array(ref items)) if items.is_empty()) {
+            let _ = self.engine.cache.run(|conn| {
+                redis::cmd("XGROUP")
+                    .arg("DELCONSUMER")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .query::<i64>(conn)
+            });
+        }
+    }
+
+    /// Coalesces a batch per key (folding in held changes of the same keys)
+    /// and writes each applier's share in one transaction.
+    fn process(&mut self, batch: Vec<KeyBatch>) {
+        let mut by_key: HashMap<String, KeyBatch> = HashMap::new();
+        for kb in batch {
+            match by_key.get_mut(&kb.newest.key) {
+                Some(have) => have.merge(kb),
+                None => {
+                    by_key.insert(kb.newest.key.clone(), kb);
+                }
+            }
+        }
+        let mut i = 0;
+        while i < self.held.len() {
+            if let Some(have) = by_key.get_mut(&self.held[i].batch.newest.key) {
+                have.merge(self.held.swap_remove(i).batch);
+            } else {
+                i += 1;
+            }
+        }
+        for kb in by_key.values_mut() {
+            kb.dedup();
+        }
+        let appliers = self.shared.appliers.read().clone();
+        let mut groups: Vec<Vec<KeyBatch>> = appliers.iter().map(|_| Vec::new()).collect();
+        for kb in by_key.into_values() {
+            let at = appliers
+                .iter()
+                .position(|(prefix, _)| kb.newest.key.starts_with(prefix.as_str()));
+            match at {
+                Some(at) => groups[at].push(kb),
+                None => {
+                    let why = "no write-behind applier is registered for this key in the \
+                               worker's process";
+                    self.dead(kb, why);
+                }
+            }
+        }
+        for ((_, applier), group) in appliers.iter().zip(groups) {
+            if !group.is_empty() {
+                self.flush(applier, group);
+            }
+        }
+    }
+
+    /// Writes one applier's changes in one transaction; on a refusal,
+    /// writes them one by one, so only the bad change waits.
+    fn flush(&mut self, applier: &Applier, group: Vec<KeyBatch>) {
+        let outcome = {
+            let changes: Vec<WriteBehindChange<'_>> = group
+                .iter()
+                .map(|kb| WriteBehindChange {
+                    key: &kb.newest.key,
+                    json: &kb.newest.json,
+                    seq: kb.newest.seq,
+                })
+                .collect();
+            self.engine.db.transaction(|tx| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| applier(tx, &changes))).unwrap_or_else(
+                    |_| {
+                        Err(Error::new(
+                            ErrorKind::Panicked,
+                            "the write-behind applier panicked",
+                        ))
+                    },
+                )
+            })
+        };
+        match outcome {
+            Ok(()) => {
+                self.outage_backoff = Duration::ZERO;
+                self.committed(group);
+            }
+            Err(err) if transient(&err) => self.wait_out(group, &err),
+            Err(_) if group.len() > 1 => {
+                for kb in group {
+                    self.flush(applier, vec![kb]);
+                }
+            }
+            Err(err) => {
+                let Some(mut kb) = group.into_iter().next() else {
+                    return;
+                };
+                kb.attempts += 1;
+                if kb.attempts >= self.shared.attempts {
+                    let why = err.chain();
+                    self.dead(kb, &why);
+                } else {
+                    self.engine.counters.write_behind_retried.bump();
+                    report!(
+                        debug,
+                        "write-behind write of {:?} refused (attempt {}): {}",
+                        kb.newest.key,
+                        kb.attempts,
+                        err.chain()
+                    );
+                    let due = Instant::now() + self.shared.retry_backoff(kb.attempts);
+                    self.held.push(Held { batch: kb, due });
+                }
+            }
+        }
+    }
+
+    /// Holds changes through an outage (Postgres or Redis unreachable):
+    /// retried after a growing wait, without counting attempts.
+    fn wait_out(&mut self, group: Vec<KeyBatch>, err: &Error) {
+        report!(
+            debug,
+            "write-behind: {} changes wait for an outage to end: {}",
+            group.len(),
+            err.chain()
+        );
+        self.outage_backoff = (self.outage_backoff * 2)
+            .max(Duration::from_millis(50))
+            .min(self.shared.max_wait());
+        let due = Instant::now() + self.outage_backoff;
+        for kb in group {
+            self.engine.counters.write_behind_retried.bump();
+            self.held.push(Held { batch: kb, due });
+        }
+    }
+
+    /// After the commit: the pending records go (and the cached values, so
+    /// readers load the committed rows), then the entries leave the stream.
+    /// If Redis fails here, the changes are held and written again (a no-op
+    /// by the sequence guard) until it answers.
+    fn committed(&mut self, group: Vec<KeyBatch>) {
+        #[cfg(feature = "test-hooks")]
+        for kb in &group {
+            self.engine.hooks.after_write_behind_commit(&kb.newest.key);
+        }
+        let cache = &self.engine.cache;
+        let settles: Vec<(Keys, u64)> = group
+            .iter()
+            .map(|kb| {
+                (
+                    Keys::for_value(cache.redis_key(&kb.newest.key)),
+                    kb.newest.seq,
+                )
+            })
+            .collect();
+        if let Err(err) = lease::settle(cache, &settles, Settled::Applied) {
+            return self.wait_out(group, &err);
+        }
+        let ids: Vec<String> = group.iter().flat_map(|kb| kb.ids().cloned()).collect();
+        if let Err(err) = self.ack(&ids) {
+            return self.wait_out(group, &err);
+        }
+        let counters = &self.engine.counters;
+        let coalesced: usize = group.iter().map(|kb| kb.older.len()).sum();
+        counters.write_behind_applied.add(group.len() as u64);
+        counters.write_behind_coalesced.add(coalesced as u64);
+        let oldest = group
+            .iter()
+            .flat_map(|kb| kb.ids())
+            .filter_map(|id| StreamId::parse(id).map(|id| id.0))
+            .min();
+        if let Some(oldest) =
+            oldest.or_else(|| group.first().and_then(|kb| kb.newest.enqueued_ms()))
+        {
+            counters
+                .write_behind_lag_ms
+                .set(now_ms().saturating_sub(oldest));
+        }
+    }
+
+    /// Gives up on a key's newest change: its cache entry is invalidated
+    /// (unless a newer change is pending), it moves to the dead-letter
+    /// stream with `why`, and the older changes it superseded are
+    /// acknowledged. If Redis fails, it is held and tried again.
+    fn dead(&mut self, kb: KeyBatch, why: &str) {
+        let cache = &self.engine.cache;
+        let keys = Keys::for_value(cache.redis_key(&kb.newest.key));
+        let moved = lease::settle(cache, &[(keys, kb.newest.seq)], Settled::Dead).and_then(|()| {
+            let fields: Vec<(&str, Vec<u8>)> = vec![
+                ("k", kb.newest.key.as_bytes().to_vec()),
+                ("s", kb.newest.seq.to_string().into_bytes()),
+                ("v", kb.newest.json.clone()),
+            ];
+            self.dead_letter(&kb.newest.id, why, kb.attempts, &fields)
+        });
+        let moved = moved.and_then(|()| self.ack(&kb.older));
+        if let Err(err) = moved {
+            let due = Instant::now() + self.shared.max_wait();
+            report!(
+                debug,
+                "write-behind: dead-lettering failed (retried): {}",
+                err.chain()
+            );
+            self.held.push(Held { batch: kb, due });
+        }
+    }
+
+    /// Moves an entry that does not parse to the dead-letter stream as it is.
+    fn dead_letter_raw(&self, raw: &RawEntry, why: &str, attempts: u32) -> Result<()> {
+        let fields: Vec<(&str, Vec<u8>)> = raw
+            .fields
+            .iter()
+            .filter_map(|(f, v)| std::str::from_utf8(f).ok().map(|f| (f, v.clone())))
+            .collect();
+        report!(warn, "write-behind: entry {} is poison: {why}", raw.id);
+        self.dead_letter(&raw.id, why, attempts, &fields)
+    }
+
+    /// The dead-letter script: acknowledges `id` and, if it was still
+    /// pending (not already done by someone), appends it with `why` to the
+    /// dead-letter stream; deletes it from the stream.
+    fn dead_letter(
+        &self,
+        id: &str,
+        why: &str,
+        attempts: u32,
+        fields: &[(&str, Vec<u8>)],
+    ) -> Result<()> {
+        let moved: i64 = self.engine.cache.run(|conn| {
+            let mut call = STREAM_SCRIPTS.dead_letter.key(&self.shared.stream);
+            call.key(&self.shared.dead)
+                .arg(GROUP)
+                .arg(id)
+                .arg(why)
+                .arg(attempts);
+            for (field, value) in fields {
+                call.arg(*field).arg(value.as_slice());
+            }
+            call.invoke(conn)
+        })?;
+        if moved == 1 {
+            self.engine.counters.write_behind_dead_lettered.bump();
+        }
+        Ok(())
+    }
+
+    /// Acknowledges entries and deletes them from the stream, so the
+    /// stream holds exactly the changes not yet done.
+    fn ack(&self, ids: &[String]) -> Result<()> {
+        for chunk in ids.chunks(ACK_CHUNK) {
+            self.engine.cache.run(|conn| {
+                STREAM_SCRIPTS
+                    .ack
+                    .key(&self.shared.stream)
+                    .arg(GROUP)
+                    .arg(chunk)
+                    .invoke::<i64>(conn)
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// Sorts entries read into changes (as key batches) and poison.
+fn sort(raw: Vec<RawEntry>, batch: &mut Vec<KeyBatch>, poison: &mut Vec<(RawEntry, String)>) {
+    for entry in raw {
+        match Change::parse(&entry) {
+            Ok(change) => batch.push(KeyBatch::new(change)),
+            Err(why) => poison.push((entry, why)),
+        }
+    }
+}
+
+/// True for a failure that says nothing about the change: Postgres could
+/// not be reached, timed out, or asks for a retry (SQLSTATE classes 08
+/// connection, 40 transaction rollback, 53 resources, 57 operator
+/// intervention, 58 system error); also a Redis outage after the commit.
+/// Such a change waits; it does not use up its attempts.
+fn transient(err: &Error) -> bool {
+    if err.is_timeout() || err.is_outage() {
+        return true;
+    }
+    match err.kind() {
+        ErrorKind::Database => {}
+        ErrorKind::Cache => return true,
+        _ => return false,
+    }
+    if let Some(pg) = err.postgres() {
+        return match pg.code() {
+            None => true,
+            Some(code) => ["08", "40", "53", "57", "58"]
+                .iter()
+                .any(|class| code.code().starts_with(class)),
+        };
+    }
+    // A database error with no server answer behind it: no connection.
+    true
+}
+
+/// The scripts that touch only the streams (one slot: `write_behind`), so
+/// they live here rather than with the cache keys' scripts in
+/// [`crate::lease`].
+struct StreamScripts {
+    ack: Script,
+    dead_letter: Script,
+}
+
+static STREAM_SCRIPTS: once_cell::sync::Lazy<StreamScripts> =
+    once_cell::sync::Lazy::new(|| StreamScripts {
+        // KEYS: stream. ARGV: group, ids...
+        ack: Script::new(
+            r"
+        redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+        return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+        ",
+        ),
+        // KEYS: stream, dead. ARGV: group, id, error, attempts, then the
+        // entry's fields and values. Gated on the acknowledgement, so a
+        // change finished elsewhere (or a second run of this script) is not
+        // dead-lettered twice.
+        dead_letter: Script::new(
+            r"
+        local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+        if acked == 1 then
+          local fields = {'id', ARGV[2], 'error', ARGV[3], 'attempts', ARGV[4]}
+          for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
+          redis.call('XADD', KEYS[2], '*', unpack(fields))
+        end
+        redis.call('XDEL', KEYS[1], ARGV[2])
+        return acked
+        ",
+        ),
+    });
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn change(id: &str, seq: u64) -> Change {
+        Change {
+            id: id.into(),
+            key: "k".into(),
+            seq,
+            json: b"1".to_vec(),
+        }
+    }
+
+    #[test]
+    fn stream_ids_order_as_redis_does() {
+        let a = StreamId::parse("1700000000000-5").unwrap();
+        let b = StreamId::parse("1700000000000-12").unwrap();
+        let c = StreamId::parse("1700000000001-0").unwrap();
+        assert!(a < b && b < c);
+        assert_eq!(StreamId::parse("nope"), None);
+    }
+
+    #[test]
+    fn a_key_batch_keeps_the_newest_and_acknowledges_the_rest() {
+        let mut kb = KeyBatch::new(change("1-0", 10));
+        kb.merge(KeyBatch::new(change("3-0", 30)));
+        kb.merge(KeyBatch::new(change("2-0", 20)));
+        kb.merge(KeyBatch::new(change("3-0", 30))); // delivered twice
+        kb.merge(KeyBatch::new(change("2-0", 20))); // this one too
+        kb.dedup();
+        assert_eq!(kb.newest.id, "3-0");
+        let mut older = kb.older.clone();
+        older.sort();
+        assert_eq!(older, ["1-0", "2-0"]);
+        assert_eq!(kb.len(), 3);
+    }
+
+    #[test]
+    fn a_newer_change_resets_the_attempts() {
+        let mut failing = KeyBatch::new(change("1-0", 10));
+        failing.attempts = 3;
+        let mut kb = KeyBatch::new(change("2-0", 20));
+        kb.merge(failing);
+        assert_eq!((kb.newest.seq, kb.attempts), (20, 0));
+    }
+
+    #[test]
+    fn poison_is_told_apart() {
+        let entry = |fields: &[(&str, &str)]| RawEntry {
+            id: "1-0".into(),
+            fields: fields
+                .iter()
+                .map(|(f, v)| (f.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect(),
+        };
+        assert!(Change::parse(&entry(&[("k", "a"), ("s", "7"), ("v", "{}")])).is_ok());
+        for bad in [
+            entry(&[("s", "7"), ("v", "{}")]),
+            entry(&[("k", "a"), ("s", "x"), ("v", "{}")]),
+            entry(&[("k", "a"), ("s", "7"), ("v", "{oops")]),
+            entry(&[("k", ""), ("s", "7"), ("v", "1")]),
+        ] {
+            assert!(Change::parse(&bad).is_err());
+        }
+    }
+
+    #[test]
+    fn transient_failures_are_told_from_refusals() {
+        assert!(transient(&Error::timeout("statement")));
+        assert!(transient(&Error::new(
+            ErrorKind::Database,
+            "cannot connect"
+        )));
+        assert!(!transient(&Error::invalid_argument("bad value")));
+        assert!(!transient(&Error::loader(std::io::Error::other("refused"))));
+    }
+}
