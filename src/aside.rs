@@ -1140,6 +1140,8 @@ impl Engine {
         let Some((value, version)) = write()? else {
             return Ok(None);
         };
+        #[cfg(feature = "test-hooks")]
+        self.hooks.after_write(key);
         let Some(writer) = writer else {
             return Ok(Some(value));
         };

@@ -68,9 +68,10 @@ impl CacheAside {
         *self.hooks().after_load.lock() = Some(Arc::new(hook));
     }
 
-    /// Test hook: `hook(key)` runs after a [`Client`](crate::Client) write
-    /// has committed and before it invalidates `key` (e.g. to kill the
-    /// process there).
+    /// Test hook: `hook(key)` runs after a write has committed and before
+    /// it invalidates `key` ([`Client`](crate::Client) updates) or writes it
+    /// through (every write-through), e.g. to kill the process there, or to
+    /// let the relay go first.
     pub fn set_after_write_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         *self.hooks().after_write.lock() = Some(Arc::new(hook));
     }

@@ -5,9 +5,10 @@
 //! Keys. A cache key `k` lives at `{namespace}{k}` (a Redis Cluster hash
 //! tag); beside it `…:lease` (the one reader allowed to fill it: a token),
 //! `…:lock` (the cross-process rebuild lock: a token), `…:writers` (the
-//! write-through writers in progress: a set of tokens) and `…:pending` (the
-//! newest write-behind change not yet in the source: a hash). All share one
-//! slot.
+//! write-through writers in progress: a set of tokens), `…:floor` (the
+//! lowest version a registered writer may still store, once the relay has
+//! seen a newer one) and `…:pending` (the newest write-behind change not yet
+//! in the source: a hash). All share one slot.
 //!
 //! Guarantees, each kept by one script:
 //! - A reader fills a key only while it holds its lease (`fill`); a write
@@ -59,6 +60,7 @@ pub(crate) struct Keys {
     pub lease: String,
     pub lock: String,
     pub writers: String,
+    pub floor: String,
     pub pending: String,
 }
 
@@ -70,6 +72,7 @@ impl Keys {
             lease: format!("{value}:lease"),
             lock: format!("{value}:lock"),
             writers: format!("{value}:writers"),
+            floor: format!("{value}:floor"),
             pending: format!("{value}:pending"),
             value,
         }
@@ -220,6 +223,7 @@ pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
             .arg(&keys.value)
             .arg(&keys.lease)
             .arg(&keys.writers)
+            .arg(&keys.floor)
             .query::<i64>(conn)
     })?;
     Ok(())
@@ -273,6 +277,7 @@ pub(crate) fn write_through(
             .key(&keys.lease)
             .key(&keys.writers)
             .key(&keys.pending)
+            .key(&keys.floor)
             .arg(token)
             .arg(raw)
             .arg(version)
@@ -422,7 +427,10 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
 /// as [`invalidate`], unless the cached entry is a row of the changed row's
 /// version or newer (it was loaded or written after that change, so it
 /// reflects it; and any lease held now was taken after it was filled, so
-/// after the change too). A change without a version (a delete, or a table
+/// after the change too). With a version, write-through writers in progress
+/// are not revoked but held to it: one that wrote this change (the relay
+/// may be faster than the writer's own cache update) still stores it, an
+/// older one cannot. A change without a version (a delete, or a table
 /// without a version column) always invalidates.
 pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -> Result<()> {
     cache.run(|conn| {
@@ -436,7 +444,10 @@ pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -
         for (keys, version) in changes {
             let version = version.map_or(String::new(), |v| v.to_string());
             let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
-            call.key(&keys.lease).key(&keys.writers).arg(version);
+            call.key(&keys.lease)
+                .key(&keys.writers)
+                .key(&keys.floor)
+                .arg(version);
             pipe.invoke_script(&call).ignore();
         }
         pipe.query::<()>(conn)
@@ -485,14 +496,35 @@ end
 ";
 
 static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
-    // KEYS: value, lease, writers. ARGV: the changed row's version, or ''.
+    // KEYS: value, lease, writers, floor. ARGV: the changed row's version,
+    // or ''.
+    // With a version, the writers registered now keep their slots: each
+    // holds this very change or a later one, or an earlier one, and the
+    // floor (raised to this version for as long as the newest writer may
+    // live) tells write-through which. Revoking them all instead would drop
+    // the write-through of the change being relayed whenever the relay is
+    // faster than the writer, and leave the key empty.
     let relay_invalidate_code = format!(
         r"{OLDER}
-        if ARGV[1] ~= '' and redis.call('TYPE', KEYS[1]).ok == 'string' then
-          local kind, v = string.match(redis.call('GET', KEYS[1]), '^ca1 (%a) (%d+) ')
-          if kind == 'v' and v and not older(v, ARGV[1]) then return 0 end
+        if ARGV[1] ~= '' then
+          if redis.call('TYPE', KEYS[1]).ok == 'string' then
+            local kind, v = string.match(redis.call('GET', KEYS[1]), '^ca1 (%a) (%d+) ')
+            if kind == 'v' and v and not older(v, ARGV[1]) then return 0 end
+          end
+          local live = redis.call('PTTL', KEYS[3])
+          if live > 0 then
+            local floor = nil
+            if redis.call('TYPE', KEYS[4]).ok == 'string' then
+              floor = string.match(redis.call('GET', KEYS[4]), '^%d+$')
+            end
+            if not floor or older(floor, ARGV[1]) then
+              redis.call('SET', KEYS[4], ARGV[1], 'PX', live)
+            end
+          end
+          redis.call('DEL', KEYS[1], KEYS[2])
+          return 1
         end
-        redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
+        redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
         return 1
         "
     );
@@ -629,13 +661,14 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 1
         ",
         ),
-        // KEYS: value, lease, writers, pending. ARGV: token, entry, version,
-        // ttl_ms.
+        // KEYS: value, lease, writers, pending, floor. ARGV: token, entry,
+        // version, ttl_ms.
         // The invariant: once a write has returned, no cached entry is older.
         // - A pending write-behind change of the same or a higher version
         //   stays the value: it will be written after this row.
         // - Registered (no invalidation since this writer registered): store
-        //   unless the cached version is the same or newer.
+        //   unless the cached version is the same or newer, or the relay has
+        //   seen a newer change of the row (the floor).
         // - Revoked by an invalidation whose write may be newer than ours
         //   (plain updates and deletes leave no version behind): whatever is
         //   cached now was filled after that invalidation, so it reflects that
@@ -650,6 +683,10 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
             r"{OLDER}
         redis.call('DEL', KEYS[2])
         local registered = redis.call('SREM', KEYS[3], ARGV[1]) == 1
+        if registered and redis.call('TYPE', KEYS[5]).ok == 'string' then
+          local floor = string.match(redis.call('GET', KEYS[5]), '^%d+$')
+          if floor and older(ARGV[3], floor) then return 0 end
+        end
         if redis.call('TYPE', KEYS[4]).ok == 'hash' then
           local pending = redis.call('HGET', KEYS[4], 's')
           if pending and not older(pending, ARGV[3]) then return 0 end
@@ -1011,6 +1048,7 @@ mod tests {
         assert_eq!(keys.lease, "ns:{user:1}:lease");
         assert_eq!(keys.lock, "ns:{user:1}:lock");
         assert_eq!(keys.writers, "ns:{user:1}:writers");
+        assert_eq!(keys.floor, "ns:{user:1}:floor");
         assert_eq!(keys.pending, "ns:{user:1}:pending");
     }
 }

@@ -399,9 +399,8 @@ fn reader_that_raced_a_write_through_cannot_overwrite_it() {
 
 #[test]
 fn concurrent_write_through_leaves_the_newest_row() {
-    // Write-through's own ordering. (With the relay on, a relay round that
-    // lands between a writer's commit and its cache update may leave the key
-    // empty instead: never older, one extra miss.)
+    // Write-through's own ordering, without the relay (tests/relay.rs has
+    // write-through against the relay).
     let mut config = common::test_config("wt_concurrent");
     config.invalidation_relay = false;
     let fx = Fixture::with(config);

@@ -211,6 +211,101 @@ fn a_reader_that_read_before_an_external_commit_cannot_fill_it() {
     );
 }
 
+/// Runs `write` on another thread, stopping it after its commit (before its
+/// cache update) until `meanwhile` has run.
+fn between_commit_and_cache<T: Send>(
+    fx: &Fixture,
+    key: String,
+    write: impl FnOnce() -> T + Send,
+    meanwhile: impl FnOnce(),
+) -> T {
+    let (committed, go) = (Arc::new(Meet::new(2)), Arc::new(Meet::new(2)));
+    let (c, g, armed) = (
+        Arc::clone(&committed),
+        Arc::clone(&go),
+        AtomicBool::new(true),
+    );
+    fx.client.engine().set_after_write_hook(move |k| {
+        if k == key && armed.swap(false, Ordering::SeqCst) {
+            c.wait();
+            g.wait();
+        }
+    });
+    std::thread::scope(|s| {
+        let writer = s.spawn(write);
+        committed.wait();
+        meanwhile();
+        go.wait();
+        writer.join().unwrap()
+    })
+}
+
+#[test]
+fn a_write_through_the_relay_applied_first_is_still_cached() {
+    // The relay is often faster than the writer's own cache update: the
+    // writer of the very change it applied still stores its row.
+    let fx = Fixture::new("relay_wt_first");
+    let written = between_commit_and_cache(
+        &fx,
+        Client::user_key(4),
+        || {
+            fx.client
+                .update_user_plan_write_through(4, "pro")
+                .unwrap()
+                .unwrap()
+        },
+        || {
+            assert!(
+                fx.client.engine().sync_relay(PATIENCE),
+                "the relay applied it"
+            )
+        },
+    );
+    let before = fx.queries();
+    let read = fx.client.get_user_profile(4).unwrap().unwrap();
+    assert_eq!(read, written);
+    assert_eq!(fx.queries() - before, 0, "served from the cache");
+}
+
+#[test]
+fn a_write_through_older_than_a_relayed_change_is_not_cached() {
+    // The writer committed version 2, an outside update made version 3, and
+    // the relay applied it before the writer's cache update: that update
+    // must not store version 2.
+    let fx = Fixture::new("relay_wt_older");
+    let written = between_commit_and_cache(
+        &fx,
+        Client::user_key(4),
+        || {
+            fx.client
+                .update_user_plan_write_through(4, "pro")
+                .unwrap()
+                .unwrap()
+        },
+        || {
+            set_plan(&outsider(&fx), &fx, 4, "external");
+            assert!(
+                fx.client.engine().sync_relay(PATIENCE),
+                "the relay applied it"
+            );
+        },
+    );
+    assert_eq!(written.plan, "pro");
+    assert_eq!(
+        fx.client
+            .cache()
+            .get_json::<cacheaside::UserProfile>(&Client::user_key(4))
+            .unwrap(),
+        None,
+        "the older row was not cached"
+    );
+    let read = fx.client.get_user_profile(4).unwrap().unwrap();
+    assert_eq!(
+        (read.plan.as_str(), read.version),
+        ("external", fx.db_version(4))
+    );
+}
+
 #[test]
 fn two_relays_share_the_work_and_the_horizon() {
     let fx = Fixture::new("relay_two");
