@@ -74,6 +74,16 @@ fn an_update_that_bypasses_the_library_reaches_every_reader() {
 }
 
 #[test]
+fn a_relay_started_before_its_outbox_exists_waits_without_errors() {
+    // Client::open starts the relay; the schema may come later (a missing
+    // outbox is "nothing to apply yet", not an error).
+    let config = test_config("relay_early");
+    let client = Client::open(&config).unwrap();
+    assert!(client.engine().sync_relay(PATIENCE), "a round ran");
+    assert_eq!(client.engine().stats().relay_errors, 0);
+}
+
+#[test]
 fn an_insert_ends_a_cached_absence() {
     let fx = Fixture::new("relay_insert");
     let reader = another_process(&fx);
