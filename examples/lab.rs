@@ -1,7 +1,8 @@
 //! The lab, in plain numbers: a miss, a hit, an update and the fresh read
 //! after it, a 50-thread stampede on a cold key through the plain and the
-//! single-flight paths, and a write that bypasses the library reaching the
-//! cache through the invalidation relay.
+//! single-flight paths, a write that bypasses the library reaching the
+//! cache through the invalidation relay, and a write-behind change readable
+//! at once and in Postgres once a worker has flushed it.
 //!
 //! ```text
 //! scripts/services.sh                      # Postgres and Redis, if not running
@@ -152,14 +153,42 @@ fn walk_through(client: &Client) -> Result<()> {
     println!(
         "   (the trigger wrote the key to the outbox in the same transaction; the relay deleted it)"
     );
+    println!("\n5. write-behind: the cache at once, Postgres in the background");
+    let in_postgres = || -> Result<String> {
+        let sql = format!("SELECT plan FROM {TABLE} WHERE id = 5");
+        let row = outsider.query_one(&sql, &[])?;
+        Ok(row.map_or_else(|| "(none)".into(), |r| r.get(0)))
+    };
+    client.get_user_profile(5)?; // cached: the enqueue reads the profile
+    let seq = client
+        .update_user_plan_write_behind(5, "team")?
+        .unwrap_or_default();
+    let q = queries();
+    let seen = client.get_user_profile(5)?.map(|p| p.plan);
+    println!(
+        "   update_user_plan_write_behind(5, \"team\") -> seq {seq}; a reader sees {:?} (queries +{}); Postgres still has {:?}",
+        seen.as_deref().unwrap_or("(none)"),
+        queries() - q,
+        in_postgres()?
+    );
+    client.start_write_behind(1)?;
+    let drained = client.drain_write_behind(Duration::from_secs(10));
+    client.stop_write_behind();
+    drained?;
+    println!(
+        "   a worker wrote it (XACK after COMMIT): Postgres has {:?}, {} changes pending",
+        in_postgres()?,
+        client.write_behind_pending()?
+    );
     let stats = client.engine().stats();
     println!(
-        "\nengine: {} hits, {} misses, {} stale fills dropped, {} corrupt entries, {} relay invalidations",
+        "\nengine: {} hits, {} misses, {} stale fills dropped, {} corrupt entries, {} relay invalidations, {} write-behind changes applied",
         stats.hits,
         stats.misses,
         stats.fills_dropped,
         stats.corrupt_entries,
-        stats.relay_invalidations
+        stats.relay_invalidations,
+        stats.write_behind_applied
     );
     Ok(())
 }
