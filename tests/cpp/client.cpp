@@ -15,60 +15,14 @@
 #include <vector>
 
 #include "cacheaside.hpp"
+#include "test_support.hpp"
 
 namespace {
 
+using test_support::env;
+using test_support::StartLine;
+
 constexpr int kThreads = 50;
-
-[[noreturn]] void fail(const char *file, int line, const char *what) {
-    std::cerr << file << ":" << line << ": expected " << what << "\n";
-    std::exit(EXIT_FAILURE);
-}
-
-#define EXPECT(cond)                              \
-    do {                                          \
-        if (!(cond)) fail(__FILE__, __LINE__, #cond); \
-    } while (0)
-
-// Expects `expr` to throw cacheaside::Error with status `want`.
-#define EXPECT_ERROR(expr, want)                                   \
-    do {                                                           \
-        bool thrown_ = false;                                      \
-        try {                                                      \
-            (void)(expr);                                          \
-        } catch (const cacheaside::Error &e) {                     \
-            thrown_ = e.status() == (want) && std::strlen(e.what()) > 0; \
-        }                                                          \
-        if (!thrown_) fail(__FILE__, __LINE__, #expr " throws " #want); \
-    } while (0)
-
-// std::latch is C++20: a condvar-based one-shot latch for C++17.
-class StartLine {
-public:
-    explicit StartLine(int count) : waiting_(count) {}
-    void arrive_and_wait() {
-        std::unique_lock<std::mutex> lock(mutex_);
-        if (--waiting_ == 0) {
-            go_.notify_all();
-        } else {
-            go_.wait(lock, [this] { return waiting_ == 0; });
-        }
-    }
-
-private:
-    std::mutex mutex_;
-    std::condition_variable go_;
-    int waiting_;
-};
-
-std::string env(const char *name) {
-    const char *value = std::getenv(name);
-    if (value == nullptr || *value == '\0') {
-        std::cerr << name << " is not set: run through `cargo test --test c_abi`\n";
-        std::exit(EXIT_FAILURE);
-    }
-    return value;
-}
 
 void miss_hit_update(const cacheaside::Client &client) {
     std::uint64_t before = client.query_count();

@@ -15,41 +15,13 @@
 #include <vector>
 
 #include "cacheaside.hpp"
+#include "test_support.hpp"
 
 namespace {
 
+using test_support::env;
+
 using namespace std::chrono_literals;
-
-[[noreturn]] void fail(const char *file, int line, const char *what) {
-    std::cerr << file << ":" << line << ": expected " << what << "\n";
-    std::exit(EXIT_FAILURE);
-}
-
-#define EXPECT(cond)                                  \
-    do {                                              \
-        if (!(cond)) fail(__FILE__, __LINE__, #cond); \
-    } while (0)
-
-// Expects `expr` to throw cacheaside::Error with status `want`.
-#define EXPECT_ERROR(expr, want)                                         \
-    do {                                                                 \
-        bool thrown_ = false;                                            \
-        try {                                                            \
-            (void)(expr);                                                \
-        } catch (const cacheaside::Error &e) {                           \
-            thrown_ = e.status() == (want) && std::strlen(e.what()) > 0; \
-        }                                                                \
-        if (!thrown_) fail(__FILE__, __LINE__, #expr " throws " #want);  \
-    } while (0)
-
-std::string env(const char *name) {
-    const char *value = std::getenv(name);
-    if (value == nullptr || *value == '\0') {
-        std::cerr << name << " is not set: run through `cargo test --test c_abi`\n";
-        std::exit(EXIT_FAILURE);
-    }
-    return value;
-}
 
 // Messages a callback collected, and a way to wait for them.
 class Inbox {
