@@ -251,6 +251,7 @@ impl Near {
     }
 
     /// The `CLIENT ID` of the tracking connection, if connected.
+    #[cfg(feature = "test-hooks")]
     pub(crate) fn tracker_id(&self) -> Option<u64> {
         Some(self.tracker_id.load(Ordering::SeqCst)).filter(|&id| id != 0)
     }
