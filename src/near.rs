@@ -37,6 +37,8 @@ use std::collections::VecDeque;
 use std::hash::BuildHasher;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use parking_lot::Mutex;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -74,9 +76,13 @@ pub(crate) struct Near {
     store: moka::sync::Cache<String, Slot>,
     /// Per-stripe invalidation counts: bumped (before the eviction) by every
     /// invalidation of a key of the stripe and by every clear. A reader
-    /// reads its stripe's count before its Redis `GET` and undoes its insert
-    /// if the count moved.
-    stripes: Box<[AtomicU64]>,
+    /// reads its stripe's count before its Redis `GET`, and inserts only if
+    /// it has not moved, checking and inserting under the stripe's lock: so
+    /// no one ever sees an entry an invalidation already refused. (Insert
+    /// first and undo on a moved count would let another reader take the
+    /// stale entry in between.) Held for a count and an in-memory insert,
+    /// never across I/O.
+    stripes: Box<[Mutex<u64>]>,
     hasher: std::collections::hash_map::RandomState,
     /// Milliseconds since `origin` until which entries may be served; 0
     /// while the tracker is not connected, subscribed and confirmed.
@@ -107,7 +113,7 @@ impl Near {
             .build();
         Near {
             store,
-            stripes: (0..STRIPES).map(|_| AtomicU64::new(0)).collect(),
+            stripes: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             hasher: Default::default(),
             live_until: AtomicU64::new(0),
             origin: Instant::now(),
@@ -162,18 +168,18 @@ impl Near {
         let stripe = self.stripe(redis_key);
         Ticket {
             stripe,
-            epoch: self.stripes[stripe].load(Ordering::SeqCst),
+            epoch: *self.stripes[stripe].lock(),
         }
     }
 
     /// Puts a fresh entry a Redis `GET` returned into L1, unless an
     /// invalidation of its stripe (or a clear) came since `ticket`.
     ///
-    /// The race it closes: the tracker bumps the count, then evicts; this
-    /// inserts, then checks the count. If the check sees the old count, the
-    /// bump (and so the eviction) comes after the insert and removes it; if
-    /// it sees a new one, this removes it. Either way an invalidation that
-    /// arrived while the read was in flight wins.
+    /// The race it closes: an invalidation bumps the count under the
+    /// stripe's lock, then evicts; this checks the count and inserts under
+    /// the same lock. Either the bump comes first and this inserts nothing,
+    /// or the insert comes first and the eviction removes it. Either way an
+    /// invalidation that arrived while the read was in flight wins.
     pub(crate) fn offer(&self, redis_key: &str, ticket: Ticket, raw: &[u8]) {
         if !self.live() {
             return;
@@ -194,16 +200,16 @@ impl Near {
             json,
             fresh_until: Instant::now() + left,
         };
-        self.store.insert(redis_key.to_owned(), slot);
-        if self.stripes[ticket.stripe].load(Ordering::SeqCst) != ticket.epoch {
-            self.store.invalidate(redis_key);
+        let epoch = self.stripes[ticket.stripe].lock();
+        if *epoch == ticket.epoch {
+            self.store.insert(redis_key.to_owned(), slot);
         }
     }
 
     /// Evicts a key this process just wrote (or whose cached copy turned
     /// out unusable).
     pub(crate) fn evict(&self, redis_key: &str) {
-        self.stripes[self.stripe(redis_key)].fetch_add(1, Ordering::SeqCst);
+        self.bump(redis_key);
         self.store.invalidate(redis_key);
     }
 
@@ -214,16 +220,21 @@ impl Near {
             // non-UTF-8 key could only be stored by someone else.
             return;
         };
-        self.stripes[self.stripe(redis_key)].fetch_add(1, Ordering::SeqCst);
+        self.bump(redis_key);
         if self.store.remove(redis_key).is_some() {
             self.counters.local_invalidations.bump();
         }
     }
 
+    /// Refuses the fills of the reads of `redis_key` in flight.
+    fn bump(&self, redis_key: &str) {
+        *self.stripes[self.stripe(redis_key)].lock() += 1;
+    }
+
     /// Empties L1 and refuses every read in flight its fill.
     fn flush(&self) {
         for stripe in self.stripes.iter() {
-            stripe.fetch_add(1, Ordering::SeqCst);
+            *stripe.lock() += 1;
         }
         self.store.invalidate_all();
     }
@@ -491,3 +502,4 @@ mod tests {
         assert!(near.get("k").is_none());
     }
 }
+
