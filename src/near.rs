@@ -294,7 +294,10 @@ impl Tracker {
                 .ok()
         };
         if thread.is_none() {
-            report!(warn, "could not start the near cache's tracker: L1 stays off");
+            report!(
+                warn,
+                "could not start the near cache's tracker: L1 stays off"
+            );
         }
         Tracker { near, thread }
     }
@@ -464,7 +467,13 @@ mod tests {
     }
 
     fn raw(json: &[u8]) -> Vec<u8> {
-        Entry::new(Payload::Value(json), 0, Duration::ZERO, Duration::from_secs(60)).encode()
+        Entry::new(
+            Payload::Value(json),
+            0,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )
+        .encode()
     }
 
     #[test]
@@ -502,4 +511,3 @@ mod tests {
         assert!(near.get("k").is_none());
     }
 }
-

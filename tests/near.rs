@@ -151,11 +151,17 @@ fn other_client_sees_writes_within_the_bound() {
                     "UPDATE {} SET plan = $2, version = $3 WHERE id = $1",
                     fx.config.users_table
                 );
-                writer.db().execute(&sql, &[&1_i64, &plan, &new.version]).unwrap();
+                writer
+                    .db()
+                    .execute(&sql, &[&1_i64, &plan, &new.version])
+                    .unwrap();
                 writer
                     .cache()
                     .with_connection(|c| {
-                        redis::cmd("SET").arg(&key).arg(raw_entry(&new)).query::<()>(c)
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(raw_entry(&new))
+                            .query::<()>(c)
                     })
                     .unwrap();
             }
@@ -252,7 +258,7 @@ fn killed_tracker_clears_l1_and_it_refills() {
         writes.clone(),
     );
     let mut reads = Vec::new();
-    let mut read = |reads: &mut Vec<(Instant, i64)>| {
+    let read = |reads: &mut Vec<(Instant, i64)>| {
         let began = Instant::now();
         let v = reader.get_user_profile(1).unwrap().unwrap().version;
         reads.push((began, v));
@@ -268,17 +274,14 @@ fn killed_tracker_clears_l1_and_it_refills() {
     });
     // Kill our tracking connection only (others' subscribers live on this
     // Redis too).
-    let id = reader.engine().local_cache_tracker_id().expect("tracker connected");
+    let id = reader
+        .engine()
+        .local_cache_tracker_id()
+        .expect("tracker connected");
     let clears = reader.engine().stats().local_clears;
     let killed: i64 = reader
         .cache()
-        .with_connection(|c| {
-            redis::cmd("CLIENT")
-                .arg("KILL")
-                .arg("ID")
-                .arg(id)
-                .query(c)
-        })
+        .with_connection(|c| redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id).query(c))
         .unwrap();
     assert_eq!(killed, 1);
     while reader.engine().stats().local_clears == clears {
@@ -307,7 +310,12 @@ fn killed_tracker_clears_l1_and_it_refills() {
     let writes = writes.lock().unwrap();
     assert!(writes.len() > 10, "the writer wrote {}", writes.len());
     let stale = stale_reads(&reads, &writes, BOUND);
-    assert!(stale.is_empty(), "{} stale reads: {:?}", stale.len(), &stale[..stale.len().min(5)]);
+    assert!(
+        stale.is_empty(),
+        "{} stale reads: {:?}",
+        stale.len(),
+        &stale[..stale.len().min(5)]
+    );
     assert_eq!(reader.engine().stats().local_clears, clears + 1);
 }
 
@@ -443,7 +451,10 @@ fn no_stale_reads_in_one_process_with_l1() {
                 let seen = client.get_user_profile(id).unwrap().unwrap();
                 if seen.version < floor {
                     stale.fetch_add(1, Ordering::SeqCst);
-                    eprintln!("stale: user {id} read version {} after {floor} was written", seen.version);
+                    eprintln!(
+                        "stale: user {id} read version {} after {floor} was written",
+                        seen.version
+                    );
                 }
                 reads.fetch_add(1, Ordering::SeqCst);
             }
