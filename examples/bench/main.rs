@@ -37,6 +37,7 @@ mod hits;
 mod measure;
 mod memory;
 mod misses;
+mod near;
 mod plan;
 mod plots;
 mod relay;
@@ -115,5 +116,6 @@ fn run(plan: Plan, quick_plots: bool) -> BoxResult<i32> {
     report.add(relay::measure(&bench)?); // (10): the invalidation relay, the trigger's cost
     report.add(steady::measure(&bench)?); // (11): single-flight under steady writes
     report.add(write_behind::measure(&bench)?); // (12): write-behind enqueue, flush, lag
+    report.add(near::measure(&bench)?); // (13): the near cache (L1) against the floor
     report.finish(bench, quick_plots)
 }
