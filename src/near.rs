@@ -433,9 +433,16 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
                     break;
                 }
                 sent.pop_front();
-                if m == n {
-                    near.confirmed(at);
+                if m < n {
+                    // TCP does not lose bytes from the middle of a live
+                    // connection, but a proxy or a bug might: if a heartbeat
+                    // went missing, invalidations may have gone with it.
+                    return Err(Error::new(
+                        crate::ErrorKind::Cache,
+                        "a near cache heartbeat was lost",
+                    ));
                 }
+                near.confirmed(at);
             }
         }
     }

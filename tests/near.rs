@@ -473,3 +473,62 @@ fn no_stale_reads_in_one_process_with_l1() {
     }
     assert!(stats.local_hits > 0, "L1 never answered: {stats:?}");
 }
+
+/// `host:port` of a URL like `redis://host:port/`.
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let rest = url.split("://").nth(1).expect("a URL");
+    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
+    host_port
+        .to_socket_addrs()
+        .unwrap()
+        .find(std::net::SocketAddr::is_ipv4)
+        .expect("an IPv4 address")
+}
+
+#[test]
+fn silenced_tracker_goes_dark_within_the_bound() {
+    use common::proxy::{Fault, FaultProxy};
+    let mut config = near_config("near_silenced", Duration::from_secs(60));
+    config.invalidation_relay = false;
+    config.cache_timeout = Duration::from_millis(300);
+    config.breaker_cool_off = Duration::from_millis(300);
+    let fx = Fixture::with(config.clone());
+    let writer = &fx.client;
+    // The reader reaches Redis (its pool and its tracker) through a proxy.
+    let proxy = FaultProxy::start(server_addr(&config.redis_url));
+    let mut through = config.clone();
+    through.redis_url = format!("redis://{}/", proxy.addr());
+    let reader = Client::open(&through).unwrap();
+    let old = warm(&reader, 1);
+    let clears = reader.engine().stats().local_clears;
+    // Silence: invalidations and heartbeats stop reaching the reader.
+    proxy.set(Fault::Blackhole);
+    assert!(writer.update_user_plan(1, "silenced").unwrap());
+    let written = Instant::now();
+    let mut stale_after_bound = Vec::new();
+    loop {
+        let began = Instant::now();
+        let seen = reader.get_user_profile(1).unwrap().unwrap();
+        if seen.plan == "silenced" {
+            break;
+        }
+        assert_eq!(seen, old);
+        if began - written > BOUND {
+            stale_after_bound.push(began - written);
+        }
+        assert!(began - written < PATIENCE, "never saw the write");
+    }
+    assert!(
+        stale_after_bound.is_empty(),
+        "old value served {stale_after_bound:?} after the write"
+    );
+    // Back: the tracker gives the connection that lost messages up (L1 is
+    // cleared), reconnects, and L1 fills again.
+    proxy.set(Fault::Pass);
+    wait_for("the tracker to give up the silenced connection", || {
+        reader.engine().stats().local_clears > clears
+    });
+    let now = warm(&reader, 1);
+    assert_eq!(now.plan, "silenced");
+}
