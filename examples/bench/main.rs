@@ -25,9 +25,10 @@
 //! share [`fixture`] (the client, table, namespace and floors) and
 //! [`measure`] (timing loops, repetitions, percentiles, paired ratios).
 //!
-//! Two hidden modes (`--child-stampede`, `--child-memory`) are this binary
-//! run as a child process: the cross-process stampede needs several
-//! processes, and peak RSS is only meaningful in a fresh one.
+//! Three hidden modes (`--child-stampede`, `--child-memory`,
+//! `--child-near-memory`) are this binary run as a child process: the
+//! cross-process stampede needs several processes, and memory is only
+//! meaningful in a fresh one.
 
 mod c_abi;
 mod faults;
@@ -64,9 +65,10 @@ const USAGE: &str = "usage: bench [--quick [--plots]]
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
-const CHILD_MODES: [(&str, ChildMode); 2] = [
+const CHILD_MODES: [(&str, ChildMode); 3] = [
     ("--child-stampede", xproc::child),
     ("--child-memory", memory::child),
+    ("--child-near-memory", near::child),
 ];
 
 fn main() {

@@ -9,6 +9,7 @@
 //! bench's client does).
 
 use std::fmt::Write as _;
+use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -17,7 +18,7 @@ use serde_json::{Value, json};
 
 use crate::BoxResult;
 use crate::c_abi::CAbi;
-use crate::fixture::{Bench, USER_ID, check_profile};
+use crate::fixture::{Bench, USER_ID, bench_config, check_profile};
 use crate::measure::{self, Baseline, Operation, Series, quantile_us};
 use crate::memory::rss_kib;
 use crate::report::{Section, Target};
@@ -138,12 +139,86 @@ pub fn measure(bench: &Bench) -> BoxResult<Near> {
     })
 }
 
-/// Fills a fresh client's L1 with `keys` entries of the profile's size;
-/// returns how many it holds and the resident memory each added.
+/// Fills Redis with `keys` entries of the profile's size (and a warm-up
+/// set), then has a fresh process (this binary in its hidden
+/// `--child-near-memory` mode) read them all, each a Redis hit that fills
+/// its L1; returns how many entries it held and the resident memory each
+/// added. A fresh process, because in this one the heap already grew and
+/// shrank with the earlier sections, and new entries would reuse it.
 fn memory(bench: &Bench) -> BoxResult<(u64, f64)> {
     let keys: u64 = if bench.plan.quick { 20_000 } else { 100_000 };
-    let client = Client::open(&near_config(bench, keys))?;
-    let engine = client.engine();
+    let engine = bench.client().engine();
+    let profile = bench
+        .client()
+        .get_user_profile(USER_ID)?
+        .ok_or("the bench's user is missing")?;
+    let fill = |prefix: &'static str, count: u64| -> BoxResult<()> {
+        thread::scope(|s| {
+            let workers: Vec<_> = (0..8u64)
+                .map(|t| {
+                    let profile = &profile;
+                    s.spawn(move || -> BoxResult<()> {
+                        for i in (t..count).step_by(8) {
+                            let _: Option<cacheaside::UserProfile> =
+                                engine.get_or_load(&format!("{prefix}:{i}"), MEMORY_TTL, || {
+                                    Ok(Some(profile.clone()))
+                                })?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            workers
+                .into_iter()
+                .try_for_each(|w| w.join().map_err(|_| "memory fill panicked")?)
+        })
+    };
+    fill("near:warm", WARM_KEYS)?;
+    fill("near:mem", keys)?;
+    let output = Command::new(std::env::current_exe()?)
+        .args(["--child-near-memory", &bench.namespace, &keys.to_string()])
+        .stderr(Stdio::inherit())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("result "))
+        .ok_or("the near memory child printed no result")?;
+    let r: Value = serde_json::from_str(line)?;
+    let num = |k: &str| {
+        r[k].as_u64()
+            .ok_or_else(|| format!("near memory child: no {k}"))
+    };
+    let entries = num("entries")?;
+    let grown = num("rss_after_kib")?.saturating_sub(num("rss_before_kib")?);
+    if !output.status.success() || entries != keys {
+        bench.fail(format!(
+            "near memory child: {} entries of {keys}, exit {}",
+            entries, output.status
+        ));
+    }
+    Ok((entries, grown as f64 * 1024.0 / entries.max(1) as f64))
+}
+
+/// Keys read before the memory measurement starts (threads, pool, L1's
+/// own structures warm).
+const WARM_KEYS: u64 = 2_000;
+/// The memory run's entries outlive the run; the namespace goes at its end.
+const MEMORY_TTL: Duration = Duration::from_secs(600);
+
+/// `--child-near-memory NAMESPACE KEYS`: reads `near:warm:*`, then
+/// `near:mem:0..KEYS` (all in Redis already) through a client with L1 on,
+/// on one thread; prints `result {json}` with the resident memory around
+/// the second pass and the entries L1 holds.
+pub fn child(args: &[String]) -> BoxResult<()> {
+    let [namespace, keys] = args else {
+        return Err("usage: --child-near-memory NAMESPACE KEYS".into());
+    };
+    let keys: u64 = keys.parse()?;
+    let mut config = bench_config(namespace)?;
+    config.local_cache = LocalCache::new(keys + WARM_KEYS, MAX_STALENESS);
+    config.invalidation_relay = false;
+    let engine = cacheaside::CacheAside::open(&config)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !engine.local_cache_ready() {
         if Instant::now() > deadline {
@@ -151,43 +226,29 @@ fn memory(bench: &Bench) -> BoxResult<(u64, f64)> {
         }
         thread::sleep(Duration::from_millis(1));
     }
-    let profile = client
-        .get_user_profile(USER_ID)?
-        .ok_or("the bench's user is missing")?;
-    let ttl = Duration::from_secs(600);
-    let key = |i: u64| format!("near:mem:{i}");
-    // Into Redis first (a miss each) through the bench's client, which has
-    // no L1, so this client's heap holds nothing of it; then measured: a
-    // Redis hit each through this client, which fills its L1.
-    let load_with =
-        |engine: &cacheaside::CacheAside, range: std::ops::Range<u64>| -> BoxResult<()> {
-            for i in range {
-                let _: Option<cacheaside::UserProfile> =
-                    engine.get_or_load(&key(i), ttl, || Ok(Some(profile.clone())))?;
-            }
-            Ok(())
-        };
-    let fill_redis = |range| load_with(bench.client().engine(), range);
-    let load = |range| load_with(engine, range);
-    let on_threads = |f: &(dyn Fn(std::ops::Range<u64>) -> BoxResult<()> + Sync)| {
-        thread::scope(|s| {
-            let chunk = keys / 8;
-            let workers: Vec<_> = (0..8)
-                .map(|t| s.spawn(move || f(t * chunk..(t + 1) * chunk)))
-                .collect();
-            workers
-                .into_iter()
-                .try_for_each(|w| w.join().map_err(|_| "memory worker panicked")?)
-        })
+    let read = |prefix: &str, count: u64| -> BoxResult<()> {
+        let mut key = String::with_capacity(32);
+        for i in 0..count {
+            key.clear();
+            write!(key, "{prefix}:{i}")?;
+            let got: Option<cacheaside::UserProfile> =
+                engine.get_or_load(&key, MEMORY_TTL, || {
+                    Err(cacheaside::Error::invalid_argument("not in Redis"))
+                })?;
+            got.ok_or("absent")?;
+        }
+        Ok(())
     };
-    on_threads(&fill_redis)?;
+    read("near:warm", WARM_KEYS)?;
     let (rss_before, _) = rss_kib()?;
-    on_threads(&load)?;
+    read("near:mem", keys)?;
     let (rss_after, _) = rss_kib()?;
-    let entries = engine.local_cache_entries();
-    let bytes = rss_after.saturating_sub(rss_before) as f64 * 1024.0 / entries.max(1) as f64;
-    // The keys go with the namespace when the run ends.
-    Ok((entries, bytes))
+    let entries = engine.local_cache_entries().saturating_sub(WARM_KEYS);
+    println!(
+        "result {}",
+        json!({"entries": entries, "rss_before_kib": rss_before, "rss_after_kib": rss_after})
+    );
+    Ok(())
 }
 
 /// A write by the bench's client (an invalidation) until the key is gone
