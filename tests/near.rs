@@ -532,3 +532,165 @@ fn silenced_tracker_goes_dark_within_the_bound() {
     let now = warm(&reader, 1);
     assert_eq!(now.plan, "silenced");
 }
+
+// ---- across processes -------------------------------------------------------
+
+const CHILD_ROLE: &str = "CACHEASIDE_NEAR_CHILD";
+
+/// Wall-clock nanoseconds: both processes read the same clock.
+fn wall_ns() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos()
+}
+
+/// Not a test of its own: the reader process of
+/// `other_process_sees_writes_within_the_bound`, run by it with
+/// `--ignored`. Its config comes as `table namespace` in the role variable.
+/// For each line `plan written_at_ns` on stdin it reads user 1 until it
+/// sees `plan`, then refills its L1 and answers `seen <ns> stale <ns>`:
+/// how long after the write it saw it, and the latest start of a read that
+/// still returned the old plan (0: none).
+#[test]
+#[ignore = "the child process of other_process_sees_writes_within_the_bound"]
+fn near_child_process_entry_point() {
+    use std::io::BufRead;
+    let role = std::env::var(CHILD_ROLE).expect("run by the cross-process test");
+    let (table, namespace) = role.split_once(' ').unwrap();
+    let mut config = Config::from_env();
+    config.users_table = table.into();
+    config.namespace = namespace.into();
+    config.invalidation_relay = false;
+    config.db_pool_size = 2;
+    config.cache_timeout = Duration::from_secs(1);
+    config.local_cache = LocalCache::new(100, Duration::from_secs(60));
+    let client = Client::open(&config).unwrap();
+    let mut current = warm(&client, 1).plan;
+    println!("near-child ready");
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let (plan, written) = line.split_once(' ').unwrap();
+        let written: u128 = written.parse().unwrap();
+        let mut stale = 0;
+        let seen = loop {
+            let began = wall_ns();
+            let now = client.get_user_profile(1).unwrap().unwrap().plan;
+            if now == plan {
+                break wall_ns().saturating_sub(written);
+            }
+            assert_eq!(now, current, "neither the old plan nor the new one");
+            stale = began.saturating_sub(written);
+        };
+        current = plan.to_owned();
+        warm(&client, 1);
+        println!("near-child seen {seen} stale {stale}");
+    }
+}
+
+#[test]
+fn other_process_sees_writes_within_the_bound() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::{Command, Stdio};
+    let mut config = near_config("near_xproc", Duration::from_secs(60));
+    config.invalidation_relay = false;
+    let fx = Fixture::with(config);
+    let writer = &fx.client;
+    let key = writer.cache().redis_key(&Client::user_key(1));
+    let mut child = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "near_child_process_entry_point",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env(
+            CHILD_ROLE,
+            format!("{} {}", fx.config.users_table, fx.config.namespace),
+        )
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut to_child = child.stdin.take().unwrap();
+    let mut from_child = BufReader::new(child.stdout.take().unwrap());
+    // What follows `marker` on the child's next line holding it (libtest may
+    // print `test name ... ` before it on the same line).
+    let mut expect = |marker: &str| -> String {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(
+                from_child.read_line(&mut line).unwrap() > 0,
+                "the child died"
+            );
+            if let Some(at) = line.find(marker) {
+                return line[at + marker.len()..].trim().to_owned();
+            }
+        }
+    };
+    expect("near-child ready");
+    const REPS: usize = 1_000;
+    let (mut seen, mut worst_stale) = (Vec::with_capacity(REPS), 0u128);
+    for rep in 0..REPS {
+        let plan = format!("x{rep}");
+        match rep % 3 {
+            0 => assert!(writer.update_user_plan(1, &plan).unwrap()),
+            1 => {
+                let old = writer.get_user_profile(1).unwrap().unwrap();
+                let new = cacheaside::UserProfile {
+                    plan: plan.clone(),
+                    version: old.version + 1,
+                    ..old
+                };
+                let sql = format!(
+                    "UPDATE {} SET plan = $2, version = $3 WHERE id = $1",
+                    fx.config.users_table
+                );
+                writer
+                    .db()
+                    .execute(&sql, &[&1_i64, &plan, &new.version])
+                    .unwrap();
+                writer
+                    .cache()
+                    .with_connection(|c| {
+                        redis::cmd("SET")
+                            .arg(&key)
+                            .arg(raw_entry(&new))
+                            .query::<()>(c)
+                    })
+                    .unwrap();
+            }
+            _ => {
+                fx.set_plan_directly(1, &plan);
+                writer
+                    .cache()
+                    .with_connection(|c| redis::cmd("DEL").arg(&key).query::<i64>(c))
+                    .unwrap();
+            }
+        }
+        writeln!(to_child, "{plan} {}", wall_ns()).unwrap();
+        let answer = expect("near-child seen ");
+        let mut parts = answer.split(' ');
+        let seen_ns: u128 = parts.next().unwrap().parse().unwrap();
+        let stale_ns: u128 = parts.nth(1).unwrap().parse().unwrap();
+        seen.push(seen_ns);
+        worst_stale = worst_stale.max(stale_ns);
+        assert!(
+            stale_ns <= BOUND.as_nanos(),
+            "rep {rep}: the other process read the old plan {} µs after the write",
+            stale_ns / 1000
+        );
+    }
+    drop(to_child);
+    assert!(child.wait().unwrap().success(), "the child failed");
+    seen.sort_unstable();
+    eprintln!(
+        "write -> other process reads it: p50 {} µs, p99 {} µs, max {} µs; latest stale read began {} µs after the write",
+        seen[REPS / 2] / 1000,
+        seen[REPS * 99 / 100] / 1000,
+        seen[REPS - 1] / 1000,
+        worst_stale / 1000
+    );
+}
