@@ -34,7 +34,7 @@ use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Acquired, Claim, Hold, Json, Keeper, Keys, Ttls, new_token};
-use crate::near::{Near, Tracker};
+use crate::near::{Near, Slot, Tracker};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
 use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
@@ -522,7 +522,13 @@ impl CacheAside {
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
         let counters = &self.engine.counters;
-        self.read(key, ttl, mode, Inline(move || encoded(counters, load)))
+        self.read(
+            key,
+            ttl,
+            mode,
+            Inline(move || encoded(counters, load)),
+            Slot::decode,
+        )
     }
 
     /// Like [`get_or_load_versioned`](Self::get_or_load_versioned), for a
@@ -556,7 +562,38 @@ impl CacheAside {
         F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
     {
         let counters = self.engine.counters.clone();
-        self.read(key, ttl, mode, Owned(move || encoded(&counters, load)))
+        self.read(
+            key,
+            ttl,
+            mode,
+            Owned(move || encoded(&counters, load)),
+            Slot::decode,
+        )
+    }
+
+    /// [`get_or_load_owned`](Self::get_or_load_owned) for a value that can
+    /// be cloned: a near-cache hit clones the value the first hit decoded
+    /// instead of decoding JSON again. [`Client`](crate::Client) reads this
+    /// way.
+    pub(crate) fn get_or_load_owned_cloned<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
+    {
+        let counters = self.engine.counters.clone();
+        self.read(
+            key,
+            ttl,
+            mode,
+            Owned(move || encoded(&counters, load)),
+            Slot::cloned,
+        )
     }
 
     /// Removes `key`'s value and revokes any reader's lease on it, so a load
@@ -970,13 +1007,15 @@ impl CacheAside {
         self.write_behind.dead_letters(&self.engine.cache, count)
     }
 
-    /// The read behind every `get_or_load*` method.
+    /// The read behind every `get_or_load*` method; `local` takes the value
+    /// out of a near-cache entry (`None`: not a `T`).
     fn read<T: DeserializeOwned, L: Load>(
         &self,
         key: &str,
         ttl: Duration,
         mode: Mode,
         load: L,
+        local: fn(&Slot) -> Option<Option<T>>,
     ) -> Result<Option<T>> {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
@@ -986,14 +1025,12 @@ impl CacheAside {
         // what Redis told it.
         let ticket = match &e.near {
             Some(near) if !e.breaker.is_open() => {
-                match near.get(&value_key) {
-                    Some(None) => return Ok(None),
-                    Some(Some(json)) => match serde_json::from_slice(&json) {
-                        Ok(value) => return Ok(Some(value)),
+                if let Some(slot) = near.get(&value_key) {
+                    match local(&slot) {
+                        Some(value) => return Ok(value),
                         // Another type under this key: read it the long way.
-                        Err(_) => near.evict(&value_key),
-                    },
-                    None => {}
+                        None => near.evict(&value_key),
+                    }
                 }
                 // Noted before the GET: an invalidation from now on wins
                 // over the fill below.

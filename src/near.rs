@@ -33,12 +33,15 @@
 //!   `max_staleness` and never outlives the Redis entry's own TTL, a
 //!   backstop against anything this reasoning missed.
 
+use std::any::Any;
 use std::collections::VecDeque;
 use std::hash::BuildHasher;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use std::sync::{Arc, OnceLock};
+
 use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -63,17 +66,48 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(10);
 const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What L1 holds for a key: the value's JSON, or `None` for a cached
-/// absence, and until when it may be served.
-#[derive(Clone)]
-struct Slot {
-    json: Option<Arc<[u8]>>,
+/// absence, until when it may be served, and the value decoded once for
+/// callers that can clone it. Immutable but for that one-time decode, so a
+/// hit that holds it sees one value whatever happens to the key.
+pub(crate) struct Slot {
+    json: Option<Box<[u8]>>,
     fresh_until: Instant,
+    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl Slot {
+    /// The value as `T`, decoded from its JSON: `Some(None)` for a cached
+    /// absence, `None` if the JSON is not a `T`.
+    pub(crate) fn decode<T: DeserializeOwned>(&self) -> Option<Option<T>> {
+        match &self.json {
+            None => Some(None),
+            Some(json) => serde_json::from_slice(json).ok().map(Some),
+        }
+    }
+
+    /// [`decode`](Self::decode), but the first caller's decoded value is
+    /// kept, and later ones get a clone of it: cheaper than JSON for most
+    /// types. (A caller of another type under the same key decodes the
+    /// JSON.)
+    pub(crate) fn cloned<T: DeserializeOwned + Clone + Send + Sync + 'static>(
+        &self,
+    ) -> Option<Option<T>> {
+        if self.json.is_none() {
+            return Some(None);
+        }
+        if let Some(value) = self.decoded.get().and_then(|v| v.downcast_ref::<T>()) {
+            return Some(Some(value.clone()));
+        }
+        let value: T = self.decode()??;
+        let _ = self.decoded.set(Box::new(value.clone()));
+        Some(Some(value))
+    }
 }
 
 /// The near cache of one engine, shared by its readers and its tracker.
 pub(crate) struct Near {
     /// Keyed by full Redis key. moka is internally synchronized.
-    store: moka::sync::Cache<String, Slot>,
+    store: moka::sync::Cache<String, Arc<Slot>>,
     /// Per-stripe invalidation counts: bumped (before the eviction) by every
     /// invalidation of a key of the stripe and by every clear. A reader
     /// reads its stripe's count before its Redis `GET`, and inserts only if
@@ -136,9 +170,9 @@ impl Near {
         self.now(Instant::now()) < self.live_until.load(Ordering::SeqCst)
     }
 
-    /// The cached answer for `redis_key`: `Some(Some(json))`, `Some(None)`
-    /// for a cached absence, `None` for a miss (or while L1 is dark).
-    pub(crate) fn get(&self, redis_key: &str) -> Option<Option<Arc<[u8]>>> {
+    /// The cached entry for `redis_key`; `None` for a miss (or while L1 is
+    /// dark).
+    pub(crate) fn get(&self, redis_key: &str) -> Option<Arc<Slot>> {
         let now = Instant::now();
         let hit = if self.now(now) < self.live_until.load(Ordering::SeqCst) {
             self.store
@@ -150,7 +184,7 @@ impl Near {
         match hit {
             Some(slot) => {
                 self.counters.local_hits.bump();
-                Some(slot.json)
+                Some(slot)
             }
             None => {
                 self.counters.local_misses.bump();
@@ -193,13 +227,14 @@ impl Near {
         };
         let left = Duration::from_millis(left_ms).min(self.max_staleness);
         let json = match entry.payload {
-            Payload::Value(json) => Some(Arc::from(json)),
+            Payload::Value(json) => Some(Box::from(json)),
             Payload::Absent => None,
         };
-        let slot = Slot {
+        let slot = Arc::new(Slot {
             json,
             fresh_until: Instant::now() + left,
-        };
+            decoded: OnceLock::new(),
+        });
         let epoch = self.stripes[ticket.stripe].lock();
         if *epoch == ticket.epoch {
             self.store.insert(redis_key.to_owned(), slot);
@@ -492,7 +527,11 @@ mod tests {
         assert!(near.get("k").is_none());
         let ticket = near.ticket("k");
         near.offer("k", ticket, &raw(b"1"));
-        assert_eq!(near.get("k").flatten().as_deref(), Some(&b"1"[..]));
+        let slot = near.get("k").unwrap();
+        assert_eq!(slot.decode::<u32>(), Some(Some(1)));
+        assert_eq!(slot.cloned::<u32>(), Some(Some(1)));
+        assert_eq!(slot.cloned::<u32>(), Some(Some(1)), "from the kept value");
+        assert_eq!(slot.cloned::<String>(), None, "not a string");
     }
 
     #[test]
