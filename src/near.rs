@@ -350,15 +350,28 @@ impl Drop for Tracker {
 /// The tracker's life: sessions, with a backoff between them.
 fn track(near: &Near, cache: &Cache, io_timeout: Duration) {
     let mut backoff = FIRST_BACKOFF;
+    // Said once per streak of refusals, not once per retry.
+    let mut warned = false;
     while !near.stopped() {
         let mut connected = false;
         let outcome = session(near, cache, io_timeout, &mut connected);
         if connected {
             near.lost();
             backoff = FIRST_BACKOFF;
+            warned = false;
         }
         match outcome {
             Ok(()) => return,
+            // Redis answers but refuses (older than 6.0, an ACL without
+            // CLIENT or SUBSCRIBE): L1 stays dark, and someone should know.
+            Err(err) if !connected && !err.is_outage() && !warned => {
+                warned = true;
+                report!(
+                    warn,
+                    "near cache off: Redis refused client-side caching: {}",
+                    err.chain()
+                );
+            }
             Err(err) => report!(
                 debug,
                 "near cache tracker disconnected, L1 cleared: {}",
