@@ -276,6 +276,23 @@ typedef struct cacheaside_stats {
      * client's workers committed, in milliseconds.
      */
     uint64_t write_behind_lag_ms;
+    /**
+     * Reads answered from the near cache (L1) in process memory, with no
+     * network call (not counted in `hits`).
+     */
+    uint64_t local_hits;
+    /**
+     * Reads L1, being on, could not answer (not held, expired, or dark).
+     */
+    uint64_t local_misses;
+    /**
+     * L1 entries evicted because Redis said their key changed.
+     */
+    uint64_t local_invalidations;
+    /**
+     * Times L1 was emptied because its tracking connection broke.
+     */
+    uint64_t local_clears;
 } cacheaside_stats;
 
 /**
@@ -1001,6 +1018,23 @@ enum cacheaside_status cacheaside_config_set_write_behind_claim_ms(struct cachea
 enum cacheaside_status cacheaside_config_set_write_behind_retries(struct cacheaside_config *config,
                                                                   uint32_t attempts,
                                                                   uint64_t backoff_ms);
+
+/**
+ * Turns on the near cache (L1) in process memory: up to `max_entries`
+ * entries (0 turns it off, the default), each served at most
+ * `max_staleness_ms` milliseconds after it was read from Redis. A hit
+ * there costs no network call; Redis tells every process when a key
+ * changes (see docs/near-cache.md for the coherence bound).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, or, with `max_entries`
+ * above 0, for a `max_staleness_ms` of 0 or beyond the maximum TTL.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_local_cache(struct cacheaside_config *config,
+                                                         uint64_t max_entries,
+                                                         uint64_t max_staleness_ms);
 
 /**
  * Copies `len` bytes from `data` into `*out`, which then owns the copy.

@@ -393,6 +393,14 @@ public:
             cacheaside_config_set_write_behind_retries(get(), attempts, detail::millis(backoff)));
         return *this;
     }
+    /** The near cache (L1) in process memory: up to `max_entries` (0 turns
+     *  it off, the default), each served at most `max_staleness`; kept
+     *  coherent by Redis (see docs/near-cache.md). */
+    Config &local_cache(uint64_t max_entries, std::chrono::milliseconds max_staleness) {
+        detail::check(
+            cacheaside_config_set_local_cache(get(), max_entries, detail::millis(max_staleness)));
+        return *this;
+    }
 
     /** The C handle, still owned by this object. */
     cacheaside_config *get() const noexcept { return handle_.get(); }

@@ -34,6 +34,7 @@ use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Acquired, Claim, Hold, Json, Keeper, Keys, Ttls, new_token};
+use crate::near::{Near, Slot, Tracker};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
 use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
@@ -89,6 +90,8 @@ pub struct CacheAside {
     background: Background,
     relay: Mutex<Option<crate::relay::Relay>>,
     write_behind: WriteBehind,
+    /// Keeps L1 coherent; stopped (joined) when the engine drops.
+    _tracker: Option<crate::near::Tracker>,
     config: Config,
 }
 
@@ -103,6 +106,8 @@ pub(crate) struct Engine {
     pub(crate) breaker: Arc<Breaker>,
     settings: Arc<Settings>,
     pub(crate) counters: Arc<Counters>,
+    /// The near cache, when [`Config::local_cache`] turns it on.
+    near: Option<Arc<Near>>,
     #[cfg(feature = "test-hooks")]
     pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
@@ -203,6 +208,17 @@ pub struct Stats {
     /// committed had waited, from enqueue to commit, in milliseconds
     /// (Redis's clock at the enqueue against this machine's at the commit).
     pub write_behind_lag_ms: u64,
+    /// Reads answered from the near cache (L1) in process memory, with no
+    /// network call ([`Config::local_cache`]); not counted in `hits`.
+    pub local_hits: u64,
+    /// Reads that L1, being on, could not answer (not held, expired, or L1
+    /// dark because its tracking connection is not confirmed).
+    pub local_misses: u64,
+    /// L1 entries evicted because Redis said their key changed.
+    pub local_invalidations: u64,
+    /// Times L1 was emptied because its tracking connection broke or
+    /// stopped answering.
+    pub local_clears: u64,
 }
 
 /// A load's result in the form the cache stores: JSON, with the version
@@ -352,6 +368,13 @@ impl CacheAside {
         };
         let counters = Arc::new(Counters::new(&config.namespace));
         let cache_for_write_behind = cache.clone();
+        let near = config
+            .local_cache
+            .is_on()
+            .then(|| Arc::new(Near::new(config.local_cache, counters.clone())));
+        let tracker = near
+            .clone()
+            .map(|near| Tracker::start(near, cache.clone(), config.cache_timeout));
         Ok(CacheAside {
             engine: Engine {
                 keeper: Arc::new(Keeper::new(cache.clone(), ttls)),
@@ -366,12 +389,14 @@ impl CacheAside {
                 flights: SingleFlight::new(),
                 settings: Arc::new(settings),
                 counters,
+                near,
                 #[cfg(feature = "test-hooks")]
                 hooks: Default::default(),
             },
             background: Background::new(config.background_threads),
             relay: Mutex::new(None),
             write_behind: WriteBehind::new(&cache_for_write_behind, config),
+            _tracker: tracker,
             config: config.clone(),
         })
     }
@@ -497,7 +522,13 @@ impl CacheAside {
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
         let counters = &self.engine.counters;
-        self.read(key, ttl, mode, Inline(move || encoded(counters, load)))
+        self.read(
+            key,
+            ttl,
+            mode,
+            Inline(move || encoded(counters, load)),
+            Slot::decode,
+        )
     }
 
     /// Like [`get_or_load_versioned`](Self::get_or_load_versioned), for a
@@ -531,7 +562,38 @@ impl CacheAside {
         F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
     {
         let counters = self.engine.counters.clone();
-        self.read(key, ttl, mode, Owned(move || encoded(&counters, load)))
+        self.read(
+            key,
+            ttl,
+            mode,
+            Owned(move || encoded(&counters, load)),
+            Slot::decode,
+        )
+    }
+
+    /// [`get_or_load_owned`](Self::get_or_load_owned) for a value that can
+    /// be cloned: a near-cache hit clones the value the first hit decoded
+    /// instead of decoding JSON again. [`Client`](crate::Client) reads this
+    /// way.
+    pub(crate) fn get_or_load_owned_cloned<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
+        F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
+    {
+        let counters = self.engine.counters.clone();
+        self.read(
+            key,
+            ttl,
+            mode,
+            Owned(move || encoded(&counters, load)),
+            Slot::cloned,
+        )
     }
 
     /// Removes `key`'s value and revokes any reader's lease on it, so a load
@@ -598,6 +660,23 @@ impl CacheAside {
         &self.engine.hooks
     }
 
+    /// Test hook: the `CLIENT ID` of the near cache's tracking connection,
+    /// while it is connected.
+    #[cfg(feature = "test-hooks")]
+    pub fn local_cache_tracker_id(&self) -> Option<u64> {
+        self.engine.near.as_ref().and_then(|near| near.tracker_id())
+    }
+
+    /// Test hook: `true` makes the near cache's tracker drop every
+    /// invalidation message (heartbeats still flow), so only
+    /// `max_staleness` bounds what L1 serves.
+    #[cfg(feature = "test-hooks")]
+    pub fn ignore_local_invalidations(&self, ignore: bool) {
+        if let Some(near) = &self.engine.near {
+            near.ignore_invalidations(ignore);
+        }
+    }
+
     /// Test hook: how many threads wait on the flight for `key` in progress.
     #[cfg(feature = "test-hooks")]
     pub fn flight_followers(&self, key: &str) -> usize {
@@ -614,6 +693,27 @@ impl CacheAside {
     /// ```
     pub fn stats(&self) -> Stats {
         self.engine.counters.stats()
+    }
+
+    /// True when the near cache ([`Config::local_cache`]) is on and may
+    /// serve entries now: its tracking connection is subscribed and has
+    /// confirmed, within the last 50 ms, that every invalidation was applied.
+    /// Reads go to Redis while it is false.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// if !engine.local_cache_ready() {
+    ///     println!("L1 dark: reads go to Redis");
+    /// }
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn local_cache_ready(&self) -> bool {
+        self.engine.near.as_ref().is_some_and(|near| near.live())
+    }
+
+    /// Entries the near cache holds now (0 when it is off).
+    pub fn local_cache_entries(&self) -> u64 {
+        self.engine.near.as_ref().map_or(0, |near| near.len())
     }
 
     /// Keys with a single-flight load in progress in this process; 0 when no
@@ -813,6 +913,7 @@ impl CacheAside {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
         let json = to_json(value)?;
+        let _evict = self.engine.evict_on_return(key);
         self.write_behind
             .enqueue(&self.engine, key, ttl, Json::Whole(&json), 0)
     }
@@ -831,6 +932,7 @@ impl CacheAside {
     ) -> Result<u64> {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
+        let _evict = self.engine.evict_on_return(key);
         self.write_behind.enqueue(
             &self.engine,
             key,
@@ -905,18 +1007,37 @@ impl CacheAside {
         self.write_behind.dead_letters(&self.engine.cache, count)
     }
 
-    /// The read behind every `get_or_load*` method.
+    /// The read behind every `get_or_load*` method; `local` takes the value
+    /// out of a near-cache entry (`None`: not a `T`).
     fn read<T: DeserializeOwned, L: Load>(
         &self,
         key: &str,
         ttl: Duration,
         mode: Mode,
         load: L,
+        local: fn(&Slot) -> Option<Option<T>>,
     ) -> Result<Option<T>> {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
         let e = &self.engine;
         let value_key = e.cache.redis_key(key);
+        // L1 first, unless the breaker says this process must not trust
+        // what Redis told it.
+        let ticket = match &e.near {
+            Some(near) if !e.breaker.is_open() => {
+                if let Some(slot) = near.get(&value_key) {
+                    match local(&slot) {
+                        Some(value) => return Ok(value),
+                        // Another type under this key: read it the long way.
+                        None => near.evict(&value_key),
+                    }
+                }
+                // Noted before the GET: an invalidation from now on wins
+                // over the fill below.
+                Some(near.ticket(&value_key))
+            }
+            _ => None,
+        };
         let mut permit = e.breaker.permit();
         let mut stale = None;
         let mut use_redis = permit != Permit::Bypass;
@@ -936,6 +1057,11 @@ impl CacheAside {
                     {
                         if found.fresh {
                             e.counters.hits.bump();
+                            if let (Some(near), Some(ticket)) = (&e.near, ticket) {
+                                #[cfg(feature = "test-hooks")]
+                                e.hooks.before_local_fill(key);
+                                near.offer(&value_key, ticket, &raw);
+                            }
                             if found.refresh_due {
                                 self.refresh_early(key, value_key, ttl, load);
                             }
@@ -1083,6 +1209,18 @@ impl Engine {
         outcome
     }
 
+    /// Evicts `key` from L1 when the guard drops: after a write's Redis
+    /// command, on every path (errors and panics too), before the write
+    /// returns. Evicting before the Redis command would not do: a reader of
+    /// this process could put the old value back from Redis in between.
+    fn evict_on_return(&self, key: &str) -> Option<EvictOnReturn<'_>> {
+        let near = self.near.as_deref()?;
+        Some(EvictOnReturn {
+            near,
+            redis_key: self.cache.redis_key(key),
+        })
+    }
+
     /// Tells an open flight of `key` that its row changed (a write of this
     /// process, or one the relay read from the outbox).
     pub(crate) fn note_write(&self, key: &str) {
@@ -1091,6 +1229,7 @@ impl Engine {
 
     fn invalidate(&self, key: &str) -> Result<()> {
         self.flights.note_write(key);
+        let _evict = self.evict_on_return(key);
         let keys = Keys::for_value(self.cache.redis_key(key));
         match lease::invalidate(&self.cache, &keys) {
             Ok(()) => Ok(()),
@@ -1115,6 +1254,7 @@ impl Engine {
         T: Serialize,
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
+        let _evict = self.evict_on_return(key);
         let keys = Keys::for_value(self.cache.redis_key(key));
         let token = new_token();
         let writer =
@@ -1633,6 +1773,18 @@ impl Engine {
             &m.keys.value,
             "rewritten with garbage as fast as it is deleted",
         ))
+    }
+}
+
+/// See [`Engine::evict_on_return`].
+struct EvictOnReturn<'a> {
+    near: &'a Near,
+    redis_key: String,
+}
+
+impl Drop for EvictOnReturn<'_> {
+    fn drop(&mut self) {
+        self.near.evict(&self.redis_key);
     }
 }
 

@@ -181,6 +181,65 @@ pub struct Config {
     /// attempt, up to a quarter of `write_behind_claim_after`. Defaults to
     /// 100 ms.
     pub write_behind_retry_backoff: Duration,
+    /// The near cache (L1) in process memory, kept coherent by Redis
+    /// client-side caching (see [`LocalCache`] and `docs/near-cache.md`).
+    /// Defaults to off ([`LocalCache::OFF`]).
+    pub local_cache: LocalCache,
+}
+
+/// Settings of the near cache (L1): how many entries it holds, and how
+/// long any of them may be served at most.
+///
+/// A hit in L1 costs no network call. Redis tells every process of a change
+/// to a key (`CLIENT TRACKING`), and a process serves an entry only while it
+/// can prove it has applied every such message up to 50 ms ago; whatever
+/// fails, no entry is served longer than `max_staleness` after it was read
+/// from Redis.
+///
+/// ```
+/// use std::time::Duration;
+/// let mut config = cacheaside::Config::default();
+/// config.local_cache = cacheaside::LocalCache::new(10_000, Duration::from_secs(5));
+/// assert!(config.validate().is_ok());
+/// assert!(!cacheaside::LocalCache::OFF.is_on());
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct LocalCache {
+    /// Most entries held (least useful evicted first, TinyLFU); 0 turns L1
+    /// off. Defaults to 0.
+    pub max_entries: u64,
+    /// Longest an entry is served after it was read from Redis, even if no
+    /// invalidation came (and never past the Redis entry's TTL). At least
+    /// 1 ms and at most [`MAX_TTL`] when L1 is on. Defaults to 1 s.
+    pub max_staleness: Duration,
+}
+
+impl LocalCache {
+    /// L1 off: the default.
+    pub const OFF: LocalCache = LocalCache {
+        max_entries: 0,
+        max_staleness: Duration::from_secs(1),
+    };
+
+    /// L1 holding up to `max_entries`, each served at most `max_staleness`.
+    pub fn new(max_entries: u64, max_staleness: Duration) -> LocalCache {
+        LocalCache {
+            max_entries,
+            max_staleness,
+        }
+    }
+
+    /// True when L1 is on (`max_entries > 0`).
+    pub fn is_on(&self) -> bool {
+        self.max_entries > 0
+    }
+}
+
+impl Default for LocalCache {
+    fn default() -> Self {
+        LocalCache::OFF
+    }
 }
 
 impl Default for Config {
@@ -222,6 +281,7 @@ impl Default for Config {
             write_behind_claim_after: Duration::from_secs(30),
             write_behind_attempts: 5,
             write_behind_retry_backoff: Duration::from_millis(100),
+            local_cache: LocalCache::OFF,
         }
     }
 }
@@ -310,6 +370,9 @@ impl Config {
         }
         check_ttl("ttl", self.ttl)?;
         check_ttl("negative_ttl", self.negative_ttl)?;
+        if self.local_cache.is_on() {
+            check_ttl("local_cache.max_staleness", self.local_cache.max_staleness)?;
+        }
         if self.fail_safe_max > MAX_TTL {
             return Err(Error::invalid_argument(format!(
                 "fail_safe_max is longer than the maximum TTL ({} ms, ten years)",

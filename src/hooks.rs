@@ -16,6 +16,7 @@ pub(crate) struct Hooks {
     after_load: Mutex<Option<Hook>>,
     after_write: Mutex<Option<Hook>>,
     after_write_behind_commit: Mutex<Option<Hook>>,
+    before_local_fill: Mutex<Option<Hook>>,
     leases_disabled: AtomicBool,
     lost_replies: AtomicU32,
 }
@@ -37,6 +38,13 @@ impl Hooks {
 
     pub(crate) fn after_write_behind_commit(&self, key: &str) {
         let hook = self.after_write_behind_commit.lock().clone();
+        if let Some(hook) = hook {
+            hook(key);
+        }
+    }
+
+    pub(crate) fn before_local_fill(&self, key: &str) {
+        let hook = self.before_local_fill.lock().clone();
         if let Some(hook) = hook {
             hook(key);
         }
@@ -81,6 +89,19 @@ impl CacheAside {
     /// change is acknowledged (e.g. to kill the process there).
     pub fn set_after_write_behind_commit_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
         *self.hooks().after_write_behind_commit.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: `hook(key)` runs on a reading thread after its Redis `GET`
+    /// hit and before it puts the value into the near cache (L1). Block in
+    /// it and write the key meanwhile to force the in-flight-invalidation
+    /// race.
+    pub fn set_before_local_fill_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.hooks().before_local_fill.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: removes the before-local-fill hook.
+    pub fn clear_before_local_fill_hook(&self) {
+        *self.hooks().before_local_fill.lock() = None;
     }
 
     /// Test hook: the replies of the next `n` lease and lock claims are lost

@@ -65,6 +65,7 @@ pub mod ffi; // the C ABI
 mod hooks; // forced interleavings for tests
 mod lease; // the lease protocol: keys, scripts, renewal
 mod names; // validation of subjects and channel names
+mod near; // the near cache (L1) in process memory, kept coherent by Redis
 mod observe; // events, spans and metrics: log, tracing, metrics
 mod pg; // one blocking Postgres connection with deadlines
 mod pool; // pools that fail fast and heal fast
@@ -77,7 +78,7 @@ mod write_behind; // durable write-behind: stream, workers, appliers
 
 pub use aside::{CacheAside, Mode, Stats};
 pub use cache::Cache;
-pub use config::{Config, MAX_TTL};
+pub use config::{Config, LocalCache, MAX_TTL};
 pub use db::{Db, Params, Transaction};
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};

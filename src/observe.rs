@@ -176,6 +176,10 @@ counters!(
         write_behind_retried,
         write_behind_dead_lettered,
         write_behind_claimed,
+        local_hits,
+        local_misses,
+        local_invalidations,
+        local_clears,
     ],
     levels: [write_behind_lag_ms],
 );

@@ -413,10 +413,12 @@ impl Client {
 
     fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
         let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
-        self.engine
-            .get_or_load_owned(&Client::user_key(user_id), self.ttl, mode, move || {
-                versioned_profile(db.query_one(&sql.select, &[&user_id])?)
-            })
+        self.engine.get_or_load_owned_cloned(
+            &Client::user_key(user_id),
+            self.ttl,
+            mode,
+            move || versioned_profile(db.query_one(&sql.select, &[&user_id])?),
+        )
     }
 
     /// Invalidates a user after a committed write. A failure is not the

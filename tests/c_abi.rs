@@ -288,6 +288,11 @@ fn c_users_miss_hit_update_and_single_flight() {
 }
 
 #[test]
+fn c_near_cache_setter_hits_and_stats() {
+    run_program("tests/c/near.c");
+}
+
+#[test]
 fn c_bad_input_returns_status_without_crashing() {
     run_program("tests/c/bad_input.c");
 }
@@ -349,6 +354,7 @@ fn cpp_wrapper_write_behind() {
 fn every_program_is_run() {
     let listed = [
         "tests/c/users.c",
+        "tests/c/near.c",
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
         "tests/c/outage.c",

@@ -12,11 +12,12 @@ use std::ptr;
 
 use cacheaside::Config;
 use cacheaside::ffi::{
-    cacheaside_client, cacheaside_client_free, cacheaside_client_open, cacheaside_config,
-    cacheaside_config_free, cacheaside_config_new, cacheaside_config_set_invalidation_relay,
+    cacheaside_client, cacheaside_client_free, cacheaside_client_open, cacheaside_client_stats,
+    cacheaside_config, cacheaside_config_free, cacheaside_config_new,
+    cacheaside_config_set_invalidation_relay, cacheaside_config_set_local_cache,
     cacheaside_config_set_namespace, cacheaside_config_set_ttl_ms,
     cacheaside_config_set_users_table, cacheaside_get_user_profile, cacheaside_last_error,
-    cacheaside_status, cacheaside_user_profile, cacheaside_user_profile_free,
+    cacheaside_stats, cacheaside_status, cacheaside_user_profile, cacheaside_user_profile_free,
 };
 
 use crate::BoxResult;
@@ -51,8 +52,9 @@ impl Drop for ConfigGuard {
 }
 
 impl CAbi {
-    /// Opens a client on the same servers, table, namespace and TTL as
-    /// the Rust client (the URLs come from the environment in both).
+    /// Opens a client on the same servers, table, namespace, TTL and near
+    /// cache setting as the Rust client (the URLs come from the
+    /// environment in both).
     pub fn open(config: &Config) -> BoxResult<CAbi> {
         let c_config = ConfigGuard(cacheaside_config_new());
         if c_config.0.is_null() {
@@ -74,6 +76,17 @@ impl CAbi {
                 "set users table",
             )?;
             check(cacheaside_config_set_ttl_ms(c_config.0, ttl_ms), "set ttl")?;
+            if config.local_cache.is_on() {
+                let staleness_ms = u64::try_from(config.local_cache.max_staleness.as_millis())?;
+                check(
+                    cacheaside_config_set_local_cache(
+                        c_config.0,
+                        config.local_cache.max_entries,
+                        staleness_ms,
+                    ),
+                    "set local cache",
+                )?;
+            }
             // The Rust client's relay serves the table; one is enough.
             check(
                 cacheaside_config_set_invalidation_relay(c_config.0, false),
@@ -105,6 +118,22 @@ impl CAbi {
             cacheaside_status::CACHEASIDE_NOT_FOUND => Ok(None),
             other => check(other, "cacheaside_get_user_profile").map(|()| Some(id)),
         }
+    }
+}
+
+impl CAbi {
+    /// The client's counters, as a C caller reads them.
+    pub fn stats(&self) -> BoxResult<cacheaside_stats> {
+        let mut stats = cacheaside_stats {
+            size: std::mem::size_of::<cacheaside_stats>() as u64,
+            ..Default::default()
+        };
+        // SAFETY: a live client and a struct of the size we say.
+        check(
+            unsafe { cacheaside_client_stats(self.0, &mut stats) },
+            "cacheaside_client_stats",
+        )?;
+        Ok(stats)
     }
 }
 

@@ -25,9 +25,10 @@
 //! share [`fixture`] (the client, table, namespace and floors) and
 //! [`measure`] (timing loops, repetitions, percentiles, paired ratios).
 //!
-//! Two hidden modes (`--child-stampede`, `--child-memory`) are this binary
-//! run as a child process: the cross-process stampede needs several
-//! processes, and peak RSS is only meaningful in a fresh one.
+//! Three hidden modes (`--child-stampede`, `--child-memory`,
+//! `--child-near-memory`) are this binary run as a child process: the
+//! cross-process stampede needs several processes, and memory is only
+//! meaningful in a fresh one.
 
 mod c_abi;
 mod faults;
@@ -37,6 +38,7 @@ mod hits;
 mod measure;
 mod memory;
 mod misses;
+mod near;
 mod plan;
 mod plots;
 mod relay;
@@ -63,9 +65,10 @@ const USAGE: &str = "usage: bench [--quick [--plots]]
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
-const CHILD_MODES: [(&str, ChildMode); 2] = [
+const CHILD_MODES: [(&str, ChildMode); 3] = [
     ("--child-stampede", xproc::child),
     ("--child-memory", memory::child),
+    ("--child-near-memory", near::child),
 ];
 
 fn main() {
@@ -115,5 +118,6 @@ fn run(plan: Plan, quick_plots: bool) -> BoxResult<i32> {
     report.add(relay::measure(&bench)?); // (10): the invalidation relay, the trigger's cost
     report.add(steady::measure(&bench)?); // (11): single-flight under steady writes
     report.add(write_behind::measure(&bench)?); // (12): write-behind enqueue, flush, lag
+    report.add(near::measure(&bench)?); // (13): the near cache (L1) against the floor
     report.finish(bench, quick_plots)
 }

@@ -146,7 +146,7 @@ pub fn child(args: &[String]) -> BoxResult<()> {
 }
 
 /// (VmRSS, VmHWM) of this process, in KiB.
-fn rss_kib() -> BoxResult<(u64, u64)> {
+pub fn rss_kib() -> BoxResult<(u64, u64)> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let field = |name: &str| -> BoxResult<u64> {
         let line = status

@@ -307,6 +307,15 @@ pub struct cacheaside_stats {
     /// Enqueue-to-commit time of the oldest change in the last batch this
     /// client's workers committed, in milliseconds.
     pub write_behind_lag_ms: u64,
+    /// Reads answered from the near cache (L1) in process memory, with no
+    /// network call (not counted in `hits`).
+    pub local_hits: u64,
+    /// Reads L1, being on, could not answer (not held, expired, or dark).
+    pub local_misses: u64,
+    /// L1 entries evicted because Redis said their key changed.
+    pub local_invalidations: u64,
+    /// Times L1 was emptied because its tracking connection broke.
+    pub local_clears: u64,
 }
 
 /// Reads the client's counters into `*out`; see `cacheaside_stats` for how
@@ -366,6 +375,10 @@ pub unsafe extern "C" fn cacheaside_client_stats(
             write_behind_dead_lettered: s.write_behind_dead_lettered,
             write_behind_claimed: s.write_behind_claimed,
             write_behind_lag_ms: s.write_behind_lag_ms,
+            local_hits: s.local_hits,
+            local_misses: s.local_misses,
+            local_invalidations: s.local_invalidations,
+            local_clears: s.local_clears,
         };
         // SAFETY: `filled` bytes are writable at `out` (the caller's `size`),
         // and our struct is all u64 fields: no padding bytes are read.

@@ -714,3 +714,30 @@ pub unsafe extern "C" fn cacheaside_config_set_write_behind_retries(
         })
     }
 }
+
+/// Turns on the near cache (L1) in process memory: up to `max_entries`
+/// entries (0 turns it off, the default), each served at most
+/// `max_staleness_ms` milliseconds after it was read from Redis. A hit
+/// there costs no network call; Redis tells every process when a key
+/// changes (see docs/near-cache.md for the coherence bound).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, or, with `max_entries`
+/// above 0, for a `max_staleness_ms` of 0 or beyond the maximum TTL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_local_cache(
+    config: *mut cacheaside_config,
+    max_entries: u64,
+    max_staleness_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.local_cache =
+                crate::LocalCache::new(max_entries, Duration::from_millis(max_staleness_ms));
+            Ok(())
+        })
+    }
+}

@@ -134,6 +134,8 @@ void bad_input(const cacheaside::Client &client) {
     EXPECT_ERROR(cacheaside::Config().ttl(std::chrono::milliseconds(0)),
                  CACHEASIDE_INVALID_ARGUMENT);
     EXPECT_ERROR(cacheaside::Config().beta(-1.0), CACHEASIDE_INVALID_ARGUMENT);
+    EXPECT_ERROR(cacheaside::Config().local_cache(100, std::chrono::milliseconds(0)),
+                 CACHEASIDE_INVALID_ARGUMENT);
     EXPECT_ERROR(cacheaside::Client(cacheaside::Config().database_url("not a url")),
                  CACHEASIDE_INVALID_ARGUMENT);
     EXPECT_ERROR(client.update_user_plan(1, ""), CACHEASIDE_INVALID_ARGUMENT);
@@ -180,6 +182,30 @@ void a_hit_never_throws_when_its_early_refresh_does() {
     EXPECT(rethrown);
 }
 
+void near_cache_hits_and_stats() {
+    // L1 on: once its tracking connection is up, a repeated read is answered
+    // from process memory, with no query, and the counters show it.
+    cacheaside::Client client(cacheaside::Config()
+                                  .users_table(env("CACHEASIDE_TEST_TABLE"))
+                                  .namespace_(env("CACHEASIDE_TEST_NAMESPACE"))
+                                  .outbox_table(env("CACHEASIDE_TEST_OUTBOX"))
+                                  .invalidation_relay(false)
+                                  .local_cache(1000, std::chrono::seconds(60)));
+    auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+    while (client.stats().local_hits == 0) {
+        EXPECT(std::chrono::steady_clock::now() < deadline);
+        EXPECT(client.get_user_profile(5).has_value());
+    }
+    uint64_t queries = client.query_count();
+    auto before = client.stats();
+    for (int i = 0; i < 100; i++) {
+        EXPECT(client.get_user_profile(5)->id == 5);
+    }
+    auto after = client.stats();
+    EXPECT(client.query_count() == queries);
+    EXPECT(after.local_hits + after.local_misses - before.local_hits - before.local_misses == 100);
+}
+
 }  // namespace
 
 int main() {
@@ -198,6 +224,7 @@ int main() {
         fifty_threads_one_load(client);
         bad_input(client);
         a_hit_never_throws_when_its_early_refresh_does();
+        near_cache_hits_and_stats();
     } catch (const cacheaside::Error &e) {
         std::cerr << "unexpected cacheaside::Error " << e.status() << ": " << e.what() << "\n";
         return EXIT_FAILURE;

@@ -1,0 +1,572 @@
+//! The near cache (L1): recently read entries kept in process memory, kept
+//! coherent by Redis server-assisted client-side caching.
+//!
+//! Guarantees (tests/near.rs proves each):
+//! - **A hit costs no network call.** It is a lookup in a `moka` cache and
+//!   an atomic load; Redis and Postgres are not touched.
+//! - **Coherence, with a bound.** A dedicated connection (the *tracker*)
+//!   turns on `CLIENT TRACKING ... BCAST PREFIX <namespace>`, redirected to
+//!   itself, and is subscribed to `__redis__:invalidate`: Redis tells it of
+//!   every change to a key of the namespace, by any client (our fills,
+//!   invalidations, write-through, write-behind, the relay, a `DEL` from
+//!   `redis-cli`), and the tracker evicts the key. Every [`BEAT`] the
+//!   tracker publishes a numbered heartbeat to a channel of its own on a
+//!   second connection; when it reads that heartbeat back, every
+//!   invalidation Redis queued before it has been applied (one connection
+//!   delivers in order). An entry is served only within [`BOUND`] of the
+//!   sending of the last heartbeat read back, so no hit returns a value
+//!   that a write completed in Redis more than [`BOUND`] earlier replaced,
+//!   whatever fails (a silent network, a stalled tracker thread, a lost
+//!   connection). Past that, reads go to Redis until a heartbeat returns.
+//! - **Read-your-writes in process.** This process's own writes
+//!   (invalidate, write-through, write-behind) evict the key locally after
+//!   their Redis command and before they return.
+//! - **No stale fills.** L1 is filled only from a Redis hit, and only if no
+//!   invalidation of the key's stripe (and no loss of the tracker) came
+//!   between the moment the read began and the insert: the insert is undone
+//!   otherwise. (A fill after a miss is not kept: our own fill's `SET`
+//!   sends us an invalidation. The next read's Redis hit fills L1.)
+//! - **Fail closed.** When the tracker's connection breaks, or a heartbeat
+//!   stays unanswered past the I/O timeout, L1 is cleared and nothing is
+//!   served or stored until a new connection is tracking, subscribed, and
+//!   has read a heartbeat back. Every entry also expires after
+//!   `max_staleness` and never outlives the Redis entry's own TTL, a
+//!   backstop against anything this reasoning missed.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+use serde::de::DeserializeOwned;
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use crate::cache::Cache;
+use crate::config::LocalCache;
+use crate::entry::{Entry, Payload, now_ms};
+use crate::error::{Error, Result};
+use crate::observe::{Counters, report};
+
+/// How often the tracker sends a heartbeat.
+pub(crate) const BEAT: Duration = Duration::from_millis(10);
+/// How long after a heartbeat was sent its return lets L1 serve entries:
+/// the coherence bound.
+pub(crate) const BOUND: Duration = Duration::from_millis(50);
+/// The Redis channel of invalidation messages.
+const INVALIDATE: &str = "__redis__:invalidate";
+/// Invalidation epochs are kept per stripe of keys, so a write to one key
+/// rarely refuses the fill of another.
+const STRIPES: usize = 1024;
+/// First pause before the tracker reconnects; doubles up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(10);
+const MAX_BACKOFF: Duration = Duration::from_secs(1);
+
+/// What L1 holds for a key: the value's JSON, or `None` for a cached
+/// absence, until when it may be served, and the value decoded once for
+/// callers that can clone it. Immutable but for that one-time decode, so a
+/// hit that holds it sees one value whatever happens to the key.
+pub(crate) struct Slot {
+    json: Option<Box<[u8]>>,
+    fresh_until: Instant,
+    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+}
+
+impl Slot {
+    /// The value as `T`, decoded from its JSON: `Some(None)` for a cached
+    /// absence, `None` if the JSON is not a `T`.
+    pub(crate) fn decode<T: DeserializeOwned>(&self) -> Option<Option<T>> {
+        match &self.json {
+            None => Some(None),
+            Some(json) => serde_json::from_slice(json).ok().map(Some),
+        }
+    }
+
+    /// [`decode`](Self::decode), but the first caller's decoded value is
+    /// kept, and later ones get a clone of it: cheaper than JSON for most
+    /// types. (A caller of another type under the same key decodes the
+    /// JSON.)
+    pub(crate) fn cloned<T: DeserializeOwned + Clone + Send + Sync + 'static>(
+        &self,
+    ) -> Option<Option<T>> {
+        if self.json.is_none() {
+            return Some(None);
+        }
+        if let Some(value) = self.decoded.get().and_then(|v| v.downcast_ref::<T>()) {
+            return Some(Some(value.clone()));
+        }
+        let value: T = self.decode()??;
+        let _ = self.decoded.set(Box::new(value.clone()));
+        Some(Some(value))
+    }
+}
+
+/// The near cache of one engine, shared by its readers and its tracker.
+pub(crate) struct Near {
+    /// Keyed by full Redis key. moka is internally synchronized.
+    store: moka::sync::Cache<String, Arc<Slot>>,
+    /// Per-stripe invalidation counts: bumped (before the eviction) by every
+    /// invalidation of a key of the stripe and by every clear. A reader
+    /// reads its stripe's count before its Redis `GET`, and inserts only if
+    /// it has not moved, checking and inserting under the stripe's lock: so
+    /// no one ever sees an entry an invalidation already refused. (Insert
+    /// first and undo on a moved count would let another reader take the
+    /// stale entry in between.) Held for a count and an in-memory insert,
+    /// never across I/O.
+    stripes: Box<[Mutex<u64>]>,
+    hasher: std::collections::hash_map::RandomState,
+    /// Milliseconds since `origin` until which entries may be served; 0
+    /// while the tracker is not connected, subscribed and confirmed.
+    live_until: AtomicU64,
+    origin: Instant,
+    max_staleness: Duration,
+    counters: Arc<Counters>,
+    /// The tracking connection's `CLIENT ID` (0 when not connected).
+    tracker_id: AtomicU64,
+    stop: AtomicBool,
+    /// Test hook: the tracker drops invalidation messages (keeps beating).
+    #[cfg(feature = "test-hooks")]
+    ignore_invalidations: AtomicBool,
+}
+
+/// What a reader noted before it went to Redis; see [`Near::offer`].
+#[derive(Clone, Copy)]
+pub(crate) struct Ticket {
+    stripe: usize,
+    epoch: u64,
+}
+
+impl Near {
+    pub(crate) fn new(settings: LocalCache, counters: Arc<Counters>) -> Near {
+        let store = moka::sync::Cache::builder()
+            .max_capacity(settings.max_entries)
+            .time_to_live(settings.max_staleness)
+            .build();
+        Near {
+            store,
+            stripes: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
+            hasher: Default::default(),
+            live_until: AtomicU64::new(0),
+            origin: Instant::now(),
+            max_staleness: settings.max_staleness,
+            counters,
+            tracker_id: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            ignore_invalidations: AtomicBool::new(false),
+        }
+    }
+
+    fn now(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64
+    }
+
+    /// True while entries may be served: the tracker read back a heartbeat
+    /// sent less than [`BOUND`] ago.
+    pub(crate) fn live(&self) -> bool {
+        self.now(Instant::now()) < self.live_until.load(Ordering::SeqCst)
+    }
+
+    /// The cached entry for `redis_key`; `None` for a miss (or while L1 is
+    /// dark).
+    pub(crate) fn get(&self, redis_key: &str) -> Option<Arc<Slot>> {
+        let now = Instant::now();
+        let hit = if self.now(now) < self.live_until.load(Ordering::SeqCst) {
+            self.store
+                .get(redis_key)
+                .filter(|slot| slot.fresh_until > now)
+        } else {
+            None
+        };
+        match hit {
+            Some(slot) => {
+                self.counters.local_hits.bump();
+                Some(slot)
+            }
+            None => {
+                self.counters.local_misses.bump();
+                None
+            }
+        }
+    }
+
+    fn stripe(&self, redis_key: &str) -> usize {
+        (self.hasher.hash_one(redis_key) as usize) % STRIPES
+    }
+
+    /// Notes the key's invalidation count before a read goes to Redis.
+    pub(crate) fn ticket(&self, redis_key: &str) -> Ticket {
+        let stripe = self.stripe(redis_key);
+        Ticket {
+            stripe,
+            epoch: *self.stripes[stripe].lock(),
+        }
+    }
+
+    /// Puts a fresh entry a Redis `GET` returned into L1, unless an
+    /// invalidation of its stripe (or a clear) came since `ticket`.
+    ///
+    /// The race it closes: an invalidation bumps the count under the
+    /// stripe's lock, then evicts; this checks the count and inserts under
+    /// the same lock. Either the bump comes first and this inserts nothing,
+    /// or the insert comes first and the eviction removes it. Either way an
+    /// invalidation that arrived while the read was in flight wins.
+    pub(crate) fn offer(&self, redis_key: &str, ticket: Ticket, raw: &[u8]) {
+        if !self.live() {
+            return;
+        }
+        let Ok(entry) = Entry::decode(raw) else {
+            return;
+        };
+        let now_wall = now_ms();
+        let Some(left_ms) = entry.expires_at_ms.checked_sub(now_wall) else {
+            return;
+        };
+        let left = Duration::from_millis(left_ms).min(self.max_staleness);
+        let json = match entry.payload {
+            Payload::Value(json) => Some(Box::from(json)),
+            Payload::Absent => None,
+        };
+        let slot = Arc::new(Slot {
+            json,
+            fresh_until: Instant::now() + left,
+            decoded: OnceLock::new(),
+        });
+        let epoch = self.stripes[ticket.stripe].lock();
+        if *epoch == ticket.epoch {
+            self.store.insert(redis_key.to_owned(), slot);
+        }
+    }
+
+    /// Evicts a key this process just wrote (or whose cached copy turned
+    /// out unusable).
+    pub(crate) fn evict(&self, redis_key: &str) {
+        self.bump(redis_key);
+        self.store.invalidate(redis_key);
+    }
+
+    /// Applies an invalidation message: evicts each key.
+    fn invalidated(&self, redis_key: &[u8]) {
+        let Ok(redis_key) = std::str::from_utf8(redis_key) else {
+            // Not a key of ours (ours are UTF-8): nothing to evict. A
+            // non-UTF-8 key could only be stored by someone else.
+            return;
+        };
+        self.bump(redis_key);
+        if self.store.remove(redis_key).is_some() {
+            self.counters.local_invalidations.bump();
+        }
+    }
+
+    /// Refuses the fills of the reads of `redis_key` in flight.
+    fn bump(&self, redis_key: &str) {
+        *self.stripes[self.stripe(redis_key)].lock() += 1;
+    }
+
+    /// Empties L1 and refuses every read in flight its fill.
+    fn flush(&self) {
+        for stripe in self.stripes.iter() {
+            *stripe.lock() += 1;
+        }
+        self.store.invalidate_all();
+    }
+
+    /// The tracker lost its connection (or stopped answering): serve
+    /// nothing until a new one is confirmed, and forget everything.
+    fn lost(&self) {
+        self.live_until.store(0, Ordering::SeqCst);
+        self.tracker_id.store(0, Ordering::SeqCst);
+        self.flush();
+        self.counters.local_clears.bump();
+    }
+
+    /// A heartbeat sent at `sent` came back: every invalidation queued
+    /// before it has been applied.
+    fn confirmed(&self, sent: Instant) {
+        let until = self.now(sent + BOUND);
+        self.live_until.fetch_max(until, Ordering::SeqCst);
+    }
+
+    /// Entries held now (after moka's pending maintenance).
+    pub(crate) fn len(&self) -> u64 {
+        self.store.run_pending_tasks();
+        self.store.entry_count()
+    }
+
+    /// The `CLIENT ID` of the tracking connection, if connected.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn tracker_id(&self) -> Option<u64> {
+        Some(self.tracker_id.load(Ordering::SeqCst)).filter(|&id| id != 0)
+    }
+
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn ignore_invalidations(&self, ignore: bool) {
+        self.ignore_invalidations.store(ignore, Ordering::SeqCst);
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+}
+
+/// The tracker thread; stops (and is joined) on drop.
+pub(crate) struct Tracker {
+    near: Arc<Near>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Tracker {
+    /// Starts tracking the keys of `cache`'s namespace for `near`.
+    pub(crate) fn start(near: Arc<Near>, cache: Cache, io_timeout: Duration) -> Tracker {
+        let thread = {
+            let near = near.clone();
+            thread::Builder::new()
+                .name("cacheaside-near".into())
+                .spawn(move || track(&near, &cache, io_timeout))
+                .ok()
+        };
+        if thread.is_none() {
+            report!(
+                warn,
+                "could not start the near cache's tracker: L1 stays off"
+            );
+        }
+        Tracker { near, thread }
+    }
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.near.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The tracker's life: sessions, with a backoff between them.
+fn track(near: &Near, cache: &Cache, io_timeout: Duration) {
+    let mut backoff = FIRST_BACKOFF;
+    // Said once per streak of refusals, not once per retry.
+    let mut warned = false;
+    while !near.stopped() {
+        let mut connected = false;
+        let outcome = session(near, cache, io_timeout, &mut connected);
+        if connected {
+            near.lost();
+            backoff = FIRST_BACKOFF;
+            warned = false;
+        }
+        match outcome {
+            Ok(()) => return,
+            // Redis answers but refuses (older than 6.0, an ACL without
+            // CLIENT or SUBSCRIBE): L1 stays dark, and someone should know.
+            Err(err) if !connected && !err.is_outage() && !warned => {
+                warned = true;
+                report!(
+                    warn,
+                    "near cache off: Redis refused client-side caching: {}",
+                    err.chain()
+                );
+            }
+            Err(err) => report!(
+                debug,
+                "near cache tracker disconnected, L1 cleared: {}",
+                err.chain()
+            ),
+        }
+        let deadline = Instant::now() + backoff;
+        while !near.stopped() && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5).min(backoff));
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One tracking connection, from connect to break (`Err`) or stop (`Ok`).
+fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut bool) -> Result<()> {
+    let mut sub = cache.dedicated(io_timeout)?;
+    let mut beat = cache.dedicated(io_timeout)?;
+    let name = tracker_name();
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(&name)
+        .query::<()>(&mut *sub)?;
+    let id: u64 = redis::cmd("CLIENT").arg("ID").query(&mut *sub)?;
+    // Tracking redirected to this very connection: if it dies, tracking
+    // and subscription die together, and we notice on the next read.
+    let mut tracking = redis::cmd("CLIENT");
+    tracking
+        .arg("TRACKING")
+        .arg("ON")
+        .arg("REDIRECT")
+        .arg(id)
+        .arg("BCAST");
+    if !cache.namespace().is_empty() {
+        tracking.arg("PREFIX").arg(cache.namespace());
+    }
+    tracking.query::<()>(&mut *sub)?;
+    let channel = format!("__cacheaside_near__:{name}");
+    let mut pubsub = sub.as_pubsub();
+    pubsub.subscribe(&[INVALIDATE, channel.as_str()])?;
+    pubsub.set_read_timeout(Some(BEAT))?;
+    near.tracker_id.store(id, Ordering::SeqCst);
+    *connected = true;
+    // Heartbeats sent and not yet read back, oldest first.
+    let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+    let mut seq = 0u64;
+    let mut next_beat = Instant::now();
+    loop {
+        if near.stopped() {
+            return Ok(());
+        }
+        let now = Instant::now();
+        if now >= next_beat {
+            seq += 1;
+            let receivers: u64 = redis::cmd("PUBLISH")
+                .arg(&channel)
+                .arg(seq)
+                .query(&mut *beat)?;
+            if receivers == 0 {
+                return Err(Error::new(
+                    crate::ErrorKind::Cache,
+                    "the tracker's subscription is gone",
+                ));
+            }
+            sent.push_back((seq, now));
+            next_beat = now + BEAT;
+        }
+        if let Some(&(_, oldest)) = sent.front()
+            && now.saturating_duration_since(oldest) > io_timeout
+        {
+            return Err(Error::timeout("near cache heartbeat"));
+        }
+        let msg = match pubsub.get_message() {
+            Ok(msg) => msg,
+            Err(err) if err.is_timeout() => continue,
+            Err(err) => return Err(err.into()),
+        };
+        let from: Vec<u8> = msg.get_channel().unwrap_or_default();
+        if from == INVALIDATE.as_bytes() {
+            #[cfg(feature = "test-hooks")]
+            if near.ignore_invalidations.load(Ordering::SeqCst) {
+                continue;
+            }
+            match msg.get_payload::<redis::Value>() {
+                Ok(redis::Value::Array(keys)) => {
+                    for key in keys {
+                        match key {
+                            redis::Value::BulkString(key) => near.invalidated(&key),
+                            // Not a key name: we cannot tell what changed.
+                            _ => near.flush(),
+                        }
+                    }
+                }
+                // Nil: FLUSHALL / FLUSHDB, everything changed. Anything
+                // else we cannot read: assume the same.
+                _ => near.flush(),
+            }
+        } else if from == channel.as_bytes() {
+            let Some(n) = std::str::from_utf8(msg.get_payload_bytes())
+                .ok()
+                .and_then(|s| s.parse::<u64>().ok())
+            else {
+                continue;
+            };
+            while let Some(&(m, at)) = sent.front() {
+                if m > n {
+                    break;
+                }
+                sent.pop_front();
+                if m < n {
+                    // TCP does not lose bytes from the middle of a live
+                    // connection, but a proxy or a bug might: if a heartbeat
+                    // went missing, invalidations may have gone with it.
+                    return Err(Error::new(
+                        crate::ErrorKind::Cache,
+                        "a near cache heartbeat was lost",
+                    ));
+                }
+                near.confirmed(at);
+            }
+        }
+    }
+}
+
+/// `cacheaside-near-<pid>-<n>`: unique per tracker across processes (a
+/// heartbeat channel is named after it).
+fn tracker_name() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "cacheaside-near-{}-{}-{:08x}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed),
+        fastrand::u32(..)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn near() -> Near {
+        let near = Near::new(
+            LocalCache::new(100, Duration::from_secs(10)),
+            Arc::new(Counters::new("t:")),
+        );
+        near.confirmed(Instant::now() + Duration::from_secs(3600));
+        near
+    }
+
+    fn raw(json: &[u8]) -> Vec<u8> {
+        Entry::new(
+            Payload::Value(json),
+            0,
+            Duration::ZERO,
+            Duration::from_secs(60),
+        )
+        .encode()
+    }
+
+    #[test]
+    fn fill_after_invalidate_is_dropped() {
+        let near = near();
+        let ticket = near.ticket("k");
+        near.invalidated(b"k");
+        near.offer("k", ticket, &raw(b"1"));
+        assert!(near.get("k").is_none());
+        let ticket = near.ticket("k");
+        near.offer("k", ticket, &raw(b"1"));
+        let slot = near.get("k").unwrap();
+        assert_eq!(slot.decode::<u32>(), Some(Some(1)));
+        assert_eq!(slot.cloned::<u32>(), Some(Some(1)));
+        assert_eq!(slot.cloned::<u32>(), Some(Some(1)), "from the kept value");
+        assert_eq!(slot.cloned::<String>(), None, "not a string");
+    }
+
+    #[test]
+    fn nothing_is_served_or_stored_while_dark() {
+        let near = near();
+        let ticket = near.ticket("k");
+        near.offer("k", ticket, &raw(b"1"));
+        near.lost();
+        assert!(near.get("k").is_none());
+        near.offer("k", near.ticket("k"), &raw(b"1"));
+        assert_eq!(near.len(), 0);
+        // A read that began before the loss cannot fill after a reconnect.
+        near.confirmed(Instant::now());
+        near.offer("k", ticket, &raw(b"1"));
+        assert!(near.get("k").is_none());
+    }
+
+    #[test]
+    fn expired_entries_are_not_served() {
+        let near = near();
+        let gone = Entry::new(Payload::Value(b"1"), 0, Duration::ZERO, Duration::ZERO).encode();
+        near.offer("k", near.ticket("k"), &gone);
+        assert!(near.get("k").is_none());
+    }
+}
