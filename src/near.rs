@@ -23,9 +23,10 @@
 //!   their Redis command and before they return.
 //! - **No stale fills.** L1 is filled only from a Redis hit, and only if no
 //!   invalidation of the key's stripe (and no loss of the tracker) came
-//!   between the moment the read began and the insert: the insert is undone
-//!   otherwise. (A fill after a miss is not kept: our own fill's `SET`
-//!   sends us an invalidation. The next read's Redis hit fills L1.)
+//!   between the moment the read began and the insert (checked and
+//!   inserted under the stripe's lock, which an invalidation takes too).
+//!   (A fill after a miss is not kept: our own fill's `SET` sends us an
+//!   invalidation. The next read's Redis hit fills L1.)
 //! - **Fail closed.** When the tracker's connection breaks, or a heartbeat
 //!   stays unanswered past the I/O timeout, L1 is cleared and nothing is
 //!   served or stored until a new connection is tracking, subscribed, and
