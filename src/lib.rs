@@ -77,7 +77,7 @@ mod write_behind; // durable write-behind: stream, workers, appliers
 
 pub use aside::{CacheAside, Mode, Stats};
 pub use cache::Cache;
-pub use config::{Config, MAX_TTL};
+pub use config::{Config, MAX_TTL, redact_url};
 pub use db::{Db, Params, Transaction};
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};

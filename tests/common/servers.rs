@@ -479,6 +479,30 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
+    /// Gives `postgres` the password `password` and makes TCP logins need
+    /// it (scram-sha-256 in `pg_hba.conf`, reloaded); the Unix socket stays
+    /// trusted. [`url`](Self::url) then fails with "authentication failed".
+    pub fn require_password(&self, password: &str) {
+        let mut config = cacheaside::Config::from_env();
+        config.database_url = self.url();
+        let db = cacheaside::Db::connect(&config).expect("connect to the private postgres");
+        db.execute(
+            &format!(
+                "ALTER ROLE postgres PASSWORD '{}'",
+                password.replace('\'', "''")
+            ),
+            &[],
+        )
+        .expect("set the password");
+        fs::write(
+            self.data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        db.query_one("SELECT pg_reload_conf()", &[])
+            .expect("reload the configuration");
+    }
+
     /// The server's port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
