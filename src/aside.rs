@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 
 use crate::background::Background;
 use crate::breaker::{Breaker, Permit};
-use crate::cache::{Cache, Raw};
+use crate::cache::{Cache, Raw, check_key};
 use crate::config::{Config, check_ttl};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
@@ -1728,11 +1728,4 @@ fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>
     serde_json::from_slice(json)
         .map(Some)
         .map_err(|e| Error::corrupt(key, format!("another caller loaded a different type: {e}")))
-}
-
-fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid_argument("cache key must not be empty"));
-    }
-    Ok(())
 }

@@ -15,11 +15,19 @@
 //!   or dropped connection, an authentication failure or an out-of-memory
 //!   Redis are [`ErrorKind::Cache`] with the cause in the message (never the
 //!   password).
+//! - Redis Cluster (a `redis_url` listing nodes separated by commas) works
+//!   the same: every command and script names keys of one hash slot (the
+//!   hash tag of [`Cache::redis_key`]), and the cluster connection follows
+//!   `MOVED` and `ASK` redirects and retries `TRYAGAIN` within a few
+//!   `cache_timeout`s. Pipelines (which the cluster client sends to one node)
+//!   only ever hold commands of one slot, or are split in cluster mode.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::{Commands, Connection, ConnectionLike};
+use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
@@ -52,6 +60,8 @@ use crate::pool::{Conn, Connector, Pool};
 pub struct Cache {
     pool: Pool<RedisConnector>,
     namespace: Arc<str>,
+    /// `redis_url` listed several nodes: a Redis Cluster.
+    cluster: bool,
 }
 
 impl Cache {
@@ -59,16 +69,41 @@ impl Cache {
     /// in the background), so this succeeds while Redis is down; the first
     /// command then reports why it cannot connect.
     ///
+    /// A `redis_url` that lists nodes separated by commas selects Redis
+    /// Cluster (see [`Config::set_redis_cluster`]).
+    ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for an unparsable URL or namespace.
     pub fn connect(config: &Config) -> Result<Cache> {
         validate_namespace(&config.namespace)?;
-        let client = redis::Client::open(config.redis_url.as_str())
-            .map_err(|e| Error::invalid_argument("redis URL does not parse").with_source(e))?;
-        let connector = RedisConnector {
-            client,
-            timeout: config.cache_timeout,
-        };
+        let timeout = config.cache_timeout;
+        let cluster = config.is_redis_cluster();
+        let target =
+            if cluster {
+                // Redirects (MOVED, ASK) are followed at once; TRYAGAIN (a
+                // multi-key command during a slot migration) and CLUSTERDOWN
+                // wait a few ms and retry. The crate's default waits start at
+                // 1.28 s, far past a call's cache budget: these keep the worst
+                // case of RETRIES waits under about two cache_timeouts.
+                let max_wait = (millis(timeout) * 2 / u64::from(CLUSTER_RETRIES)).max(2);
+                let client = ClusterClientBuilder::new(config.redis_nodes())
+                    .connection_timeout(timeout)
+                    .response_timeout(timeout)
+                    .retries(CLUSTER_RETRIES)
+                    .min_retry_wait(1)
+                    .max_retry_wait(max_wait)
+                    .retry_wait_formula(2, 2)
+                    .build()
+                    .map_err(|e| {
+                        Error::invalid_argument("redis cluster URLs do not parse").with_source(e)
+                    })?;
+                Target::Cluster(client)
+            } else {
+                Target::Single(redis::Client::open(config.redis_url.as_str()).map_err(|e| {
+                    Error::invalid_argument("redis URL does not parse").with_source(e)
+                })?)
+            };
+        let connector = RedisConnector { target, timeout };
         Ok(Cache {
             pool: Pool::new(
                 connector,
@@ -77,7 +112,13 @@ impl Cache {
                 config.cache_timeout,
             ),
             namespace: config.namespace.as_str().into(),
+            cluster,
         })
+    }
+
+    /// True when this cache talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster
     }
 
     /// The namespace every key is stored under.
@@ -105,6 +146,7 @@ impl Cache {
     /// (the engine's read paths instead treat such an entry as a miss and
     /// delete it); cache errors and timeouts.
     pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
+        check_key(key)?;
         let Some(raw) = self.get_raw(&self.redis_key(key))? else {
             return Ok(None);
         };
@@ -133,6 +175,7 @@ impl Cache {
         value: &T,
         ttl: Duration,
     ) -> Result<()> {
+        check_key(key)?;
         check_ttl("ttl", ttl)?;
         let json = serde_json::to_vec(value).map_err(|e| {
             Error::invalid_argument("value does not serialize to JSON").with_source(e)
@@ -155,7 +198,19 @@ impl Cache {
     /// # Errors
     /// Cache errors and timeouts.
     pub fn delete(&self, key: &str) -> Result<bool> {
+        check_key(key)?;
         let keys = crate::lease::Keys::for_value(self.redis_key(key));
+        if self.cluster {
+            // The cluster client sends a pipeline to one node without
+            // following redirects inside it: two commands, each redirected.
+            return self.run(|conn| {
+                let existed: bool = redis::cmd("EXISTS").arg(&keys.value).query(conn)?;
+                redis::cmd("DEL")
+                    .arg(&[&keys.value, &keys.lease, &keys.writers])
+                    .query::<i64>(conn)?;
+                Ok(existed)
+            });
+        }
         // One round trip (not a transaction: EXISTS only informs the return
         // value; the DEL is the same one command the engine sends).
         let (existed, _): (bool, i64) = self.run(|conn| {
@@ -172,6 +227,7 @@ impl Cache {
     /// # Errors
     /// Cache errors and timeouts.
     pub fn exists(&self, key: &str) -> Result<bool> {
+        check_key(key)?;
         let redis_key = self.redis_key(key);
         self.run(|conn| redis::cmd("EXISTS").arg(&redis_key).query(conn))
     }
@@ -197,6 +253,9 @@ impl Cache {
         // SCAN is not one command: run it on a connection of its own, with
         // no retry (a restart mid-scan just means fewer keys to delete).
         let mut conn = self.pool.get("cache")?;
+        if let RedisConnection::Cluster(cluster) = &mut *conn {
+            return Ok(delete_matching_in_cluster(cluster, &pattern)?);
+        }
         let keys: Vec<String> = conn
             .scan_match::<_, String>(&pattern)
             .and_then(|keys| keys.collect::<redis::RedisResult<_>>())?;
@@ -209,7 +268,9 @@ impl Cache {
 
     /// Runs `f` on a pooled connection: an escape hatch for commands this
     /// type does not wrap. Keys you build yourself should use
-    /// [`Cache::redis_key`]. If the connection turns out dropped (Redis
+    /// [`Cache::redis_key`]. On a Redis Cluster each command goes to the
+    /// node of its first key; a pipeline goes to one node whole, so keep
+    /// its keys in one slot. If the connection turns out dropped (Redis
     /// restarted), `f` runs once more on a fresh one, so it must be safe to
     /// run twice.
     ///
@@ -217,7 +278,7 @@ impl Cache {
     /// What `f` returns, and pool timeouts.
     pub fn with_connection<T>(
         &self,
-        f: impl FnMut(&mut Connection) -> redis::RedisResult<T>,
+        f: impl FnMut(&mut RedisConnection) -> redis::RedisResult<T>,
     ) -> Result<T> {
         self.run(f)
     }
@@ -253,7 +314,7 @@ impl Cache {
     /// all pooled connections dead and runs `f` once more on a fresh one.
     pub(crate) fn run<T>(
         &self,
-        mut f: impl FnMut(&mut Connection) -> redis::RedisResult<T>,
+        mut f: impl FnMut(&mut RedisConnection) -> redis::RedisResult<T>,
     ) -> Result<T> {
         let mut conn = self.pool.get("cache")?;
         match f(&mut conn) {
@@ -289,6 +350,165 @@ impl Cache {
     pub fn open_connections(&self) -> u32 {
         self.pool.open_connections()
     }
+}
+
+/// How many times a cluster command is retried (redirects included).
+const CLUSTER_RETRIES: u32 = 5;
+
+/// Rejects a key that would break the hash tag [`Cache::redis_key`] wraps
+/// it in: an empty one, or one holding `{` or `}` (the side keys of such an
+/// entry could land in another cluster slot than its value). The same rule
+/// holds on a single server, so data and code move to a cluster unchanged.
+pub(crate) fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid_argument("cache key must not be empty"));
+    }
+    if key.contains(['{', '}']) {
+        return Err(Error::invalid_argument(format!(
+            "cache key {key:?} may not contain '{{' or '}}' (they delimit the Redis Cluster hash tag)"
+        )));
+    }
+    Ok(())
+}
+
+/// A connection to Redis: to one server, or to a Redis Cluster.
+///
+/// What [`Cache::with_connection`] hands its closure; it implements
+/// [`redis::ConnectionLike`], so `redis::cmd(...).query(conn)` and scripts
+/// work on either. On a cluster, each command goes to the node that owns
+/// its first key's slot (following `MOVED` and `ASK`), and a pipeline goes
+/// whole to the node of its first command's key.
+#[non_exhaustive]
+pub enum RedisConnection {
+    /// One Redis server.
+    Single(Connection),
+    /// A Redis Cluster: one connection per node, opened as needed. (Boxed:
+    /// it is four times the size of a single connection.)
+    Cluster(Box<ClusterConnection>),
+}
+
+impl RedisConnection {
+    fn set_read_timeout(&self, timeout: Option<Duration>) -> RedisResult<()> {
+        match self {
+            RedisConnection::Single(c) => c.set_read_timeout(timeout),
+            RedisConnection::Cluster(c) => c.set_read_timeout(timeout),
+        }
+    }
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command(&mut self, cmd: &[u8]) -> RedisResult<Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_command(cmd),
+            RedisConnection::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands(
+        &mut self,
+        cmd: &[u8],
+        offset: usize,
+        count: usize,
+    ) -> RedisResult<Vec<Value>> {
+        match self {
+            RedisConnection::Single(c) => c.req_packed_commands(cmd, offset, count),
+            RedisConnection::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn req_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
+        match self {
+            RedisConnection::Single(c) => c.req_command(cmd),
+            RedisConnection::Cluster(c) => c.req_command(cmd),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Single(c) => c.get_db(),
+            RedisConnection::Cluster(c) => c.get_db(),
+        }
+    }
+
+    /// True for a cluster too (whose own connection says false): a pipeline
+    /// is sent whole to the node of its first command's key, which is right
+    /// for the pipelines of this crate (one slot each, or split in cluster
+    /// mode).
+    fn supports_pipelining(&self) -> bool {
+        true
+    }
+
+    fn check_connection(&mut self) -> bool {
+        match self {
+            RedisConnection::Single(c) => c.check_connection(),
+            RedisConnection::Cluster(c) => c.check_connection(),
+        }
+    }
+
+    fn is_open(&self) -> bool {
+        match self {
+            RedisConnection::Single(c) => c.is_open(),
+            RedisConnection::Cluster(c) => c.is_open(),
+        }
+    }
+}
+
+/// Deletes the keys matching `pattern` on every master of a cluster (SCAN
+/// walks one node's keys only); returns how many it deleted.
+fn delete_matching_in_cluster(conn: &mut ClusterConnection, pattern: &str) -> RedisResult<u64> {
+    let masters = cluster_masters(conn)?;
+    let mut deleted = 0;
+    for (host, port) in masters {
+        let route = || {
+            RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port,
+            })
+        };
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(500);
+            let (next, keys): (u64, Vec<String>) =
+                redis::from_redis_value(conn.route_command(&scan, route())?)?;
+            for key in &keys {
+                // One key per command: keys of one node span many slots.
+                deleted += redis::cmd("UNLINK").arg(key).query::<u64>(conn)?;
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(deleted)
+}
+
+/// The (host, port) of every master, from `CLUSTER SLOTS`.
+fn cluster_masters(conn: &mut ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
+    let slots: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query(conn)?;
+    let mut masters: Vec<(String, u16)> = Vec::new();
+    for range in slots {
+        // [start, end, [host, port, id, ...], replicas...]
+        let Some(master) = range.into_iter().nth(2) else {
+            continue;
+        };
+        let node: Vec<Value> = redis::from_redis_value(master)?;
+        let mut fields = node.into_iter();
+        let (Some(host), Some(port)) = (fields.next(), fields.next()) else {
+            continue;
+        };
+        let host: String = redis::from_redis_value(host)?;
+        let port: u16 = redis::from_redis_value(port)?;
+        if !masters.contains(&(host.clone(), port)) {
+            masters.push((host, port));
+        }
+    }
+    Ok(masters)
 }
 
 /// What a value key holds.
@@ -356,26 +576,43 @@ fn escape_glob(s: &str) -> String {
 /// (The `redis` crate's own r2d2 manager sets none, and a synchronous
 /// connection without them blocks forever on a hung server.)
 pub(crate) struct RedisConnector {
-    client: redis::Client,
+    target: Target,
     timeout: Duration,
 }
 
-impl Connector for RedisConnector {
-    type Conn = Connection;
+enum Target {
+    Single(redis::Client),
+    /// Built with the connect and response timeouts; the write timeout is
+    /// set per connection.
+    Cluster(ClusterClient),
+}
 
-    fn connect(&self) -> Result<Connection> {
-        let conn = self
-            .client
-            .get_connection_with_timeout(self.timeout)
-            .map_err(classify)?;
-        conn.set_read_timeout(Some(self.timeout))
-            .map_err(classify)?;
-        conn.set_write_timeout(Some(self.timeout))
-            .map_err(classify)?;
-        Ok(conn)
+impl Connector for RedisConnector {
+    type Conn = RedisConnection;
+
+    fn connect(&self) -> Result<RedisConnection> {
+        match &self.target {
+            Target::Single(client) => {
+                let conn = client
+                    .get_connection_with_timeout(self.timeout)
+                    .map_err(classify)?;
+                conn.set_read_timeout(Some(self.timeout))
+                    .map_err(classify)?;
+                conn.set_write_timeout(Some(self.timeout))
+                    .map_err(classify)?;
+                Ok(RedisConnection::Single(conn))
+            }
+            Target::Cluster(client) => {
+                // Connects to the seed nodes and reads the slot map.
+                let conn = client.get_connection().map_err(classify)?;
+                conn.set_write_timeout(Some(self.timeout))
+                    .map_err(classify)?;
+                Ok(RedisConnection::Cluster(Box::new(conn)))
+            }
+        }
     }
 
-    fn is_broken(&self, conn: &mut Connection) -> bool {
+    fn is_broken(&self, conn: &mut RedisConnection) -> bool {
         !conn.is_open()
     }
 }

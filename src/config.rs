@@ -682,9 +682,11 @@ mod tests {
 
     #[test]
     fn config_debug_hides_passwords() {
-        let mut c = Config::default();
-        c.database_url = "postgres://app:db-s3cret@127.0.0.1/test".into();
-        c.redis_url = "redis://alice:redis-s3cret@127.0.0.1:6379/".into();
+        let c = Config {
+            database_url: "postgres://app:db-s3cret@127.0.0.1/test".into(),
+            redis_url: "redis://alice:redis-s3cret@127.0.0.1:6379/".into(),
+            ..Config::default()
+        };
         let shown = format!("{c:?}");
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("alice:***@"), "{shown}");

@@ -168,13 +168,18 @@ const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
 
 impl Events {
     /// Publishing and subscribing through `cache` (for its pool and
-    /// namespace), with subscriptions connecting to `config.redis_url`, each
-    /// connect and command bounded by `config.cache_timeout`.
+    /// namespace), with subscriptions connecting to `config.redis_url` (its
+    /// first node, for a Redis Cluster: the cluster carries a `PUBLISH` on
+    /// any node to the subscribers of every node), each connect and command
+    /// bounded by `config.cache_timeout`.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse.
     pub fn new(cache: &Cache, config: &Config) -> Result<Events> {
-        let redis = redis::Client::open(config.redis_url.as_str())
+        // On a Redis Cluster, subscriptions connect to the first seed node:
+        // the cluster bus carries every PUBLISH to every node.
+        let node = config.redis_nodes().first().copied().unwrap_or_default();
+        let redis = redis::Client::open(node)
             .map_err(|e| Error::invalid_argument("redis URL").with_source(e))?;
         Ok(Events {
             cache: cache.clone(),

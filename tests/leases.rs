@@ -47,7 +47,7 @@ fn wait_for_a_follower(fx: &Fixture, key: &str) {
 /// returns the lock's Redis key.
 fn hold_rebuild_lock_elsewhere(fx: &Fixture, key: &str) -> String {
     let lock = format!("{}:lock", fx.client.cache().redis_key(key));
-    let set = |c: &mut redis::Connection| {
+    let set = |c: &mut cacheaside::RedisConnection| {
         redis::cmd("SET")
             .arg(&lock)
             .arg("another-process")
@@ -208,7 +208,8 @@ fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
         let leader = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
         // The other process fills the key and releases its lock.
         let row = fx.client.get_user_profile(1).unwrap().unwrap();
-        let del_lock = |c: &mut redis::Connection| redis::cmd("DEL").arg(&lock).query::<()>(c);
+        let del_lock =
+            |c: &mut cacheaside::RedisConnection| redis::cmd("DEL").arg(&lock).query::<()>(c);
         fx.client.cache().with_connection(del_lock).unwrap();
         answered.wait(); // our leader found that row cached
         assert_eq!(row.plan, "pro");
@@ -603,7 +604,8 @@ fn followers_that_joined_before_the_load_take_its_row_though_a_write_dropped_the
             assert!(Instant::now() < deadline, "followers never joined");
             std::thread::yield_now();
         }
-        let del_lock = |c: &mut redis::Connection| redis::cmd("DEL").arg(&lock).query::<()>(c);
+        let del_lock =
+            |c: &mut cacheaside::RedisConnection| redis::cmd("DEL").arg(&lock).query::<()>(c);
         fx.client.cache().with_connection(del_lock).unwrap();
         assert_eq!(leader.join().unwrap().plan, "free");
         for follower in joined {
@@ -733,7 +735,7 @@ fn versions_near_two_to_the_63_compare_exactly() {
 /// happened in it.
 fn writers(fx: &Fixture, key: &str) -> i64 {
     let set = format!("{}:writers", fx.client.cache().redis_key(key));
-    let card = |c: &mut redis::Connection| redis::cmd("SCARD").arg(&set).query::<i64>(c);
+    let card = |c: &mut cacheaside::RedisConnection| redis::cmd("SCARD").arg(&set).query::<i64>(c);
     fx.client.cache().with_connection(card).unwrap()
 }
 

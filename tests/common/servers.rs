@@ -103,6 +103,8 @@ pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// More `redis-server` arguments (say, `--cluster-enabled yes`).
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
@@ -111,10 +113,16 @@ impl PrivateRedis {
     /// # Panics
     /// With the server's log, if it does not answer within 10 s.
     pub fn start() -> PrivateRedis {
+        PrivateRedis::start_with(&[])
+    }
+
+    /// As [`start`](Self::start), with more `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> PrivateRedis {
         let mut redis = PrivateRedis {
             port: 0,
             dir: temp_dir("redis"),
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         let mut failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -140,6 +148,7 @@ impl PrivateRedis {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--dir"])
             .arg(&self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -269,6 +278,107 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of our own: three masters (no replicas) on free loopback
+/// ports, each a [`PrivateRedis`] started with `--cluster-enabled yes`,
+/// joined with `redis-cli --cluster create`; killed and removed on `Drop`.
+/// Its nodes are ours alone, so a test may `FLUSHALL` them.
+pub struct PrivateCluster {
+    pub nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateCluster {
+    /// Starts three nodes, creates the cluster and returns once every node
+    /// reports `cluster_state:ok` and knows every slot's master.
+    ///
+    /// # Panics
+    /// With redis-cli's output, if the cluster does not form within 10 s.
+    pub fn start() -> PrivateCluster {
+        let nodes: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                PrivateRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = PrivateCluster { nodes };
+        let formed = wait_for(START_WITHIN, || {
+            cluster.nodes.iter().all(|n| {
+                n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && n.command(&["CLUSTER", "SHARDS"]).matches("master").count() == 3
+            })
+        });
+        assert!(
+            formed,
+            "the cluster did not form: {}",
+            cluster.nodes[0].command(&["CLUSTER", "INFO"])
+        );
+        cluster
+    }
+
+    /// The `redis_url` for a `Config`: every node, separated by commas.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node that serves `slot` now.
+    pub fn owner_of(&self, slot: u16) -> &PrivateRedis {
+        let id = self.nodes[0].command(&["CLUSTER", "NODES"]);
+        for line in id.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| match range.split_once('-') {
+                Some((a, b)) => {
+                    a.parse::<u16>().is_ok_and(|a| a <= slot)
+                        && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                }
+                None => range.parse::<u16>() == Ok(slot),
+            });
+            if serves {
+                let port: u16 = fields[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("a node address");
+                return self
+                    .nodes
+                    .iter()
+                    .find(|n| n.port() == port)
+                    .expect("one of ours");
+            }
+        }
+        panic!("no master serves slot {slot}");
     }
 }
 
