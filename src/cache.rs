@@ -26,7 +26,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -80,19 +80,23 @@ impl Cache {
         let cluster = config.is_redis_cluster();
         let target =
             if cluster {
-                // Redirects (MOVED, ASK) are followed at once; TRYAGAIN (a
-                // multi-key command during a slot migration) and CLUSTERDOWN
-                // wait a few ms and retry. The crate's default waits start at
-                // 1.28 s, far past a call's cache budget: these keep the worst
-                // case of RETRIES waits under about two cache_timeouts.
-                let max_wait = (millis(timeout) * 2 / u64::from(CLUSTER_RETRIES)).max(2);
+                // Redirects (MOVED, ASK) are followed at once. TRYAGAIN (a
+                // multi-key command or script whose keys are split between
+                // the two nodes of a slot migration, until the migrator moves
+                // the rest) and CLUSTERDOWN wait and retry: up to 20, 40, 80,
+                // ... ms, at most half a cache_timeout each (each wait is
+                // drawn at random below its bound), so a call rides through
+                // a migration's split moments and gives up after about three
+                // cache_timeouts (250 ms: 765 ms at worst). The crate's
+                // default waits start at 1.28 s, far past a call's budget.
+                let max_wait = (millis(timeout) / 2).max(10);
                 let client = ClusterClientBuilder::new(config.redis_nodes())
                     .connection_timeout(timeout)
                     .response_timeout(timeout)
                     .retries(CLUSTER_RETRIES)
                     .min_retry_wait(1)
                     .max_retry_wait(max_wait)
-                    .retry_wait_formula(2, 2)
+                    .retry_wait_formula(10, 2)
                     .build()
                     .map_err(|e| {
                         Error::invalid_argument("redis cluster URLs do not parse").with_source(e)
@@ -353,7 +357,7 @@ impl Cache {
 }
 
 /// How many times a cluster command is retried (redirects included).
-const CLUSTER_RETRIES: u32 = 5;
+const CLUSTER_RETRIES: u32 = 8;
 
 /// Rejects a key that would break the hash tag [`Cache::redis_key`] wraps
 /// it in: an empty one, or one holding `{` or `}` (the side keys of such an
@@ -419,7 +423,10 @@ impl ConnectionLike for RedisConnection {
     fn req_command(&mut self, cmd: &Cmd) -> RedisResult<Value> {
         match self {
             RedisConnection::Single(c) => c.req_command(cmd),
-            RedisConnection::Cluster(c) => c.req_command(cmd),
+            RedisConnection::Cluster(c) => match single_slot_route(cmd) {
+                Some(route) => c.route_command(cmd, route),
+                None => c.req_command(cmd),
+            },
         }
     }
 
@@ -451,6 +458,66 @@ impl ConnectionLike for RedisConnection {
             RedisConnection::Cluster(c) => c.is_open(),
         }
     }
+}
+
+/// Multi-key commands the cluster client splits by slot. It sends the parts
+/// straight to the nodes its slot map names, without following `MOVED` or
+/// `ASK`: after a slot migration such a `DEL` fails (and an invalidation
+/// with it), so one whose keys share a slot is routed as one command to
+/// that slot, which does follow redirects.
+const SPLIT_BY_SLOT: [&[u8]; 5] = [b"DEL", b"UNLINK", b"EXISTS", b"MGET", b"TOUCH"];
+
+/// The route of `cmd` when it is one of [`SPLIT_BY_SLOT`] and all its keys
+/// share a slot; `None` otherwise (the cluster client routes it).
+fn single_slot_route(cmd: &Cmd) -> Option<RoutingInfo> {
+    let mut args = cmd.args_iter();
+    let redis::Arg::Simple(name) = args.next()? else {
+        return None;
+    };
+    if !SPLIT_BY_SLOT.iter().any(|c| name.eq_ignore_ascii_case(c)) {
+        return None;
+    }
+    let mut slot = None;
+    for arg in args {
+        let redis::Arg::Simple(key) = arg else {
+            return None;
+        };
+        let this = key_slot(key);
+        if slot.is_some_and(|s| s != this) {
+            return None;
+        }
+        slot = Some(this);
+    }
+    Some(RoutingInfo::SingleNode(
+        SingleNodeRoutingInfo::SpecificNode(Route::new(slot?, SlotAddr::Master)),
+    ))
+}
+
+/// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag
+/// (the text between the first `{` and the next `}`, if not empty) or of
+/// the whole key, modulo 16384.
+pub(crate) fn key_slot(key: &[u8]) -> u16 {
+    let hashed = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in hashed {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
 }
 
 /// Deletes the keys matching `pattern` on every master of a cluster (SCAN
@@ -620,6 +687,31 @@ impl Connector for RedisConnector {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_slots_are_redis_cluster_slots() {
+        // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
+        assert_eq!(key_slot(b"123456789"), 0x31C3);
+        assert_eq!(key_slot(b"somekey"), 11058);
+        assert_eq!(key_slot(b"foo{hash_tag}"), 2515);
+        assert_eq!(key_slot(b"ns:{user:1}:lease"), key_slot(b"user:1"));
+        assert_ne!(
+            key_slot(b"{}x"),
+            key_slot(b"x"),
+            "an empty tag hashes the whole key"
+        );
+    }
+
+    #[test]
+    fn multi_key_commands_of_one_slot_get_one_route() {
+        let mut del = redis::cmd("DEL");
+        del.arg("ns{k}").arg("ns{k}:lease").arg("ns{k}:writers");
+        assert!(single_slot_route(&del).is_some());
+        let mut spans = redis::cmd("DEL");
+        spans.arg("{a}").arg("{b}");
+        assert!(single_slot_route(&spans).is_none());
+        assert!(single_slot_route(redis::cmd("GET").arg("{a}")).is_none());
+    }
 
     #[test]
     fn globs_are_escaped() {

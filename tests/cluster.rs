@@ -4,11 +4,12 @@
 
 mod common;
 
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use cacheaside::{Client, ErrorKind, UserProfile};
-use common::servers::PrivateCluster;
+use common::servers::{PrivateCluster, PrivateRedis};
 use common::{Fixture, PATIENCE, test_config};
 
 /// One cluster for the tests that run at the same time: each holds an
@@ -198,4 +199,227 @@ fn write_behind_refuses_a_cluster_with_a_clear_error() {
         .update_user_plan_write_behind(1, "pro")
         .unwrap_err();
     assert!(err.to_string().contains("Redis Cluster"), "{err}");
+}
+
+#[test]
+fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
+    let cluster = cluster();
+    let fx = fixture(&cluster, "cl_events");
+    let events = fx.client.events().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let _sub = events
+        .subscribe(&["orders"], move |event| {
+            if let cacheaside::Event::Message { payload, .. } = event {
+                let _ = tx.send(payload.to_vec());
+            }
+        })
+        .unwrap();
+    for i in 0..20 {
+        // PUBLISH goes to the node the subscriptions use, so it counts ours.
+        assert_eq!(events.publish("orders", format!("m{i}")).unwrap(), 1);
+    }
+    for i in 0..20 {
+        assert_eq!(
+            rx.recv_timeout(PATIENCE).unwrap(),
+            format!("m{i}").into_bytes()
+        );
+    }
+}
+
+/// Moves `slot` from `from` to `to` the way `redis-cli --cluster reshard`
+/// does: IMPORTING on the target, MIGRATING on the source, then MIGRATE its
+/// keys in batches for at least `hold` (keys created on the source
+/// meanwhile follow in the next batch, and clients meet ASK and TRYAGAIN
+/// all along), then the slot is assigned to the target on every node.
+fn migrate_slot(
+    cluster: &PrivateCluster,
+    slot: u16,
+    from: &PrivateRedis,
+    to: &PrivateRedis,
+    hold: Duration,
+) -> u64 {
+    let slot_arg = slot.to_string();
+    let from_id = from.command(&["CLUSTER", "MYID"]);
+    let to_id = to.command(&["CLUSTER", "MYID"]);
+    assert_eq!(
+        to.command(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]),
+        "OK"
+    );
+    assert_eq!(
+        from.command(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]),
+        "OK"
+    );
+    let port = to.port().to_string();
+    let began = Instant::now();
+    let mut moved = 0;
+    loop {
+        let keys = from.command(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "1000"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if !keys.is_empty() {
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            let reply = from.command(&args);
+            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
+            moved += keys.len() as u64;
+        } else if began.elapsed() >= hold {
+            break;
+        } else {
+            // Pacing of the scenario (the slot stays MIGRATING while the
+            // soak runs), not a wait for a result.
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for node in &cluster.nodes {
+        assert_eq!(
+            node.command(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]),
+            "OK"
+        );
+    }
+    moved
+}
+
+/// The stale-read soak (readers and writers on one hot row, a slow read
+/// path) while the hot key's slot moves to another master: every read that
+/// starts after a write returned sees that write's version or newer, and no
+/// call fails.
+///
+/// KNOWN TO FAIL, hence ignored (run it with `--ignored`). While a slot is
+/// MIGRATING, Redis answers a multi-key command or script whose keys are
+/// not all on one side with TRYAGAIN (on the source) or ASK and then
+/// TRYAGAIN (on the target), and every script of ours names keys that do
+/// not exist (the lease, lock, writers, pending keys). Calls retry for
+/// about three `cache_timeout`s, then fail: reads fall back to Postgres,
+/// invalidations fail and trip the breaker, and in runs so far a handful
+/// of reads in several thousand returned the version before a write that
+/// had returned. See docs/cluster.md, "Known limits". It runs on its own
+/// cluster: the migration moves the slot of `{user:1}` for every
+/// namespace, which would disturb the other tests.
+#[test]
+#[ignore = "known limit: stale reads during a slot migration (docs/cluster.md)"]
+fn soak_survives_migrating_the_hot_slot_without_stale_reads_or_errors() {
+    soak(true);
+}
+
+#[test]
+fn soak_on_a_settled_cluster_has_no_stale_reads_or_errors() {
+    soak(false);
+}
+
+fn soak(migrate: bool) {
+    let cluster = if migrate {
+        Arc::new(PrivateCluster::start())
+    } else {
+        cluster()
+    };
+    let mut config = test_config(if migrate { "cl_soak_mig" } else { "cl_soak" });
+    config.redis_url = cluster.url();
+    let fx = Fixture::with(config);
+    fx.client
+        .engine()
+        .set_after_load_hook(|_| std::thread::sleep(Duration::from_millis(2)));
+    let hot = fx.client.cache().redis_key(&Client::user_key(1));
+    let slot = slot_of(&cluster, &hot);
+    let from = cluster.owner_of(slot);
+    let to = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port() != from.port())
+        .expect("another master");
+    let floor = AtomicI64::new(1);
+    let stop = AtomicBool::new(false);
+    let (reads, writes, violations, errors) = (
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+        AtomicU64::new(0),
+    );
+    let began = Instant::now();
+    let moved = std::thread::scope(|s| {
+        for r in 0..4u64 {
+            let (fx, floor, stop, reads, violations, errors, began) =
+                (&fx, &floor, &stop, &reads, &violations, &errors, &began);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let must_see = floor.load(Ordering::SeqCst);
+                    let got = if (r + i).is_multiple_of(2) {
+                        fx.client.get_user_profile(1)
+                    } else {
+                        fx.client.get_user_profile_singleflight(1)
+                    };
+                    match got {
+                        Ok(Some(profile)) if profile.version >= must_see => {}
+                        Ok(other) => {
+                            violations.fetch_add(1, Ordering::SeqCst);
+                            eprintln!(
+                                "stale read at {:?}: {other:?} after {must_see} was written",
+                                began.elapsed()
+                            );
+                        }
+                        Err(err) => {
+                            errors.fetch_add(1, Ordering::SeqCst);
+                            eprintln!("read failed: {}", err.chain());
+                        }
+                    }
+                    reads.fetch_add(1, Ordering::SeqCst);
+                    i += 1;
+                }
+            });
+        }
+        for w in 0..2 {
+            let (fx, floor, stop, writes, errors) = (&fx, &floor, &stop, &writes, &errors);
+            s.spawn(move || {
+                let mut i = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    let written = if w == 0 {
+                        let before = fx.db_version(1);
+                        fx.client
+                            .update_user_plan(1, &format!("plain{i}"))
+                            .map(|_| before + 1)
+                    } else {
+                        fx.client
+                            .update_user_plan_write_through(1, &format!("wt{i}"))
+                            .map(|row| row.map_or(0, |r| r.version))
+                    };
+                    match written {
+                        Ok(version) => {
+                            floor.fetch_max(version, Ordering::SeqCst);
+                            writes.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(err) => {
+                            errors.fetch_add(1, Ordering::SeqCst);
+                            eprintln!("write failed: {}", err.chain());
+                        }
+                    }
+                    i += 1;
+                    std::thread::sleep(Duration::from_millis(3));
+                }
+            });
+        }
+        // Run a while on the settled cluster, then move the slot under load,
+        // then run a while on its new master.
+        std::thread::sleep(Duration::from_millis(500));
+        let moved = if migrate {
+            migrate_slot(&cluster, slot, from, to, Duration::from_secs(2))
+        } else {
+            std::thread::sleep(Duration::from_secs(2));
+            0
+        };
+        std::thread::sleep(Duration::from_millis(500));
+        stop.store(true, Ordering::SeqCst);
+        moved
+    });
+    let (reads, writes) = (reads.load(Ordering::SeqCst), writes.load(Ordering::SeqCst));
+    eprintln!("migration soak: {reads} reads, {writes} writes, {moved} keys migrated");
+    if migrate {
+        assert_eq!(cluster.owner_of(slot).port(), to.port(), "the slot moved");
+        assert!(moved >= 1, "the hot entry's keys were migrated");
+    }
+    assert!(
+        reads > 100 && writes > 20,
+        "the soak ran: {reads} reads, {writes} writes"
+    );
+    assert_eq!(violations.load(Ordering::SeqCst), 0, "stale reads");
+    assert_eq!(errors.load(Ordering::SeqCst), 0, "failed calls");
+    assert_eq!(fx.client.engine().in_flight(), 0);
 }
