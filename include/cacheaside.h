@@ -631,8 +631,12 @@ enum cacheaside_status cacheaside_config_set_database_url(struct cacheaside_conf
                                                           const char *url);
 
 /**
- * Sets the Redis URL, e.g. `redis://host:6379/0`. Defaults to `REDIS_URL`,
- * else `redis://127.0.0.1:6379/`.
+ * Sets the Redis URL, e.g. `redis://host:6379/0`, or
+ * `redis://user:password@host:6379/` for a server that wants an ACL user
+ * and password. Several URLs separated by commas
+ * (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`) select Redis Cluster:
+ * they are seed nodes. Defaults to `REDIS_URL`, else
+ * `redis://127.0.0.1:6379/`.
  *
  * The URL is parsed by `cacheaside_client_open()`, which returns
  * `CACHEASIDE_INVALID_ARGUMENT` for one that does not parse.
