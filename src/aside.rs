@@ -1140,6 +1140,11 @@ impl Engine {
         let Some((value, version)) = write()? else {
             return Ok(None);
         };
+        // The row changed: a flight of this key that loaded before the
+        // commit must not hand its older row to followers that join from
+        // now on. (With the cache in use they would find this write's value
+        // cached first; with the breaker open they go straight to a flight.)
+        self.flights.note_write(key);
         let Some(writer) = writer else {
             return Ok(Some(value));
         };
