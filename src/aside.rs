@@ -431,7 +431,8 @@ impl CacheAside {
     /// # Errors
     /// What `load` returns (or, with fail-safe on and a copy at hand, the
     /// copy instead); cache errors only when nothing else can answer;
-    /// [`ErrorKind::InvalidArgument`] for an empty key or a TTL of zero or
+    /// [`ErrorKind::InvalidArgument`] for an empty key (or one holding `{`
+    /// or `}`), or a TTL of zero or
     /// beyond [`MAX_TTL`](crate::MAX_TTL).
     ///
     /// ```no_run
@@ -569,7 +570,8 @@ impl CacheAside {
     /// What `write` returns (nothing is cached then); cache errors and
     /// timeouts (if Redis fails after the write committed, the key is
     /// invalidated, or the error says the cache may hold the old row);
-    /// [`ErrorKind::InvalidArgument`] for an empty key, a TTL of zero or
+    /// [`ErrorKind::InvalidArgument`] for an empty key (or one holding `{`
+    /// or `}`), a TTL of zero or
     /// beyond [`MAX_TTL`](crate::MAX_TTL), or a value that does not
     /// serialize.
     ///

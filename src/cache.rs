@@ -148,7 +148,8 @@ impl Cache {
     /// # Errors
     /// [`ErrorKind::CorruptEntry`] when the stored bytes do not decode as `T`
     /// (the engine's read paths instead treat such an entry as a miss and
-    /// delete it); cache errors and timeouts.
+    /// delete it); [`ErrorKind::InvalidArgument`] for an empty key or one
+    /// holding `{` or `}`; cache errors and timeouts.
     pub fn get_json<T: DeserializeOwned>(&self, key: &str) -> Result<Option<T>> {
         check_key(key)?;
         let Some(raw) = self.get_raw(&self.redis_key(key))? else {
@@ -171,7 +172,8 @@ impl Cache {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for a TTL of zero or beyond
-    /// [`MAX_TTL`](crate::MAX_TTL), or a value that does not serialize;
+    /// [`MAX_TTL`](crate::MAX_TTL), a value that does not serialize, or an
+    /// empty key or one holding `{` or `}`;
     /// cache errors and timeouts.
     pub fn set_json<T: Serialize + ?Sized>(
         &self,
@@ -200,7 +202,8 @@ impl Cache {
     /// write-through writers'), in one command; true if a value was there.
     ///
     /// # Errors
-    /// Cache errors and timeouts.
+    /// [`ErrorKind::InvalidArgument`] for an empty key or one holding `{`
+    /// or `}`; cache errors and timeouts.
     pub fn delete(&self, key: &str) -> Result<bool> {
         check_key(key)?;
         let keys = crate::lease::Keys::for_value(self.redis_key(key));
@@ -229,7 +232,8 @@ impl Cache {
     /// True if `key` holds a value (or an absent marker).
     ///
     /// # Errors
-    /// Cache errors and timeouts.
+    /// [`ErrorKind::InvalidArgument`] for an empty key or one holding `{`
+    /// or `}`; cache errors and timeouts.
     pub fn exists(&self, key: &str) -> Result<bool> {
         check_key(key)?;
         let redis_key = self.redis_key(key);
