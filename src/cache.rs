@@ -78,35 +78,36 @@ impl Cache {
         validate_namespace(&config.namespace)?;
         let timeout = config.cache_timeout;
         let cluster = config.is_redis_cluster();
-        let target =
-            if cluster {
-                // Redirects (MOVED, ASK) are followed at once. TRYAGAIN (a
-                // multi-key command or script whose keys are split between
-                // the two nodes of a slot migration, until the migrator moves
-                // the rest) and CLUSTERDOWN wait and retry: up to 20, 40, 80,
-                // ... ms, at most half a cache_timeout each (each wait is
-                // drawn at random below its bound), so a call rides through
-                // a migration's split moments and gives up after about three
-                // cache_timeouts (250 ms: 765 ms at worst). The crate's
-                // default waits start at 1.28 s, far past a call's budget.
-                let max_wait = (millis(timeout) / 2).max(10);
-                let client = ClusterClientBuilder::new(config.redis_nodes())
-                    .connection_timeout(timeout)
-                    .response_timeout(timeout)
-                    .retries(CLUSTER_RETRIES)
-                    .min_retry_wait(1)
-                    .max_retry_wait(max_wait)
-                    .retry_wait_formula(10, 2)
-                    .build()
-                    .map_err(|e| {
-                        Error::invalid_argument("redis cluster URLs do not parse").with_source(e)
-                    })?;
-                Target::Cluster(client)
-            } else {
-                Target::Single(redis::Client::open(config.redis_url.as_str()).map_err(|e| {
-                    Error::invalid_argument("redis URL does not parse").with_source(e)
-                })?)
-            };
+        let target = if cluster {
+            // Redirects (MOVED, ASK) are followed at once. TRYAGAIN (a
+            // multi-key command or script whose keys are split between
+            // the two nodes of a slot migration, until the migrator moves
+            // the rest) and CLUSTERDOWN wait and retry: up to 20, 40, 80,
+            // ... ms, at most half a cache_timeout each (each wait is
+            // drawn at random below its bound), so a call rides through
+            // a migration's split moments and gives up after about three
+            // cache_timeouts (250 ms: 765 ms at worst). The crate's
+            // default waits start at 1.28 s, far past a call's budget.
+            let max_wait = (millis(timeout) / 2).max(10);
+            let mut builder = ClusterClientBuilder::new(config.redis_nodes());
+            if let Some(certs) = tls_certificates(config)? {
+                builder = builder.certs(certs);
+            }
+            let client = builder
+                .connection_timeout(timeout)
+                .response_timeout(timeout)
+                .retries(CLUSTER_RETRIES)
+                .min_retry_wait(1)
+                .max_retry_wait(max_wait)
+                .retry_wait_formula(10, 2)
+                .build()
+                .map_err(|e| {
+                    Error::invalid_argument("redis cluster URLs do not parse").with_source(e)
+                })?;
+            Target::Cluster(client)
+        } else {
+            Target::Single(single_client(config, &config.redis_url)?)
+        };
         let connector = RedisConnector { target, timeout };
         Ok(Cache {
             pool: Pool::new(
@@ -358,6 +359,31 @@ impl Cache {
     pub fn open_connections(&self) -> u32 {
         self.pool.open_connections()
     }
+}
+
+/// A client for one server at `url`, trusting `config.redis_ca_file` for
+/// a `rediss://` URL when it is set.
+pub(crate) fn single_client(config: &Config, url: &str) -> Result<redis::Client> {
+    let client = match tls_certificates(config)? {
+        Some(certs) => redis::Client::build_with_tls(url, certs),
+        None => redis::Client::open(url),
+    };
+    client.map_err(|e| Error::invalid_argument("redis URL does not parse").with_source(e))
+}
+
+/// The CA certificates of `config.redis_ca_file`, if one is named.
+fn tls_certificates(config: &Config) -> Result<Option<redis::TlsCertificates>> {
+    let Some(path) = &config.redis_ca_file else {
+        return Ok(None);
+    };
+    let pem = std::fs::read(path).map_err(|e| {
+        Error::invalid_argument(format!("cannot read redis_ca_file {}", path.display()))
+            .with_source(e)
+    })?;
+    Ok(Some(redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(pem),
+    }))
 }
 
 /// How many times a cluster command is retried (redirects included).
@@ -618,6 +644,16 @@ pub(crate) fn classify(err: redis::RedisError) -> Error {
         return Error::new(ErrorKind::Cache, "cache connection refused")
             .with_source(err)
             .outage();
+    }
+    if err.to_string().contains("invalid peer certificate") {
+        // rustls's verdict, inside an I/O error: say what to do about it.
+        return Error::new(
+            ErrorKind::Cache,
+            "cache TLS handshake failed: the server's certificate is not trusted \
+             (Config::redis_ca_file names the CA that signed it)",
+        )
+        .with_source(err)
+        .outage();
     }
     if err.is_io_error() || err.code() == Some("LOADING") {
         return Error::new(ErrorKind::Cache, "cache connection failed")

@@ -53,6 +53,11 @@ pub struct Config {
     /// from (see [`Config::set_redis_cluster`] and `docs/cluster.md`).
     /// Defaults to `redis://127.0.0.1:6379/`.
     pub redis_url: String,
+    /// For `rediss://` URLs (TLS, through rustls): a PEM file with the
+    /// certificate(s) of the CA that signed the servers' certificates, for
+    /// a self-signed or private CA; read when the client opens. `None`
+    /// trusts the system's root certificates. Defaults to `None`.
+    pub redis_ca_file: Option<std::path::PathBuf>,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.
     pub db_pool_size: u32,
@@ -197,6 +202,7 @@ impl Default for Config {
         Config {
             database_url: "postgres://postgres@127.0.0.1:5432/test".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_ca_file: None,
             db_pool_size: 8,
             cache_pool_size: 16,
             pool_min_idle: 1,
@@ -244,6 +250,7 @@ impl fmt::Debug for Config {
         f.debug_struct("Config")
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_ca_file", &self.redis_ca_file)
             .field("db_pool_size", &self.db_pool_size)
             .field("cache_pool_size", &self.cache_pool_size)
             .field("pool_min_idle", &self.pool_min_idle)

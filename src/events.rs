@@ -185,8 +185,7 @@ impl Events {
         // On a Redis Cluster, subscriptions connect to the first seed node:
         // the cluster bus carries every PUBLISH to every node.
         let node = config.redis_nodes().first().copied().unwrap_or_default();
-        let redis = redis::Client::open(node)
-            .map_err(|e| Error::invalid_argument("redis URL").with_source(e))?;
+        let redis = crate::cache::single_client(config, node)?;
         let publish_node = match redis.get_connection_info().addr() {
             _ if !cache.is_cluster() => None,
             redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),

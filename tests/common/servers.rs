@@ -281,6 +281,116 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A certificate authority and a server certificate for 127.0.0.1, made
+/// with `openssl` in a temp dir of their own (removed on `Drop`).
+pub struct TestCerts {
+    dir: PathBuf,
+}
+
+impl TestCerts {
+    /// Makes `ca.pem` (a self-signed CA) and `server.pem` / `server.key`
+    /// (signed by it, for IP 127.0.0.1).
+    ///
+    /// # Panics
+    /// With openssl's output, if a step fails.
+    pub fn new() -> TestCerts {
+        let certs = TestCerts {
+            dir: temp_dir("certs"),
+        };
+        fs::write(certs.dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cacheaside test CA",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        ];
+        for args in steps {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(&certs.dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                output.status.success(),
+                "openssl {args:?} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        certs
+    }
+
+    /// The CA's certificate, for `Config::redis_ca_file`.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// `redis-server` arguments that add a TLS port (clients need no
+    /// certificate of their own).
+    pub fn redis_args(&self, tls_port: u16) -> Vec<String> {
+        let path = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path("server.pem"),
+            "--tls-key-file".into(),
+            path("server.key"),
+            "--tls-ca-cert-file".into(),
+            path("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+}
+
+impl Drop for TestCerts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A Redis Cluster of our own: three masters (no replicas) on free loopback
 /// ports, each a [`PrivateRedis`] started with `--cluster-enabled yes`,
 /// joined with `redis-cli --cluster create`; killed and removed on `Drop`.
