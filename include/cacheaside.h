@@ -668,6 +668,24 @@ enum cacheaside_status cacheaside_config_set_redis_ca_file(struct cacheaside_con
                                                            const char *path);
 
 /**
+ * Names a PEM file with the certificate(s) of the CA that signed the
+ * Postgres server's certificate, for `sslmode=require` in the database URL
+ * (TLS through rustls, which always checks the certificate and the host
+ * name, as libpq's `verify-full`). The file is read by
+ * `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
+ * when it cannot read it. An empty string goes back to the default: the
+ * system's root certificates.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
+ * is not UTF-8 (the config is then unchanged).
+ *
+ * # Safety
+ * As `cacheaside_config_set_database_url()`.
+ */
+enum cacheaside_status cacheaside_config_set_database_ca_file(struct cacheaside_config *config,
+                                                              const char *path);
+
+/**
  * Sets the users table: an SQL identifier (`[A-Za-z_][A-Za-z0-9_]*`, at
  * most 63 bytes), optionally schema-qualified (`app.users`). Defaults to
  * `users`.

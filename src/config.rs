@@ -58,6 +58,13 @@ pub struct Config {
     /// a self-signed or private CA; read when the client opens. `None`
     /// trusts the system's root certificates. Defaults to `None`.
     pub redis_ca_file: Option<std::path::PathBuf>,
+    /// For Postgres over TLS (`sslmode=require` in `database_url`, through
+    /// rustls, which always checks the certificate and the host name, as
+    /// libpq's `verify-full`): a PEM file with the certificate(s) of the CA
+    /// that signed the server's certificate; read when the client opens.
+    /// `None` trusts the system's root certificates. Without `sslmode` (or
+    /// with `prefer`) no TLS is used. Defaults to `None`.
+    pub database_ca_file: Option<std::path::PathBuf>,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.
     pub db_pool_size: u32,
@@ -203,6 +210,7 @@ impl Default for Config {
             database_url: "postgres://postgres@127.0.0.1:5432/test".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_ca_file: None,
+            database_ca_file: None,
             db_pool_size: 8,
             cache_pool_size: 16,
             pool_min_idle: 1,
@@ -251,6 +259,7 @@ impl fmt::Debug for Config {
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &redact_url(&self.redis_url))
             .field("redis_ca_file", &self.redis_ca_file)
+            .field("database_ca_file", &self.database_ca_file)
             .field("db_pool_size", &self.db_pool_size)
             .field("cache_pool_size", &self.cache_pool_size)
             .field("pool_min_idle", &self.pool_min_idle)

@@ -1,13 +1,14 @@
-//! Redis over TLS (`rediss://`, rustls) against a private redis-server with
-//! a certificate made by `openssl` at start, trusted through
-//! `Config::redis_ca_file`; Postgres is the shared test server (plain).
+//! TLS through rustls, with certificates made by `openssl` at start: Redis
+//! (`rediss://`, `Config::redis_ca_file`) against a private redis-server
+//! with a TLS port, and Postgres (`sslmode=require`,
+//! `Config::database_ca_file`) against a private server with `ssl = on`.
 
 mod common;
 
 use std::sync::Barrier;
 
 use cacheaside::{ErrorKind, UserProfile};
-use common::servers::{PrivateRedis, TestCerts, free_port};
+use common::servers::{PrivatePostgres, PrivateRedis, TestCerts, free_port};
 use common::{Fixture, test_config};
 
 /// A redis-server with a TLS port, and the URL of that port.
@@ -93,4 +94,75 @@ fn a_missing_ca_file_is_refused_at_open() {
         .expect("refused");
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("redis_ca_file"), "{err}");
+}
+
+/// Whether the client's Postgres connection is encrypted.
+fn on_tls(fx: &Fixture) -> bool {
+    let row = fx
+        .client
+        .db()
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .unwrap()
+        .expect("our own backend");
+    row.get(0)
+}
+
+#[test]
+fn the_lab_works_with_postgres_over_tls_and_a_named_ca() {
+    let certs = TestCerts::new();
+    let pg = PrivatePostgres::start();
+    pg.enable_tls(&certs);
+    let mut config = test_config("pg_tls");
+    config.database_url = format!("{}?sslmode=require", pg.url());
+    config.database_ca_file = Some(certs.ca());
+    let fx = Fixture::with(config);
+    fx.client
+        .engine()
+        .ping()
+        .expect("TLS handshake and SELECT 1");
+    assert!(on_tls(&fx), "sslmode=require encrypts");
+    let before = fx.queries();
+    let miss = fx.client.get_user_profile(1).unwrap().expect("seeded");
+    assert_eq!(fx.queries(), before + 1, "a miss sends one statement");
+    assert_eq!(fx.client.get_user_profile(1).unwrap(), Some(miss));
+    assert_eq!(fx.queries(), before + 1, "a hit sends none");
+
+    // Without sslmode, as before: plain, even though the server offers TLS
+    // (tokio-postgres's `prefer` would try it).
+    let mut plain = test_config("pg_plain");
+    plain.database_url = pg.url();
+    let fx = Fixture::with(plain);
+    assert!(!on_tls(&fx), "no sslmode, no TLS");
+}
+
+#[test]
+fn postgres_with_a_wrong_ca_is_a_clear_error() {
+    let certs = TestCerts::new();
+    let pg = PrivatePostgres::start();
+    pg.enable_tls(&certs);
+    let other = TestCerts::new();
+    for ca in [Some(other.ca()), None] {
+        let mut config = test_config("pg_tls_wrong_ca");
+        config.invalidation_relay = false;
+        config.database_url = format!("{}?sslmode=require", pg.url());
+        config.database_ca_file = ca.clone();
+        let engine = cacheaside::CacheAside::open(&config).expect("opens anyway");
+        let err = engine.ping().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Database, "{err:?}");
+        assert!(
+            err.chain().contains("TLS handshake failed") && err.chain().contains("certificate"),
+            "with CA {ca:?}: {}",
+            err.chain()
+        );
+    }
+    let mut config = test_config("pg_tls_no_file");
+    config.database_ca_file = Some("/nonexistent/ca.pem".into());
+    let err = cacheaside::CacheAside::open(&config)
+        .err()
+        .expect("refused");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("database_ca_file"), "{err}");
 }

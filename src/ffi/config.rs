@@ -156,6 +156,34 @@ pub unsafe extern "C" fn cacheaside_config_set_redis_ca_file(
     }
 }
 
+/// Names a PEM file with the certificate(s) of the CA that signed the
+/// Postgres server's certificate, for `sslmode=require` in the database URL
+/// (TLS through rustls, which always checks the certificate and the host
+/// name, as libpq's `verify-full`). The file is read by
+/// `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
+/// when it cannot read it. An empty string goes back to the default: the
+/// system's root certificates.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
+/// is not UTF-8 (the config is then unchanged).
+///
+/// # Safety
+/// As `cacheaside_config_set_database_url()`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_database_ca_file(
+    config: *mut cacheaside_config,
+    path: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let path = non_null!(str path);
+        update(config, |c| {
+            c.database_ca_file = (!path.is_empty()).then(|| path.into());
+            Ok(())
+        })
+    }
+}
+
 /// Sets the users table: an SQL identifier (`[A-Za-z_][A-Za-z0-9_]*`, at
 /// most 63 bytes), optionally schema-qualified (`app.users`). Defaults to
 /// `users`.

@@ -54,6 +54,9 @@ static void config_setters(void) {
     EXPECT_INVALID(cacheaside_config_set_redis_ca_file(config, NOT_UTF8));
     EXPECT_INVALID(cacheaside_config_set_redis_ca_file(config, NULL));
     EXPECT_INVALID(cacheaside_config_set_redis_ca_file(NULL, "ca.pem"));
+    EXPECT_INVALID(cacheaside_config_set_database_ca_file(config, NOT_UTF8));
+    EXPECT_INVALID(cacheaside_config_set_database_ca_file(config, NULL));
+    EXPECT_INVALID(cacheaside_config_set_database_ca_file(NULL, "ca.pem"));
 
     EXPECT_INVALID(cacheaside_config_set_ttl_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_ttl_ms(NULL, 1000));
@@ -149,6 +152,12 @@ static void open_failures_leave_out_null(void) {
     EXPECT(client == NULL);
     EXPECT(strstr(cacheaside_last_error(), "redis_ca_file") != NULL);
     CHECK(cacheaside_config_set_redis_ca_file(config, ""));
+    CHECK(cacheaside_config_set_database_ca_file(config, "/nonexistent/ca.pem"));
+    client = (cacheaside_client *)config;
+    EXPECT_INVALID(cacheaside_client_open(config, &client));
+    EXPECT(client == NULL);
+    EXPECT(strstr(cacheaside_last_error(), "database_ca_file") != NULL);
+    CHECK(cacheaside_config_set_database_ca_file(config, ""));
     cacheaside_config_free(config);
 }
 

@@ -366,6 +366,11 @@ impl TestCerts {
         self.dir.join("ca.pem")
     }
 
+    /// The server's certificate and key.
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("server.pem"), self.dir.join("server.key"))
+    }
+
     /// `redis-server` arguments that add a TLS port (clients need no
     /// certificate of their own).
     pub fn redis_args(&self, tls_port: u16) -> Vec<String> {
@@ -721,6 +726,51 @@ impl PrivatePostgres {
         .expect("write pg_hba.conf");
         db.query_one("SELECT pg_reload_conf()", &[])
             .expect("reload the configuration");
+    }
+
+    /// Turns TLS on (`ssl = on`, reloaded) with `certs`' server
+    /// certificate, copied into the data directory for `postgres` to read.
+    /// Clients still choose: plain connections keep working.
+    pub fn enable_tls(&self, certs: &TestCerts) {
+        let (cert, key) = certs.server();
+        for (from, name, mode) in [(&cert, "server.crt", 0o644), (&key, "server.key", 0o600)] {
+            let to = self.data.join(name);
+            fs::copy(from, &to).expect("copy the server certificate");
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).expect("chmod");
+            if is_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&to)
+                    .status()
+                    .expect("run chown");
+                assert!(status.success(), "chown postgres {}", to.display());
+            }
+        }
+        let mut config = cacheaside::Config::from_env();
+        config.database_url = self.url();
+        let db = cacheaside::Db::connect(&config).expect("connect to the private postgres");
+        // One statement each: ALTER SYSTEM refuses a multi-statement batch.
+        for sql in [
+            "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+            "ALTER SYSTEM SET ssl = on",
+        ] {
+            db.batch_execute(sql).expect("turn TLS on");
+        }
+        db.query_one("SELECT pg_reload_conf()", &[])
+            .expect("reload the configuration");
+        // The postmaster applies a reload when it gets to the signal: wait
+        // until a new session sees TLS on.
+        let on = wait_for(START_WITHIN, || {
+            let Ok(fresh) = cacheaside::Db::connect(&config) else {
+                return false;
+            };
+            matches!(
+                fresh.query_one("SHOW ssl", &[]),
+                Ok(Some(row)) if row.get::<_, String>(0) == "on"
+            )
+        });
+        assert!(on, "TLS did not come on:\n{}", read_log(&self.log_path()));
     }
 
     /// The server's port on 127.0.0.1.
