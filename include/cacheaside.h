@@ -648,8 +648,12 @@ enum cacheaside_status cacheaside_config_set_database_url(struct cacheaside_conf
                                                           const char *url);
 
 /**
- * Sets the Redis URL, e.g. `redis://host:6379/0`. Defaults to `REDIS_URL`,
- * else `redis://127.0.0.1:6379/`.
+ * Sets the Redis URL, e.g. `redis://host:6379/0`, or
+ * `redis://user:password@host:6379/` for a server that wants an ACL user
+ * and password. Several URLs separated by commas
+ * (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`) select Redis Cluster:
+ * they are seed nodes. Defaults to `REDIS_URL`, else
+ * `redis://127.0.0.1:6379/`.
  *
  * The URL is parsed by `cacheaside_client_open()`, which returns
  * `CACHEASIDE_INVALID_ARGUMENT` for one that does not parse.
@@ -662,6 +666,41 @@ enum cacheaside_status cacheaside_config_set_database_url(struct cacheaside_conf
  */
 enum cacheaside_status cacheaside_config_set_redis_url(struct cacheaside_config *config,
                                                        const char *url);
+
+/**
+ * Names a PEM file with the certificate(s) of the CA that signed the Redis
+ * servers' certificates, for `rediss://` URLs (TLS, through rustls) with a
+ * self-signed or private CA. The file is read by
+ * `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
+ * when it cannot read it. An empty string goes back to the default: the
+ * system's root certificates.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
+ * is not UTF-8 (the config is then unchanged).
+ *
+ * # Safety
+ * As `cacheaside_config_set_database_url()`.
+ */
+enum cacheaside_status cacheaside_config_set_redis_ca_file(struct cacheaside_config *config,
+                                                           const char *path);
+
+/**
+ * Names a PEM file with the certificate(s) of the CA that signed the
+ * Postgres server's certificate, for `sslmode=require` in the database URL
+ * (TLS through rustls, which always checks the certificate and the host
+ * name, as libpq's `verify-full`). The file is read by
+ * `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
+ * when it cannot read it. An empty string goes back to the default: the
+ * system's root certificates.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
+ * is not UTF-8 (the config is then unchanged).
+ *
+ * # Safety
+ * As `cacheaside_config_set_database_url()`.
+ */
+enum cacheaside_status cacheaside_config_set_database_ca_file(struct cacheaside_config *config,
+                                                              const char *path);
 
 /**
  * Sets the users table: an SQL identifier (`[A-Za-z_][A-Za-z0-9_]*`, at

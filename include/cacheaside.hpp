@@ -276,6 +276,14 @@ public:
         detail::check(cacheaside_config_set_redis_url(get(), detail::c_str(url, "url")));
         return *this;
     }
+    Config &redis_ca_file(const std::string &path) {
+        detail::check(cacheaside_config_set_redis_ca_file(get(), detail::c_str(path, "path")));
+        return *this;
+    }
+    Config &database_ca_file(const std::string &path) {
+        detail::check(cacheaside_config_set_database_ca_file(get(), detail::c_str(path, "path")));
+        return *this;
+    }
     Config &users_table(const std::string &table) {
         detail::check(cacheaside_config_set_users_table(get(), detail::c_str(table, "table")));
         return *this;

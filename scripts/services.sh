@@ -9,7 +9,21 @@
 # is only checked: this script never installs or starts anything there.
 # Never touches data. Creates the `test` database and the roles `postgres`
 # and `root` (superusers, trust auth on loopback) when they are missing.
+#
+# `scripts/services.sh cluster` also starts a 3-master Redis Cluster on
+# 127.0.0.1 ports 7001-7003 (or $REDIS_CLUSTER_PORTS), no replicas, no
+# persistence, its node files in $REDIS_CLUSTER_DIR (default
+# /tmp/cacheaside-cluster), and prints the REDIS_URL that selects it.
+# Idempotent too: a cluster that already reports cluster_state:ok is left
+# alone. (tests/cluster.rs starts a private cluster of its own instead.)
 set -euo pipefail
+
+WANT_CLUSTER=
+case "${1:-}" in
+  "") ;;
+  cluster) WANT_CLUSTER=1 ;;
+  *) echo "usage: $0 [cluster]" >&2; exit 2 ;;
+esac
 
 # host and port of a URL: scheme://[user[:password]@]host[:port][/...]
 url_host() { local rest=${1#*://}; rest=${rest%%/*}; rest=${rest##*@}; echo "${rest%%:*}"; }
@@ -112,3 +126,41 @@ local_redis() {
 if is_local "$REDIS_HOST"; then local_redis; fi
 
 log "PostgreSQL and Redis are up"
+
+# ---- Redis Cluster (on request) ---------------------------------------------
+cluster_ok() { [[ "$(redis-cli -p "$1" cluster info 2>/dev/null)" == *cluster_state:ok* ]]; }
+local_cluster() {
+  local ports=(${REDIS_CLUSTER_PORTS:-7001 7002 7003})
+  local dir=${REDIS_CLUSTER_DIR:-/tmp/cacheaside-cluster}
+  local url="" port all_ok=1
+  for port in "${ports[@]}"; do url+="${url:+,}redis://127.0.0.1:$port"; done
+  for port in "${ports[@]}"; do cluster_ok "$port" || all_ok=; done
+  if [ -n "$all_ok" ]; then
+    log "Redis Cluster is up: REDIS_URL=$url"
+    return
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p "$dir"
+  for port in "${ports[@]}"; do
+    if [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ]; then
+      if ! redis-cli -p "$port" info cluster 2>/dev/null | grep -q '^cluster_enabled:1'; then
+        log "port $port answers as a Redis without cluster mode: not ours, giving up"; exit 1
+      fi
+      continue
+    fi
+    log "starting Redis Cluster node on port $port"
+    redis-server --port "$port" --bind 127.0.0.1 --cluster-enabled yes \
+      --cluster-config-file "$dir/nodes-$port.conf" --save "" --appendonly no \
+      --dir "$dir" --logfile "$dir/node-$port.log" --daemonize yes
+    wait_for "Redis Cluster node $port" redis-cli -p "$port" ping
+  done
+  # Nodes up but no cluster yet (fresh, or slots never assigned): create it.
+  if [ "$(redis-cli -p "${ports[0]}" cluster info | tr -d '\r' | sed -n 's/^cluster_slots_assigned://p')" = 0 ]; then
+    local addrs=()
+    for port in "${ports[@]}"; do addrs+=("127.0.0.1:$port"); done
+    redis-cli --cluster create "${addrs[@]}" --cluster-replicas 0 --cluster-yes >/dev/null
+  fi
+  for port in "${ports[@]}"; do wait_for "Redis Cluster on $port" cluster_ok "$port"; done
+  log "Redis Cluster is up: REDIS_URL=$url"
+}
+if [ -n "$WANT_CLUSTER" ]; then local_cluster; fi

@@ -28,7 +28,7 @@ use serde::de::DeserializeOwned;
 
 use crate::background::Background;
 use crate::breaker::{Breaker, Permit};
-use crate::cache::{Cache, Raw};
+use crate::cache::{Cache, Raw, check_key};
 use crate::config::{Config, check_ttl};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
@@ -456,7 +456,8 @@ impl CacheAside {
     /// # Errors
     /// What `load` returns (or, with fail-safe on and a copy at hand, the
     /// copy instead); cache errors only when nothing else can answer;
-    /// [`ErrorKind::InvalidArgument`] for an empty key or a TTL of zero or
+    /// [`ErrorKind::InvalidArgument`] for an empty key (or one holding `{`
+    /// or `}`), or a TTL of zero or
     /// beyond [`MAX_TTL`](crate::MAX_TTL).
     ///
     /// ```no_run
@@ -631,7 +632,8 @@ impl CacheAside {
     /// What `write` returns (nothing is cached then); cache errors and
     /// timeouts (if Redis fails after the write committed, the key is
     /// invalidated, or the error says the cache may hold the old row);
-    /// [`ErrorKind::InvalidArgument`] for an empty key, a TTL of zero or
+    /// [`ErrorKind::InvalidArgument`] for an empty key (or one holding `{`
+    /// or `}`), a TTL of zero or
     /// beyond [`MAX_TTL`](crate::MAX_TTL), or a value that does not
     /// serialize.
     ///
@@ -1280,6 +1282,11 @@ impl Engine {
         let Some((value, version)) = write()? else {
             return Ok(None);
         };
+        // The row changed: a flight of this key that loaded before the
+        // commit must not hand its older row to followers that join from
+        // now on. (With the cache in use they would find this write's value
+        // cached first; with the breaker open they go straight to a flight.)
+        self.flights.note_write(key);
         #[cfg(feature = "test-hooks")]
         self.hooks.after_write(key);
         let Some(writer) = writer else {
@@ -1882,11 +1889,4 @@ fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>
     serde_json::from_slice(json)
         .map(Some)
         .map_err(|e| Error::corrupt(key, format!("another caller loaded a different type: {e}")))
-}
-
-fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid_argument("cache key must not be empty"));
-    }
-    Ok(())
 }

@@ -1,5 +1,6 @@
 //! Settings: where the servers are, how big the pools are, how long things live.
 
+use std::fmt;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
@@ -37,13 +38,33 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// config.lock_wait = Duration::from_secs(1); // shorter than a load may take
 /// assert!(config.validate().unwrap_err().to_string().contains("lock_wait"));
 /// ```
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows the URLs with their passwords replaced by
+/// `***` (see [`redact_url`]), so a logged config leaks no credential.
+#[derive(Clone)]
 #[non_exhaustive]
 pub struct Config {
     /// PostgreSQL URL. Defaults to `postgres://postgres@127.0.0.1:5432/test`.
     pub database_url: String,
-    /// Redis URL. Defaults to `redis://127.0.0.1:6379/`.
+    /// Redis URL, with the password or ACL user and password if the server
+    /// wants them (`redis://user:pass@host:6379/`). Several URLs separated
+    /// by commas (`redis://127.0.0.1:7001,redis://127.0.0.1:7002`) select
+    /// Redis Cluster: they are the seed nodes the client learns the cluster
+    /// from (see [`Config::set_redis_cluster`] and `docs/cluster.md`).
+    /// Defaults to `redis://127.0.0.1:6379/`.
     pub redis_url: String,
+    /// For `rediss://` URLs (TLS, through rustls): a PEM file with the
+    /// certificate(s) of the CA that signed the servers' certificates, for
+    /// a self-signed or private CA; read when the client opens. `None`
+    /// trusts the system's root certificates. Defaults to `None`.
+    pub redis_ca_file: Option<std::path::PathBuf>,
+    /// For Postgres over TLS (`sslmode=require` in `database_url`, through
+    /// rustls, which always checks the certificate and the host name, as
+    /// libpq's `verify-full`): a PEM file with the certificate(s) of the CA
+    /// that signed the server's certificate; read when the client opens.
+    /// `None` trusts the system's root certificates. Without `sslmode` (or
+    /// with `prefer`) no TLS is used. Defaults to `None`.
+    pub database_ca_file: Option<std::path::PathBuf>,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.
     pub db_pool_size: u32,
@@ -247,6 +268,8 @@ impl Default for Config {
         Config {
             database_url: "postgres://postgres@127.0.0.1:5432/test".into(),
             redis_url: "redis://127.0.0.1:6379/".into(),
+            redis_ca_file: None,
+            database_ca_file: None,
             db_pool_size: 8,
             cache_pool_size: 16,
             pool_min_idle: 1,
@@ -286,6 +309,58 @@ impl Default for Config {
     }
 }
 
+/// Every field as derived `Debug` would show it, but the URLs through
+/// [`redact_url`]: a config in a log or a panic message must not carry the
+/// passwords. (A new field must be added here too; `config_debug_lists_every_field`
+/// counts them.)
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("database_url", &redact_url(&self.database_url))
+            .field("redis_url", &redact_url(&self.redis_url))
+            .field("redis_ca_file", &self.redis_ca_file)
+            .field("database_ca_file", &self.database_ca_file)
+            .field("db_pool_size", &self.db_pool_size)
+            .field("cache_pool_size", &self.cache_pool_size)
+            .field("pool_min_idle", &self.pool_min_idle)
+            .field("pool_timeout", &self.pool_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("cache_timeout", &self.cache_timeout)
+            .field("statement_timeout", &self.statement_timeout)
+            .field("ttl", &self.ttl)
+            .field("negative_ttl", &self.negative_ttl)
+            .field("namespace", &self.namespace)
+            .field("users_table", &self.users_table)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("lock_wait", &self.lock_wait)
+            .field("lock_poll", &self.lock_poll)
+            .field("beta", &self.beta)
+            .field("fail_safe_max", &self.fail_safe_max)
+            .field("fail_safe_throttle", &self.fail_safe_throttle)
+            .field("soft_timeout", &self.soft_timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cool_off", &self.breaker_cool_off)
+            .field("background_threads", &self.background_threads)
+            .field("invalidation_relay", &self.invalidation_relay)
+            .field("relay_poll", &self.relay_poll)
+            .field("relay_listen", &self.relay_listen)
+            .field("outbox_table", &self.outbox_table)
+            .field("outbox_retention", &self.outbox_retention)
+            .field("statement_cache_size", &self.statement_cache_size)
+            .field("session_max_lifetime", &self.session_max_lifetime)
+            .field("write_behind_max_backlog", &self.write_behind_max_backlog)
+            .field("write_behind_batch", &self.write_behind_batch)
+            .field("write_behind_claim_after", &self.write_behind_claim_after)
+            .field("write_behind_attempts", &self.write_behind_attempts)
+            .field(
+                "write_behind_retry_backoff",
+                &self.write_behind_retry_backoff,
+            )
+            .finish()
+    }
+}
+
 impl Config {
     /// The defaults, with `DATABASE_URL` and `REDIS_URL` taken from the
     /// environment when set.
@@ -298,6 +373,68 @@ impl Config {
             config.redis_url = url;
         }
         config
+    }
+
+    /// Points the client at a Redis Cluster: `nodes` are seed nodes (any
+    /// masters or replicas of the cluster; the client learns the rest with
+    /// `CLUSTER SLOTS`), each a URL such as `redis://user:pass@10.0.0.1:7000`.
+    /// Stored in [`redis_url`](Config::redis_url) joined by commas, the same
+    /// form `REDIS_URL` and `cacheaside_config_set_redis_url` accept. One
+    /// node still selects cluster mode (a managed cluster behind one
+    /// address).
+    ///
+    /// ```
+    /// let mut config = cacheaside::Config::default();
+    /// config.set_redis_cluster(&["redis://127.0.0.1:7001", "redis://127.0.0.1:7002"]).unwrap();
+    /// assert_eq!(config.redis_url, "redis://127.0.0.1:7001,redis://127.0.0.1:7002");
+    /// assert!(config.is_redis_cluster());
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty list or
+    /// a node that is empty or holds a comma.
+    pub fn set_redis_cluster<S: AsRef<str>>(&mut self, nodes: &[S]) -> Result<()> {
+        if nodes.is_empty() {
+            return Err(Error::invalid_argument(
+                "a Redis Cluster needs at least one node",
+            ));
+        }
+        let mut joined = String::new();
+        for node in nodes {
+            let node = node.as_ref().trim();
+            if node.is_empty() || node.contains(',') {
+                return Err(Error::invalid_argument(format!(
+                    "Redis Cluster node {:?} is empty or holds a comma",
+                    redact_url(node)
+                )));
+            }
+            if !joined.is_empty() {
+                joined.push(',');
+            }
+            joined.push_str(node);
+        }
+        // A single node with a trailing comma still reads as a list.
+        if nodes.len() == 1 {
+            joined.push(',');
+        }
+        self.redis_url = joined;
+        Ok(())
+    }
+
+    /// True when [`redis_url`](Config::redis_url) lists nodes separated by
+    /// commas, which selects Redis Cluster.
+    pub fn is_redis_cluster(&self) -> bool {
+        self.redis_url.contains(',')
+    }
+
+    /// The URLs in [`redis_url`](Config::redis_url): one for a single
+    /// server, the seed nodes for a cluster (empty entries skipped).
+    pub fn redis_nodes(&self) -> Vec<&str> {
+        self.redis_url
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect()
     }
 
     /// Sets [`users_table`](Config::users_table) after checking it is an SQL
@@ -408,6 +545,14 @@ impl Config {
     /// Checks the settings that must fit together.
     fn validate_together(&self) -> Result<()> {
         let ms = |d: Duration| d.as_millis();
+        if self.local_cache.is_on() && self.is_redis_cluster() {
+            // Broadcast tracking is per node: one tracker connection would
+            // hear of the changes of its own node's slots only.
+            return Err(Error::invalid_argument(
+                "the near cache (local_cache) does not support Redis Cluster yet \
+                 (see docs/cluster.md)",
+            ));
+        }
         if self.cache_timeout > self.pool_timeout {
             return Err(Error::invalid_argument(format!(
                 "cache_timeout ({} ms) must not be longer than pool_timeout ({} ms): \
@@ -464,6 +609,84 @@ impl Config {
     }
 }
 
+/// `url` with every password replaced by `***`, for logs and messages:
+/// the password of `scheme://user:password@host` URLs (each of a comma
+/// list), and `password=...` in a query string or a Postgres key=value
+/// connection string.
+///
+/// ```
+/// use cacheaside::redact_url;
+/// assert_eq!(redact_url("redis://app:s3cret@cache:6379/0"), "redis://app:***@cache:6379/0");
+/// assert_eq!(redact_url("host=db user=app password=s3cret"), "host=db user=app password=***");
+/// assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
+/// ```
+pub fn redact_url(url: &str) -> String {
+    let mut out = String::with_capacity(url.len());
+    for (i, part) in url.split(',').enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push_str(&redact_one(part));
+    }
+    redact_password_params(&out)
+}
+
+/// The userinfo password of one `scheme://user:password@host/...` URL.
+fn redact_one(url: &str) -> String {
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
+    let Some(at) = authority.rfind('@') else {
+        return url.to_owned();
+    };
+    let userinfo = &authority[..at];
+    match userinfo.find(':') {
+        Some(colon) => format!(
+            "{}://{}:***{}",
+            &url[..scheme_end],
+            &userinfo[..colon],
+            &rest[at..]
+        ),
+        None => url.to_owned(),
+    }
+}
+
+/// `password=value` (query parameter or key=value pair, quoted or not).
+fn redact_password_params(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.to_ascii_lowercase().find(KEY) {
+        let value_start = pos + KEY.len();
+        out.push_str(&rest[..value_start]);
+        out.push_str("***");
+        let value = &rest[value_start..];
+        let end = if let Some(quoted) = value.strip_prefix('\'') {
+            // A quoted key=value password ends at the first unescaped quote.
+            let mut end = quoted.len();
+            let mut escaped = false;
+            for (i, c) in quoted.char_indices() {
+                match c {
+                    '\\' if !escaped => escaped = true,
+                    '\'' if !escaped => {
+                        end = i + 1;
+                        break;
+                    }
+                    _ => escaped = false,
+                }
+            }
+            1 + end
+        } else {
+            value.find([' ', '&', '\t', '\n']).unwrap_or(value.len())
+        };
+        rest = &value[end.min(value.len())..];
+    }
+    out.push_str(rest);
+    out
+}
+
 /// Rejects a TTL of zero or beyond [`MAX_TTL`].
 pub(crate) fn check_ttl(name: &str, ttl: Duration) -> Result<()> {
     if ttl.as_millis() == 0 {
@@ -517,6 +740,100 @@ pub(crate) fn validate_namespace(namespace: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn passwords_are_redacted() {
+        for (url, shown) in [
+            ("redis://:pw@h:1/", "redis://:***@h:1/"),
+            ("redis://alice:pw@h/0", "redis://alice:***@h/0"),
+            ("redis://alice@h/0", "redis://alice@h/0"),
+            ("rediss://u:p@a@h:1", "rediss://u:***@h:1"),
+            (
+                "redis://u:p1@h:1,redis://u:p2@h:2",
+                "redis://u:***@h:1,redis://u:***@h:2",
+            ),
+            ("postgres://app:pw@db/test", "postgres://app:***@db/test"),
+            (
+                "postgres://db/test?password=pw&sslmode=require",
+                "postgres://db/test?password=***&sslmode=require",
+            ),
+            (
+                "host=db password='p w\\' x' user=a",
+                "host=db password=*** user=a",
+            ),
+            ("host=db PASSWORD=pw", "host=db PASSWORD=***"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn config_debug_hides_passwords() {
+        let c = Config {
+            database_url: "postgres://app:db-s3cret@127.0.0.1/test".into(),
+            redis_url: "redis://alice:redis-s3cret@127.0.0.1:6379/".into(),
+            ..Config::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("alice:***@"), "{shown}");
+    }
+
+    #[test]
+    fn config_debug_lists_every_field() {
+        let shown = format!("{:?}", Config::default());
+        // Fields of the struct, counted from the derive-free source.
+        let source = include_str!("config.rs");
+        let start = source.find("pub struct Config {").unwrap();
+        let end = start + source[start..].find("\n}").unwrap();
+        let fields = source[start..end]
+            .lines()
+            .filter(|l| l.starts_with("    pub "))
+            .map(|l| {
+                l.trim_start_matches("    pub ")
+                    .split(':')
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect::<Vec<_>>();
+        assert!(fields.len() > 30, "{fields:?}");
+        for field in fields {
+            assert!(
+                shown.contains(&format!("{field}: ")),
+                "Debug misses {field}"
+            );
+        }
+    }
+
+    #[test]
+    fn cluster_node_lists() {
+        let mut c = Config::default();
+        assert!(!c.is_redis_cluster());
+        assert_eq!(c.redis_nodes(), ["redis://127.0.0.1:6379/"]);
+        c.set_redis_cluster(&["redis://a:1", "redis://b:2"])
+            .unwrap();
+        assert!(c.is_redis_cluster());
+        assert_eq!(c.redis_nodes(), ["redis://a:1", "redis://b:2"]);
+        c.set_redis_cluster(&["redis://a:1"]).unwrap();
+        assert!(c.is_redis_cluster());
+        assert_eq!(c.redis_nodes(), ["redis://a:1"]);
+        assert!(c.set_redis_cluster::<&str>(&[]).is_err());
+        assert!(c.set_redis_cluster(&["redis://a:1,redis://b:2"]).is_err());
+    }
+
+    #[test]
+    fn the_near_cache_is_refused_on_a_cluster() {
+        let mut c = Config {
+            local_cache: LocalCache::new(1000, Duration::from_secs(1)),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
+        c.set_redis_cluster(&["redis://a:1", "redis://b:2"])
+            .unwrap();
+        let err = c.validate().unwrap_err();
+        assert!(err.to_string().contains("Redis Cluster"), "{err}");
+    }
 
     #[test]
     fn table_names() {

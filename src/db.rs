@@ -75,8 +75,19 @@ impl Db {
         if pg.get_application_name().is_none() {
             pg.application_name("cacheaside");
         }
+        // TLS only when the URL asks for it: tokio-postgres's default,
+        // `prefer`, would now try TLS against any server that offers it, and
+        // fail on one whose certificate is not trusted (a snakeoil one).
+        if pg.get_ssl_mode() == tokio_postgres::config::SslMode::Prefer {
+            pg.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        let tls = crate::pg::tls_connector(
+            config.database_ca_file.as_deref(),
+            pg.get_ssl_mode() == tokio_postgres::config::SslMode::Require,
+        )?;
         let connector = PgConnector {
             config: pg,
+            tls,
             connect_timeout: config.connect_timeout,
             statement_capacity: config.statement_cache_size,
         };
@@ -398,6 +409,7 @@ impl<S: Clone> StatementCache<S> {
 /// Opens the pool's connections.
 pub(crate) struct PgConnector {
     config: tokio_postgres::Config,
+    tls: tokio_postgres_rustls::MakeRustlsConnect,
     connect_timeout: Duration,
     statement_capacity: usize,
 }
@@ -408,7 +420,7 @@ impl PgConnector {
         let mut config = self.config.clone();
         config.application_name(application_name);
         Ok(PgConn {
-            pg: PgConnection::connect(&config, self.connect_timeout)?,
+            pg: PgConnection::connect(&config, &self.tls, self.connect_timeout)?,
             statements: StatementCache::new(self.statement_capacity),
         })
     }
@@ -419,7 +431,7 @@ impl Connector for PgConnector {
 
     fn connect(&self) -> Result<PgConn> {
         Ok(PgConn {
-            pg: PgConnection::connect(&self.config, self.connect_timeout)?,
+            pg: PgConnection::connect(&self.config, &self.tls, self.connect_timeout)?,
             statements: StatementCache::new(self.statement_capacity),
         })
     }

@@ -38,9 +38,10 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Connection, PubSub};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, RedisConnection};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::names::{escape_glob, validate_name};
@@ -85,6 +86,11 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Events {
     cache: Cache,
     redis: redis::Client,
+    /// On a Redis Cluster, the node every subscription of ours connects to
+    /// (the first seed), where `PUBLISH` goes too: the cluster carries a
+    /// message to every node, but `PUBLISH` counts only the receiving
+    /// node's subscribers.
+    publish_node: Option<(String, u16)>,
     connect_timeout: Duration,
     io_timeout: Duration,
 }
@@ -168,17 +174,28 @@ const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
 
 impl Events {
     /// Publishing and subscribing through `cache` (for its pool and
-    /// namespace), with subscriptions connecting to `config.redis_url`, each
-    /// connect and command bounded by `config.cache_timeout`.
+    /// namespace), with subscriptions connecting to `config.redis_url` (its
+    /// first node, for a Redis Cluster: the cluster carries a `PUBLISH` on
+    /// any node to the subscribers of every node), each connect and command
+    /// bounded by `config.cache_timeout`.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse.
     pub fn new(cache: &Cache, config: &Config) -> Result<Events> {
-        let redis = redis::Client::open(config.redis_url.as_str())
-            .map_err(|e| Error::invalid_argument("redis URL").with_source(e))?;
+        // On a Redis Cluster, subscriptions connect to the first seed node:
+        // the cluster bus carries every PUBLISH to every node.
+        let node = config.redis_nodes().first().copied().unwrap_or_default();
+        let redis = crate::cache::single_client(config, node)?;
+        let publish_node = match redis.get_connection_info().addr() {
+            _ if !cache.is_cluster() => None,
+            redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
+            redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
+            _ => None,
+        };
         Ok(Events {
             cache: cache.clone(),
             redis,
+            publish_node,
             connect_timeout: config.cache_timeout,
             io_timeout: config.cache_timeout,
         })
@@ -194,12 +211,21 @@ impl Events {
     pub fn publish(&self, channel: &str, payload: impl AsRef<[u8]>) -> Result<u64> {
         validate_name("channel", channel)?;
         let channel = format!("{}{channel}", self.cache.namespace());
-        self.cache.with_connection(|conn| {
-            redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(payload.as_ref())
-                .query(conn)
-        })
+        let mut publish = redis::cmd("PUBLISH");
+        publish.arg(&channel).arg(payload.as_ref());
+        self.cache
+            .with_connection(|conn| match (conn, &self.publish_node) {
+                (RedisConnection::Cluster(cluster), Some((host, port))) => {
+                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                        host: host.clone(),
+                        port: *port,
+                    });
+                    Ok(redis::from_redis_value(
+                        cluster.route_command(&publish, route)?,
+                    )?)
+                }
+                (conn, _) => publish.query(conn),
+            })
     }
 
     /// Subscribes to `channels` and calls `on_event` for each message, on a

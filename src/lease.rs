@@ -433,6 +433,20 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
 /// older one cannot. A change without a version (a delete, or a table
 /// without a version column) always invalidates.
 pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -> Result<()> {
+    if cache.is_cluster() {
+        // The changes' keys live in many slots, and the cluster client sends
+        // a pipeline to one node: one script call each, each routed (and
+        // redirected) on its own.
+        for (keys, version) in changes {
+            let version = version.map_or(String::new(), |v| v.to_string());
+            cache.run(|conn| {
+                let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
+                call.key(&keys.lease).key(&keys.writers).arg(&version);
+                call.invoke::<()>(conn)
+            })?;
+        }
+        return Ok(());
+    }
     cache.run(|conn| {
         let mut pipe = redis::pipe();
         // Pipelined EVALSHA has no EVAL fallback: load the script first (it

@@ -77,8 +77,8 @@ mod users; // the lab: users table and its functions
 mod write_behind; // durable write-behind: stream, workers, appliers
 
 pub use aside::{CacheAside, Mode, Stats};
-pub use cache::Cache;
-pub use config::{Config, LocalCache, MAX_TTL};
+pub use cache::{Cache, RedisConnection};
+pub use config::{Config, LocalCache, MAX_TTL, redact_url};
 pub use db::{Db, Params, Transaction};
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};

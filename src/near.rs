@@ -411,6 +411,10 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
     }
     tracking.query::<()>(&mut *sub)?;
     let channel = format!("__cacheaside_near__:{name}");
+    // Config validation refuses L1 on a cluster.
+    let sub = sub
+        .single()
+        .ok_or_else(|| Error::invalid_argument("the near cache needs a single Redis server"))?;
     let mut pubsub = sub.as_pubsub();
     pubsub.subscribe(&[INVALIDATE, channel.as_str()])?;
     pubsub.set_read_timeout(Some(BEAT))?;

@@ -24,12 +24,17 @@ use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio_postgres::tls::NoTlsStream;
-use tokio_postgres::{AsyncMessage, NoTls, Notification, Row, Socket, Statement};
+use tokio_postgres::tls::MakeTlsConnect;
+use tokio_postgres::{AsyncMessage, Notification, Row, Socket, Statement};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
 
 pub(crate) use crate::db::Params;
+
+/// A connection's stream: TLS through rustls when the URL asks for it
+/// (`sslmode=require`), plain TCP otherwise (the same type either way).
+type Stream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 
 /// One open connection. Not `Sync`: a pool hands it to one thread at a time.
 pub(crate) struct PgConnection {
@@ -41,7 +46,7 @@ pub(crate) struct PgConnection {
 /// server sent unasked (notifications).
 struct Driver {
     runtime: tokio::runtime::Runtime,
-    connection: tokio_postgres::Connection<Socket, NoTlsStream>,
+    connection: tokio_postgres::Connection<Socket, Stream>,
     /// The connection reported its end (closed or failed); polling it again
     /// is not allowed.
     ended: bool,
@@ -51,8 +56,13 @@ struct Driver {
 }
 
 impl PgConnection {
-    /// Connects, with `timeout` bounding the whole handshake.
-    pub fn connect(config: &tokio_postgres::Config, timeout: Duration) -> Result<PgConnection> {
+    /// Connects, with `timeout` bounding the whole handshake (TLS
+    /// included, when `config` asks for it).
+    pub fn connect(
+        config: &tokio_postgres::Config,
+        tls: &MakeRustlsConnect,
+        timeout: Duration,
+    ) -> Result<PgConnection> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -60,8 +70,8 @@ impl PgConnection {
                 Error::new(ErrorKind::Database, "cannot start a runtime").with_source(e)
             })?;
         // Timers need the runtime's context: build them inside block_on.
-        let connected =
-            runtime.block_on(async { tokio::time::timeout(timeout, config.connect(NoTls)).await });
+        let connected = runtime
+            .block_on(async { tokio::time::timeout(timeout, config.connect(tls.clone())).await });
         match connected {
             Ok(Ok((client, connection))) => Ok(PgConnection {
                 client,
@@ -228,7 +238,7 @@ impl Driver {
 
     /// Reads what the server sent until the socket has nothing more.
     fn pump(
-        connection: &mut tokio_postgres::Connection<Socket, NoTlsStream>,
+        connection: &mut tokio_postgres::Connection<Socket, Stream>,
         ended: &mut bool,
         notifications: &mut VecDeque<Notification>,
         cx: &mut Context<'_>,
@@ -268,9 +278,65 @@ fn connect_error(err: tokio_postgres::Error) -> Error {
         Some(c) if *c == SqlState::INVALID_AUTHORIZATION_SPECIFICATION => "authentication failed",
         Some(c) if *c == SqlState::INVALID_CATALOG_NAME => "no such database",
         Some(c) if *c == SqlState::TOO_MANY_CONNECTIONS => "too many connections",
+        _ if error_chain(&err).contains("invalid peer certificate") => {
+            "database TLS handshake failed: the server's certificate is not trusted \
+             (Config::database_ca_file names the CA that signed it)"
+        }
         _ => "cannot connect to the database",
     };
     Error::new(ErrorKind::Database, why).with_source(err)
+}
+
+/// `err` and its sources, joined.
+fn error_chain(err: &tokio_postgres::Error) -> String {
+    let mut text = err.to_string();
+    let mut next = std::error::Error::source(err);
+    while let Some(source) = next {
+        text.push_str(": ");
+        text.push_str(&source.to_string());
+        next = source.source();
+    }
+    text
+}
+
+/// The TLS connector for `database_url`'s connections: trusting the CA
+/// file when one is named, else the system's root certificates (loaded
+/// only when the URL asks for TLS). rustls always checks the certificate
+/// and the host name, so `sslmode=require` here means what libpq's
+/// `verify-full` does.
+pub(crate) fn tls_connector(
+    ca_file: Option<&std::path::Path>,
+    wants_tls: bool,
+) -> Result<MakeRustlsConnect> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    if let Some(path) = ca_file {
+        let unreadable = |e: &dyn std::fmt::Display| {
+            Error::invalid_argument(format!(
+                "cannot read database_ca_file {}: {e}",
+                path.display()
+            ))
+        };
+        for cert in CertificateDer::pem_file_iter(path).map_err(|e| unreadable(&e))? {
+            let cert = cert.map_err(|e| unreadable(&e))?;
+            roots.add(cert).map_err(|e| unreadable(&e))?;
+        }
+    } else if wants_tls {
+        for cert in rustls_native_certs::load_native_certs().certs {
+            // A system certificate rustls cannot use is skipped, as libpq
+            // skips it.
+            let _ = roots.add(cert);
+        }
+    }
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::new(ErrorKind::Database, "cannot set up TLS").with_source(e))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(MakeRustlsConnect::new(config))
 }
 
 /// Pins for the type checker that a connection may move between threads.

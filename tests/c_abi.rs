@@ -13,6 +13,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use cacheaside::{Cache, Config, Db};
 
+mod common;
+
 const MANIFEST_DIR: &str = env!("CARGO_MANIFEST_DIR");
 
 fn manifest_path(relative: &str) -> PathBuf {
@@ -183,6 +185,12 @@ fn valgrind() -> Option<Vec<&'static str>> {
 /// [`run_program`], with the program started by `wrapper` (e.g. valgrind
 /// and its options) when it is not empty.
 fn run_program_under(relative: &str, wrapper: &[&str]) {
+    run_program_on(relative, wrapper, None);
+}
+
+/// [`run_program_under`], with `REDIS_URL` set to `redis_url` when given
+/// (say, a cluster's nodes) instead of the environment's.
+fn run_program_on(relative: &str, wrapper: &[&str], redis_url: Option<&str>) {
     let source = manifest_path(relative);
     let lang = if relative.ends_with(".cpp") {
         "cpp"
@@ -216,7 +224,7 @@ fn run_program_under(relative: &str, wrapper: &[&str]) {
     };
     let mut child = command
         .env("DATABASE_URL", &config.database_url)
-        .env("REDIS_URL", &config.redis_url)
+        .env("REDIS_URL", redis_url.unwrap_or(&config.redis_url))
         .env("CACHEASIDE_TEST_TABLE", &scratch.table)
         .env("CACHEASIDE_TEST_NAMESPACE", &scratch.namespace)
         .env("CACHEASIDE_TEST_OUTBOX", &scratch.outbox)
@@ -285,6 +293,15 @@ fn c_direct_sql_update_reaches_the_cache_through_the_relay() {
 #[test]
 fn c_users_miss_hit_update_and_single_flight() {
     run_program("tests/c/users.c");
+}
+
+/// The same C lab (miss = 1 query, hits = 0, invalidation, NOT_FOUND, 50
+/// pthreads on a cold key = 1 query) with `REDIS_URL` listing the nodes of
+/// a 3-master Redis Cluster of the test's own.
+#[test]
+fn c_users_on_a_redis_cluster() {
+    let cluster = common::servers::PrivateCluster::start();
+    run_program_on("tests/c/users.c", &[], Some(&cluster.url()));
 }
 
 #[test]

@@ -49,7 +49,8 @@ fn child_process_entry_point() {
 /// The settings a parent hands its children, as `name=value;...`.
 fn settings(config: &Config, stampede: &Stampede) -> String {
     format!(
-        "table={};namespace={};lock_ttl={};lease_ttl={};cache_timeout={};threads={};load={}",
+        "redis={};table={};namespace={};lock_ttl={};lease_ttl={};cache_timeout={};threads={};load={}",
+        config.redis_url,
         config.users_table,
         config.namespace,
         config.lock_ttl.as_millis(),
@@ -71,6 +72,7 @@ fn child_config(text: &str) -> (Config, Stampede) {
         let (name, value) = pair.split_once('=').unwrap();
         let ms = || Duration::from_millis(value.parse().unwrap());
         match name {
+            "redis" => config.redis_url = value.into(),
             "table" => config.users_table = value.into(),
             "namespace" => config.namespace = value.into(),
             "lock_ttl" => config.lock_ttl = ms(),
@@ -207,6 +209,23 @@ fn run_stampede(fx: &Fixture, processes: usize, stampede: &Stampede) -> u64 {
 #[test]
 fn four_processes_of_fifty_threads_send_one_query() {
     let fx = Fixture::new("xproc");
+    let stampede = Stampede {
+        threads: 50,
+        load: SLOW_LOAD.into(),
+    };
+    assert_eq!(
+        run_stampede(&fx, 4, &stampede),
+        1,
+        "one query across all processes"
+    );
+}
+
+#[test]
+fn four_processes_of_fifty_threads_send_one_query_on_a_redis_cluster() {
+    let cluster = common::servers::PrivateCluster::start();
+    let mut config = test_config("xproc_cluster");
+    config.redis_url = cluster.url();
+    let fx = Fixture::with(config);
     let stampede = Stampede {
         threads: 50,
         load: SLOW_LOAD.into(),

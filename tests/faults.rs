@@ -601,3 +601,70 @@ fn misconfigured_servers_are_reported_with_their_cause() {
         "",
     );
 }
+
+#[test]
+fn redis_acl_user_logs_in_and_a_wrong_password_is_named_without_it() {
+    let redis = PrivateRedis::start();
+    redis.command(&[
+        "ACL",
+        "SETUSER",
+        "cacheapp",
+        "on",
+        ">right-pw-4711",
+        "~*",
+        "&*",
+        "+@all",
+    ]);
+    redis.command(&["ACL", "SETUSER", "default", "off"]);
+    let port = redis.port();
+    let mut config = test_config("acl");
+    config.invalidation_relay = false;
+    config.redis_url = format!("redis://cacheapp:right-pw-4711@127.0.0.1:{port}/");
+    let engine = cacheaside::CacheAside::open(&config).expect("opens");
+    engine.ping().expect("the ACL user logs in");
+    let shown = format!("{config:?}");
+    assert!(
+        !shown.contains("right-pw-4711"),
+        "Config's Debug leaked: {shown}"
+    );
+
+    config.redis_url = format!("redis://cacheapp:wrong-pw-0815@127.0.0.1:{port}/");
+    let engine = cacheaside::CacheAside::open(&config).expect("opens anyway");
+    let err = engine.ping().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cache, "{err:?}");
+    let said = format!("{} | {} | {err:?}", err, err.chain());
+    assert!(said.contains("authentication failed"), "{said}");
+    assert!(
+        !said.contains("wrong-pw-0815"),
+        "the password leaked: {said}"
+    );
+}
+
+#[test]
+fn postgres_wrong_password_is_named_without_it() {
+    let pg = common::servers::PrivatePostgres::start();
+    pg.require_password("right-pw-4711");
+    let port = pg.port();
+    let mut config = test_config("pgauth");
+    config.invalidation_relay = false;
+    config.database_url = format!("postgres://postgres:right-pw-4711@127.0.0.1:{port}/postgres");
+    let engine = cacheaside::CacheAside::open(&config).expect("opens");
+    engine.ping().expect("the right password logs in");
+
+    for url in [
+        format!("postgres://postgres:wrong-pw-0815@127.0.0.1:{port}/postgres"),
+        format!("host=127.0.0.1 port={port} user=postgres password=wrong-pw-0815 dbname=postgres"),
+    ] {
+        config.database_url = url;
+        assert!(!format!("{config:?}").contains("wrong-pw-0815"));
+        let engine = cacheaside::CacheAside::open(&config).expect("opens anyway");
+        let err = engine.ping().unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Database, "{err:?}");
+        let said = format!("{} | {} | {err:?}", err, err.chain());
+        assert!(said.contains("authentication failed"), "{said}");
+        assert!(
+            !said.contains("wrong-pw-0815"),
+            "the password leaked: {said}"
+        );
+    }
+}

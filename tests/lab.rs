@@ -383,6 +383,18 @@ fn bad_input_is_rejected_with_clear_errors() {
         .get_or_load::<u32, _>("k", Duration::ZERO, || Ok(None))
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    // Braces would end the Redis Cluster hash tag early: refused on a
+    // single server too, so keys that work here work on a cluster.
+    for key in ["a{b", "a}b", "{x}"] {
+        let err = fx
+            .client
+            .engine()
+            .get_or_load::<u32, _>(key, Duration::from_secs(1), || Ok(None))
+            .unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{key}");
+        let err = fx.client.cache().exists(key).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{key}");
+    }
 
     let mut config = test_config("badtable");
     config.users_table = "users; DROP TABLE users".into();

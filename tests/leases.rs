@@ -47,7 +47,7 @@ fn wait_for_a_follower(fx: &Fixture, key: &str) {
 /// returns the lock's Redis key.
 fn hold_rebuild_lock_elsewhere(fx: &Fixture, key: &str) -> String {
     let lock = format!("{}:lock", fx.client.cache().redis_key(key));
-    let set = |c: &mut redis::Connection| {
+    let set = |c: &mut cacheaside::RedisConnection| {
         redis::cmd("SET")
             .arg(&lock)
             .arg("another-process")
@@ -150,6 +150,41 @@ fn follower_that_joined_after_a_write_gets_the_post_write_row() {
     assert_eq!(follower.version, 2);
 }
 
+/// With the breaker open, readers skip the cache and go straight to a
+/// flight; a write-through that commits while a flight's load is out must
+/// keep followers that join after it returned from taking the older row.
+/// (Found by the cluster's slot-migration soak: failed invalidations
+/// opened the breaker, and a few reads returned the row before a finished
+/// write-through.)
+#[test]
+fn with_the_breaker_open_a_follower_after_a_write_through_gets_the_new_row() {
+    let mut redis = common::servers::PrivateRedis::start();
+    let mut config = common::test_config("wt_open");
+    config.redis_url = redis.url();
+    config.breaker_failures = 1;
+    let fx = Fixture::with(config);
+    redis.kill();
+    // One failed call opens it.
+    let _ = fx.client.get_user_profile(4);
+    assert!(fx.client.engine().stats().breaker_opened >= 1);
+    let key = Client::user_key(4);
+    let (loaded, go) = pause_after_load(&fx, &key);
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| fx.client.get_user_profile_singleflight(4).unwrap().unwrap());
+        loaded.wait(); // the leader read the old row from Postgres
+        let written = fx
+            .client
+            .update_user_plan_write_through(4, "post-write")
+            .unwrap()
+            .expect("user 4 exists");
+        let follower = s.spawn(|| fx.client.get_user_profile_singleflight(4).unwrap().unwrap());
+        wait_for_a_follower(&fx, &key);
+        go.wait();
+        assert_eq!(leader.join().unwrap().plan, "free");
+        assert_eq!(follower.join().unwrap(), written);
+    });
+}
+
 #[test]
 fn follower_of_a_load_after_a_lock_wait_timeout_gets_the_post_write_row() {
     // Another process holds the rebuild lock and never finishes: our leader
@@ -208,7 +243,8 @@ fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
         let leader = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
         // The other process fills the key and releases its lock.
         let row = fx.client.get_user_profile(1).unwrap().unwrap();
-        let del_lock = |c: &mut redis::Connection| redis::cmd("DEL").arg(&lock).query::<()>(c);
+        let del_lock =
+            |c: &mut cacheaside::RedisConnection| redis::cmd("DEL").arg(&lock).query::<()>(c);
         fx.client.cache().with_connection(del_lock).unwrap();
         answered.wait(); // our leader found that row cached
         assert_eq!(row.plan, "pro");
@@ -602,7 +638,8 @@ fn followers_that_joined_before_the_load_take_its_row_though_a_write_dropped_the
             assert!(Instant::now() < deadline, "followers never joined");
             std::thread::yield_now();
         }
-        let del_lock = |c: &mut redis::Connection| redis::cmd("DEL").arg(&lock).query::<()>(c);
+        let del_lock =
+            |c: &mut cacheaside::RedisConnection| redis::cmd("DEL").arg(&lock).query::<()>(c);
         fx.client.cache().with_connection(del_lock).unwrap();
         assert_eq!(leader.join().unwrap().plan, "free");
         for follower in joined {
@@ -732,7 +769,7 @@ fn versions_near_two_to_the_63_compare_exactly() {
 /// happened in it.
 fn writers(fx: &Fixture, key: &str) -> i64 {
     let set = format!("{}:writers", fx.client.cache().redis_key(key));
-    let card = |c: &mut redis::Connection| redis::cmd("SCARD").arg(&set).query::<i64>(c);
+    let card = |c: &mut cacheaside::RedisConnection| redis::cmd("SCARD").arg(&set).query::<i64>(c);
     fx.client.cache().with_connection(card).unwrap()
 }
 

@@ -99,8 +99,12 @@ pub unsafe extern "C" fn cacheaside_config_set_database_url(
     }
 }
 
-/// Sets the Redis URL, e.g. `redis://host:6379/0`. Defaults to `REDIS_URL`,
-/// else `redis://127.0.0.1:6379/`.
+/// Sets the Redis URL, e.g. `redis://host:6379/0`, or
+/// `redis://user:password@host:6379/` for a server that wants an ACL user
+/// and password. Several URLs separated by commas
+/// (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`) select Redis Cluster:
+/// they are seed nodes. Defaults to `REDIS_URL`, else
+/// `redis://127.0.0.1:6379/`.
 ///
 /// The URL is parsed by `cacheaside_client_open()`, which returns
 /// `CACHEASIDE_INVALID_ARGUMENT` for one that does not parse.
@@ -120,6 +124,61 @@ pub unsafe extern "C" fn cacheaside_config_set_redis_url(
         let url = non_null!(str url);
         update(config, |c| {
             c.redis_url = url.to_owned();
+            Ok(())
+        })
+    }
+}
+
+/// Names a PEM file with the certificate(s) of the CA that signed the Redis
+/// servers' certificates, for `rediss://` URLs (TLS, through rustls) with a
+/// self-signed or private CA. The file is read by
+/// `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
+/// when it cannot read it. An empty string goes back to the default: the
+/// system's root certificates.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
+/// is not UTF-8 (the config is then unchanged).
+///
+/// # Safety
+/// As `cacheaside_config_set_database_url()`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_redis_ca_file(
+    config: *mut cacheaside_config,
+    path: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let path = non_null!(str path);
+        update(config, |c| {
+            c.redis_ca_file = (!path.is_empty()).then(|| path.into());
+            Ok(())
+        })
+    }
+}
+
+/// Names a PEM file with the certificate(s) of the CA that signed the
+/// Postgres server's certificate, for `sslmode=require` in the database URL
+/// (TLS through rustls, which always checks the certificate and the host
+/// name, as libpq's `verify-full`). The file is read by
+/// `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
+/// when it cannot read it. An empty string goes back to the default: the
+/// system's root certificates.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
+/// is not UTF-8 (the config is then unchanged).
+///
+/// # Safety
+/// As `cacheaside_config_set_database_url()`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_database_ca_file(
+    config: *mut cacheaside_config,
+    path: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        let path = non_null!(str path);
+        update(config, |c| {
+            c.database_ca_file = (!path.is_empty()).then(|| path.into());
             Ok(())
         })
     }

@@ -51,6 +51,12 @@ static void config_setters(void) {
     EXPECT_INVALID(cacheaside_config_set_database_url(config, NULL));
     EXPECT_INVALID(cacheaside_config_set_redis_url(config, NOT_UTF8));
     EXPECT_INVALID(cacheaside_config_set_redis_url(NULL, "redis://127.0.0.1/"));
+    EXPECT_INVALID(cacheaside_config_set_redis_ca_file(config, NOT_UTF8));
+    EXPECT_INVALID(cacheaside_config_set_redis_ca_file(config, NULL));
+    EXPECT_INVALID(cacheaside_config_set_redis_ca_file(NULL, "ca.pem"));
+    EXPECT_INVALID(cacheaside_config_set_database_ca_file(config, NOT_UTF8));
+    EXPECT_INVALID(cacheaside_config_set_database_ca_file(config, NULL));
+    EXPECT_INVALID(cacheaside_config_set_database_ca_file(NULL, "ca.pem"));
 
     EXPECT_INVALID(cacheaside_config_set_ttl_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_ttl_ms(NULL, 1000));
@@ -137,6 +143,21 @@ static void open_failures_leave_out_null(void) {
     cacheaside_client *client = (cacheaside_client *)config; /* any non-NULL garbage */
     EXPECT_INVALID(cacheaside_client_open(config, &client));
     EXPECT(client == NULL);
+
+    /* A CA file that cannot be read is refused at open, naming the setting. */
+    CHECK(cacheaside_config_set_database_url(config, "postgres://postgres@127.0.0.1/test"));
+    CHECK(cacheaside_config_set_redis_ca_file(config, "/nonexistent/ca.pem"));
+    client = (cacheaside_client *)config;
+    EXPECT_INVALID(cacheaside_client_open(config, &client));
+    EXPECT(client == NULL);
+    EXPECT(strstr(cacheaside_last_error(), "redis_ca_file") != NULL);
+    CHECK(cacheaside_config_set_redis_ca_file(config, ""));
+    CHECK(cacheaside_config_set_database_ca_file(config, "/nonexistent/ca.pem"));
+    client = (cacheaside_client *)config;
+    EXPECT_INVALID(cacheaside_client_open(config, &client));
+    EXPECT(client == NULL);
+    EXPECT(strstr(cacheaside_last_error(), "database_ca_file") != NULL);
+    CHECK(cacheaside_config_set_database_ca_file(config, ""));
     cacheaside_config_free(config);
 }
 

@@ -103,6 +103,8 @@ pub struct PrivateRedis {
     port: u16,
     dir: PathBuf,
     child: Option<Child>,
+    /// More `redis-server` arguments (say, `--cluster-enabled yes`).
+    extra: Vec<String>,
 }
 
 impl PrivateRedis {
@@ -111,10 +113,16 @@ impl PrivateRedis {
     /// # Panics
     /// With the server's log, if it does not answer within 10 s.
     pub fn start() -> PrivateRedis {
+        PrivateRedis::start_with(&[])
+    }
+
+    /// As [`start`](Self::start), with more `redis-server` arguments.
+    pub fn start_with(extra: &[&str]) -> PrivateRedis {
         let mut redis = PrivateRedis {
             port: 0,
             dir: temp_dir("redis"),
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         let mut failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -140,6 +148,7 @@ impl PrivateRedis {
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--dir"])
             .arg(&self.dir)
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
@@ -269,6 +278,222 @@ impl Drop for PrivateRedis {
     fn drop(&mut self) {
         self.kill();
         let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A certificate authority and a server certificate for 127.0.0.1, made
+/// with `openssl` in a temp dir of their own (removed on `Drop`).
+pub struct TestCerts {
+    dir: PathBuf,
+}
+
+impl TestCerts {
+    /// Makes `ca.pem` (a self-signed CA) and `server.pem` / `server.key`
+    /// (signed by it, for IP 127.0.0.1).
+    ///
+    /// # Panics
+    /// With openssl's output, if a step fails.
+    pub fn new() -> TestCerts {
+        let certs = TestCerts {
+            dir: temp_dir("certs"),
+        };
+        fs::write(certs.dir.join("san.ext"), "subjectAltName=IP:127.0.0.1\n")
+            .expect("write san.ext");
+        let steps: [&[&str]; 3] = [
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.pem",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=cacheaside test CA",
+            ],
+            &[
+                "req",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "server.key",
+                "-out",
+                "server.csr",
+                "-subj",
+                "/CN=127.0.0.1",
+            ],
+            &[
+                "x509",
+                "-req",
+                "-in",
+                "server.csr",
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                "server.pem",
+                "-days",
+                "2",
+                "-extfile",
+                "san.ext",
+            ],
+        ];
+        for args in steps {
+            let output = Command::new("openssl")
+                .args(args)
+                .current_dir(&certs.dir)
+                .stdin(Stdio::null())
+                .output()
+                .expect("run openssl");
+            assert!(
+                output.status.success(),
+                "openssl {args:?} failed:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        certs
+    }
+
+    /// The CA's certificate, for `Config::redis_ca_file`.
+    pub fn ca(&self) -> PathBuf {
+        self.dir.join("ca.pem")
+    }
+
+    /// The server's certificate and key.
+    pub fn server(&self) -> (PathBuf, PathBuf) {
+        (self.dir.join("server.pem"), self.dir.join("server.key"))
+    }
+
+    /// `redis-server` arguments that add a TLS port (clients need no
+    /// certificate of their own).
+    pub fn redis_args(&self, tls_port: u16) -> Vec<String> {
+        let path = |name: &str| self.dir.join(name).display().to_string();
+        vec![
+            "--tls-port".into(),
+            tls_port.to_string(),
+            "--tls-cert-file".into(),
+            path("server.pem"),
+            "--tls-key-file".into(),
+            path("server.key"),
+            "--tls-ca-cert-file".into(),
+            path("ca.pem"),
+            "--tls-auth-clients".into(),
+            "no".into(),
+        ]
+    }
+}
+
+impl Drop for TestCerts {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of our own: three masters (no replicas) on free loopback
+/// ports, each a [`PrivateRedis`] started with `--cluster-enabled yes`,
+/// joined with `redis-cli --cluster create`; killed and removed on `Drop`.
+/// Its nodes are ours alone, so a test may `FLUSHALL` them.
+pub struct PrivateCluster {
+    pub nodes: Vec<PrivateRedis>,
+}
+
+impl PrivateCluster {
+    /// Starts three nodes, creates the cluster and returns once every node
+    /// reports `cluster_state:ok` and knows every slot's master.
+    ///
+    /// # Panics
+    /// With redis-cli's output, if the cluster does not form within 10 s.
+    pub fn start() -> PrivateCluster {
+        let nodes: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                PrivateRedis::start_with(&[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run redis-cli --cluster create");
+        assert!(
+            output.status.success(),
+            "redis-cli --cluster create failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let cluster = PrivateCluster { nodes };
+        let formed = wait_for(START_WITHIN, || {
+            cluster.nodes.iter().all(|n| {
+                n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && n.command(&["CLUSTER", "SHARDS"]).matches("master").count() == 3
+            })
+        });
+        assert!(
+            formed,
+            "the cluster did not form: {}",
+            cluster.nodes[0].command(&["CLUSTER", "INFO"])
+        );
+        cluster
+    }
+
+    /// The `redis_url` for a `Config`: every node, separated by commas.
+    pub fn url(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port()))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// The node that serves `slot` now.
+    pub fn owner_of(&self, slot: u16) -> &PrivateRedis {
+        let id = self.nodes[0].command(&["CLUSTER", "NODES"]);
+        for line in id.lines() {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.len() < 9 || !fields[2].contains("master") {
+                continue;
+            }
+            let serves = fields[8..].iter().any(|range| match range.split_once('-') {
+                Some((a, b)) => {
+                    a.parse::<u16>().is_ok_and(|a| a <= slot)
+                        && b.parse::<u16>().is_ok_and(|b| slot <= b)
+                }
+                None => range.parse::<u16>() == Ok(slot),
+            });
+            if serves {
+                let port: u16 = fields[1]
+                    .split(['@', ':'])
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("a node address");
+                return self
+                    .nodes
+                    .iter()
+                    .find(|n| n.port() == port)
+                    .expect("one of ours");
+            }
+        }
+        panic!("no master serves slot {slot}");
     }
 }
 
@@ -477,6 +702,75 @@ impl PrivatePostgres {
     /// `postgres://postgres@127.0.0.1:<port>/postgres`, for a `Config`.
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Gives `postgres` the password `password` and makes TCP logins need
+    /// it (scram-sha-256 in `pg_hba.conf`, reloaded); the Unix socket stays
+    /// trusted. [`url`](Self::url) then fails with "authentication failed".
+    pub fn require_password(&self, password: &str) {
+        let mut config = cacheaside::Config::from_env();
+        config.database_url = self.url();
+        let db = cacheaside::Db::connect(&config).expect("connect to the private postgres");
+        db.execute(
+            &format!(
+                "ALTER ROLE postgres PASSWORD '{}'",
+                password.replace('\'', "''")
+            ),
+            &[],
+        )
+        .expect("set the password");
+        fs::write(
+            self.data.join("pg_hba.conf"),
+            "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
+        )
+        .expect("write pg_hba.conf");
+        db.query_one("SELECT pg_reload_conf()", &[])
+            .expect("reload the configuration");
+    }
+
+    /// Turns TLS on (`ssl = on`, reloaded) with `certs`' server
+    /// certificate, copied into the data directory for `postgres` to read.
+    /// Clients still choose: plain connections keep working.
+    pub fn enable_tls(&self, certs: &TestCerts) {
+        let (cert, key) = certs.server();
+        for (from, name, mode) in [(&cert, "server.crt", 0o644), (&key, "server.key", 0o600)] {
+            let to = self.data.join(name);
+            fs::copy(from, &to).expect("copy the server certificate");
+            fs::set_permissions(&to, fs::Permissions::from_mode(mode)).expect("chmod");
+            if is_root() {
+                let status = Command::new("chown")
+                    .arg("postgres:postgres")
+                    .arg(&to)
+                    .status()
+                    .expect("run chown");
+                assert!(status.success(), "chown postgres {}", to.display());
+            }
+        }
+        let mut config = cacheaside::Config::from_env();
+        config.database_url = self.url();
+        let db = cacheaside::Db::connect(&config).expect("connect to the private postgres");
+        // One statement each: ALTER SYSTEM refuses a multi-statement batch.
+        for sql in [
+            "ALTER SYSTEM SET ssl_cert_file = 'server.crt'",
+            "ALTER SYSTEM SET ssl_key_file = 'server.key'",
+            "ALTER SYSTEM SET ssl = on",
+        ] {
+            db.batch_execute(sql).expect("turn TLS on");
+        }
+        db.query_one("SELECT pg_reload_conf()", &[])
+            .expect("reload the configuration");
+        // The postmaster applies a reload when it gets to the signal: wait
+        // until a new session sees TLS on.
+        let on = wait_for(START_WITHIN, || {
+            let Ok(fresh) = cacheaside::Db::connect(&config) else {
+                return false;
+            };
+            matches!(
+                fresh.query_one("SHOW ssl", &[]),
+                Ok(Some(row)) if row.get::<_, String>(0) == "on"
+            )
+        });
+        assert!(on, "TLS did not come on:\n{}", read_log(&self.log_path()));
     }
 
     /// The server's port on 127.0.0.1.
