@@ -357,6 +357,7 @@ impl fmt::Debug for Config {
                 "write_behind_retry_backoff",
                 &self.write_behind_retry_backoff,
             )
+            .field("local_cache", &self.local_cache)
             .finish()
     }
 }

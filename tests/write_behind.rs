@@ -686,6 +686,13 @@ fn worker_process_entry_point() {
     client.start_write_behind(workers.parse().unwrap()).unwrap();
     // The harness may have printed "test ... " on this line already.
     println!("workers started");
+    if mode == "kill-after-commit" {
+        // Its hook kills it at the first commit. Not watching stdin: the
+        // parent's `Child::wait` closes it, which would stop the workers
+        // before they commit. A commit that never comes fails the test.
+        std::thread::sleep(PATIENCE);
+        panic!("no write-behind commit within {PATIENCE:?}");
+    }
     // Until the parent closes our stdin (or kills us).
     let mut line = String::new();
     while std::io::stdin().read_line(&mut line).unwrap_or(0) > 0 {}
