@@ -18,12 +18,14 @@
 # alone. (tests/cluster.rs starts a private cluster of its own instead.)
 set -euo pipefail
 
-WANT_CLUSTER=
-case "${1:-}" in
-  "") ;;
-  cluster) WANT_CLUSTER=1 ;;
-  *) echo "usage: $0 [cluster]" >&2; exit 2 ;;
-esac
+WANT_CLUSTER= WANT_TLS=
+for arg in "$@"; do
+  case "$arg" in
+    cluster) WANT_CLUSTER=1 ;;
+    tls) WANT_TLS=1 ;;
+    *) echo "usage: $0 [cluster] [tls]" >&2; exit 2 ;;
+  esac
+done
 
 # host and port of a URL: scheme://[user[:password]@]host[:port][/...]
 url_host() { local rest=${1#*://}; rest=${rest%%/*}; rest=${rest##*@}; echo "${rest%%:*}"; }
@@ -164,3 +166,44 @@ local_cluster() {
   log "Redis Cluster is up: REDIS_URL=$url"
 }
 if [ -n "$WANT_CLUSTER" ]; then local_cluster; fi
+
+# ---- A TLS-only Redis (on request) -------------------------------------------
+# `scripts/services.sh tls` starts a Redis that speaks only TLS on
+# 127.0.0.1:$REDIS_TLS_PORT (6380), with a CA and a server certificate for
+# 127.0.0.1 made by openssl in $REDIS_TLS_DIR (/tmp/cacheaside-tls), and
+# prints the REDIS_URL and REDIS_CA_FILE that select it (Config::from_env
+# reads both).
+# Idempotent: a server already answering there over TLS is left alone.
+# (tests/tls.rs starts private TLS servers, Redis and Postgres, of its own.)
+local_tls_redis() {
+  local port=${REDIS_TLS_PORT:-6380} dir=${REDIS_TLS_DIR:-/tmp/cacheaside-tls}
+  command -v openssl >/dev/null || apt_install openssl
+  command -v redis-server >/dev/null || apt_install redis-server
+  tls_ok() {
+    [ -f "$dir/ca.pem" ] && [ "$(redis-cli --tls --cacert "$dir/ca.pem" -h 127.0.0.1 -p "$port" ping 2>/dev/null)" = PONG ]
+  }
+  if ! tls_ok; then
+    mkdir -p "$dir"
+    if [ ! -f "$dir/server.pem" ]; then
+      log "making a CA and a certificate for 127.0.0.1 in $dir"
+      (
+        cd "$dir"
+        echo "subjectAltName=IP:127.0.0.1" >san.ext
+        openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 30 \
+          -subj "/CN=cacheaside local CA" 2>/dev/null
+        openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr \
+          -subj "/CN=127.0.0.1" 2>/dev/null
+        openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+          -out server.pem -days 30 -extfile san.ext 2>/dev/null
+      )
+    fi
+    log "starting a TLS-only Redis on port $port"
+    redis-server --port 0 --tls-port "$port" --bind 127.0.0.1 \
+      --tls-cert-file "$dir/server.pem" --tls-key-file "$dir/server.key" \
+      --tls-ca-cert-file "$dir/ca.pem" --tls-auth-clients no \
+      --save "" --appendonly no --dir "$dir" --logfile "$dir/redis.log" --daemonize yes
+    wait_for "TLS Redis on $port" tls_ok
+  fi
+  log "TLS Redis is up: REDIS_URL=rediss://127.0.0.1:$port/ REDIS_CA_FILE=$dir/ca.pem"
+}
+if [ -n "$WANT_TLS" ]; then local_tls_redis; fi

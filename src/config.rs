@@ -363,8 +363,9 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
-    /// The defaults, with `DATABASE_URL` and `REDIS_URL` taken from the
-    /// environment when set.
+    /// The defaults, with `DATABASE_URL`, `REDIS_URL` and the CA files for
+    /// TLS (`DATABASE_CA_FILE`, `REDIS_CA_FILE`) taken from the environment
+    /// when set (and not empty, for the CA files).
     pub fn from_env() -> Self {
         let mut config = Config::default();
         if let Ok(url) = std::env::var("DATABASE_URL") {
@@ -373,6 +374,13 @@ impl Config {
         if let Ok(url) = std::env::var("REDIS_URL") {
             config.redis_url = url;
         }
+        let path = |name| {
+            std::env::var_os(name)
+                .filter(|p| !p.is_empty())
+                .map(Into::into)
+        };
+        config.database_ca_file = path("DATABASE_CA_FILE");
+        config.redis_ca_file = path("REDIS_CA_FILE");
         config
     }
 
