@@ -31,6 +31,7 @@
 //! meaningful in a fresh one.
 
 mod c_abi;
+mod cluster;
 mod faults;
 mod fixture;
 mod floors;
@@ -63,7 +64,7 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near): for work on one section";
+             steady, write_behind, near, cluster): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -127,7 +128,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 9] = [
+const SECTIONS: [(&str, Measure); 10] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -146,6 +147,8 @@ const SECTIONS: [(&str, Measure); 9] = [
     ("write_behind", |b| Ok(Box::new(write_behind::measure(b)?))),
     // (13): the near cache (L1) against the floor
     ("near", |b| Ok(Box::new(near::measure(b)?))),
+    // (14): Redis Cluster against one Redis
+    ("cluster", |b| Ok(Box::new(cluster::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;
