@@ -190,7 +190,10 @@ impl Section for ClusterSection {
     }
 
     fn markdown(&self, md: &mut String) {
-        let _ = writeln!(md, "\n### Redis Cluster (14): 3 masters against one Redis\n");
+        let _ = writeln!(
+            md,
+            "\n### Redis Cluster (14): 3 masters against one Redis\n"
+        );
         match self {
             ClusterSection::Skipped(reason) => {
                 let _ = writeln!(md, "skipped: {reason}");
@@ -205,7 +208,9 @@ impl Section for ClusterSection {
                     "A private cluster of 3 masters (no replicas) on loopback, formed in {:.1} s, \
                      on the same 2 cores as everything else: it can only show that a hit costs \
                      the same, not the capacity a cluster adds. (14a) and (14b) are (1) and (3) \
-                     on the cluster; their ratios are cluster / single. {COLD_READERS} threads \
+                     on the cluster; their ratios are cluster / single. The single Redis is the \
+                     shared one, which may serve other work meanwhile; the cluster's nodes serve \
+                     this run alone, which can favour the cluster. {COLD_READERS} threads \
                      on a cold key, single-flight: {} queries for users {COLD_USERS:?} \
                      (each must be 1).",
                     formed_in.as_secs_f64(),
@@ -279,10 +284,8 @@ impl PrivateCluster {
     /// and returns once every node reports `cluster_state:ok` with all
     /// 16384 slots and 3 known nodes; an error says why not.
     fn start() -> BoxResult<PrivateCluster> {
-        let dir = std::env::temp_dir().join(format!(
-            "cacheaside-bench-cluster-{}",
-            std::process::id()
-        ));
+        let dir =
+            std::env::temp_dir().join(format!("cacheaside-bench-cluster-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;
         let mut cluster = PrivateCluster {
             children: Vec::new(),
@@ -411,7 +414,12 @@ fn node(port: u16) -> Option<redis::Connection> {
 /// process that took the port first).
 fn answers_as(port: u16, pid: u32) -> bool {
     node(port)
-        .and_then(|mut c| redis::cmd("INFO").arg("server").query::<String>(&mut c).ok())
+        .and_then(|mut c| {
+            redis::cmd("INFO")
+                .arg("server")
+                .query::<String>(&mut c)
+                .ok()
+        })
         .is_some_and(|info| info.contains(&format!("process_id:{pid}\r")))
 }
 
