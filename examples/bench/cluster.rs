@@ -398,7 +398,9 @@ impl Drop for PrivateCluster {
             let _ = child.wait();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-        eprintln!("bench: cluster nodes on ports {:?} killed", self.ports);
+        if !self.ports.is_empty() {
+            eprintln!("bench: cluster nodes on ports {:?} killed", self.ports);
+        }
     }
 }
 
