@@ -19,9 +19,9 @@
 //! Every run owns a users table `bench_users_<pid>` and a Redis namespace
 //! `bench:<pid>:`, and removes both when it ends, also after an error.
 //!
-//! One module per section, measured in the order [`run`] lists them; each
+//! One module per section, measured in the order [`SECTIONS`] lists them; each
 //! hands the report a [`Section`](report::Section) that says what to show of
-//! it. Adding a section is one module and one line in [`run`]. The sections
+//! it. Adding a section is one module and one entry in [`SECTIONS`]. The sections
 //! share [`fixture`] (the client, table, namespace and floors) and
 //! [`measure`] (timing loops, repetitions, percentiles, paired ratios).
 //!
@@ -31,6 +31,7 @@
 //! meaningful in a fresh one.
 
 mod c_abi;
+mod cluster;
 mod faults;
 mod fixture;
 mod floors;
@@ -53,15 +54,17 @@ use std::error::Error as StdError;
 
 use fixture::Bench;
 use plan::Plan;
-use report::Report;
+use report::{Report, Section};
 
 type BoxError = Box<dyn StdError + Send + Sync>;
 type BoxResult<T> = Result<T, BoxError>;
 
-const USAGE: &str = "usage: bench [--quick [--plots]]
+const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   (no flag)  the full run (< 3 min): report in target/bench/, plots in docs/
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
-  --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)";
+  --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
+  --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
+             steady, write_behind, near, cluster): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -83,13 +86,28 @@ fn main() {
             Ok(0)
         }
         (None, _) => {
-            let quick = args.iter().any(|a| a == "--quick");
-            let plots = args.iter().any(|a| a == "--plots");
-            if let Some(other) = args.iter().find(|a| *a != "--quick" && *a != "--plots") {
-                eprintln!("bench: unknown argument {other:?}\n{USAGE}");
-                std::process::exit(2);
+            let (mut quick, mut plots, mut only) = (false, false, None);
+            let mut rest = args.iter();
+            while let Some(arg) = rest.next() {
+                match arg.as_str() {
+                    "--quick" => quick = true,
+                    "--plots" => plots = true,
+                    "--only" => match rest.next() {
+                        Some(name) if SECTIONS.iter().any(|(n, _)| n == name) => {
+                            only = Some(name.as_str())
+                        }
+                        other => {
+                            eprintln!("bench: --only needs a section, not {other:?}\n{USAGE}");
+                            std::process::exit(2);
+                        }
+                    },
+                    other => {
+                        eprintln!("bench: unknown argument {other:?}\n{USAGE}");
+                        std::process::exit(2);
+                    }
+                }
             }
-            run(Plan::new(quick), quick && plots)
+            run(Plan::new(quick), quick && plots, only)
         }
     };
     match outcome {
@@ -106,18 +124,42 @@ fn main() {
     }
 }
 
-/// The sections in order, then the report; returns the exit status.
-fn run(plan: Plan, quick_plots: bool) -> BoxResult<i32> {
+/// Measures one section.
+type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
+
+/// The sections in order, by the name `--only` takes.
+const SECTIONS: [(&str, Measure); 10] = [
+    // (1)-(4), (7): hits against the floors
+    ("hits", |b| Ok(Box::new(hits::measure(b)?))),
+    // (5): misses against both floors
+    ("misses", |b| Ok(Box::new(misses::measure(b)?))),
+    // (6): stampedes, in and across processes
+    ("stampede", |b| Ok(Box::new(stampede::measure(b)?))),
+    // (8): memory, in a fresh process
+    ("memory", |b| Ok(Box::new(memory::measure(b)?))),
+    // (9): Redis out and back, Postgres down
+    ("faults", |b| Ok(Box::new(faults::measure(b)?))),
+    // (10): the invalidation relay, the trigger's cost
+    ("relay", |b| Ok(Box::new(relay::measure(b)?))),
+    // (11): single-flight under steady writes
+    ("steady", |b| Ok(Box::new(steady::measure(b)?))),
+    // (12): write-behind enqueue, flush, lag
+    ("write_behind", |b| Ok(Box::new(write_behind::measure(b)?))),
+    // (13): the near cache (L1) against the floor
+    ("near", |b| Ok(Box::new(near::measure(b)?))),
+    // (14): Redis Cluster against one Redis
+    ("cluster", |b| Ok(Box::new(cluster::measure(b)?))),
+];
+
+/// The sections in order (or only the one named), then the report;
+/// returns the exit status.
+fn run(plan: Plan, quick_plots: bool, only: Option<&str>) -> BoxResult<i32> {
     let bench = Bench::open(plan)?;
     let mut report = Report::default();
-    report.add(hits::measure(&bench)?); // (1)-(4), (7): hits against the floors
-    report.add(misses::measure(&bench)?); // (5): misses against both floors
-    report.add(stampede::measure(&bench)?); // (6): stampedes, in and across processes
-    report.add(memory::measure(&bench)?); // (8): memory, in a fresh process
-    report.add(faults::measure(&bench)?); // (9): Redis out and back, Postgres down
-    report.add(relay::measure(&bench)?); // (10): the invalidation relay, the trigger's cost
-    report.add(steady::measure(&bench)?); // (11): single-flight under steady writes
-    report.add(write_behind::measure(&bench)?); // (12): write-behind enqueue, flush, lag
-    report.add(near::measure(&bench)?); // (13): the near cache (L1) against the floor
+    for (name, measure) in SECTIONS {
+        if only.is_none_or(|o| o == name) {
+            report.add(measure(&bench)?);
+        }
+    }
     report.finish(bench, quick_plots)
 }

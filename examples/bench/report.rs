@@ -88,8 +88,8 @@ pub struct Report {
 }
 
 impl Report {
-    pub fn add(&mut self, section: impl Section + 'static) {
-        self.sections.push(Box::new(section));
+    pub fn add(&mut self, section: Box<dyn Section>) {
+        self.sections.push(section);
     }
 
     /// Prints the tables and writes report.md and report.json (and the
