@@ -113,12 +113,14 @@ fi
 
 # What a static link needs besides libcacheaside.a: the standard library's
 # system libraries (rustc prints them for any staticlib; an empty crate is
-# enough) and any a dependency's build script links.
+# enough) and the shared libraries a dependency's build script links. Its
+# static ones (ring's C code, say) are bundled into libcacheaside.a already.
 : >"$work/empty.rs"
 native=$("$rustc" --crate-type staticlib --crate-name probe --print native-static-libs \
   -o "$work/probe.a" "$work/empty.rs" 2>&1 | sed -n 's/.*native-static-libs: //p')
 for lib in $(grep -F '"reason":"build-script-executed"' "$work/messages" |
-  sed -n 's/.*"linked_libs":\[\([^]]*\)\].*/\1/p' | tr ',' '\n' | tr -d '"' | sed 's/^[a-z-]*=//'); do
+  sed -n 's/.*"linked_libs":\[\([^]]*\)\].*/\1/p' | tr ',' '\n' | tr -d '"' |
+  grep -v '^static' | sed 's/^[a-z:+-]*=//'); do
   case " $native " in *" -l$lib "*) ;; *) native="-l$lib $native" ;; esac
 done
 
