@@ -192,7 +192,15 @@ impl Report {
         md.push_str("| # | measurement | threads | median µs | p99 µs | ops/s | ratio |\n");
         md.push_str("|---|---|---:|---:|---:|---:|---|\n");
         let mut rows: Vec<_> = self.latency().collect();
-        rows.sort_by_key(|(s, _)| (s.item, s.threads, s.id));
+        // By item number (12 after 2), then its letter.
+        rows.sort_by_key(|(s, _)| {
+            let digits = s
+                .item
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(s.item.len());
+            let number = s.item[..digits].parse::<u32>().unwrap_or(u32::MAX);
+            (number, &s.item[digits..], s.threads, s.id)
+        });
         for (s, ratio) in rows {
             let ratio = ratio.map_or(String::new(), |(r, what)| {
                 if r.min == r.max {
