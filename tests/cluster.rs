@@ -5,10 +5,10 @@
 mod common;
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex, Weak};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use cacheaside::{Client, ErrorKind, UserProfile};
+use cacheaside::{Client, ErrorKind};
 use common::servers::{PrivateCluster, PrivateRedis};
 use common::{Fixture, PATIENCE, test_config};
 
@@ -80,29 +80,8 @@ fn hit_costs_no_query_and_miss_one_on_a_cluster() {
 fn fifty_cold_readers_cost_one_query_on_a_cluster() {
     let cluster = cluster();
     let fx = fixture(&cluster, "cl_sf50");
-    let threads = 50;
-    let barrier = Barrier::new(threads);
-    let before = fx.queries();
-    let results: Vec<Option<UserProfile>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    fx.client.get_user_profile_singleflight(3).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        fx.queries(),
-        before + 1,
-        "exactly one query for {threads} cold readers"
-    );
-    let first = results[0].clone().expect("seeded");
-    assert_eq!(first.name, "Grace Hopper");
-    assert!(results.iter().all(|r| r.as_ref() == Some(&first)));
-    assert_eq!(fx.client.engine().in_flight(), 0);
+    let row = fx.assert_cold_readers_cost_one_query(50);
+    assert_eq!(row.name, "Grace Hopper");
 }
 
 #[test]

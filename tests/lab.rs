@@ -139,29 +139,8 @@ fn seeding_is_idempotent() {
 #[test]
 fn fifty_cold_readers_cost_one_query() {
     let fx = Fixture::new("sf50");
-    let threads = 50;
-    let barrier = Barrier::new(threads);
-    let before = fx.queries();
-    let results: Vec<Option<UserProfile>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    fx.client.get_user_profile_singleflight(3).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        fx.queries(),
-        before + 1,
-        "exactly one query for {threads} cold readers"
-    );
-    let first = results[0].clone().expect("seeded");
-    assert_eq!(first.name, "Grace Hopper");
-    assert!(results.iter().all(|r| r.as_ref() == Some(&first)));
-    assert_eq!(fx.client.engine().in_flight(), 0);
+    let row = fx.assert_cold_readers_cost_one_query(50);
+    assert_eq!(row.name, "Grace Hopper");
 }
 
 #[test]

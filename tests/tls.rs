@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::sync::Barrier;
-
-use cacheaside::{ErrorKind, UserProfile};
+use cacheaside::ErrorKind;
 use common::servers::{PrivatePostgres, PrivateRedis, TestCerts, free_port};
 use common::{Fixture, test_config};
 
@@ -38,26 +36,7 @@ fn the_lab_works_over_rediss_with_a_named_ca() {
     }
     assert_eq!(fx.queries(), before + 1, "hits send none");
 
-    let threads = 50;
-    let barrier = Barrier::new(threads);
-    let before = fx.queries();
-    let results: Vec<Option<UserProfile>> = std::thread::scope(|s| {
-        let handles: Vec<_> = (0..threads)
-            .map(|_| {
-                s.spawn(|| {
-                    barrier.wait();
-                    fx.client.get_user_profile_singleflight(3).unwrap()
-                })
-            })
-            .collect();
-        handles.into_iter().map(|h| h.join().unwrap()).collect()
-    });
-    assert_eq!(
-        fx.queries(),
-        before + 1,
-        "{threads} cold readers, one query"
-    );
-    assert!(results.iter().all(|r| r == &results[0] && r.is_some()));
+    fx.assert_cold_readers_cost_one_query(50);
 
     assert!(fx.client.update_user_plan(1, "pro").unwrap());
     assert_eq!(fx.client.get_user_profile(1).unwrap().unwrap().plan, "pro");

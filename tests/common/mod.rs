@@ -84,6 +84,34 @@ impl Fixture {
         self.client.db().query_count()
     }
 
+    /// `threads` threads released together on user 3's cold key through
+    /// single-flight: asserts that they cost exactly one statement, all got
+    /// the same (seeded) row, and nothing is left in flight; returns the row.
+    pub fn assert_cold_readers_cost_one_query(&self, threads: usize) -> cacheaside::UserProfile {
+        let barrier = std::sync::Barrier::new(threads);
+        let before = self.queries();
+        let results: Vec<Option<cacheaside::UserProfile>> = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|_| {
+                    s.spawn(|| {
+                        barrier.wait();
+                        self.client.get_user_profile_singleflight(3).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert_eq!(
+            self.queries(),
+            before + 1,
+            "exactly one query for {threads} cold readers"
+        );
+        let first = results[0].clone().expect("seeded");
+        assert!(results.iter().all(|r| r.as_ref() == Some(&first)));
+        assert_eq!(self.client.engine().in_flight(), 0);
+        first
+    }
+
     /// Sets a user's row behind the library's back (no invalidation).
     pub fn set_plan_directly(&self, id: i64, plan: &str) {
         let sql = format!(
