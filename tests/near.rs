@@ -124,6 +124,55 @@ fn raw_entry(profile: &cacheaside::UserProfile) -> Vec<u8> {
     raw
 }
 
+/// Writes `plan` to user 1 in the `rep % 3`-th of three ways: through the
+/// library; a raw `SET` of a new entry (one version past `old()`) after the
+/// same update behind the library's back; a raw `DEL` after a direct update
+/// Redis did not hear of.
+fn write_one_way(
+    fx: &Fixture,
+    writer: &Client,
+    key: &str,
+    rep: usize,
+    plan: &str,
+    old: impl FnOnce() -> cacheaside::UserProfile,
+) {
+    match rep % 3 {
+        0 => assert!(writer.update_user_plan(1, plan).unwrap()),
+        1 => {
+            let old = old();
+            let new = cacheaside::UserProfile {
+                plan: plan.to_owned(),
+                version: old.version + 1,
+                ..old
+            };
+            let sql = format!(
+                "UPDATE {} SET plan = $2, version = $3 WHERE id = $1",
+                fx.config.users_table
+            );
+            writer
+                .db()
+                .execute(&sql, &[&1_i64, &plan, &new.version])
+                .unwrap();
+            writer
+                .cache()
+                .with_connection(|c| {
+                    redis::cmd("SET")
+                        .arg(key)
+                        .arg(raw_entry(&new))
+                        .query::<()>(c)
+                })
+                .unwrap();
+        }
+        _ => {
+            fx.set_plan_directly(1, plan);
+            writer
+                .cache()
+                .with_connection(|c| redis::cmd("DEL").arg(key).query::<i64>(c))
+                .unwrap();
+        }
+    }
+}
+
 #[test]
 fn other_client_sees_writes_within_the_bound() {
     let mut config = near_config("near_coherent", Duration::from_secs(60));
@@ -141,40 +190,7 @@ fn other_client_sees_writes_within_the_bound() {
         let plan = format!("p{rep}");
         // Three kinds of write: through the library, a raw SET of a new
         // entry, and a raw DEL after a write Redis did not hear of.
-        match rep % 3 {
-            0 => assert!(writer.update_user_plan(1, &plan).unwrap()),
-            1 => {
-                let new = cacheaside::UserProfile {
-                    plan: plan.clone(),
-                    version: old.version + 1,
-                    ..old.clone()
-                };
-                let sql = format!(
-                    "UPDATE {} SET plan = $2, version = $3 WHERE id = $1",
-                    fx.config.users_table
-                );
-                writer
-                    .db()
-                    .execute(&sql, &[&1_i64, &plan, &new.version])
-                    .unwrap();
-                writer
-                    .cache()
-                    .with_connection(|c| {
-                        redis::cmd("SET")
-                            .arg(&key)
-                            .arg(raw_entry(&new))
-                            .query::<()>(c)
-                    })
-                    .unwrap();
-            }
-            _ => {
-                fx.set_plan_directly(1, &plan);
-                writer
-                    .cache()
-                    .with_connection(|c| redis::cmd("DEL").arg(&key).query::<i64>(c))
-                    .unwrap();
-            }
-        }
+        write_one_way(&fx, &writer, &key, rep, &plan, || old.clone());
         let written = Instant::now();
         // Every read that begins after the write returned: how long after
         // it does one still return the old plan?
@@ -637,41 +653,9 @@ fn other_process_sees_writes_within_the_bound() {
     let (mut seen, mut worst_stale) = (Vec::with_capacity(REPS), 0u128);
     for rep in 0..REPS {
         let plan = format!("x{rep}");
-        match rep % 3 {
-            0 => assert!(writer.update_user_plan(1, &plan).unwrap()),
-            1 => {
-                let old = writer.get_user_profile(1).unwrap().unwrap();
-                let new = cacheaside::UserProfile {
-                    plan: plan.clone(),
-                    version: old.version + 1,
-                    ..old
-                };
-                let sql = format!(
-                    "UPDATE {} SET plan = $2, version = $3 WHERE id = $1",
-                    fx.config.users_table
-                );
-                writer
-                    .db()
-                    .execute(&sql, &[&1_i64, &plan, &new.version])
-                    .unwrap();
-                writer
-                    .cache()
-                    .with_connection(|c| {
-                        redis::cmd("SET")
-                            .arg(&key)
-                            .arg(raw_entry(&new))
-                            .query::<()>(c)
-                    })
-                    .unwrap();
-            }
-            _ => {
-                fx.set_plan_directly(1, &plan);
-                writer
-                    .cache()
-                    .with_connection(|c| redis::cmd("DEL").arg(&key).query::<i64>(c))
-                    .unwrap();
-            }
-        }
+        write_one_way(&fx, writer, &key, rep, &plan, || {
+            writer.get_user_profile(1).unwrap().unwrap()
+        });
         writeln!(to_child, "{plan} {}", wall_ns()).unwrap();
         let answer = expect("near-child seen ");
         let mut parts = answer.split(' ');
