@@ -367,18 +367,20 @@ impl Config {
     /// TLS (`DATABASE_CA_FILE`, `REDIS_CA_FILE`) taken from the environment
     /// when set (and not empty, for the CA files).
     pub fn from_env() -> Self {
+        Config::from_vars(|name| std::env::var_os(name))
+    }
+
+    /// [`from_env`](Self::from_env) over any source of variables.
+    fn from_vars(var: impl Fn(&str) -> Option<std::ffi::OsString>) -> Self {
         let mut config = Config::default();
-        if let Ok(url) = std::env::var("DATABASE_URL") {
+        let text = |name| var(name).and_then(|v| v.into_string().ok());
+        if let Some(url) = text("DATABASE_URL") {
             config.database_url = url;
         }
-        if let Ok(url) = std::env::var("REDIS_URL") {
+        if let Some(url) = text("REDIS_URL") {
             config.redis_url = url;
         }
-        let path = |name| {
-            std::env::var_os(name)
-                .filter(|p| !p.is_empty())
-                .map(Into::into)
-        };
+        let path = |name| var(name).filter(|p| !p.is_empty()).map(Into::into);
         config.database_ca_file = path("DATABASE_CA_FILE");
         config.redis_ca_file = path("REDIS_CA_FILE");
         config
@@ -829,6 +831,27 @@ mod tests {
         assert_eq!(c.redis_nodes(), ["redis://a:1"]);
         assert!(c.set_redis_cluster::<&str>(&[]).is_err());
         assert!(c.set_redis_cluster(&["redis://a:1,redis://b:2"]).is_err());
+    }
+
+    #[test]
+    fn from_env_reads_the_urls_and_the_ca_files() {
+        let vars = [
+            ("DATABASE_URL", "postgres://u@db/x?sslmode=require"),
+            ("REDIS_URL", "rediss://cache:6380/"),
+            ("DATABASE_CA_FILE", "/etc/db-ca.pem"),
+            ("REDIS_CA_FILE", ""),
+        ];
+        let c = Config::from_vars(|name| {
+            vars.iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| (*v).into())
+        });
+        assert_eq!(c.database_url, "postgres://u@db/x?sslmode=require");
+        assert_eq!(c.redis_url, "rediss://cache:6380/");
+        assert_eq!(c.database_ca_file, Some("/etc/db-ca.pem".into()));
+        assert_eq!(c.redis_ca_file, None, "an empty variable names no file");
+        let unset = Config::from_vars(|_| None);
+        assert_eq!(unset.redis_url, Config::default().redis_url);
     }
 
     #[test]
