@@ -35,7 +35,7 @@ use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Acquired, Claim, Hold, Json, Keeper, Keys, Ttls, new_token};
 use crate::near::{Near, Slot, Tracker};
-use crate::observe::{Counters, MissSpan, report};
+use crate::observe::{Counters, MissSpan, Stats, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
 use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 
@@ -140,85 +140,6 @@ struct Settings {
     fail_safe_max: Duration,
     fail_safe_throttle: Duration,
     soft_timeout: Duration,
-}
-
-/// What an engine has done since it opened; see [`CacheAside::stats`].
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-#[non_exhaustive]
-pub struct Stats {
-    /// Reads answered from the cache (values and cached absences).
-    pub hits: u64,
-    /// Reads that found no usable entry in the cache.
-    pub misses: u64,
-    /// Reads that did not touch the cache because the circuit breaker was
-    /// open (each went to the source).
-    pub bypassed: u64,
-    /// Hits that XFetch picked to reload ahead of expiry, and that did.
-    pub early_refreshes: u64,
-    /// Fills refused because their lease was revoked by a write (or taken
-    /// over): each is a stale row that was *not* cached.
-    pub fills_dropped: u64,
-    /// Loads whose row could not be cached because Redis failed or refused
-    /// the claim or the fill (unreachable, out of memory): the row was
-    /// returned, not cached.
-    pub fills_failed: u64,
-    /// Entries that did not decode (or were not the expected type, or not a
-    /// string at all); each was treated as a miss and deleted.
-    pub corrupt_entries: u64,
-    /// Fail-safe copies served because a reload failed or was too slow.
-    pub stale_served: u64,
-    /// Redis calls that failed because Redis was unavailable.
-    pub cache_errors: u64,
-    /// Times the circuit breaker opened.
-    pub breaker_opened: u64,
-    /// Times the circuit breaker closed again.
-    pub breaker_closed: u64,
-    /// Invalidations that could not reach Redis (each left to the relay, or
-    /// reported to the caller when no relay runs).
-    pub invalidations_failed: u64,
-    /// Invalidations the relay applied from the outbox.
-    pub relay_invalidations: u64,
-    /// Relay rounds that read the outbox to the end.
-    pub relay_rounds: u64,
-    /// Relay rounds that failed (Postgres or Redis unreachable); each is
-    /// retried.
-    pub relay_errors: u64,
-    /// Times the relay found itself away longer than the outbox retention
-    /// and emptied its namespace.
-    pub relay_resets: u64,
-    /// Write-behind changes this process enqueued.
-    pub write_behind_enqueued: u64,
-    /// Write-behind changes this process's workers committed to Postgres:
-    /// the newest change of each key in a batch.
-    pub write_behind_applied: u64,
-    /// Write-behind changes that needed no write of their own: a newer
-    /// change of the same key was written in their place.
-    pub write_behind_coalesced: u64,
-    /// Write-behind writes put off for a retry: Postgres was unreachable,
-    /// or refused the write (which counts towards
-    /// [`Config::write_behind_attempts`]).
-    pub write_behind_retried: u64,
-    /// Write-behind changes this process's workers moved to the dead-letter
-    /// stream (unparseable, or refused on every attempt).
-    pub write_behind_dead_lettered: u64,
-    /// Write-behind changes this process's workers claimed from another
-    /// worker (dead, or slower than [`Config::write_behind_claim_after`]).
-    pub write_behind_claimed: u64,
-    /// How long the oldest change of the last batch this process's workers
-    /// committed had waited, from enqueue to commit, in milliseconds
-    /// (Redis's clock at the enqueue against this machine's at the commit).
-    pub write_behind_lag_ms: u64,
-    /// Reads answered from the near cache (L1) in process memory, with no
-    /// network call ([`Config::local_cache`]); not counted in `hits`.
-    pub local_hits: u64,
-    /// Reads that L1, being on, could not answer (not held, expired, or L1
-    /// dark because its tracking connection is not confirmed).
-    pub local_misses: u64,
-    /// L1 entries evicted because Redis said their key changed.
-    pub local_invalidations: u64,
-    /// Times L1 was emptied because its tracking connection broke or
-    /// stopped answering.
-    pub local_clears: u64,
 }
 
 /// A load's result in the form the cache stores: JSON, with the version
@@ -359,7 +280,7 @@ impl CacheAside {
             call_deadline: config.call_deadline(),
             load_budget: config.pool_timeout
                 + config.statement_timeout
-                + crate::db::CLIENT_MARGIN
+                + crate::config::CLIENT_MARGIN
                 + config.cache_timeout * 2,
             beta: config.beta,
             fail_safe_max: config.fail_safe_max,

@@ -631,6 +631,12 @@ fn dropped(err: &redis::RedisError) -> bool {
     err.is_connection_dropped() && !err.is_connection_refusal() && !err.is_timeout()
 }
 
+impl From<redis::RedisError> for Error {
+    fn from(err: redis::RedisError) -> Self {
+        classify(err)
+    }
+}
+
 /// What a Redis error means to a caller, and whether it says Redis is
 /// unavailable (which the circuit breaker counts) rather than that one
 /// command was wrong.

@@ -5,6 +5,10 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// How long after `statement_timeout` the client gives up on a statement the
+/// server did not cancel (it is frozen, or the network dropped us).
+pub(crate) const CLIENT_MARGIN: Duration = Duration::from_millis(500);
+
 /// The longest TTL a value may be given (ten years): a TTL is a promise
 /// about freshness, and Redis refuses expiry times past the year 2262 anyway.
 /// A C caller that passes `UINT64_MAX` for "forever" gets
@@ -615,7 +619,7 @@ impl Config {
         self.lock_wait
             + self.pool_timeout
             + self.statement_timeout
-            + crate::db::CLIENT_MARGIN
+            + CLIENT_MARGIN
             + self.cache_timeout * 4
     }
 }

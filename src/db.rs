@@ -6,7 +6,7 @@
 //! Bounds: a checkout waits at most `pool_timeout` for a busy pool (and fails
 //! at once, with the cause, when the server refuses connections); a connect
 //! at most `connect_timeout`; a statement at most `statement_timeout` on the
-//! server and that plus [`CLIENT_MARGIN`] on the client, so a server that
+//! server and that plus [`CLIENT_MARGIN`](crate::config::CLIENT_MARGIN) on the client, so a server that
 //! stops answering fails the call instead of hanging it.
 
 use std::collections::HashMap;
@@ -16,16 +16,11 @@ use std::time::Duration;
 
 use tokio_postgres::{Row, Statement};
 
-use crate::config::Config;
+use crate::config::{CLIENT_MARGIN, Config};
 use crate::error::{Error, Result};
+use crate::pg::Params;
 use crate::pg::PgConnection;
-/// Query parameters: values bound to `$1`, `$2`, ... never formatted into SQL.
-pub type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 use crate::pool::{Conn, Connector, Pool};
-
-/// How long after `statement_timeout` the client gives up on a statement the
-/// server did not cancel (it is frozen, or the network dropped us).
-pub const CLIENT_MARGIN: Duration = Duration::from_millis(500);
 
 /// A pooled PostgreSQL client that counts the statements it sends.
 ///

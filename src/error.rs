@@ -164,18 +164,6 @@ impl fmt::Debug for Error {
     }
 }
 
-impl From<tokio_postgres::Error> for Error {
-    fn from(err: tokio_postgres::Error) -> Self {
-        crate::pg::db_error(err)
-    }
-}
-
-impl From<redis::RedisError> for Error {
-    fn from(err: redis::RedisError) -> Self {
-        crate::cache::classify(err)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

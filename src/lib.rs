@@ -76,12 +76,14 @@ mod singleflight; // in-process single-flight
 mod users; // the lab: users table and its functions
 mod write_behind; // durable write-behind: stream, workers, appliers
 
-pub use aside::{CacheAside, Mode, Stats};
+pub use aside::{CacheAside, Mode};
 pub use cache::{Cache, RedisConnection};
 pub use config::{Config, LocalCache, MAX_TTL, redact_url};
-pub use db::{Db, Params, Transaction};
+pub use db::{Db, Transaction};
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};
+pub use observe::Stats;
+pub use pg::Params;
 pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};

@@ -30,7 +30,8 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
 
-pub(crate) use crate::db::Params;
+/// Query parameters: values bound to `$1`, `$2`, ... never formatted into SQL.
+pub type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
 
 /// A connection's stream: TLS through rustls when the URL asks for it
 /// (`sslmode=require`), plain TCP otherwise (the same type either way).
@@ -258,6 +259,12 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(err: tokio_postgres::Error) -> Self {
+        db_error(err)
     }
 }
 
