@@ -1153,7 +1153,7 @@ impl Engine {
     fn invalidate(&self, key: &str) -> Result<()> {
         self.flights.note_write(key);
         let _evict = self.evict_on_return(key);
-        let keys = Keys::for_value(self.cache.redis_key(key));
+        let keys = self.cache.keys(key);
         match lease::invalidate(&self.cache, &keys) {
             Ok(()) => Ok(()),
             Err(err) => {
@@ -1178,7 +1178,7 @@ impl Engine {
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
         let _evict = self.evict_on_return(key);
-        let keys = Keys::for_value(self.cache.redis_key(key));
+        let keys = self.cache.keys(key);
         let token = new_token();
         let writer =
             match lease::register_writer(&self.cache, &keys, &token, self.settings.call_deadline) {

@@ -31,9 +31,11 @@ use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::config::{Config, check_ttl, validate_namespace};
+use crate::config::{Config, check_ttl};
 use crate::entry::{Entry, Payload};
 use crate::error::{Error, ErrorKind, Result};
+pub(crate) use crate::keys::check_key;
+use crate::keys::{self, Keys, escape_glob, validate_namespace};
 use crate::pool::{Conn, Connector, Pool};
 
 /// A pooled Redis client whose keys all live under one namespace.
@@ -139,7 +141,12 @@ impl Cache {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn redis_key(&self, key: &str) -> String {
-        format!("{}{{{}}}", self.namespace, key)
+        keys::value_key(&self.namespace, key)
+    }
+
+    /// The Redis keys of `key`'s entry: its value and side keys.
+    pub(crate) fn keys(&self, key: &str) -> Keys {
+        Keys::for_value(self.redis_key(key))
     }
 
     /// Reads `key` and decodes its JSON value; `Ok(None)` when it is not
@@ -207,7 +214,7 @@ impl Cache {
     /// or `}`; cache errors and timeouts.
     pub fn delete(&self, key: &str) -> Result<bool> {
         check_key(key)?;
-        let keys = crate::lease::Keys::for_value(self.redis_key(key));
+        let keys = self.keys(key);
         if self.cluster {
             // The cluster client sends a pipeline to one node without
             // following redirects inside it: two commands, each redirected.
@@ -388,22 +395,6 @@ fn tls_certificates(config: &Config) -> Result<Option<redis::TlsCertificates>> {
 
 /// How many times a cluster command is retried (redirects included).
 const CLUSTER_RETRIES: u32 = 8;
-
-/// Rejects a key that would break the hash tag [`Cache::redis_key`] wraps
-/// it in: an empty one, or one holding `{` or `}` (the side keys of such an
-/// entry could land in another cluster slot than its value). The same rule
-/// holds on a single server, so data and code move to a cluster unchanged.
-pub(crate) fn check_key(key: &str) -> Result<()> {
-    if key.is_empty() {
-        return Err(Error::invalid_argument("cache key must not be empty"));
-    }
-    if key.contains(['{', '}']) {
-        return Err(Error::invalid_argument(format!(
-            "cache key {key:?} may not contain '{{' or '}}' (they delimit the Redis Cluster hash tag)"
-        )));
-    }
-    Ok(())
-}
 
 /// A connection to Redis: to one server, or to a Redis Cluster.
 ///
@@ -682,18 +673,6 @@ pub(crate) fn millis(d: Duration) -> u64 {
     d.as_millis().clamp(1, u64::MAX as u128) as u64
 }
 
-/// Escapes the characters SCAN MATCH treats as a pattern.
-fn escape_glob(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for c in s.chars() {
-        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
-            out.push('\\');
-        }
-        out.push(c);
-    }
-    out
-}
-
 /// Opens Redis connections with one timeout on connect, reads and writes.
 /// (The `redis` crate's own r2d2 manager sets none, and a synchronous
 /// connection without them blocks forever on a hung server.)
@@ -766,10 +745,5 @@ mod tests {
         spans.arg("{a}").arg("{b}");
         assert!(single_slot_route(&spans).is_none());
         assert!(single_slot_route(redis::cmd("GET").arg("{a}")).is_none());
-    }
-
-    #[test]
-    fn globs_are_escaped() {
-        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

@@ -4,6 +4,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::error::{Error, Result};
+use crate::keys::validate_namespace;
 
 /// How long after `statement_timeout` the client gives up on a statement the
 /// server did not cancel (it is frozen, or the network dropped us).
@@ -738,18 +739,6 @@ pub(crate) fn validate_table_name(name: &str) -> Result<()> {
             "table name {name:?} is not an SQL identifier (letters, digits, '_', optionally schema-qualified)"
         )))
     }
-}
-
-pub(crate) fn validate_namespace(namespace: &str) -> Result<()> {
-    if namespace
-        .chars()
-        .any(|c| c == '{' || c == '}' || c.is_control())
-    {
-        return Err(Error::invalid_argument(format!(
-            "namespace {namespace:?} may not contain '{{', '}}' or control characters"
-        )));
-    }
-    Ok(())
 }
 
 #[cfg(test)]

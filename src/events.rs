@@ -44,7 +44,7 @@ use redis::{Connection, PubSub};
 use crate::cache::{Cache, RedisConnection};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::names::{escape_glob, validate_name};
+use crate::keys::{escape_glob, validate_name};
 use crate::users::Client;
 
 /// How often a subscription's thread wakes up, when no message arrives, to

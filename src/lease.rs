@@ -2,13 +2,7 @@
 //! that make every step atomic, and the keeper that renews what a live load
 //! holds.
 //!
-//! Keys. A cache key `k` lives at `{namespace}{k}` (a Redis Cluster hash
-//! tag); beside it `…:lease` (the one reader allowed to fill it: a token),
-//! `…:lock` (the cross-process rebuild lock: a token), `…:writers` (the
-//! write-through writers in progress: a set of tokens), `…:floor` (the
-//! lowest version a registered writer may still store, once the relay has
-//! seen a newer one) and `…:pending` (the newest write-behind change not yet
-//! in the source: a hash). All share one slot.
+//! The keys each script touches are laid out in [`crate::keys`].
 //!
 //! Guarantees, each kept by one script:
 //! - A reader fills a key only while it holds its lease (`fill`); a write
@@ -52,32 +46,7 @@ use redis::{Script, Value};
 
 use crate::cache::{Cache, millis};
 use crate::error::{Error, ErrorKind, Result};
-
-/// The Redis keys that belong to one cache key.
-#[derive(Debug, Clone)]
-pub(crate) struct Keys {
-    pub value: String,
-    pub lease: String,
-    pub lock: String,
-    pub writers: String,
-    pub floor: String,
-    pub pending: String,
-}
-
-impl Keys {
-    /// The side keys of a value key (a hit needs only the value key, so the
-    /// read path builds these on a miss).
-    pub fn for_value(value: String) -> Keys {
-        Keys {
-            lease: format!("{value}:lease"),
-            lock: format!("{value}:lock"),
-            writers: format!("{value}:writers"),
-            floor: format!("{value}:floor"),
-            pending: format!("{value}:pending"),
-            value,
-        }
-    }
-}
+pub(crate) use crate::keys::Keys;
 
 /// Names one holder of a lease, lock or writer slot: unique across
 /// processes (pid, a random start) and within one (a counter).

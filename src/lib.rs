@@ -63,8 +63,8 @@ mod events; // pub/sub that tells a subscriber what it may have missed
 pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
 mod hooks; // forced interleavings for tests
+mod keys; // the Redis key layout and the one rule for names in a hash tag
 mod lease; // the lease protocol: keys, scripts, renewal
-mod names; // validation of subjects and channel names
 mod near; // the near cache (L1) in process memory, kept coherent by Redis
 mod observe; // events, spans and metrics: log, tracing, metrics
 mod pg; // one blocking Postgres connection with deadlines

@@ -30,7 +30,7 @@ use redis::Script;
 
 use crate::cache::Cache;
 use crate::error::{Error, ErrorKind, Result};
-use crate::names::validate_name;
+use crate::keys::validate_name;
 use crate::users::Client;
 
 /// A sliding-window limit, `limit` requests per `window`, applied to any

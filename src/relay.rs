@@ -114,14 +114,7 @@ impl Outbox {
             }
             validate_table_name(column)?;
         }
-        if key_prefix
-            .chars()
-            .any(|c| c == '{' || c == '}' || c.is_control())
-        {
-            return Err(Error::invalid_argument(
-                "key_prefix may not contain '{', '}' or control characters",
-            ));
-        }
+        crate::keys::check_tag_safe("key_prefix", key_prefix)?;
         // Trigger arguments are string literals in the DDL: double quotes
         // inside them, the only character that needs it.
         let prefix = key_prefix.replace('\'', "''");
@@ -441,7 +434,7 @@ impl Worker {
             let cache = &self.engine.cache;
             let changes: Vec<(Keys, Option<i64>)> = chunk
                 .iter()
-                .map(|c| (Keys::for_value(cache.redis_key(&c.key)), c.version))
+                .map(|c| (cache.keys(&c.key), c.version))
                 .collect();
             lease::relay_invalidate(cache, &changes)?;
             for c in chunk {

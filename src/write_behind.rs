@@ -198,14 +198,7 @@ impl WriteBehind {
 
     /// Registers (or replaces) the applier of keys that start with `prefix`.
     pub fn register(&self, prefix: &str, applier: Applier) -> Result<()> {
-        if prefix
-            .chars()
-            .any(|c| c == '{' || c == '}' || c.is_control())
-        {
-            return Err(Error::invalid_argument(
-                "a write-behind prefix may not contain '{', '}' or control characters",
-            ));
-        }
+        crate::keys::check_tag_safe("a write-behind prefix", prefix)?;
         let mut appliers = self.shared.appliers.write();
         appliers.retain(|(p, _)| p != prefix);
         appliers.push((prefix.to_owned(), applier));
@@ -231,7 +224,7 @@ impl WriteBehind {
         // A load of the key in flight in this process read the older row:
         // followers that join after this write must not take it.
         engine.note_write(key);
-        let keys = Keys::for_value(engine.cache.redis_key(key));
+        let keys = engine.cache.keys(key);
         let stream = lease::Stream {
             key: &self.shared.stream,
             group: GROUP,
@@ -1121,12 +1114,7 @@ impl Worker {
         let cache = &self.engine.cache;
         let settles: Vec<(Keys, u64)> = group
             .iter()
-            .map(|kb| {
-                (
-                    Keys::for_value(cache.redis_key(&kb.newest.key)),
-                    kb.newest.seq,
-                )
-            })
+            .map(|kb| (cache.keys(&kb.newest.key), kb.newest.seq))
             .collect();
         if let Err(err) = lease::settle(cache, &settles, Settled::Applied) {
             return self.wait_out(group, &err);
@@ -1159,7 +1147,7 @@ impl Worker {
     /// acknowledged. If Redis fails, it is held and tried again.
     fn dead(&mut self, kb: KeyBatch, why: &str) {
         let cache = &self.engine.cache;
-        let keys = Keys::for_value(cache.redis_key(&kb.newest.key));
+        let keys = cache.keys(&kb.newest.key);
         let moved = lease::settle(cache, &[(keys, kb.newest.seq)], Settled::Dead).and_then(|()| {
             let fields: Vec<(&str, Vec<u8>)> = vec![
                 ("k", kb.newest.key.as_bytes().to_vec()),

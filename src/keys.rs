@@ -1,0 +1,154 @@
+//! The Redis key layout, and the one rule for names that go inside a hash
+//! tag.
+//!
+//! Layout. A cache key `k` lives at `{namespace}{k}` (a Redis Cluster hash
+//! tag); beside it `…:lease` (the one reader allowed to fill it: a token),
+//! `…:lock` (the cross-process rebuild lock: a token), `…:writers` (the
+//! write-through writers in progress: a set of tokens), `…:floor` (the
+//! lowest version a registered writer may still store, once the relay has
+//! seen a newer one) and `…:pending` (the newest write-behind change not yet
+//! in the source: a hash). All share one slot.
+//!
+//! Names. Everything a caller places inside a hash tag or in front of one
+//! (a cache key, a namespace, a capture or write-behind key prefix, a
+//! rate-limit subject, a pub/sub channel) holds no `{`, `}` or control
+//! character: a brace would end or nest the hash tag (the side keys of such
+//! an entry could land in another cluster slot than its value), and a
+//! control character has no business in a key or a log line. The same rule
+//! holds on a single server, so data and code move to a cluster unchanged.
+//! Subjects and channels are also non-empty and at most [`MAX_NAME_LEN`]
+//! bytes.
+
+use crate::error::{Error, Result};
+
+/// The Redis keys that belong to one cache key.
+#[derive(Debug, Clone)]
+pub(crate) struct Keys {
+    pub value: String,
+    pub lease: String,
+    pub lock: String,
+    pub writers: String,
+    pub floor: String,
+    pub pending: String,
+}
+
+impl Keys {
+    /// The side keys of a value key (a hit needs only the value key, so the
+    /// read path builds these on a miss).
+    pub fn for_value(value: String) -> Keys {
+        Keys {
+            lease: format!("{value}:lease"),
+            lock: format!("{value}:lock"),
+            writers: format!("{value}:writers"),
+            floor: format!("{value}:floor"),
+            pending: format!("{value}:pending"),
+            value,
+        }
+    }
+}
+
+/// The Redis key of `key`'s value in `namespace`: the key in a hash tag.
+pub(crate) fn value_key(namespace: &str, key: &str) -> String {
+    format!("{namespace}{{{key}}}")
+}
+
+/// The one hash-tag rule: `text` holds no `{`, `}` or control character.
+/// `what` names it in the error.
+pub(crate) fn check_tag_safe(what: &str, text: &str) -> Result<()> {
+    if text.chars().any(|c| c == '{' || c == '}' || c.is_control()) {
+        return Err(Error::invalid_argument(format!(
+            "{what} {text:?} may not contain '{{', '}}' or control characters \
+             (braces delimit the Redis Cluster hash tag)"
+        )));
+    }
+    Ok(())
+}
+
+/// Rejects a cache key that is empty or breaks the hash tag
+/// [`Cache::redis_key`](crate::Cache::redis_key) wraps it in.
+pub(crate) fn check_key(key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(Error::invalid_argument("cache key must not be empty"));
+    }
+    check_tag_safe("cache key", key)
+}
+
+/// Rejects a namespace that breaks the hash tag after it (the empty
+/// namespace is allowed).
+pub(crate) fn validate_namespace(namespace: &str) -> Result<()> {
+    check_tag_safe("namespace", namespace)
+}
+
+/// The longest subject or channel name, in bytes.
+pub(crate) const MAX_NAME_LEN: usize = 512;
+
+/// Checks a subject, channel or pattern; `what` names it in the error.
+pub(crate) fn validate_name(what: &str, name: &str) -> Result<()> {
+    if name.is_empty() {
+        return Err(Error::invalid_argument(format!("{what} must not be empty")));
+    }
+    if name.len() > MAX_NAME_LEN {
+        return Err(Error::invalid_argument(format!(
+            "{what} is {} bytes long; at most {MAX_NAME_LEN} are allowed",
+            name.len()
+        )));
+    }
+    check_tag_safe(what, name)
+}
+
+/// Escapes the characters a Redis glob (`PSUBSCRIBE`, `SCAN MATCH`) treats
+/// as a pattern, so a namespace is matched literally.
+pub(crate) fn escape_glob(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        for ok in [
+            "user:42",
+            "a",
+            "ip:127.0.0.1",
+            "ünïcode",
+            &"x".repeat(MAX_NAME_LEN),
+        ] {
+            assert!(validate_name("subject", ok).is_ok(), "{ok}");
+        }
+        let long = "x".repeat(MAX_NAME_LEN + 1);
+        for bad in ["", "a{b", "a}b", "a\nb", "\0", &long] {
+            let err = validate_name("subject", bad).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad:?}");
+            assert!(err.to_string().contains("subject"), "{err}");
+        }
+    }
+
+    #[test]
+    fn keys_follow_the_hash_tag_rule() {
+        assert!(check_key("user:1").is_ok());
+        for bad in ["", "a{b", "a}b", "a\nb"] {
+            assert!(check_key(bad).is_err(), "{bad:?}");
+        }
+        assert!(validate_namespace("").is_ok());
+        assert!(validate_namespace("app:{").is_err());
+        assert_eq!(value_key("ns:", "user:1"), "ns:{user:1}");
+        let keys = Keys::for_value(value_key("ns:", "user:1"));
+        assert_eq!(keys.floor, "ns:{user:1}:floor");
+    }
+
+    #[test]
+    fn globs_are_escaped() {
+        assert_eq!(escape_glob("app[1]:*?\\"), "app\\[1\\]:\\*\\?\\\\");
+        assert_eq!(escape_glob("plain:"), "plain:");
+        assert_eq!(escape_glob("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
+    }
+}
