@@ -41,10 +41,11 @@ use std::time::{Duration, Instant};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Connection, PubSub};
 
-use crate::cache::{Cache, RedisConnection};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{escape_glob, validate_name};
+use crate::redis_conn::RedisConnection;
 use crate::users::Client;
 
 /// How often a subscription's thread wakes up, when no message arrives, to
@@ -185,7 +186,7 @@ impl Events {
         // On a Redis Cluster, subscriptions connect to the first seed node:
         // the cluster bus carries every PUBLISH to every node.
         let node = config.redis_nodes().first().copied().unwrap_or_default();
-        let redis = crate::cache::single_client(config, node)?;
+        let redis = crate::redis_conn::single_client(config, node)?;
         let publish_node = match redis.get_connection_info().addr() {
             _ if !cache.is_cluster() => None,
             redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),

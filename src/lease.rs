@@ -44,9 +44,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use redis::{Script, Value};
 
-use crate::cache::{Cache, millis};
+use crate::cache::Cache;
 use crate::error::{Error, ErrorKind, Result};
 pub(crate) use crate::keys::Keys;
+use crate::redis_conn::millis;
 
 /// Names one holder of a lease, lock or writer slot: unique across
 /// processes (pid, a random start) and within one (a counter).

@@ -70,6 +70,7 @@ mod observe; // events, spans and metrics: log, tracing, metrics
 mod pg; // one blocking Postgres connection with deadlines
 mod pool; // pools that fail fast and heal fast
 mod ratelimit; // an exact sliding-window rate limiter
+mod redis_conn; // one Redis connection: single server or cluster, TLS, errors
 mod relay; // invalidation from Postgres: outbox, trigger, relay
 mod sessions; // sessions with sliding expiry and an absolute lifetime
 mod singleflight; // in-process single-flight
@@ -77,7 +78,7 @@ mod users; // the lab: users table and its functions
 mod write_behind; // durable write-behind: stream, workers, appliers
 
 pub use aside::{CacheAside, Mode};
-pub use cache::{Cache, RedisConnection};
+pub use cache::Cache;
 pub use config::{Config, LocalCache, MAX_TTL, redact_url};
 pub use db::{Db, Transaction};
 pub use error::{Error, ErrorKind, Result};
@@ -85,6 +86,7 @@ pub use events::{Event, Events, Subscription};
 pub use observe::Stats;
 pub use pg::Params;
 pub use ratelimit::{RateLimitDecision, RateLimiter};
+pub use redis_conn::RedisConnection;
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
 pub use write_behind::{DeadLetter, MAX_WRITE_BEHIND_WORKERS, WriteBehindChange};

@@ -66,7 +66,7 @@ use parking_lot::{Mutex, RwLock};
 use redis::{Script, Value};
 
 use crate::aside::Engine;
-use crate::cache::{Cache, RedisConnector, millis};
+use crate::cache::Cache;
 use crate::config::Config;
 use crate::db::Transaction;
 use crate::entry::now_ms;
@@ -74,6 +74,7 @@ use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Enqueued, Json, Keys, Settled, new_token};
 use crate::observe::report;
 use crate::pool::Conn;
+use crate::redis_conn::{RedisConnector, millis};
 
 /// The consumer group every worker of a namespace reads through.
 const GROUP: &str = "cacheaside";
