@@ -141,8 +141,16 @@ mod tests {
         assert!(validate_namespace("").is_ok());
         assert!(validate_namespace("app:{").is_err());
         assert_eq!(value_key("ns:", "user:1"), "ns:{user:1}");
+    }
+
+    #[test]
+    fn side_keys_share_the_value_keys_slot() {
         let keys = Keys::for_value(value_key("ns:", "user:1"));
+        assert_eq!(keys.lease, "ns:{user:1}:lease");
+        assert_eq!(keys.lock, "ns:{user:1}:lock");
+        assert_eq!(keys.writers, "ns:{user:1}:writers");
         assert_eq!(keys.floor, "ns:{user:1}:floor");
+        assert_eq!(keys.pending, "ns:{user:1}:pending");
     }
 
     #[test]

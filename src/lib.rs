@@ -63,6 +63,7 @@ mod events; // pub/sub that tells a subscriber what it may have missed
 pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
 mod hooks; // forced interleavings for tests
+mod keeper; // the thread that renews live loads' leases and deletes orphans
 mod keys; // the Redis key layout and the one rule for names in a hash tag
 mod lease; // the lease protocol: keys, scripts, renewal
 mod near; // the near cache (L1) in process memory, kept coherent by Redis
