@@ -7,12 +7,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use parking_lot::Mutex;
 
-use crate::aside::CacheAside;
-
 type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// The test hooks of one engine: [`CacheAside::hooks`](crate::CacheAside::hooks).
 #[derive(Default)]
-pub(crate) struct Hooks {
+pub struct Hooks {
     after_load: Mutex<Option<Hook>>,
     after_write: Mutex<Option<Hook>>,
     after_write_behind_commit: Mutex<Option<Hook>>,
@@ -22,6 +21,62 @@ pub(crate) struct Hooks {
 }
 
 impl Hooks {
+    /// Test hook: `hook(key)` runs on the reading thread once it has its
+    /// answer and before anyone else sees it: right after a load returns
+    /// (before the single-flight closes and before the fill), and when a
+    /// single-flight leader finds the value already cached (there `key` is
+    /// the full Redis key). Block in it to force an interleaving; sleep in
+    /// it for a slow read path.
+    pub fn set_after_load(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.after_load.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: `hook(key)` runs after a write has committed and before
+    /// it invalidates `key` ([`Client`](crate::Client) updates) or writes it
+    /// through (every write-through), e.g. to kill the process there, or to
+    /// let the relay go first.
+    pub fn set_after_write(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.after_write.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: `hook(key)` runs on a write-behind worker thread after the
+    /// transaction that wrote `key`'s change has committed and before the
+    /// change is acknowledged (e.g. to kill the process there).
+    pub fn set_after_write_behind_commit(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.after_write_behind_commit.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: `hook(key)` runs on a reading thread after its Redis `GET`
+    /// hit and before it puts the value into the near cache (L1). Block in
+    /// it and write the key meanwhile to force the in-flight-invalidation
+    /// race.
+    pub fn set_before_local_fill(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.before_local_fill.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: removes the before-local-fill hook.
+    pub fn clear_before_local_fill(&self) {
+        *self.before_local_fill.lock() = None;
+    }
+
+    /// Test hook: the replies of the next `n` lease and lock claims are lost
+    /// after the claim ran on the server: the caller sees a timeout, and
+    /// whatever the claim took is an orphan.
+    pub fn lose_claim_replies(&self, n: u32) {
+        self.lost_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Test hook: removes the after-load hook.
+    pub fn clear_after_load(&self) {
+        *self.after_load.lock() = None;
+    }
+
+    /// Test hook: `false` makes fills skip the lease check (a plain `SET`, the
+    /// naive pattern), to show what the leases prevent.
+    pub fn set_leases_enabled(&self, enabled: bool) {
+        self.leases_disabled.store(!enabled, Ordering::SeqCst);
+    }
+
     pub(crate) fn after_load(&self, key: &str) {
         let hook = self.after_load.lock().clone();
         if let Some(hook) = hook {
@@ -62,65 +117,5 @@ impl Hooks {
 
     pub(crate) fn leases_disabled(&self) -> bool {
         self.leases_disabled.load(Ordering::SeqCst)
-    }
-}
-
-impl CacheAside {
-    /// Test hook: `hook(key)` runs on the reading thread once it has its
-    /// answer and before anyone else sees it: right after a load returns
-    /// (before the single-flight closes and before the fill), and when a
-    /// single-flight leader finds the value already cached (there `key` is
-    /// the full Redis key). Block in it to force an interleaving; sleep in
-    /// it for a slow read path.
-    pub fn set_after_load_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        *self.hooks().after_load.lock() = Some(Arc::new(hook));
-    }
-
-    /// Test hook: `hook(key)` runs after a write has committed and before
-    /// it invalidates `key` ([`Client`](crate::Client) updates) or writes it
-    /// through (every write-through), e.g. to kill the process there, or to
-    /// let the relay go first.
-    pub fn set_after_write_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        *self.hooks().after_write.lock() = Some(Arc::new(hook));
-    }
-
-    /// Test hook: `hook(key)` runs on a write-behind worker thread after the
-    /// transaction that wrote `key`'s change has committed and before the
-    /// change is acknowledged (e.g. to kill the process there).
-    pub fn set_after_write_behind_commit_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        *self.hooks().after_write_behind_commit.lock() = Some(Arc::new(hook));
-    }
-
-    /// Test hook: `hook(key)` runs on a reading thread after its Redis `GET`
-    /// hit and before it puts the value into the near cache (L1). Block in
-    /// it and write the key meanwhile to force the in-flight-invalidation
-    /// race.
-    pub fn set_before_local_fill_hook(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
-        *self.hooks().before_local_fill.lock() = Some(Arc::new(hook));
-    }
-
-    /// Test hook: removes the before-local-fill hook.
-    pub fn clear_before_local_fill_hook(&self) {
-        *self.hooks().before_local_fill.lock() = None;
-    }
-
-    /// Test hook: the replies of the next `n` lease and lock claims are lost
-    /// after the claim ran on the server: the caller sees a timeout, and
-    /// whatever the claim took is an orphan.
-    pub fn lose_claim_replies(&self, n: u32) {
-        self.hooks().lost_replies.store(n, Ordering::SeqCst);
-    }
-
-    /// Test hook: removes the after-load hook.
-    pub fn clear_after_load_hook(&self) {
-        *self.hooks().after_load.lock() = None;
-    }
-
-    /// Test hook: `false` makes fills skip the lease check (a plain `SET`, the
-    /// naive pattern), to show what the leases prevent.
-    pub fn set_leases_enabled(&self, enabled: bool) {
-        self.hooks()
-            .leases_disabled
-            .store(!enabled, Ordering::SeqCst);
     }
 }

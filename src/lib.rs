@@ -50,19 +50,20 @@
 //!   in production.
 #![warn(missing_docs)]
 
-mod aside; // the engine: reads, writes, fail-safe
+mod aside; // CacheAside: the engine's public face
 mod background; // the client's small pool of background threads
 mod breaker; // the circuit breaker in front of Redis
 mod cache; // Redis: pool, keys, JSON values
 mod config; // settings and how they must fit together
 mod db; // Postgres: pool, statements, query counter
+mod engine; // the read/write algorithm: leases, single-flight, fail-safe
 mod entry; // the cached entry format, XFetch's decision
 mod error; // the one Error type and its kinds
 mod events; // pub/sub that tells a subscriber what it may have missed
 #[cfg(feature = "capi")]
 pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
-mod hooks; // forced interleavings for tests
+pub mod hooks; // forced interleavings for tests
 mod keeper; // the thread that renews live loads' leases and deletes orphans
 mod keys; // the Redis key layout and the one rule for names in a hash tag
 mod lease; // the lease protocol: keys, scripts, renewal
@@ -78,10 +79,11 @@ mod singleflight; // in-process single-flight
 mod users; // the lab: users table and its functions
 mod write_behind; // durable write-behind: stream, workers, appliers
 
-pub use aside::{CacheAside, Mode};
+pub use aside::CacheAside;
 pub use cache::Cache;
 pub use config::{Config, LocalCache, MAX_TTL, redact_url};
 pub use db::{Db, Transaction};
+pub use engine::Mode;
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};
 pub use observe::Stats;

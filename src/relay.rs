@@ -45,9 +45,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
 
-use crate::aside::Engine;
 use crate::config::{Config, validate_table_name};
 use crate::db::{Db, DbConn};
+use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::lease::{self, Keys};
 

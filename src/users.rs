@@ -8,10 +8,11 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio_postgres::Row;
 
-use crate::aside::{CacheAside, Mode};
+use crate::aside::CacheAside;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::db::{Db, Transaction};
+use crate::engine::Mode;
 use crate::error::{Error, Result};
 use crate::write_behind::WriteBehindChange;
 

@@ -65,10 +65,10 @@ use std::time::{Duration, Instant};
 use parking_lot::{Mutex, RwLock};
 use redis::{Script, Value};
 
-use crate::aside::Engine;
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::db::Transaction;
+use crate::engine::Engine;
 use crate::entry::now_ms;
 use crate::error::{Error, ErrorKind, Result};
 use crate::lease::{self, Enqueued, Json, Keys, Settled, new_token};

@@ -292,7 +292,8 @@ fn soak(migrate: bool) {
     let fx = Fixture::with(config);
     fx.client
         .engine()
-        .set_after_load_hook(|_| std::thread::sleep(Duration::from_millis(2)));
+        .hooks()
+        .set_after_load(|_| std::thread::sleep(Duration::from_millis(2)));
     let hot = fx.client.cache().redis_key(&Client::user_key(1));
     let slot = slot_of(&cluster, &hot);
     let from = cluster.owner_of(slot);

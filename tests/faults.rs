@@ -410,7 +410,7 @@ fn a_claim_whose_reply_was_lost_leaves_no_lock_behind() {
             .with_connection(|c| redis::cmd("EXISTS").arg(&lock).query(c))
             .unwrap()
     };
-    fx.client.engine().lose_claim_replies(1);
+    fx.client.engine().hooks().lose_claim_replies(1);
     let began = Instant::now();
     assert_eq!(
         fx.client

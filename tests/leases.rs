@@ -24,7 +24,7 @@ fn pause_after_load(fx: &Fixture, key: &str) -> (Arc<Meet>, Arc<Meet>) {
         key.to_owned(),
         AtomicBool::new(true),
     );
-    fx.client.engine().set_after_load_hook(move |k| {
+    fx.client.engine().hooks().set_after_load(move |k| {
         if k == key && armed.swap(false, Ordering::SeqCst) {
             l.wait();
             g.wait();
@@ -63,7 +63,7 @@ fn hold_rebuild_lock_elsewhere(fx: &Fixture, key: &str) -> String {
 /// Returns the plan left in the cache afterwards, if any.
 fn race_read_against_write(leases: bool) -> Option<String> {
     let fx = Fixture::new(if leases { "race_lease" } else { "race_naive" });
-    fx.client.engine().set_leases_enabled(leases);
+    fx.client.engine().hooks().set_leases_enabled(leases);
     let key = Client::user_key(1);
     let (loaded, go) = pause_after_load(&fx, &key);
     std::thread::scope(|s| {
@@ -116,7 +116,7 @@ fn follower_after_write(leases: bool) -> (UserProfile, UserProfile) {
     } else {
         "follow_naive"
     });
-    fx.client.engine().set_leases_enabled(leases);
+    fx.client.engine().hooks().set_leases_enabled(leases);
     let key = Client::user_key(3);
     let (loaded, go) = pause_after_load(&fx, &key);
     std::thread::scope(|s| {
@@ -481,7 +481,8 @@ fn soak_reads_never_see_a_version_older_than_a_finished_write() {
     // The slow read path widens every race window between load and fill.
     fx.client
         .engine()
-        .set_after_load_hook(|_| std::thread::sleep(Duration::from_millis(2)));
+        .hooks()
+        .set_after_load(|_| std::thread::sleep(Duration::from_millis(2)));
     let floor = AtomicI64::new(1); // newest version whose write has returned
     let stop = AtomicBool::new(false);
     let (reads, writes, violations) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
@@ -574,7 +575,7 @@ fn taking_the_rebuild_lock_does_not_revoke_a_live_loaders_lease() {
     let other = Client::open(&fx.config).unwrap();
     let other_loads = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&other_loads);
-    other.engine().set_after_load_hook(move |k| {
+    other.engine().hooks().set_after_load(move |k| {
         // Loads only: the hook also runs (with the full Redis key) when a
         // leader finds the value cached.
         if k == "user:1" {
@@ -619,7 +620,7 @@ fn followers_that_joined_before_the_load_take_its_row_though_a_write_dropped_the
     let loads = Arc::new(AtomicU64::new(0));
     let counter = Arc::clone(&loads);
     let writer = Client::open(&fx.config).unwrap();
-    fx.client.engine().set_after_load_hook(move |k| {
+    fx.client.engine().hooks().set_after_load(move |k| {
         if k == "user:2" && counter.fetch_add(1, Ordering::SeqCst) == 0 {
             // A write commits (and invalidates) during the load: the fill
             // will be dropped.
@@ -668,7 +669,7 @@ fn a_follower_never_pays_the_lock_wait_twice() {
     let writer = Client::open(&fx.config).unwrap();
     let wrote = Arc::new(AtomicBool::new(false));
     let w = Arc::clone(&wrote);
-    fx.client.engine().set_after_load_hook(move |k| {
+    fx.client.engine().hooks().set_after_load(move |k| {
         if k == "user:3" && !w.swap(true, Ordering::SeqCst) {
             assert!(writer.update_user_plan(3, "during").unwrap());
         }

@@ -348,7 +348,7 @@ fn fill_after_in_flight_invalidation_is_dropped() {
     let old = reader.get_user_profile(1).unwrap().unwrap(); // miss: fills Redis
     let (at_fill, hold) = (mpsc::channel(), mpsc::channel::<()>());
     let (tell, release) = (Mutex::new(at_fill.0), Mutex::new(hold.1));
-    reader.engine().set_before_local_fill_hook(move |_| {
+    reader.engine().hooks().set_before_local_fill(move |_| {
         tell.lock().unwrap().send(()).unwrap();
         release.lock().unwrap().recv().unwrap();
     });
@@ -360,7 +360,7 @@ fn fill_after_in_flight_invalidation_is_dropped() {
     at_fill.1.recv_timeout(PATIENCE).unwrap();
     assert!(writer.update_user_plan(1, "raced").unwrap());
     applied_until_now(&reader);
-    reader.engine().clear_before_local_fill_hook();
+    reader.engine().hooks().clear_before_local_fill();
     hold.0.send(()).unwrap();
     // It may return what it read, but must not keep it.
     assert_eq!(racing.join().unwrap(), old);

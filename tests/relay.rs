@@ -190,7 +190,7 @@ fn a_reader_that_read_before_an_external_commit_cannot_fill_it() {
     let (loaded, go) = (Arc::new(Meet::new(2)), Arc::new(Meet::new(2)));
     let (l, g, armed) = (Arc::clone(&loaded), Arc::clone(&go), AtomicBool::new(true));
     let watched = key.clone();
-    fx.client.engine().set_after_load_hook(move |k| {
+    fx.client.engine().hooks().set_after_load(move |k| {
         if k == watched && armed.swap(false, Ordering::SeqCst) {
             l.wait();
             g.wait();
@@ -235,7 +235,7 @@ fn between_commit_and_cache<T: Send>(
         Arc::clone(&go),
         AtomicBool::new(true),
     );
-    fx.client.engine().set_after_write_hook(move |k| {
+    fx.client.engine().hooks().set_after_write(move |k| {
         if k == key && armed.swap(false, Ordering::SeqCst) {
             c.wait();
             g.wait();
@@ -380,7 +380,7 @@ fn child_process_entry_point() {
     config.outbox_table = parts.next().unwrap().into();
     config.invalidation_relay = false;
     let client = Client::open(&config).unwrap();
-    client.engine().set_after_write_hook(|_| {
+    client.engine().hooks().set_after_write(|_| {
         let me = std::process::id().to_string();
         let _ = Command::new("kill").args(["-9", &me]).status();
         std::thread::sleep(Duration::from_secs(60));

@@ -212,7 +212,7 @@ fn a_reader_that_loaded_the_row_before_an_enqueue_cannot_cache_it() {
     let (loaded, go) = (Arc::new(Meet::new(2)), Arc::new(Meet::new(2)));
     let (l, g, armed) = (Arc::clone(&loaded), Arc::clone(&go), AtomicBool::new(true));
     let watched = key.clone();
-    fx.client.engine().set_after_load_hook(move |k| {
+    fx.client.engine().hooks().set_after_load(move |k| {
         if k == watched && armed.swap(false, Ordering::SeqCst) {
             l.wait();
             g.wait();
@@ -677,7 +677,7 @@ fn worker_process_entry_point() {
     config.write_behind_batch = 64;
     let client = Client::open(&config).unwrap();
     if mode == "kill-after-commit" {
-        client.engine().set_after_write_behind_commit_hook(|_| {
+        client.engine().hooks().set_after_write_behind_commit(|_| {
             let me = std::process::id().to_string();
             let _ = Command::new("kill").args(["-9", &me]).status();
             std::thread::sleep(Duration::from_secs(60));
