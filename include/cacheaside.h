@@ -35,7 +35,7 @@
 /**
  * Most write-behind worker threads one engine runs.
  */
-#define MAX_WRITE_BEHIND_WORKERS 64
+#define CACHEASIDE_MAX_WRITE_BEHIND_WORKERS 64
 
 /**
  * The outcome of a call.

@@ -24,7 +24,7 @@ use crate::error::ErrorKind;
 use crate::error::Result;
 use crate::lease::Json;
 use crate::near::{Slot, Tracker};
-use crate::observe::Stats;
+use crate::observe::{Stats, report};
 use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 
 /// The cache-aside engine: Redis in front of any loader.
@@ -314,6 +314,24 @@ impl CacheAside {
     pub fn invalidate(&self, key: &str) -> Result<()> {
         check_key(key)?;
         self.engine.invalidate(key)
+    }
+
+    /// [`invalidate`](Self::invalidate) after a committed write of a table
+    /// whose changes are captured: a failure is not the caller's while the
+    /// relay runs, since the outbox row committed with the write and the
+    /// relay will delete the key. The one place that policy is decided.
+    pub(crate) fn invalidate_captured(&self, key: &str) -> Result<()> {
+        match self.invalidate(key) {
+            Err(err) if self.relay_running() => {
+                report!(
+                    warn,
+                    "invalidating {key:?} failed; the relay will: {}",
+                    err.chain()
+                );
+                Ok(())
+            }
+            outcome => outcome,
+        }
     }
 
     /// Runs `write` (a write to the source that returns the new value and

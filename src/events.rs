@@ -46,7 +46,6 @@ use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::{escape_glob, validate_name};
 use crate::redis_conn::RedisConnection;
-use crate::users::Client;
 
 /// How often a subscription's thread wakes up, when no message arrives, to
 /// see whether it was asked to stop.
@@ -363,23 +362,6 @@ impl Drop for Subscription {
         thread.thread().unpark();
         // A panic in the callback ended the thread already; nothing to add.
         let _ = thread.join();
-    }
-}
-
-impl Client {
-    /// Pub/sub under this client's namespace, connecting subscriptions with
-    /// the settings the client was opened with.
-    ///
-    /// ```no_run
-    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
-    /// let receivers = client.events()?.publish("news", "hello")?;
-    /// # Ok::<(), cacheaside::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`Events::new`].
-    pub fn events(&self) -> Result<Events> {
-        Events::new(self.cache(), self.config())
     }
 }
 

@@ -50,34 +50,47 @@
 //!   in production.
 #![warn(missing_docs)]
 
-mod aside; // CacheAside: the engine's public face
-mod background; // the client's small pool of background threads
-mod breaker; // the circuit breaker in front of Redis
-mod cache; // Redis: pool, keys, JSON values
-mod config; // settings and how they must fit together
-mod db; // Postgres: pool, statements, query counter
-mod engine; // the read/write algorithm: leases, single-flight, fail-safe
+// Layers point one way: each module imports only from the layers above it
+// in this list (and from its own).
+
+// Ground: errors, settings, key layout, entry format, observability.
+mod config; // settings, validation and every timing budget
 mod entry; // the cached entry format, XFetch's decision
 mod error; // the one Error type and its kinds
-mod events; // pub/sub that tells a subscriber what it may have missed
-#[cfg(feature = "capi")]
-pub mod ffi; // the C ABI
 #[cfg(feature = "test-hooks")]
 pub mod hooks; // forced interleavings for tests
-mod keeper; // the thread that renews live loads' leases and deletes orphans
 mod keys; // the Redis key layout and the one rule for names in a hash tag
-mod lease; // the lease protocol: keys, scripts, renewal
-mod near; // the near cache (L1) in process memory, kept coherent by Redis
-mod observe; // events, spans and metrics: log, tracing, metrics
+mod observe; // Stats, and the counters, log, tracing and metrics behind it
+
+// Transport: Postgres (pool -> pg -> db) and Redis (redis_conn -> cache).
+mod cache; // the public Redis API: pool, namespaced keys, JSON values
+mod db; // Postgres: pool, statements, query counter
 mod pg; // one blocking Postgres connection with deadlines
 mod pool; // pools that fail fast and heal fast
-mod ratelimit; // an exact sliding-window rate limiter
 mod redis_conn; // one Redis connection: single server or cluster, TLS, errors
-mod relay; // invalidation from Postgres: outbox, trigger, relay
-mod sessions; // sessions with sliding expiry and an absolute lifetime
+
+// Protocol: what the engine is built from.
+mod background; // the engine's small pool of background threads
+mod breaker; // the circuit breaker in front of Redis
+mod keeper; // the thread that renews live loads' leases and deletes orphans
+mod lease; // the lease protocol: Lua scripts and their wrappers
+mod near; // the near cache (L1) in process memory, kept coherent by Redis
 mod singleflight; // in-process single-flight
-mod users; // the lab: users table and its functions
+
+// Engine: the read/write algorithm, and what runs on it.
+mod engine; // reads, fills, fail-safe, invalidation, write-through
+mod relay; // invalidation from Postgres: outbox, trigger, relay
 mod write_behind; // durable write-behind: stream, workers, appliers
+
+// Face: the public types, and the patterns beside them.
+mod aside; // CacheAside: the engine's public face
+mod events; // pub/sub that tells a subscriber what it may have missed
+mod ratelimit; // an exact sliding-window rate limiter
+mod sessions; // sessions with sliding expiry and an absolute lifetime
+mod users; // the lab: users table and its functions
+
+#[cfg(feature = "capi")]
+pub mod ffi; // the C ABI
 
 pub use aside::CacheAside;
 pub use cache::Cache;

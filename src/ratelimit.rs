@@ -31,7 +31,6 @@ use redis::Script;
 use crate::cache::Cache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::validate_name;
-use crate::users::Client;
 
 /// A sliding-window limit, `limit` requests per `window`, applied to any
 /// number of subjects (a user id, an API key, an IP address...).
@@ -178,31 +177,6 @@ impl RateLimiter {
             retry_after,
             server_time_us: now_us as u64,
         })
-    }
-}
-
-impl Client {
-    /// Checks and counts one request of `subject` against `limit` requests
-    /// per sliding `window`: a one-off [`RateLimiter`] (build one to reuse
-    /// the same limit).
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
-    /// let decision = client.rate_limit("ip:203.0.113.9", 10, Duration::from_secs(1))?;
-    /// assert!(decision.allowed || !decision.retry_after.is_zero());
-    /// # Ok::<(), cacheaside::Error>(())
-    /// ```
-    ///
-    /// # Errors
-    /// As [`RateLimiter::new`] and [`RateLimiter::check`].
-    pub fn rate_limit(
-        &self,
-        subject: &str,
-        limit: u32,
-        window: Duration,
-    ) -> Result<RateLimitDecision> {
-        RateLimiter::new(self.cache(), limit, window)?.check(subject)
     }
 }
 

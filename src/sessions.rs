@@ -31,8 +31,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::cache::Cache;
+use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::users::Client;
 
 /// Bytes of randomness in a session id.
 const ID_BYTES: usize = 32;
@@ -79,7 +79,7 @@ impl Sessions {
     pub const ID_LEN: usize = (ID_BYTES * 8).div_ceil(6);
     /// The longest idle TTL or maximum lifetime: 366 days.
     pub const MAX_LIFETIME: Duration = Duration::from_secs(366 * 24 * 60 * 60);
-    /// The idle TTL of [`Client::sessions`]: 30 minutes.
+    /// The idle TTL of [`Client::sessions`](crate::Client::sessions): 30 minutes.
     pub const DEFAULT_IDLE_TTL: Duration = Duration::from_secs(30 * 60);
 
     /// A handle whose sessions expire `idle_ttl` after their last read (or
@@ -246,25 +246,14 @@ impl Sessions {
     }
 }
 
-impl Client {
-    /// Sessions that expire [`Sessions::DEFAULT_IDLE_TTL`] (30 minutes) after
-    /// their last read (change it with [`Sessions::with_idle_ttl`]), and at
-    /// the latest [`Config::session_max_lifetime`](crate::Config::session_max_lifetime)
-    /// after creation (24 hours unless configured).
-    ///
-    /// ```no_run
-    /// # use std::time::Duration;
-    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
-    /// let sessions = client.sessions();
-    /// let id = sessions.create(&("user", 42))?;
-    /// let data: Option<(String, u32)> = sessions.get(&id)?;
-    /// # Ok::<(), cacheaside::Error>(())
-    /// ```
-    pub fn sessions(&self) -> Sessions {
-        let max_lifetime = self.config().session_max_lifetime;
+impl Sessions {
+    /// Sessions with the default idle TTL, capped at `config`'s
+    /// [`session_max_lifetime`](Config::session_max_lifetime).
+    pub(crate) fn configured(cache: &Cache, config: &Config) -> Sessions {
+        let max_lifetime = config.session_max_lifetime;
         Sessions {
-            cache: self.cache().clone(),
-            // `Config::validate` (run by `Client::open`) kept the lifetime
+            cache: cache.clone(),
+            // `Config::validate` (run by every `open`) kept the lifetime
             // within the limits `Sessions::new` checks.
             idle_ttl: Sessions::DEFAULT_IDLE_TTL.min(max_lifetime),
             max_lifetime,

@@ -1,7 +1,6 @@
 //! The teaching lab's workload: a `users` table behind the cache, and its
 //! three functions, as thin users of the generic engine.
 
-use crate::observe::report;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +13,9 @@ use crate::config::Config;
 use crate::db::{Db, Transaction};
 use crate::engine::Mode;
 use crate::error::{Error, Result};
+use crate::events::Events;
+use crate::ratelimit::{RateLimitDecision, RateLimiter};
+use crate::sessions::Sessions;
 use crate::write_behind::WriteBehindChange;
 
 /// One row of the users table, as cached.
@@ -422,20 +424,10 @@ impl Client {
         )
     }
 
-    /// Invalidates a user after a committed write. A failure is not the
-    /// caller's while the relay runs: the outbox row commits with the write.
+    /// Invalidates a user after a committed write of the captured users
+    /// table.
     fn invalidate_written(&self, user_id: i64) -> Result<()> {
-        match self.engine.invalidate(&Client::user_key(user_id)) {
-            Err(err) if self.engine.relay_running() => {
-                report!(
-                    warn,
-                    "invalidating user {user_id} failed; the relay will: {}",
-                    err.chain()
-                );
-                Ok(())
-            }
-            outcome => outcome,
-        }
+        self.engine.invalidate_captured(&Client::user_key(user_id))
     }
 }
 
@@ -502,6 +494,68 @@ fn check_plan(plan: &str) -> Result<()> {
         return Err(Error::invalid_argument("plan must not be empty"));
     }
     Ok(())
+}
+
+/// The patterns beside the engine, reached from the lab's client.
+impl Client {
+    /// Sessions that expire [`Sessions::DEFAULT_IDLE_TTL`] (30 minutes) after
+    /// their last read (change it with [`Sessions::with_idle_ttl`]), and at
+    /// the latest [`Config::session_max_lifetime`](crate::Config::session_max_lifetime)
+    /// after creation (24 hours unless configured).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
+    /// let sessions = client.sessions();
+    /// let id = sessions.create(&("user", 42))?;
+    /// let data: Option<(String, u32)> = sessions.get(&id)?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn sessions(&self) -> Sessions {
+        Sessions::configured(self.cache(), self.config())
+    }
+}
+
+impl Client {
+    /// Checks and counts one request of `subject` against `limit` requests
+    /// per sliding `window`: a one-off [`RateLimiter`] (build one to reuse
+    /// the same limit).
+    ///
+    /// ```no_run
+    /// # use std::time::Duration;
+    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
+    /// let decision = client.rate_limit("ip:203.0.113.9", 10, Duration::from_secs(1))?;
+    /// assert!(decision.allowed || !decision.retry_after.is_zero());
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`RateLimiter::new`] and [`RateLimiter::check`].
+    pub fn rate_limit(
+        &self,
+        subject: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateLimitDecision> {
+        RateLimiter::new(self.cache(), limit, window)?.check(subject)
+    }
+}
+
+impl Client {
+    /// Pub/sub under this client's namespace, connecting subscriptions with
+    /// the settings the client was opened with.
+    ///
+    /// ```no_run
+    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
+    /// let receivers = client.events()?.publish("news", "hello")?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`Events::new`].
+    pub fn events(&self) -> Result<Events> {
+        Events::new(self.cache(), self.config())
+    }
 }
 
 #[cfg(test)]
