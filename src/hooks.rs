@@ -9,6 +9,15 @@ use parking_lot::Mutex;
 
 type Hook = Arc<dyn Fn(&str) + Send + Sync>;
 
+/// Runs the hook set in `slot`, if any, outside the slot's lock (a hook
+/// may block, or set another hook).
+fn fire(slot: &Mutex<Option<Hook>>, key: &str) {
+    let hook = slot.lock().clone();
+    if let Some(hook) = hook {
+        hook(key);
+    }
+}
+
 /// The test hooks of one engine: [`CacheAside::hooks`](crate::CacheAside::hooks).
 #[derive(Default)]
 pub struct Hooks {
@@ -78,31 +87,19 @@ impl Hooks {
     }
 
     pub(crate) fn after_load(&self, key: &str) {
-        let hook = self.after_load.lock().clone();
-        if let Some(hook) = hook {
-            hook(key);
-        }
+        fire(&self.after_load, key);
     }
 
     pub(crate) fn after_write(&self, key: &str) {
-        let hook = self.after_write.lock().clone();
-        if let Some(hook) = hook {
-            hook(key);
-        }
+        fire(&self.after_write, key);
     }
 
     pub(crate) fn after_write_behind_commit(&self, key: &str) {
-        let hook = self.after_write_behind_commit.lock().clone();
-        if let Some(hook) = hook {
-            hook(key);
-        }
+        fire(&self.after_write_behind_commit, key);
     }
 
     pub(crate) fn before_local_fill(&self, key: &str) {
-        let hook = self.before_local_fill.lock().clone();
-        if let Some(hook) = hook {
-            hook(key);
-        }
+        fire(&self.before_local_fill, key);
     }
 
     /// A reply to lose, if one is due: the claim ran on the server, and the
