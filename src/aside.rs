@@ -469,6 +469,7 @@ impl CacheAside {
                 self.engine.clone(),
                 &self.config,
             ));
+            self.engine.breaker.set_relay_running(true);
         }
     }
 
@@ -521,6 +522,7 @@ impl CacheAside {
     pub fn stop_relay(&self) {
         let relay = self.relay.lock().take();
         if let Some(relay) = relay {
+            self.engine.breaker.set_relay_running(false);
             relay.stop();
         }
     }

@@ -12,14 +12,18 @@
 //!   stale entries behind (their invalidation could not reach Redis), so the
 //!   breaker waits in `Recovering` until the relay has applied every change
 //!   committed before recovery began, and only then closes. Without a relay
-//!   it closes at once.
+//!   it closes at once. "The relay runs" is decided when the probe succeeds,
+//!   not when the engine opens: an engine whose relay was never started, or
+//!   was stopped, would otherwise wait for ever (and a relay that stops
+//!   while the breaker recovers closes it, having no round left to wait
+//!   for).
 //! - Every transition is counted (in the engine's [`Counters`]) and
 //!   reported ([`crate::observe`]).
 //!
 //! A closed breaker costs a hit one relaxed atomic load.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
@@ -67,7 +71,9 @@ pub(crate) struct Breaker {
     state: Mutex<State>,
     failures_to_open: u32,
     cool_off: Duration,
-    waits_for_relay: bool,
+    /// A relay runs for this engine now (set by whoever starts and stops
+    /// it): a successful probe then waits for one of its rounds.
+    relay_runs: AtomicBool,
     tickets: AtomicU64,
     /// Where transitions are counted.
     counters: Arc<Counters>,
@@ -78,7 +84,6 @@ impl Breaker {
     pub fn new(
         failures_to_open: u32,
         cool_off: Duration,
-        waits_for_relay: bool,
         counters: Arc<Counters>,
     ) -> Self {
         Breaker {
@@ -86,7 +91,7 @@ impl Breaker {
             state: Mutex::new(State::Closed { failures: 0 }),
             failures_to_open,
             cool_off,
-            waits_for_relay,
+            relay_runs: AtomicBool::new(false),
             tickets: AtomicU64::new(0),
             counters,
         }
@@ -123,7 +128,7 @@ impl Breaker {
         match *state {
             State::Closed { .. } => self.close(&mut state, false),
             State::Probing if permit == Permit::Probe => {
-                if self.waits_for_relay {
+                if self.relay_runs.load(Ordering::SeqCst) {
                     let ticket = self.tickets.fetch_add(1, Ordering::SeqCst) + 1;
                     report!(
                         info,
@@ -188,6 +193,17 @@ impl Breaker {
         }
     }
 
+    /// A relay started (`true`) or stopped (`false`) for this engine. A
+    /// stopped relay will complete no recovery: a breaker waiting for one
+    /// closes (as it would have, had no relay run when the probe succeeded).
+    pub fn set_relay_running(&self, running: bool) {
+        let mut state = self.state.lock();
+        self.relay_runs.store(running, Ordering::SeqCst);
+        if !running && matches!(*state, State::Recovering { .. }) {
+            self.close(&mut state, true);
+        }
+    }
+
     /// The relay applied every change committed before it took `ticket`.
     pub fn relay_caught_up(&self, ticket: u64) {
         let mut state = self.state.lock();
@@ -245,12 +261,7 @@ mod tests {
 
     #[test]
     fn opens_after_consecutive_failures_and_one_caller_probes() {
-        let b = Breaker::new(
-            3,
-            Duration::from_secs(60),
-            false,
-            Arc::new(Counters::new("t")),
-        );
+        let b = Breaker::new(3, Duration::from_secs(60), Arc::new(Counters::new("t")));
         b.failed(Permit::Use, &boom());
         b.failed(Permit::Use, &boom());
         b.succeeded(Permit::Use); // not consecutive any more
@@ -275,12 +286,8 @@ mod tests {
 
     #[test]
     fn with_a_relay_it_closes_only_after_a_round_that_began_in_recovery() {
-        let b = Breaker::new(
-            1,
-            Duration::from_secs(60),
-            true,
-            Arc::new(Counters::new("t")),
-        );
+        let b = Breaker::new(1, Duration::from_secs(60), Arc::new(Counters::new("t")));
+        b.set_relay_running(true);
         b.trip(&boom());
         cool_off_passes(&b);
         assert_eq!(b.permit(), Permit::Probe);
@@ -301,13 +308,21 @@ mod tests {
     }
 
     #[test]
+    fn a_relay_that_stops_while_the_breaker_recovers_closes_it() {
+        let b = Breaker::new(1, Duration::from_secs(60), Arc::new(Counters::new("t")));
+        b.set_relay_running(true);
+        b.trip(&boom());
+        cool_off_passes(&b);
+        assert_eq!(b.permit(), Permit::Probe);
+        b.succeeded(Permit::Probe);
+        assert_eq!(b.permit(), Permit::Bypass, "recovering: waits for a round");
+        b.set_relay_running(false);
+        assert_eq!(b.permit(), Permit::Use, "no round will come: closed");
+    }
+
+    #[test]
     fn zero_failures_turns_it_off() {
-        let b = Breaker::new(
-            0,
-            Duration::from_secs(60),
-            false,
-            Arc::new(Counters::new("t")),
-        );
+        let b = Breaker::new(0, Duration::from_secs(60), Arc::new(Counters::new("t")));
         for _ in 0..10 {
             b.failed(Permit::Use, &boom());
         }

@@ -247,7 +247,6 @@ impl Engine {
             breaker: Arc::new(Breaker::new(
                 config.breaker_failures,
                 config.breaker_cool_off,
-                config.invalidation_relay,
                 counters.clone(),
             )),
             db,
