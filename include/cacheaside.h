@@ -27,15 +27,15 @@
 #define CACHEASIDE_VERSION "0.1.0"
 
 /**
+ * Most write-behind worker threads one engine runs.
+ */
+#define CACHEASIDE_MAX_WRITE_BEHIND_WORKERS 64
+
+/**
  * Characters in a session id `cacheaside_session_create()` returns, not
  * counting the trailing NUL.
  */
 #define CACHEASIDE_SESSION_ID_LEN 43
-
-/**
- * Most write-behind worker threads one engine runs.
- */
-#define CACHEASIDE_MAX_WRITE_BEHIND_WORKERS 64
 
 /**
  * The outcome of a call.

@@ -395,6 +395,11 @@ impl Engine {
         match load.detach() {
             Ok(job) => {
                 let engine = e.clone();
+                // Until a pool thread adopts it, the caller that queued it
+                // must not count as its leader: a read of this key on the
+                // caller's thread would be refused as a loader reading its
+                // own key.
+                leader.hand_off();
                 let work = Box::new(move || {
                     leader.adopt();
                     engine.refresh(leader, &target, job);

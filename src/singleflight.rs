@@ -55,8 +55,10 @@ impl<V> Clone for SingleFlight<V> {
 
 struct Entry<V> {
     flight: Flight<V>,
-    /// The thread running the leader's work now.
-    leader: ThreadId,
+    /// The thread running the leader's work now; `None` while the work
+    /// waits in a queue for a thread (so the thread that queued it is free
+    /// to read the key: it follows, as any other thread would).
+    leader: Option<ThreadId>,
 }
 
 struct Flight<V> {
@@ -155,7 +157,7 @@ impl<V: Clone> SingleFlight<V> {
     pub fn join(&self, key: &str) -> Role<V> {
         let mut flights = self.flights.lock();
         if let Some(entry) = flights.get(key) {
-            if entry.leader == std::thread::current().id() {
+            if entry.leader == Some(std::thread::current().id()) {
                 return Role::Reentrant;
             }
             let flight = entry.flight.clone();
@@ -176,7 +178,7 @@ impl<V: Clone> SingleFlight<V> {
             key.to_owned(),
             Entry {
                 flight: flight.clone(),
-                leader: std::thread::current().id(),
+                leader: Some(std::thread::current().id()),
             },
         );
         Role::Leader(Leader {
@@ -242,11 +244,23 @@ impl<V> Leader<V> {
 
     /// The current thread now runs this leader's work (it moved here).
     pub fn adopt(&self) {
+        self.set_thread(Some(std::thread::current().id()));
+    }
+
+    /// The leader's work is queued for another thread: until one
+    /// [`adopt`](Self::adopt)s it, no thread runs it, and the one that
+    /// queued it may read the key (as a follower) without being taken for
+    /// a loader that reads its own key.
+    pub fn hand_off(&self) {
+        self.set_thread(None);
+    }
+
+    fn set_thread(&self, thread: Option<ThreadId>) {
         let mut flights = self.group.flights.lock();
         if let Some(entry) = flights.get_mut(&self.key)
             && Arc::ptr_eq(&entry.flight.gate, &self.flight.gate)
         {
-            entry.leader = std::thread::current().id();
+            entry.leader = thread;
         }
     }
 

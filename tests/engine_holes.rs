@@ -98,3 +98,66 @@ fn a_breaker_closes_after_the_relay_was_stopped() {
     engine.stop_relay();
     outage_then_hits(&engine, &proxy);
 }
+
+/// An engine on the shared servers with one background thread and an
+/// XFetch β so large that every hit refreshes early.
+fn eager_refresher(label: &str) -> CacheAside {
+    let mut config = test_config(label);
+    config.background_threads = 1;
+    config.beta = 1e9;
+    CacheAside::open(&config).unwrap()
+}
+
+#[test]
+fn a_caller_whose_early_refresh_waits_in_the_queue_may_read_the_key_again() {
+    let engine = eager_refresher("refresh_queued");
+    let (release, blocked) = std::sync::mpsc::channel::<()>();
+    let blocked = std::sync::Arc::new(parking_lot::Mutex::new(blocked));
+    let blocker_loads = std::sync::Arc::new(AtomicU64::new(0));
+    // The blocker's refresh occupies the one background thread until
+    // released; its first load (a miss) returns at once.
+    let blocker = |engine: &CacheAside| {
+        let (blocked, loads) = (blocked.clone(), blocker_loads.clone());
+        engine
+            .get_or_load_owned("blocker", TTL, cacheaside::Mode::SingleFlight, move || {
+                std::thread::sleep(Duration::from_millis(1)); // a load time for XFetch
+                if loads.fetch_add(1, Ordering::SeqCst) > 0 {
+                    let _ = blocked.lock().recv_timeout(PATIENCE);
+                }
+                Ok(Some((1_i64, 0)))
+            })
+            .unwrap()
+    };
+    let k = |engine: &CacheAside| {
+        engine.get_or_load_owned("k", TTL, cacheaside::Mode::SingleFlight, || {
+            std::thread::sleep(Duration::from_millis(1));
+            Ok(Some((2_i64, 0)))
+        })
+    };
+    assert_eq!(blocker(&engine), Some(1)); // miss: loaded
+    assert_eq!(blocker(&engine), Some(1)); // hit: its refresh holds the pool
+    let deadline = Instant::now() + PATIENCE;
+    while blocker_loads.load(Ordering::SeqCst) < 2 {
+        assert!(Instant::now() < deadline, "the blocker's refresh never ran");
+        std::thread::yield_now();
+    }
+    assert_eq!(k(&engine).unwrap(), Some(2)); // miss: loaded
+    assert_eq!(k(&engine).unwrap(), Some(2)); // hit: its refresh is queued
+    engine.invalidate("k").unwrap();
+    std::thread::scope(|s| {
+        // Frees the pool once this thread waits on the queued refresh.
+        s.spawn(|| {
+            let deadline = Instant::now() + PATIENCE;
+            while engine.flight_followers("k") == 0 && Instant::now() < deadline {
+                std::thread::yield_now();
+            }
+            let _ = release.send(());
+        });
+        // The same thread reads the key again: a miss, which follows the
+        // queued refresh (or loads), never "a loader read its own key".
+        let again = k(&engine);
+        let _ = release.send(());
+        assert_eq!(again.unwrap(), Some(2));
+    });
+    let _ = engine.cache().delete_namespace();
+}
