@@ -3,8 +3,10 @@
 //!
 //! Guarantees: at most `threads` threads (started on first use) and
 //! [`QUEUE`] queued jobs; when both are taken, [`Background::spawn`] hands
-//! the job back and the caller does it itself, so work is never dropped and
-//! the pool never grows. Dropping the pool runs what is queued and joins
+//! the job back, and the pool never grows. What a caller then does is its
+//! own: the engine skips an early refresh it could not queue (the cached
+//! value is fresh), and serves the fail-safe copy when a reload past the
+//! soft timeout cannot be queued, so neither makes a caller wait for a load. Dropping the pool runs what is queued and joins
 //! every thread (a job is a load plus a fill, each bounded by its timeouts).
 
 use crate::observe::report;
@@ -50,6 +52,21 @@ impl Background {
             }),
             threads: Mutex::new(Vec::new()),
         }
+    }
+
+    /// True when a [`spawn`](Self::spawn) now would hand the job back
+    /// because every thread is busy and the queue is full (never for a pool
+    /// of 0 threads, whose callers always run their jobs themselves).
+    pub fn overloaded(&self) -> bool {
+        self.max_threads > 0 && {
+            let queue = self.shared.queue.lock();
+            queue.stop || queue.jobs.len() >= QUEUE
+        }
+    }
+
+    /// True for a pool of 0 threads: callers run their jobs themselves.
+    pub fn inline(&self) -> bool {
+        self.max_threads == 0
     }
 
     /// Queues `job`, or hands it back when the pool is full.

@@ -81,11 +81,7 @@ pub(crate) struct Breaker {
 
 impl Breaker {
     /// `failures_to_open == 0` turns the breaker off (it never opens).
-    pub fn new(
-        failures_to_open: u32,
-        cool_off: Duration,
-        counters: Arc<Counters>,
-    ) -> Self {
+    pub fn new(failures_to_open: u32, cool_off: Duration, counters: Arc<Counters>) -> Self {
         Breaker {
             fast: AtomicU8::new(CLOSED),
             state: Mutex::new(State::Closed { failures: 0 }),

@@ -383,6 +383,11 @@ impl Engine {
         load: L,
     ) {
         let e = self;
+        if background.overloaded() {
+            // The value is fresh: a later hit refreshes it. Running the load
+            // here would make this caller wait for it.
+            return;
+        }
         let Role::Leader(leader) = e.flights.join(key) else {
             return;
         };
@@ -858,6 +863,12 @@ impl Engine {
                         let _ = tx.send(done);
                     });
                     if let Err(work) = bg.spawn(work) {
+                        if !bg.inline() {
+                            // Every background thread is busy and the queue
+                            // is full: serve the copy now rather than wait
+                            // for a load (dropping the job drops its hold).
+                            return Held::GaveUp;
+                        }
                         work();
                     }
                     return match rx.recv_timeout(soft.saturating_duration_since(Instant::now())) {

@@ -161,3 +161,107 @@ fn a_caller_whose_early_refresh_waits_in_the_queue_may_read_the_key_again() {
     });
     let _ = engine.cache().delete_namespace();
 }
+
+/// Closed until opened: loads wait on it (at most [`Gate::MOST`], so that
+/// a caller that should not have waited makes the test fail, not hang).
+#[derive(Default)]
+struct Gate {
+    open: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+}
+
+impl Gate {
+    const MOST: Duration = Duration::from_secs(3);
+
+    fn pass(&self) {
+        let open = self.open.lock().unwrap();
+        let _ = self
+            .opened
+            .wait_timeout_while(open, Gate::MOST, |open| !*open);
+    }
+
+    fn open(&self) {
+        *self.open.lock().unwrap() = true;
+        self.opened.notify_all();
+    }
+}
+
+/// Occupies `engine`'s one background thread and fills its queue with
+/// early refreshes whose loads wait on `gate` (held for writing by the
+/// test); returns once the pool is full.
+fn fill_the_background_pool(engine: &CacheAside, gate: &std::sync::Arc<Gate>) {
+    let running = std::sync::Arc::new(AtomicU64::new(0));
+    for i in 0..=64 {
+        let key = format!("busy:{i}");
+        let (gate, running, loads) = (gate.clone(), running.clone(), AtomicU64::new(0));
+        let loads = std::sync::Arc::new(loads);
+        for _ in 0..2 {
+            // A miss that loads at once, then a hit whose refresh is queued.
+            let (gate, running, loads) = (gate.clone(), running.clone(), loads.clone());
+            let value: Option<i64> = engine
+                .get_or_load_owned(&key, TTL, cacheaside::Mode::SingleFlight, move || {
+                    std::thread::sleep(Duration::from_millis(1)); // a load time for XFetch
+                    if loads.fetch_add(1, Ordering::SeqCst) > 0 {
+                        running.fetch_add(1, Ordering::SeqCst);
+                        gate.pass();
+                    }
+                    Ok(Some((1, 0)))
+                })
+                .unwrap();
+            assert_eq!(value, Some(1));
+        }
+        if i == 0 {
+            // The thread took the first refresh: the next 64 stay queued.
+            let deadline = Instant::now() + PATIENCE;
+            while running.load(Ordering::SeqCst) == 0 {
+                assert!(Instant::now() < deadline, "the first refresh never ran");
+                std::thread::yield_now();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_full_background_pool_makes_no_caller_wait_for_a_load() {
+    let mut config = test_config("pool_full");
+    config.background_threads = 1;
+    config.beta = 1e9;
+    config.fail_safe_max = Duration::from_secs(60);
+    config.soft_timeout = Duration::from_millis(100);
+    let engine = CacheAside::open(&config).unwrap();
+    let short = Duration::from_millis(50);
+    let loads = std::sync::Arc::new(AtomicU64::new(0));
+    let gate = std::sync::Arc::new(Gate::default());
+    let read = |key: &str, ttl: Duration| {
+        let (gate, loads) = (gate.clone(), loads.clone());
+        engine.get_or_load_owned(key, ttl, cacheaside::Mode::SingleFlight, move || {
+            std::thread::sleep(Duration::from_millis(1));
+            loads.fetch_add(1, Ordering::SeqCst);
+            if loads.load(Ordering::SeqCst) > 2 {
+                gate.pass(); // every load after the first two waits
+            }
+            Ok(Some((2_i64, 0)))
+        })
+    };
+    // Loaded before the gate closes: a fresh key, and one that will be
+    // past its TTL with a fail-safe copy.
+    assert_eq!(read("fresh", TTL).unwrap(), Some(2));
+    assert_eq!(read("expiring", short).unwrap(), Some(2));
+    fill_the_background_pool(&engine, &gate);
+    std::thread::sleep(short * 2); // "expiring" is now past its TTL
+    let before = loads.load(Ordering::SeqCst);
+    // A hit whose early refresh cannot be queued: no load on this thread.
+    assert_eq!(read("fresh", TTL).unwrap(), Some(2));
+    // A reload past the soft timeout that cannot be queued: the copy, now.
+    let started = Instant::now();
+    assert_eq!(read("expiring", short).unwrap(), Some(2));
+    assert!(started.elapsed() < Gate::MOST, "{:?}", started.elapsed());
+    assert_eq!(
+        loads.load(Ordering::SeqCst),
+        before,
+        "no load ran on the caller"
+    );
+    assert_eq!(engine.stats().stale_served, 1, "{:?}", engine.stats());
+    gate.open();
+    let _ = engine.cache().delete_namespace();
+}
