@@ -113,7 +113,11 @@ fn rate_limiting(client: &Client) -> Result<()> {
     let (a, b) = (two.check("same-us")?, two.check("same-us")?);
     let members: Vec<String> = client.cache().with_connection(|c| {
         redis::cmd("ZRANGE")
-            .arg(client.cache().redis_key("rate_limit:same-us"))
+            .arg(
+                client
+                    .cache()
+                    .redis_key(&format!("rate_limit:100/{}ms:same-us", window.as_millis())),
+            )
             .arg(0)
             .arg(-1)
             .query(c)

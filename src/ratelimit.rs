@@ -36,10 +36,14 @@ use crate::users::Client;
 /// A sliding-window limit, `limit` requests per `window`, applied to any
 /// number of subjects (a user id, an API key, an IP address...).
 ///
-/// Each subject's recent requests live in one Redis sorted set,
-/// `{namespace}{rate_limit:<subject>}`, which expires when the window has
-/// passed since its last allowed request. Memory per subject is at most
-/// `limit` entries.
+/// Each subject's recent requests live in one Redis sorted set per limit,
+/// `{namespace}{rate_limit:<limit>/<window_ms>ms:<subject>}`, which expires
+/// when the window has passed since its last allowed request. Memory per
+/// subject is at most `limit` entries per limit. Keying the set by its limit
+/// and window keeps limits apart: a 100-per-second API limit on an IP
+/// address neither trims nor expires the entries of a 5-per-15-minutes
+/// login limit on the same address (one shared set would let each API call
+/// reset the login limit).
 ///
 /// Cheap to clone; [`check`](Self::check) blocks for one Redis round trip
 /// and is safe from many threads and processes at once.
@@ -144,8 +148,10 @@ impl RateLimiter {
 
     fn run(&self, subject: &str, pinned_time_us: Option<u64>) -> Result<RateLimitDecision> {
         validate_name("rate-limit subject", subject)?;
-        let key = self.cache.redis_key(&format!("rate_limit:{subject}"));
         let window_ms = self.window.as_millis() as u64;
+        let key = self
+            .cache
+            .redis_key(&window_key(self.limit, window_ms, subject));
         let (allowed, remaining, retry_us, now_us): (i64, i64, i64, i64) =
             self.cache.with_connection(|conn| {
                 let mut call = SLIDING_WINDOW.key(&key);
@@ -206,6 +212,13 @@ impl Client {
     }
 }
 
+/// The key name of `subject`'s window under one limit: the limit and the
+/// window are part of it, so two limits on one subject never share (and
+/// trim, or expire) each other's entries.
+fn window_key(limit: u32, window_ms: u64, subject: &str) -> String {
+    format!("rate_limit:{limit}/{window_ms}ms:{subject}")
+}
+
 /// A member no other request, in any process, has: a random per-process
 /// token and a counter. (The script prefixes the server time, which keeps
 /// members readable in `redis-cli`; uniqueness does not depend on it.)
@@ -256,7 +269,7 @@ static SLIDING_WINDOW: Lazy<Script> = Lazy::new(|| {
         local retry = 0
         if count >= limit then
           -- The entry whose leaving brings the count under the limit (the
-          -- oldest, unless a smaller limit was used with this subject).
+          -- oldest: the key belongs to this one limit and window).
           local entry = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
           retry = tonumber(entry[2]) + window - now
           if retry < 1 then retry = 1 end
@@ -271,6 +284,15 @@ static SLIDING_WINDOW: Lazy<Script> = Lazy::new(|| {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_keys_name_the_limit_and_the_window() {
+        assert_eq!(window_key(5, 900_000, "ip:1"), "rate_limit:5/900000ms:ip:1");
+        assert_ne!(
+            window_key(5, 900_000, "ip:1"),
+            window_key(100, 1000, "ip:1")
+        );
+    }
 
     #[test]
     fn request_ids_are_unique() {
