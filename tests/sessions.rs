@@ -257,3 +257,51 @@ fn bad_ids_and_settings_are_invalid() {
     let err = sessions.with_idle_ttl(Duration::ZERO).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 }
+
+#[test]
+fn a_cache_call_cannot_delete_a_session_or_a_rate_limit() {
+    let fx = Fixture::new("sess_reserved");
+    let engine = fx.client.engine();
+    let cache = fx.client.cache();
+    let sessions = fx.client.sessions();
+    let id = sessions.create(&"alice").unwrap();
+    let limiter = cacheaside::RateLimiter::new(cache, 1, Duration::from_secs(60)).unwrap();
+    assert!(limiter.check("ip:1").unwrap().allowed);
+    assert!(!limiter.check("ip:1").unwrap().allowed);
+    let session_key = format!("session:{id}");
+    let limit_key = "rate_limit:1/60000ms:ip:1";
+    for key in [session_key.as_str(), limit_key] {
+        let read = engine.get_or_load(key, Duration::from_secs(60), || Ok(Some(1_i64)));
+        assert_eq!(
+            read.unwrap_err().kind(),
+            ErrorKind::InvalidArgument,
+            "{key}"
+        );
+        let err = engine.invalidate(key).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{key}");
+        assert_eq!(
+            cache.delete(key).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        // The relay, given the key by a row in the outbox, leaves it alone.
+        fx.client
+            .db()
+            .execute(
+                &format!(
+                    "INSERT INTO {} (cache_key) VALUES ($1)",
+                    fx.config.outbox_table
+                ),
+                &[&key],
+            )
+            .unwrap();
+    }
+    assert!(engine.sync_relay(common::PATIENCE));
+    assert_eq!(
+        sessions.get::<String>(&id).unwrap().as_deref(),
+        Some("alice")
+    );
+    assert!(
+        !limiter.check("ip:1").unwrap().allowed,
+        "the limit was reset"
+    );
+}
