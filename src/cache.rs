@@ -161,7 +161,7 @@ impl Cache {
             Payload::Absent => Ok(None),
             Payload::Value(json) => serde_json::from_slice(json)
                 .map(Some)
-                .map_err(|e| Error::corrupt(key, e)),
+                .map_err(|e| Error::corrupt(key, crate::error::json_error(&e))),
         }
     }
 

@@ -31,7 +31,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 
 use crate::cache::Cache;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, json_error};
 use crate::users::Client;
 
 /// Bytes of randomness in a session id.
@@ -166,7 +166,8 @@ impl Sessions {
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for an id that cannot be a session id;
     /// [`ErrorKind::CorruptEntry`] when the stored session is not in this
-    /// module's format or its data does not decode as `T`; cache errors and
+    /// module's format or its data does not decode as `T` (the message
+    /// names neither the session id nor the data); cache errors and
     /// timeouts.
     pub fn get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
         let Some(json) = self.get_json(id)? else {
@@ -174,7 +175,7 @@ impl Sessions {
         };
         serde_json::from_str(&json)
             .map(Some)
-            .map_err(|e| Error::corrupt(&session_key_name(id), e))
+            .map_err(|e| Error::corrupt_session(json_error(&e)))
     }
 
     /// [`get`](Self::get) returning the stored JSON text as it is.
@@ -187,12 +188,9 @@ impl Sessions {
         let reply: Value = self
             .cache
             .with_connection(|conn| READ.key(&key).invoke(conn))?;
-        let unexpected = |reply: &Value| {
-            Error::new(
-                ErrorKind::Cache,
-                format!("unexpected reply from the session script: {reply:?}"),
-            )
-        };
+        // Not the reply itself: it may hold the session's data.
+        let unexpected =
+            |_: &Value| Error::new(ErrorKind::Cache, "unexpected reply from the session script");
         let Value::Array(parts) = &reply else {
             return Err(unexpected(&reply));
         };
@@ -200,10 +198,9 @@ impl Sessions {
             [Value::Int(0)] => Ok(None),
             [Value::Int(1), Value::BulkString(data)] => String::from_utf8(data.clone())
                 .map(Some)
-                .map_err(|e| Error::corrupt(&session_key_name(id), e)),
-            [Value::Int(2)] => Err(Error::corrupt(
-                &session_key_name(id),
-                "not a session (no cas1 header)",
+                .map_err(|_| Error::corrupt_session("the data is not UTF-8")),
+            [Value::Int(2)] => Err(Error::corrupt_session(
+                "the key holds something else (no cas1 header)",
             )),
             _ => Err(unexpected(&reply)),
         }

@@ -428,7 +428,8 @@ impl Client {
             Err(err) if self.engine.relay_running() => {
                 report!(
                     warn,
-                    "invalidating user {user_id} failed; the relay will: {}",
+                    // No user id: nothing at warn level names a key.
+                    "invalidating a user failed; the relay will: {}",
                     err.chain()
                 );
                 Ok(())

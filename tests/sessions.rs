@@ -305,3 +305,32 @@ fn a_cache_call_cannot_delete_a_session_or_a_rate_limit() {
         "the limit was reset"
     );
 }
+
+#[test]
+fn errors_name_neither_a_session_id_nor_a_value() {
+    let fx = Fixture::new("sess_private");
+    let sessions = fx.client.sessions();
+    let id = sessions
+        .create(&serde_json::json!({"user_id": "s3cret-name", "roles": []}))
+        .unwrap();
+    // Data that does not decode as the caller's type.
+    let err = sessions.get::<Login>(&id).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CorruptEntry);
+    let forged = "F".repeat(Sessions::ID_LEN);
+    fx.put_raw(&format!("session:{forged}"), b"s3cret-raw-bytes");
+    let not_a_session = sessions.get_json(&forged).unwrap_err();
+    assert_eq!(not_a_session.kind(), ErrorKind::CorruptEntry);
+    // A cached value read as another type.
+    let cache = fx.client.cache();
+    cache
+        .set_json("profile:7", &"s3cret-value", Duration::from_secs(60))
+        .unwrap();
+    let cached = cache.get_json::<i64>("profile:7").unwrap_err();
+    assert_eq!(cached.kind(), ErrorKind::CorruptEntry);
+    for err in [err, not_a_session, cached] {
+        let shown = format!("{} | {} | {err:?}", err.chain(), err);
+        for secret in [id.as_str(), forged.as_str(), "s3cret"] {
+            assert!(!shown.contains(secret), "{secret:?} in {shown}");
+        }
+    }
+}
