@@ -63,7 +63,9 @@ pub struct Config {
     /// libpq's `verify-full`): a PEM file with the certificate(s) of the CA
     /// that signed the server's certificate; read when the client opens.
     /// `None` trusts the system's root certificates. Without `sslmode` (or
-    /// with `prefer`) no TLS is used. Defaults to `None`.
+    /// with `prefer`) no TLS is used, so a CA file without `sslmode=require`
+    /// is refused by [`validate`](Config::validate) rather than silently
+    /// ignored. Defaults to `None`.
     pub database_ca_file: Option<std::path::PathBuf>,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.
@@ -564,6 +566,14 @@ impl Config {
                  (see docs/cluster.md)",
             ));
         }
+        if self.database_ca_file.is_some() && !self.database_url_requires_tls() {
+            // Redis refuses the equivalent (a CA file with a redis:// URL
+            // is never used either); here it would connect in plaintext.
+            return Err(Error::invalid_argument(
+                "database_ca_file is set but database_url does not ask for TLS: add \
+                 sslmode=require (without it the connection is not encrypted)",
+            ));
+        }
         if self.cache_timeout > self.pool_timeout {
             return Err(Error::invalid_argument(format!(
                 "cache_timeout ({} ms) must not be longer than pool_timeout ({} ms): \
@@ -606,6 +616,16 @@ impl Config {
             )));
         }
         Ok(())
+    }
+
+    /// True when `database_url` says `sslmode=require`; also for a URL that
+    /// does not parse, which [`Db::connect`](crate::Db::connect) refuses
+    /// with its own error.
+    fn database_url_requires_tls(&self) -> bool {
+        use tokio_postgres::config::SslMode;
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_or(true, |pg| pg.get_ssl_mode() == SslMode::Require)
     }
 
     /// The longest one call may take before it gives up: a wait for another
@@ -991,6 +1011,46 @@ mod tests {
         assert_eq!(c.redis_ca_file, None, "an empty variable names no file");
         let unset = Config::from_vars(|_| None);
         assert_eq!(unset.redis_url, Config::default().redis_url);
+    }
+
+    #[test]
+    fn a_database_ca_file_without_sslmode_require_is_refused() {
+        for url in [
+            "postgres://u@db/x",
+            "postgres://u@db/x?sslmode=prefer",
+            "postgres://u@db/x?sslmode=disable",
+            "host=db user=u",
+        ] {
+            let c = Config {
+                database_url: url.into(),
+                database_ca_file: Some("/etc/db-ca.pem".into()),
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{url}");
+            let shown = err.to_string();
+            assert!(
+                shown.contains("database_ca_file") && shown.contains("sslmode=require"),
+                "{shown}"
+            );
+        }
+        for url in [
+            "postgres://u@db/x?sslmode=require",
+            "host=db sslmode=require",
+        ] {
+            let c = Config {
+                database_url: url.into(),
+                database_ca_file: Some("/etc/db-ca.pem".into()),
+                ..Config::default()
+            };
+            assert!(c.validate().is_ok(), "{url}");
+        }
+        // Without a CA file, no sslmode is plain Postgres, as before.
+        let c = Config {
+            database_url: "postgres://u@db/x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
     }
 
     #[test]
