@@ -73,7 +73,10 @@ pub struct Config {
     /// Most Redis connections one client opens. Defaults to 16.
     pub cache_pool_size: u32,
     /// Idle connections each pool keeps open (opened in the background; a
-    /// client opens without waiting for them). Defaults to 1.
+    /// client opens without waiting for them). At least 1: with none, every
+    /// call would open a connection of its own, so
+    /// [`validate`](Config::validate) refuses 0 (and a pool built from an
+    /// unvalidated config keeps 1). Defaults to 1.
     pub pool_min_idle: u32,
     /// How long a caller waits for a free Postgres connection when every
     /// pooled one is busy, before [`ErrorKind::Timeout`](crate::ErrorKind).
@@ -490,6 +493,12 @@ impl Config {
         validate_namespace(&self.namespace)?;
         if self.db_pool_size == 0 || self.cache_pool_size == 0 {
             return Err(Error::invalid_argument("pool sizes must be at least 1"));
+        }
+        if self.pool_min_idle == 0 {
+            return Err(Error::invalid_argument(
+                "pool_min_idle must be at least 1: a pool that keeps none open stays empty, \
+                 and every call would open a connection of its own",
+            ));
         }
         let nonzero = [
             ("pool_timeout", self.pool_timeout),
@@ -1140,6 +1149,17 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err(), "ttl + fail_safe_max is bounded too");
+    }
+
+    #[test]
+    fn pool_min_idle_zero_is_refused() {
+        let c = Config {
+            pool_min_idle: 0,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("pool_min_idle"), "{err}");
     }
 
     #[test]
