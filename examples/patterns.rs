@@ -127,7 +127,7 @@ fn rate_limiting(client: &Client) -> Result<()> {
         "   article: the member is the timestamp, so the set holds {article_count} entry for 2 requests"
     );
     println!(
-        "   ours:    remaining {} then {}; a member is <server time>:<process token>:<counter>,",
+        "   ours:    remaining {} then {}; a member is <process token>:<counter> (scored by server time),",
         a.remaining, b.remaining
     );
     println!("            unique within one microsecond too: {members:?}");

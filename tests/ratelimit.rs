@@ -390,6 +390,26 @@ fn two_requests_in_the_same_microsecond_both_count() {
     assert_eq!(members, 2);
 }
 
+/// `Cache` runs a script again when its connection drops after the server
+/// ran it: the request must still count once.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_retried_check_counts_its_request_once() {
+    let fx = Fixture::new("rl_retry");
+    let limiter = RateLimiter::new(fx.client.cache(), 3, Duration::from_secs(60)).unwrap();
+    let first = limiter.check_retried("retried").unwrap();
+    assert_eq!((first.allowed, first.remaining), (true, 2));
+    let key = fx.client.cache().redis_key("rate_limit:3/60000ms:retried");
+    let members: u64 = fx
+        .client
+        .cache()
+        .with_connection(|conn| redis::cmd("ZCARD").arg(&key).query(conn))
+        .unwrap();
+    assert_eq!(members, 1, "one request, one entry");
+    let second = limiter.check("retried").unwrap();
+    assert_eq!((second.allowed, second.remaining), (true, 1));
+}
+
 #[test]
 fn bad_arguments_are_invalid() {
     let fx = Fixture::new("rl_bad");

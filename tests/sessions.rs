@@ -334,3 +334,19 @@ fn errors_name_neither_a_session_id_nor_a_value() {
         }
     }
 }
+
+/// `Cache` runs a script again when its connection drops after the server
+/// ran it: creating a session must survive that.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_retried_session_creation_creates_one_session() {
+    let fx = Fixture::new("sess_retry");
+    let sessions = fx.client.sessions();
+    let id = sessions
+        .create_json_retried(r#"{"user_id": 7}"#)
+        .expect("the retry finds its own session, not a collision");
+    assert_eq!(
+        sessions.get_json(&id).unwrap().as_deref(),
+        Some(r#"{"user_id": 7}"#)
+    );
+}
