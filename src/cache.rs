@@ -41,7 +41,10 @@ use crate::pool::{Conn, Connector, Pool};
 /// Every key `k` is stored as `{namespace}{k}` wrapped in a Redis Cluster
 /// hash tag — `namespace + "{" + k + "}"` — so a value and its side keys
 /// (`…:lease`, `…:lock`, `…:writers`) always share one slot. Values are JSON
-/// in the crate's entry format (a short header line, then the JSON).
+/// in the crate's entry format (a short header line, then the JSON). Keys
+/// starting `session:` or `rate_limit:`, and `write_behind`, belong to the
+/// sessions, the rate limiter and write-behind: every method here (and
+/// every engine call) refuses them with `InvalidArgument`.
 ///
 /// Cheap to clone; every method blocks and is safe from many threads. Each
 /// command is bounded by [`Config::cache_timeout`].
