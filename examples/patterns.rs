@@ -113,7 +113,11 @@ fn rate_limiting(client: &Client) -> Result<()> {
     let (a, b) = (two.check("same-us")?, two.check("same-us")?);
     let members: Vec<String> = client.cache().with_connection(|c| {
         redis::cmd("ZRANGE")
-            .arg(client.cache().redis_key("rate_limit:same-us"))
+            .arg(
+                client
+                    .cache()
+                    .redis_key(&format!("rate_limit:100/{}ms:same-us", window.as_millis())),
+            )
             .arg(0)
             .arg(-1)
             .query(c)
@@ -123,7 +127,7 @@ fn rate_limiting(client: &Client) -> Result<()> {
         "   article: the member is the timestamp, so the set holds {article_count} entry for 2 requests"
     );
     println!(
-        "   ours:    remaining {} then {}; a member is <server time>:<process token>:<counter>,",
+        "   ours:    remaining {} then {}; a member is <process token>:<counter> (scored by server time),",
         a.remaining, b.remaining
     );
     println!("            unique within one microsecond too: {members:?}");

@@ -463,16 +463,23 @@ extern "C" {
 const char *cacheaside_version(void);
 
 /**
- * Connects to PostgreSQL and Redis and stores the new client in `*out`.
+ * Opens a client for PostgreSQL and Redis and stores it in `*out`.
  *
  * `config` may be NULL for the defaults (with `DATABASE_URL` and
- * `REDIS_URL` from the environment). Blocks until both pools have their
- * first connection, or until the pool timeout (5 s by default) passes.
+ * `REDIS_URL` from the environment). Does not wait for either server:
+ * connections open lazily (in the background, and on first use), so this
+ * returns at once and succeeds while a server is down; calls then degrade
+ * or fail with the cause. To check that both servers answer (a closed
+ * port, a wrong password, a missing database), call
+ * `cacheaside_client_ping()` after it. Starts the invalidation relay's
+ * thread when the config turns it on.
  *
  * `*out` is set to NULL first and to the client on success only.
  *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL `out` or an unparsable
- * URL, `CACHEASIDE_TIMEOUT` when a server does not answer.
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL `out` or an invalid
+ * config (a setting out of range, settings that do not fit together, an
+ * unparsable URL, a CA file that cannot be read or a database CA file
+ * without `sslmode=require`), with the reason in `cacheaside_last_error()`.
  *
  * Ownership: the caller owns `*out` and frees it with
  * `cacheaside_client_free()`. The config is only read; the caller keeps it.
@@ -690,8 +697,9 @@ enum cacheaside_status cacheaside_config_set_redis_ca_file(struct cacheaside_con
  * (TLS through rustls, which always checks the certificate and the host
  * name, as libpq's `verify-full`). The file is read by
  * `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
- * when it cannot read it. An empty string goes back to the default: the
- * system's root certificates.
+ * when it cannot read it, or when the database URL does not say
+ * `sslmode=require` (the connection would not be encrypted). An empty
+ * string goes back to the default: the system's root certificates.
  *
  * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
  * is not UTF-8 (the config is then unchanged).
@@ -1180,7 +1188,8 @@ const char *cacheaside_last_error(void);
 /**
  * Publishes `len` bytes at `payload` on `channel` (stored under the
  * client's namespace: namespace `app:` and channel `orders` publish to the
- * Redis channel `app:orders`), and stores in `*receivers` how many
+ * Redis channel `app:{orders}`; the braces keep namespaces that share a
+ * prefix, such as `app:` and `app:v2:`, from hearing each other), and stores in `*receivers` how many
  * subscribers received it (0: nobody was listening, and the message is
  * gone). Blocks for one Redis round trip.
  *
@@ -1305,8 +1314,9 @@ enum cacheaside_status cacheaside_set_log_callback(enum cacheaside_log_level lev
  * script evicts, counts and adds), uses the Redis server's clock, and
  * counts only allowed requests: a client that keeps retrying while limited
  * is allowed again once the window slides. The subject's entries live in
- * the sorted set `<namespace>{rate_limit:<subject>}`; memory per subject
- * is at most `limit` entries.
+ * the sorted set `<namespace>{rate_limit:<limit>/<window_ms>ms:<subject>}`,
+ * one per limit and window, so two limits on one subject never reset each
+ * other; memory per subject is at most `limit` entries per limit.
  *
  * Returns `CACHEASIDE_OK` with the decision in `*out` (a rejection is
  * `CACHEASIDE_OK` with `out->allowed == false`);

@@ -423,10 +423,14 @@ private:
  */
 class Client {
 public:
-    /** Connects with the defaults (DATABASE_URL / REDIS_URL when set). */
+    /**
+     * Opens with the defaults (DATABASE_URL / REDIS_URL when set). Does not
+     * wait for the servers (connections open lazily): call ping() to check
+     * that both answer.
+     */
     Client() { open(nullptr); }
 
-    /** Connects as `config` says; the config may be destroyed afterwards. */
+    /** Opens as `config` says (lazily, as above); the config may be destroyed afterwards. */
     explicit Client(const Config &config) { open(config.get()); }
 
     /** Creates the users table unless it exists. */

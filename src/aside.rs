@@ -325,7 +325,8 @@ impl CacheAside {
             Err(err) if self.relay_running() => {
                 report!(
                     warn,
-                    "invalidating {key:?} failed; the relay will: {}",
+                    // No key: nothing at warn level names one.
+                    "invalidating a key failed; the relay will: {}",
                     err.chain()
                 );
                 Ok(())

@@ -36,7 +36,10 @@ use crate::redis_conn::{RedisConnection, RedisConnector, classify, dropped, mill
 /// Every key `k` is stored as `{namespace}{k}` wrapped in a Redis Cluster
 /// hash tag — `namespace + "{" + k + "}"` — so a value and its side keys
 /// (`…:lease`, `…:lock`, `…:writers`) always share one slot. Values are JSON
-/// in the crate's entry format (a short header line, then the JSON).
+/// in the crate's entry format (a short header line, then the JSON). Keys
+/// starting `session:` or `rate_limit:`, and `write_behind`, belong to the
+/// sessions, the rate limiter and write-behind: every method here (and
+/// every engine call) refuses them with `InvalidArgument`.
 ///
 /// Cheap to clone; every method blocks and is safe from many threads. Each
 /// command is bounded by [`Config::cache_timeout`].
@@ -130,7 +133,7 @@ impl Cache {
             Payload::Absent => Ok(None),
             Payload::Value(json) => serde_json::from_slice(json)
                 .map(Some)
-                .map_err(|e| Error::corrupt(key, e)),
+                .map_err(|e| Error::corrupt(key, crate::error::json_error(&e))),
         }
     }
 

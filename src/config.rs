@@ -68,7 +68,9 @@ pub struct Config {
     /// libpq's `verify-full`): a PEM file with the certificate(s) of the CA
     /// that signed the server's certificate; read when the client opens.
     /// `None` trusts the system's root certificates. Without `sslmode` (or
-    /// with `prefer`) no TLS is used. Defaults to `None`.
+    /// with `prefer`) no TLS is used, so a CA file without `sslmode=require`
+    /// is refused by [`validate`](Config::validate) rather than silently
+    /// ignored. Defaults to `None`.
     pub database_ca_file: Option<std::path::PathBuf>,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.
@@ -76,7 +78,10 @@ pub struct Config {
     /// Most Redis connections one client opens. Defaults to 16.
     pub cache_pool_size: u32,
     /// Idle connections each pool keeps open (opened in the background; a
-    /// client opens without waiting for them). Defaults to 1.
+    /// client opens without waiting for them). At least 1: with none, every
+    /// call would open a connection of its own, so
+    /// [`validate`](Config::validate) refuses 0 (and a pool built from an
+    /// unvalidated config keeps 1). Defaults to 1.
     pub pool_min_idle: u32,
     /// How long a caller waits for a free Postgres connection when every
     /// pooled one is busy, before [`ErrorKind::Timeout`](crate::ErrorKind).
@@ -494,6 +499,12 @@ impl Config {
         if self.db_pool_size == 0 || self.cache_pool_size == 0 {
             return Err(Error::invalid_argument("pool sizes must be at least 1"));
         }
+        if self.pool_min_idle == 0 {
+            return Err(Error::invalid_argument(
+                "pool_min_idle must be at least 1: a pool that keeps none open stays empty, \
+                 and every call would open a connection of its own",
+            ));
+        }
         let nonzero = [
             ("pool_timeout", self.pool_timeout),
             ("connect_timeout", self.connect_timeout),
@@ -569,6 +580,14 @@ impl Config {
                  (see docs/cluster.md)",
             ));
         }
+        if self.database_ca_file.is_some() && !self.database_url_requires_tls() {
+            // Redis refuses the equivalent (a CA file with a redis:// URL
+            // is never used either); here it would connect in plaintext.
+            return Err(Error::invalid_argument(
+                "database_ca_file is set but database_url does not ask for TLS: add \
+                 sslmode=require (without it the connection is not encrypted)",
+            ));
+        }
         if self.cache_timeout > self.pool_timeout {
             return Err(Error::invalid_argument(format!(
                 "cache_timeout ({} ms) must not be longer than pool_timeout ({} ms): \
@@ -613,6 +632,16 @@ impl Config {
         Ok(())
     }
 
+    /// True when `database_url` says `sslmode=require`; also for a URL that
+    /// does not parse, which [`Db::connect`](crate::Db::connect) refuses
+    /// with its own error.
+    fn database_url_requires_tls(&self) -> bool {
+        use tokio_postgres::config::SslMode;
+        self.database_url
+            .parse::<tokio_postgres::Config>()
+            .map_or(true, |pg| pg.get_ssl_mode() == SslMode::Require)
+    }
+
     /// The longest one call may take before it gives up: a wait for another
     /// process's load, then a load of its own, and the cache round trips
     /// around them.
@@ -627,24 +656,32 @@ impl Config {
 
 /// `url` with every password replaced by `***`, for logs and messages:
 /// the password of `scheme://user:password@host` URLs (each of a comma
-/// list), and `password=...` in a query string or a Postgres key=value
-/// connection string.
+/// list), `password=` and `pass=` query parameters (Postgres's and
+/// `redis+unix://`'s; names compared case-insensitively after
+/// percent-decoding, so `pass%77ord=` is one too), and `password` in a
+/// Postgres `key = value` connection string (spaces around `=`, quoted or
+/// not). A key=value string it cannot parse loses everything from the
+/// first `pass` on, rather than risk showing it.
 ///
 /// ```
 /// use cacheaside::redact_url;
 /// assert_eq!(redact_url("redis://app:s3cret@cache:6379/0"), "redis://app:***@cache:6379/0");
 /// assert_eq!(redact_url("host=db user=app password=s3cret"), "host=db user=app password=***");
+/// assert_eq!(redact_url("redis+unix:///run/redis.sock?pass=s3cret"), "redis+unix:///run/redis.sock?pass=***");
 /// assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
 /// ```
 pub fn redact_url(url: &str) -> String {
+    if !url.contains("://") {
+        return redact_key_values(url);
+    }
     let mut out = String::with_capacity(url.len());
     for (i, part) in url.split(',').enumerate() {
         if i > 0 {
             out.push(',');
         }
-        out.push_str(&redact_one(part));
+        out.push_str(&redact_query(&redact_one(part)));
     }
-    redact_password_params(&out)
+    out
 }
 
 /// The userinfo password of one `scheme://user:password@host/...` URL.
@@ -669,37 +706,118 @@ fn redact_one(url: &str) -> String {
     }
 }
 
-/// `password=value` (query parameter or key=value pair, quoted or not).
-fn redact_password_params(text: &str) -> String {
-    const KEY: &str = "password=";
+/// True for a parameter name that carries a password: `password` or
+/// `pass`, in any case, percent-encoded or not.
+fn is_password_name(name: &str) -> bool {
+    let decoded = percent_decode(name.trim()).to_ascii_lowercase();
+    decoded == "password" || decoded == "pass"
+}
+
+/// `%XX` sequences decoded (others kept as they are), as bytes read as
+/// Latin-1: enough to compare a name with an ASCII one.
+fn percent_decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = String::with_capacity(text.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: u8| char::from(b).to_digit(16);
+        if bytes[i] == b'%'
+            && i + 2 < bytes.len()
+            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
+        {
+            out.push(char::from((h * 16 + l) as u8));
+            i += 3;
+            continue;
+        }
+        out.push(char::from(bytes[i]));
+        i += 1;
+    }
+    out
+}
+
+/// The password parameters of a URL's query string (`?a=1&password=x`).
+fn redact_query(url: &str) -> String {
+    let Some(question) = url.find('?') else {
+        return url.to_owned();
+    };
+    let (head, query) = url.split_at(question + 1);
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if is_password_name(name) => format!("{name}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{head}{}", params.join("&"))
+}
+
+/// The password of a Postgres `key = value` connection string; the text
+/// is kept as it was around it.
+fn redact_key_values(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
-    while let Some(pos) = rest.to_ascii_lowercase().find(KEY) {
-        let value_start = pos + KEY.len();
-        out.push_str(&rest[..value_start]);
-        out.push_str("***");
-        let value = &rest[value_start..];
-        let end = if let Some(quoted) = value.strip_prefix('\'') {
-            // A quoted key=value password ends at the first unescaped quote.
-            let mut end = quoted.len();
-            let mut escaped = false;
-            for (i, c) in quoted.char_indices() {
-                match c {
-                    '\\' if !escaped => escaped = true,
-                    '\'' if !escaped => {
-                        end = i + 1;
-                        break;
-                    }
-                    _ => escaped = false,
-                }
-            }
-            1 + end
-        } else {
-            value.find([' ', '&', '\t', '\n']).unwrap_or(value.len())
+    loop {
+        // Spaces before the key.
+        let key_start = rest.len() - rest.trim_start().len();
+        out.push_str(&rest[..key_start]);
+        rest = &rest[key_start..];
+        if rest.is_empty() {
+            return out;
+        }
+        let key_end = rest
+            .find(|c: char| c == '=' || c.is_whitespace())
+            .unwrap_or(rest.len());
+        let key = &rest[..key_end];
+        let after_key = &rest[key_end..];
+        let Some(value) = after_key.trim_start().strip_prefix('=') else {
+            // Not key=value: show nothing that may follow a password.
+            return unparsed(out, rest);
         };
-        rest = &value[end.min(value.len())..];
+        let value = value.trim_start();
+        let value_start = rest.len() - value.len();
+        out.push_str(&rest[..value_start]);
+        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
+            // A quoted value ends at the first unescaped quote.
+            let mut escaped = false;
+            let close = quoted.char_indices().find_map(|(i, c)| match c {
+                '\\' if !escaped => {
+                    escaped = true;
+                    None
+                }
+                '\'' if !escaped => Some(i),
+                _ => {
+                    escaped = false;
+                    None
+                }
+            });
+            match close {
+                Some(i) => i + 2,
+                // Unterminated: the rest is this value.
+                None if is_password_name(key) => return out + "***",
+                None => return unparsed(out, value),
+            }
+        } else {
+            value.find(char::is_whitespace).unwrap_or(value.len())
+        };
+        if is_password_name(key) {
+            out.push_str("***");
+        } else {
+            out.push_str(&value[..value_len]);
+        }
+        rest = &value[value_len..];
     }
-    out.push_str(rest);
+}
+
+/// The end of a key=value string that did not parse: shown unless it may
+/// hold a password.
+fn unparsed(mut out: String, rest: &str) -> String {
+    match rest.to_ascii_lowercase().find("pass") {
+        Some(at) => {
+            out.push_str(&rest[..at]);
+            out.push_str("***");
+        }
+        None => out.push_str(rest),
+    }
     out
 }
 
@@ -769,6 +887,57 @@ mod tests {
         ] {
             assert_eq!(redact_url(url), shown, "{url}");
         }
+    }
+
+    #[test]
+    fn every_password_form_is_redacted() {
+        for (url, shown) in [
+            (
+                "redis+unix:///run/redis.sock?db=1&pass=s3cret",
+                "redis+unix:///run/redis.sock?db=1&pass=***",
+            ),
+            (
+                "unix:///run/redis.sock?pass=s3cret",
+                "unix:///run/redis.sock?pass=***",
+            ),
+            (
+                "host=db password = s3cret user=a",
+                "host=db password = *** user=a",
+            ),
+            (
+                "host=db password= 's3 cret' user=a",
+                "host=db password= *** user=a",
+            ),
+            ("host=db password =s3cret", "host=db password =***"),
+            (
+                "postgres://db/test?pass%77ord=s3cret&sslmode=require",
+                "postgres://db/test?pass%77ord=***&sslmode=require",
+            ),
+            (
+                "postgres://db/test?%50ASSWORD=s3cret",
+                "postgres://db/test?%50ASSWORD=***",
+            ),
+            (
+                "postgres://u:p1@h1:5432,h2:5432/db?password=s3cret",
+                "postgres://u:***@h1:5432,h2:5432/db?password=***",
+            ),
+            ("host=a,b password=s3cret,x", "host=a,b password=***"),
+            ("host=db oops password=s3cret", "host=db oops ***"),
+            ("host=db password='s3cret", "host=db password=***"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn config_debug_never_prints_a_password() {
+        let c = Config {
+            database_url: "host=db user=app password = s3cret-db".into(),
+            redis_url: "redis+unix:///run/redis.sock?pass=s3cret-redis".into(),
+            ..Config::default()
+        };
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 
     #[test]
@@ -845,6 +1014,46 @@ mod tests {
         assert_eq!(c.redis_ca_file, None, "an empty variable names no file");
         let unset = Config::from_vars(|_| None);
         assert_eq!(unset.redis_url, Config::default().redis_url);
+    }
+
+    #[test]
+    fn a_database_ca_file_without_sslmode_require_is_refused() {
+        for url in [
+            "postgres://u@db/x",
+            "postgres://u@db/x?sslmode=prefer",
+            "postgres://u@db/x?sslmode=disable",
+            "host=db user=u",
+        ] {
+            let c = Config {
+                database_url: url.into(),
+                database_ca_file: Some("/etc/db-ca.pem".into()),
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{url}");
+            let shown = err.to_string();
+            assert!(
+                shown.contains("database_ca_file") && shown.contains("sslmode=require"),
+                "{shown}"
+            );
+        }
+        for url in [
+            "postgres://u@db/x?sslmode=require",
+            "host=db sslmode=require",
+        ] {
+            let c = Config {
+                database_url: url.into(),
+                database_ca_file: Some("/etc/db-ca.pem".into()),
+                ..Config::default()
+            };
+            assert!(c.validate().is_ok(), "{url}");
+        }
+        // Without a CA file, no sslmode is plain Postgres, as before.
+        let c = Config {
+            database_url: "postgres://u@db/x".into(),
+            ..Config::default()
+        };
+        assert!(c.validate().is_ok());
     }
 
     #[test]
@@ -934,6 +1143,17 @@ mod tests {
             ..Config::default()
         };
         assert!(c.validate().is_err(), "ttl + fail_safe_max is bounded too");
+    }
+
+    #[test]
+    fn pool_min_idle_zero_is_refused() {
+        let c = Config {
+            pool_min_idle: 0,
+            ..Config::default()
+        };
+        let err = c.validate().unwrap_err();
+        assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument);
+        assert!(err.to_string().contains("pool_min_idle"), "{err}");
     }
 
     #[test]

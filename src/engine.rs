@@ -1163,7 +1163,11 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
 }
 
 fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>> {
-    serde_json::from_slice(json)
-        .map(Some)
-        .map_err(|e| Error::corrupt(key, format!("another caller loaded a different type: {e}")))
+    serde_json::from_slice(json).map(Some).map_err(|e| {
+        let why = crate::error::json_error(&e);
+        Error::corrupt(
+            key,
+            format!("another caller loaded a different type: {why}"),
+        )
+    })
 }

@@ -113,6 +113,12 @@ impl Error {
         )
     }
 
+    /// An [`ErrorKind::CorruptEntry`] error for a session: it names neither
+    /// the session (its id is a credential) nor its data.
+    pub(crate) fn corrupt_session(why: impl fmt::Display) -> Self {
+        Error::new(ErrorKind::CorruptEntry, format!("corrupt session: {why}"))
+    }
+
     pub(crate) fn timeout(what: impl fmt::Display) -> Self {
         Error::new(ErrorKind::Timeout, format!("timed out: {what}"))
     }
@@ -155,6 +161,25 @@ impl Error {
     }
 }
 
+/// Why JSON did not decode, without the input serde quotes in its message
+/// (`invalid type: string "…"`, `unknown variant "…"`): a cached value or a
+/// session's data may be private, and errors reach logs and
+/// `cacheaside_last_error()`.
+pub(crate) fn json_error(err: &serde_json::Error) -> String {
+    use serde_json::error::Category;
+    let what = match err.classify() {
+        Category::Io => "could not be read",
+        Category::Syntax => "is not valid JSON",
+        Category::Data => "does not match the requested type",
+        Category::Eof => "ends early",
+    };
+    format!(
+        "the JSON {what} (line {}, column {})",
+        err.line(),
+        err.column()
+    )
+}
+
 impl fmt::Debug for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Error")
@@ -174,6 +199,19 @@ mod tests {
         assert_eq!(err.to_string(), "loader failed");
         assert_eq!(err.chain(), "loader failed: boom");
         assert!(!err.is_timeout());
+    }
+
+    #[test]
+    fn json_errors_quote_no_input() {
+        let err = serde_json::from_str::<i64>(r#""s3cret""#).unwrap_err();
+        assert!(err.to_string().contains("s3cret"), "serde quotes it: {err}");
+        let shown = json_error(&err);
+        assert_eq!(
+            shown,
+            "the JSON does not match the requested type (line 1, column 8)"
+        );
+        let err = serde_json::from_str::<i64>("{s3cret").unwrap_err();
+        assert!(!json_error(&err).contains("s3cret"));
     }
 
     #[test]

@@ -26,11 +26,17 @@
 //!   timeout, during a keepalive `PING`.) Dropping it from inside its own
 //!   callback is safe.
 //!
-//! Channel names are stored under the namespace: `publish("orders", ..)`
-//! with namespace `app:` publishes to the Redis channel `app:orders`, and a
-//! subscriber sees `orders` again. Channels and patterns are checked like
-//! every caller-chosen name: non-empty, at most 512 bytes, no `{`, `}` or
-//! control characters.
+//! Channel names are stored under the namespace, fenced by braces the way
+//! keys are: `publish("orders", ..)` with namespace `app:` publishes to the
+//! Redis channel `app:{orders}`, and a subscriber sees `orders` again.
+//! Channels and patterns are checked like every caller-chosen name:
+//! non-empty, at most 512 bytes, no `{`, `}` or control characters. Since
+//! neither a name nor a namespace can hold a brace, the namespace of a
+//! channel is exactly the text before its `{`: namespaces `app:` and
+//! `app:v2:` never hear each other (`app:{v2:orders}` is not
+//! `app:v2:{orders}`), a pattern such as `*` matches only its own
+//! namespace's channels, and the empty namespace (`{orders}`) hears no
+//! other namespace either.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -210,7 +216,7 @@ impl Events {
     /// and timeouts.
     pub fn publish(&self, channel: &str, payload: impl AsRef<[u8]>) -> Result<u64> {
         validate_name("channel", channel)?;
-        let channel = format!("{}{channel}", self.cache.namespace());
+        let channel = fenced(self.cache.namespace(), channel);
         let mut publish = redis::cmd("PUBLISH");
         publish.arg(&channel).arg(payload.as_ref());
         self.cache
@@ -247,7 +253,9 @@ impl Events {
     where
         F: FnMut(Event<'_>) + Send + 'static,
     {
-        let targets = self.targets("channel", channels, self.cache.namespace())?;
+        let targets = self.targets("channel", channels, |name| {
+            fenced(self.cache.namespace(), name)
+        })?;
         self.start(Targets::Channels(targets), Box::new(on_event))
     }
 
@@ -269,13 +277,20 @@ impl Events {
         F: FnMut(Event<'_>) + Send + 'static,
     {
         let prefix = escape_glob(self.cache.namespace());
-        let targets = self.targets("channel pattern", patterns, &prefix)?;
+        let targets = self.targets("channel pattern", patterns, |pattern| {
+            fenced(&prefix, pattern)
+        })?;
         self.start(Targets::Patterns(targets), Box::new(on_event))
     }
 
-    /// Validates names and prefixes them (with the namespace, or for
-    /// patterns the namespace escaped as a glob).
-    fn targets(&self, what: &str, names: &[&str], prefix: &str) -> Result<Vec<String>> {
+    /// Validates names and fences them in the namespace (for patterns, the
+    /// namespace escaped as a glob), with `fence`.
+    fn targets(
+        &self,
+        what: &str,
+        names: &[&str],
+        fence: impl Fn(&str) -> String,
+    ) -> Result<Vec<String>> {
         if names.is_empty() {
             return Err(Error::invalid_argument(format!(
                 "no {what} to subscribe to"
@@ -285,7 +300,7 @@ impl Events {
             .iter()
             .map(|name| {
                 validate_name(what, name)?;
-                Ok(format!("{prefix}{name}"))
+                Ok(fence(name))
             })
             .collect()
     }
@@ -481,8 +496,7 @@ impl Setup {
                     if shared.stopped() {
                         return None;
                     }
-                    let channel = message.get_channel_name();
-                    let channel = channel.strip_prefix(&self.namespace).unwrap_or(channel);
+                    let channel = unfenced(&self.namespace, message.get_channel_name());
                     on_event(Event::Message {
                         channel,
                         payload: message.get_payload_bytes(),
@@ -508,6 +522,24 @@ impl Setup {
         pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
         Ok(())
     }
+}
+
+/// The Redis channel of `name` in `namespace`: `namespace{name}`. Names and
+/// namespaces hold no braces, so the `{` marks where the namespace ends and
+/// no namespace's channel or pattern reaches into another's.
+fn fenced(namespace: &str, name: &str) -> String {
+    format!("{namespace}{{{name}}}")
+}
+
+/// The name inside a channel of `namespace` (the channel as it is, if it is
+/// not one of ours: a pattern cannot match one, but Redis sends what it
+/// sends).
+fn unfenced<'a>(namespace: &str, channel: &'a str) -> &'a str {
+    channel
+        .strip_prefix(namespace)
+        .and_then(|rest| rest.strip_prefix('{'))
+        .and_then(|rest| rest.strip_suffix('}'))
+        .unwrap_or(channel)
 }
 
 /// Exponential backoff with jitter between reconnection attempts.
@@ -566,6 +598,16 @@ mod tests {
             backoff.sleep(&shared);
         }
         assert_eq!(backoff.next, MAX_BACKOFF);
+    }
+
+    #[test]
+    fn channels_are_fenced_by_braces() {
+        assert_eq!(fenced("app:", "v2:orders"), "app:{v2:orders}");
+        assert_eq!(fenced("app:v2:", "orders"), "app:v2:{orders}");
+        assert_eq!(fenced("", "orders"), "{orders}");
+        assert_eq!(unfenced("app:", "app:{v2:orders}"), "v2:orders");
+        assert_eq!(unfenced("", "{orders}"), "orders");
+        assert_eq!(unfenced("app:", "other"), "other");
     }
 
     #[test]

@@ -70,7 +70,32 @@ pub(crate) fn check_key(key: &str) -> Result<()> {
     if key.is_empty() {
         return Err(Error::invalid_argument("cache key must not be empty"));
     }
-    check_tag_safe("cache key", key)
+    check_tag_safe("cache key", key)?;
+    check_not_reserved(key)
+}
+
+/// Key names the patterns own: sessions, rate-limit windows and the
+/// write-behind streams live in the cache's key space, and a cache call on
+/// one of them (a read that finds "a corrupt entry", an `invalidate`, the
+/// relay given such a key by a row in the outbox) would delete a session or
+/// reset a limit. `write_behind` is the streams' base key.
+pub(crate) const RESERVED_KEY_PREFIXES: [&str; 4] =
+    ["session:", "rate_limit:", "write_behind:", "write_behind"];
+
+/// Refuses a key in a [reserved](RESERVED_KEY_PREFIXES) key space. (The
+/// bare `write_behind` is refused exactly; `write_behindx` is anyone's.)
+fn check_not_reserved(key: &str) -> Result<()> {
+    let reserved = |prefix: &str| match prefix.strip_suffix(':') {
+        Some(_) => key.starts_with(prefix),
+        None => key == prefix,
+    };
+    if let Some(prefix) = RESERVED_KEY_PREFIXES.into_iter().find(|p| reserved(p)) {
+        return Err(Error::invalid_argument(format!(
+            "cache keys starting {prefix:?} are reserved for sessions, rate limits and \
+             write-behind"
+        )));
+    }
+    Ok(())
 }
 
 /// Rejects a namespace that breaks the hash tag after it (the empty
@@ -151,6 +176,28 @@ mod tests {
         assert_eq!(keys.writers, "ns:{user:1}:writers");
         assert_eq!(keys.floor, "ns:{user:1}:floor");
         assert_eq!(keys.pending, "ns:{user:1}:pending");
+    }
+
+    #[test]
+    fn reserved_key_spaces_are_refused() {
+        for bad in [
+            "session:s3cret-id",
+            "rate_limit:1/1000ms:x",
+            "write_behind",
+            "write_behind:x",
+        ] {
+            let err = check_key(bad).unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
+            assert!(!err.to_string().contains("s3cret"), "{err}");
+        }
+        for ok in [
+            "sessions:1",
+            "user:session:1",
+            "write_behindx",
+            "rate_limits",
+        ] {
+            assert!(check_key(ok).is_ok(), "{ok}");
+        }
     }
 
     #[test]

@@ -135,9 +135,15 @@ impl<C: Connector> Shared<C> {
 
 impl<C: Connector> Pool<C> {
     /// A pool of at most `max_size` connections that keeps `min_idle` open
-    /// (opened in the background) and lets a checkout wait
+    /// (opened in the background; at least one) and lets a checkout wait
     /// `checkout_timeout` for a busy pool. Does not connect.
     pub fn new(connector: C, max_size: u32, min_idle: u32, checkout_timeout: Duration) -> Self {
+        // With none to keep, a pool that is empty stays empty: `get` takes
+        // an empty pool for one whose server just came back and opens a
+        // connection of its own, outside the pool and its size limit, for
+        // every call. `Config::validate` refuses 0; a `Db` or `Cache` built
+        // from an unvalidated config gets 1.
+        let min_idle = min_idle.max(1);
         let shared = Arc::new(Shared {
             connector,
             generation: AtomicU64::new(0),
@@ -318,6 +324,29 @@ mod tests {
         // And it comes back with the first call after the server does.
         server.up.store(true, Ordering::SeqCst);
         assert!(pool.get("cache").is_ok());
+    }
+
+    #[test]
+    fn a_pool_asked_for_no_idle_connection_still_reuses_one() {
+        let server = fake(true);
+        let pool = Pool::new(Arc::clone(&server), 4, 0, Duration::from_secs(10));
+        drop(pool.get("cache").unwrap());
+        // Polled, not slept for: the pool opens its connection in the
+        // background.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while pool.open_connections() == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(pool.open_connections(), 1, "min_idle 0 kept none open");
+        for _ in 0..20 {
+            drop(pool.get("cache").unwrap());
+        }
+        // Pooled connections, reused: r2d2 may open a spare while one is
+        // checked out, never more than the pool's size (it was a connection
+        // per call).
+        let connects = server.connects.load(Ordering::SeqCst);
+        assert!(connects <= 4 + 1, "21 calls opened {connects} connections");
+        assert!((1..=4).contains(&pool.open_connections()));
     }
 
     #[test]

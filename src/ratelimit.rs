@@ -14,9 +14,12 @@
 //!   version records every attempt, and a client retrying faster than
 //!   `limit / window` is locked out for ever). It also bounds the memory of
 //!   a subject to `limit` entries.
-//! - **Every request counts.** Each entry's member is unique (server time,
-//!   a random per-process token and a counter), so two requests in the same
-//!   microsecond are two entries, not one.
+//! - **Every request counts, once.** Each entry's member is unique (a
+//!   random per-process token and a counter; the score is the server time),
+//!   so two requests in the same microsecond are two entries, not one. The
+//!   member is chosen before the script is sent, so a script that `Cache`
+//!   runs again after a dropped connection finds its request already
+//!   counted and does not count it twice.
 //! - **One clock.** Time is the Redis server's (`TIME` inside the script),
 //!   so processes on machines with skewed clocks agree on the window.
 //! - **A truthful `retry_after`.** A rejected call says how long until a
@@ -31,14 +34,19 @@ use redis::Script;
 use crate::cache::Cache;
 use crate::error::{Error, ErrorKind, Result};
 use crate::keys::validate_name;
+use crate::redis_conn::RedisConnection;
 
 /// A sliding-window limit, `limit` requests per `window`, applied to any
 /// number of subjects (a user id, an API key, an IP address...).
 ///
-/// Each subject's recent requests live in one Redis sorted set,
-/// `{namespace}{rate_limit:<subject>}`, which expires when the window has
-/// passed since its last allowed request. Memory per subject is at most
-/// `limit` entries.
+/// Each subject's recent requests live in one Redis sorted set per limit,
+/// `{namespace}{rate_limit:<limit>/<window_ms>ms:<subject>}`, which expires
+/// when the window has passed since its last allowed request. Memory per
+/// subject is at most `limit` entries per limit. Keying the set by its limit
+/// and window keeps limits apart: a 100-per-second API limit on an IP
+/// address neither trims nor expires the entries of a 5-per-15-minutes
+/// login limit on the same address (one shared set would let each API call
+/// reset the login limit).
 ///
 /// Cheap to clone; [`check`](Self::check) blocks for one Redis round trip
 /// and is safe from many threads and processes at once.
@@ -131,28 +139,55 @@ impl RateLimiter {
     /// than 512 bytes, or holds `{`, `}` or a control character; cache
     /// errors and timeouts (the request is then not counted).
     pub fn check(&self, subject: &str) -> Result<RateLimitDecision> {
-        self.run(subject, None)
+        self.run(subject, None, 0)
     }
 
     /// Test hook: [`check`](Self::check) as if the server clock read
     /// `server_time_us`, to put two requests in the same microsecond.
     #[cfg(feature = "test-hooks")]
     pub fn check_at(&self, subject: &str, server_time_us: u64) -> Result<RateLimitDecision> {
-        self.run(subject, Some(server_time_us))
+        self.run(subject, Some(server_time_us), 0)
     }
 
-    fn run(&self, subject: &str, pinned_time_us: Option<u64>) -> Result<RateLimitDecision> {
+    /// Test hook: [`check`](Self::check) with its script run twice on one
+    /// connection, as [`Cache`] runs it again when the connection drops
+    /// after the server ran it (the reply lost): the second decision.
+    #[cfg(feature = "test-hooks")]
+    pub fn check_retried(&self, subject: &str) -> Result<RateLimitDecision> {
+        self.run(subject, None, 1)
+    }
+
+    /// `replays`: extra runs of the script before the one whose reply
+    /// counts (test hook; 0 otherwise).
+    fn run(
+        &self,
+        subject: &str,
+        pinned_time_us: Option<u64>,
+        replays: usize,
+    ) -> Result<RateLimitDecision> {
         validate_name("rate-limit subject", subject)?;
-        let key = self.cache.redis_key(&format!("rate_limit:{subject}"));
         let window_ms = self.window.as_millis() as u64;
+        let key = self
+            .cache
+            .redis_key(&window_key(self.limit, window_ms, subject));
+        // Made once, outside what `Cache` may run twice (after a connection
+        // that dropped once the server had run the script): a retry names
+        // the same request, which the script counts once.
+        let id = request_id();
+        let script = |conn: &mut RedisConnection| {
+            let mut call = SLIDING_WINDOW.key(&key);
+            call.arg(self.limit).arg(window_ms).arg(&id);
+            if let Some(now) = pinned_time_us {
+                call.arg(now);
+            }
+            call.invoke(conn)
+        };
         let (allowed, remaining, retry_us, now_us): (i64, i64, i64, i64) =
             self.cache.with_connection(|conn| {
-                let mut call = SLIDING_WINDOW.key(&key);
-                call.arg(self.limit).arg(window_ms).arg(request_id());
-                if let Some(now) = pinned_time_us {
-                    call.arg(now);
+                for _ in 0..replays {
+                    script(conn)?;
                 }
-                call.invoke(conn)
+                script(conn)
             })?;
         if !(allowed == 0 || allowed == 1) || remaining < 0 || retry_us < 0 || now_us < 0 {
             return Err(Error::new(
@@ -180,9 +215,15 @@ impl RateLimiter {
     }
 }
 
+/// The key name of `subject`'s window under one limit: the limit and the
+/// window are part of it, so two limits on one subject never share (and
+/// trim, or expire) each other's entries.
+fn window_key(limit: u32, window_ms: u64, subject: &str) -> String {
+    format!("rate_limit:{limit}/{window_ms}ms:{subject}")
+}
+
 /// A member no other request, in any process, has: a random per-process
-/// token and a counter. (The script prefixes the server time, which keeps
-/// members readable in `redis-cli`; uniqueness does not depend on it.)
+/// token and a counter. (The score is the server time.)
 fn request_id() -> String {
     static PROCESS: Lazy<String> = Lazy::new(|| {
         let mut bytes = [0u8; 12];
@@ -199,7 +240,8 @@ fn request_id() -> String {
 
 // KEYS[1]: the subject's sorted set; members are request ids, scores the
 // server time in microseconds. ARGV: limit, window_ms, request id, and (test
-// hook only) a pinned server time in microseconds.
+// hook only) a pinned server time in microseconds. A request id already in
+// the set is a retry of a run whose reply was lost: it counted then.
 //
 // The window at time `now` is (now - window, now]. Numbers go back to Redis
 // through string.format('%.0f'): Lua would print a 16-digit microsecond
@@ -220,9 +262,11 @@ static SLIDING_WINDOW: Lazy<Script> = Lazy::new(|| {
         redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', string.format('%.0f', now - window))
         local count = redis.call('ZCARD', KEYS[1])
         local allowed = 0
-        if count < limit then
+        if redis.call('ZSCORE', KEYS[1], ARGV[3]) then
+          allowed = 1
+        elseif count < limit then
           local at = string.format('%.0f', now)
-          redis.call('ZADD', KEYS[1], at, at .. ':' .. ARGV[3])
+          redis.call('ZADD', KEYS[1], at, ARGV[3])
           redis.call('PEXPIRE', KEYS[1], ARGV[2])
           count = count + 1
           allowed = 1
@@ -230,7 +274,7 @@ static SLIDING_WINDOW: Lazy<Script> = Lazy::new(|| {
         local retry = 0
         if count >= limit then
           -- The entry whose leaving brings the count under the limit (the
-          -- oldest, unless a smaller limit was used with this subject).
+          -- oldest: the key belongs to this one limit and window).
           local entry = redis.call('ZRANGE', KEYS[1], count - limit, count - limit, 'WITHSCORES')
           retry = tonumber(entry[2]) + window - now
           if retry < 1 then retry = 1 end
@@ -245,6 +289,15 @@ static SLIDING_WINDOW: Lazy<Script> = Lazy::new(|| {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn window_keys_name_the_limit_and_the_window() {
+        assert_eq!(window_key(5, 900_000, "ip:1"), "rate_limit:5/900000ms:ip:1");
+        assert_ne!(
+            window_key(5, 900_000, "ip:1"),
+            window_key(100, 1000, "ip:1")
+        );
+    }
 
     #[test]
     fn request_ids_are_unique() {

@@ -420,10 +420,13 @@ impl Worker {
             }
             self.engine.counters.relay_resets.bump();
         }
+        // A key no cache call accepts (a session, a rate limit: anyone who
+        // can insert into the outbox could name one) is not ours to delete.
         let fresh: Vec<&Change> = read
             .rows
             .iter()
             .filter(|c| !self.applied.contains_key(&c.id))
+            .filter(|c| crate::cache::check_key(&c.key).is_ok())
             .collect();
         // Known here even when Redis is out: a load of the key in flight
         // must not hand its row to readers that came after the change.

@@ -32,7 +32,7 @@ use serde::de::DeserializeOwned;
 
 use crate::cache::Cache;
 use crate::config::Config;
-use crate::error::{Error, ErrorKind, Result};
+use crate::error::{Error, ErrorKind, Result, json_error};
 
 /// Bytes of randomness in a session id.
 const ID_BYTES: usize = 32;
@@ -136,7 +136,7 @@ impl Sessions {
         let json = serde_json::to_string(data).map_err(|e| {
             Error::invalid_argument("session data does not serialize to JSON").with_source(e)
         })?;
-        self.store(&json)
+        self.store(&json, 0)
     }
 
     /// [`create`](Self::create) for data that is JSON text already (what
@@ -157,7 +157,15 @@ impl Sessions {
         serde_json::from_str::<serde::de::IgnoredAny>(json).map_err(|e| {
             Error::invalid_argument("session data is not a JSON value").with_source(e)
         })?;
-        self.store(json)
+        self.store(json, 0)
+    }
+
+    /// Test hook: [`create_json`](Self::create_json) with its script run
+    /// twice on one connection, as [`Cache`] runs it again when the
+    /// connection drops after the server ran it (the reply lost).
+    #[cfg(feature = "test-hooks")]
+    pub fn create_json_retried(&self, json: &str) -> Result<String> {
+        self.store(json, 1)
     }
 
     /// Reads a session's data and renews its idle expiry (clamped to its
@@ -166,7 +174,8 @@ impl Sessions {
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for an id that cannot be a session id;
     /// [`ErrorKind::CorruptEntry`] when the stored session is not in this
-    /// module's format or its data does not decode as `T`; cache errors and
+    /// module's format or its data does not decode as `T` (the message
+    /// names neither the session id nor the data); cache errors and
     /// timeouts.
     pub fn get<T: DeserializeOwned>(&self, id: &str) -> Result<Option<T>> {
         let Some(json) = self.get_json(id)? else {
@@ -174,7 +183,7 @@ impl Sessions {
         };
         serde_json::from_str(&json)
             .map(Some)
-            .map_err(|e| Error::corrupt(&session_key_name(id), e))
+            .map_err(|e| Error::corrupt_session(json_error(&e)))
     }
 
     /// [`get`](Self::get) returning the stored JSON text as it is.
@@ -187,12 +196,9 @@ impl Sessions {
         let reply: Value = self
             .cache
             .with_connection(|conn| READ.key(&key).invoke(conn))?;
-        let unexpected = |reply: &Value| {
-            Error::new(
-                ErrorKind::Cache,
-                format!("unexpected reply from the session script: {reply:?}"),
-            )
-        };
+        // Not the reply itself: it may hold the session's data.
+        let unexpected =
+            |_: &Value| Error::new(ErrorKind::Cache, "unexpected reply from the session script");
         let Value::Array(parts) = &reply else {
             return Err(unexpected(&reply));
         };
@@ -200,10 +206,9 @@ impl Sessions {
             [Value::Int(0)] => Ok(None),
             [Value::Int(1), Value::BulkString(data)] => String::from_utf8(data.clone())
                 .map(Some)
-                .map_err(|e| Error::corrupt(&session_key_name(id), e)),
-            [Value::Int(2)] => Err(Error::corrupt(
-                &session_key_name(id),
-                "not a session (no cas1 header)",
+                .map_err(|_| Error::corrupt_session("the data is not UTF-8")),
+            [Value::Int(2)] => Err(Error::corrupt_session(
+                "the key holds something else (no cas1 header)",
             )),
             _ => Err(unexpected(&reply)),
         }
@@ -222,19 +227,30 @@ impl Sessions {
             .map(|deleted| deleted > 0)
     }
 
-    fn store(&self, json: &str) -> Result<String> {
+    /// `replays`: extra runs of the script before the one whose reply
+    /// counts (test hook; 0 otherwise).
+    fn store(&self, json: &str, replays: usize) -> Result<String> {
         // A fresh 256-bit id colliding with a live one is not going to
         // happen; SET NX makes it an error instead of a takeover if the
-        // generator were ever broken.
+        // generator were ever broken. The id is made once, outside what
+        // `Cache` may run twice (after a connection that dropped once the
+        // server had run the script): a retry that finds the session with
+        // its own data took the first run's key, and says so.
         let id = new_session_id()?;
         let key = self.cache.redis_key(&session_key_name(&id));
-        let created: i64 = self.cache.with_connection(|conn| {
+        let script = |conn: &mut crate::redis_conn::RedisConnection| {
             CREATE
                 .key(&key)
                 .arg(self.idle_ttl.as_millis() as u64)
                 .arg(self.max_lifetime.as_millis() as u64)
                 .arg(json)
-                .invoke(conn)
+                .invoke::<i64>(conn)
+        };
+        let created: i64 = self.cache.with_connection(|conn| {
+            for _ in 0..replays {
+                script(conn)?;
+            }
+            script(conn)
         })?;
         if created != 1 {
             return Err(Error::new(
@@ -333,6 +349,9 @@ fn base64url(bytes: &[u8]) -> String {
 
 // KEYS[1]: the session. ARGV: idle_ms, max_lifetime_ms, JSON data.
 // The deadline is taken on the server's clock, like every later renewal.
+// A key already holding this data under this idle TTL is this creation's
+// own first run (retried after a lost reply; the id is 256 random bits):
+// 1, not a collision.
 static CREATE: Lazy<Script> = Lazy::new(|| {
     Script::new(
         r"
@@ -345,6 +364,13 @@ static CREATE: Lazy<Script> = Lazy::new(|| {
         local value = 'cas1 ' .. ARGV[1] .. ' ' .. string.format('%.0f', now + max) .. ' ' .. ARGV[3]
         if redis.call('SET', KEYS[1], value, 'NX', 'PX', string.format('%.0f', ttl)) then
           return 1
+        end
+        local held = redis.call('GET', KEYS[1])
+        if held then
+          local idle, start = string.match(held, '^cas1 (%d+) %d+ ()')
+          if idle == ARGV[1] and string.sub(held, start) == ARGV[3] then
+            return 1
+          end
         end
         return 0
         ",

@@ -464,3 +464,23 @@ fn header_declares_every_exported_function() {
     }
     assert!(found >= 30, "only {found} exported functions found");
 }
+
+/// The header's promise about `cacheaside_client_open` matches the code: it
+/// opens lazily (`outage.c` opens one against a refused Redis and gets
+/// `CACHEASIDE_OK`), so it neither blocks for the pools nor times out, and
+/// it points C users at `cacheaside_client_ping` to check the servers.
+#[test]
+fn header_says_client_open_is_lazy_and_points_at_ping() {
+    let header =
+        std::fs::read_to_string(manifest_path("include/cacheaside.h")).expect("read the header");
+    let declaration = header
+        .find("cacheaside_status cacheaside_client_open(")
+        .expect("cacheaside_client_open is declared");
+    let doc_start = header[..declaration]
+        .rfind("/**")
+        .expect("a doc comment above it");
+    let doc = &header[doc_start..declaration];
+    assert!(doc.contains("cacheaside_client_ping"), "{doc}");
+    assert!(!doc.contains("CACHEASIDE_TIMEOUT"), "{doc}");
+    assert!(!doc.contains("Blocks until"), "{doc}");
+}

@@ -285,6 +285,56 @@ fn patterns_match_within_the_namespace_only() {
     assert_eq!(raw, 0);
 }
 
+/// Events of `namespace`, on the fixture's servers.
+fn events_in(fx: &Fixture, namespace: &str) -> Events {
+    let mut config = fx.config.clone();
+    config.namespace = namespace.to_owned();
+    let cache = cacheaside::Cache::connect(&config).unwrap();
+    Events::new(&cache, &config).unwrap()
+}
+
+#[test]
+fn namespaces_sharing_a_prefix_do_not_hear_each_other() {
+    let fx = Fixture::new("ev_fence");
+    // `app:` and `app:v2:`: one namespace's text starts with the other's.
+    let app = fx.client.events().unwrap();
+    let v2 = events_in(&fx, &format!("{}v2:", fx.config.namespace));
+    let everything = events_in(&fx, "");
+    let (tx, app_rx) = mpsc::channel();
+    let _app_all = app
+        .psubscribe(&["*"], move |event| {
+            let _ = tx.send(own(event));
+        })
+        .unwrap();
+    let (_v2_orders, v2_rx) = subscribe(&v2, &["orders"]);
+    let (tx, empty_rx) = mpsc::channel();
+    let _empty_all = everything
+        .psubscribe(&["*"], move |event| {
+            let _ = tx.send(own(event));
+        })
+        .unwrap();
+    // `v2:orders` in `app:` is app's own channel: only app's `*` hears it.
+    assert_eq!(app.publish("v2:orders", "from app").unwrap(), 1);
+    // `orders` in `app:v2:` reaches v2's subscriber alone.
+    assert_eq!(v2.publish("orders", "from v2").unwrap(), 1);
+    assert_eq!(
+        next(&app_rx),
+        Got::Message("v2:orders".into(), b"from app".to_vec())
+    );
+    assert_eq!(
+        next(&v2_rx),
+        Got::Message("orders".into(), b"from v2".to_vec())
+    );
+    // The empty namespace's `*` hears its own channels only.
+    assert_eq!(everything.publish("news", "mine").unwrap(), 1);
+    assert_eq!(
+        next(&empty_rx),
+        Got::Message("news".into(), b"mine".to_vec())
+    );
+    assert!(app_rx.try_recv().is_err(), "app heard another namespace");
+    assert!(v2_rx.try_recv().is_err(), "v2 heard another namespace");
+}
+
 /// A fake Redis that answers the subscriber's handshake, then sends one
 /// message in two halves, 300 ms apart: longer than the subscriber's read
 /// timeout, so its read times out in the middle of the message.
@@ -343,7 +393,7 @@ fn a_message_split_across_read_timeouts_arrives_whole() {
     config.redis_url = format!("redis://{}/", listener.local_addr().unwrap());
     // The fake server does not confirm the unsubscribe that drop sends.
     config.cache_timeout = Duration::from_millis(500);
-    let channel = format!("{}split", fx.config.namespace);
+    let channel = format!("{}{{split}}", fx.config.namespace);
     let server = std::thread::spawn(move || serve_a_split_message(listener, channel));
     let events = Events::new(fx.client.cache(), &config).unwrap();
     let (tx, rx) = mpsc::channel();

@@ -321,8 +321,11 @@ fn key_layout_and_expiry() {
         .unwrap();
     assert!(decision.allowed);
     assert_eq!(decision.remaining, 9);
-    let key = format!("{}{{rate_limit:user:42}}", fx.config.namespace);
-    assert_eq!(fx.client.cache().redis_key("rate_limit:user:42"), key);
+    let key = format!("{}{{rate_limit:10/2000ms:user:42}}", fx.config.namespace);
+    assert_eq!(
+        fx.client.cache().redis_key("rate_limit:10/2000ms:user:42"),
+        key
+    );
     let (members, pttl): (u64, i64) = fx
         .client
         .cache()
@@ -337,6 +340,25 @@ fn key_layout_and_expiry() {
         .unwrap();
     assert_eq!(members, 1);
     assert!(pttl > 0 && pttl <= 2000, "{pttl}");
+}
+
+#[test]
+fn a_limit_is_not_reset_by_another_limit_on_the_same_subject() {
+    let fx = Fixture::new("rl_mixed");
+    let login = RateLimiter::new(fx.client.cache(), 2, Duration::from_secs(60)).unwrap();
+    let api = RateLimiter::new(fx.client.cache(), 100, Duration::from_millis(1)).unwrap();
+    assert!(login.check("ip:203.0.113.9").unwrap().allowed);
+    assert!(login.check("ip:203.0.113.9").unwrap().allowed);
+    assert!(!login.check("ip:203.0.113.9").unwrap().allowed);
+    // Another limit on the same subject, once the login requests are older
+    // than its 1 ms window: it must not trim the 60 s window's entries, nor
+    // shorten its key's life.
+    std::thread::sleep(Duration::from_millis(5));
+    assert!(api.check("ip:203.0.113.9").unwrap().allowed);
+    let after = login.check("ip:203.0.113.9").unwrap();
+    assert!(!after.allowed, "the 2-per-60 s limit was reset: {after:?}");
+    assert_eq!(after.remaining, 0);
+    assert!(after.retry_after > Duration::from_secs(50), "{after:?}");
 }
 
 #[cfg(feature = "test-hooks")]
@@ -359,13 +381,33 @@ fn two_requests_in_the_same_microsecond_both_count() {
     assert_eq!((b.allowed, b.remaining), (true, 0));
     assert_eq!((c.allowed, c.remaining), (false, 0));
     assert_eq!(c.retry_after, Duration::from_secs(10));
-    let key = fx.client.cache().redis_key("rate_limit:same-us");
+    let key = fx.client.cache().redis_key("rate_limit:2/10000ms:same-us");
     let members: u64 = fx
         .client
         .cache()
         .with_connection(|conn| redis::cmd("ZCARD").arg(&key).query(conn))
         .unwrap();
     assert_eq!(members, 2);
+}
+
+/// `Cache` runs a script again when its connection drops after the server
+/// ran it: the request must still count once.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_retried_check_counts_its_request_once() {
+    let fx = Fixture::new("rl_retry");
+    let limiter = RateLimiter::new(fx.client.cache(), 3, Duration::from_secs(60)).unwrap();
+    let first = limiter.check_retried("retried").unwrap();
+    assert_eq!((first.allowed, first.remaining), (true, 2));
+    let key = fx.client.cache().redis_key("rate_limit:3/60000ms:retried");
+    let members: u64 = fx
+        .client
+        .cache()
+        .with_connection(|conn| redis::cmd("ZCARD").arg(&key).query(conn))
+        .unwrap();
+    assert_eq!(members, 1, "one request, one entry");
+    let second = limiter.check("retried").unwrap();
+    assert_eq!((second.allowed, second.remaining), (true, 1));
 }
 
 #[test]

@@ -257,3 +257,96 @@ fn bad_ids_and_settings_are_invalid() {
     let err = sessions.with_idle_ttl(Duration::ZERO).err().unwrap();
     assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 }
+
+#[test]
+fn a_cache_call_cannot_delete_a_session_or_a_rate_limit() {
+    let fx = Fixture::new("sess_reserved");
+    let engine = fx.client.engine();
+    let cache = fx.client.cache();
+    let sessions = fx.client.sessions();
+    let id = sessions.create(&"alice").unwrap();
+    let limiter = cacheaside::RateLimiter::new(cache, 1, Duration::from_secs(60)).unwrap();
+    assert!(limiter.check("ip:1").unwrap().allowed);
+    assert!(!limiter.check("ip:1").unwrap().allowed);
+    let session_key = format!("session:{id}");
+    let limit_key = "rate_limit:1/60000ms:ip:1";
+    for key in [session_key.as_str(), limit_key] {
+        let read = engine.get_or_load(key, Duration::from_secs(60), || Ok(Some(1_i64)));
+        assert_eq!(
+            read.unwrap_err().kind(),
+            ErrorKind::InvalidArgument,
+            "{key}"
+        );
+        let err = engine.invalidate(key).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{key}");
+        assert_eq!(
+            cache.delete(key).unwrap_err().kind(),
+            ErrorKind::InvalidArgument
+        );
+        // The relay, given the key by a row in the outbox, leaves it alone.
+        fx.client
+            .db()
+            .execute(
+                &format!(
+                    "INSERT INTO {} (cache_key) VALUES ($1)",
+                    fx.config.outbox_table
+                ),
+                &[&key],
+            )
+            .unwrap();
+    }
+    assert!(engine.sync_relay(common::PATIENCE));
+    assert_eq!(
+        sessions.get::<String>(&id).unwrap().as_deref(),
+        Some("alice")
+    );
+    assert!(
+        !limiter.check("ip:1").unwrap().allowed,
+        "the limit was reset"
+    );
+}
+
+#[test]
+fn errors_name_neither_a_session_id_nor_a_value() {
+    let fx = Fixture::new("sess_private");
+    let sessions = fx.client.sessions();
+    let id = sessions
+        .create(&serde_json::json!({"user_id": "s3cret-name", "roles": []}))
+        .unwrap();
+    // Data that does not decode as the caller's type.
+    let err = sessions.get::<Login>(&id).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::CorruptEntry);
+    let forged = "F".repeat(Sessions::ID_LEN);
+    fx.put_raw(&format!("session:{forged}"), b"s3cret-raw-bytes");
+    let not_a_session = sessions.get_json(&forged).unwrap_err();
+    assert_eq!(not_a_session.kind(), ErrorKind::CorruptEntry);
+    // A cached value read as another type.
+    let cache = fx.client.cache();
+    cache
+        .set_json("profile:7", &"s3cret-value", Duration::from_secs(60))
+        .unwrap();
+    let cached = cache.get_json::<i64>("profile:7").unwrap_err();
+    assert_eq!(cached.kind(), ErrorKind::CorruptEntry);
+    for err in [err, not_a_session, cached] {
+        let shown = format!("{} | {} | {err:?}", err.chain(), err);
+        for secret in [id.as_str(), forged.as_str(), "s3cret"] {
+            assert!(!shown.contains(secret), "{secret:?} in {shown}");
+        }
+    }
+}
+
+/// `Cache` runs a script again when its connection drops after the server
+/// ran it: creating a session must survive that.
+#[cfg(feature = "test-hooks")]
+#[test]
+fn a_retried_session_creation_creates_one_session() {
+    let fx = Fixture::new("sess_retry");
+    let sessions = fx.client.sessions();
+    let id = sessions
+        .create_json_retried(r#"{"user_id": 7}"#)
+        .expect("the retry finds its own session, not a collision");
+    assert_eq!(
+        sessions.get_json(&id).unwrap().as_deref(),
+        Some(r#"{"user_id": 7}"#)
+    );
+}

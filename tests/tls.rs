@@ -113,8 +113,14 @@ fn the_lab_works_with_postgres_over_tls_and_a_named_ca() {
     // (tokio-postgres's `prefer` would try it).
     let mut plain = test_config("pg_plain");
     plain.database_url = pg.url();
-    let fx = Fixture::with(plain);
+    let fx = Fixture::with(plain.clone());
     assert!(!on_tls(&fx), "no sslmode, no TLS");
+    // A CA file does not quietly go unused: without sslmode=require it is
+    // refused, not a plaintext connection.
+    plain.database_ca_file = Some(certs.ca());
+    let err = cacheaside::Client::open(&plain).err().expect("refused");
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err:?}");
+    assert!(err.to_string().contains("sslmode=require"), "{err}");
 }
 
 #[test]
@@ -138,6 +144,7 @@ fn postgres_with_a_wrong_ca_is_a_clear_error() {
         );
     }
     let mut config = test_config("pg_tls_no_file");
+    config.database_url = format!("{}?sslmode=require", pg.url());
     config.database_ca_file = Some("/nonexistent/ca.pem".into());
     let err = cacheaside::CacheAside::open(&config)
         .err()

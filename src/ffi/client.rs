@@ -33,16 +33,23 @@ pub(crate) fn status(result: crate::Result<()>) -> cacheaside_status {
     }
 }
 
-/// Connects to PostgreSQL and Redis and stores the new client in `*out`.
+/// Opens a client for PostgreSQL and Redis and stores it in `*out`.
 ///
 /// `config` may be NULL for the defaults (with `DATABASE_URL` and
-/// `REDIS_URL` from the environment). Blocks until both pools have their
-/// first connection, or until the pool timeout (5 s by default) passes.
+/// `REDIS_URL` from the environment). Does not wait for either server:
+/// connections open lazily (in the background, and on first use), so this
+/// returns at once and succeeds while a server is down; calls then degrade
+/// or fail with the cause. To check that both servers answer (a closed
+/// port, a wrong password, a missing database), call
+/// `cacheaside_client_ping()` after it. Starts the invalidation relay's
+/// thread when the config turns it on.
 ///
 /// `*out` is set to NULL first and to the client on success only.
 ///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL `out` or an unparsable
-/// URL, `CACHEASIDE_TIMEOUT` when a server does not answer.
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL `out` or an invalid
+/// config (a setting out of range, settings that do not fit together, an
+/// unparsable URL, a CA file that cannot be read or a database CA file
+/// without `sslmode=require`), with the reason in `cacheaside_last_error()`.
 ///
 /// Ownership: the caller owns `*out` and frees it with
 /// `cacheaside_client_free()`. The config is only read; the caller keeps it.

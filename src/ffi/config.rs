@@ -161,8 +161,9 @@ pub unsafe extern "C" fn cacheaside_config_set_redis_ca_file(
 /// (TLS through rustls, which always checks the certificate and the host
 /// name, as libpq's `verify-full`). The file is read by
 /// `cacheaside_client_open()`, which returns `CACHEASIDE_INVALID_ARGUMENT`
-/// when it cannot read it. An empty string goes back to the default: the
-/// system's root certificates.
+/// when it cannot read it, or when the database URL does not say
+/// `sslmode=require` (the connection would not be encrypted). An empty
+/// string goes back to the default: the system's root certificates.
 ///
 /// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a path that
 /// is not UTF-8 (the config is then unchanged).

@@ -103,7 +103,8 @@ impl Target {
 
 /// Publishes `len` bytes at `payload` on `channel` (stored under the
 /// client's namespace: namespace `app:` and channel `orders` publish to the
-/// Redis channel `app:orders`), and stores in `*receivers` how many
+/// Redis channel `app:{orders}`; the braces keep namespaces that share a
+/// prefix, such as `app:` and `app:v2:`, from hearing each other), and stores in `*receivers` how many
 /// subscribers received it (0: nobody was listening, and the message is
 /// gone). Blocks for one Redis round trip.
 ///

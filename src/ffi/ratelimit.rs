@@ -43,8 +43,9 @@ impl Zeroed for cacheaside_rate_limit_result {
 /// script evicts, counts and adds), uses the Redis server's clock, and
 /// counts only allowed requests: a client that keeps retrying while limited
 /// is allowed again once the window slides. The subject's entries live in
-/// the sorted set `<namespace>{rate_limit:<subject>}`; memory per subject
-/// is at most `limit` entries.
+/// the sorted set `<namespace>{rate_limit:<limit>/<window_ms>ms:<subject>}`,
+/// one per limit and window, so two limits on one subject never reset each
+/// other; memory per subject is at most `limit` entries per limit.
 ///
 /// Returns `CACHEASIDE_OK` with the decision in `*out` (a rejection is
 /// `CACHEASIDE_OK` with `out->allowed == false`);
