@@ -26,7 +26,10 @@
 //!   a batch; the older ones are acknowledged with it.
 //! - **Failures.** An unreachable or timed-out Postgres (and a serialization
 //!   failure, a deadlock, a shutdown) is waited out: the batch is retried,
-//!   with backoff, for as long as it takes. A write Postgres refuses (a
+//!   with backoff, for as long as it takes. When the failure came inside the
+//!   transaction (a statement timeout on a row another session keeps
+//!   locked), the batch is split first and the failing key is retried in a
+//!   transaction of its own, so it delays only itself. A write Postgres refuses (a
 //!   constraint, a type error, an applier's error) is retried
 //!   [`Config::write_behind_attempts`] times in all, alone (so one bad change
 //!   does not hold up its batch), and then moves to the dead-letter stream
@@ -558,6 +561,9 @@ struct KeyBatch {
     newest: Change,
     /// Refused writes of `newest` so far.
     attempts: u32,
+    /// Its write failed transiently inside a transaction (a row lock held
+    /// elsewhere): it is written in a transaction of its own until it lands.
+    alone: bool,
     older: Vec<String>,
 }
 
@@ -566,6 +572,7 @@ impl KeyBatch {
         KeyBatch {
             newest: change,
             attempts: 0,
+            alone: false,
             older: Vec::new(),
         }
     }
@@ -575,8 +582,11 @@ impl KeyBatch {
         let KeyBatch {
             newest,
             attempts,
+            alone,
             older,
         } = other;
+        // The row it failed on is the same row, whichever change is newer.
+        self.alone |= alone;
         for id in older {
             self.add_older(id);
         }
@@ -1025,16 +1035,36 @@ impl Worker {
                 }
             }
         }
+        // A key whose write timed out alone before (a row lock another
+        // session holds) is written alone again, so it holds up nobody.
+        let mut outage: Option<Error> = None;
         for ((_, applier), group) in appliers.iter().zip(groups) {
-            if !group.is_empty() {
-                self.flush(applier, group);
+            let (alone, together): (Vec<KeyBatch>, Vec<KeyBatch>) =
+                group.into_iter().partition(|kb| kb.alone);
+            let parts = std::iter::once(together).chain(alone.into_iter().map(|kb| vec![kb]));
+            for part in parts.filter(|part| !part.is_empty()) {
+                match &outage {
+                    // Postgres is unreachable: the rest wait without trying.
+                    Some(err) => {
+                        let err = err.clone();
+                        self.wait_out(part, &err);
+                    }
+                    None => outage = self.flush(applier, part),
+                }
             }
         }
     }
 
-    /// Writes one applier's changes in one transaction; on a refusal,
-    /// writes them one by one, so only the bad change waits.
-    fn flush(&mut self, applier: &Applier, group: Vec<KeyBatch>) {
+    /// Writes one applier's changes in one transaction; on a refusal, or a
+    /// transient failure inside the transaction (a statement timeout on a
+    /// row another session keeps locked, a deadlock), writes them one by
+    /// one, so only the change that fails waits. Returns the error when
+    /// Postgres could not be reached at all (nothing else is worth trying
+    /// this round).
+    fn flush(&mut self, applier: &Applier, group: Vec<KeyBatch>) -> Option<Error> {
+        // Set once the transaction began: a failure after that is the
+        // statements', not the connection's.
+        let mut began = false;
         let outcome = {
             let changes: Vec<WriteBehindChange<'_>> = group
                 .iter()
@@ -1045,6 +1075,7 @@ impl Worker {
                 })
                 .collect();
             self.engine.db.transaction(|tx| {
+                began = true;
                 std::panic::catch_unwind(AssertUnwindSafe(|| applier(tx, &changes))).unwrap_or_else(
                     |_| {
                         Err(Error::new(
@@ -1060,15 +1091,33 @@ impl Worker {
                 self.outage_backoff = Duration::ZERO;
                 self.committed(group);
             }
-            Err(err) if transient(&err) => self.wait_out(group, &err),
-            Err(_) if group.len() > 1 => {
-                for kb in group {
-                    self.flush(applier, vec![kb]);
+            Err(err) if transient(&err) && !began => {
+                self.wait_out(group, &err);
+                return Some(err);
+            }
+            Err(err) if transient(&err) && group.len() == 1 => {
+                let mut group = group;
+                for kb in &mut group {
+                    kb.alone = true;
                 }
+                self.wait_out(group, &err);
             }
             Err(err) => {
+                if group.len() > 1 {
+                    let mut rest = group.into_iter();
+                    while let Some(kb) = rest.next() {
+                        if let Some(err) = self.flush(applier, vec![kb]) {
+                            let rest: Vec<KeyBatch> = rest.collect();
+                            if !rest.is_empty() {
+                                self.wait_out(rest, &err);
+                            }
+                            return Some(err);
+                        }
+                    }
+                    return None;
+                }
                 let Some(mut kb) = group.into_iter().next() else {
-                    return;
+                    return None;
                 };
                 kb.attempts += 1;
                 if kb.attempts >= self.shared.attempts {
@@ -1088,6 +1137,7 @@ impl Worker {
                 }
             }
         }
+        None
     }
 
     /// Holds changes through an outage (Postgres or Redis unreachable):

@@ -553,6 +553,63 @@ fn postgres_down_while_flushing_changes_wait_and_all_land() {
 }
 
 #[test]
+fn a_locked_row_delays_only_its_own_key() {
+    let fx = Fixture::with(wb_config("wb_locked"));
+    let mut seqs = HashMap::new();
+    for id in 1..=5 {
+        let seq = fx
+            .client
+            .update_user_plan_write_behind(id, "behind")
+            .unwrap()
+            .unwrap();
+        seqs.insert(id, seq);
+    }
+    // Another session holds user 1's row lock until told to let go.
+    let (locked_tx, locked) = mpsc::channel::<()>();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let db = fx.client.db().clone();
+    let lock = format!(
+        "SELECT 1 FROM {} WHERE id = 1 FOR UPDATE",
+        fx.config.users_table
+    );
+    let holder = std::thread::spawn(move || {
+        db.transaction(|tx| {
+            tx.query_one(&lock, &[])?;
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(PATIENCE * 2);
+            Ok(())
+        })
+    });
+    locked.recv_timeout(PATIENCE).unwrap();
+    // Workers whose statements time out quickly; the five changes are one
+    // batch (they were enqueued before the workers started).
+    let mut config = fx.config.clone();
+    config.invalidation_relay = false;
+    config.statement_timeout = Duration::from_millis(300);
+    let workers = Client::open(&config).unwrap();
+    workers.start_write_behind(1).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !(2..=5).all(|id| row(&fx, id).1 as u64 == seqs[&id]) {
+        assert!(
+            Instant::now() < deadline,
+            "the unlocked users waited for the locked one: {:?}",
+            (2..=5).map(|id| row(&fx, id).1).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(row(&fx, 1).1, 1, "user 1 is still locked");
+
+    release.send(()).unwrap();
+    holder.join().unwrap().unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    for id in 1..=5 {
+        assert_eq!(row(&fx, id).1 as u64, seqs[&id], "user {id}");
+    }
+    assert_eq!(workers.engine().stats().write_behind_dead_lettered, 0);
+}
+
+#[test]
 fn any_key_can_be_written_behind_through_a_registered_applier() {
     let fx = Fixture::with(wb_config("wb_generic"));
     let table = unique("ca_test_wb_counters");
