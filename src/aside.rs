@@ -905,7 +905,9 @@ impl CacheAside {
     /// [`ErrorKind::InvalidArgument`] for an empty key, a key no applier is
     /// registered for, a TTL of zero or beyond [`MAX_TTL`](crate::MAX_TTL),
     /// or a value that does not serialize; cache errors and timeouts (the
-    /// change may or may not have been enqueued after a timeout).
+    /// change may or may not have been enqueued after a timeout);
+    /// [`ErrorKind::Cache`] while this process's circuit breaker is open
+    /// (its reads would not see the change: nothing is enqueued).
     pub fn write_behind<T: Serialize + ?Sized>(
         &self,
         key: &str,

@@ -355,7 +355,8 @@ impl Client {
     /// [`ErrorKind::BacklogFull`](crate::ErrorKind) when the backlog is full
     /// (nothing was enqueued: retry later, or use `update_user_plan`);
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty plan;
-    /// cache errors (write-behind needs Redis) and timeouts; database errors
+    /// cache errors (write-behind needs Redis, and is refused while this
+    /// process's circuit breaker is open) and timeouts; database errors
     /// of the read when the profile is not cached.
     pub fn update_user_plan_write_behind(&self, user_id: i64, plan: &str) -> Result<Option<u64>> {
         check_plan(plan)?;

@@ -174,6 +174,24 @@ fn refuse_cluster(cache: &Cache) -> Result<()> {
     Ok(())
 }
 
+/// While this process's circuit breaker is open (or probing, or waiting
+/// for the relay), its reads bypass Redis and load the source's older row:
+/// a change enqueued now would be in Redis, and other processes would read
+/// it, but this process would not read its own write. Refused instead, with
+/// nothing enqueued; the caller retries once Redis is back, or writes
+/// directly.
+fn refuse_while_bypassing(engine: &Engine) -> Result<()> {
+    if engine.breaker.is_open() {
+        return Err(Error::new(
+            ErrorKind::Cache,
+            "write-behind refused: this process's circuit breaker keeps its reads off \
+             Redis (it failed lately), so they would not see the change; nothing was \
+             enqueued",
+        ));
+    }
+    Ok(())
+}
+
 struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
@@ -226,6 +244,7 @@ impl WriteBehind {
         floor: u64,
     ) -> Result<u64> {
         refuse_cluster(&engine.cache)?;
+        refuse_while_bypassing(engine)?;
         if self.shared.applier_for(key).is_none() {
             return Err(Error::invalid_argument(format!(
                 "no write-behind applier is registered for key {key:?}"

@@ -609,6 +609,57 @@ fn a_locked_row_delays_only_its_own_key() {
     assert_eq!(workers.engine().stats().write_behind_dead_lettered, 0);
 }
 
+/// The address behind a `scheme://[user@]host:port/...` URL.
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    let rest = url.split("://").nth(1).unwrap();
+    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
+    std::net::ToSocketAddrs::to_socket_addrs(host_port)
+        .unwrap()
+        .find(std::net::SocketAddr::is_ipv4)
+        .unwrap()
+}
+
+#[test]
+fn an_enqueue_is_refused_while_the_breaker_keeps_reads_off_redis() {
+    let mut config = wb_config("wb_breaker");
+    let proxy = FaultProxy::start(server_addr(&config.redis_url));
+    config.redis_url = format!("redis://{}/", proxy.addr());
+    config.breaker_failures = 1;
+    config.breaker_cool_off = Duration::from_secs(1);
+    let fx = Fixture::with(config);
+    assert_eq!(fx.client.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    // Redis refuses one read: the breaker opens. Redis is back at once, but
+    // this process's reads bypass it until the breaker closes.
+    proxy.set(Fault::Refuse);
+    let _ = fx.client.get_user_profile(2);
+    proxy.set(Fault::Pass);
+    assert!(fx.client.engine().breaker_open());
+
+    let err = fx
+        .client
+        .update_user_plan_write_behind(1, "behind")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cache, "{err:?}");
+    assert!(err.to_string().contains("breaker"), "{err}");
+    assert_eq!(fx.client.write_behind_pending().unwrap(), 0, "not enqueued");
+    assert_eq!(fx.client.get_user_profile(1).unwrap().unwrap().plan, "pro");
+
+    // Once the breaker has closed, the enqueue is taken and read at once.
+    let deadline = Instant::now() + PATIENCE;
+    while fx.client.engine().breaker_open() {
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        let _ = fx.client.get_user_profile(3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seq = fx
+        .client
+        .update_user_plan_write_behind(1, "behind")
+        .unwrap()
+        .unwrap();
+    let now = fx.client.get_user_profile(1).unwrap().unwrap();
+    assert_eq!((now.plan.as_str(), now.version as u64), ("behind", seq));
+}
+
 #[test]
 fn any_key_can_be_written_behind_through_a_registered_applier() {
     let fx = Fixture::with(wb_config("wb_generic"));
