@@ -192,7 +192,8 @@ pub struct Stats {
     /// the newest change of each key in a batch.
     pub write_behind_applied: u64,
     /// Write-behind changes that needed no write of their own: a newer
-    /// change of the same key was written in their place.
+    /// change of the same key was written in their place, or a synchronous
+    /// write superseded them.
     pub write_behind_coalesced: u64,
     /// Write-behind writes put off for a retry: Postgres was unreachable,
     /// or refused the write (which counts towards
@@ -600,7 +601,11 @@ impl CacheAside {
     /// Removes `key`'s value and revokes any reader's lease on it, so a load
     /// that started before this call can no longer fill it. Call it after
     /// the write to the source has committed. One Redis command, accepted
-    /// even by a Redis that is out of memory.
+    /// even by a Redis that is out of memory. It supersedes the key's
+    /// pending write-behind change, if any (the workers skip it); a flush
+    /// that commits between your write's commit and this call can still
+    /// land over your write: for keys also written behind, prefer
+    /// [`write_through`](Self::write_through), which closes that window.
     ///
     /// If it fails, this process stops reading the cache (the circuit
     /// breaker opens) until Redis answers again and, when the invalidation
@@ -655,6 +660,12 @@ impl CacheAside {
         check_ttl("ttl", ttl)?;
         self.engine
             .write_through(key, ttl, write, self.relay_running())
+    }
+
+    /// Announces a write of `key` to the write-behind workers before it
+    /// runs (see [`crate::write_behind::SyncWrite`]).
+    pub(crate) fn announce_write(&self, key: &str) -> Option<crate::write_behind::SyncWrite<'_>> {
+        crate::write_behind::announce_sync_write(self.cache(), key, self.config.call_deadline())
     }
 
     #[cfg(feature = "test-hooks")]
@@ -881,8 +892,8 @@ impl CacheAside {
     /// in any process) write it later with the applier registered for the
     /// key's prefix.
     ///
-    /// Until the source has it, the change wins over the source's older
-    /// row: a reader whose load began earlier cannot cache that row, and if
+    /// Until the source has it (or a synchronous write of the key, which
+    /// supersedes it), the change wins over the source's older row: a reader whose load began earlier cannot cache that row, and if
     /// the cached value is evicted, expires or is deleted, the next read
     /// rebuilds it from the key's pending record (no load). Once a worker
     /// has committed it, the cached value is dropped and the next read

@@ -295,10 +295,14 @@ impl Client {
     /// its TTL).
     pub fn update_user_plan(&self, user_id: i64, plan: &str) -> Result<bool> {
         check_plan(plan)?;
+        // A pending write-behind change of the user must not be flushed
+        // between this commit and the invalidation that supersedes it.
+        let announced = self.engine.announce_write(&Client::user_key(user_id));
         let updated = self.db().execute(&self.sql.update, &[&user_id, &plan])?;
         #[cfg(feature = "test-hooks")]
         self.engine.hooks().after_write(&Client::user_key(user_id));
         self.invalidate_written(user_id)?;
+        announced.map(crate::write_behind::SyncWrite::finished);
         Ok(updated == 1)
     }
 
@@ -337,9 +341,11 @@ impl Client {
     /// does: changes of one user are coalesced, written in batches,
     /// conditional on the sequence number (`version < seq`), so a change is
     /// written once in effect, and a newer one is never overwritten by an
-    /// older one. A direct update of the same user
-    /// ([`update_user_plan`](Self::update_user_plan)) is ordered by version:
-    /// a pending change enqueued before it is still written after it.
+    /// older one. A synchronous write of the same user
+    /// ([`update_user_plan`](Self::update_user_plan),
+    /// [`update_user_plan_write_through`](Self::update_user_plan_write_through))
+    /// supersedes a change enqueued before it: reads get the synchronous
+    /// write, and the change is never written over it.
     ///
     /// ```no_run
     /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;

@@ -24,6 +24,13 @@
 //!   loading the older row ([`crate::lease`] has the scripts).
 //! - **Coalescing.** A worker writes only the newest change of each key in
 //!   a batch; the older ones are acknowledged with it.
+//! - **The last write wins across paths.** A synchronous write of a key
+//!   (write-through, or a write and `invalidate`) supersedes its pending
+//!   change: reads get the synchronous write from its return on, and a
+//!   worker commits a change only if it is still the key's pending change
+//!   and no registered writer is in progress, asked inside its transaction
+//!   once its row locks are held ([`lease::still_current`]); a superseded
+//!   change is acknowledged unwritten.
 //! - **Failures.** An unreachable or timed-out Postgres (and a serialization
 //!   failure, a deadlock, a shutdown) is waited out: the batch is retried,
 //!   with backoff, for as long as it takes. When the failure came inside the
@@ -74,7 +81,7 @@ use crate::config::Config;
 use crate::db::Transaction;
 use crate::entry::now_ms;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{self, Enqueued, Json, Keys, Settled, new_token};
+use crate::lease::{self, Enqueued, Json, Keys, Settled, Verdict, new_token};
 use crate::observe::report;
 use crate::pool::Conn;
 
@@ -190,6 +197,57 @@ fn refuse_while_bypassing(engine: &Engine) -> Result<()> {
         ));
     }
     Ok(())
+}
+
+/// A synchronous write of one key in progress, announced to the
+/// write-behind workers (as a registered writer of the key) before it
+/// writes the source: a worker about to commit a pending change of the key
+/// holds it until the write has finished and superseded it
+/// ([`lease::still_current`]). Without the announcement a flush could land
+/// between the write's commit and its invalidation, over the newer row.
+/// Dropped without [`SyncWrite::finished`] (the write failed), it
+/// unregisters, and the pending change goes ahead.
+pub(crate) struct SyncWrite<'a> {
+    cache: &'a Cache,
+    keys: Keys,
+    token: crate::lease::Token,
+    finished: bool,
+}
+
+/// Announces a synchronous write of `key` that will be followed by its
+/// invalidation; `None` when Redis does not answer (the invalidation after
+/// the write fails then too, and the workers cannot commit either).
+pub(crate) fn announce_sync_write<'a>(
+    cache: &'a Cache,
+    key: &str,
+    ttl: Duration,
+) -> Option<SyncWrite<'a>> {
+    let keys = Keys::for_value(cache.redis_key(key));
+    let token = new_token();
+    lease::register_writer(cache, &keys, &token, ttl).ok()?;
+    Some(SyncWrite {
+        cache,
+        keys,
+        token,
+        finished: false,
+    })
+}
+
+impl SyncWrite<'_> {
+    /// The write committed and its invalidation ran (which removed the
+    /// registration with every other writer's).
+    pub(crate) fn finished(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for SyncWrite<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: the registration expires with its TTL anyway.
+            let _ = lease::unregister_writer(self.cache, &self.keys, &self.token);
+        }
+    }
 }
 
 struct Workers {
@@ -1084,6 +1142,10 @@ impl Worker {
         // Set once the transaction began: a failure after that is the
         // statements', not the connection's.
         let mut began = false;
+        // Set when a change turned out superseded, or Redis could not say:
+        // the transaction was rolled back for it.
+        let mut verdicts: Option<Vec<Verdict>> = None;
+        let mut redis_down: Option<Error> = None;
         let outcome = {
             let changes: Vec<WriteBehindChange<'_>> = group
                 .iter()
@@ -1093,18 +1155,51 @@ impl Worker {
                     seq: kb.newest.seq,
                 })
                 .collect();
+            let cache = &self.engine.cache;
+            let checks: Vec<(Keys, u64)> = group
+                .iter()
+                .map(|kb| {
+                    (
+                        Keys::for_value(cache.redis_key(&kb.newest.key)),
+                        kb.newest.seq,
+                    )
+                })
+                .collect();
             self.engine.db.transaction(|tx| {
                 began = true;
-                std::panic::catch_unwind(AssertUnwindSafe(|| applier(tx, &changes))).unwrap_or_else(
-                    |_| {
+                std::panic::catch_unwind(AssertUnwindSafe(|| applier(tx, &changes)))
+                    .unwrap_or_else(|_| {
                         Err(Error::new(
                             ErrorKind::Panicked,
                             "the write-behind applier panicked",
                         ))
-                    },
-                )
+                    })?;
+                // The row locks are ours now: a synchronous write that
+                // registers from here on waits for our commit, and one that
+                // registered or superseded before shows here.
+                match lease::still_current(cache, &checks) {
+                    Ok(v) if v.iter().all(|v| *v == Verdict::Apply) => Ok(()),
+                    Ok(v) => {
+                        verdicts = Some(v);
+                        Err(Error::new(
+                            ErrorKind::Cache,
+                            "write-behind change superseded",
+                        ))
+                    }
+                    Err(err) => {
+                        redis_down = Some(err.clone());
+                        Err(err)
+                    }
+                }
             })
         };
+        if let Some(err) = redis_down {
+            self.wait_out(group, &err);
+            return Some(err);
+        }
+        if let Some(verdicts) = verdicts {
+            return self.superseded(applier, group, verdicts);
+        }
         match outcome {
             Ok(()) => {
                 self.outage_backoff = Duration::ZERO;
@@ -1157,6 +1252,46 @@ impl Worker {
             }
         }
         None
+    }
+
+    /// After a rollback because some changes of `group` were no longer
+    /// current: the superseded ones are acknowledged unwritten, those whose
+    /// key a synchronous writer is writing wait for it, and the rest are
+    /// written again.
+    fn superseded(
+        &mut self,
+        applier: &Applier,
+        group: Vec<KeyBatch>,
+        verdicts: Vec<Verdict>,
+    ) -> Option<Error> {
+        let (mut again, mut skip) = (Vec::new(), Vec::new());
+        let due = Instant::now() + self.shared.backoff.min(self.shared.max_wait());
+        for (kb, verdict) in group.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Apply => again.push(kb),
+                Verdict::Skip => skip.push(kb),
+                Verdict::Wait => {
+                    self.engine.counters.write_behind_retried.bump();
+                    self.held.push(Held { batch: kb, due });
+                }
+            }
+        }
+        if !skip.is_empty() {
+            let ids: Vec<String> = skip.iter().flat_map(|kb| kb.ids().cloned()).collect();
+            match self.ack(&ids) {
+                Ok(()) => self
+                    .engine
+                    .counters
+                    .write_behind_coalesced
+                    .add(ids.len() as u64),
+                Err(err) => self.wait_out(skip, &err),
+            }
+        }
+        if again.is_empty() {
+            None
+        } else {
+            self.flush(applier, again)
+        }
     }
 
     /// Holds changes through an outage (Postgres or Redis unreachable):
