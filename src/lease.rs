@@ -7,8 +7,10 @@
 //! `…:lock` (the cross-process rebuild lock: a token), `…:writers` (the
 //! write-through writers in progress: a set of tokens), `…:floor` (the
 //! lowest version a registered writer may still store, once the relay has
-//! seen a newer one) and `…:pending` (the newest write-behind change not yet
-//! in the source: a hash). All share one slot.
+//! seen a newer one), `…:pending` (the newest write-behind change not yet
+//! in the source: a hash) and `…:seq` (the last write-behind sequence
+//! number the key got, kept for [`SEQ_FLOOR_TTL`] after it). All share one
+//! slot.
 //!
 //! Guarantees, each kept by one script:
 //! - A reader fills a key only while it holds its lease (`fill`); a write
@@ -70,6 +72,9 @@ pub(crate) struct Keys {
     pub writers: String,
     pub floor: String,
     pub pending: String,
+    /// The last write-behind sequence number given to the key: a floor for
+    /// the next one that outlives the pending record.
+    pub seq: String,
 }
 
 impl Keys {
@@ -82,6 +87,7 @@ impl Keys {
             writers: format!("{value}:writers"),
             floor: format!("{value}:floor"),
             pending: format!("{value}:pending"),
+            seq: format!("{value}:seq"),
             value,
         }
     }
@@ -360,6 +366,15 @@ pub(crate) enum Json<'a> {
     Sequenced { head: &'a [u8], tail: &'a [u8] },
 }
 
+/// How long a key's last write-behind sequence number is kept after its
+/// enqueue (`…:seq`), as a floor for the next: the pending record goes once
+/// the change is in the source, and without a trace of its number a Redis
+/// clock stepped back (a failover to a replica whose clock is behind) would
+/// number the next change lower, and an applier's `WHERE seq < $seq` would
+/// make its write a silent no-op. A step back longer than this on a key not
+/// written behind since is not covered.
+pub(crate) const SEQ_FLOOR_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Where a write-behind change goes besides its key: the stream, and the
 /// consumer group to create with it.
 pub(crate) struct Stream<'a> {
@@ -384,8 +399,9 @@ pub(crate) enum Enqueued {
 /// appended to the stream. Nothing happens when the backlog is full.
 ///
 /// The sequence number is Redis's clock in microseconds, or one more than
-/// the key's last (pending or cached) sequence or `floor` when that is
-/// later, so it grows per key even across a clock step or a lost counter.
+/// the key's last (pending, cached, or kept in `…:seq` for
+/// [`SEQ_FLOOR_TTL`]) sequence or `floor` when that is later, so it grows
+/// per key even across a clock step back or a lost counter.
 ///
 /// The one script that spans two slots (the key's and the stream's): the
 /// change must be readable if and only if it will be written, and only one
@@ -416,6 +432,7 @@ pub(crate) fn write_behind(
             .key(&keys.lease)
             .key(&keys.pending)
             .key(stream.key)
+            .key(&keys.seq)
             .arg(key)
             .arg(head)
             .arg(tail)
@@ -426,6 +443,7 @@ pub(crate) fn write_behind(
             .arg(millis(physical))
             .arg(stream.max_backlog)
             .arg(stream.group)
+            .arg(millis(SEQ_FLOOR_TTL))
             .invoke(conn)
     })?;
     let unexpected = |reply: &Value| {
@@ -824,9 +842,10 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 0
         ",
         ),
-        // KEYS: value, lease, pending, stream. ARGV: key, head, tail,
+        // KEYS: value, lease, pending, stream, seq. ARGV: key, head, tail,
         // sequenced ('1': the JSON is head .. seq .. tail), floor,
-        // expires_at_ms, ttl_ms, physical_ms, max_backlog, group.
+        // expires_at_ms, ttl_ms, physical_ms, max_backlog, group,
+        // seq_floor_ttl_ms.
         // Lua numbers are doubles: sequences stay below 2^53 (Redis's clock
         // in microseconds reaches it in the year 2255).
         write_behind: Script::new(
@@ -851,6 +870,12 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         elseif vt ~= 'none' then
           redis.call('DEL', KEYS[1])
         end
+        local st = redis.call('TYPE', KEYS[5]).ok
+        if st == 'string' then
+          after(string.match(redis.call('GET', KEYS[5]), '^%d+$'))
+        elseif st ~= 'none' then
+          redis.call('DEL', KEYS[5])
+        end
         if seq >= 9007199254740992 then
           return redis.error_reply('write-behind sequence beyond 2^53')
         end
@@ -861,6 +886,7 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
           'PX', ARGV[8])
         redis.call('DEL', KEYS[2])
         redis.call('HSET', KEYS[3], 's', s, 'v', json, 't', ARGV[7], 'p', ARGV[8])
+        redis.call('SET', KEYS[5], s, 'PX', ARGV[11])
         local new_stream = redis.call('EXISTS', KEYS[4]) == 0
         local id = redis.call('XADD', KEYS[4], '*', 'k', ARGV[1], 's', s, 'v', json)
         if new_stream then
@@ -1144,5 +1170,6 @@ mod tests {
         assert_eq!(keys.writers, "ns:{user:1}:writers");
         assert_eq!(keys.floor, "ns:{user:1}:floor");
         assert_eq!(keys.pending, "ns:{user:1}:pending");
+        assert_eq!(keys.seq, "ns:{user:1}:seq");
     }
 }

@@ -918,6 +918,86 @@ fn any_key_can_be_written_behind_through_a_registered_applier() {
     db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
 }
 
+/// A `counter:` applier over a table of its own, conditional on `seq`, as
+/// the docs show it; returns the table's name (dropped by the caller).
+fn counters_applier(fx: &Fixture) -> String {
+    let table = unique("ca_test_wb_counters");
+    fx.client
+        .db()
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (name text PRIMARY KEY, n bigint NOT NULL, seq bigint NOT NULL)"
+        ))
+        .unwrap();
+    let upsert = format!(
+        "INSERT INTO {table} (name, n, seq) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET n = EXCLUDED.n, seq = EXCLUDED.seq
+         WHERE {table}.seq < EXCLUDED.seq"
+    );
+    fx.client
+        .engine()
+        .register_write_behind("counter:", move |tx, changes| {
+            for change in changes {
+                let n: i64 = serde_json::from_slice(change.json)
+                    .map_err(cacheaside::Error::invalid_argument)?;
+                let name = &change.key["counter:".len()..];
+                tx.execute(&upsert, &[&name, &n, &(change.seq as i64)])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    table
+}
+
+/// A counter's committed `(n, seq)`.
+fn counter(fx: &Fixture, table: &str, name: &str) -> (i64, u64) {
+    let r = fx
+        .client
+        .db()
+        .query_one(
+            &format!("SELECT n, seq FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .unwrap();
+    (r.get(0), r.get::<_, i64>(1) as u64)
+}
+
+#[test]
+fn a_generic_change_after_a_redis_clock_step_back_still_lands() {
+    let fx = Fixture::with(wb_config("wb_clock"));
+    let table = counters_applier(&fx);
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    // The first change is numbered from a Redis clock an hour ahead (as if
+    // the cached entry carried that clock's number).
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let ahead = now_us + 3_600_000_000;
+    let expires_ms = now_us / 1000 + 60_000;
+    fx.put_raw(
+        "counter:a",
+        format!("ca1 v {ahead} 0 {expires_ms}\n0").as_bytes(),
+    );
+    let first = engine.write_behind("counter:a", ttl, &1_i64).unwrap();
+    assert!(first > ahead);
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(counter(&fx, &table, "a"), (1, first));
+    // The flush left no value and no pending record; the clock is an hour
+    // behind that number now. The next change still follows the first.
+    let second = engine.write_behind("counter:a", ttl, &2_i64).unwrap();
+    assert!(second > first, "{second} after {first}");
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(counter(&fx, &table, "a"), (2, second));
+    fx.client.stop_write_behind();
+    fx.client
+        .db()
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .unwrap();
+}
+
 #[test]
 fn workers_start_once_stop_and_leave_the_group() {
     let fx = Fixture::with(wb_config("wb_lifecycle"));
