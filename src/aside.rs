@@ -962,8 +962,9 @@ impl CacheAside {
     /// (sharing the work with the workers of every other process), coalesce
     /// the changes of each key, write them in batches through the
     /// registered appliers, and acknowledge them only after the commit.
-    /// Changes a dead worker left pending are claimed after
-    /// [`Config::write_behind_claim_after`].
+    /// Changes a dead worker left pending are claimed within about 2 s (its
+    /// liveness key expires); those of a live worker slower than
+    /// [`Config::write_behind_claim_after`] after that.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for 0 or more than

@@ -9,8 +9,11 @@
 //!   after the transaction that wrote it (or a newer change of its key) has
 //!   committed, or when it moves, with its error, to the dead-letter stream.
 //!   A worker that dies at any point leaves what it read pending in the
-//!   consumer group, and another worker claims it (`XAUTOCLAIM`) after
-//!   [`Config::write_behind_claim_after`]. A full backlog refuses the
+//!   consumer group, and another worker claims it within about two seconds:
+//!   each worker has a liveness key with a 2 s TTL, renewed every 500 ms by
+//!   a thread of its process, and a worker whose key is gone is dead. A
+//!   worker that is alive but slow keeps its changes until
+//!   [`Config::write_behind_claim_after`] (`XAUTOCLAIM`). A full backlog refuses the
 //!   enqueue ([`ErrorKind::BacklogFull`]); it never evicts.
 //! - **At-least-once delivery, exactly-once effect.** Every change carries a
 //!   per-key sequence number, and an applier's write is conditional on it:
@@ -94,6 +97,22 @@ const BLOCK: Duration = Duration::from_millis(100);
 /// Most ids one acknowledgement script takes (Lua's `unpack` has a limit).
 const ACK_CHUNK: usize = 1000;
 
+/// How long a worker's liveness key lives without renewal: a worker whose
+/// key is gone is dead, and its pending changes are claimed then, instead
+/// of after [`Config::write_behind_claim_after`] (which stays for live
+/// workers that are slow).
+const LIVENESS_TTL: Duration = Duration::from_secs(2);
+
+/// How often the liveness keys of a process's workers are renewed (by a
+/// thread of their own, so a worker in a long transaction stays alive), and
+/// how often a worker looks for dead ones.
+const LIVENESS_EVERY: Duration = Duration::from_millis(500);
+
+/// A dead worker's change is claimed only if idle this long: of two workers
+/// that find the same dead one, only the first gets each change (a claim
+/// resets the idle time).
+const DEAD_CLAIM_IDLE: Duration = Duration::from_secs(1);
+
 /// Most write-behind worker threads one engine runs.
 pub const MAX_WRITE_BEHIND_WORKERS: u32 = 64;
 
@@ -153,6 +172,8 @@ pub(crate) struct WriteBehind {
 struct Shared {
     stream: String,
     dead: String,
+    /// A worker's liveness key is this followed by its consumer name.
+    alive: String,
     /// Longest prefix first. Read by enqueues and by workers (who copy the
     /// list out, and never hold the lock across I/O); written by register.
     appliers: RwLock<Vec<(String, Applier)>>,
@@ -253,6 +274,11 @@ impl Drop for SyncWrite<'_> {
 struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Renews the workers' liveness keys until `stop`.
+    liveness: Option<JoinHandle<()>>,
+    /// The workers' liveness keys, deleted once they have stopped.
+    alive_keys: Vec<String>,
+    cache: Cache,
 }
 
 impl WriteBehind {
@@ -262,6 +288,7 @@ impl WriteBehind {
             shared: Arc::new(Shared {
                 stream: format!("{base}:stream"),
                 dead: format!("{base}:dead"),
+                alive: format!("{base}:alive:"),
                 appliers: RwLock::new(Vec::new()),
                 max_backlog: config.write_behind_max_backlog,
                 batch: config.write_behind_batch as usize,
@@ -369,8 +396,15 @@ impl WriteBehind {
         engine.db = engine.db.uncounted();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let mut alive_keys = Vec::new();
         for i in 0..workers {
             let worker = Worker::new(engine.clone(), Arc::clone(&self.shared), Arc::clone(&stop));
+            let alive_key = format!("{}{}", self.shared.alive, worker.consumer);
+            // Alive before it reads anything (best effort: the renewer
+            // retries, and a worker taken for dead early only costs a
+            // duplicate write, which the sequence guard makes harmless).
+            let _ = renew_liveness(&engine.cache, std::slice::from_ref(&alive_key));
+            alive_keys.push(alive_key);
             match std::thread::Builder::new()
                 .name(format!("cacheaside-write-behind-{i}"))
                 .spawn(move || worker.run())
@@ -380,12 +414,43 @@ impl WriteBehind {
             }
         }
         if threads.is_empty() {
+            let _ = delete_liveness(&engine.cache, &alive_keys);
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "the system refused every write-behind worker thread",
             ));
         }
-        *slot = Some(Workers { stop, threads });
+        let liveness = {
+            let (cache, keys, stop) = (engine.cache.clone(), alive_keys.clone(), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("cacheaside-write-behind-liveness".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Err(err) = renew_liveness(&cache, &keys) {
+                            report!(
+                                debug,
+                                "write-behind liveness renewal failed: {}",
+                                err.chain()
+                            );
+                        }
+                        let until = Instant::now() + LIVENESS_EVERY;
+                        while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                })
+                // Without it the workers' keys expire: others claim their
+                // changes early (duplicate writes, harmless), nothing is lost.
+                .map_err(|e| report!(warn, "cannot start the write-behind liveness thread: {e}"))
+                .ok()
+        };
+        *slot = Some(Workers {
+            stop,
+            threads,
+            liveness,
+            alive_keys,
+            cache: engine.cache.clone(),
+        });
         Ok(())
     }
 
@@ -397,6 +462,12 @@ impl WriteBehind {
             for thread in workers.threads {
                 let _ = thread.join();
             }
+            if let Some(thread) = workers.liveness {
+                let _ = thread.join();
+            }
+            // What they still hold is claimed by others at once, not after
+            // the claim timeout.
+            let _ = delete_liveness(&workers.cache, &workers.alive_keys);
         }
     }
 
@@ -722,6 +793,7 @@ struct Worker {
     held: Vec<Held>,
     claim_cursor: String,
     next_claim: Instant,
+    next_dead_check: Instant,
     next_touch: Instant,
     next_sweep: Instant,
     /// The wait before retrying after an outage; doubles while it lasts.
@@ -739,6 +811,7 @@ impl Worker {
             held: Vec::new(),
             claim_cursor: "0-0".into(),
             next_claim: now,
+            next_dead_check: now,
             next_touch: now,
             next_sweep: now + shared.claim_after * 10,
             outage_backoff: Duration::ZERO,
@@ -824,6 +897,16 @@ impl Worker {
             room = room.saturating_sub(claimed.len());
             sort(claimed, &mut batch, &mut poison);
             self.next_claim = now + self.shared.max_wait();
+        }
+        if room > 0 && now >= self.next_dead_check {
+            let claimed = self.claim_from_dead(room)?;
+            self.engine
+                .counters
+                .write_behind_claimed
+                .add(claimed.len() as u64);
+            room = room.saturating_sub(claimed.len());
+            sort(claimed, &mut batch, &mut poison);
+            self.next_dead_check = now + LIVENESS_EVERY;
         }
         if room > 0 {
             let block = if batch.is_empty() && poison.is_empty() {
@@ -951,6 +1034,86 @@ impl Worker {
             _ => "0-0".into(),
         };
         Ok(parts.get(1).map(entries).unwrap_or_default())
+    }
+
+    /// Claims (up to `count`) the changes held by workers whose liveness
+    /// key has expired: dead ones, found within [`LIVENESS_TTL`] of their
+    /// death rather than after `claim_after`.
+    fn claim_from_dead(&mut self, count: usize) -> Result<Vec<RawEntry>> {
+        let stream = &self.shared.stream;
+        let summary: Value = self.engine.cache.run(|conn| {
+            match redis::cmd("XPENDING").arg(stream).arg(GROUP).query(conn) {
+                Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
+                other => other,
+            }
+        })?;
+        let others: Vec<String> = pending_consumers(&summary)
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| *name != self.consumer)
+            .collect();
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let alive: Vec<bool> = self.engine.cache.run(|conn| {
+            let mut pipe = redis::pipe();
+            for name in &others {
+                pipe.cmd("EXISTS")
+                    .arg(format!("{}{name}", self.shared.alive));
+            }
+            pipe.query(conn)
+        })?;
+        let mut claimed = Vec::new();
+        for (name, alive) in others.iter().zip(alive) {
+            if alive || claimed.len() >= count {
+                continue;
+            }
+            let room = count - claimed.len();
+            let held: Value = self.engine.cache.run(|conn| {
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg("-")
+                    .arg("+")
+                    .arg(room)
+                    .arg(name)
+                    .query(conn)
+            })?;
+            let ids: Vec<String> = match &held {
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(|item| match item {
+                        Value::Array(fields) => match fields.first() {
+                            Some(Value::BulkString(id)) => {
+                                Some(String::from_utf8_lossy(id).into_owned())
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            report!(
+                info,
+                "write-behind: worker {name} is dead (no liveness key): claiming its {} changes",
+                ids.len()
+            );
+            let reply: Value = self.engine.cache.run(|conn| {
+                redis::cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(millis(DEAD_CLAIM_IDLE))
+                    .arg(&ids)
+                    .query(conn)
+            })?;
+            claimed.extend(entries(&reply));
+        }
+        Ok(claimed)
     }
 
     /// Renews this worker's claim on what it holds (so nobody claims a
@@ -1438,6 +1601,59 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Sets (or renews) liveness keys for [`LIVENESS_TTL`], in one round trip.
+fn renew_liveness(cache: &Cache, keys: &[String]) -> Result<()> {
+    cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(millis(LIVENESS_TTL))
+                .ignore();
+        }
+        pipe.query::<()>(conn)
+    })
+}
+
+fn delete_liveness(cache: &Cache, keys: &[String]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    cache.run(|conn| redis::cmd("DEL").arg(keys).query::<i64>(conn))?;
+    Ok(())
+}
+
+/// The consumers of an `XPENDING` summary reply that hold changes, with
+/// how many.
+fn pending_consumers(summary: &Value) -> Vec<(String, u64)> {
+    let Value::Array(parts) = summary else {
+        return Vec::new();
+    };
+    let Some(Value::Array(consumers)) = parts.get(3) else {
+        return Vec::new();
+    };
+    consumers
+        .iter()
+        .filter_map(|c| match c {
+            Value::Array(pair) => match pair.as_slice() {
+                [Value::BulkString(name), Value::BulkString(n)] => Some((
+                    String::from_utf8_lossy(name).into_owned(),
+                    std::str::from_utf8(n).ok()?.parse().ok()?,
+                )),
+                [Value::BulkString(name), Value::Int(n)] => Some((
+                    String::from_utf8_lossy(name).into_owned(),
+                    u64::try_from(*n).ok()?,
+                )),
+                _ => None,
+            },
+            _ => None,
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Sorts entries read into changes (as key batches) and poison.

@@ -1068,6 +1068,11 @@ fn worker_process_entry_point() {
     config.outbox_table = outbox.into();
     config.invalidation_relay = false;
     config.write_behind_batch = 64;
+    if mode == "workers" {
+        // The default claim timeout: a dead worker's changes must move on
+        // long before it, once its liveness key has expired.
+        config.write_behind_claim_after = Config::default().write_behind_claim_after;
+    }
     let client = Client::open(&config).unwrap();
     if mode == "kill-after-commit" {
         client.engine().set_after_write_behind_commit_hook(|_| {
@@ -1329,14 +1334,35 @@ fn ten_thousand_updates_from_eight_threads_with_a_worker_process_killed_midway()
             std::thread::sleep(Duration::from_micros(200));
         }
         victim.kill().unwrap(); // SIGKILL
+        let killed_at = Instant::now();
         let status = victim.wait().unwrap();
         assert!(!status.success());
+        // The survivor sees the dead worker within about 2 s (its liveness
+        // key expires) and claims what it held: not after the 30 s claim
+        // timeout, which is for live workers that are slow.
+        while held_by(&fx, pid) > 0 {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(5),
+                "the dead worker's changes were not claimed within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "the dead worker's changes were claimed after {:?}",
+            killed_at.elapsed()
+        );
         worker_process(&fx, "workers", 2)
     });
     assert_eq!(enqueued.load(Ordering::Relaxed), THREADS * PER_THREAD);
     assert_eq!(reads.load(Ordering::Relaxed), THREADS * PER_THREAD);
 
+    let draining = Instant::now();
     fx.client.drain_write_behind(PATIENCE * 2).unwrap();
+    assert!(
+        draining.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        draining.elapsed()
+    );
     let newest = newest.into_inner().unwrap();
     for id in 1..=USERS {
         let (seq, plan) = &newest[&id];
