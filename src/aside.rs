@@ -915,7 +915,7 @@ impl CacheAside {
     /// changes already wait (nothing was enqueued: retry later);
     /// [`ErrorKind::InvalidArgument`] for an empty key, a key no applier is
     /// registered for, a TTL of zero or beyond [`MAX_TTL`](crate::MAX_TTL),
-    /// or a value that does not serialize; cache errors and timeouts (the
+    /// a value that does not serialize or whose JSON is larger than 1 MiB; cache errors and timeouts (the
     /// change may or may not have been enqueued after a timeout);
     /// [`ErrorKind::Cache`] while this process's circuit breaker is open
     /// (its reads would not see the change: nothing is enqueued).

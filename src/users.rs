@@ -460,6 +460,19 @@ fn apply_plans(
         let profile: UserProfile = serde_json::from_slice(change.json).map_err(|e| {
             Error::invalid_argument(format!("{:?} is not a user profile: {e}", change.key))
         })?;
+        // The row written is the key's: whoever can write the stream must
+        // not aim a change at another row through the JSON.
+        let id: Option<i64> = change
+            .key
+            .strip_prefix(USER_PREFIX)
+            .and_then(|id| id.parse().ok());
+        if id != Some(profile.id) {
+            return Err(Error::invalid_argument(format!(
+                "the change of {:?} names user {}: refused",
+                change.key, profile.id
+            )));
+        }
+        check_plan(&profile.plan)?;
         let seq = i64::try_from(change.seq)
             .map_err(|_| Error::invalid_argument("sequence number beyond bigint"))?;
         ids.push(profile.id);

@@ -113,6 +113,25 @@ const LIVENESS_EVERY: Duration = Duration::from_millis(500);
 /// resets the idle time).
 const DEAD_CLAIM_IDLE: Duration = Duration::from_secs(1);
 
+/// The largest value (JSON) a write-behind change may carry: an enqueue of
+/// a larger one is refused, and a stream entry with one is dead-lettered.
+pub(crate) const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// Most fields a stream entry may have (ours have three): one with more
+/// was not written by an enqueue, and is dead-lettered.
+const MAX_ENTRY_FIELDS: usize = 16;
+
+/// Highest sequence number an entry may carry: what the enqueue script can
+/// produce (below 2^53), far from overflowing a `bigint`'s `version + 1`.
+const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// How much of a poison entry's value its dead letter keeps.
+const DEAD_VALUE_BYTES: usize = 64 << 10;
+
+/// The dead-letter stream is trimmed to about this many entries (`XADD
+/// MAXLEN ~`), the oldest going first.
+const DEAD_LETTER_CAP: u64 = 10_000;
+
 /// Most write-behind worker threads one engine runs.
 pub const MAX_WRITE_BEHIND_WORKERS: u32 = 64;
 
@@ -330,6 +349,16 @@ impl WriteBehind {
     ) -> Result<u64> {
         refuse_cluster(&engine.cache)?;
         refuse_while_bypassing(engine)?;
+        let size = match json {
+            Json::Whole(json) => json.len(),
+            Json::Sequenced { head, tail } => head.len() + tail.len() + 16,
+        };
+        if size > MAX_VALUE_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "a write-behind value may hold at most {MAX_VALUE_BYTES} bytes of JSON \
+                 ({size} given)"
+            )));
+        }
         if self.shared.applier_for(key).is_none() {
             return Err(Error::invalid_argument(format!(
                 "no write-behind applier is registered for key {key:?}"
@@ -671,20 +700,36 @@ struct Change {
 impl Change {
     /// Parses an entry; `Err` says why it is poison.
     fn parse(raw: &RawEntry) -> std::result::Result<Change, String> {
+        if raw.fields.len() > MAX_ENTRY_FIELDS {
+            return Err(format!(
+                "unparseable: {} fields (an enqueue writes 3)",
+                raw.fields.len()
+            ));
+        }
         let text = |name: &str| {
             raw.field(name)
                 .ok_or_else(|| format!("unparseable: no field {name:?}"))
         };
         let key = std::str::from_utf8(text("k")?)
             .map_err(|_| "unparseable: the key is not UTF-8".to_owned())?;
-        if key.is_empty() {
-            return Err("unparseable: the key is empty".into());
+        if crate::cache::check_key(key).is_err() {
+            return Err("unparseable: not a cache key".into());
         }
-        let seq = std::str::from_utf8(text("s")?)
+        let seq: u64 = std::str::from_utf8(text("s")?)
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| "unparseable: the sequence number is not a number".to_owned())?;
+        if seq > MAX_SEQ {
+            return Err(format!(
+                "unparseable: the sequence number is beyond {MAX_SEQ}"
+            ));
+        }
         let json = text("v")?;
+        if json.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "unparseable: the value is larger than {MAX_VALUE_BYTES} bytes"
+            ));
+        }
         if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(json) {
             return Err(format!("unparseable: the value is not JSON: {err}"));
         }
@@ -1547,12 +1592,17 @@ impl Worker {
         }
     }
 
-    /// Moves an entry that does not parse to the dead-letter stream as it is.
+    /// Moves an entry that does not parse to the dead-letter stream: its
+    /// `k`, `s` and `v` fields (the value cut to [`DEAD_VALUE_BYTES`]), not
+    /// whatever else it holds (an entry may have been forged with thousands
+    /// of fields, which would break the script).
     fn dead_letter_raw(&self, raw: &RawEntry, why: &str, attempts: u32) -> Result<()> {
-        let fields: Vec<(&str, Vec<u8>)> = raw
-            .fields
-            .iter()
-            .filter_map(|(f, v)| std::str::from_utf8(f).ok().map(|f| (f, v.clone())))
+        let fields: Vec<(&str, Vec<u8>)> = ["k", "s", "v"]
+            .into_iter()
+            .filter_map(|name| {
+                let value = raw.field(name)?;
+                Some((name, value[..value.len().min(DEAD_VALUE_BYTES)].to_vec()))
+            })
             .collect();
         report!(warn, "write-behind: entry {} is poison: {why}", raw.id);
         self.dead_letter(&raw.id, why, attempts, &fields)
@@ -1572,6 +1622,7 @@ impl Worker {
             let mut call = STREAM_SCRIPTS.dead_letter.key(&self.shared.stream);
             call.key(&self.shared.dead)
                 .arg(GROUP)
+                .arg(DEAD_LETTER_CAP)
                 .arg(id)
                 .arg(why)
                 .arg(attempts);
@@ -1709,19 +1760,19 @@ static STREAM_SCRIPTS: once_cell::sync::Lazy<StreamScripts> =
         return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
         ",
         ),
-        // KEYS: stream, dead. ARGV: group, id, error, attempts, then the
-        // entry's fields and values. Gated on the acknowledgement, so a
+        // KEYS: stream, dead. ARGV: group, cap, id, error, attempts, then
+        // the entry's fields and values. Gated on the acknowledgement, so a
         // change finished elsewhere (or a second run of this script) is not
         // dead-lettered twice.
         dead_letter: Script::new(
             r"
-        local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+        local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
         if acked == 1 then
-          local fields = {'id', ARGV[2], 'error', ARGV[3], 'attempts', ARGV[4]}
-          for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-          redis.call('XADD', KEYS[2], '*', unpack(fields))
+          local fields = {'id', ARGV[3], 'error', ARGV[4], 'attempts', ARGV[5]}
+          for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+          redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
         end
-        redis.call('XDEL', KEYS[1], ARGV[2])
+        redis.call('XDEL', KEYS[1], ARGV[3])
         return acked
         ",
         ),
@@ -1788,6 +1839,15 @@ mod tests {
             entry(&[("k", "a"), ("s", "x"), ("v", "{}")]),
             entry(&[("k", "a"), ("s", "7"), ("v", "{oops")]),
             entry(&[("k", ""), ("s", "7"), ("v", "1")]),
+            entry(&[("k", "a{b}"), ("s", "7"), ("v", "1")]),
+            entry(&[("k", "a"), ("s", "9223372036854775807"), ("v", "1")]),
+            entry(&[("k", "a"), ("s", "9007199254740992"), ("v", "1")]),
+            entry(
+                &[("k", "a"), ("s", "7"), ("v", "1")]
+                    .into_iter()
+                    .chain(std::iter::repeat_n(("x", "y"), MAX_ENTRY_FIELDS))
+                    .collect::<Vec<_>>(),
+            ),
         ] {
             assert!(Change::parse(&bad).is_err());
         }

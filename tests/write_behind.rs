@@ -999,6 +999,111 @@ fn a_generic_change_after_a_redis_clock_step_back_still_lands() {
 }
 
 #[test]
+fn forged_stream_entries_are_dead_lettered_and_write_nothing() {
+    let fx = Fixture::with(wb_config("wb_forged"));
+    let before: Vec<_> = (1..=5).map(|id| row(&fx, id)).collect();
+    let seq = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64)
+        .to_string();
+    let profile = |id: i64, plan: &str| {
+        serde_json::to_string(&UserProfile {
+            id,
+            name: "forged".into(),
+            email: "forged@example.com".into(),
+            plan: plan.into(),
+            version: 0,
+        })
+        .unwrap()
+    };
+    let entry = |key: &str, seq: &str, json: String| {
+        vec![("k", key.to_owned()), ("s", seq.to_owned()), ("v", json)]
+    };
+    // The key says user 1, the JSON says user 2.
+    xadd(&fx, &entry("user:1", &seq, profile(2, "hijacked")));
+    // A sequence number that would overflow `version + 1`.
+    xadd(
+        &fx,
+        &entry("user:3", &i64::MAX.to_string(), profile(3, "overflow")),
+    );
+    // Thousands of fields besides a valid change.
+    let mut many = entry("user:4", &seq, profile(4, "many"));
+    let junk: Vec<(String, String)> = (0..8000).map(|i| (format!("f{i}"), "x".into())).collect();
+    many.extend(junk.iter().map(|(f, v)| (f.as_str(), v.clone())));
+    xadd(&fx, &many);
+    // A value beyond the size bound.
+    xadd(
+        &fx,
+        &entry("user:5", &seq, profile(5, &"x".repeat(2 << 20))),
+    );
+    // A key that is not a cache key.
+    xadd(&fx, &entry("user:{1}", &seq, profile(1, "braces")));
+
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    let after: Vec<_> = (1..=5).map(|id| row(&fx, id)).collect();
+    assert_eq!(after, before, "no forged entry wrote Postgres");
+    let stats = fx.client.engine().stats();
+    assert_eq!(
+        (stats.write_behind_dead_lettered, stats.write_behind_applied),
+        (5, 0)
+    );
+    let dead = fx.client.engine().write_behind_dead_letters(10).unwrap();
+    assert_eq!(dead.len(), 5, "{dead:?}");
+    for letter in &dead {
+        assert!(
+            letter.json.as_ref().is_none_or(|v| v.len() <= 70_000),
+            "a dead letter keeps a bounded value"
+        );
+    }
+    // The enqueue refuses a value beyond the bound too.
+    fx.client
+        .engine()
+        .register_write_behind("big:", |_, _| Ok(()))
+        .unwrap();
+    let err = fx
+        .client
+        .engine()
+        .write_behind("big:1", Duration::from_secs(60), &"x".repeat(2 << 20))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err:?}");
+    assert_eq!(fx.client.write_behind_pending().unwrap(), 0);
+}
+
+#[test]
+fn the_dead_letter_stream_is_capped() {
+    let fx = Fixture::with(wb_config("wb_dead_cap"));
+    let dead = format!("{}{{write_behind}}:dead", fx.config.namespace);
+    const FILLED: usize = 10_500;
+    fx.client
+        .cache()
+        .with_connection(|c| {
+            let mut pipe = redis::pipe();
+            for i in 0..FILLED {
+                pipe.cmd("XADD")
+                    .arg(&dead)
+                    .arg("*")
+                    .arg("error")
+                    .arg(i)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
+        })
+        .unwrap();
+    xadd(&fx, &[("garbage", "yes".into())]);
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(fx.client.engine().stats().write_behind_dead_lettered, 1);
+    let len: usize = fx
+        .client
+        .cache()
+        .with_connection(|c| redis::cmd("XLEN").arg(&dead).query(c))
+        .unwrap();
+    assert!(len <= 10_100, "the dead-letter stream holds {len} entries");
+}
+
+#[test]
 fn workers_start_once_stop_and_leave_the_group() {
     let fx = Fixture::with(wb_config("wb_lifecycle"));
     let client = &fx.client;
