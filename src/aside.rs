@@ -665,6 +665,8 @@ impl CacheAside {
     /// Announces a write of `key` to the write-behind workers before it
     /// runs (see [`crate::write_behind::SyncWrite`]).
     pub(crate) fn announce_write(&self, key: &str) -> Option<crate::write_behind::SyncWrite<'_>> {
+        // With the breaker open, Redis is failing: no worker commits either.
+        (!self.engine.breaker.is_open()).then_some(())?;
         crate::write_behind::announce_sync_write(self.cache(), key, self.config.call_deadline())
     }
 

@@ -281,9 +281,13 @@ impl Client {
     ///
     /// Once this returns, no read that starts afterwards sees the old plan:
     /// a reader that loaded the old row before the write loses its lease and
-    /// cannot cache it.
+    /// cannot cache it. It supersedes a pending write-behind change of the
+    /// user: it registers as a writer before its `UPDATE` (one Redis round
+    /// trip, so a worker cannot flush the change between this commit and the
+    /// invalidation), and the invalidation drops the change.
     ///
-    /// When Redis cannot be reached, the update still succeeds while the
+    /// When Redis cannot be reached (against a frozen one, the registration
+    /// and the invalidation may each cost a cache timeout), the update still succeeds while the
     /// invalidation relay runs: the trigger's outbox row, committed with the
     /// update, invalidates the key once Redis answers, and until then this
     /// process reads around the cache (its breaker is open).
