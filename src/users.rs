@@ -306,7 +306,9 @@ impl Client {
         #[cfg(feature = "test-hooks")]
         self.engine.hooks().after_write(&Client::user_key(user_id));
         self.invalidate_written(user_id)?;
-        announced.map(crate::write_behind::SyncWrite::finished);
+        if let Some(announced) = announced {
+            announced.finished();
+        }
         Ok(updated == 1)
     }
 

@@ -1438,9 +1438,7 @@ impl Worker {
                     }
                     return None;
                 }
-                let Some(mut kb) = group.into_iter().next() else {
-                    return None;
-                };
+                let mut kb = group.into_iter().next()?;
                 kb.attempts += 1;
                 if kb.attempts >= self.shared.attempts {
                     let why = err.chain();
