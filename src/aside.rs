@@ -300,7 +300,11 @@ impl CacheAside {
     /// Removes `key`'s value and revokes any reader's lease on it, so a load
     /// that started before this call can no longer fill it. Call it after
     /// the write to the source has committed. One Redis command, accepted
-    /// even by a Redis that is out of memory.
+    /// even by a Redis that is out of memory. It supersedes the key's
+    /// pending write-behind change, if any (the workers skip it); a flush
+    /// that commits between your write's commit and this call can still
+    /// land over your write: for keys also written behind, prefer
+    /// [`write_through`](Self::write_through), which closes that window.
     ///
     /// If it fails, this process stops reading the cache (the circuit
     /// breaker opens) until Redis answers again and, when the invalidation
@@ -374,6 +378,14 @@ impl CacheAside {
         check_ttl("ttl", ttl)?;
         self.engine
             .write_through(key, ttl, write, self.relay_running())
+    }
+
+    /// Announces a write of `key` to the write-behind workers before it
+    /// runs (see [`crate::write_behind::SyncWrite`]).
+    pub(crate) fn announce_write(&self, key: &str) -> Option<crate::write_behind::SyncWrite<'_>> {
+        // With the breaker open, Redis is failing: no worker commits either.
+        (!self.engine.breaker.is_open()).then_some(())?;
+        crate::write_behind::announce_sync_write(self.cache(), key, self.config.call_deadline())
     }
 
     /// Test hooks: forced interleavings for this crate's tests.
@@ -603,8 +615,8 @@ impl CacheAside {
     /// in any process) write it later with the applier registered for the
     /// key's prefix.
     ///
-    /// Until the source has it, the change wins over the source's older
-    /// row: a reader whose load began earlier cannot cache that row, and if
+    /// Until the source has it (or a synchronous write of the key, which
+    /// supersedes it), the change wins over the source's older row: a reader whose load began earlier cannot cache that row, and if
     /// the cached value is evicted, expires or is deleted, the next read
     /// rebuilds it from the key's pending record (no load). Once a worker
     /// has committed it, the cached value is dropped and the next read
@@ -626,8 +638,10 @@ impl CacheAside {
     /// changes already wait (nothing was enqueued: retry later);
     /// [`ErrorKind::InvalidArgument`] for an empty key, a key no applier is
     /// registered for, a TTL of zero or beyond [`MAX_TTL`](crate::MAX_TTL),
-    /// or a value that does not serialize; cache errors and timeouts (the
-    /// change may or may not have been enqueued after a timeout).
+    /// a value that does not serialize or whose JSON is larger than 1 MiB; cache errors and timeouts (the
+    /// change may or may not have been enqueued after a timeout);
+    /// [`ErrorKind::Cache`] while this process's circuit breaker is open
+    /// (its reads would not see the change: nothing is enqueued).
     pub fn write_behind<T: Serialize + ?Sized>(
         &self,
         key: &str,
@@ -671,8 +685,9 @@ impl CacheAside {
     /// (sharing the work with the workers of every other process), coalesce
     /// the changes of each key, write them in batches through the
     /// registered appliers, and acknowledge them only after the commit.
-    /// Changes a dead worker left pending are claimed after
-    /// [`Config::write_behind_claim_after`].
+    /// Changes a dead worker left pending are claimed within about 2 s (its
+    /// liveness key expires); those of a live worker slower than
+    /// [`Config::write_behind_claim_after`] after that.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for 0 or more than

@@ -195,10 +195,11 @@ pub struct Config {
     /// coalescing (only the newest change of a key is written) they go to
     /// Postgres in one transaction. 1 to 10 000. Defaults to 256.
     pub write_behind_batch: u32,
-    /// How long a change may stay delivered to a worker without being
+    /// How long a change may stay delivered to a live worker without being
     /// acknowledged before another worker (of any process) claims it with
-    /// `XAUTOCLAIM`: how long a dead worker delays its changes. A live
-    /// worker renews its claim on changes it is retrying. Keep it longer
+    /// `XAUTOCLAIM`. A dead worker's changes are claimed sooner, within
+    /// about 2 s (its liveness key expires). A live worker renews its claim
+    /// on changes it is retrying. Keep it longer
     /// than one batch's transaction may take (`pool_timeout +
     /// statement_timeout`): a shorter one costs duplicate writes, which the
     /// sequence guard makes harmless. Defaults to 30 s.

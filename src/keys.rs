@@ -6,8 +6,9 @@
 //! `…:lock` (the cross-process rebuild lock: a token), `…:writers` (the
 //! write-through writers in progress: a set of tokens), `…:floor` (the
 //! lowest version a registered writer may still store, once the relay has
-//! seen a newer one) and `…:pending` (the newest write-behind change not yet
-//! in the source: a hash). All share one slot.
+//! seen a newer one), `…:pending` (the newest write-behind change not yet
+//! in the source: a hash) and `…:seq` (the last write-behind sequence
+//! number the key got, kept for a while after it). All share one slot.
 //!
 //! Names. Everything a caller places inside a hash tag or in front of one
 //! (a cache key, a namespace, a capture or write-behind key prefix, a
@@ -30,6 +31,9 @@ pub(crate) struct Keys {
     pub writers: String,
     pub floor: String,
     pub pending: String,
+    /// The last write-behind sequence number given to the key: a floor for
+    /// the next one that outlives the pending record.
+    pub seq: String,
 }
 
 impl Keys {
@@ -42,6 +46,7 @@ impl Keys {
             writers: format!("{value}:writers"),
             floor: format!("{value}:floor"),
             pending: format!("{value}:pending"),
+            seq: format!("{value}:seq"),
             value,
         }
     }
@@ -176,6 +181,7 @@ mod tests {
         assert_eq!(keys.writers, "ns:{user:1}:writers");
         assert_eq!(keys.floor, "ns:{user:1}:floor");
         assert_eq!(keys.pending, "ns:{user:1}:pending");
+        assert_eq!(keys.seq, "ns:{user:1}:seq");
     }
 
     #[test]

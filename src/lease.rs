@@ -22,9 +22,17 @@
 //!   the source has it: the enqueue stores it as the value, revokes readers'
 //!   leases and records it as the key's pending change (`write_behind`); a
 //!   miss rebuilds the value from the pending change instead of loading the
-//!   older row (`acquire`); no fill and no older write-through lands while
-//!   it is pending (`fill`, `write_through`); and the pending change goes
-//!   only once a worker has committed it, or dead-lettered it (`settle`).
+//!   older row (`acquire`); no fill lands while it is pending (`fill`); and
+//!   the pending change goes only once a worker has committed it, or
+//!   dead-lettered it (`settle`), or a synchronous write of the key
+//!   superseded it.
+//! - A synchronous write (write-through, or a write followed by
+//!   `invalidate`) supersedes the key's pending write-behind change: its
+//!   record goes (`write_through`, `invalidate`), and a worker commits a
+//!   change only if it is still the key's pending change and no registered
+//!   writer is in progress, asked inside its transaction after its row
+//!   locks are taken (`still_current`). So the change never lands over the
+//!   synchronous write, and no read after that write returned gets it.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +198,11 @@ pub(crate) fn renew(cache: &Cache, lease: &str, lock: &str, token: &str, ttls: T
 /// Deletes a key's value and revokes its lease and every registered
 /// writer: one command, so it costs at most one timeout, and Redis accepts
 /// it even when it is out of memory (a delete is not refused).
+///
+/// It follows a write to the source, so it also supersedes the key's
+/// pending write-behind change (enqueued before that write): its record
+/// goes, readers load the newer row, and the workers skip the change
+/// ([`still_current`]).
 pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
     cache.run(|conn| {
         redis::cmd("DEL")
@@ -197,9 +210,61 @@ pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
             .arg(&keys.lease)
             .arg(&keys.writers)
             .arg(&keys.floor)
+            .arg(&keys.pending)
             .query::<i64>(conn)
     })?;
     Ok(())
+}
+
+/// What a write-behind worker does with a change it is about to commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Verdict {
+    /// Still the key's pending change, and no synchronous write is in
+    /// progress: commit it.
+    Apply,
+    /// No longer pending (a synchronous write superseded it, a newer change
+    /// replaced it, or it was applied before): acknowledge it unwritten.
+    Skip,
+    /// A synchronous write of the key is in progress (a registered writer):
+    /// roll back and try again once it has finished.
+    Wait,
+}
+
+/// For each `(keys, seq)`, whether the change `seq` may be committed now,
+/// in one round trip. A worker asks this inside its transaction, after its
+/// writes took their row locks: a synchronous writer registers before its
+/// own write (which then waits for those locks), and supersedes the
+/// pending change after its commit, so a change whose verdict is
+/// [`Verdict::Apply`] at this point cannot land over a synchronous write
+/// that returned.
+pub(crate) fn still_current(cache: &Cache, changes: &[(Keys, u64)]) -> Result<Vec<Verdict>> {
+    let replies: Vec<i64> = cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        pipe.cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(&SCRIPTS.still_current_code)
+            .ignore();
+        for (keys, seq) in changes {
+            let mut call = SCRIPTS.still_current.key(&keys.pending);
+            call.key(&keys.writers).arg(seq);
+            pipe.invoke_script(&call);
+        }
+        pipe.query(conn)
+    })?;
+    if replies.len() != changes.len() {
+        return Err(Error::new(
+            ErrorKind::Cache,
+            "unexpected reply from the still-current script",
+        ));
+    }
+    Ok(replies
+        .into_iter()
+        .map(|r| match r {
+            1 => Verdict::Apply,
+            2 => Verdict::Wait,
+            _ => Verdict::Skip,
+        })
+        .collect())
 }
 
 /// Registers a write-through writer before it writes the source, so an
@@ -233,8 +298,8 @@ pub(crate) fn unregister_writer(cache: &Cache, keys: &Keys, token: &str) -> Resu
 }
 
 /// Stores a written row (`raw`, at `version`) unless that could leave the
-/// cache older than a write that has returned (or than a pending
-/// write-behind change); always revokes readers' leases. True if stored.
+/// cache older than a write that has returned; supersedes the key's pending
+/// write-behind change; always revokes readers' leases. True if stored.
 pub(crate) fn write_through(
     cache: &Cache,
     keys: &Keys,
@@ -268,6 +333,15 @@ pub(crate) enum Json<'a> {
     Sequenced { head: &'a [u8], tail: &'a [u8] },
 }
 
+/// How long a key's last write-behind sequence number is kept after its
+/// enqueue (`…:seq`), as a floor for the next: the pending record goes once
+/// the change is in the source, and without a trace of its number a Redis
+/// clock stepped back (a failover to a replica whose clock is behind) would
+/// number the next change lower, and an applier's `WHERE seq < $seq` would
+/// make its write a silent no-op. A step back longer than this on a key not
+/// written behind since is not covered.
+pub(crate) const SEQ_FLOOR_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
 /// Where a write-behind change goes besides its key: the stream, and the
 /// consumer group to create with it.
 pub(crate) struct Stream<'a> {
@@ -292,8 +366,9 @@ pub(crate) enum Enqueued {
 /// appended to the stream. Nothing happens when the backlog is full.
 ///
 /// The sequence number is Redis's clock in microseconds, or one more than
-/// the key's last (pending or cached) sequence or `floor` when that is
-/// later, so it grows per key even across a clock step or a lost counter.
+/// the key's last (pending, cached, or kept in `…:seq` for
+/// [`SEQ_FLOOR_TTL`]) sequence or `floor` when that is later, so it grows
+/// per key even across a clock step back or a lost counter.
 ///
 /// The one script that spans two slots (the key's and the stream's): the
 /// change must be readable if and only if it will be written, and only one
@@ -324,6 +399,7 @@ pub(crate) fn write_behind(
             .key(&keys.lease)
             .key(&keys.pending)
             .key(stream.key)
+            .key(&keys.seq)
             .arg(key)
             .arg(head)
             .arg(tail)
@@ -334,6 +410,7 @@ pub(crate) fn write_behind(
             .arg(millis(physical))
             .arg(stream.max_backlog)
             .arg(stream.group)
+            .arg(millis(SEQ_FLOOR_TTL))
             .invoke(conn)
     })?;
     let unexpected = |reply: &Value| {
@@ -470,6 +547,8 @@ struct Scripts {
     write_behind: Script,
     settle: Script,
     settle_code: String,
+    still_current: Script,
+    still_current_code: String,
 }
 
 /// Versions are compared as decimal strings (length, then text), exact for
@@ -538,7 +617,19 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 1
         "
     );
+    // KEYS: pending, writers. ARGV: seq. 1: apply, 0: skip, 2: wait.
+    let still_current_code = r"
+        if redis.call('TYPE', KEYS[1]).ok ~= 'hash' then return 0 end
+        if redis.call('HGET', KEYS[1], 's') ~= ARGV[1] then return 0 end
+        if redis.call('TYPE', KEYS[2]).ok == 'set' and redis.call('SCARD', KEYS[2]) > 0 then
+          return 2
+        end
+        return 1
+        "
+    .to_owned();
     Scripts {
+        still_current: Script::new(&still_current_code),
+        still_current_code,
         relay_invalidate: Script::new(&relay_invalidate_code),
         relay_invalidate_code,
         // KEYS: value, lease, lock, pending. ARGV: mode, token, lease_ms,
@@ -651,8 +742,10 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         // KEYS: value, lease, writers, pending, floor. ARGV: token, entry,
         // version, ttl_ms.
         // The invariant: once a write has returned, no cached entry is older.
-        // - A pending write-behind change of the same or a higher version
-        //   stays the value: it will be written after this row.
+        // - A pending write-behind change was enqueued before this write
+        //   committed (or while it ran: either order is right): this write
+        //   supersedes it. Its record and the value built from it go, and the
+        //   workers skip it (while this writer was registered they held it).
         // - Registered (no invalidation since this writer registered): store
         //   unless the cached version is the same or newer, or the relay has
         //   seen a newer change of the row (the floor).
@@ -674,9 +767,8 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
           local floor = string.match(redis.call('GET', KEYS[5]), '^%d+$')
           if floor and older(ARGV[3], floor) then return 0 end
         end
-        if redis.call('TYPE', KEYS[4]).ok == 'hash' then
-          local pending = redis.call('HGET', KEYS[4], 's')
-          if pending and not older(pending, ARGV[3]) then return 0 end
+        if redis.call('EXISTS', KEYS[4]) == 1 then
+          redis.call('DEL', KEYS[4], KEYS[1])
         end
         local t = redis.call('TYPE', KEYS[1]).ok
         if t ~= 'string' and t ~= 'none' then redis.call('DEL', KEYS[1]) end
@@ -717,9 +809,10 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         return 0
         ",
         ),
-        // KEYS: value, lease, pending, stream. ARGV: key, head, tail,
+        // KEYS: value, lease, pending, stream, seq. ARGV: key, head, tail,
         // sequenced ('1': the JSON is head .. seq .. tail), floor,
-        // expires_at_ms, ttl_ms, physical_ms, max_backlog, group.
+        // expires_at_ms, ttl_ms, physical_ms, max_backlog, group,
+        // seq_floor_ttl_ms.
         // Lua numbers are doubles: sequences stay below 2^53 (Redis's clock
         // in microseconds reaches it in the year 2255).
         write_behind: Script::new(
@@ -744,6 +837,12 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
         elseif vt ~= 'none' then
           redis.call('DEL', KEYS[1])
         end
+        local st = redis.call('TYPE', KEYS[5]).ok
+        if st == 'string' then
+          after(string.match(redis.call('GET', KEYS[5]), '^%d+$'))
+        elseif st ~= 'none' then
+          redis.call('DEL', KEYS[5])
+        end
         if seq >= 9007199254740992 then
           return redis.error_reply('write-behind sequence beyond 2^53')
         end
@@ -754,6 +853,7 @@ static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
           'PX', ARGV[8])
         redis.call('DEL', KEYS[2])
         redis.call('HSET', KEYS[3], 's', s, 'v', json, 't', ARGV[7], 'p', ARGV[8])
+        redis.call('SET', KEYS[5], s, 'PX', ARGV[11])
         local new_stream = redis.call('EXISTS', KEYS[4]) == 0
         local id = redis.call('XADD', KEYS[4], '*', 'k', ARGV[1], 's', s, 'v', json)
         if new_stream then

@@ -86,7 +86,8 @@ pub struct Stats {
     /// the newest change of each key in a batch.
     pub write_behind_applied: u64,
     /// Write-behind changes that needed no write of their own: a newer
-    /// change of the same key was written in their place.
+    /// change of the same key was written in their place, or a synchronous
+    /// write superseded them.
     pub write_behind_coalesced: u64,
     /// Write-behind writes put off for a retry: Postgres was unreachable,
     /// or refused the write (which counts towards

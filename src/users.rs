@@ -284,9 +284,13 @@ impl Client {
     ///
     /// Once this returns, no read that starts afterwards sees the old plan:
     /// a reader that loaded the old row before the write loses its lease and
-    /// cannot cache it.
+    /// cannot cache it. It supersedes a pending write-behind change of the
+    /// user: it registers as a writer before its `UPDATE` (one Redis round
+    /// trip, so a worker cannot flush the change between this commit and the
+    /// invalidation), and the invalidation drops the change.
     ///
-    /// When Redis cannot be reached, the update still succeeds while the
+    /// When Redis cannot be reached (against a frozen one, the registration
+    /// and the invalidation may each cost a cache timeout), the update still succeeds while the
     /// invalidation relay runs: the trigger's outbox row, committed with the
     /// update, invalidates the key once Redis answers, and until then this
     /// process reads around the cache (its breaker is open).
@@ -298,10 +302,16 @@ impl Client {
     /// its TTL).
     pub fn update_user_plan(&self, user_id: i64, plan: &str) -> Result<bool> {
         check_plan(plan)?;
+        // A pending write-behind change of the user must not be flushed
+        // between this commit and the invalidation that supersedes it.
+        let announced = self.engine.announce_write(&Client::user_key(user_id));
         let updated = self.db().execute(&self.sql.update, &[&user_id, &plan])?;
         #[cfg(feature = "test-hooks")]
         self.engine.hooks().after_write(&Client::user_key(user_id));
         self.invalidate_written(user_id)?;
+        if let Some(announced) = announced {
+            announced.finished();
+        }
         Ok(updated == 1)
     }
 
@@ -340,9 +350,11 @@ impl Client {
     /// does: changes of one user are coalesced, written in batches,
     /// conditional on the sequence number (`version < seq`), so a change is
     /// written once in effect, and a newer one is never overwritten by an
-    /// older one. A direct update of the same user
-    /// ([`update_user_plan`](Self::update_user_plan)) is ordered by version:
-    /// a pending change enqueued before it is still written after it.
+    /// older one. A synchronous write of the same user
+    /// ([`update_user_plan`](Self::update_user_plan),
+    /// [`update_user_plan_write_through`](Self::update_user_plan_write_through))
+    /// supersedes a change enqueued before it: reads get the synchronous
+    /// write, and the change is never written over it.
     ///
     /// ```no_run
     /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
@@ -358,7 +370,8 @@ impl Client {
     /// [`ErrorKind::BacklogFull`](crate::ErrorKind) when the backlog is full
     /// (nothing was enqueued: retry later, or use `update_user_plan`);
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an empty plan;
-    /// cache errors (write-behind needs Redis) and timeouts; database errors
+    /// cache errors (write-behind needs Redis, and is refused while this
+    /// process's circuit breaker is open) and timeouts; database errors
     /// of the read when the profile is not cached.
     pub fn update_user_plan_write_behind(&self, user_id: i64, plan: &str) -> Result<Option<u64>> {
         check_plan(plan)?;
@@ -446,6 +459,19 @@ fn apply_plans(
         let profile: UserProfile = serde_json::from_slice(change.json).map_err(|e| {
             Error::invalid_argument(format!("{:?} is not a user profile: {e}", change.key))
         })?;
+        // The row written is the key's: whoever can write the stream must
+        // not aim a change at another row through the JSON.
+        let id: Option<i64> = change
+            .key
+            .strip_prefix(USER_PREFIX)
+            .and_then(|id| id.parse().ok());
+        if id != Some(profile.id) {
+            return Err(Error::invalid_argument(format!(
+                "the change of {:?} names user {}: refused",
+                change.key, profile.id
+            )));
+        }
+        check_plan(&profile.plan)?;
         let seq = i64::try_from(change.seq)
             .map_err(|_| Error::invalid_argument("sequence number beyond bigint"))?;
         ids.push(profile.id);

@@ -9,8 +9,11 @@
 //!   after the transaction that wrote it (or a newer change of its key) has
 //!   committed, or when it moves, with its error, to the dead-letter stream.
 //!   A worker that dies at any point leaves what it read pending in the
-//!   consumer group, and another worker claims it (`XAUTOCLAIM`) after
-//!   [`Config::write_behind_claim_after`]. A full backlog refuses the
+//!   consumer group, and another worker claims it within about two seconds:
+//!   each worker has a liveness key with a 2 s TTL, renewed every 500 ms by
+//!   a thread of its process, and a worker whose key is gone is dead. A
+//!   worker that is alive but slow keeps its changes until
+//!   [`Config::write_behind_claim_after`] (`XAUTOCLAIM`). A full backlog refuses the
 //!   enqueue ([`ErrorKind::BacklogFull`]); it never evicts.
 //! - **At-least-once delivery, exactly-once effect.** Every change carries a
 //!   per-key sequence number, and an applier's write is conditional on it:
@@ -24,9 +27,19 @@
 //!   loading the older row ([`crate::lease`] has the scripts).
 //! - **Coalescing.** A worker writes only the newest change of each key in
 //!   a batch; the older ones are acknowledged with it.
+//! - **The last write wins across paths.** A synchronous write of a key
+//!   (write-through, or a write and `invalidate`) supersedes its pending
+//!   change: reads get the synchronous write from its return on, and a
+//!   worker commits a change only if it is still the key's pending change
+//!   and no registered writer is in progress, asked inside its transaction
+//!   once its row locks are held ([`lease::still_current`]); a superseded
+//!   change is acknowledged unwritten.
 //! - **Failures.** An unreachable or timed-out Postgres (and a serialization
 //!   failure, a deadlock, a shutdown) is waited out: the batch is retried,
-//!   with backoff, for as long as it takes. A write Postgres refuses (a
+//!   with backoff, for as long as it takes. When the failure came inside the
+//!   transaction (a statement timeout on a row another session keeps
+//!   locked), the batch is split first and the failing key is retried in a
+//!   transaction of its own, so it delays only itself. A write Postgres refuses (a
 //!   constraint, a type error, an applier's error) is retried
 //!   [`Config::write_behind_attempts`] times in all, alone (so one bad change
 //!   does not hold up its batch), and then moves to the dead-letter stream
@@ -71,7 +84,7 @@ use crate::db::Transaction;
 use crate::engine::Engine;
 use crate::entry::now_ms;
 use crate::error::{Error, ErrorKind, Result};
-use crate::lease::{self, Enqueued, Json, Keys, Settled, new_token};
+use crate::lease::{self, Enqueued, Json, Keys, Settled, Verdict, new_token};
 use crate::observe::report;
 use crate::pool::Conn;
 use crate::redis_conn::{RedisConnector, millis};
@@ -84,6 +97,41 @@ const BLOCK: Duration = Duration::from_millis(100);
 
 /// Most ids one acknowledgement script takes (Lua's `unpack` has a limit).
 const ACK_CHUNK: usize = 1000;
+
+/// How long a worker's liveness key lives without renewal: a worker whose
+/// key is gone is dead, and its pending changes are claimed then, instead
+/// of after [`Config::write_behind_claim_after`] (which stays for live
+/// workers that are slow).
+const LIVENESS_TTL: Duration = Duration::from_secs(2);
+
+/// How often the liveness keys of a process's workers are renewed (by a
+/// thread of their own, so a worker in a long transaction stays alive), and
+/// how often a worker looks for dead ones.
+const LIVENESS_EVERY: Duration = Duration::from_millis(500);
+
+/// A dead worker's change is claimed only if idle this long: of two workers
+/// that find the same dead one, only the first gets each change (a claim
+/// resets the idle time).
+const DEAD_CLAIM_IDLE: Duration = Duration::from_secs(1);
+
+/// The largest value (JSON) a write-behind change may carry: an enqueue of
+/// a larger one is refused, and a stream entry with one is dead-lettered.
+pub(crate) const MAX_VALUE_BYTES: usize = 1 << 20;
+
+/// Most fields a stream entry may have (ours have three): one with more
+/// was not written by an enqueue, and is dead-lettered.
+const MAX_ENTRY_FIELDS: usize = 16;
+
+/// Highest sequence number an entry may carry: what the enqueue script can
+/// produce (below 2^53), far from overflowing a `bigint`'s `version + 1`.
+const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// How much of a poison entry's value its dead letter keeps.
+const DEAD_VALUE_BYTES: usize = 64 << 10;
+
+/// The dead-letter stream is trimmed to about this many entries (`XADD
+/// MAXLEN ~`), the oldest going first.
+const DEAD_LETTER_CAP: u64 = 10_000;
 
 /// Most write-behind worker threads one engine runs.
 pub const MAX_WRITE_BEHIND_WORKERS: u32 = 64;
@@ -144,6 +192,8 @@ pub(crate) struct WriteBehind {
 struct Shared {
     stream: String,
     dead: String,
+    /// A worker's liveness key is this followed by its consumer name.
+    alive: String,
     /// Longest prefix first. Read by enqueues and by workers (who copy the
     /// list out, and never hold the lock across I/O); written by register.
     appliers: RwLock<Vec<(String, Applier)>>,
@@ -172,9 +222,83 @@ fn refuse_cluster(cache: &Cache) -> Result<()> {
     Ok(())
 }
 
+/// While this process's circuit breaker is open (or probing, or waiting
+/// for the relay), its reads bypass Redis and load the source's older row:
+/// a change enqueued now would be in Redis, and other processes would read
+/// it, but this process would not read its own write. Refused instead, with
+/// nothing enqueued; the caller retries once Redis is back, or writes
+/// directly.
+fn refuse_while_bypassing(engine: &Engine) -> Result<()> {
+    if engine.breaker.is_open() {
+        return Err(Error::new(
+            ErrorKind::Cache,
+            "write-behind refused: this process's circuit breaker keeps its reads off \
+             Redis (it failed lately), so they would not see the change; nothing was \
+             enqueued",
+        ));
+    }
+    Ok(())
+}
+
+/// A synchronous write of one key in progress, announced to the
+/// write-behind workers (as a registered writer of the key) before it
+/// writes the source: a worker about to commit a pending change of the key
+/// holds it until the write has finished and superseded it
+/// ([`lease::still_current`]). Without the announcement a flush could land
+/// between the write's commit and its invalidation, over the newer row.
+/// Dropped without [`SyncWrite::finished`] (the write failed), it
+/// unregisters, and the pending change goes ahead.
+pub(crate) struct SyncWrite<'a> {
+    cache: &'a Cache,
+    keys: Keys,
+    token: crate::lease::Token,
+    finished: bool,
+}
+
+/// Announces a synchronous write of `key` that will be followed by its
+/// invalidation; `None` when Redis does not answer (the invalidation after
+/// the write fails then too, and the workers cannot commit either).
+pub(crate) fn announce_sync_write<'a>(
+    cache: &'a Cache,
+    key: &str,
+    ttl: Duration,
+) -> Option<SyncWrite<'a>> {
+    let keys = Keys::for_value(cache.redis_key(key));
+    let token = new_token();
+    lease::register_writer(cache, &keys, &token, ttl).ok()?;
+    Some(SyncWrite {
+        cache,
+        keys,
+        token,
+        finished: false,
+    })
+}
+
+impl SyncWrite<'_> {
+    /// The write committed and its invalidation ran (which removed the
+    /// registration with every other writer's).
+    pub(crate) fn finished(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for SyncWrite<'_> {
+    fn drop(&mut self) {
+        if !self.finished {
+            // Best effort: the registration expires with its TTL anyway.
+            let _ = lease::unregister_writer(self.cache, &self.keys, &self.token);
+        }
+    }
+}
+
 struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Renews the workers' liveness keys until `stop`.
+    liveness: Option<JoinHandle<()>>,
+    /// The workers' liveness keys, deleted once they have stopped.
+    alive_keys: Vec<String>,
+    cache: Cache,
 }
 
 impl WriteBehind {
@@ -184,6 +308,7 @@ impl WriteBehind {
             shared: Arc::new(Shared {
                 stream: format!("{base}:stream"),
                 dead: format!("{base}:dead"),
+                alive: format!("{base}:alive:"),
                 appliers: RwLock::new(Vec::new()),
                 max_backlog: config.write_behind_max_backlog,
                 batch: config.write_behind_batch as usize,
@@ -217,6 +342,17 @@ impl WriteBehind {
         floor: u64,
     ) -> Result<u64> {
         refuse_cluster(&engine.cache)?;
+        refuse_while_bypassing(engine)?;
+        let size = match json {
+            Json::Whole(json) => json.len(),
+            Json::Sequenced { head, tail } => head.len() + tail.len() + 16,
+        };
+        if size > MAX_VALUE_BYTES {
+            return Err(Error::invalid_argument(format!(
+                "a write-behind value may hold at most {MAX_VALUE_BYTES} bytes of JSON \
+                 ({size} given)"
+            )));
+        }
         if self.shared.applier_for(key).is_none() {
             return Err(Error::invalid_argument(format!(
                 "no write-behind applier is registered for key {key:?}"
@@ -283,8 +419,15 @@ impl WriteBehind {
         engine.db = engine.db.uncounted();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let mut alive_keys = Vec::new();
         for i in 0..workers {
             let worker = Worker::new(engine.clone(), Arc::clone(&self.shared), Arc::clone(&stop));
+            let alive_key = format!("{}{}", self.shared.alive, worker.consumer);
+            // Alive before it reads anything (best effort: the renewer
+            // retries, and a worker taken for dead early only costs a
+            // duplicate write, which the sequence guard makes harmless).
+            let _ = renew_liveness(&engine.cache, std::slice::from_ref(&alive_key));
+            alive_keys.push(alive_key);
             match std::thread::Builder::new()
                 .name(format!("cacheaside-write-behind-{i}"))
                 .spawn(move || worker.run())
@@ -294,12 +437,43 @@ impl WriteBehind {
             }
         }
         if threads.is_empty() {
+            let _ = delete_liveness(&engine.cache, &alive_keys);
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "the system refused every write-behind worker thread",
             ));
         }
-        *slot = Some(Workers { stop, threads });
+        let liveness = {
+            let (cache, keys, stop) = (engine.cache.clone(), alive_keys.clone(), Arc::clone(&stop));
+            std::thread::Builder::new()
+                .name("cacheaside-write-behind-liveness".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        if let Err(err) = renew_liveness(&cache, &keys) {
+                            report!(
+                                debug,
+                                "write-behind liveness renewal failed: {}",
+                                err.chain()
+                            );
+                        }
+                        let until = Instant::now() + LIVENESS_EVERY;
+                        while !stop.load(Ordering::SeqCst) && Instant::now() < until {
+                            std::thread::sleep(Duration::from_millis(20));
+                        }
+                    }
+                })
+                // Without it the workers' keys expire: others claim their
+                // changes early (duplicate writes, harmless), nothing is lost.
+                .map_err(|e| report!(warn, "cannot start the write-behind liveness thread: {e}"))
+                .ok()
+        };
+        *slot = Some(Workers {
+            stop,
+            threads,
+            liveness,
+            alive_keys,
+            cache: engine.cache.clone(),
+        });
         Ok(())
     }
 
@@ -311,6 +485,12 @@ impl WriteBehind {
             for thread in workers.threads {
                 let _ = thread.join();
             }
+            if let Some(thread) = workers.liveness {
+                let _ = thread.join();
+            }
+            // What they still hold is claimed by others at once, not after
+            // the claim timeout.
+            let _ = delete_liveness(&workers.cache, &workers.alive_keys);
         }
     }
 
@@ -514,20 +694,36 @@ struct Change {
 impl Change {
     /// Parses an entry; `Err` says why it is poison.
     fn parse(raw: &RawEntry) -> std::result::Result<Change, String> {
+        if raw.fields.len() > MAX_ENTRY_FIELDS {
+            return Err(format!(
+                "unparseable: {} fields (an enqueue writes 3)",
+                raw.fields.len()
+            ));
+        }
         let text = |name: &str| {
             raw.field(name)
                 .ok_or_else(|| format!("unparseable: no field {name:?}"))
         };
         let key = std::str::from_utf8(text("k")?)
             .map_err(|_| "unparseable: the key is not UTF-8".to_owned())?;
-        if key.is_empty() {
-            return Err("unparseable: the key is empty".into());
+        if crate::cache::check_key(key).is_err() {
+            return Err("unparseable: not a cache key".into());
         }
-        let seq = std::str::from_utf8(text("s")?)
+        let seq: u64 = std::str::from_utf8(text("s")?)
             .ok()
             .and_then(|s| s.parse().ok())
             .ok_or_else(|| "unparseable: the sequence number is not a number".to_owned())?;
+        if seq > MAX_SEQ {
+            return Err(format!(
+                "unparseable: the sequence number is beyond {MAX_SEQ}"
+            ));
+        }
         let json = text("v")?;
+        if json.len() > MAX_VALUE_BYTES {
+            return Err(format!(
+                "unparseable: the value is larger than {MAX_VALUE_BYTES} bytes"
+            ));
+        }
         if let Err(err) = serde_json::from_slice::<serde::de::IgnoredAny>(json) {
             return Err(format!("unparseable: the value is not JSON: {err}"));
         }
@@ -552,6 +748,9 @@ struct KeyBatch {
     newest: Change,
     /// Refused writes of `newest` so far.
     attempts: u32,
+    /// Its write failed transiently inside a transaction (a row lock held
+    /// elsewhere): it is written in a transaction of its own until it lands.
+    alone: bool,
     older: Vec<String>,
 }
 
@@ -560,6 +759,7 @@ impl KeyBatch {
         KeyBatch {
             newest: change,
             attempts: 0,
+            alone: false,
             older: Vec::new(),
         }
     }
@@ -569,8 +769,11 @@ impl KeyBatch {
         let KeyBatch {
             newest,
             attempts,
+            alone,
             older,
         } = other;
+        // The row it failed on is the same row, whichever change is newer.
+        self.alone |= alone;
         for id in older {
             self.add_older(id);
         }
@@ -629,6 +832,7 @@ struct Worker {
     held: Vec<Held>,
     claim_cursor: String,
     next_claim: Instant,
+    next_dead_check: Instant,
     next_touch: Instant,
     next_sweep: Instant,
     /// The wait before retrying after an outage; doubles while it lasts.
@@ -646,6 +850,7 @@ impl Worker {
             held: Vec::new(),
             claim_cursor: "0-0".into(),
             next_claim: now,
+            next_dead_check: now,
             next_touch: now,
             next_sweep: now + shared.claim_after * 10,
             outage_backoff: Duration::ZERO,
@@ -731,6 +936,16 @@ impl Worker {
             room = room.saturating_sub(claimed.len());
             sort(claimed, &mut batch, &mut poison);
             self.next_claim = now + self.shared.max_wait();
+        }
+        if room > 0 && now >= self.next_dead_check {
+            let claimed = self.claim_from_dead(room)?;
+            self.engine
+                .counters
+                .write_behind_claimed
+                .add(claimed.len() as u64);
+            room = room.saturating_sub(claimed.len());
+            sort(claimed, &mut batch, &mut poison);
+            self.next_dead_check = now + LIVENESS_EVERY;
         }
         if room > 0 {
             let block = if batch.is_empty() && poison.is_empty() {
@@ -858,6 +1073,86 @@ impl Worker {
             _ => "0-0".into(),
         };
         Ok(parts.get(1).map(entries).unwrap_or_default())
+    }
+
+    /// Claims (up to `count`) the changes held by workers whose liveness
+    /// key has expired: dead ones, found within [`LIVENESS_TTL`] of their
+    /// death rather than after `claim_after`.
+    fn claim_from_dead(&mut self, count: usize) -> Result<Vec<RawEntry>> {
+        let stream = &self.shared.stream;
+        let summary: Value = self.engine.cache.run(|conn| {
+            match redis::cmd("XPENDING").arg(stream).arg(GROUP).query(conn) {
+                Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
+                other => other,
+            }
+        })?;
+        let others: Vec<String> = pending_consumers(&summary)
+            .into_iter()
+            .map(|(name, _)| name)
+            .filter(|name| *name != self.consumer)
+            .collect();
+        if others.is_empty() {
+            return Ok(Vec::new());
+        }
+        let alive: Vec<bool> = self.engine.cache.run(|conn| {
+            let mut pipe = redis::pipe();
+            for name in &others {
+                pipe.cmd("EXISTS")
+                    .arg(format!("{}{name}", self.shared.alive));
+            }
+            pipe.query(conn)
+        })?;
+        let mut claimed = Vec::new();
+        for (name, alive) in others.iter().zip(alive) {
+            if alive || claimed.len() >= count {
+                continue;
+            }
+            let room = count - claimed.len();
+            let held: Value = self.engine.cache.run(|conn| {
+                redis::cmd("XPENDING")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg("-")
+                    .arg("+")
+                    .arg(room)
+                    .arg(name)
+                    .query(conn)
+            })?;
+            let ids: Vec<String> = match &held {
+                Value::Array(items) => items
+                    .iter()
+                    .filter_map(|item| match item {
+                        Value::Array(fields) => match fields.first() {
+                            Some(Value::BulkString(id)) => {
+                                Some(String::from_utf8_lossy(id).into_owned())
+                            }
+                            _ => None,
+                        },
+                        _ => None,
+                    })
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if ids.is_empty() {
+                continue;
+            }
+            report!(
+                info,
+                "write-behind: worker {name} is dead (no liveness key): claiming its {} changes",
+                ids.len()
+            );
+            let reply: Value = self.engine.cache.run(|conn| {
+                redis::cmd("XCLAIM")
+                    .arg(stream)
+                    .arg(GROUP)
+                    .arg(&self.consumer)
+                    .arg(millis(DEAD_CLAIM_IDLE))
+                    .arg(&ids)
+                    .query(conn)
+            })?;
+            claimed.extend(entries(&reply));
+        }
+        Ok(claimed)
     }
 
     /// Renews this worker's claim on what it holds (so nobody claims a
@@ -1019,16 +1314,40 @@ impl Worker {
                 }
             }
         }
+        // A key whose write timed out alone before (a row lock another
+        // session holds) is written alone again, so it holds up nobody.
+        let mut outage: Option<Error> = None;
         for ((_, applier), group) in appliers.iter().zip(groups) {
-            if !group.is_empty() {
-                self.flush(applier, group);
+            let (alone, together): (Vec<KeyBatch>, Vec<KeyBatch>) =
+                group.into_iter().partition(|kb| kb.alone);
+            let parts = std::iter::once(together).chain(alone.into_iter().map(|kb| vec![kb]));
+            for part in parts.filter(|part| !part.is_empty()) {
+                match &outage {
+                    // Postgres is unreachable: the rest wait without trying.
+                    Some(err) => {
+                        let err = err.clone();
+                        self.wait_out(part, &err);
+                    }
+                    None => outage = self.flush(applier, part),
+                }
             }
         }
     }
 
-    /// Writes one applier's changes in one transaction; on a refusal,
-    /// writes them one by one, so only the bad change waits.
-    fn flush(&mut self, applier: &Applier, group: Vec<KeyBatch>) {
+    /// Writes one applier's changes in one transaction; on a refusal, or a
+    /// transient failure inside the transaction (a statement timeout on a
+    /// row another session keeps locked, a deadlock), writes them one by
+    /// one, so only the change that fails waits. Returns the error when
+    /// Postgres could not be reached at all (nothing else is worth trying
+    /// this round).
+    fn flush(&mut self, applier: &Applier, group: Vec<KeyBatch>) -> Option<Error> {
+        // Set once the transaction began: a failure after that is the
+        // statements', not the connection's.
+        let mut began = false;
+        // Set when a change turned out superseded, or Redis could not say:
+        // the transaction was rolled back for it.
+        let mut verdicts: Option<Vec<Verdict>> = None;
+        let mut redis_down: Option<Error> = None;
         let outcome = {
             let changes: Vec<WriteBehindChange<'_>> = group
                 .iter()
@@ -1038,32 +1357,82 @@ impl Worker {
                     seq: kb.newest.seq,
                 })
                 .collect();
+            let cache = &self.engine.cache;
+            let checks: Vec<(Keys, u64)> = group
+                .iter()
+                .map(|kb| {
+                    (
+                        Keys::for_value(cache.redis_key(&kb.newest.key)),
+                        kb.newest.seq,
+                    )
+                })
+                .collect();
             self.engine.db.transaction(|tx| {
-                std::panic::catch_unwind(AssertUnwindSafe(|| applier(tx, &changes))).unwrap_or_else(
-                    |_| {
+                began = true;
+                std::panic::catch_unwind(AssertUnwindSafe(|| applier(tx, &changes)))
+                    .unwrap_or_else(|_| {
                         Err(Error::new(
                             ErrorKind::Panicked,
                             "the write-behind applier panicked",
                         ))
-                    },
-                )
+                    })?;
+                // The row locks are ours now: a synchronous write that
+                // registers from here on waits for our commit, and one that
+                // registered or superseded before shows here.
+                match lease::still_current(cache, &checks) {
+                    Ok(v) if v.iter().all(|v| *v == Verdict::Apply) => Ok(()),
+                    Ok(v) => {
+                        verdicts = Some(v);
+                        Err(Error::new(
+                            ErrorKind::Cache,
+                            "write-behind change superseded",
+                        ))
+                    }
+                    Err(err) => {
+                        redis_down = Some(err.clone());
+                        Err(err)
+                    }
+                }
             })
         };
+        if let Some(err) = redis_down {
+            self.wait_out(group, &err);
+            return Some(err);
+        }
+        if let Some(verdicts) = verdicts {
+            return self.superseded(applier, group, verdicts);
+        }
         match outcome {
             Ok(()) => {
                 self.outage_backoff = Duration::ZERO;
                 self.committed(group);
             }
-            Err(err) if transient(&err) => self.wait_out(group, &err),
-            Err(_) if group.len() > 1 => {
-                for kb in group {
-                    self.flush(applier, vec![kb]);
+            Err(err) if transient(&err) && !began => {
+                self.wait_out(group, &err);
+                return Some(err);
+            }
+            Err(err) if transient(&err) && group.len() == 1 => {
+                let mut group = group;
+                for kb in &mut group {
+                    kb.alone = true;
                 }
+                self.wait_out(group, &err);
             }
             Err(err) => {
-                let Some(mut kb) = group.into_iter().next() else {
-                    return;
-                };
+                if group.len() > 1 {
+                    let mut rest = group.into_iter();
+                    while let Some(kb) = rest.next() {
+                        if let Some(err) = self.flush(applier, vec![kb]) {
+                            let rest: Vec<KeyBatch> = rest.collect();
+                            if !rest.is_empty() {
+                                self.wait_out(rest, &err);
+                            }
+                            return Some(err);
+                        }
+                    }
+                    return None;
+                }
+                let mut kb = group.into_iter().next()?;
                 kb.attempts += 1;
                 if kb.attempts >= self.shared.attempts {
                     let why = err.chain();
@@ -1081,6 +1450,47 @@ impl Worker {
                     self.held.push(Held { batch: kb, due });
                 }
             }
+        }
+        None
+    }
+
+    /// After a rollback because some changes of `group` were no longer
+    /// current: the superseded ones are acknowledged unwritten, those whose
+    /// key a synchronous writer is writing wait for it, and the rest are
+    /// written again.
+    fn superseded(
+        &mut self,
+        applier: &Applier,
+        group: Vec<KeyBatch>,
+        verdicts: Vec<Verdict>,
+    ) -> Option<Error> {
+        let (mut again, mut skip) = (Vec::new(), Vec::new());
+        let due = Instant::now() + self.shared.backoff.min(self.shared.max_wait());
+        for (kb, verdict) in group.into_iter().zip(verdicts) {
+            match verdict {
+                Verdict::Apply => again.push(kb),
+                Verdict::Skip => skip.push(kb),
+                Verdict::Wait => {
+                    self.engine.counters.write_behind_retried.bump();
+                    self.held.push(Held { batch: kb, due });
+                }
+            }
+        }
+        if !skip.is_empty() {
+            let ids: Vec<String> = skip.iter().flat_map(|kb| kb.ids().cloned()).collect();
+            match self.ack(&ids) {
+                Ok(()) => self
+                    .engine
+                    .counters
+                    .write_behind_coalesced
+                    .add(ids.len() as u64),
+                Err(err) => self.wait_out(skip, &err),
+            }
+        }
+        if again.is_empty() {
+            None
+        } else {
+            self.flush(applier, again)
         }
     }
 
@@ -1169,12 +1579,17 @@ impl Worker {
         }
     }
 
-    /// Moves an entry that does not parse to the dead-letter stream as it is.
+    /// Moves an entry that does not parse to the dead-letter stream: its
+    /// `k`, `s` and `v` fields (the value cut to [`DEAD_VALUE_BYTES`]), not
+    /// whatever else it holds (an entry may have been forged with thousands
+    /// of fields, which would break the script).
     fn dead_letter_raw(&self, raw: &RawEntry, why: &str, attempts: u32) -> Result<()> {
-        let fields: Vec<(&str, Vec<u8>)> = raw
-            .fields
-            .iter()
-            .filter_map(|(f, v)| std::str::from_utf8(f).ok().map(|f| (f, v.clone())))
+        let fields: Vec<(&str, Vec<u8>)> = ["k", "s", "v"]
+            .into_iter()
+            .filter_map(|name| {
+                let value = raw.field(name)?;
+                Some((name, value[..value.len().min(DEAD_VALUE_BYTES)].to_vec()))
+            })
             .collect();
         report!(warn, "write-behind: entry {} is poison: {why}", raw.id);
         self.dead_letter(&raw.id, why, attempts, &fields)
@@ -1194,6 +1609,7 @@ impl Worker {
             let mut call = STREAM_SCRIPTS.dead_letter.key(&self.shared.stream);
             call.key(&self.shared.dead)
                 .arg(GROUP)
+                .arg(DEAD_LETTER_CAP)
                 .arg(id)
                 .arg(why)
                 .arg(attempts);
@@ -1223,6 +1639,59 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// Sets (or renews) liveness keys for [`LIVENESS_TTL`], in one round trip.
+fn renew_liveness(cache: &Cache, keys: &[String]) -> Result<()> {
+    cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        for key in keys {
+            pipe.cmd("SET")
+                .arg(key)
+                .arg(1)
+                .arg("PX")
+                .arg(millis(LIVENESS_TTL))
+                .ignore();
+        }
+        pipe.query::<()>(conn)
+    })
+}
+
+fn delete_liveness(cache: &Cache, keys: &[String]) -> Result<()> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    cache.run(|conn| redis::cmd("DEL").arg(keys).query::<i64>(conn))?;
+    Ok(())
+}
+
+/// The consumers of an `XPENDING` summary reply that hold changes, with
+/// how many.
+fn pending_consumers(summary: &Value) -> Vec<(String, u64)> {
+    let Value::Array(parts) = summary else {
+        return Vec::new();
+    };
+    let Some(Value::Array(consumers)) = parts.get(3) else {
+        return Vec::new();
+    };
+    consumers
+        .iter()
+        .filter_map(|c| match c {
+            Value::Array(pair) => match pair.as_slice() {
+                [Value::BulkString(name), Value::BulkString(n)] => Some((
+                    String::from_utf8_lossy(name).into_owned(),
+                    std::str::from_utf8(n).ok()?.parse().ok()?,
+                )),
+                [Value::BulkString(name), Value::Int(n)] => Some((
+                    String::from_utf8_lossy(name).into_owned(),
+                    u64::try_from(*n).ok()?,
+                )),
+                _ => None,
+            },
+            _ => None,
+        })
+        .filter(|(_, n)| *n > 0)
+        .collect()
 }
 
 /// Sorts entries read into changes (as key batches) and poison.
@@ -1278,19 +1747,19 @@ static STREAM_SCRIPTS: once_cell::sync::Lazy<StreamScripts> =
         return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
         ",
         ),
-        // KEYS: stream, dead. ARGV: group, id, error, attempts, then the
-        // entry's fields and values. Gated on the acknowledgement, so a
+        // KEYS: stream, dead. ARGV: group, cap, id, error, attempts, then
+        // the entry's fields and values. Gated on the acknowledgement, so a
         // change finished elsewhere (or a second run of this script) is not
         // dead-lettered twice.
         dead_letter: Script::new(
             r"
-        local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+        local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
         if acked == 1 then
-          local fields = {'id', ARGV[2], 'error', ARGV[3], 'attempts', ARGV[4]}
-          for i = 5, #ARGV do fields[#fields + 1] = ARGV[i] end
-          redis.call('XADD', KEYS[2], '*', unpack(fields))
+          local fields = {'id', ARGV[3], 'error', ARGV[4], 'attempts', ARGV[5]}
+          for i = 6, #ARGV do fields[#fields + 1] = ARGV[i] end
+          redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[2], '*', unpack(fields))
         end
-        redis.call('XDEL', KEYS[1], ARGV[2])
+        redis.call('XDEL', KEYS[1], ARGV[3])
         return acked
         ",
         ),
@@ -1357,6 +1826,15 @@ mod tests {
             entry(&[("k", "a"), ("s", "x"), ("v", "{}")]),
             entry(&[("k", "a"), ("s", "7"), ("v", "{oops")]),
             entry(&[("k", ""), ("s", "7"), ("v", "1")]),
+            entry(&[("k", "a{b}"), ("s", "7"), ("v", "1")]),
+            entry(&[("k", "a"), ("s", "9223372036854775807"), ("v", "1")]),
+            entry(&[("k", "a"), ("s", "9007199254740992"), ("v", "1")]),
+            entry(
+                &[("k", "a"), ("s", "7"), ("v", "1")]
+                    .into_iter()
+                    .chain(std::iter::repeat_n(("x", "y"), MAX_ENTRY_FIELDS))
+                    .collect::<Vec<_>>(),
+            ),
         ] {
             assert!(Change::parse(&bad).is_err());
         }

@@ -8,7 +8,7 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
@@ -172,12 +172,6 @@ fn a_cache_entry_deleted_by_hand_while_pending_reads_the_pending_value() {
     assert_eq!(
         (got.plan.as_str(), got.version as u64),
         ("pending-plan", seq)
-    );
-    // The library's own invalidation leaves the pending change too.
-    fx.client.engine().invalidate(&Client::user_key(3)).unwrap();
-    assert_eq!(
-        fx.client.get_user_profile(3).unwrap().unwrap().plan,
-        "pending-plan"
     );
     assert_eq!(fx.queries(), before, "no read loaded the older row");
     assert_eq!(
@@ -366,39 +360,250 @@ fn a_replayed_or_overtaken_change_changes_nothing() {
 }
 
 #[test]
-fn a_direct_write_does_not_overtake_a_pending_change() {
+fn a_synchronous_write_supersedes_a_pending_change() {
     let fx = Fixture::with(wb_config("wb_mixed"));
-    let seq = fx
-        .client
+    // A write-through after an enqueue: the cache holds its row at once.
+    fx.client
         .update_user_plan_write_behind(2, "behind")
         .unwrap()
         .unwrap();
-    // A write-through commits an older version than the pending change's:
-    // the cache keeps the pending change.
     let through = fx
         .client
         .update_user_plan_write_through(2, "through")
         .unwrap()
         .unwrap();
-    assert!((through.version as u64) < seq);
+    assert_eq!(fx.client.get_user_profile(2).unwrap().unwrap(), through);
+    // An update (write, then invalidate) after an enqueue.
+    fx.client
+        .update_user_plan_write_behind(3, "behind")
+        .unwrap()
+        .unwrap();
+    assert!(fx.client.update_user_plan(3, "direct").unwrap());
     assert_eq!(
-        fx.client.get_user_profile(2).unwrap().unwrap().plan,
-        "behind"
+        fx.client.get_user_profile(3).unwrap().unwrap().plan,
+        "direct"
     );
-    // An invalidating update: the pending change is rebuilt on the next read.
-    assert!(fx.client.update_user_plan(2, "direct").unwrap());
-    assert_eq!(
-        fx.client.get_user_profile(2).unwrap().unwrap().plan,
-        "behind"
-    );
-    // And the flush writes it after them: cache and Postgres agree.
+    // A change enqueued after a synchronous write is written as usual.
+    fx.client
+        .update_user_plan_write_behind(4, "behind-1")
+        .unwrap()
+        .unwrap();
+    assert!(fx.client.update_user_plan(4, "direct").unwrap());
+    let last = fx
+        .client
+        .update_user_plan_write_behind(4, "behind-2")
+        .unwrap()
+        .unwrap();
+
+    // Flushed after the synchronous writes: they stay.
     fx.client.start_write_behind(1).unwrap();
     fx.client.drain_write_behind(PATIENCE).unwrap();
-    let (plan, version, _) = row(&fx, 2);
-    assert_eq!((plan.as_str(), version as u64), ("behind", seq));
+    assert_eq!(
+        (row(&fx, 2).0.as_str(), row(&fx, 2).1),
+        ("through", through.version)
+    );
+    assert_eq!(row(&fx, 3).0, "direct");
+    assert_eq!(
+        (row(&fx, 4).0.as_str(), row(&fx, 4).1 as u64),
+        ("behind-2", last)
+    );
+    for (id, plan) in [(2, "through"), (3, "direct"), (4, "behind-2")] {
+        assert_eq!(fx.client.get_user_profile(id).unwrap().unwrap().plan, plan);
+    }
+    assert!(
+        fx.client
+            .engine()
+            .write_behind_dead_letters(10)
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(fx.client.write_behind_pending().unwrap(), 0);
+}
+
+#[test]
+fn a_flush_between_a_synchronous_commit_and_its_cache_step_does_not_land_over_it() {
+    let fx = Fixture::with(wb_config("wb_race"));
+    let mut config = fx.config.clone();
+    config.invalidation_relay = false;
+    let workers = Arc::new(Client::open(&config).unwrap());
+    // Right after a synchronous write committed, and before its cache step,
+    // a worker tries to flush the pending change of the same key: it must
+    // hold it (a writer is in progress), not write it.
+    let w = Arc::clone(&workers);
+    fx.client.engine().hooks().set_after_write(move |_| {
+        let stats = w.engine().stats();
+        if w.engine().write_behind_workers() == 0 {
+            w.start_write_behind(1).unwrap();
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            let now = w.engine().stats();
+            if now.write_behind_retried > stats.write_behind_retried
+                || now.write_behind_applied > stats.write_behind_applied
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    });
+    fx.client
+        .update_user_plan_write_behind(2, "behind")
+        .unwrap()
+        .unwrap();
+    let through = fx
+        .client
+        .update_user_plan_write_through(2, "through")
+        .unwrap()
+        .unwrap();
+    workers.stop_write_behind();
+    fx.client
+        .update_user_plan_write_behind(3, "behind")
+        .unwrap()
+        .unwrap();
+    assert!(fx.client.update_user_plan(3, "direct").unwrap());
+
+    assert_eq!(workers.engine().write_behind_workers(), 1, "the hook ran");
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(
+        (row(&fx, 2).0.as_str(), row(&fx, 2).1),
+        ("through", through.version)
+    );
+    assert_eq!(row(&fx, 3).0, "direct");
     assert_eq!(
         fx.client.get_user_profile(2).unwrap().unwrap().plan,
-        "behind"
+        "through"
+    );
+    assert_eq!(
+        fx.client.get_user_profile(3).unwrap().unwrap().plan,
+        "direct"
+    );
+    assert_eq!(workers.engine().stats().write_behind_applied, 0);
+}
+
+/// Update, write-through and write-behind mixed on the same keys (one
+/// writer thread per key, so each key's writes are ordered), readers
+/// alongside, workers flushing: no read older than a write that finished
+/// before it began, and Postgres ends with every key's last write.
+#[test]
+fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
+    const WRITERS: usize = 4;
+    const READERS: usize = 4;
+    const KEYS_PER_WRITER: i64 = 2;
+    const KEYS: i64 = WRITERS as i64 * KEYS_PER_WRITER;
+    const RUN: Duration = Duration::from_secs(3);
+    let fx = Fixture::with(wb_config("wb_mixed_soak"));
+    for id in 6..=KEYS {
+        fx.client
+            .insert_user(
+                id,
+                &format!("user {id}"),
+                &format!("u{id}@example.com"),
+                "free",
+            )
+            .unwrap();
+    }
+    fx.client.start_write_behind(2).unwrap();
+    let number = |plan: &str| -> u64 {
+        plan.strip_prefix('n')
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    // Per key: the number of the last write that has returned.
+    let done: Vec<AtomicU64> = (0..=KEYS).map(|_| AtomicU64::new(0)).collect();
+    let stop = AtomicBool::new(false);
+    let (reads, stale, writes) = (
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+        AtomicUsize::new(0),
+    );
+    let start = Barrier::new(WRITERS + READERS + 1);
+    std::thread::scope(|s| {
+        for w in 0..WRITERS {
+            let (fx, done, stop, writes, start) = (&fx, &done, &stop, &writes, &start);
+            s.spawn(move || {
+                start.wait();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = w as i64 * KEYS_PER_WRITER + fastrand::i64(1..=KEYS_PER_WRITER);
+                    let plan = format!("n{n}");
+                    match fastrand::u8(0..3) {
+                        0 => assert!(fx.client.update_user_plan(id, &plan).unwrap()),
+                        1 => assert!(
+                            fx.client
+                                .update_user_plan_write_through(id, &plan)
+                                .unwrap()
+                                .is_some()
+                        ),
+                        _ => assert!(
+                            fx.client
+                                .update_user_plan_write_behind(id, &plan)
+                                .unwrap()
+                                .is_some()
+                        ),
+                    }
+                    done[id as usize].store(n, Ordering::SeqCst);
+                    writes.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        for r in 0..READERS {
+            let (fx, done, stop, reads, stale, start) = (&fx, &done, &stop, &reads, &stale, &start);
+            s.spawn(move || {
+                start.wait();
+                let mut i = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let id = fastrand::i64(1..=KEYS);
+                    let floor = done[id as usize].load(Ordering::SeqCst);
+                    let got = if (i + r) % 2 == 0 {
+                        fx.client.get_user_profile(id)
+                    } else {
+                        fx.client.get_user_profile_singleflight(id)
+                    };
+                    let got = number(&got.unwrap().unwrap().plan);
+                    if got < floor {
+                        stale.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("user {id}: read n{got} after n{floor} had returned");
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+        start.wait();
+        std::thread::sleep(RUN);
+        stop.store(true, Ordering::Relaxed);
+    });
+    let (reads, stale, writes) = (reads.into_inner(), stale.into_inner(), writes.into_inner());
+    eprintln!("{writes} writes, {reads} reads, {stale} stale");
+    assert!(
+        writes > 100 && reads > 100,
+        "{writes} writes, {reads} reads"
+    );
+    assert_eq!(stale, 0, "reads older than a write that had returned");
+    // Every last write is visible now, and is what Postgres holds after the
+    // drain.
+    for id in 1..=KEYS {
+        let last = done[id as usize].load(Ordering::SeqCst);
+        let got = number(&fx.client.get_user_profile(id).unwrap().unwrap().plan);
+        assert_eq!(
+            got, last,
+            "user {id} reads n{got}, its last write was n{last}"
+        );
+    }
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    for id in 1..=KEYS {
+        let last = done[id as usize].load(Ordering::SeqCst);
+        assert_eq!(number(&row(&fx, id).0), last, "user {id} in Postgres");
+        let got = number(&fx.client.get_user_profile(id).unwrap().unwrap().plan);
+        assert_eq!(got, last, "user {id} after the drain");
+    }
+    assert!(
+        fx.client
+            .engine()
+            .write_behind_dead_letters(10)
+            .unwrap()
+            .is_empty()
     );
 }
 
@@ -553,6 +758,114 @@ fn postgres_down_while_flushing_changes_wait_and_all_land() {
 }
 
 #[test]
+fn a_locked_row_delays_only_its_own_key() {
+    let fx = Fixture::with(wb_config("wb_locked"));
+    let mut seqs = HashMap::new();
+    for id in 1..=5 {
+        let seq = fx
+            .client
+            .update_user_plan_write_behind(id, "behind")
+            .unwrap()
+            .unwrap();
+        seqs.insert(id, seq);
+    }
+    // Another session holds user 1's row lock until told to let go.
+    let (locked_tx, locked) = mpsc::channel::<()>();
+    let (release, release_rx) = mpsc::channel::<()>();
+    let db = fx.client.db().clone();
+    let lock = format!(
+        "SELECT 1 FROM {} WHERE id = 1 FOR UPDATE",
+        fx.config.users_table
+    );
+    let holder = std::thread::spawn(move || {
+        db.transaction(|tx| {
+            tx.query_one(&lock, &[])?;
+            locked_tx.send(()).unwrap();
+            let _ = release_rx.recv_timeout(PATIENCE * 2);
+            Ok(())
+        })
+    });
+    locked.recv_timeout(PATIENCE).unwrap();
+    // Workers whose statements time out quickly; the five changes are one
+    // batch (they were enqueued before the workers started).
+    let mut config = fx.config.clone();
+    config.invalidation_relay = false;
+    config.statement_timeout = Duration::from_millis(300);
+    let workers = Client::open(&config).unwrap();
+    workers.start_write_behind(1).unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while !(2..=5).all(|id| row(&fx, id).1 as u64 == seqs[&id]) {
+        assert!(
+            Instant::now() < deadline,
+            "the unlocked users waited for the locked one: {:?}",
+            (2..=5).map(|id| row(&fx, id).1).collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(row(&fx, 1).1, 1, "user 1 is still locked");
+
+    release.send(()).unwrap();
+    holder.join().unwrap().unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    for id in 1..=5 {
+        assert_eq!(row(&fx, id).1 as u64, seqs[&id], "user {id}");
+    }
+    assert_eq!(workers.engine().stats().write_behind_dead_lettered, 0);
+}
+
+/// The address behind a `scheme://[user@]host:port/...` URL.
+fn server_addr(url: &str) -> std::net::SocketAddr {
+    let rest = url.split("://").nth(1).unwrap();
+    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
+    std::net::ToSocketAddrs::to_socket_addrs(host_port)
+        .unwrap()
+        .find(std::net::SocketAddr::is_ipv4)
+        .unwrap()
+}
+
+#[test]
+fn an_enqueue_is_refused_while_the_breaker_keeps_reads_off_redis() {
+    let mut config = wb_config("wb_breaker");
+    let proxy = FaultProxy::start(server_addr(&config.redis_url));
+    config.redis_url = format!("redis://{}/", proxy.addr());
+    config.breaker_failures = 1;
+    config.breaker_cool_off = Duration::from_secs(1);
+    let fx = Fixture::with(config);
+    assert_eq!(fx.client.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    // Redis refuses one read: the breaker opens. Redis is back at once, but
+    // this process's reads bypass it until the breaker closes.
+    proxy.set(Fault::Refuse);
+    let _ = fx.client.get_user_profile(2);
+    proxy.set(Fault::Pass);
+    assert!(fx.client.engine().breaker_open());
+
+    let err = fx
+        .client
+        .update_user_plan_write_behind(1, "behind")
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Cache, "{err:?}");
+    assert!(err.to_string().contains("breaker"), "{err}");
+    assert_eq!(fx.client.write_behind_pending().unwrap(), 0, "not enqueued");
+    assert_eq!(fx.client.get_user_profile(1).unwrap().unwrap().plan, "pro");
+
+    // Once the breaker has closed, the enqueue is taken and read at once.
+    let deadline = Instant::now() + PATIENCE;
+    while fx.client.engine().breaker_open() {
+        assert!(Instant::now() < deadline, "the breaker never closed");
+        let _ = fx.client.get_user_profile(3);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seq = fx
+        .client
+        .update_user_plan_write_behind(1, "behind")
+        .unwrap()
+        .unwrap();
+    let now = fx.client.get_user_profile(1).unwrap().unwrap();
+    assert_eq!((now.plan.as_str(), now.version as u64), ("behind", seq));
+}
+
+#[test]
 fn any_key_can_be_written_behind_through_a_registered_applier() {
     let fx = Fixture::with(wb_config("wb_generic"));
     let table = unique("ca_test_wb_counters");
@@ -603,6 +916,191 @@ fn any_key_can_be_written_behind_through_a_registered_applier() {
     assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1) as u64), (42, seq));
     fx.client.stop_write_behind();
     db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}
+
+/// A `counter:` applier over a table of its own, conditional on `seq`, as
+/// the docs show it; returns the table's name (dropped by the caller).
+fn counters_applier(fx: &Fixture) -> String {
+    let table = unique("ca_test_wb_counters");
+    fx.client
+        .db()
+        .batch_execute(&format!(
+            "CREATE TABLE {table} (name text PRIMARY KEY, n bigint NOT NULL, seq bigint NOT NULL)"
+        ))
+        .unwrap();
+    let upsert = format!(
+        "INSERT INTO {table} (name, n, seq) VALUES ($1, $2, $3)
+         ON CONFLICT (name) DO UPDATE SET n = EXCLUDED.n, seq = EXCLUDED.seq
+         WHERE {table}.seq < EXCLUDED.seq"
+    );
+    fx.client
+        .engine()
+        .register_write_behind("counter:", move |tx, changes| {
+            for change in changes {
+                let n: i64 = serde_json::from_slice(change.json)
+                    .map_err(cacheaside::Error::invalid_argument)?;
+                let name = &change.key["counter:".len()..];
+                tx.execute(&upsert, &[&name, &n, &(change.seq as i64)])?;
+            }
+            Ok(())
+        })
+        .unwrap();
+    table
+}
+
+/// A counter's committed `(n, seq)`.
+fn counter(fx: &Fixture, table: &str, name: &str) -> (i64, u64) {
+    let r = fx
+        .client
+        .db()
+        .query_one(
+            &format!("SELECT n, seq FROM {table} WHERE name = $1"),
+            &[&name],
+        )
+        .unwrap()
+        .unwrap();
+    (r.get(0), r.get::<_, i64>(1) as u64)
+}
+
+#[test]
+fn a_generic_change_after_a_redis_clock_step_back_still_lands() {
+    let fx = Fixture::with(wb_config("wb_clock"));
+    let table = counters_applier(&fx);
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    // The first change is numbered from a Redis clock an hour ahead (as if
+    // the cached entry carried that clock's number).
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let ahead = now_us + 3_600_000_000;
+    let expires_ms = now_us / 1000 + 60_000;
+    fx.put_raw(
+        "counter:a",
+        format!("ca1 v {ahead} 0 {expires_ms}\n0").as_bytes(),
+    );
+    let first = engine.write_behind("counter:a", ttl, &1_i64).unwrap();
+    assert!(first > ahead);
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(counter(&fx, &table, "a"), (1, first));
+    // The flush left no value and no pending record; the clock is an hour
+    // behind that number now. The next change still follows the first.
+    let second = engine.write_behind("counter:a", ttl, &2_i64).unwrap();
+    assert!(second > first, "{second} after {first}");
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(counter(&fx, &table, "a"), (2, second));
+    fx.client.stop_write_behind();
+    fx.client
+        .db()
+        .batch_execute(&format!("DROP TABLE {table}"))
+        .unwrap();
+}
+
+#[test]
+fn forged_stream_entries_are_dead_lettered_and_write_nothing() {
+    let fx = Fixture::with(wb_config("wb_forged"));
+    let before: Vec<_> = (1..=5).map(|id| row(&fx, id)).collect();
+    let seq = (std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64)
+        .to_string();
+    let profile = |id: i64, plan: &str| {
+        serde_json::to_string(&UserProfile {
+            id,
+            name: "forged".into(),
+            email: "forged@example.com".into(),
+            plan: plan.into(),
+            version: 0,
+        })
+        .unwrap()
+    };
+    let entry = |key: &str, seq: &str, json: String| {
+        vec![("k", key.to_owned()), ("s", seq.to_owned()), ("v", json)]
+    };
+    // The key says user 1, the JSON says user 2.
+    xadd(&fx, &entry("user:1", &seq, profile(2, "hijacked")));
+    // A sequence number that would overflow `version + 1`.
+    xadd(
+        &fx,
+        &entry("user:3", &i64::MAX.to_string(), profile(3, "overflow")),
+    );
+    // Thousands of fields besides a valid change.
+    let mut many = entry("user:4", &seq, profile(4, "many"));
+    let junk: Vec<(String, String)> = (0..8000).map(|i| (format!("f{i}"), "x".into())).collect();
+    many.extend(junk.iter().map(|(f, v)| (f.as_str(), v.clone())));
+    xadd(&fx, &many);
+    // A value beyond the size bound.
+    xadd(
+        &fx,
+        &entry("user:5", &seq, profile(5, &"x".repeat(2 << 20))),
+    );
+    // A key that is not a cache key.
+    xadd(&fx, &entry("user:{1}", &seq, profile(1, "braces")));
+
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    let after: Vec<_> = (1..=5).map(|id| row(&fx, id)).collect();
+    assert_eq!(after, before, "no forged entry wrote Postgres");
+    let stats = fx.client.engine().stats();
+    assert_eq!(
+        (stats.write_behind_dead_lettered, stats.write_behind_applied),
+        (5, 0)
+    );
+    let dead = fx.client.engine().write_behind_dead_letters(10).unwrap();
+    assert_eq!(dead.len(), 5, "{dead:?}");
+    for letter in &dead {
+        assert!(
+            letter.json.as_ref().is_none_or(|v| v.len() <= 70_000),
+            "a dead letter keeps a bounded value"
+        );
+    }
+    // The enqueue refuses a value beyond the bound too.
+    fx.client
+        .engine()
+        .register_write_behind("big:", |_, _| Ok(()))
+        .unwrap();
+    let err = fx
+        .client
+        .engine()
+        .write_behind("big:1", Duration::from_secs(60), &"x".repeat(2 << 20))
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument, "{err:?}");
+    assert_eq!(fx.client.write_behind_pending().unwrap(), 0);
+}
+
+#[test]
+fn the_dead_letter_stream_is_capped() {
+    let fx = Fixture::with(wb_config("wb_dead_cap"));
+    let dead = format!("{}{{write_behind}}:dead", fx.config.namespace);
+    const FILLED: usize = 10_500;
+    fx.client
+        .cache()
+        .with_connection(|c| {
+            let mut pipe = redis::pipe();
+            for i in 0..FILLED {
+                pipe.cmd("XADD")
+                    .arg(&dead)
+                    .arg("*")
+                    .arg("error")
+                    .arg(i)
+                    .ignore();
+            }
+            pipe.query::<()>(c)
+        })
+        .unwrap();
+    xadd(&fx, &[("garbage", "yes".into())]);
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(fx.client.engine().stats().write_behind_dead_lettered, 1);
+    let len: usize = fx
+        .client
+        .cache()
+        .with_connection(|c| redis::cmd("XLEN").arg(&dead).query(c))
+        .unwrap();
+    assert!(len <= 10_100, "the dead-letter stream holds {len} entries");
 }
 
 #[test]
@@ -675,6 +1173,11 @@ fn worker_process_entry_point() {
     config.outbox_table = outbox.into();
     config.invalidation_relay = false;
     config.write_behind_batch = 64;
+    if mode == "workers" {
+        // The default claim timeout: a dead worker's changes must move on
+        // long before it, once its liveness key has expired.
+        config.write_behind_claim_after = Config::default().write_behind_claim_after;
+    }
     let client = Client::open(&config).unwrap();
     if mode == "kill-after-commit" {
         client.engine().hooks().set_after_write_behind_commit(|_| {
@@ -936,14 +1439,35 @@ fn ten_thousand_updates_from_eight_threads_with_a_worker_process_killed_midway()
             std::thread::sleep(Duration::from_micros(200));
         }
         victim.kill().unwrap(); // SIGKILL
+        let killed_at = Instant::now();
         let status = victim.wait().unwrap();
         assert!(!status.success());
+        // The survivor sees the dead worker within about 2 s (its liveness
+        // key expires) and claims what it held: not after the 30 s claim
+        // timeout, which is for live workers that are slow.
+        while held_by(&fx, pid) > 0 {
+            assert!(
+                killed_at.elapsed() < Duration::from_secs(5),
+                "the dead worker's changes were not claimed within 5 s"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        eprintln!(
+            "the dead worker's changes were claimed after {:?}",
+            killed_at.elapsed()
+        );
         worker_process(&fx, "workers", 2)
     });
     assert_eq!(enqueued.load(Ordering::Relaxed), THREADS * PER_THREAD);
     assert_eq!(reads.load(Ordering::Relaxed), THREADS * PER_THREAD);
 
+    let draining = Instant::now();
     fx.client.drain_write_behind(PATIENCE * 2).unwrap();
+    assert!(
+        draining.elapsed() < Duration::from_secs(5),
+        "drain took {:?}",
+        draining.elapsed()
+    );
     let newest = newest.into_inner().unwrap();
     for id in 1..=USERS {
         let (seq, plan) = &newest[&id];
