@@ -8,7 +8,7 @@
 //! keeper they use go.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use serde::Serialize;
@@ -59,7 +59,14 @@ pub struct CacheAside {
     /// Keeps L1 coherent; stopped (joined) when the engine drops.
     _tracker: Option<crate::near::Tracker>,
     config: Config,
+    /// The key prefixes captured into this engine's outbox, and when they
+    /// were read: see [`relay_covers`](Self::relay_covers). Held while the
+    /// catalog is read, so one caller reads it for all.
+    captured: Mutex<Option<(Instant, Vec<String>)>>,
 }
+
+/// How long the captured prefixes read from the catalog are trusted.
+const COVERAGE_FOR: Duration = Duration::from_secs(5);
 
 impl CacheAside {
     /// Connects to Postgres and Redis as `config` says. Neither server needs
@@ -94,6 +101,7 @@ impl CacheAside {
             background: Background::new(config.background_threads),
             relay: Mutex::new(None),
             _tracker: tracker,
+            captured: Mutex::new(None),
             config: config.clone(),
         })
     }
@@ -320,13 +328,13 @@ impl CacheAside {
         self.engine.invalidate(key)
     }
 
-    /// [`invalidate`](Self::invalidate) after a committed write of a table
-    /// whose changes are captured: a failure is not the caller's while the
-    /// relay runs, since the outbox row committed with the write and the
-    /// relay will delete the key. The one place that policy is decided.
+    /// [`invalidate`](Self::invalidate) after a committed write: a failure
+    /// is not the caller's when the relay covers the key (the outbox row
+    /// committed with the write, and the relay will delete the key).
+    /// Whether it does is decided once, in [`relay_covers`](Self::relay_covers).
     pub(crate) fn invalidate_captured(&self, key: &str) -> Result<()> {
         match self.invalidate(key) {
-            Err(err) if self.relay_running() => {
+            Err(err) if self.relay_covers(key) => {
                 report!(
                     warn,
                     // No key: nothing at warn level names one.
@@ -337,6 +345,40 @@ impl CacheAside {
             }
             outcome => outcome,
         }
+    }
+
+    /// True when a failed invalidation of `key` is the relay's to repair: a
+    /// relay runs for this engine and `key` starts with a prefix whose table
+    /// is captured into its outbox (read from the catalog at most every
+    /// [`COVERAGE_FOR`], and whenever this engine captures a table). A
+    /// relay for another table does not cover `key`; nor does anything
+    /// when the catalog cannot be read (the failure is then the caller's).
+    fn relay_covers(&self, key: &str) -> bool {
+        if !self.relay_running() {
+            return false;
+        }
+        let mut captured = self.captured.lock();
+        let stale = captured
+            .as_ref()
+            .is_none_or(|(read, _)| read.elapsed() >= COVERAGE_FOR);
+        if stale {
+            let outbox = crate::relay::Outbox::new(&self.config.outbox_table);
+            match outbox.and_then(|o| o.captured_prefixes(self.db())) {
+                Ok(prefixes) => *captured = Some((Instant::now(), prefixes)),
+                Err(err) => {
+                    report!(
+                        debug,
+                        "cannot read which tables are captured: {}",
+                        err.chain()
+                    );
+                }
+            }
+        }
+        captured.as_ref().is_some_and(|(_, prefixes)| {
+            prefixes
+                .iter()
+                .any(|prefix| key.starts_with(prefix.as_str()))
+        })
     }
 
     /// Runs `write` (a write to the source that returns the new value and
@@ -377,7 +419,7 @@ impl CacheAside {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
         self.engine
-            .write_through(key, ttl, write, self.relay_running())
+            .write_through(key, ttl, write, || self.relay_covers(key))
     }
 
     /// Announces a write of `key` to the write-behind workers before it
@@ -527,6 +569,8 @@ impl CacheAside {
             key_column,
             version_column,
         )?;
+        // Read again on the next need: this table is captured now.
+        *self.captured.lock() = None;
         self.start_relay();
         Ok(())
     }

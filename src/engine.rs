@@ -521,7 +521,7 @@ impl Engine {
         key: &str,
         ttl: Duration,
         write: F,
-        relay: bool,
+        covered: impl Fn() -> bool,
     ) -> Result<Option<T>>
     where
         T: Serialize,
@@ -537,7 +537,7 @@ impl Engine {
                     keys: &keys,
                     token: &token,
                 }),
-                Err(err) if relay => {
+                Err(err) if covered() => {
                     // Redis is out; the write itself can go ahead: the outbox
                     // row it commits will invalidate the key once Redis is back.
                     self.cache_failed(Permit::Use, &err);
@@ -581,7 +581,7 @@ impl Engine {
                 drop(writer);
                 match self.invalidate(key) {
                     Ok(()) => Ok(Some(value)),
-                    Err(_) if relay => Ok(Some(value)),
+                    Err(_) if covered() => Ok(Some(value)),
                     Err(err) => Err(err),
                 }
             }

@@ -86,6 +86,27 @@ impl Outbox {
     }
 
     /// The unqualified name, for objects that cannot carry a schema.
+    /// The key prefixes whose tables' changes are captured into this outbox
+    /// now (the first argument of every `cacheaside_capture` trigger that
+    /// runs this outbox's capture function), read from the catalog.
+    pub fn captured_prefixes(&self, db: &Db) -> Result<Vec<String>> {
+        let function = format!("{}_capture", self.bare());
+        let rows = db.uncounted().query(
+            "SELECT t.tgargs FROM pg_catalog.pg_trigger t
+               JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
+              WHERE t.tgname = 'cacheaside_capture' AND p.proname = $1",
+            &[&function],
+        )?;
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let args: Vec<u8> = row.get(0);
+                let prefix = args.split(|&b| b == 0).next()?;
+                String::from_utf8(prefix.to_vec()).ok()
+            })
+            .collect())
+    }
+
     fn bare(&self) -> &str {
         self.table.rsplit('.').next().unwrap_or(&self.table)
     }

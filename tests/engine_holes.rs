@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use cacheaside::{CacheAside, Config};
 use common::proxy::{Fault, FaultProxy};
-use common::{PATIENCE, test_config};
+use common::{Fixture, PATIENCE, test_config};
 
 const TTL: Duration = Duration::from_secs(60);
 
@@ -264,4 +264,31 @@ fn a_full_background_pool_makes_no_caller_wait_for_a_load() {
     assert_eq!(engine.stats().stale_served, 1, "{:?}", engine.stats());
     gate.open();
     let _ = engine.cache().delete_namespace();
+}
+
+#[test]
+fn a_relay_for_another_table_does_not_cover_a_failed_write_through() {
+    let mut config = test_config("coverage");
+    let proxy = FaultProxy::start(server_addr(&config.redis_url));
+    config.redis_url = format!("redis://{}/", proxy.addr());
+    config.cache_timeout = Duration::from_millis(200);
+    // The lab: its users table is captured under "user:", and its relay runs.
+    let fx = Fixture::with(config);
+    let engine = fx.client.engine();
+    assert!(engine.relay_running());
+    proxy.set(Fault::Refuse);
+    let writes = AtomicU64::new(0);
+    let write = || {
+        writes.fetch_add(1, Ordering::SeqCst);
+        Ok(Some((1_i64, 1)))
+    };
+    // No captured table's prefix: Redis cannot take the writer, and no
+    // relay will repair the key, so the write must not go ahead unnoticed.
+    let outcome = engine.write_through("order:1", TTL, write);
+    assert!(outcome.is_err(), "{outcome:?}");
+    assert_eq!(writes.load(Ordering::SeqCst), 0, "nothing written");
+    // A captured table's key: the relay repairs it, the write goes ahead.
+    assert_eq!(engine.write_through("user:1", TTL, write).unwrap(), Some(1));
+    assert_eq!(writes.load(Ordering::SeqCst), 1);
+    proxy.set(Fault::Pass);
 }
