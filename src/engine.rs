@@ -238,10 +238,17 @@ impl Engine {
             soft_timeout: config.soft_timeout,
         };
         let counters = Arc::new(Counters::new(&config.namespace));
-        let near = config
-            .local_cache
-            .is_on()
-            .then(|| Arc::new(Near::new(config.local_cache, counters.clone())));
+        #[cfg(feature = "test-hooks")]
+        let hooks = Arc::new(crate::hooks::Hooks::default());
+        let near = config.local_cache.is_on().then(|| {
+            #[allow(unused_mut)]
+            let mut near = Near::new(config.local_cache, counters.clone());
+            #[cfg(feature = "test-hooks")]
+            {
+                near.hooks = Arc::clone(&hooks);
+            }
+            Arc::new(near)
+        });
         Engine {
             keeper: Arc::new(Keeper::new(cache.clone(), ttls)),
             breaker: Arc::new(Breaker::new(
@@ -256,7 +263,7 @@ impl Engine {
             counters,
             near,
             #[cfg(feature = "test-hooks")]
-            hooks: Default::default(),
+            hooks,
         }
     }
 

@@ -25,6 +25,7 @@ pub struct Hooks {
     after_write: Mutex<Option<Hook>>,
     after_write_behind_commit: Mutex<Option<Hook>>,
     before_local_fill: Mutex<Option<Hook>>,
+    before_tracking: Mutex<Option<Hook>>,
     leases_disabled: AtomicBool,
     lost_replies: AtomicU32,
 }
@@ -63,6 +64,18 @@ impl Hooks {
         *self.before_local_fill.lock() = Some(Arc::new(hook));
     }
 
+    /// Test hook: `hook("")` runs on the near cache's tracker thread after
+    /// it connected and before it turns tracking on (each session). Block
+    /// in it to keep L1 dark while reads go to Redis.
+    pub fn set_before_tracking(&self, hook: impl Fn(&str) + Send + Sync + 'static) {
+        *self.before_tracking.lock() = Some(Arc::new(hook));
+    }
+
+    /// Test hook: removes the before-tracking hook.
+    pub fn clear_before_tracking(&self) {
+        *self.before_tracking.lock() = None;
+    }
+
     /// Test hook: removes the before-local-fill hook.
     pub fn clear_before_local_fill(&self) {
         *self.before_local_fill.lock() = None;
@@ -96,6 +109,10 @@ impl Hooks {
 
     pub(crate) fn after_write_behind_commit(&self, key: &str) {
         fire(&self.after_write_behind_commit, key);
+    }
+
+    pub(crate) fn before_tracking(&self, key: &str) {
+        fire(&self.before_tracking, key);
     }
 
     pub(crate) fn before_local_fill(&self, key: &str) {

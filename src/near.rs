@@ -131,6 +131,9 @@ pub(crate) struct Near {
     /// Test hook: the tracker drops invalidation messages (keeps beating).
     #[cfg(feature = "test-hooks")]
     ignore_invalidations: AtomicBool,
+    /// The engine's test hooks (the tracker runs `before_tracking`).
+    #[cfg(feature = "test-hooks")]
+    pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
 
 /// What a reader noted before it went to Redis; see [`Near::offer`].
@@ -158,6 +161,8 @@ impl Near {
             stop: AtomicBool::new(false),
             #[cfg(feature = "test-hooks")]
             ignore_invalidations: AtomicBool::new(false),
+            #[cfg(feature = "test-hooks")]
+            hooks: Default::default(),
         }
     }
 
@@ -399,6 +404,8 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
     let id: u64 = redis::cmd("CLIENT").arg("ID").query(&mut *sub)?;
     // Tracking redirected to this very connection: if it dies, tracking
     // and subscription die together, and we notice on the next read.
+    #[cfg(feature = "test-hooks")]
+    near.hooks.before_tracking("");
     let mut tracking = redis::cmd("CLIENT");
     tracking
         .arg("TRACKING")
@@ -417,6 +424,11 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
         .ok_or_else(|| Error::invalid_argument("the near cache needs a single Redis server"))?;
     let mut pubsub = sub.as_pubsub();
     pubsub.subscribe(&[INVALIDATE, channel.as_str()])?;
+    // Tracking covers writes from now on. A read that went to Redis while
+    // L1 was dark may hold a value replaced before now, of which no
+    // invalidation will come: refuse the fills of every read in flight
+    // (their tickets predate this), before any heartbeat can make L1 live.
+    near.flush();
     pubsub.set_read_timeout(Some(BEAT))?;
     near.tracker_id.store(id, Ordering::SeqCst);
     *connected = true;

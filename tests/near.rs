@@ -373,6 +373,70 @@ fn fill_after_in_flight_invalidation_is_dropped() {
     assert_eq!(now.plan, "raced");
 }
 
+/// A hook that tells `tell` it was reached and waits for `release`.
+fn pause_at() -> (
+    mpsc::Receiver<()>,
+    mpsc::Sender<()>,
+    impl Fn(&str) + Send + Sync + 'static,
+) {
+    let (tell, reached) = mpsc::channel();
+    let (release, hold) = mpsc::channel::<()>();
+    let (tell, hold) = (Mutex::new(tell), Mutex::new(hold));
+    let hook = move |_: &str| {
+        let _ = tell.lock().unwrap().send(());
+        let _ = hold.lock().unwrap().recv_timeout(PATIENCE);
+    };
+    (reached, release, hook)
+}
+
+#[test]
+fn a_read_from_the_dark_cannot_fill_l1_once_a_new_tracker_is_live() {
+    let mut config = near_config("near_dark_read", Duration::from_secs(60));
+    config.invalidation_relay = false;
+    let fx = Fixture::with(config);
+    let reader = Arc::new(Client::open(&fx.config).unwrap());
+    let writer = &fx.client;
+    let old = warm(&reader, 1);
+    let hooks = reader.engine().hooks();
+    // The next tracking session waits before it turns tracking on.
+    let (at_tracking, release_tracking, hook) = pause_at();
+    hooks.set_before_tracking(hook);
+    let id = reader.engine().local_cache_tracker_id().expect("tracker");
+    let killed: i64 = reader
+        .cache()
+        .with_connection(|c| redis::cmd("CLIENT").arg("KILL").arg("ID").arg(id).query(c))
+        .unwrap();
+    assert_eq!(killed, 1);
+    at_tracking.recv_timeout(PATIENCE).unwrap();
+    assert!(!reader.engine().local_cache_ready(), "L1 is dark");
+    // A read goes to Redis while L1 is dark, and waits with the old value
+    // in hand before its L1 insert.
+    let (at_fill, release_fill, hook) = pause_at();
+    hooks.set_before_local_fill(hook);
+    let racing = {
+        let reader = reader.clone();
+        thread::spawn(move || reader.get_user_profile(1).unwrap().unwrap())
+    };
+    at_fill.recv_timeout(PATIENCE).unwrap();
+    // Replaced before the new session tracks: no invalidation will come.
+    assert!(writer.update_user_plan(1, "from the dark").unwrap());
+    hooks.clear_before_tracking();
+    release_tracking.send(()).unwrap();
+    wait_ready(&reader);
+    hooks.clear_before_local_fill();
+    release_fill.send(()).unwrap();
+    assert_eq!(racing.join().unwrap(), old);
+    assert_eq!(
+        reader.engine().local_cache_entries(),
+        0,
+        "the old value kept"
+    );
+    assert_eq!(
+        reader.get_user_profile(1).unwrap().unwrap().plan,
+        "from the dark"
+    );
+}
+
 #[test]
 fn max_staleness_bounds_l1_without_invalidations() {
     let max_staleness = Duration::from_millis(300);
