@@ -262,7 +262,12 @@ fn a_load_longer_than_the_lease_and_lock_ttls_costs_one_query_and_is_cached() {
 #[test]
 fn a_dead_lock_holder_delays_but_does_not_block_readers() {
     let mut config = test_config("deadholder");
+    // The dead holder's lease and lock both expire well before lock_wait,
+    // so readers wait for their expiry, not for lock_wait (with the 3 s
+    // default lease the slowest reader waited lock_wait to the
+    // millisecond, and failed the bound on a loaded machine).
     config.lock_ttl = Duration::from_millis(600);
+    config.lease_ttl = Duration::from_millis(600);
     config.cache_timeout = Duration::from_millis(200);
     config.pool_timeout = Duration::from_secs(1);
     config.statement_timeout = Duration::from_secs(2);
