@@ -4,26 +4,14 @@
 
 mod common;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use cacheaside::{CacheAside, Config};
 use common::proxy::{Fault, FaultProxy};
-use common::{Fixture, PATIENCE, test_config};
+use common::{Fixture, PATIENCE, server_addr, test_config};
 
 const TTL: Duration = Duration::from_secs(60);
-
-/// `host:port` of a URL like `scheme://user@host:port/db`.
-fn server_addr(url: &str) -> SocketAddr {
-    let rest = url.split("://").nth(1).expect("a URL");
-    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
-    host_port
-        .to_socket_addrs()
-        .unwrap()
-        .find(SocketAddr::is_ipv4)
-        .expect("an IPv4 address")
-}
 
 /// A generic engine (no lab, no relay started) whose Redis is reached
 /// through a fault proxy, with the relay setting left at its default (on).

@@ -6,7 +6,6 @@
 
 mod common;
 
-use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::Barrier;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -14,7 +13,7 @@ use std::time::{Duration, Instant};
 use cacheaside::{Client, Config, ErrorKind};
 use common::proxy::{Fault, FaultProxy};
 use common::servers::PrivateRedis;
-use common::{Fixture, PATIENCE, test_config};
+use common::{Fixture, PATIENCE, server_addr, test_config};
 
 /// The cache timeout of these tests: short, so a fault costs little.
 const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
@@ -22,17 +21,6 @@ const CACHE_TIMEOUT: Duration = Duration::from_millis(200);
 /// The demo users' names by id.
 fn name_of(id: i64) -> &'static str {
     cacheaside::DEMO_USERS[(id - 1) as usize].1
-}
-
-/// `host:port` of a URL like `scheme://user@host:port/db`.
-fn server_addr(url: &str) -> SocketAddr {
-    let rest = url.split("://").nth(1).expect("a URL");
-    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
-    host_port
-        .to_socket_addrs()
-        .unwrap()
-        .find(SocketAddr::is_ipv4)
-        .expect("an IPv4 address")
 }
 
 /// A test config whose Redis is reached through a fault proxy (in `Pass`).

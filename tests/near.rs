@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use cacheaside::{Client, Config, LocalCache};
 use common::servers::PrivateRedis;
-use common::{Fixture, PATIENCE, test_config};
+use common::{Fixture, PATIENCE, server_addr, test_config};
 
 /// The coherence bound L1 promises (src/near.rs `BOUND`): no hit returns a
 /// value replaced by a write that finished this long before the read began.
@@ -554,18 +554,6 @@ fn no_stale_reads_in_one_process_with_l1() {
         return;
     }
     assert!(stats.local_hits > 0, "L1 never answered: {stats:?}");
-}
-
-/// `host:port` of a URL like `redis://host:port/`.
-fn server_addr(url: &str) -> std::net::SocketAddr {
-    use std::net::ToSocketAddrs;
-    let rest = url.split("://").nth(1).expect("a URL");
-    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
-    host_port
-        .to_socket_addrs()
-        .unwrap()
-        .find(std::net::SocketAddr::is_ipv4)
-        .expect("an IPv4 address")
 }
 
 #[test]

@@ -868,29 +868,9 @@ fn an_enqueue_is_refused_while_the_breaker_keeps_reads_off_redis() {
 #[test]
 fn any_key_can_be_written_behind_through_a_registered_applier() {
     let fx = Fixture::with(wb_config("wb_generic"));
-    let table = unique("ca_test_wb_counters");
+    let table = counters_applier(&fx);
     let db = fx.client.db().clone();
-    db.batch_execute(&format!(
-        "CREATE TABLE {table} (name text PRIMARY KEY, n bigint NOT NULL, seq bigint NOT NULL)"
-    ))
-    .unwrap();
     let engine = fx.client.engine();
-    let upsert = format!(
-        "INSERT INTO {table} (name, n, seq) VALUES ($1, $2, $3)
-         ON CONFLICT (name) DO UPDATE SET n = EXCLUDED.n, seq = EXCLUDED.seq
-         WHERE {table}.seq < EXCLUDED.seq"
-    );
-    engine
-        .register_write_behind("counter:", move |tx, changes| {
-            for change in changes {
-                let n: i64 = serde_json::from_slice(change.json)
-                    .map_err(cacheaside::Error::invalid_argument)?;
-                let name = &change.key["counter:".len()..];
-                tx.execute(&upsert, &[&name, &n, &(change.seq as i64)])?;
-            }
-            Ok(())
-        })
-        .unwrap();
     let ttl = Duration::from_secs(60);
     engine.write_behind("counter:a", ttl, &41_i64).unwrap();
     let seq = engine.write_behind("counter:a", ttl, &42_i64).unwrap();

@@ -348,24 +348,19 @@ impl Worker {
             .shared
             .batch
             .saturating_sub(self.held_entries() + batch.len());
-        if room > 0 && now >= self.next_claim {
-            let claimed = self.claim(room)?;
-            self.engine
-                .counters
-                .write_behind_claimed
-                .add(claimed.len() as u64);
-            room = room.saturating_sub(claimed.len());
+        // What this worker claimed from others joins the batch, counted.
+        let counters = Arc::clone(&self.engine.counters);
+        let mut take = |claimed: Vec<RawEntry>, room: &mut usize| {
+            counters.write_behind_claimed.add(claimed.len() as u64);
+            *room = room.saturating_sub(claimed.len());
             sort(claimed, &mut batch, &mut poison);
+        };
+        if room > 0 && now >= self.next_claim {
+            take(self.claim(room)?, &mut room);
             self.next_claim = now + self.shared.max_wait();
         }
         if room > 0 && now >= self.next_dead_check {
-            let claimed = self.claim_from_dead(room)?;
-            self.engine
-                .counters
-                .write_behind_claimed
-                .add(claimed.len() as u64);
-            room = room.saturating_sub(claimed.len());
-            sort(claimed, &mut batch, &mut poison);
+            take(self.claim_from_dead(room)?, &mut room);
             self.next_dead_check = now + LIVENESS_EVERY;
         }
         if room > 0 {

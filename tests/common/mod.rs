@@ -161,6 +161,19 @@ impl Drop for Fixture {
     }
 }
 
+/// `host:port` of a URL like `scheme://user@host:port/db`, as an IPv4
+/// address (what a fault proxy in front of that server connects to).
+pub fn server_addr(url: &str) -> std::net::SocketAddr {
+    use std::net::ToSocketAddrs;
+    let rest = url.split("://").nth(1).expect("a URL");
+    let host_port = rest.rsplit('@').next().unwrap().split('/').next().unwrap();
+    host_port
+        .to_socket_addrs()
+        .unwrap()
+        .find(std::net::SocketAddr::is_ipv4)
+        .expect("an IPv4 address")
+}
+
 /// A bound long enough that only a hang reaches it.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
