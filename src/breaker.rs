@@ -170,14 +170,17 @@ impl Breaker {
     /// reach Redis, so this process must not read a cached entry it may have
     /// left stale until the relay has applied the change.
     pub fn trip(&self, err: &Error) {
+        self.trip_because(&format!("an invalidation failed: {}", err.chain()));
+    }
+
+    /// Opens the breaker now, whatever its state, for `why`: what Redis
+    /// holds may be stale (see [`trip`](Self::trip)).
+    pub fn trip_because(&self, why: &str) {
         if self.failures_to_open == 0 {
             return;
         }
         let mut state = self.state.lock();
-        self.open(
-            &mut state,
-            &format!("an invalidation failed: {}", err.chain()),
-        );
+        self.open(&mut state, why);
     }
 
     /// The recovery a relay round must complete to close the breaker, if the

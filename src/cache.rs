@@ -30,6 +30,7 @@ pub(crate) use crate::keys::check_key;
 use crate::keys::{self, Keys, escape_glob, validate_namespace};
 use crate::pool::{Conn, Connector, Pool};
 use crate::redis_conn::{RedisConnection, RedisConnector, classify, dropped, millis};
+use crate::server_watch::ServerWatch;
 
 /// A pooled Redis client whose keys all live under one namespace.
 ///
@@ -60,6 +61,8 @@ pub struct Cache {
     namespace: Arc<str>,
     /// `redis_url` listed several nodes: a Redis Cluster.
     cluster: bool,
+    /// Which server the connections reach (shared with the connector).
+    watch: Arc<ServerWatch>,
 }
 
 impl Cache {
@@ -76,7 +79,9 @@ impl Cache {
         validate_namespace(&config.namespace)?;
         let cluster = config.is_redis_cluster();
         let connector = RedisConnector::new(config)?;
+        let watch = Arc::clone(&connector.watch);
         Ok(Cache {
+            watch,
             pool: Pool::new(
                 connector,
                 config.cache_pool_size,
@@ -86,6 +91,18 @@ impl Cache {
             namespace: config.namespace.as_str().into(),
             cluster,
         })
+    }
+
+    /// How many times the Redis server changed (restarted, failed over)
+    /// since this cache opened; see [`crate::server_watch`].
+    pub(crate) fn server_generation(&self) -> u64 {
+        self.watch.generation()
+    }
+
+    /// Runs `callback` whenever a new connection finds another Redis server
+    /// process than the last one, before that connection is used.
+    pub(crate) fn on_server_change(&self, callback: Box<dyn Fn() + Send + Sync>) {
+        self.watch.on_change(callback);
     }
 
     /// True when this cache talks to a Redis Cluster.

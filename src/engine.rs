@@ -197,6 +197,8 @@ struct Miss<'a> {
     /// A flight this call followed could not hand it its row (a write came
     /// during that load): the readers it sent back are on their way.
     sent_back: std::cell::Cell<bool>,
+    /// The Redis server generation before this call's first command.
+    generation: u64,
 }
 
 impl Miss<'_> {
@@ -238,6 +240,24 @@ impl Engine {
             soft_timeout: config.soft_timeout,
         };
         let counters = Arc::new(Counters::new(&config.namespace));
+        let breaker = Arc::new(Breaker::new(
+            config.breaker_failures,
+            config.breaker_cool_off,
+            counters.clone(),
+        ));
+        // A restarted or failed-over Redis may have lost acknowledged
+        // writes (invalidations among them): trust nothing it holds until
+        // the breaker has recovered (with a relay, after the relay has
+        // re-applied the outbox).
+        let watched = Arc::downgrade(&breaker);
+        cache.on_server_change(Box::new(move || {
+            if let Some(breaker) = watched.upgrade() {
+                breaker.trip_because(
+                    "the Redis server changed (a restart or a failover): it may have lost \
+                     acknowledged invalidations",
+                );
+            }
+        }));
         #[cfg(feature = "test-hooks")]
         let hooks = Arc::new(crate::hooks::Hooks::default());
         let near = config.local_cache.is_on().then(|| {
@@ -251,11 +271,7 @@ impl Engine {
         });
         Engine {
             keeper: Arc::new(Keeper::new(cache.clone(), ttls)),
-            breaker: Arc::new(Breaker::new(
-                config.breaker_failures,
-                config.breaker_cool_off,
-                counters.clone(),
-            )),
+            breaker,
             db,
             cache,
             flights: SingleFlight::new(),
@@ -299,11 +315,20 @@ impl Engine {
             }
             _ => None,
         };
+        // Noted before the permit: a Redis server change (restart, failover)
+        // trips the breaker before the generation moves, so if this read's
+        // GET reached the new server either the permit saw the breaker
+        // tripped or the generation moved under the GET (see
+        // crate::server_watch). Either way the answer is not trusted.
+        let generation = e.cache.server_generation();
         let mut permit = e.breaker.permit();
         let mut stale = None;
         let mut use_redis = permit != Permit::Bypass;
         if use_redis {
             match e.cache.lookup(&value_key) {
+                Ok(_) if e.cache.server_generation() != generation => {
+                    use_redis = false;
+                }
                 Ok(raw) => {
                     e.breaker.succeeded(permit);
                     if permit == Permit::Probe && e.breaker.is_open() {
@@ -324,7 +349,9 @@ impl Engine {
                                 near.offer(&value_key, ticket, &raw);
                             }
                             if found.refresh_due {
-                                self.refresh_early(background, key, value_key, ttl, load);
+                                self.refresh_early(
+                                    background, key, value_key, ttl, generation, load,
+                                );
                             }
                             return Ok(found.value);
                         }
@@ -359,6 +386,7 @@ impl Engine {
             deadline: Instant::now() + e.settings.call_deadline,
             fits: &fits,
             sent_back: std::cell::Cell::new(false),
+            generation,
         };
         let span = MissSpan::enter(key, mode.name(), !use_redis);
         let answer = match mode {
@@ -387,6 +415,7 @@ impl Engine {
         key: &str,
         value_key: String,
         ttl: Duration,
+        generation: u64,
         load: L,
     ) {
         let e = self;
@@ -403,6 +432,7 @@ impl Engine {
             keys: Keys::for_value(value_key),
             ttl,
             deadline: Instant::now() + e.settings.call_deadline,
+            generation,
         };
         match load.detach() {
             Ok(job) => {
@@ -604,7 +634,7 @@ impl Engine {
             Err(_) | Ok(Claimed::Busy) => self.load_uncached(m, load),
             Ok(Claimed::Cached(answer)) => Ok(answer),
             Ok(Claimed::Granted) => {
-                let hold = self.keeper.hold(&m.keys, token, m.deadline);
+                let hold = self.keeper.hold(&m.keys, token, m.deadline, m.generation);
                 // No flight: the marks only number this call's own reads.
                 match self.load_held(bg, m, load, hold, Marks::default()) {
                     Held::Done(filled) => filled.outcome.or_else(|err| self.load_failed(m, err)),
@@ -752,7 +782,7 @@ impl Engine {
             // so this load serves them all instead of one by one.
             std::thread::sleep(s.lock_poll);
         }
-        let hold = self.keeper.hold(&m.keys, token, m.deadline);
+        let hold = self.keeper.hold(&m.keys, token, m.deadline, m.generation);
         match self.load_held(bg, m, load, hold, leader.marks()) {
             Held::Done(filled) => {
                 leader.publish(filled.outcome.clone(), filled.valid_before);
@@ -823,7 +853,7 @@ impl Engine {
                 return;
             }
         }
-        let hold = self.keeper.hold(&t.keys, token, t.deadline);
+        let hold = self.keeper.hold(&t.keys, token, t.deadline, t.generation);
         let load_read = leader.begin_read();
         let loaded = load();
         #[cfg(feature = "test-hooks")]
@@ -939,6 +969,17 @@ impl Engine {
             };
         }
         match lease::fill(&self.cache, keys, hold.token(), &raw, physical) {
+            Ok(true) if self.cache.server_generation() != hold.generation() => {
+                // Stored on another Redis server than the one the lease was
+                // taken on: there the lease may have come back from a
+                // snapshot though a write revoked it. Take the row back out
+                // (only if it is still ours); the breaker tripped with the
+                // change, so nobody trusted it meanwhile.
+                hold.filled();
+                let _ = lease::discard(&self.cache, &keys.value, &raw);
+                self.counters.fill_dropped(&keys.value);
+                Verdict::Dropped
+            }
             Ok(stored) => {
                 // The script released the lease and lock.
                 hold.filled();
@@ -1085,6 +1126,8 @@ struct Target {
     keys: Keys,
     ttl: Duration,
     deadline: Instant,
+    /// The Redis server generation when the refresh began.
+    generation: u64,
 }
 
 /// A fill's outcome.

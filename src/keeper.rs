@@ -84,7 +84,15 @@ impl Keeper {
 
     /// Takes responsibility for what `token` holds on `keys` until the
     /// returned [`Hold`] drops (or fills), renewing it until `until`.
-    pub fn hold(self: &Arc<Self>, keys: &Keys, token: Token, until: Instant) -> Hold {
+    /// `generation` is the Redis server generation the claim was made in
+    /// (or an earlier one): see [`Hold::generation`].
+    pub fn hold(
+        self: &Arc<Self>,
+        keys: &Keys,
+        token: Token,
+        until: Instant,
+        generation: u64,
+    ) -> Hold {
         let (lease, lock): (Arc<str>, Arc<str>) =
             (keys.lease.as_str().into(), keys.lock.as_str().into());
         let id = {
@@ -109,6 +117,7 @@ impl Keeper {
             lease,
             lock,
             token,
+            generation,
             done: false,
         }
     }
@@ -232,12 +241,21 @@ pub(crate) struct Hold {
     lease: Arc<str>,
     lock: Arc<str>,
     token: Token,
+    /// The Redis server generation the claim was made in, at the latest: a
+    /// fill made on another server (restarted from a snapshot, failed over)
+    /// may find the lease there again though a write revoked it since.
+    generation: u64,
     done: bool,
 }
 
 impl Hold {
     pub fn token(&self) -> &str {
         &self.token
+    }
+
+    /// See the field.
+    pub fn generation(&self) -> u64 {
+        self.generation
     }
 
     /// The fill script released the lease and lock.

@@ -68,6 +68,7 @@ mod db; // Postgres: pool, statements, query counter
 mod pg; // one blocking Postgres connection with deadlines
 mod pool; // pools that fail fast and heal fast
 mod redis_conn; // one Redis connection: single server or cluster, TLS, errors
+mod server_watch; // which Redis server process we reach, and when it changes
 
 // Protocol: what the engine is built from.
 mod background; // the engine's small pool of background threads

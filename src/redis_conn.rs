@@ -16,6 +16,7 @@
 //!   password), and the ones that mean Redis is unavailable are marked as
 //!   an outage, which the circuit breaker counts.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
@@ -25,6 +26,7 @@ use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
 use crate::pool::Connector;
+use crate::server_watch::ServerWatch;
 
 /// A client for one server at `url`, trusting `config.redis_ca_file` for
 /// a `rediss://` URL when it is set.
@@ -350,6 +352,8 @@ pub(crate) fn millis(d: Duration) -> u64 {
 pub(crate) struct RedisConnector {
     target: Target,
     timeout: Duration,
+    /// Told which server each new connection reached.
+    pub(crate) watch: Arc<ServerWatch>,
 }
 
 enum Target {
@@ -394,7 +398,11 @@ impl RedisConnector {
         } else {
             Target::Single(single_client(config, &config.redis_url)?)
         };
-        Ok(RedisConnector { target, timeout })
+        Ok(RedisConnector {
+            target,
+            timeout,
+            watch: Arc::default(),
+        })
     }
 }
 
@@ -404,13 +412,14 @@ impl Connector for RedisConnector {
     fn connect(&self) -> Result<RedisConnection> {
         match &self.target {
             Target::Single(client) => {
-                let conn = client
+                let mut conn = client
                     .get_connection_with_timeout(self.timeout)
                     .map_err(classify)?;
                 conn.set_read_timeout(Some(self.timeout))
                     .map_err(classify)?;
                 conn.set_write_timeout(Some(self.timeout))
                     .map_err(classify)?;
+                self.watch.observe(&mut conn);
                 Ok(RedisConnection::Single(conn))
             }
             Target::Cluster(client) => {
