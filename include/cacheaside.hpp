@@ -347,7 +347,7 @@ public:
     /** Fail-safe: how long past its TTL a copy may be served when a reload
      *  fails; 0 turns it off. */
     Config &fail_safe(std::chrono::milliseconds max) {
-        detail::check(cacheaside_config_set_fail_safe_ms(get(), detail::millis(max)));
+        detail::check(cacheaside_config_set_fail_safe_max_ms(get(), detail::millis(max)));
         return *this;
     }
     Config &fail_safe_throttle(std::chrono::milliseconds throttle) {
@@ -358,8 +358,41 @@ public:
         detail::check(cacheaside_config_set_soft_timeout_ms(get(), detail::millis(timeout)));
         return *this;
     }
+    /** Both breaker settings; the cool-off is checked first, so a throw
+     *  changes nothing. */
     Config &breaker(uint32_t failures, std::chrono::milliseconds cool_off) {
-        detail::check(cacheaside_config_set_breaker(get(), failures, detail::millis(cool_off)));
+        return breaker_cool_off(cool_off).breaker_failures(failures);
+    }
+    Config &breaker_failures(uint32_t failures) {
+        detail::check(cacheaside_config_set_breaker_failures(get(), failures));
+        return *this;
+    }
+    Config &breaker_cool_off(std::chrono::milliseconds cool_off) {
+        detail::check(cacheaside_config_set_breaker_cool_off_ms(get(), detail::millis(cool_off)));
+        return *this;
+    }
+    Config &pool_min_idle(uint32_t count) {
+        detail::check(cacheaside_config_set_pool_min_idle(get(), count));
+        return *this;
+    }
+    Config &background_threads(uint32_t threads) {
+        detail::check(cacheaside_config_set_background_threads(get(), threads));
+        return *this;
+    }
+    Config &relay_listen(bool on) {
+        detail::check(cacheaside_config_set_relay_listen(get(), on));
+        return *this;
+    }
+    Config &outbox_retention(std::chrono::milliseconds retention) {
+        detail::check(cacheaside_config_set_outbox_retention_ms(get(), detail::millis(retention)));
+        return *this;
+    }
+    Config &statement_cache_size(std::size_t size) {
+        detail::check(cacheaside_config_set_statement_cache_size(get(), size));
+        return *this;
+    }
+    Config &write_behind_batch(uint32_t batch) {
+        detail::check(cacheaside_config_set_write_behind_batch(get(), batch));
         return *this;
     }
     Config &invalidation_relay(bool on) {
@@ -385,20 +418,30 @@ public:
     /** Most write-behind changes that may wait for PostgreSQL before an
      *  enqueue throws Error with CACHEASIDE_BACKLOG_FULL (100000 by default). */
     Config &write_behind_backlog(uint64_t max_backlog) {
-        detail::check(cacheaside_config_set_write_behind_backlog(get(), max_backlog));
+        detail::check(cacheaside_config_set_write_behind_max_backlog(get(), max_backlog));
         return *this;
     }
     /** How long a dead worker's changes wait before another worker claims
      *  them (30 s by default). */
     Config &write_behind_claim(std::chrono::milliseconds after) {
-        detail::check(cacheaside_config_set_write_behind_claim_ms(get(), detail::millis(after)));
+        detail::check(cacheaside_config_set_write_behind_claim_after_ms(get(), detail::millis(after)));
         return *this;
     }
     /** Attempts of a write PostgreSQL refuses before it is dead-lettered,
      *  and the first retry's wait (5 and 100 ms by default). */
     Config &write_behind_retries(uint32_t attempts, std::chrono::milliseconds backoff) {
+        if (attempts == 0) {  // checked first, so a throw changes nothing
+            detail::check(cacheaside_config_set_write_behind_attempts(get(), attempts));
+        }
+        return write_behind_retry_backoff(backoff).write_behind_attempts(attempts);
+    }
+    Config &write_behind_attempts(uint32_t attempts) {
+        detail::check(cacheaside_config_set_write_behind_attempts(get(), attempts));
+        return *this;
+    }
+    Config &write_behind_retry_backoff(std::chrono::milliseconds backoff) {
         detail::check(
-            cacheaside_config_set_write_behind_retries(get(), attempts, detail::millis(backoff)));
+            cacheaside_config_set_write_behind_retry_backoff_ms(get(), detail::millis(backoff)));
         return *this;
     }
     /** The near cache (L1) in process memory: up to `max_entries` (0 turns
@@ -434,13 +477,13 @@ public:
     explicit Client(const Config &config) { open(config.get()); }
 
     /** Creates the users table unless it exists. */
-    void install_schema() const { detail::check(cacheaside_install_schema(get())); }
+    void install_schema() const { detail::check(cacheaside_client_install_schema(get())); }
 
     /** Drops the users table, the outbox and the capture functions. */
-    void drop_schema() const { detail::check(cacheaside_drop_schema(get())); }
+    void drop_schema() const { detail::check(cacheaside_client_drop_schema(get())); }
 
     /** Inserts the five demo users where their ids are free. */
-    void seed_demo_users() const { detail::check(cacheaside_seed_demo_users(get())); }
+    void seed_demo_users() const { detail::check(cacheaside_client_seed_demo_users(get())); }
 
     /** Cache-aside read; std::nullopt when no such user exists. */
     std::optional<UserProfile> get_user_profile(int64_t user_id) const {
@@ -519,7 +562,7 @@ public:
     /**
      * Generic cache-aside read with single-flight: on a miss, one caller in
      * this process runs `load(key)`, which returns std::optional<std::string>
-     * (UTF-8 text; std::nullopt caches the absence), and every caller gets
+     * (any bytes; std::nullopt caches the absence), and every caller gets
      * its result. If `load` throws, the exception is rethrown to the caller
      * whose loader threw, when its call failed because of it; callers that
      * waited on it get Error with CACHEASIDE_LOADER_ERROR. A call that still
@@ -566,7 +609,7 @@ public:
         cacheaside_status status;
         {
             detail::NoCancel no_cancel;
-            status = cacheaside_get_or_load(get(), c_key, detail::millis(ttl), trampoline,
+            status = cacheaside_client_get_or_load(get(), c_key, detail::millis(ttl), trampoline,
                                             &context, &raw);
         }
         if (context.thrown && status == CACHEASIDE_LOADER_ERROR) {
@@ -581,7 +624,7 @@ public:
 
     /** Removes a key's cached value and revokes readers' leases on it. */
     void invalidate(const std::string &key) const {
-        detail::check(cacheaside_invalidate(get(), detail::c_str(key, "key")));
+        detail::check(cacheaside_client_invalidate(get(), detail::c_str(key, "key")));
     }
 
     /**
@@ -661,10 +704,10 @@ public:
     }
 
     /** Deletes every Redis key under this client's (non-empty) namespace. */
-    void delete_namespace() const { detail::check(cacheaside_delete_namespace(get())); }
+    void delete_namespace() const { detail::check(cacheaside_client_delete_namespace(get())); }
 
     /** Statements sent to PostgreSQL since the client opened. */
-    uint64_t query_count() const noexcept { return cacheaside_query_count(get()); }
+    uint64_t query_count() const noexcept { return cacheaside_client_query_count(get()); }
 
     /** Checks that Redis and PostgreSQL answer; throws Error with the
      *  cause (a closed port, a wrong password, a missing database). */
@@ -673,7 +716,7 @@ public:
     /** Waits until the invalidation relay has applied every change
      *  committed so far; false at the timeout or without a relay. */
     bool relay_sync(std::chrono::milliseconds timeout) const {
-        return cacheaside_relay_sync(get(), detail::millis(timeout)) == CACHEASIDE_OK;
+        return cacheaside_client_relay_sync(get(), detail::millis(timeout)) == CACHEASIDE_OK;
     }
 
     /** The client's counters (see cacheaside_stats). */
@@ -685,7 +728,7 @@ public:
     }
 
     /** Keys with a single-flight load in progress in this process. */
-    std::size_t in_flight() const noexcept { return cacheaside_in_flight(get()); }
+    std::size_t in_flight() const noexcept { return cacheaside_client_in_flight(get()); }
 
     /** The C handle, still owned by this object. */
     const cacheaside_client *get() const noexcept { return handle_.get(); }

@@ -146,6 +146,7 @@ fn compile(source: &Path, out: &Path) {
         .arg(format!("-L{}", lib.display()))
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .args(["-lcacheaside", "-lm"])
+        .args(libpq_flags(source))
         .output()
         .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
     assert!(
@@ -154,6 +155,28 @@ fn compile(source: &Path, out: &Path) {
         source.display(),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The compiler flags for libpq when `source` includes it (a program that
+/// reads its own table, as an application would), from `pkg-config`.
+fn libpq_flags(source: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(source).unwrap_or_default();
+    if !text.contains("#include <libpq-fe.h>") {
+        return Vec::new();
+    }
+    let output = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "libpq"])
+        .output()
+        .unwrap_or_else(|e| panic!("run pkg-config for libpq: {e}"));
+    assert!(
+        output.status.success(),
+        "{} needs libpq (apt-get install libpq-dev pkg-config)",
+        source.display()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Compiles and runs one program from `tests/c` or `tests/cpp` on a table
@@ -229,6 +252,10 @@ fn run_program_on(relative: &str, wrapper: &[&str], redis_url: Option<&str>) {
         .env("CACHEASIDE_TEST_NAMESPACE", &scratch.namespace)
         .env("CACHEASIDE_TEST_OUTBOX", &scratch.outbox)
         .env("CACHEASIDE_TEST_DOWN_REDIS", refused_redis_url())
+        .env(
+            "CACHEASIDE_TEST_SLOW",
+            if wrapper.is_empty() { "" } else { "1" },
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -315,6 +342,21 @@ fn c_bad_input_returns_status_without_crashing() {
 }
 
 #[test]
+fn c_engine_caches_its_own_table_single_flight_and_captured() {
+    run_program("tests/c/engine.c");
+}
+
+/// The engine handle's C program again under valgrind, when it is
+/// installed: loaders, binary values, write-through, every failure path.
+#[test]
+fn c_engine_under_valgrind() {
+    match valgrind() {
+        Some(wrapper) => run_program_under("tests/c/engine.c", &wrapper),
+        None => eprintln!("valgrind is not installed: skipped"),
+    }
+}
+
+#[test]
 fn c_get_or_load_runs_the_loader_once() {
     run_program("tests/c/get_or_load.c");
 }
@@ -374,6 +416,7 @@ fn every_program_is_run() {
         "tests/c/near.c",
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
+        "tests/c/engine.c",
         "tests/c/outage.c",
         "tests/c/relay.c",
         "tests/c/patterns.c",
