@@ -527,3 +527,47 @@ fn header_says_client_open_is_lazy_and_points_at_ping() {
     assert!(!doc.contains("CACHEASIDE_TIMEOUT"), "{doc}");
     assert!(!doc.contains("Blocks until"), "{doc}");
 }
+
+/// Every `Config` field has a C setter named as the field
+/// (`cacheaside_config_set_<field>`, with `_ms` for a duration), and every
+/// deprecated old name is marked so in the header.
+#[test]
+fn header_has_a_setter_named_as_every_config_field() {
+    let header =
+        std::fs::read_to_string(manifest_path("include/cacheaside.h")).expect("read the header");
+    let source =
+        std::fs::read_to_string(manifest_path("src/config.rs")).expect("read src/config.rs");
+    let start = source.find("pub struct Config {").expect("Config");
+    let end = start + source[start..].find("\n}").expect("end of Config");
+    let mut missing = Vec::new();
+    let mut fields = 0;
+    for line in source[start..end].lines() {
+        let Some(field) = line.strip_prefix("    pub ") else {
+            continue;
+        };
+        let (name, ty) = field.split_once(':').expect("name: type");
+        fields += 1;
+        let setter = if ty.contains("Duration") {
+            format!("cacheaside_config_set_{name}_ms(")
+        } else {
+            format!("cacheaside_config_set_{name}(")
+        };
+        if !header.contains(&setter) {
+            missing.push(setter);
+        }
+    }
+    assert!(fields > 30, "only {fields} fields found");
+    assert!(missing.is_empty(), "no C setter: {missing:?}");
+    for old in [
+        "cacheaside_config_set_fail_safe_ms(",
+        "cacheaside_config_set_write_behind_retries(",
+        "cacheaside_install_schema(",
+        "cacheaside_set_log_callback(",
+    ] {
+        let at = header
+            .find(&format!(" {old}"))
+            .unwrap_or_else(|| panic!("{old} is kept"));
+        let declaration = &header[header[..at].rfind("*/").expect("a doc above")..at];
+        assert!(declaration.contains("CACHEASIDE_DEPRECATED("), "{old}");
+    }
+}

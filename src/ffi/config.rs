@@ -562,7 +562,8 @@ pub unsafe extern "C" fn cacheaside_config_set_soft_timeout_ms(
 
 /// Turns the invalidation relay on or off. With it on (the default) the
 /// client runs a thread that applies the outbox the capture trigger fills
-/// (`cacheaside_install_schema()` installs it on the users table): writes
+/// (`cacheaside_client_install_schema()` installs it on the users table;
+/// `cacheaside_engine_capture_changes()` on yours): writes
 /// that bypass the library invalidate the cache too, and an update whose
 /// invalidation could not reach Redis still succeeds (the relay applies it
 /// once Redis answers).
