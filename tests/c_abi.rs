@@ -399,6 +399,11 @@ fn cpp_wrapper_raii_optional_and_single_flight() {
 }
 
 #[test]
+fn cpp_engine_raii_single_flight_write_through_and_named_errors() {
+    run_program("tests/cpp/engine.cpp");
+}
+
+#[test]
 fn cpp_wrapper_patterns() {
     run_program("tests/cpp/patterns.cpp");
 }
@@ -422,6 +427,7 @@ fn every_program_is_run() {
         "tests/c/patterns.c",
         "tests/c/write_behind.c",
         "tests/cpp/client.cpp",
+        "tests/cpp/engine.cpp",
         "tests/cpp/patterns.cpp",
         "tests/cpp/write_behind.cpp",
     ];
