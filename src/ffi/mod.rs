@@ -256,38 +256,6 @@ impl Failure for usize {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_status_has_its_own_name() {
-        use cacheaside_status::*;
-        let all = [
-            CACHEASIDE_OK,
-            CACHEASIDE_NOT_FOUND,
-            CACHEASIDE_INVALID_ARGUMENT,
-            CACHEASIDE_DATABASE_ERROR,
-            CACHEASIDE_CACHE_ERROR,
-            CACHEASIDE_TIMEOUT,
-            CACHEASIDE_PANIC,
-            CACHEASIDE_CORRUPT_ENTRY,
-            CACHEASIDE_LOADER_ERROR,
-            CACHEASIDE_BACKLOG_FULL,
-        ];
-        assert_eq!(all.len(), STATUS_NAMES.len());
-        for status in all {
-            let name = status_name(status as u32).to_str().unwrap();
-            assert_eq!(name, format!("{status:?}"));
-        }
-        assert_eq!(status_name(10).to_str(), Ok("CACHEASIDE_UNKNOWN_STATUS"));
-        assert_eq!(
-            status_name(u32::MAX).to_str(),
-            Ok("CACHEASIDE_UNKNOWN_STATUS")
-        );
-    }
-}
-
 impl<T> Failure for *mut T {
     fn failure(_: cacheaside_status) -> Self {
         std::ptr::null_mut()
@@ -321,5 +289,37 @@ impl Zeroed for u64 {
 pub extern "C" fn cacheaside_version() -> *const c_char {
     ffi_panic_boundary! {
         concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_own_name() {
+        use cacheaside_status::*;
+        let all = [
+            CACHEASIDE_OK,
+            CACHEASIDE_NOT_FOUND,
+            CACHEASIDE_INVALID_ARGUMENT,
+            CACHEASIDE_DATABASE_ERROR,
+            CACHEASIDE_CACHE_ERROR,
+            CACHEASIDE_TIMEOUT,
+            CACHEASIDE_PANIC,
+            CACHEASIDE_CORRUPT_ENTRY,
+            CACHEASIDE_LOADER_ERROR,
+            CACHEASIDE_BACKLOG_FULL,
+        ];
+        assert_eq!(all.len(), STATUS_NAMES.len());
+        for status in all {
+            let name = status_name(status as u32).to_str().unwrap();
+            assert_eq!(name, format!("{status:?}"));
+        }
+        assert_eq!(status_name(10).to_str(), Ok("CACHEASIDE_UNKNOWN_STATUS"));
+        assert_eq!(
+            status_name(u32::MAX).to_str(),
+            Ok("CACHEASIDE_UNKNOWN_STATUS")
+        );
     }
 }

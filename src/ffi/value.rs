@@ -75,7 +75,7 @@ fn encode(bytes: &[u8]) -> String {
 fn decode(text: &str) -> Result<Vec<u8>, &'static str> {
     const BAD: &str = "a binary value is not valid base64";
     let text = text.as_bytes();
-    if text.len() % 4 != 0 {
+    if !text.len().is_multiple_of(4) {
         return Err(BAD);
     }
     let mut out = Vec::with_capacity(text.len() / 4 * 3);
