@@ -357,6 +357,40 @@ fn c_engine_under_valgrind() {
 }
 
 #[test]
+fn c_deprecated_names_forward_to_the_renamed_functions() {
+    run_program("tests/c/deprecated.c");
+}
+
+/// Using an old name is a compiler warning that names the new one (here an
+/// error, with `-Werror`), unless the program opts out.
+#[test]
+fn c_deprecated_names_warn_with_the_new_name() {
+    let dir = profile_dir().join("c-abi-tests");
+    std::fs::create_dir_all(&dir).expect("create the test binaries' directory");
+    let source = dir.join(format!("uses_old_name_{}.c", std::process::id()));
+    std::fs::write(
+        &source,
+        "#include \"cacheaside.h\"\n\
+         int main(void) { return (int)cacheaside_install_schema(0); }\n",
+    )
+    .expect("write the program");
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let output = Command::new(&compiler)
+        .args(["-std=c11", "-Wall", "-Werror", "-fsyntax-only", "-I"])
+        .arg(manifest_path("include"))
+        .arg(&source)
+        .output()
+        .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
+    let _ = std::fs::remove_file(&source);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an old name compiled silently");
+    assert!(
+        stderr.contains("renamed cacheaside_client_install_schema"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn c_get_or_load_runs_the_loader_once() {
     run_program("tests/c/get_or_load.c");
 }
@@ -422,6 +456,7 @@ fn every_program_is_run() {
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
         "tests/c/engine.c",
+        "tests/c/deprecated.c",
         "tests/c/outage.c",
         "tests/c/relay.c",
         "tests/c/patterns.c",
