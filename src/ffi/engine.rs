@@ -43,9 +43,10 @@ const _: () = {
     shared_between_threads::<cacheaside_engine>();
 };
 
-/// Opens an engine for PostgreSQL and Redis as `config` says (its users
-/// table and TTL settings are not used: those are the lab's) and stores it
-/// in `*out`.
+/// Opens an engine for PostgreSQL and Redis as `config` says and stores
+/// it in `*out`. The config's users table and `ttl` are the lab's and not
+/// used: each read names its own TTL (absences are cached for the
+/// config's negative TTL).
 ///
 /// Does not wait for either server: connections open lazily, so this
 /// returns at once and succeeds while a server is down; calls then degrade
