@@ -1735,6 +1735,21 @@ enum cacheaside_status cacheaside_engine_stats(const struct cacheaside_engine *e
                                                struct cacheaside_stats *out);
 
 /**
+ * Deletes every Redis key under the engine's namespace (values, leases,
+ * locks): for demos and tests that own their namespace. Blocks; uses
+ * `SCAN`, so cost grows with the size of the Redis database.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL engine or an empty
+ * namespace (that would be every key of the database).
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine.
+ */
+enum cacheaside_status cacheaside_engine_delete_namespace(const struct cacheaside_engine *engine);
+
+/**
  * Cache-aside read of any key through a C loader with the lab's client,
  * single-flight; as `cacheaside_engine_get_or_load()` (which needs no lab).
  *

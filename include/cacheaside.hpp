@@ -617,6 +617,9 @@ public:
         return out;
     }
 
+    /** Deletes every Redis key under this engine's (non-empty) namespace. */
+    void delete_namespace() const { detail::check(cacheaside_engine_delete_namespace(get())); }
+
     /** The C handle, still owned by this object. */
     const cacheaside_engine *get() const noexcept { return handle_.get(); }
 

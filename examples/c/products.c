@@ -186,8 +186,10 @@ int main(void) {
            ", loader queries %d\n",
            stats.hits, stats.misses, stats.relay_invalidations, atomic_load(&queries));
 
+    /* Leave nothing behind: the cached keys, the table, its capture and
+     * the outbox. */
+    check(cacheaside_engine_delete_namespace(engine), "delete namespace");
     cacheaside_engine_free(engine);
-    /* Leave nothing behind: the table, its capture and the outbox. */
     PQclear(query("DROP TABLE " TABLE ", " TABLE "_outbox_cursors, " TABLE "_outbox", 0, NULL));
     PQclear(query("DROP FUNCTION IF EXISTS " TABLE "_outbox_capture(), " TABLE "_outbox_bump()",
                   0, NULL));

@@ -463,6 +463,27 @@ pub unsafe extern "C" fn cacheaside_engine_stats(
     }
 }
 
+/// Deletes every Redis key under the engine's namespace (values, leases,
+/// locks): for demos and tests that own their namespace. Blocks; uses
+/// `SCAN`, so cost grows with the size of the Redis database.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL engine or an empty
+/// namespace (that would be every key of the database).
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_delete_namespace(
+    engine: *const cacheaside_engine,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        status(engine.inner.cache().delete_namespace().map(drop))
+    }
+}
+
 /// Cache-aside read of any key through a C loader with the lab's client,
 /// single-flight; as `cacheaside_engine_get_or_load()` (which needs no lab).
 ///

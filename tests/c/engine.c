@@ -329,6 +329,7 @@ static void bad_inputs_are_invalid(cacheaside_config *config) {
     INVALID(cacheaside_engine_stats(engine, &stats));
     INVALID(cacheaside_engine_stats(engine, NULL));
     INVALID(cacheaside_engine_stats(NULL, &stats));
+    INVALID(cacheaside_engine_delete_namespace(NULL));
     INVALID(cacheaside_log_set_callback(0, NULL, NULL));
     INVALID(cacheaside_log_set_callback(CACHEASIDE_LOG_DEBUG + 1, NULL, NULL));
 #undef INVALID
@@ -394,6 +395,7 @@ int main(void) {
     versioned_read_and_write_through();
     uncoalesced_and_binary();
 
+    CHECK(cacheaside_engine_delete_namespace(engine));
     cacheaside_engine_free(owned);
     PQfinish(db);
     puts("engine: ok");

@@ -125,6 +125,7 @@ int main() {
         versioned_and_write_through(engine);
         uncoalesced_binary_and_absent(engine);
         errors_carry_the_status_name(engine);
+        engine.delete_namespace();
     } catch (const cacheaside::Error &e) {
         std::cerr << "unexpected error " << e.what() << "\n";
         return EXIT_FAILURE;
