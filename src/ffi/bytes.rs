@@ -81,13 +81,15 @@ impl cacheaside_bytes {
 /// return `cacheaside_status` values.
 ///
 /// Threads: it runs on the thread that called the read
-/// (`cacheaside_engine_get_or_load()`, say).
-/// For one key at most one loader runs at a time in this process: while it
+/// (`cacheaside_engine_get_or_load()`, say). With a single-flight read, for
+/// one key at most one loader runs at a time in this process: while it
 /// runs, the key's single-flight entry is held (other threads asking for
-/// the key wait on it), and no other library lock. It may call the
-/// library, for other keys; a call for the same key from inside its own
-/// loader returns `CACHEASIDE_INVALID_ARGUMENT` at once (it would otherwise
-/// wait for itself). It must not unwind out of the callback: no C++
+/// the key wait on it), and no other library lock; a single-flight call for
+/// the same key from inside its own loader returns
+/// `CACHEASIDE_INVALID_ARGUMENT` at once (it would otherwise wait for
+/// itself). With `cacheaside_engine_get_or_load_uncoalesced()` every caller
+/// that misses runs its own loader, at the same time. A loader may call the
+/// library, for other keys. It must not unwind out of the callback: no C++
 /// exception, no `longjmp`, no `pthread_exit` or cancellation (that would
 /// leave the key held until the process ends, and an unwind through the
 /// library aborts the process). The C++ wrapper catches exceptions and
