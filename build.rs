@@ -107,7 +107,9 @@ mod capi {
 
     fn generate(crate_dir: &Path) -> Result<Vec<u8>, String> {
         let mut config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))?;
-        config.after_includes = Some(version_macros()?);
+        // The version macros, then cbindgen.toml's own `after_includes`.
+        let own = config.after_includes.take().unwrap_or_default();
+        config.after_includes = Some(version_macros()? + &own);
         let bindings = cbindgen::Builder::new()
             .with_crate(crate_dir)
             .with_config(config)

@@ -25,6 +25,17 @@
 #define CACHEASIDE_VERSION_MINOR 1
 #define CACHEASIDE_VERSION_PATCH 0
 #define CACHEASIDE_VERSION "0.1.0"
+/**
+ * Marks a function kept one release under an old name: the compiler warns
+ * where it is used, with the new name. Define
+ * CACHEASIDE_NO_DEPRECATION_WARNINGS before including this header to
+ * silence the warnings.
+ */
+#if !defined(CACHEASIDE_NO_DEPRECATION_WARNINGS) && (defined(__GNUC__) || defined(__clang__))
+#define CACHEASIDE_DEPRECATED(note) __attribute__((deprecated(note)))
+#else
+#define CACHEASIDE_DEPRECATED(note)
+#endif
 
 /**
  * Most write-behind worker threads one engine runs.
@@ -147,6 +158,21 @@ typedef struct cacheaside_client cacheaside_client;
 typedef struct cacheaside_config cacheaside_config;
 
 /**
+ * The cache-aside engine, for any table or key of yours (opaque): Redis
+ * in front of your loaders, with leases against stale fills,
+ * single-flight, XFetch early refresh, change capture through the
+ * invalidation relay, write-through with versions.
+ *
+ * Ownership: created by `cacheaside_engine_open()`, freed by
+ * `cacheaside_engine_free()`.
+ *
+ * Thread safety: share one engine between all threads; every function
+ * taking a `const cacheaside_engine *` may be called concurrently, without
+ * external locking. Every such function blocks the calling thread.
+ */
+typedef struct cacheaside_engine cacheaside_engine;
+
+/**
  * A live subscription: a thread with its own Redis connection, delivering
  * events to a `cacheaside_message_cb` (opaque).
  *
@@ -158,6 +184,27 @@ typedef struct cacheaside_config cacheaside_config;
  * callback's.
  */
 typedef struct cacheaside_subscription cacheaside_subscription;
+
+/**
+ * A value: `len` bytes at `data` (any bytes: text, JSON, protobuf),
+ * followed by a NUL byte the library adds (not counted in `len`), so
+ * `data` may be printed as a C string when it holds text without a NUL.
+ *
+ * Ownership: `data` belongs to the library. Free it with
+ * `cacheaside_bytes_free()`, never with `free()`; set it only with
+ * `cacheaside_bytes_set()`. A zeroed struct (`data` NULL, `len` 0) holds
+ * nothing.
+ */
+typedef struct cacheaside_bytes {
+    /**
+     * The bytes, or NULL when the struct holds nothing.
+     */
+    uint8_t *data;
+    /**
+     * How many bytes `data` holds, not counting the trailing NUL.
+     */
+    size_t len;
+} cacheaside_bytes;
 
 /**
  * Counters of what a client has done since it opened.
@@ -175,7 +222,7 @@ typedef struct cacheaside_stats {
      */
     uint64_t size;
     /**
-     * Statements sent to PostgreSQL (as `cacheaside_query_count()`).
+     * Statements sent to PostgreSQL (as `cacheaside_client_query_count()`).
      */
     uint64_t queries;
     /**
@@ -296,30 +343,9 @@ typedef struct cacheaside_stats {
 } cacheaside_stats;
 
 /**
- * A value: `len` bytes of UTF-8 text at `data`, followed by a NUL byte the
- * library adds (not counted in `len`), so `data` may be printed as a C
- * string when the text holds no NUL.
- *
- * Ownership: `data` belongs to the library. Free it with
- * `cacheaside_bytes_free()`, never with `free()`; set it only with
- * `cacheaside_bytes_set()`. A zeroed struct (`data` NULL, `len` 0) holds
- * nothing.
- */
-typedef struct cacheaside_bytes {
-    /**
-     * The bytes, or NULL when the struct holds nothing.
-     */
-    uint8_t *data;
-    /**
-     * How many bytes `data` holds, not counting the trailing NUL.
-     */
-    size_t len;
-} cacheaside_bytes;
-
-/**
  * A loader: computes the value of `key` when the cache misses it.
  *
- * It must either call `cacheaside_bytes_set(out_value, ...)` once and
+ * It must either call `cacheaside_bytes_set(out_value, ...)` and
  * return `CACHEASIDE_OK` (the value is cached for the call's TTL), or
  * return `CACHEASIDE_NOT_FOUND` (the absence is cached for the negative
  * TTL), or return any other value to fail: every caller waiting on this
@@ -327,13 +353,16 @@ typedef struct cacheaside_bytes {
  * returns an `int` so that any value a C function returns is well defined;
  * return `cacheaside_status` values.
  *
- * Threads: it runs on the thread that called `cacheaside_get_or_load()`.
- * For one key at most one loader runs at a time in this process: while it
+ * Threads: it runs on the thread that called the read
+ * (`cacheaside_engine_get_or_load()`, say). With a single-flight read, for
+ * one key at most one loader runs at a time in this process: while it
  * runs, the key's single-flight entry is held (other threads asking for
- * the key wait on it), and no other library lock. It may call the
- * library, for other keys; a call for the same key from inside its own
- * loader returns `CACHEASIDE_INVALID_ARGUMENT` at once (it would otherwise
- * wait for itself). It must not unwind out of the callback: no C++
+ * the key wait on it), and no other library lock; a single-flight call for
+ * the same key from inside its own loader returns
+ * `CACHEASIDE_INVALID_ARGUMENT` at once (it would otherwise wait for
+ * itself). With `cacheaside_engine_get_or_load_uncoalesced()` every caller
+ * that misses runs its own loader, at the same time. A loader may call the
+ * library, for other keys. It must not unwind out of the callback: no C++
  * exception, no `longjmp`, no `pthread_exit` or cancellation (that would
  * leave the key held until the process ends, and an unwind through the
  * library aborts the process). The C++ wrapper catches exceptions and
@@ -346,6 +375,40 @@ typedef struct cacheaside_bytes {
 typedef int (*cacheaside_loader)(void *user_data,
                                  const char *key,
                                  struct cacheaside_bytes *out_value);
+
+/**
+ * Receives one log event: its level, and its message (NUL-terminated
+ * UTF-8, valid only during the call: copy it to keep it).
+ *
+ * Threads: it runs on whichever library thread logged (a caller's, the
+ * relay's, the keeper's); it must be thread-safe and must not call
+ * `cacheaside_log_set_callback`. It must not unwind.
+ */
+typedef void (*cacheaside_log_cb)(void *user_data,
+                                  enum cacheaside_log_level level,
+                                  const char *message);
+
+/**
+ * A versioned loader: computes the value of `key` and its version (any
+ * number that grows with every write of the row, e.g. a `version`
+ * column), for `cacheaside_engine_get_or_load_versioned()`; and a writer:
+ * writes the row and returns its new value and version (an
+ * `UPDATE ... RETURNING`), for `cacheaside_engine_write_through()`.
+ *
+ * Like `cacheaside_loader`, plus `out_version`: it must either call
+ * `cacheaside_bytes_set(out_value, ...)`, set `*out_version` and return
+ * `CACHEASIDE_OK`, or return `CACHEASIDE_NOT_FOUND` (no such row), or
+ * return any other value to fail (`CACHEASIDE_LOADER_ERROR` for its
+ * callers; nothing is cached). Threads, reentrancy and unwinding: as
+ * `cacheaside_loader`.
+ *
+ * Ownership: `key`, `out_value` and `out_version` are borrowed for the
+ * call; `out_value` arrives zeroed and `*out_version` 0.
+ */
+typedef int (*cacheaside_versioned_loader)(void *user_data,
+                                           const char *key,
+                                           struct cacheaside_bytes *out_value,
+                                           uint64_t *out_version);
 
 /**
  * Receives a subscription's events, on the subscription's own thread.
@@ -377,18 +440,6 @@ typedef void (*cacheaside_message_cb)(void *user_data,
                                       const char *channel,
                                       const char *payload,
                                       size_t len);
-
-/**
- * Receives one log event: its level, and its message (NUL-terminated
- * UTF-8, valid only during the call: copy it to keep it).
- *
- * Threads: it runs on whichever library thread logged (a caller's, the
- * relay's, the keeper's); it must be thread-safe and must not call
- * `cacheaside_set_log_callback`. It must not unwind.
- */
-typedef void (*cacheaside_log_cb)(void *user_data,
-                                  enum cacheaside_log_level level,
-                                  const char *message);
 
 /**
  * The decision `cacheaside_rate_limit()` made for one request.
@@ -455,12 +506,59 @@ extern "C" {
 #endif // __cplusplus
 
 /**
+ * The name of a status, e.g. `"CACHEASIDE_NOT_FOUND"`, for logs and
+ * exception messages; `"CACHEASIDE_UNKNOWN_STATUS"` for a value this
+ * library does not define (one from a newer library, say).
+ *
+ * Ownership: a static string; do not free it. Never NULL. Thread-safe.
+ *
+ * ```c
+ * fprintf(stderr, "%s: %s\n", cacheaside_status_str(status), cacheaside_last_error());
+ * ```
+ */
+const char *cacheaside_status_str(cacheaside_status status);
+
+/**
  * The library's version, e.g. `"0.1.0"` (the same string as the
  * `CACHEASIDE_VERSION` macro of the header it was built with).
  *
  * Ownership: a static string; do not free it. Thread-safe.
  */
 const char *cacheaside_version(void);
+
+/**
+ * Copies `len` bytes from `data` into `*out`, which then owns the copy.
+ * Whatever `*out` held before is freed after the copy, so `data` may point
+ * into `*out`'s own bytes.
+ *
+ * Any bytes (they need not be UTF-8); `data` may be NULL when `len` is 0
+ * (the empty value). This is how a loader hands back its value, so no
+ * memory crosses between allocators.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` (leaving `*out` zeroed) for a NULL
+ * `out` or NULL `data` with a nonzero `len`.
+ *
+ * Ownership: the caller keeps `data`; free `*out` with
+ * `cacheaside_bytes_free()` (inside a loader, the library does that).
+ *
+ * # Safety
+ * `out` is NULL or points to a zeroed or library-filled `cacheaside_bytes`;
+ * `data` is NULL or points to `len` readable bytes.
+ */
+enum cacheaside_status cacheaside_bytes_set(struct cacheaside_bytes *out,
+                                            const void *data,
+                                            size_t len);
+
+/**
+ * Frees a value's bytes and zeroes it (the struct itself is not freed).
+ * NULL is a no-op; freeing a zeroed or already freed value is a no-op, so
+ * calling it twice is safe.
+ *
+ * # Safety
+ * `bytes` is NULL or points to a zeroed or library-filled
+ * `cacheaside_bytes` (not modified since).
+ */
+void cacheaside_bytes_free(struct cacheaside_bytes *bytes);
 
 /**
  * Opens a client for PostgreSQL and Redis and stores it in `*out`.
@@ -511,10 +609,10 @@ void cacheaside_client_free(struct cacheaside_client *client);
  * # Safety
  * `client` is NULL or a live client.
  */
-enum cacheaside_status cacheaside_install_schema(const struct cacheaside_client *client);
+enum cacheaside_status cacheaside_client_install_schema(const struct cacheaside_client *client);
 
 /**
- * Drops what `cacheaside_install_schema()` created: the users table, the
+ * Drops what `cacheaside_client_install_schema()` created: the users table, the
  * outbox and its cursor table, and the capture functions. For demos and
  * tests that own their tables. Idempotent. Blocks.
  *
@@ -523,7 +621,7 @@ enum cacheaside_status cacheaside_install_schema(const struct cacheaside_client 
  * # Safety
  * `client` is NULL or a live client.
  */
-enum cacheaside_status cacheaside_drop_schema(const struct cacheaside_client *client);
+enum cacheaside_status cacheaside_client_drop_schema(const struct cacheaside_client *client);
 
 /**
  * Inserts the lab's five demo users (ids 1 to 5) where their ids are free,
@@ -532,11 +630,11 @@ enum cacheaside_status cacheaside_drop_schema(const struct cacheaside_client *cl
  * # Safety
  * `client` is NULL or a live client.
  */
-enum cacheaside_status cacheaside_seed_demo_users(const struct cacheaside_client *client);
+enum cacheaside_status cacheaside_client_seed_demo_users(const struct cacheaside_client *client);
 
 /**
  * Checks that both servers answer (a Redis `PING`, a PostgreSQL
- * `SELECT 1`, not counted by `cacheaside_query_count()`). Reads keep
+ * `SELECT 1`, not counted by `cacheaside_client_query_count()`). Reads keep
  * working while Redis is down, so this is where a misconfiguration shows:
  * a closed port, a wrong password, a missing database each fail with a
  * message naming the server and the cause (never the password). Blocks,
@@ -563,8 +661,8 @@ enum cacheaside_status cacheaside_client_ping(const struct cacheaside_client *cl
  * # Safety
  * `client` is NULL or a live client.
  */
-enum cacheaside_status cacheaside_relay_sync(const struct cacheaside_client *client,
-                                             uint64_t timeout_ms);
+enum cacheaside_status cacheaside_client_relay_sync(const struct cacheaside_client *client,
+                                                    uint64_t timeout_ms);
 
 /**
  * How many statements this client has sent to PostgreSQL since it opened.
@@ -573,7 +671,7 @@ enum cacheaside_status cacheaside_relay_sync(const struct cacheaside_client *cli
  * # Safety
  * `client` is NULL or a live client.
  */
-uint64_t cacheaside_query_count(const struct cacheaside_client *client);
+uint64_t cacheaside_client_query_count(const struct cacheaside_client *client);
 
 /**
  * How many keys have a single-flight load in progress in this process: 0
@@ -583,7 +681,7 @@ uint64_t cacheaside_query_count(const struct cacheaside_client *client);
  * # Safety
  * `client` is NULL or a live client.
  */
-size_t cacheaside_in_flight(const struct cacheaside_client *client);
+size_t cacheaside_client_in_flight(const struct cacheaside_client *client);
 
 /**
  * Deletes every Redis key under the client's namespace (values, leases,
@@ -596,7 +694,7 @@ size_t cacheaside_in_flight(const struct cacheaside_client *client);
  * # Safety
  * `client` is NULL or a live client.
  */
-enum cacheaside_status cacheaside_delete_namespace(const struct cacheaside_client *client);
+enum cacheaside_status cacheaside_client_delete_namespace(const struct cacheaside_client *client);
 
 /**
  * Reads the client's counters into `*out`; see `cacheaside_stats` for how
@@ -908,21 +1006,6 @@ enum cacheaside_status cacheaside_config_set_lock_poll_ms(struct cacheaside_conf
                                                           uint64_t ms);
 
 /**
- * Turns fail-safe on: entries stay in Redis `ms` milliseconds past their
- * TTL, and a copy past its TTL is served (instead of an error) when the
- * reload fails. 0 turns it off, the default.
- *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or more than ten years.
- * `cacheaside_client_open()` also checks that it is at least the fail-safe
- * throttle.
- *
- * # Safety
- * `config` is NULL or a live config.
- */
-enum cacheaside_status cacheaside_config_set_fail_safe_ms(struct cacheaside_config *config,
-                                                          uint64_t ms);
-
-/**
  * Sets for how long a fail-safe copy served after a failed reload is then
  * served as if fresh, in milliseconds, so the next callers do not all
  * retry the database. Defaults to 5000.
@@ -951,24 +1034,10 @@ enum cacheaside_status cacheaside_config_set_soft_timeout_ms(struct cacheaside_c
                                                              uint64_t ms);
 
 /**
- * Sets the circuit breaker: after `failures` consecutive Redis failures it
- * opens and reads go straight to PostgreSQL; after `cool_off_ms` one call
- * probes Redis again. `failures` 0 turns the breaker off. Defaults to 3
- * failures and 1000 ms.
- *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a cool-off of 0.
- *
- * # Safety
- * `config` is NULL or a live config.
- */
-enum cacheaside_status cacheaside_config_set_breaker(struct cacheaside_config *config,
-                                                     uint32_t failures,
-                                                     uint64_t cool_off_ms);
-
-/**
  * Turns the invalidation relay on or off. With it on (the default) the
  * client runs a thread that applies the outbox the capture trigger fills
- * (`cacheaside_install_schema()` installs it on the users table): writes
+ * (`cacheaside_client_install_schema()` installs it on the users table;
+ * `cacheaside_engine_capture_changes()` on yours): writes
  * that bypass the library invalidate the cache too, and an update whose
  * invalidation could not reach Redis still succeeds (the relay applies it
  * once Redis answers).
@@ -1024,49 +1093,6 @@ enum cacheaside_status cacheaside_config_set_session_max_lifetime_ms(struct cach
                                                                      uint64_t max_lifetime_ms);
 
 /**
- * Sets the write-behind backlog bound: the most changes that may wait to
- * reach PostgreSQL (across every process of the namespace) before
- * `cacheaside_update_user_plan_write_behind()` returns
- * `CACHEASIDE_BACKLOG_FULL` (and enqueues nothing). Defaults to 100000.
- *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
- *
- * # Safety
- * `config` is NULL or a live config.
- */
-enum cacheaside_status cacheaside_config_set_write_behind_backlog(struct cacheaside_config *config,
-                                                                  uint64_t max_backlog);
-
-/**
- * Sets how long a write-behind change may stay with a worker without
- * being acknowledged before another worker claims it, in milliseconds:
- * how long a dead worker delays its changes. Keep it longer than a batch's
- * transaction may take. Defaults to 30000.
- *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
- *
- * # Safety
- * `config` is NULL or a live config.
- */
-enum cacheaside_status cacheaside_config_set_write_behind_claim_ms(struct cacheaside_config *config,
-                                                                   uint64_t ms);
-
-/**
- * Sets how many times a write-behind write that PostgreSQL refuses is
- * tried before the change goes to the dead-letter stream (an unreachable
- * PostgreSQL does not count), and the wait before the first retry in
- * milliseconds (doubled with every attempt). Defaults to 5 and 100.
- *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a 0.
- *
- * # Safety
- * `config` is NULL or a live config.
- */
-enum cacheaside_status cacheaside_config_set_write_behind_retries(struct cacheaside_config *config,
-                                                                  uint32_t attempts,
-                                                                  uint64_t backoff_ms);
-
-/**
  * Turns on the near cache (L1) in process memory: up to `max_entries`
  * entries (0 turns it off, the default), each served at most
  * `max_staleness_ms` milliseconds after it was read from Redis. A hit
@@ -1084,66 +1110,257 @@ enum cacheaside_status cacheaside_config_set_local_cache(struct cacheaside_confi
                                                          uint64_t max_staleness_ms);
 
 /**
- * Copies `len` bytes from `data` into `*out`, which then owns the copy.
- * Whatever `*out` held before is freed after the copy, so `data` may point
- * into `*out`'s own bytes.
+ * Turns fail-safe on: entries stay in Redis `ms` milliseconds past their
+ * TTL, and a copy past its TTL is served (instead of an error) when the
+ * reload fails. 0 turns it off, the default.
  *
- * The bytes must be valid UTF-8; `data` may be NULL when `len` is 0 (the
- * empty value). This is how a `cacheaside_loader` hands back its value, so
- * no memory crosses between allocators.
- *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` (leaving `*out` zeroed) for a NULL
- * `out`, NULL `data` with a nonzero `len`, or bytes that are not UTF-8.
- *
- * Ownership: the caller keeps `data`; free `*out` with
- * `cacheaside_bytes_free()` (inside a loader, the library does that).
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or more than ten years.
+ * `cacheaside_client_open()` also checks that it is at least the fail-safe
+ * throttle.
  *
  * # Safety
- * `out` is NULL or points to a zeroed or library-filled `cacheaside_bytes`;
- * `data` is NULL or points to `len` readable bytes.
+ * `config` is NULL or a live config.
  */
-enum cacheaside_status cacheaside_bytes_set(struct cacheaside_bytes *out,
-                                            const void *data,
-                                            size_t len);
+enum cacheaside_status cacheaside_config_set_fail_safe_max_ms(struct cacheaside_config *config,
+                                                              uint64_t ms);
 
 /**
- * Frees a value's bytes and zeroes it (the struct itself is not freed).
- * NULL is a no-op; freeing a zeroed or already freed value is a no-op, so
- * calling it twice is safe.
+ * Sets the write-behind backlog bound: the most changes that may wait to
+ * reach PostgreSQL (across every process of the namespace) before
+ * `cacheaside_update_user_plan_write_behind()` returns
+ * `CACHEASIDE_BACKLOG_FULL` (and enqueues nothing). Defaults to 100000.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
  *
  * # Safety
- * `bytes` is NULL or points to a zeroed or library-filled
- * `cacheaside_bytes` (not modified since).
+ * `config` is NULL or a live config.
  */
-void cacheaside_bytes_free(struct cacheaside_bytes *bytes);
+enum cacheaside_status cacheaside_config_set_write_behind_max_backlog(struct cacheaside_config *config,
+                                                                      uint64_t max_backlog);
 
 /**
- * Cache-aside read of any key through a C loader, with the single-flight
- * guarantee: however many threads (and processes) miss `key` at once, one
- * loader call runs and every caller gets its value. Blocks.
+ * Sets how long a write-behind change may stay with a worker without
+ * being acknowledged before another worker claims it, in milliseconds:
+ * how long a dead worker delays its changes. Keep it longer than a batch's
+ * transaction may take. Defaults to 30000.
  *
- * `key` is the cache key (non-empty UTF-8; stored under the client's
- * namespace); `ttl_ms` is how long a loaded value stays cached (at least
- * 1). On a miss `loader(user_data, key, out_value)` runs on this thread
- * (see `cacheaside_loader`); followers never call their own loader, and
- * get the leader's outcome.
- *
- * Returns `CACHEASIDE_OK` with the value in `*out`, `CACHEASIDE_NOT_FOUND`
- * when the loader reported absence (now or, cached, earlier),
- * `CACHEASIDE_LOADER_ERROR` when the loader failed,
- * `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers, an empty or non-UTF-8
- * key, or a zero TTL. `*out` is zeroed unless the call succeeds.
- *
- * Ownership: the caller owns `*out` and frees it with
- * `cacheaside_bytes_free()`. `user_data` is only passed to the loader.
- * Thread-safe.
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
  *
  * # Safety
- * `client` is NULL or a live client; `key` is NULL or a NUL-terminated
- * string; `loader` is NULL or a function of the documented shape;
- * `out` is NULL or points to writable storage for one `cacheaside_bytes`
- * (its old contents are not freed).
+ * `config` is NULL or a live config.
  */
+enum cacheaside_status cacheaside_config_set_write_behind_claim_after_ms(struct cacheaside_config *config,
+                                                                         uint64_t ms);
+
+/**
+ * Sets how many times a write-behind write that PostgreSQL refuses is
+ * tried before the change goes to the dead-letter stream (an unreachable
+ * PostgreSQL does not count). Defaults to 5.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_write_behind_attempts(struct cacheaside_config *config,
+                                                                   uint32_t attempts);
+
+/**
+ * Sets the wait before the first retry of a refused write-behind write,
+ * in milliseconds (doubled with every attempt). Defaults to 100.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_write_behind_retry_backoff_ms(struct cacheaside_config *config,
+                                                                           uint64_t ms);
+
+/**
+ * Sets after how many consecutive Redis failures the circuit breaker
+ * opens (reads then go straight to PostgreSQL); 0 turns the breaker off.
+ * Defaults to 3.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_breaker_failures(struct cacheaside_config *config,
+                                                              uint32_t failures);
+
+/**
+ * Sets how long an open circuit breaker waits before one call probes
+ * Redis again, in milliseconds. Defaults to 1000.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_breaker_cool_off_ms(struct cacheaside_config *config,
+                                                                 uint64_t ms);
+
+/**
+ * Sets how many idle connections each pool (PostgreSQL, Redis) keeps open,
+ * opened in the background. At least 1: with none, every call would open
+ * a connection of its own. Defaults to 1.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_pool_min_idle(struct cacheaside_config *config,
+                                                           uint32_t count);
+
+/**
+ * Sets how many threads the background pool runs (early refreshes, slow
+ * reloads past the soft timeout); 0 runs that work on the calling thread.
+ * Defaults to 2.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_background_threads(struct cacheaside_config *config,
+                                                                uint32_t threads);
+
+/**
+ * Turns the relay's `LISTEN` on or off. On (the default), a notification
+ * wakes the relay at once after each captured change; off, the relay only
+ * polls (every `cacheaside_config_set_relay_poll_ms()`), which is what a
+ * PgBouncer in transaction mode needs (it cannot hold a `LISTEN`).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_relay_listen(struct cacheaside_config *config,
+                                                          bool on);
+
+/**
+ * Sets how long outbox rows are kept, in milliseconds. A relay that was
+ * away longer cannot know what it missed, and empties its namespace of
+ * cached entries instead. Defaults to 86400000 (24 hours).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_outbox_retention_ms(struct cacheaside_config *config,
+                                                                 uint64_t ms);
+
+/**
+ * Sets how many prepared statements each PostgreSQL connection keeps
+ * (least recently used evicted); 0 prepares, runs and closes every
+ * statement, for poolers that cannot keep prepared statements across calls
+ * (PgBouncer in transaction mode before 1.21). Defaults to 256.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_statement_cache_size(struct cacheaside_config *config,
+                                                                  size_t size);
+
+/**
+ * Sets how many write-behind changes one worker reads from the stream at a
+ * time; after coalescing they go to PostgreSQL in one transaction.
+ * Defaults to 256.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, 0 or more than 10000.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_write_behind_batch(struct cacheaside_config *config,
+                                                                uint32_t batch);
+
+/**
+ * Deprecated: renamed `cacheaside_client_install_schema()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_install_schema()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_install_schema")
+enum cacheaside_status cacheaside_install_schema(const struct cacheaside_client *client);
+
+/**
+ * Deprecated: renamed `cacheaside_client_drop_schema()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_drop_schema()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_drop_schema")
+enum cacheaside_status cacheaside_drop_schema(const struct cacheaside_client *client);
+
+/**
+ * Deprecated: renamed `cacheaside_client_seed_demo_users()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_seed_demo_users()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_seed_demo_users")
+enum cacheaside_status cacheaside_seed_demo_users(const struct cacheaside_client *client);
+
+/**
+ * Deprecated: renamed `cacheaside_client_delete_namespace()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_delete_namespace()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_delete_namespace")
+enum cacheaside_status cacheaside_delete_namespace(const struct cacheaside_client *client);
+
+/**
+ * Deprecated: renamed `cacheaside_client_relay_sync()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_relay_sync()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_relay_sync")
+enum cacheaside_status cacheaside_relay_sync(const struct cacheaside_client *client,
+                                             uint64_t timeout_ms);
+
+/**
+ * Deprecated: renamed `cacheaside_client_query_count()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_query_count()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_query_count")
+uint64_t cacheaside_query_count(const struct cacheaside_client *client);
+
+/**
+ * Deprecated: renamed `cacheaside_client_in_flight()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_in_flight()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_in_flight")
+size_t cacheaside_in_flight(const struct cacheaside_client *client);
+
+/**
+ * Deprecated: renamed `cacheaside_client_get_or_load()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_get_or_load()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_get_or_load")
 enum cacheaside_status cacheaside_get_or_load(const struct cacheaside_client *client,
                                               const char *key,
                                               uint64_t ttl_ms,
@@ -1152,22 +1369,413 @@ enum cacheaside_status cacheaside_get_or_load(const struct cacheaside_client *cl
                                               struct cacheaside_bytes *out);
 
 /**
+ * Deprecated: renamed `cacheaside_client_invalidate()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_client_invalidate()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_client_invalidate")
+enum cacheaside_status cacheaside_invalidate(const struct cacheaside_client *client,
+                                             const char *key);
+
+/**
+ * Deprecated: renamed `cacheaside_log_set_callback()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_log_set_callback()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_log_set_callback")
+enum cacheaside_status cacheaside_set_log_callback(uint32_t min_level,
+                                                   cacheaside_log_cb callback,
+                                                   void *user_data);
+
+/**
+ * Deprecated: renamed `cacheaside_config_set_fail_safe_max_ms()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_config_set_fail_safe_max_ms()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_config_set_fail_safe_max_ms")
+enum cacheaside_status cacheaside_config_set_fail_safe_ms(struct cacheaside_config *config,
+                                                          uint64_t ms);
+
+/**
+ * Deprecated: renamed `cacheaside_config_set_write_behind_max_backlog()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_config_set_write_behind_max_backlog()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_config_set_write_behind_max_backlog")
+enum cacheaside_status cacheaside_config_set_write_behind_backlog(struct cacheaside_config *config,
+                                                                  uint64_t max_backlog);
+
+/**
+ * Deprecated: renamed `cacheaside_config_set_write_behind_claim_after_ms()`, which this forwards to; this name goes
+ * in the next release.
+ *
+ * # Safety
+ * As `cacheaside_config_set_write_behind_claim_after_ms()`.
+ */
+CACHEASIDE_DEPRECATED("renamed cacheaside_config_set_write_behind_claim_after_ms")
+enum cacheaside_status cacheaside_config_set_write_behind_claim_ms(struct cacheaside_config *config,
+                                                                   uint64_t ms);
+
+/**
+ * Deprecated: split into `cacheaside_config_set_write_behind_attempts()`
+ * and `cacheaside_config_set_write_behind_retry_backoff_ms()` (one setter
+ * per field); sets both, or neither when either is invalid. This name goes
+ * in the next release.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+CACHEASIDE_DEPRECATED("use cacheaside_config_set_write_behind_attempts and cacheaside_config_set_write_behind_retry_backoff_ms")
+enum cacheaside_status cacheaside_config_set_write_behind_retries(struct cacheaside_config *config,
+                                                                  uint32_t attempts,
+                                                                  uint64_t backoff_ms);
+
+/**
+ * Deprecated: split into `cacheaside_config_set_breaker_failures()` and
+ * `cacheaside_config_set_breaker_cool_off_ms()` (one setter per field);
+ * sets both, or neither when either is invalid. This name goes in the
+ * next release.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+CACHEASIDE_DEPRECATED("use cacheaside_config_set_breaker_failures and cacheaside_config_set_breaker_cool_off_ms")
+enum cacheaside_status cacheaside_config_set_breaker(struct cacheaside_config *config,
+                                                     uint32_t failures,
+                                                     uint64_t cool_off_ms);
+
+/**
+ * Opens an engine for PostgreSQL and Redis as `config` says and stores
+ * it in `*out`. The config's users table and `ttl` are the lab's and not
+ * used: each read names its own TTL (absences are cached for the
+ * config's negative TTL).
+ *
+ * Does not wait for either server: connections open lazily, so this
+ * returns at once and succeeds while a server is down; calls then degrade
+ * or fail with the cause. The invalidation relay starts with
+ * `cacheaside_engine_capture_changes()` (or
+ * `cacheaside_engine_start_relay()`).
+ *
+ * `*out` is set to NULL first and to the engine on success only.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or an invalid
+ * config (a setting out of range, settings that do not fit together, an
+ * unparsable URL, an unreadable CA file), with the reason in
+ * `cacheaside_last_error()`.
+ *
+ * Ownership: the caller owns `*out` and frees it with
+ * `cacheaside_engine_free()`. The config is only read; the caller keeps it
+ * (and may free it at once).
+ *
+ * ```c
+ * cacheaside_config *config = cacheaside_config_new();
+ * cacheaside_config_set_namespace(config, "shop:");
+ * cacheaside_engine *engine = NULL;
+ * if (cacheaside_engine_open(config, &engine) != CACHEASIDE_OK) {
+ *     fprintf(stderr, "%s\n", cacheaside_last_error());
+ * }
+ * cacheaside_config_free(config);
+ * ```
+ *
+ * # Safety
+ * `config` is NULL or a live config not being changed by another thread;
+ * `out` is NULL or points to writable storage for one pointer.
+ */
+enum cacheaside_status cacheaside_engine_open(const struct cacheaside_config *config,
+                                              struct cacheaside_engine **out);
+
+/**
+ * Stops the engine's relay and write-behind workers, closes its
+ * connections and frees it. NULL is a no-op.
+ *
+ * # Safety
+ * `engine` is NULL or came from `cacheaside_engine_open()` and was not
+ * freed yet; every other call using it has returned, and none starts
+ * afterwards.
+ */
+void cacheaside_engine_free(struct cacheaside_engine *engine);
+
+/**
+ * Checks that both servers answer (a Redis `PING`, a PostgreSQL
+ * `SELECT 1`): where a misconfiguration shows (a closed port, a wrong
+ * password, a missing database), with a message naming the server and the
+ * cause. Blocks, at most the connect timeouts.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine.
+ */
+enum cacheaside_status cacheaside_engine_ping(const struct cacheaside_engine *engine);
+
+/**
+ * Captures the changes of `table` for the invalidation relay: installs
+ * (idempotently) the outbox (`cacheaside_config_set_outbox_table()`) and a
+ * trigger that, in the same transaction as every insert, update or delete
+ * of a row, records the cache key `key_prefix` followed by the row's
+ * `key_column` (old and new), and notifies the relay; then starts the
+ * relay. After this, a write to `table` from anywhere (psql, another
+ * service, a migration) invalidates its key within about a round trip.
+ * Capturing a table again replaces its triggers. Blocks.
+ *
+ * `version_column` (NULL: none) names the column your versioned reads and
+ * write-throughs use: the relay then leaves alone a key whose cached row
+ * is already at the changed row's version or newer, and every update bumps
+ * that column if the writer did not.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer (but
+ * `version_column`), a table or column that is not an SQL identifier
+ * (empty included), or an empty prefix or one holding `{`, `}` or control
+ * characters; `CACHEASIDE_DATABASE_ERROR` or `CACHEASIDE_TIMEOUT` when
+ * PostgreSQL fails.
+ *
+ * Row id 7 of `products` becomes key `product:7`:
+ *
+ * ```c
+ * cacheaside_engine_capture_changes(engine, "products", "product:", "id", "version");
+ * ```
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; each string is NULL or
+ * NUL-terminated.
+ */
+enum cacheaside_status cacheaside_engine_capture_changes(const struct cacheaside_engine *engine,
+                                                         const char *table,
+                                                         const char *key_prefix,
+                                                         const char *key_column,
+                                                         const char *version_column);
+
+/**
+ * Starts the invalidation relay if it is not running (and the config did
+ * not turn it off): for a process that reads tables another process
+ * captured. `cacheaside_engine_capture_changes()` starts it too.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine.
+ */
+enum cacheaside_status cacheaside_engine_start_relay(const struct cacheaside_engine *engine);
+
+/**
+ * Cache-aside read of `key` through a C loader, single-flight: however
+ * many threads (and processes) miss `key` at once, one loader call runs
+ * and every caller gets its value. A hit calls no loader. Blocks.
+ *
+ * `key` is the cache key (non-empty UTF-8, without `{` or `}`; stored
+ * under the config's namespace); `ttl_ms` is how long a loaded value
+ * stays cached (at least 1, at most the maximum TTL). On a miss
+ * `loader(user_data, key, out_value)` runs on this thread (see
+ * `cacheaside_loader`); followers never call their own loader, and get the
+ * leader's outcome. Values are any bytes.
+ *
+ * Returns `CACHEASIDE_OK` with the value in `*out`; `CACHEASIDE_NOT_FOUND`
+ * when the loader reported absence (now or, cached for the negative TTL,
+ * earlier); `CACHEASIDE_LOADER_ERROR` when the loader failed;
+ * `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers, an empty or non-UTF-8
+ * key, a zero TTL, or a loader reading its own key. `*out` is zeroed
+ * unless the call succeeds.
+ *
+ * Ownership: the caller owns `*out` and frees it with
+ * `cacheaside_bytes_free()`. `user_data` is only passed to the loader.
+ * Thread-safe.
+ *
+ * ```c
+ * cacheaside_bytes value = {0};
+ * if (cacheaside_engine_get_or_load(engine, "product:7", 60000, load_product, db, &value)
+ *         == CACHEASIDE_OK) {
+ *     fwrite(value.data, 1, value.len, stdout);
+ *     cacheaside_bytes_free(&value);
+ * }
+ * ```
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `key` is NULL or a NUL-terminated
+ * string; `loader` is NULL or a function of the documented shape; `out` is
+ * NULL or points to writable storage for one `cacheaside_bytes` (its old
+ * contents are not freed).
+ */
+enum cacheaside_status cacheaside_engine_get_or_load(const struct cacheaside_engine *engine,
+                                                     const char *key,
+                                                     uint64_t ttl_ms,
+                                                     cacheaside_loader loader,
+                                                     void *user_data,
+                                                     struct cacheaside_bytes *out);
+
+/**
+ * `cacheaside_engine_get_or_load()` without coalescing: every caller
+ * that misses runs its own loader (still lease-protected, so no stale row
+ * is cached). For loaders that are cheap, or must run per caller.
+ *
+ * Returns, owns and blocks as `cacheaside_engine_get_or_load()`.
+ * Thread-safe.
+ *
+ * # Safety
+ * As `cacheaside_engine_get_or_load()`.
+ */
+enum cacheaside_status cacheaside_engine_get_or_load_uncoalesced(const struct cacheaside_engine *engine,
+                                                                 const char *key,
+                                                                 uint64_t ttl_ms,
+                                                                 cacheaside_loader loader,
+                                                                 void *user_data,
+                                                                 struct cacheaside_bytes *out);
+
+/**
+ * `cacheaside_engine_get_or_load()` (single-flight) for a key that is
+ * also written through: the loader returns the row's version with its
+ * value (see `cacheaside_versioned_loader`), which orders the cached value
+ * against `cacheaside_engine_write_through()` and the relay. Use it for
+ * every read of such a key: an unversioned read caches version 0, which a
+ * delayed write-through of an older row would replace.
+ *
+ * Returns, owns and blocks as `cacheaside_engine_get_or_load()`.
+ * Thread-safe.
+ *
+ * # Safety
+ * As `cacheaside_engine_get_or_load()`, with `loader` of the shape
+ * `cacheaside_versioned_loader` documents.
+ */
+enum cacheaside_status cacheaside_engine_get_or_load_versioned(const struct cacheaside_engine *engine,
+                                                               const char *key,
+                                                               uint64_t ttl_ms,
+                                                               cacheaside_versioned_loader loader,
+                                                               void *user_data,
+                                                               struct cacheaside_bytes *out);
+
+/**
+ * Writes a row and caches what the write returned: runs
+ * `writer(user_data, key, out_value, out_version)` (your
+ * `UPDATE ... RETURNING`, see `cacheaside_versioned_loader`), then stores
+ * that value with its version unless that could leave the cache older than
+ * a write that has returned (two write-throughs finishing in either order
+ * leave the newer value; a plain update or a delete that commits after is
+ * never overwritten). Readers' leases are revoked either way. Blocks.
+ *
+ * Returns `CACHEASIDE_OK` with the written value in `*out`;
+ * `CACHEASIDE_NOT_FOUND` when the writer reported no such row (the key is
+ * invalidated); `CACHEASIDE_LOADER_ERROR` when the writer failed (nothing
+ * is cached); `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers, an empty
+ * key or a zero TTL; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
+ * Redis failed after the write committed. `*out` is zeroed unless the call
+ * succeeds.
+ *
+ * Ownership: the caller owns `*out` and frees it with
+ * `cacheaside_bytes_free()`. Thread-safe.
+ *
+ * # Safety
+ * As `cacheaside_engine_get_or_load_versioned()`.
+ */
+enum cacheaside_status cacheaside_engine_write_through(const struct cacheaside_engine *engine,
+                                                       const char *key,
+                                                       uint64_t ttl_ms,
+                                                       cacheaside_versioned_loader writer,
+                                                       void *user_data,
+                                                       struct cacheaside_bytes *out);
+
+/**
  * Removes `key`'s cached value and revokes any reader's lease on it, so a
  * load that started before this call cannot fill it afterwards. Call it
- * after the write to the source has committed. Blocks.
+ * after the write to the source has committed (a captured table needs no
+ * call: the relay does it). Blocks.
  *
  * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or an empty or
  * non-UTF-8 key; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
- * Redis fails (the old value then lives until its TTL).
+ * Redis fails (the old value then lives until its TTL, or until the relay
+ * deletes it).
  *
  * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `key` is NULL or a NUL-terminated
+ * string.
+ */
+enum cacheaside_status cacheaside_engine_invalidate(const struct cacheaside_engine *engine,
+                                                    const char *key);
+
+/**
+ * Waits until the invalidation relay has applied every change committed
+ * before this call, at most `timeout_ms` milliseconds (at least 1). For
+ * tests and demos that want the relay's invalidations of earlier writes
+ * behind them. Blocks.
+ *
+ * Returns `CACHEASIDE_OK` when it has; `CACHEASIDE_TIMEOUT` when it has not
+ * within the timeout, or no relay runs (see
+ * `cacheaside_engine_capture_changes()`); `CACHEASIDE_INVALID_ARGUMENT`
+ * for a NULL engine or a zero timeout.
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine.
+ */
+enum cacheaside_status cacheaside_engine_relay_sync(const struct cacheaside_engine *engine,
+                                                    uint64_t timeout_ms);
+
+/**
+ * Reads the engine's counters into `*out`; see `cacheaside_stats` for how
+ * `size` makes the struct safe to grow (`queries` counts the engine's own
+ * statements, not your loaders').
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a `size`
+ * too small to hold any counter (`*out` is then unchanged).
+ *
+ * Thread-safe; the counters are read one by one, not as one snapshot.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `out` is NULL or points to `size`
+ * writable bytes that begin with the `size` field.
+ */
+enum cacheaside_status cacheaside_engine_stats(const struct cacheaside_engine *engine,
+                                               struct cacheaside_stats *out);
+
+/**
+ * Deletes every Redis key under the engine's namespace (values, leases,
+ * locks): for demos and tests that own their namespace. Blocks; uses
+ * `SCAN`, so cost grows with the size of the Redis database.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL engine or an empty
+ * namespace (that would be every key of the database).
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine.
+ */
+enum cacheaside_status cacheaside_engine_delete_namespace(const struct cacheaside_engine *engine);
+
+/**
+ * Cache-aside read of any key through a C loader with the lab's client,
+ * single-flight; as `cacheaside_engine_get_or_load()` (which needs no lab).
+ *
+ * # Safety
+ * As `cacheaside_engine_get_or_load()`, with `client` NULL or a live
+ * client.
+ */
+enum cacheaside_status cacheaside_client_get_or_load(const struct cacheaside_client *client,
+                                                     const char *key,
+                                                     uint64_t ttl_ms,
+                                                     cacheaside_loader loader,
+                                                     void *user_data,
+                                                     struct cacheaside_bytes *out);
+
+/**
+ * Removes `key`'s cached value through the lab's client; as
+ * `cacheaside_engine_invalidate()`.
  *
  * # Safety
  * `client` is NULL or a live client; `key` is NULL or a NUL-terminated
  * string.
  */
-enum cacheaside_status cacheaside_invalidate(const struct cacheaside_client *client,
-                                             const char *key);
+enum cacheaside_status cacheaside_client_invalidate(const struct cacheaside_client *client,
+                                                    const char *key);
 
 /**
  * This thread's last failure message, or `""` if no call on this thread
@@ -1285,23 +1893,31 @@ enum cacheaside_status cacheaside_psubscribe(const struct cacheaside_client *cli
 void cacheaside_subscription_free(struct cacheaside_subscription *subscription);
 
 /**
- * Delivers the library's log events at `level` or more important to
+ * Delivers the library's log events at `min_level` or more important to
  * `callback(user_data, level, message)`; a NULL `callback` stops them.
- * Replaces any callback set before. Process-wide (every client).
+ * `min_level` is a `cacheaside_log_level` value (`CACHEASIDE_LOG_ERROR`
+ * to `CACHEASIDE_LOG_DEBUG`), passed as an integer so that any value is
+ * safe to pass. Replaces any callback set before. Process-wide (every
+ * client and engine).
  *
- * Returns `CACHEASIDE_INVALID_ARGUMENT` when another logger already owns
- * the process's `log` facade (a Rust host installed one): the events go
- * there.
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a `min_level` that is not a
+ * `cacheaside_log_level` (nothing changes then), or when another logger
+ * already owns the process's `log` facade (a Rust host installed one):
+ * the events go there.
  *
  * Thread safety: may be called from any thread, but not from inside the
  * callback. Once it returns, the old callback is not called again.
+ *
+ * ```c
+ * cacheaside_log_set_callback(CACHEASIDE_LOG_WARN, on_log, NULL);
+ * ```
  *
  * # Safety
  * `callback` is NULL or a function of the shape `cacheaside_log_cb`
  * documents; it may be called with `user_data` from any thread until it is
  * replaced.
  */
-enum cacheaside_status cacheaside_set_log_callback(enum cacheaside_log_level level,
+enum cacheaside_status cacheaside_log_set_callback(uint32_t min_level,
                                                    cacheaside_log_cb callback,
                                                    void *user_data);
 
@@ -1578,7 +2194,7 @@ enum cacheaside_status cacheaside_write_behind_drain(const struct cacheaside_cli
 
 /**
  * Writes to `*out` how many write-behind changes (of any process) wait to
- * reach PostgreSQL: the backlog that `cacheaside_config_set_write_behind_backlog()`
+ * reach PostgreSQL: the backlog that `cacheaside_config_set_write_behind_max_backlog()`
  * bounds. `*out` is set to 0 first and to the count on success only.
  * Blocks (one Redis round trip).
  *

@@ -3,18 +3,20 @@
  * cacheaside.h (Redis in front of PostgreSQL with cache-aside).
  *
  * Hand-written (unlike cacheaside.h); it adds no behaviour, only RAII and
- * C++ types:
+ * C++ types. cacheaside::Engine caches tables of your own
+ * (cacheaside_engine); cacheaside::Client is the lab's users table:
  *   - handles are owned by std::unique_ptr with the library's free
  *     functions as deleters, so nothing leaks when an exception unwinds;
  *   - results are std::optional<UserProfile> / std::optional<std::string>
  *     (std::nullopt is CACHEASIDE_NOT_FOUND);
- *   - every failure throws cacheaside::Error, carrying the status and the
- *     library's message;
+ *   - every failure throws cacheaside::Error, carrying the status (and its
+ *     name, in what() and status_name()) and the library's message;
  *   - a pub/sub subscription is a move-only cacheaside::Subscription whose
  *     callback may be any std::function; destroying it unsubscribes.
  *
- * Thread safety: a cacheaside::Client may be used from many threads at
- * once (every member function is const); a cacheaside::Config may not.
+ * Thread safety: a cacheaside::Engine or cacheaside::Client may be used
+ * from many threads at once (every member function is const); a
+ * cacheaside::Config may not.
  *
  * Build: c++ -std=c++17 -I include app.cpp -L target/release -lcacheaside
  *        -Wl,-rpath,$PWD/target/release -pthread
@@ -47,14 +49,20 @@
 
 namespace cacheaside {
 
-/** A failed call: the C status and the message cacheaside_last_error() gave. */
+/** A failed call: the C status and the message cacheaside_last_error() gave.
+ *  what() reads "<status name>: <message>", e.g.
+ *  "CACHEASIDE_TIMEOUT: timed out: ...". */
 class Error : public std::runtime_error {
 public:
     Error(cacheaside_status status, const std::string &message)
-        : std::runtime_error(message), status_(status) {}
+        : std::runtime_error(std::string(cacheaside_status_str(status)) + ": " + message),
+          status_(status) {}
 
     /** The C status, never CACHEASIDE_OK or CACHEASIDE_NOT_FOUND. */
     cacheaside_status status() const noexcept { return status_; }
+
+    /** The status's name, e.g. "CACHEASIDE_TIMEOUT" (a static string). */
+    const char *status_name() const noexcept { return cacheaside_status_str(status_); }
 
 private:
     cacheaside_status status_;
@@ -133,6 +141,46 @@ public:
 private:
     int old_ = 0;
 };
+
+struct EngineFree {
+    void operator()(cacheaside_engine *engine) const noexcept { cacheaside_engine_free(engine); }
+};
+
+/** Runs a C++ loader's body inside a C callback: no exception may cross
+ *  into the library, so it is kept in `thrown` and the load fails. */
+template <class Body>
+int guarded(std::exception_ptr &thrown, Body &&body) {
+    try {
+        return body();
+    }
+#if defined(__GLIBCXX__)
+    // A forced unwind (pthread_exit) must not be swallowed; it cannot cross
+    // the library either, so it ends the process. Loaders must not call
+    // pthread_exit; cancellation is deferred around the call.
+    catch (abi::__forced_unwind &) {
+        throw;
+    }
+#endif
+    catch (...) {
+        thrown = std::current_exception();
+        return CACHEASIDE_LOADER_ERROR;
+    }
+}
+
+/** A call's value: the loader's own exception when the call failed because
+ *  of it, std::nullopt for CACHEASIDE_NOT_FOUND, else the bytes (or Error). */
+inline std::optional<std::string> outcome(cacheaside_status status,
+                                          const std::exception_ptr &thrown,
+                                          const cacheaside_bytes &raw) {
+    if (thrown && status == CACHEASIDE_LOADER_ERROR) {
+        std::rethrow_exception(thrown);
+    }
+    if (status == CACHEASIDE_NOT_FOUND) {
+        return std::nullopt;
+    }
+    check(status);
+    return std::string(reinterpret_cast<const char *>(raw.data), raw.len);
+}
 
 }  // namespace detail
 
@@ -347,7 +395,7 @@ public:
     /** Fail-safe: how long past its TTL a copy may be served when a reload
      *  fails; 0 turns it off. */
     Config &fail_safe(std::chrono::milliseconds max) {
-        detail::check(cacheaside_config_set_fail_safe_ms(get(), detail::millis(max)));
+        detail::check(cacheaside_config_set_fail_safe_max_ms(get(), detail::millis(max)));
         return *this;
     }
     Config &fail_safe_throttle(std::chrono::milliseconds throttle) {
@@ -358,8 +406,41 @@ public:
         detail::check(cacheaside_config_set_soft_timeout_ms(get(), detail::millis(timeout)));
         return *this;
     }
+    /** Both breaker settings; the cool-off is checked first, so a throw
+     *  changes nothing. */
     Config &breaker(uint32_t failures, std::chrono::milliseconds cool_off) {
-        detail::check(cacheaside_config_set_breaker(get(), failures, detail::millis(cool_off)));
+        return breaker_cool_off(cool_off).breaker_failures(failures);
+    }
+    Config &breaker_failures(uint32_t failures) {
+        detail::check(cacheaside_config_set_breaker_failures(get(), failures));
+        return *this;
+    }
+    Config &breaker_cool_off(std::chrono::milliseconds cool_off) {
+        detail::check(cacheaside_config_set_breaker_cool_off_ms(get(), detail::millis(cool_off)));
+        return *this;
+    }
+    Config &pool_min_idle(uint32_t count) {
+        detail::check(cacheaside_config_set_pool_min_idle(get(), count));
+        return *this;
+    }
+    Config &background_threads(uint32_t threads) {
+        detail::check(cacheaside_config_set_background_threads(get(), threads));
+        return *this;
+    }
+    Config &relay_listen(bool on) {
+        detail::check(cacheaside_config_set_relay_listen(get(), on));
+        return *this;
+    }
+    Config &outbox_retention(std::chrono::milliseconds retention) {
+        detail::check(cacheaside_config_set_outbox_retention_ms(get(), detail::millis(retention)));
+        return *this;
+    }
+    Config &statement_cache_size(std::size_t size) {
+        detail::check(cacheaside_config_set_statement_cache_size(get(), size));
+        return *this;
+    }
+    Config &write_behind_batch(uint32_t batch) {
+        detail::check(cacheaside_config_set_write_behind_batch(get(), batch));
         return *this;
     }
     Config &invalidation_relay(bool on) {
@@ -385,20 +466,30 @@ public:
     /** Most write-behind changes that may wait for PostgreSQL before an
      *  enqueue throws Error with CACHEASIDE_BACKLOG_FULL (100000 by default). */
     Config &write_behind_backlog(uint64_t max_backlog) {
-        detail::check(cacheaside_config_set_write_behind_backlog(get(), max_backlog));
+        detail::check(cacheaside_config_set_write_behind_max_backlog(get(), max_backlog));
         return *this;
     }
     /** How long a dead worker's changes wait before another worker claims
      *  them (30 s by default). */
     Config &write_behind_claim(std::chrono::milliseconds after) {
-        detail::check(cacheaside_config_set_write_behind_claim_ms(get(), detail::millis(after)));
+        detail::check(cacheaside_config_set_write_behind_claim_after_ms(get(), detail::millis(after)));
         return *this;
     }
     /** Attempts of a write PostgreSQL refuses before it is dead-lettered,
      *  and the first retry's wait (5 and 100 ms by default). */
     Config &write_behind_retries(uint32_t attempts, std::chrono::milliseconds backoff) {
+        if (attempts == 0) {  // checked first, so a throw changes nothing
+            detail::check(cacheaside_config_set_write_behind_attempts(get(), attempts));
+        }
+        return write_behind_retry_backoff(backoff).write_behind_attempts(attempts);
+    }
+    Config &write_behind_attempts(uint32_t attempts) {
+        detail::check(cacheaside_config_set_write_behind_attempts(get(), attempts));
+        return *this;
+    }
+    Config &write_behind_retry_backoff(std::chrono::milliseconds backoff) {
         detail::check(
-            cacheaside_config_set_write_behind_retries(get(), attempts, detail::millis(backoff)));
+            cacheaside_config_set_write_behind_retry_backoff_ms(get(), detail::millis(backoff)));
         return *this;
     }
     /** The near cache (L1) in process memory: up to `max_entries` (0 turns
@@ -415,6 +506,194 @@ public:
 
 private:
     std::unique_ptr<cacheaside_config, detail::ConfigFree> handle_;
+};
+
+/** A value with its version (any number that grows with every write of the
+ *  row), as a versioned loader or a write-through's writer returns it. */
+struct Versioned {
+    std::string value;
+    uint64_t version = 0;
+};
+
+/**
+ * The cache-aside engine for tables of your own (cacheaside_engine): change
+ * capture, single-flight reads, versioned reads and write-through,
+ * invalidation. Move-only; share it between threads by reference. Every
+ * member function blocks and may be called from many threads at once.
+ *
+ * Loaders run on the calling thread and return std::optional<std::string>
+ * (any bytes; std::nullopt: no such row, cached as absent); versioned ones
+ * and writers return std::optional<Versioned>. An exception a loader throws
+ * is rethrown to the caller whose loader threw; callers that waited on it
+ * get Error with CACHEASIDE_LOADER_ERROR. Thread cancellation is deferred
+ * while the library runs a loader.
+ *
+ *     cacheaside::Engine engine(cacheaside::Config().namespace_("shop:"));
+ *     engine.capture_changes("products", "product:", "id", "version");
+ *     auto name = engine.get_or_load("product:7", std::chrono::minutes(1),
+ *                                    [&](const std::string &key) { return load(key); });
+ */
+class Engine {
+public:
+    /** Opens as `config` says (lazily: call ping() to check the servers);
+     *  the config may be destroyed afterwards. */
+    explicit Engine(const Config &config) {
+        cacheaside_engine *raw = nullptr;
+        detail::check(cacheaside_engine_open(config.get(), &raw));
+        handle_.reset(raw);
+    }
+
+    /** Checks that Redis and PostgreSQL answer; throws Error with the cause. */
+    void ping() const { detail::check(cacheaside_engine_ping(get())); }
+
+    /** Captures `table`'s changes: a write from anywhere invalidates the key
+     *  `key_prefix` + `key_column` through the relay (started here). */
+    void capture_changes(const std::string &table, const std::string &key_prefix,
+                         const std::string &key_column,
+                         const std::optional<std::string> &version_column = std::nullopt) const {
+        detail::check(cacheaside_engine_capture_changes(
+            get(), detail::c_str(table, "table"), detail::c_str(key_prefix, "key_prefix"),
+            detail::c_str(key_column, "key_column"),
+            version_column ? detail::c_str(*version_column, "version_column") : nullptr));
+    }
+
+    /** Starts the invalidation relay, for tables another process captured. */
+    void start_relay() const { detail::check(cacheaside_engine_start_relay(get())); }
+
+    /** Single-flight read: one `load(key)` however many threads miss. */
+    template <class Load>
+    std::optional<std::string> get_or_load(const std::string &key, std::chrono::milliseconds ttl,
+                                           Load &&load) const {
+        return plain(cacheaside_engine_get_or_load, key, ttl, load);
+    }
+
+    /** Every caller that misses runs its own `load(key)`. */
+    template <class Load>
+    std::optional<std::string> get_or_load_uncoalesced(const std::string &key,
+                                                       std::chrono::milliseconds ttl,
+                                                       Load &&load) const {
+        return plain(cacheaside_engine_get_or_load_uncoalesced, key, ttl, load);
+    }
+
+    /** Single-flight read of a key also written through: `load(key)`
+     *  returns std::optional<Versioned>. */
+    template <class Load>
+    std::optional<std::string> get_or_load_versioned(const std::string &key,
+                                                     std::chrono::milliseconds ttl,
+                                                     Load &&load) const {
+        return versioned(cacheaside_engine_get_or_load_versioned, key, ttl, load);
+    }
+
+    /** Runs `write(key)` (an UPDATE ... RETURNING, giving
+     *  std::optional<Versioned>) and caches what it wrote unless a newer
+     *  write has; std::nullopt when it found no row. */
+    template <class Write>
+    std::optional<std::string> write_through(const std::string &key, std::chrono::milliseconds ttl,
+                                             Write &&write) const {
+        return versioned(cacheaside_engine_write_through, key, ttl, write);
+    }
+
+    /** Removes a key's cached value and revokes readers' leases on it. */
+    void invalidate(const std::string &key) const {
+        detail::check(cacheaside_engine_invalidate(get(), detail::c_str(key, "key")));
+    }
+
+    /** Waits until the relay has applied every change committed so far;
+     *  false at the timeout or without a relay. */
+    bool relay_sync(std::chrono::milliseconds timeout) const {
+        cacheaside_status status = cacheaside_engine_relay_sync(get(), detail::millis(timeout));
+        if (status == CACHEASIDE_TIMEOUT) {
+            return false;
+        }
+        detail::check(status);
+        return true;
+    }
+
+    /** The engine's counters (see cacheaside_stats). */
+    cacheaside_stats stats() const {
+        cacheaside_stats out{};
+        out.size = sizeof out;
+        detail::check(cacheaside_engine_stats(get(), &out));
+        return out;
+    }
+
+    /** Deletes every Redis key under this engine's (non-empty) namespace. */
+    void delete_namespace() const { detail::check(cacheaside_engine_delete_namespace(get())); }
+
+    /** The C handle, still owned by this object. */
+    const cacheaside_engine *get() const noexcept { return handle_.get(); }
+
+private:
+    using PlainFn = cacheaside_status (*)(const cacheaside_engine *, const char *, uint64_t,
+                                          cacheaside_loader, void *, cacheaside_bytes *);
+    using VersionedFn = cacheaside_status (*)(const cacheaside_engine *, const char *, uint64_t,
+                                              cacheaside_versioned_loader, void *,
+                                              cacheaside_bytes *);
+
+    template <class Load>
+    std::optional<std::string> plain(PlainFn fn, const std::string &key,
+                                     std::chrono::milliseconds ttl, Load &load) const {
+        struct Context {
+            Load *load;
+            std::exception_ptr thrown;
+        } context{&load, nullptr};
+        // Captureless, so it converts to the C function pointer.
+        cacheaside_loader trampoline = [](void *user_data, const char *c_key,
+                                          cacheaside_bytes *out_value) -> int {
+            Context *context = static_cast<Context *>(user_data);
+            return detail::guarded(context->thrown, [&]() -> int {
+                std::optional<std::string> value = (*context->load)(std::string(c_key));
+                if (!value) {
+                    return CACHEASIDE_NOT_FOUND;
+                }
+                detail::check(cacheaside_bytes_set(out_value, value->data(), value->size()));
+                return CACHEASIDE_OK;
+            });
+        };
+        return call(fn, trampoline, key, ttl, context.thrown, &context);
+    }
+
+    template <class Load>
+    std::optional<std::string> versioned(VersionedFn fn, const std::string &key,
+                                         std::chrono::milliseconds ttl, Load &load) const {
+        struct Context {
+            Load *load;
+            std::exception_ptr thrown;
+        } context{&load, nullptr};
+        cacheaside_versioned_loader trampoline = [](void *user_data, const char *c_key,
+                                                    cacheaside_bytes *out_value,
+                                                    uint64_t *out_version) -> int {
+            Context *context = static_cast<Context *>(user_data);
+            return detail::guarded(context->thrown, [&]() -> int {
+                std::optional<Versioned> row = (*context->load)(std::string(c_key));
+                if (!row) {
+                    return CACHEASIDE_NOT_FOUND;
+                }
+                detail::check(
+                    cacheaside_bytes_set(out_value, row->value.data(), row->value.size()));
+                *out_version = row->version;
+                return CACHEASIDE_OK;
+            });
+        };
+        return call(fn, trampoline, key, ttl, context.thrown, &context);
+    }
+
+    template <class Fn, class Trampoline>
+    std::optional<std::string> call(Fn fn, Trampoline trampoline, const std::string &key,
+                                    std::chrono::milliseconds ttl,
+                                    const std::exception_ptr &thrown, void *context) const {
+        cacheaside_bytes raw{};
+        std::unique_ptr<cacheaside_bytes, detail::BytesFree> owned(&raw);
+        const char *c_key = detail::c_str(key, "key");
+        cacheaside_status status;
+        {
+            detail::NoCancel no_cancel;
+            status = fn(get(), c_key, detail::millis(ttl), trampoline, context, &raw);
+        }
+        return detail::outcome(status, thrown, raw);
+    }
+
+    std::unique_ptr<cacheaside_engine, detail::EngineFree> handle_;
 };
 
 /**
@@ -434,13 +713,13 @@ public:
     explicit Client(const Config &config) { open(config.get()); }
 
     /** Creates the users table unless it exists. */
-    void install_schema() const { detail::check(cacheaside_install_schema(get())); }
+    void install_schema() const { detail::check(cacheaside_client_install_schema(get())); }
 
     /** Drops the users table, the outbox and the capture functions. */
-    void drop_schema() const { detail::check(cacheaside_drop_schema(get())); }
+    void drop_schema() const { detail::check(cacheaside_client_drop_schema(get())); }
 
     /** Inserts the five demo users where their ids are free. */
-    void seed_demo_users() const { detail::check(cacheaside_seed_demo_users(get())); }
+    void seed_demo_users() const { detail::check(cacheaside_client_seed_demo_users(get())); }
 
     /** Cache-aside read; std::nullopt when no such user exists. */
     std::optional<UserProfile> get_user_profile(int64_t user_id) const {
@@ -519,7 +798,7 @@ public:
     /**
      * Generic cache-aside read with single-flight: on a miss, one caller in
      * this process runs `load(key)`, which returns std::optional<std::string>
-     * (UTF-8 text; std::nullopt caches the absence), and every caller gets
+     * (any bytes; std::nullopt caches the absence), and every caller gets
      * its result. If `load` throws, the exception is rethrown to the caller
      * whose loader threw, when its call failed because of it; callers that
      * waited on it get Error with CACHEASIDE_LOADER_ERROR. A call that still
@@ -566,7 +845,7 @@ public:
         cacheaside_status status;
         {
             detail::NoCancel no_cancel;
-            status = cacheaside_get_or_load(get(), c_key, detail::millis(ttl), trampoline,
+            status = cacheaside_client_get_or_load(get(), c_key, detail::millis(ttl), trampoline,
                                             &context, &raw);
         }
         if (context.thrown && status == CACHEASIDE_LOADER_ERROR) {
@@ -581,7 +860,7 @@ public:
 
     /** Removes a key's cached value and revokes readers' leases on it. */
     void invalidate(const std::string &key) const {
-        detail::check(cacheaside_invalidate(get(), detail::c_str(key, "key")));
+        detail::check(cacheaside_client_invalidate(get(), detail::c_str(key, "key")));
     }
 
     /**
@@ -661,10 +940,10 @@ public:
     }
 
     /** Deletes every Redis key under this client's (non-empty) namespace. */
-    void delete_namespace() const { detail::check(cacheaside_delete_namespace(get())); }
+    void delete_namespace() const { detail::check(cacheaside_client_delete_namespace(get())); }
 
     /** Statements sent to PostgreSQL since the client opened. */
-    uint64_t query_count() const noexcept { return cacheaside_query_count(get()); }
+    uint64_t query_count() const noexcept { return cacheaside_client_query_count(get()); }
 
     /** Checks that Redis and PostgreSQL answer; throws Error with the
      *  cause (a closed port, a wrong password, a missing database). */
@@ -673,7 +952,7 @@ public:
     /** Waits until the invalidation relay has applied every change
      *  committed so far; false at the timeout or without a relay. */
     bool relay_sync(std::chrono::milliseconds timeout) const {
-        return cacheaside_relay_sync(get(), detail::millis(timeout)) == CACHEASIDE_OK;
+        return cacheaside_client_relay_sync(get(), detail::millis(timeout)) == CACHEASIDE_OK;
     }
 
     /** The client's counters (see cacheaside_stats). */
@@ -685,7 +964,7 @@ public:
     }
 
     /** Keys with a single-flight load in progress in this process. */
-    std::size_t in_flight() const noexcept { return cacheaside_in_flight(get()); }
+    std::size_t in_flight() const noexcept { return cacheaside_client_in_flight(get()); }
 
     /** The C handle, still owned by this object. */
     const cacheaside_client *get() const noexcept { return handle_.get(); }

@@ -4,7 +4,7 @@
 //! Guarantees:
 //! - Every event the library reports goes through [`report!`]: to `tracing`
 //!   with the `tracing` feature, to `log` without it (which is what the C
-//!   log callback, `cacheaside_set_log_callback`, receives).
+//!   log callback, `cacheaside_log_set_callback`, receives).
 //! - With `tracing`: a read that misses runs inside one `cacheaside.miss`
 //!   span (fields `key`, `mode`, `bypass`, `outcome`, `load_ms`); dropped
 //!   fills, lock waits, breaker transitions and early refreshes are events

@@ -146,6 +146,7 @@ fn compile(source: &Path, out: &Path) {
         .arg(format!("-L{}", lib.display()))
         .arg(format!("-Wl,-rpath,{}", lib.display()))
         .args(["-lcacheaside", "-lm"])
+        .args(libpq_flags(source))
         .output()
         .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
     assert!(
@@ -154,6 +155,28 @@ fn compile(source: &Path, out: &Path) {
         source.display(),
         String::from_utf8_lossy(&output.stderr)
     );
+}
+
+/// The compiler flags for libpq when `source` includes it (a program that
+/// reads its own table, as an application would), from `pkg-config`.
+fn libpq_flags(source: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(source).unwrap_or_default();
+    if !text.contains("#include <libpq-fe.h>") {
+        return Vec::new();
+    }
+    let output = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "libpq"])
+        .output()
+        .unwrap_or_else(|e| panic!("run pkg-config for libpq: {e}"));
+    assert!(
+        output.status.success(),
+        "{} needs libpq (apt-get install libpq-dev pkg-config)",
+        source.display()
+    );
+    String::from_utf8_lossy(&output.stdout)
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// Compiles and runs one program from `tests/c` or `tests/cpp` on a table
@@ -229,6 +252,10 @@ fn run_program_on(relative: &str, wrapper: &[&str], redis_url: Option<&str>) {
         .env("CACHEASIDE_TEST_NAMESPACE", &scratch.namespace)
         .env("CACHEASIDE_TEST_OUTBOX", &scratch.outbox)
         .env("CACHEASIDE_TEST_DOWN_REDIS", refused_redis_url())
+        .env(
+            "CACHEASIDE_TEST_SLOW",
+            if wrapper.is_empty() { "" } else { "1" },
+        )
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -315,6 +342,55 @@ fn c_bad_input_returns_status_without_crashing() {
 }
 
 #[test]
+fn c_engine_caches_its_own_table_single_flight_and_captured() {
+    run_program("tests/c/engine.c");
+}
+
+/// The engine handle's C program again under valgrind, when it is
+/// installed: loaders, binary values, write-through, every failure path.
+#[test]
+fn c_engine_under_valgrind() {
+    match valgrind() {
+        Some(wrapper) => run_program_under("tests/c/engine.c", &wrapper),
+        None => eprintln!("valgrind is not installed: skipped"),
+    }
+}
+
+#[test]
+fn c_deprecated_names_forward_to_the_renamed_functions() {
+    run_program("tests/c/deprecated.c");
+}
+
+/// Using an old name is a compiler warning that names the new one (here an
+/// error, with `-Werror`), unless the program opts out.
+#[test]
+fn c_deprecated_names_warn_with_the_new_name() {
+    let dir = profile_dir().join("c-abi-tests");
+    std::fs::create_dir_all(&dir).expect("create the test binaries' directory");
+    let source = dir.join(format!("uses_old_name_{}.c", std::process::id()));
+    std::fs::write(
+        &source,
+        "#include \"cacheaside.h\"\n\
+         int main(void) { return (int)cacheaside_install_schema(0); }\n",
+    )
+    .expect("write the program");
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let output = Command::new(&compiler)
+        .args(["-std=c11", "-Wall", "-Werror", "-fsyntax-only", "-I"])
+        .arg(manifest_path("include"))
+        .arg(&source)
+        .output()
+        .unwrap_or_else(|e| panic!("run {compiler}: {e}"));
+    let _ = std::fs::remove_file(&source);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "an old name compiled silently");
+    assert!(
+        stderr.contains("renamed cacheaside_client_install_schema"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn c_get_or_load_runs_the_loader_once() {
     run_program("tests/c/get_or_load.c");
 }
@@ -357,6 +433,11 @@ fn cpp_wrapper_raii_optional_and_single_flight() {
 }
 
 #[test]
+fn cpp_engine_raii_single_flight_write_through_and_named_errors() {
+    run_program("tests/cpp/engine.cpp");
+}
+
+#[test]
 fn cpp_wrapper_patterns() {
     run_program("tests/cpp/patterns.cpp");
 }
@@ -374,11 +455,14 @@ fn every_program_is_run() {
         "tests/c/near.c",
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
+        "tests/c/engine.c",
+        "tests/c/deprecated.c",
         "tests/c/outage.c",
         "tests/c/relay.c",
         "tests/c/patterns.c",
         "tests/c/write_behind.c",
         "tests/cpp/client.cpp",
+        "tests/cpp/engine.cpp",
         "tests/cpp/patterns.cpp",
         "tests/cpp/write_behind.cpp",
     ];
@@ -483,4 +567,48 @@ fn header_says_client_open_is_lazy_and_points_at_ping() {
     assert!(doc.contains("cacheaside_client_ping"), "{doc}");
     assert!(!doc.contains("CACHEASIDE_TIMEOUT"), "{doc}");
     assert!(!doc.contains("Blocks until"), "{doc}");
+}
+
+/// Every `Config` field has a C setter named as the field
+/// (`cacheaside_config_set_<field>`, with `_ms` for a duration), and every
+/// deprecated old name is marked so in the header.
+#[test]
+fn header_has_a_setter_named_as_every_config_field() {
+    let header =
+        std::fs::read_to_string(manifest_path("include/cacheaside.h")).expect("read the header");
+    let source =
+        std::fs::read_to_string(manifest_path("src/config.rs")).expect("read src/config.rs");
+    let start = source.find("pub struct Config {").expect("Config");
+    let end = start + source[start..].find("\n}").expect("end of Config");
+    let mut missing = Vec::new();
+    let mut fields = 0;
+    for line in source[start..end].lines() {
+        let Some(field) = line.strip_prefix("    pub ") else {
+            continue;
+        };
+        let (name, ty) = field.split_once(':').expect("name: type");
+        fields += 1;
+        let setter = if ty.contains("Duration") {
+            format!("cacheaside_config_set_{name}_ms(")
+        } else {
+            format!("cacheaside_config_set_{name}(")
+        };
+        if !header.contains(&setter) {
+            missing.push(setter);
+        }
+    }
+    assert!(fields > 30, "only {fields} fields found");
+    assert!(missing.is_empty(), "no C setter: {missing:?}");
+    for old in [
+        "cacheaside_config_set_fail_safe_ms(",
+        "cacheaside_config_set_write_behind_retries(",
+        "cacheaside_install_schema(",
+        "cacheaside_set_log_callback(",
+    ] {
+        let at = header
+            .find(&format!(" {old}"))
+            .unwrap_or_else(|| panic!("{old} is kept"));
+        let declaration = &header[header[..at].rfind("*/").expect("a doc above")..at];
+        assert!(declaration.contains("CACHEASIDE_DEPRECATED("), "{old}");
+    }
 }

@@ -37,7 +37,7 @@ static pthread_barrier_t start_line;
 static cacheaside_user_profile results[THREADS];
 
 static void show(const char *step, const cacheaside_user_profile *p, uint64_t *last) {
-    uint64_t now = cacheaside_query_count(client);
+    uint64_t now = cacheaside_client_query_count(client);
     printf("%-22s id=%" PRId64 " name=%s plan=%s version=%" PRId64 "  (queries +%" PRIu64 ")\n",
            step, p->id, p->name, p->plan, p->version, now - *last);
     *last = now;
@@ -67,14 +67,14 @@ int main(void) {
     cacheaside_config_free(config); /* the client keeps its own copy */
     client = owned;
 
-    CHECK(cacheaside_drop_schema(client)); /* a fresh table every run */
-    CHECK(cacheaside_install_schema(client));
-    CHECK(cacheaside_seed_demo_users(client));
+    CHECK(cacheaside_client_drop_schema(client)); /* a fresh table every run */
+    CHECK(cacheaside_client_install_schema(client));
+    CHECK(cacheaside_client_seed_demo_users(client));
     /* The relay's invalidations of the seeding must not land mid-demo. */
-    CHECK(cacheaside_relay_sync(client, 10000));
-    CHECK(cacheaside_delete_namespace(client)); /* start with a cold cache */
+    CHECK(cacheaside_client_relay_sync(client, 10000));
+    CHECK(cacheaside_client_delete_namespace(client)); /* start with a cold cache */
 
-    uint64_t last = cacheaside_query_count(client);
+    uint64_t last = cacheaside_client_query_count(client);
     cacheaside_user_profile profile = {0};
 
     CHECK(cacheaside_get_user_profile(client, 1, &profile));
@@ -86,7 +86,7 @@ int main(void) {
     cacheaside_user_profile_free(&profile);
 
     CHECK(cacheaside_update_user_plan(client, 1, "enterprise"));
-    uint64_t now = cacheaside_query_count(client);
+    uint64_t now = cacheaside_client_query_count(client);
     printf("%-22s plan=enterprise, cache entry invalidated  (queries +%" PRIu64 ")\n",
            "3. update:", now - last);
     last = now;
@@ -112,7 +112,7 @@ int main(void) {
         identical &= results[i].id == results[0].id && results[i].version == results[0].version &&
                      strcmp(results[i].plan, results[0].plan) == 0;
     }
-    now = cacheaside_query_count(client);
+    now = cacheaside_client_query_count(client);
     printf("5. %d threads, cold key (single-flight): %s, %s, queries: %" PRIu64 "\n", THREADS,
            results[0].name, identical ? "identical profiles" : "PROFILES DIFFER", now - last);
     for (int i = 0; i < THREADS; i++) {
@@ -120,8 +120,8 @@ int main(void) {
     }
 
     /* Leave nothing behind. */
-    CHECK(cacheaside_drop_schema(client));
-    CHECK(cacheaside_delete_namespace(client));
+    CHECK(cacheaside_client_drop_schema(client));
+    CHECK(cacheaside_client_delete_namespace(client));
     cacheaside_client_free(owned);
     return identical && now - last == 1 ? EXIT_SUCCESS : EXIT_FAILURE;
 }

@@ -108,7 +108,7 @@ pub unsafe extern "C" fn cacheaside_client_free(client: *mut cacheaside_client) 
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_install_schema(
+pub unsafe extern "C" fn cacheaside_client_install_schema(
     client: *const cacheaside_client,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
@@ -117,7 +117,7 @@ pub unsafe extern "C" fn cacheaside_install_schema(
     }
 }
 
-/// Drops what `cacheaside_install_schema()` created: the users table, the
+/// Drops what `cacheaside_client_install_schema()` created: the users table, the
 /// outbox and its cursor table, and the capture functions. For demos and
 /// tests that own their tables. Idempotent. Blocks.
 ///
@@ -126,7 +126,7 @@ pub unsafe extern "C" fn cacheaside_install_schema(
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_drop_schema(
+pub unsafe extern "C" fn cacheaside_client_drop_schema(
     client: *const cacheaside_client,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
@@ -141,7 +141,7 @@ pub unsafe extern "C" fn cacheaside_drop_schema(
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_seed_demo_users(
+pub unsafe extern "C" fn cacheaside_client_seed_demo_users(
     client: *const cacheaside_client,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
@@ -151,7 +151,7 @@ pub unsafe extern "C" fn cacheaside_seed_demo_users(
 }
 
 /// Checks that both servers answer (a Redis `PING`, a PostgreSQL
-/// `SELECT 1`, not counted by `cacheaside_query_count()`). Reads keep
+/// `SELECT 1`, not counted by `cacheaside_client_query_count()`). Reads keep
 /// working while Redis is down, so this is where a misconfiguration shows:
 /// a closed port, a wrong password, a missing database each fail with a
 /// message naming the server and the cause (never the password). Blocks,
@@ -184,22 +184,13 @@ pub unsafe extern "C" fn cacheaside_client_ping(
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_relay_sync(
+pub unsafe extern "C" fn cacheaside_client_relay_sync(
     client: *const cacheaside_client,
     timeout_ms: u64,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
         let client = non_null!(client);
-        let engine = client.inner.engine();
-        if engine.sync_relay(std::time::Duration::from_millis(timeout_ms)) {
-            CACHEASIDE_OK
-        } else {
-            fail(&crate::Error::timeout(if engine.relay_running() {
-                "waiting for the invalidation relay"
-            } else {
-                "no invalidation relay runs"
-            }))
-        }
+        super::engine::relay_sync(client.inner.engine(), timeout_ms)
     }
 }
 
@@ -209,7 +200,7 @@ pub unsafe extern "C" fn cacheaside_relay_sync(
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_query_count(client: *const cacheaside_client) -> u64 {
+pub unsafe extern "C" fn cacheaside_client_query_count(client: *const cacheaside_client) -> u64 {
     ffi_panic_boundary! {
         let client = non_null!(client);
         client.inner.db().query_count()
@@ -223,7 +214,7 @@ pub unsafe extern "C" fn cacheaside_query_count(client: *const cacheaside_client
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_in_flight(client: *const cacheaside_client) -> usize {
+pub unsafe extern "C" fn cacheaside_client_in_flight(client: *const cacheaside_client) -> usize {
     ffi_panic_boundary! {
         let client = non_null!(client);
         client.inner.engine().in_flight()
@@ -240,7 +231,7 @@ pub unsafe extern "C" fn cacheaside_in_flight(client: *const cacheaside_client) 
 /// # Safety
 /// `client` is NULL or a live client.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_delete_namespace(
+pub unsafe extern "C" fn cacheaside_client_delete_namespace(
     client: *const cacheaside_client,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
@@ -262,7 +253,7 @@ pub unsafe extern "C" fn cacheaside_delete_namespace(
 pub struct cacheaside_stats {
     /// In: `sizeof(cacheaside_stats)`. Out: bytes filled.
     pub size: u64,
-    /// Statements sent to PostgreSQL (as `cacheaside_query_count()`).
+    /// Statements sent to PostgreSQL (as `cacheaside_client_query_count()`).
     pub queries: u64,
     /// Reads answered from the cache (values and cached absences).
     pub hits: u64,
@@ -344,6 +335,21 @@ pub unsafe extern "C" fn cacheaside_client_stats(
     ffi_panic_boundary! {
         let client = non_null!(client);
         let out = non_null!(raw out);
+        // SAFETY: as the caller promises.
+        unsafe { write_stats(client.inner.engine(), out) }
+    }
+}
+
+/// Fills `*out` with `engine`'s counters, up to the caller's `size`.
+///
+/// # Safety
+/// `out` is not NULL and points to `size` writable bytes that begin with
+/// the `size` field.
+pub(crate) unsafe fn write_stats(
+    engine: &crate::CacheAside,
+    out: *mut cacheaside_stats,
+) -> cacheaside_status {
+    {
         // SAFETY: the caller promises at least the `size` field is there.
         let room = unsafe { std::ptr::addr_of!((*out).size).read_unaligned() };
         let ours = std::mem::size_of::<cacheaside_stats>() as u64;
@@ -352,12 +358,11 @@ pub unsafe extern "C" fn cacheaside_client_stats(
                 "stats `size` must be set to sizeof(cacheaside_stats)",
             ));
         }
-        let engine = client.inner.engine();
         let s = engine.stats();
         let filled = room.min(ours);
         let stats = cacheaside_stats {
             size: filled,
-            queries: client.inner.db().query_count(),
+            queries: engine.db().query_count(),
             hits: s.hits,
             misses: s.misses,
             bypassed: s.bypassed,

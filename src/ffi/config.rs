@@ -24,7 +24,7 @@ pub struct cacheaside_config {
 /// setting is still valid on its own, so the checks stay in [`Config`].
 /// Settings that must fit together (timeouts) are checked when the client
 /// opens, so setters may be called in any order.
-fn update(
+pub(super) fn update(
     config: &mut cacheaside_config,
     change: impl FnOnce(&mut Config) -> Result<()>,
 ) -> cacheaside_status {
@@ -514,30 +514,6 @@ pub unsafe extern "C" fn cacheaside_config_set_lock_poll_ms(
     }
 }
 
-/// Turns fail-safe on: entries stay in Redis `ms` milliseconds past their
-/// TTL, and a copy past its TTL is served (instead of an error) when the
-/// reload fails. 0 turns it off, the default.
-///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or more than ten years.
-/// `cacheaside_client_open()` also checks that it is at least the fail-safe
-/// throttle.
-///
-/// # Safety
-/// `config` is NULL or a live config.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_config_set_fail_safe_ms(
-    config: *mut cacheaside_config,
-    ms: u64,
-) -> cacheaside_status {
-    ffi_panic_boundary! {
-        let config = non_null!(mut config);
-        update(config, |c| {
-            c.fail_safe_max = Duration::from_millis(ms);
-            Ok(())
-        })
-    }
-}
-
 /// Sets for how long a fail-safe copy served after a failed reload is then
 /// served as if fresh, in milliseconds, so the next callers do not all
 /// retry the database. Defaults to 5000.
@@ -584,34 +560,10 @@ pub unsafe extern "C" fn cacheaside_config_set_soft_timeout_ms(
     }
 }
 
-/// Sets the circuit breaker: after `failures` consecutive Redis failures it
-/// opens and reads go straight to PostgreSQL; after `cool_off_ms` one call
-/// probes Redis again. `failures` 0 turns the breaker off. Defaults to 3
-/// failures and 1000 ms.
-///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a cool-off of 0.
-///
-/// # Safety
-/// `config` is NULL or a live config.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_config_set_breaker(
-    config: *mut cacheaside_config,
-    failures: u32,
-    cool_off_ms: u64,
-) -> cacheaside_status {
-    ffi_panic_boundary! {
-        let config = non_null!(mut config);
-        update(config, |c| {
-            c.breaker_failures = failures;
-            c.breaker_cool_off = Duration::from_millis(cool_off_ms);
-            Ok(())
-        })
-    }
-}
-
 /// Turns the invalidation relay on or off. With it on (the default) the
 /// client runs a thread that applies the outbox the capture trigger fills
-/// (`cacheaside_install_schema()` installs it on the users table): writes
+/// (`cacheaside_client_install_schema()` installs it on the users table;
+/// `cacheaside_engine_capture_changes()` on yours): writes
 /// that bypass the library invalidate the cache too, and an update whose
 /// invalidation could not reach Redis still succeeds (the relay applies it
 /// once Redis answers).
@@ -704,77 +656,6 @@ pub unsafe extern "C" fn cacheaside_config_set_session_max_lifetime_ms(
     }
 }
 
-/// Sets the write-behind backlog bound: the most changes that may wait to
-/// reach PostgreSQL (across every process of the namespace) before
-/// `cacheaside_update_user_plan_write_behind()` returns
-/// `CACHEASIDE_BACKLOG_FULL` (and enqueues nothing). Defaults to 100000.
-///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
-///
-/// # Safety
-/// `config` is NULL or a live config.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_config_set_write_behind_backlog(
-    config: *mut cacheaside_config,
-    max_backlog: u64,
-) -> cacheaside_status {
-    ffi_panic_boundary! {
-        let config = non_null!(mut config);
-        update(config, |c| {
-            c.write_behind_max_backlog = max_backlog;
-            Ok(())
-        })
-    }
-}
-
-/// Sets how long a write-behind change may stay with a worker without
-/// being acknowledged before another worker claims it, in milliseconds:
-/// how long a dead worker delays its changes. Keep it longer than a batch's
-/// transaction may take. Defaults to 30000.
-///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
-///
-/// # Safety
-/// `config` is NULL or a live config.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_config_set_write_behind_claim_ms(
-    config: *mut cacheaside_config,
-    ms: u64,
-) -> cacheaside_status {
-    ffi_panic_boundary! {
-        let config = non_null!(mut config);
-        update(config, |c| {
-            c.write_behind_claim_after = Duration::from_millis(ms);
-            Ok(())
-        })
-    }
-}
-
-/// Sets how many times a write-behind write that PostgreSQL refuses is
-/// tried before the change goes to the dead-letter stream (an unreachable
-/// PostgreSQL does not count), and the wait before the first retry in
-/// milliseconds (doubled with every attempt). Defaults to 5 and 100.
-///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a 0.
-///
-/// # Safety
-/// `config` is NULL or a live config.
-#[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_config_set_write_behind_retries(
-    config: *mut cacheaside_config,
-    attempts: u32,
-    backoff_ms: u64,
-) -> cacheaside_status {
-    ffi_panic_boundary! {
-        let config = non_null!(mut config);
-        update(config, |c| {
-            c.write_behind_attempts = attempts;
-            c.write_behind_retry_backoff = Duration::from_millis(backoff_ms);
-            Ok(())
-        })
-    }
-}
-
 /// Turns on the near cache (L1) in process memory: up to `max_entries`
 /// entries (0 turns it off, the default), each served at most
 /// `max_staleness_ms` milliseconds after it was read from Redis. A hit
@@ -797,6 +678,296 @@ pub unsafe extern "C" fn cacheaside_config_set_local_cache(
         update(config, |c| {
             c.local_cache =
                 crate::LocalCache::new(max_entries, Duration::from_millis(max_staleness_ms));
+            Ok(())
+        })
+    }
+}
+
+/// Turns fail-safe on: entries stay in Redis `ms` milliseconds past their
+/// TTL, and a copy past its TTL is served (instead of an error) when the
+/// reload fails. 0 turns it off, the default.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or more than ten years.
+/// `cacheaside_client_open()` also checks that it is at least the fail-safe
+/// throttle.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_fail_safe_max_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.fail_safe_max = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets the write-behind backlog bound: the most changes that may wait to
+/// reach PostgreSQL (across every process of the namespace) before
+/// `cacheaside_update_user_plan_write_behind()` returns
+/// `CACHEASIDE_BACKLOG_FULL` (and enqueues nothing). Defaults to 100000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_max_backlog(
+    config: *mut cacheaside_config,
+    max_backlog: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_max_backlog = max_backlog;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long a write-behind change may stay with a worker without
+/// being acknowledged before another worker claims it, in milliseconds:
+/// how long a dead worker delays its changes. Keep it longer than a batch's
+/// transaction may take. Defaults to 30000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_claim_after_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_claim_after = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many times a write-behind write that PostgreSQL refuses is
+/// tried before the change goes to the dead-letter stream (an unreachable
+/// PostgreSQL does not count). Defaults to 5.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_attempts(
+    config: *mut cacheaside_config,
+    attempts: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_attempts = attempts;
+            Ok(())
+        })
+    }
+}
+
+/// Sets the wait before the first retry of a refused write-behind write,
+/// in milliseconds (doubled with every attempt). Defaults to 100.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_retry_backoff_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_retry_backoff = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets after how many consecutive Redis failures the circuit breaker
+/// opens (reads then go straight to PostgreSQL); 0 turns the breaker off.
+/// Defaults to 3.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_breaker_failures(
+    config: *mut cacheaside_config,
+    failures: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.breaker_failures = failures;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long an open circuit breaker waits before one call probes
+/// Redis again, in milliseconds. Defaults to 1000.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_breaker_cool_off_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.breaker_cool_off = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many idle connections each pool (PostgreSQL, Redis) keeps open,
+/// opened in the background. At least 1: with none, every call would open
+/// a connection of its own. Defaults to 1.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_pool_min_idle(
+    config: *mut cacheaside_config,
+    count: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.pool_min_idle = count;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many threads the background pool runs (early refreshes, slow
+/// reloads past the soft timeout); 0 runs that work on the calling thread.
+/// Defaults to 2.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_background_threads(
+    config: *mut cacheaside_config,
+    threads: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.background_threads = threads;
+            Ok(())
+        })
+    }
+}
+
+/// Turns the relay's `LISTEN` on or off. On (the default), a notification
+/// wakes the relay at once after each captured change; off, the relay only
+/// polls (every `cacheaside_config_set_relay_poll_ms()`), which is what a
+/// PgBouncer in transaction mode needs (it cannot hold a `LISTEN`).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_relay_listen(
+    config: *mut cacheaside_config,
+    on: bool,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.relay_listen = on;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how long outbox rows are kept, in milliseconds. A relay that was
+/// away longer cannot know what it missed, and empties its namespace of
+/// cached entries instead. Defaults to 86400000 (24 hours).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_outbox_retention_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.outbox_retention = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many prepared statements each PostgreSQL connection keeps
+/// (least recently used evicted); 0 prepares, runs and closes every
+/// statement, for poolers that cannot keep prepared statements across calls
+/// (PgBouncer in transaction mode before 1.21). Defaults to 256.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_statement_cache_size(
+    config: *mut cacheaside_config,
+    size: usize,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.statement_cache_size = size;
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many write-behind changes one worker reads from the stream at a
+/// time; after coalescing they go to PostgreSQL in one transaction.
+/// Defaults to 256.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, 0 or more than 10000.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_write_behind_batch(
+    config: *mut cacheaside_config,
+    batch: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.write_behind_batch = batch;
             Ok(())
         })
     }

@@ -1,147 +1,94 @@
-//! The generic engine from C: get-or-load with a C loader callback, and the
-//! byte buffers it exchanges.
+//! `cacheaside_engine`: the generic engine ([`CacheAside`]) from C, for
+//! caching a table of your own: change capture, single-flight and plain
+//! reads, versioned reads and write-through, invalidation, the relay and
+//! the counters. Opening one registers nothing for the lab's users table.
 //!
-//! Values are UTF-8 text (JSON, say) stored in the engine as a Rust
-//! `String`, so the cached entry is readable in Redis and a Rust caller of
-//! `get_or_load::<String>` on the same key sees the same value. Binary data
-//! must be encoded (e.g. base64) by the caller.
+//! Also the lab client's generic reads (`cacheaside_client_get_or_load`,
+//! `cacheaside_client_invalidate`), which share the loader plumbing.
 
-use std::ffi::{c_char, c_int, c_void};
-use std::ptr;
+use std::ffi::{c_char, c_void};
 use std::time::Duration;
 
-use super::Zeroed;
+use super::bytes::{
+    LoaderFn, cacheaside_bytes, cacheaside_loader, cacheaside_versioned_loader, call_loader,
+    call_versioned_loader,
+};
 use super::cacheaside_status::{self, *};
-use super::client::{cacheaside_client, status};
+use super::client::{cacheaside_client, cacheaside_stats, status, write_stats};
+use super::config::cacheaside_config;
 use super::error::fail;
+use super::value::Value;
+use crate::Mode;
+use crate::aside::CacheAside;
 use crate::error::{Error, Result};
 
-/// A value: `len` bytes of UTF-8 text at `data`, followed by a NUL byte the
-/// library adds (not counted in `len`), so `data` may be printed as a C
-/// string when the text holds no NUL.
+/// The cache-aside engine, for any table or key of yours (opaque): Redis
+/// in front of your loaders, with leases against stale fills,
+/// single-flight, XFetch early refresh, change capture through the
+/// invalidation relay, write-through with versions.
 ///
-/// Ownership: `data` belongs to the library. Free it with
-/// `cacheaside_bytes_free()`, never with `free()`; set it only with
-/// `cacheaside_bytes_set()`. A zeroed struct (`data` NULL, `len` 0) holds
-/// nothing.
-#[repr(C)]
-#[derive(Debug)]
-pub struct cacheaside_bytes {
-    /// The bytes, or NULL when the struct holds nothing.
-    pub data: *mut u8,
-    /// How many bytes `data` holds, not counting the trailing NUL.
-    pub len: usize,
+/// Ownership: created by `cacheaside_engine_open()`, freed by
+/// `cacheaside_engine_free()`.
+///
+/// Thread safety: share one engine between all threads; every function
+/// taking a `const cacheaside_engine *` may be called concurrently, without
+/// external locking. Every such function blocks the calling thread.
+pub struct cacheaside_engine {
+    inner: CacheAside,
 }
 
-impl Zeroed for cacheaside_bytes {
-    const ZEROED: Self = cacheaside_bytes {
-        data: ptr::null_mut(),
-        len: 0,
-    };
-}
+// The header promises that one engine serves many threads at once.
+const _: () = {
+    const fn shared_between_threads<T: Send + Sync>() {}
+    shared_between_threads::<cacheaside_engine>();
+};
 
-impl cacheaside_bytes {
-    /// Takes ownership of `text`, adding the trailing NUL.
-    pub(crate) fn from_string(text: String) -> Self {
-        let mut bytes = text.into_bytes();
-        let len = bytes.len();
-        bytes.push(0);
-        let data = Box::into_raw(bytes.into_boxed_slice()).cast::<u8>();
-        cacheaside_bytes { data, len }
-    }
-
-    /// Gives the buffer back to Rust and zeroes `self`; `None` if it held
-    /// nothing.
-    ///
-    /// # Safety
-    /// `self` is zeroed or was filled by `from_string` and not modified.
-    unsafe fn take(&mut self) -> Option<Box<[u8]>> {
-        let owned = std::mem::replace(self, cacheaside_bytes::ZEROED);
-        if owned.data.is_null() {
-            return None;
-        }
-        let whole = ptr::slice_from_raw_parts_mut(owned.data, owned.len + 1);
-        // SAFETY: `data` and `len + 1` are exactly what `from_string` leaked.
-        Some(unsafe { Box::from_raw(whole) })
-    }
-}
-
-/// A loader: computes the value of `key` when the cache misses it.
+/// Opens an engine for PostgreSQL and Redis as `config` says and stores
+/// it in `*out`. The config's users table and `ttl` are the lab's and not
+/// used: each read names its own TTL (absences are cached for the
+/// config's negative TTL).
 ///
-/// It must either call `cacheaside_bytes_set(out_value, ...)` once and
-/// return `CACHEASIDE_OK` (the value is cached for the call's TTL), or
-/// return `CACHEASIDE_NOT_FOUND` (the absence is cached for the negative
-/// TTL), or return any other value to fail: every caller waiting on this
-/// load then gets `CACHEASIDE_LOADER_ERROR`, and nothing is cached. It
-/// returns an `int` so that any value a C function returns is well defined;
-/// return `cacheaside_status` values.
+/// Does not wait for either server: connections open lazily, so this
+/// returns at once and succeeds while a server is down; calls then degrade
+/// or fail with the cause. The invalidation relay starts with
+/// `cacheaside_engine_capture_changes()` (or
+/// `cacheaside_engine_start_relay()`).
 ///
-/// Threads: it runs on the thread that called `cacheaside_get_or_load()`.
-/// For one key at most one loader runs at a time in this process: while it
-/// runs, the key's single-flight entry is held (other threads asking for
-/// the key wait on it), and no other library lock. It may call the
-/// library, for other keys; a call for the same key from inside its own
-/// loader returns `CACHEASIDE_INVALID_ARGUMENT` at once (it would otherwise
-/// wait for itself). It must not unwind out of the callback: no C++
-/// exception, no `longjmp`, no `pthread_exit` or cancellation (that would
-/// leave the key held until the process ends, and an unwind through the
-/// library aborts the process). The C++ wrapper catches exceptions and
-/// defers cancellation around the call.
+/// `*out` is set to NULL first and to the engine on success only.
 ///
-/// Ownership: `key` and `out_value` are borrowed for the call; `out_value`
-/// arrives zeroed, and the library takes what `cacheaside_bytes_set()` put
-/// there (and frees it if the loader then fails).
-pub type cacheaside_loader = Option<
-    unsafe extern "C" fn(
-        user_data: *mut c_void,
-        key: *const c_char,
-        out_value: *mut cacheaside_bytes,
-    ) -> c_int,
->;
-
-/// Copies `len` bytes from `data` into `*out`, which then owns the copy.
-/// Whatever `*out` held before is freed after the copy, so `data` may point
-/// into `*out`'s own bytes.
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or an invalid
+/// config (a setting out of range, settings that do not fit together, an
+/// unparsable URL, an unreadable CA file), with the reason in
+/// `cacheaside_last_error()`.
 ///
-/// The bytes must be valid UTF-8; `data` may be NULL when `len` is 0 (the
-/// empty value). This is how a `cacheaside_loader` hands back its value, so
-/// no memory crosses between allocators.
+/// Ownership: the caller owns `*out` and frees it with
+/// `cacheaside_engine_free()`. The config is only read; the caller keeps it
+/// (and may free it at once).
 ///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` (leaving `*out` zeroed) for a NULL
-/// `out`, NULL `data` with a nonzero `len`, or bytes that are not UTF-8.
-///
-/// Ownership: the caller keeps `data`; free `*out` with
-/// `cacheaside_bytes_free()` (inside a loader, the library does that).
+/// ```c
+/// cacheaside_config *config = cacheaside_config_new();
+/// cacheaside_config_set_namespace(config, "shop:");
+/// cacheaside_engine *engine = NULL;
+/// if (cacheaside_engine_open(config, &engine) != CACHEASIDE_OK) {
+///     fprintf(stderr, "%s\n", cacheaside_last_error());
+/// }
+/// cacheaside_config_free(config);
+/// ```
 ///
 /// # Safety
-/// `out` is NULL or points to a zeroed or library-filled `cacheaside_bytes`;
-/// `data` is NULL or points to `len` readable bytes.
+/// `config` is NULL or a live config not being changed by another thread;
+/// `out` is NULL or points to writable storage for one pointer.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_bytes_set(
-    out: *mut cacheaside_bytes,
-    data: *const c_void,
-    len: usize,
+pub unsafe extern "C" fn cacheaside_engine_open(
+    config: *const cacheaside_config,
+    out: *mut *mut cacheaside_engine,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
-        let out = non_null!(mut out);
-        // Copy first, free after: `data` may point into `*out` itself (a
-        // caller re-setting a value from its own bytes).
-        let copied = if len == 0 {
-            Ok(String::new())
-        } else if data.is_null() {
-            Err(Error::invalid_argument("`data` is NULL but `len` is not 0"))
-        } else {
-            // SAFETY: the caller promises `len` readable bytes at `data`.
-            let bytes = unsafe { std::slice::from_raw_parts(data.cast::<u8>(), len) };
-            std::str::from_utf8(bytes)
-                .map(str::to_owned)
-                .map_err(|_| Error::invalid_argument("value bytes are not valid UTF-8"))
-        };
-        // SAFETY: zeroed or library-filled, as the caller promises.
-        drop(unsafe { out.take() });
-        match copied {
-            Ok(text) => {
-                *out = cacheaside_bytes::from_string(text);
+        let out = non_null!(out out);
+        let config = non_null!(config);
+        match CacheAside::open(&config.inner) {
+            Ok(inner) => {
+                *out = Box::into_raw(Box::new(cacheaside_engine { inner }));
                 CACHEASIDE_OK
             }
             Err(err) => fail(&err),
@@ -149,51 +96,402 @@ pub unsafe extern "C" fn cacheaside_bytes_set(
     }
 }
 
-/// Frees a value's bytes and zeroes it (the struct itself is not freed).
-/// NULL is a no-op; freeing a zeroed or already freed value is a no-op, so
-/// calling it twice is safe.
+/// Stops the engine's relay and write-behind workers, closes its
+/// connections and frees it. NULL is a no-op.
 ///
 /// # Safety
-/// `bytes` is NULL or points to a zeroed or library-filled
-/// `cacheaside_bytes` (not modified since).
+/// `engine` is NULL or came from `cacheaside_engine_open()` and was not
+/// freed yet; every other call using it has returned, and none starts
+/// afterwards.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_bytes_free(bytes: *mut cacheaside_bytes) {
+pub unsafe extern "C" fn cacheaside_engine_free(engine: *mut cacheaside_engine) {
     ffi_panic_boundary! {
-        // SAFETY: NULL or a valid struct, as the caller promises.
-        if let Some(bytes) = unsafe { bytes.as_mut() } {
-            // SAFETY: zeroed or library-filled, as the caller promises.
-            drop(unsafe { bytes.take() });
+        if !engine.is_null() {
+            // SAFETY: the caller hands back a pointer from Box::into_raw.
+            drop(unsafe { Box::from_raw(engine) });
         }
     }
 }
 
-/// Cache-aside read of any key through a C loader, with the single-flight
-/// guarantee: however many threads (and processes) miss `key` at once, one
-/// loader call runs and every caller gets its value. Blocks.
+/// Checks that both servers answer (a Redis `PING`, a PostgreSQL
+/// `SELECT 1`): where a misconfiguration shows (a closed port, a wrong
+/// password, a missing database), with a message naming the server and the
+/// cause. Blocks, at most the connect timeouts.
 ///
-/// `key` is the cache key (non-empty UTF-8; stored under the client's
-/// namespace); `ttl_ms` is how long a loaded value stays cached (at least
-/// 1). On a miss `loader(user_data, key, out_value)` runs on this thread
-/// (see `cacheaside_loader`); followers never call their own loader, and
-/// get the leader's outcome.
+/// # Safety
+/// `engine` is NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_ping(
+    engine: *const cacheaside_engine,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        status(engine.inner.ping())
+    }
+}
+
+/// Captures the changes of `table` for the invalidation relay: installs
+/// (idempotently) the outbox (`cacheaside_config_set_outbox_table()`) and a
+/// trigger that, in the same transaction as every insert, update or delete
+/// of a row, records the cache key `key_prefix` followed by the row's
+/// `key_column` (old and new), and notifies the relay; then starts the
+/// relay. After this, a write to `table` from anywhere (psql, another
+/// service, a migration) invalidates its key within about a round trip.
+/// Capturing a table again replaces its triggers. Blocks.
 ///
-/// Returns `CACHEASIDE_OK` with the value in `*out`, `CACHEASIDE_NOT_FOUND`
-/// when the loader reported absence (now or, cached, earlier),
-/// `CACHEASIDE_LOADER_ERROR` when the loader failed,
+/// `version_column` (NULL: none) names the column your versioned reads and
+/// write-throughs use: the relay then leaves alone a key whose cached row
+/// is already at the changed row's version or newer, and every update bumps
+/// that column if the writer did not.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer (but
+/// `version_column`), a table or column that is not an SQL identifier
+/// (empty included), or an empty prefix or one holding `{`, `}` or control
+/// characters; `CACHEASIDE_DATABASE_ERROR` or `CACHEASIDE_TIMEOUT` when
+/// PostgreSQL fails.
+///
+/// Row id 7 of `products` becomes key `product:7`:
+///
+/// ```c
+/// cacheaside_engine_capture_changes(engine, "products", "product:", "id", "version");
+/// ```
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; each string is NULL or
+/// NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_capture_changes(
+    engine: *const cacheaside_engine,
+    table: *const c_char,
+    key_prefix: *const c_char,
+    key_column: *const c_char,
+    version_column: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        let table = non_null!(str table);
+        let key_prefix = non_null!(str key_prefix);
+        let key_column = non_null!(str key_column);
+        let version_column = if version_column.is_null() {
+            None
+        } else {
+            Some(non_null!(str version_column))
+        };
+        if key_prefix.is_empty() {
+            // Every key of the namespace would be a bare row id, shared by
+            // every table captured so.
+            return fail(&Error::invalid_argument("`key_prefix` is empty"));
+        }
+        status(engine.inner.capture_changes(table, key_prefix, key_column, version_column))
+    }
+}
+
+/// Starts the invalidation relay if it is not running (and the config did
+/// not turn it off): for a process that reads tables another process
+/// captured. `cacheaside_engine_capture_changes()` starts it too.
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_start_relay(
+    engine: *const cacheaside_engine,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        engine.inner.start_relay();
+        CACHEASIDE_OK
+    }
+}
+
+/// Cache-aside read of `key` through a C loader, single-flight: however
+/// many threads (and processes) miss `key` at once, one loader call runs
+/// and every caller gets its value. A hit calls no loader. Blocks.
+///
+/// `key` is the cache key (non-empty UTF-8, without `{` or `}`; stored
+/// under the config's namespace); `ttl_ms` is how long a loaded value
+/// stays cached (at least 1, at most the maximum TTL). On a miss
+/// `loader(user_data, key, out_value)` runs on this thread (see
+/// `cacheaside_loader`); followers never call their own loader, and get the
+/// leader's outcome. Values are any bytes.
+///
+/// Returns `CACHEASIDE_OK` with the value in `*out`; `CACHEASIDE_NOT_FOUND`
+/// when the loader reported absence (now or, cached for the negative TTL,
+/// earlier); `CACHEASIDE_LOADER_ERROR` when the loader failed;
 /// `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers, an empty or non-UTF-8
-/// key, or a zero TTL. `*out` is zeroed unless the call succeeds.
+/// key, a zero TTL, or a loader reading its own key. `*out` is zeroed
+/// unless the call succeeds.
 ///
 /// Ownership: the caller owns `*out` and frees it with
 /// `cacheaside_bytes_free()`. `user_data` is only passed to the loader.
 /// Thread-safe.
 ///
+/// ```c
+/// cacheaside_bytes value = {0};
+/// if (cacheaside_engine_get_or_load(engine, "product:7", 60000, load_product, db, &value)
+///         == CACHEASIDE_OK) {
+///     fwrite(value.data, 1, value.len, stdout);
+///     cacheaside_bytes_free(&value);
+/// }
+/// ```
+///
 /// # Safety
-/// `client` is NULL or a live client; `key` is NULL or a NUL-terminated
-/// string; `loader` is NULL or a function of the documented shape;
-/// `out` is NULL or points to writable storage for one `cacheaside_bytes`
-/// (its old contents are not freed).
+/// `engine` is NULL or a live engine; `key` is NULL or a NUL-terminated
+/// string; `loader` is NULL or a function of the documented shape; `out` is
+/// NULL or points to writable storage for one `cacheaside_bytes` (its old
+/// contents are not freed).
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_get_or_load(
+pub unsafe extern "C" fn cacheaside_engine_get_or_load(
+    engine: *const cacheaside_engine,
+    key: *const c_char,
+    ttl_ms: u64,
+    loader: cacheaside_loader,
+    user_data: *mut c_void,
+    out: *mut cacheaside_bytes,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let out = non_null!(out out);
+        let engine = non_null!(engine);
+        let key_text = non_null!(str key);
+        let Some(loader) = loader else {
+            return fail(&Error::invalid_argument("`loader` is NULL"));
+        };
+        // SAFETY: as the caller promises.
+        unsafe { read(&engine.inner, key_text, key, ttl_ms, Mode::SingleFlight, loader, user_data, out) }
+    }
+}
+
+/// `cacheaside_engine_get_or_load()` without coalescing: every caller
+/// that misses runs its own loader (still lease-protected, so no stale row
+/// is cached). For loaders that are cheap, or must run per caller.
+///
+/// Returns, owns and blocks as `cacheaside_engine_get_or_load()`.
+/// Thread-safe.
+///
+/// # Safety
+/// As `cacheaside_engine_get_or_load()`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_get_or_load_uncoalesced(
+    engine: *const cacheaside_engine,
+    key: *const c_char,
+    ttl_ms: u64,
+    loader: cacheaside_loader,
+    user_data: *mut c_void,
+    out: *mut cacheaside_bytes,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let out = non_null!(out out);
+        let engine = non_null!(engine);
+        let key_text = non_null!(str key);
+        let Some(loader) = loader else {
+            return fail(&Error::invalid_argument("`loader` is NULL"));
+        };
+        // SAFETY: as the caller promises.
+        unsafe { read(&engine.inner, key_text, key, ttl_ms, Mode::Plain, loader, user_data, out) }
+    }
+}
+
+/// `cacheaside_engine_get_or_load()` (single-flight) for a key that is
+/// also written through: the loader returns the row's version with its
+/// value (see `cacheaside_versioned_loader`), which orders the cached value
+/// against `cacheaside_engine_write_through()` and the relay. Use it for
+/// every read of such a key: an unversioned read caches version 0, which a
+/// delayed write-through of an older row would replace.
+///
+/// Returns, owns and blocks as `cacheaside_engine_get_or_load()`.
+/// Thread-safe.
+///
+/// # Safety
+/// As `cacheaside_engine_get_or_load()`, with `loader` of the shape
+/// `cacheaside_versioned_loader` documents.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_get_or_load_versioned(
+    engine: *const cacheaside_engine,
+    key: *const c_char,
+    ttl_ms: u64,
+    loader: cacheaside_versioned_loader,
+    user_data: *mut c_void,
+    out: *mut cacheaside_bytes,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let out = non_null!(out out);
+        let engine = non_null!(engine);
+        let key_text = non_null!(str key);
+        let Some(loader) = loader else {
+            return fail(&Error::invalid_argument("`loader` is NULL"));
+        };
+        let result = engine.inner.get_or_load_versioned(
+            key_text,
+            Duration::from_millis(ttl_ms),
+            Mode::SingleFlight,
+            // SAFETY: a loader of the documented shape; `key` is live for
+            // this whole call.
+            || unsafe { call_versioned_loader(loader, user_data, key) },
+        );
+        deliver(result, out)
+    }
+}
+
+/// Writes a row and caches what the write returned: runs
+/// `writer(user_data, key, out_value, out_version)` (your
+/// `UPDATE ... RETURNING`, see `cacheaside_versioned_loader`), then stores
+/// that value with its version unless that could leave the cache older than
+/// a write that has returned (two write-throughs finishing in either order
+/// leave the newer value; a plain update or a delete that commits after is
+/// never overwritten). Readers' leases are revoked either way. Blocks.
+///
+/// Returns `CACHEASIDE_OK` with the written value in `*out`;
+/// `CACHEASIDE_NOT_FOUND` when the writer reported no such row (the key is
+/// invalidated); `CACHEASIDE_LOADER_ERROR` when the writer failed (nothing
+/// is cached); `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers, an empty
+/// key or a zero TTL; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
+/// Redis failed after the write committed. `*out` is zeroed unless the call
+/// succeeds.
+///
+/// Ownership: the caller owns `*out` and frees it with
+/// `cacheaside_bytes_free()`. Thread-safe.
+///
+/// # Safety
+/// As `cacheaside_engine_get_or_load_versioned()`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_write_through(
+    engine: *const cacheaside_engine,
+    key: *const c_char,
+    ttl_ms: u64,
+    writer: cacheaside_versioned_loader,
+    user_data: *mut c_void,
+    out: *mut cacheaside_bytes,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let out = non_null!(out out);
+        let engine = non_null!(engine);
+        let key_text = non_null!(str key);
+        let Some(writer) = writer else {
+            return fail(&Error::invalid_argument("`writer` is NULL"));
+        };
+        let result = engine.inner.write_through(
+            key_text,
+            Duration::from_millis(ttl_ms),
+            // SAFETY: a writer of the documented shape; `key` is live for
+            // this whole call.
+            || unsafe { call_versioned_loader(writer, user_data, key) },
+        );
+        deliver(result, out)
+    }
+}
+
+/// Removes `key`'s cached value and revokes any reader's lease on it, so a
+/// load that started before this call cannot fill it afterwards. Call it
+/// after the write to the source has committed (a captured table needs no
+/// call: the relay does it). Blocks.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or an empty or
+/// non-UTF-8 key; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
+/// Redis fails (the old value then lives until its TTL, or until the relay
+/// deletes it).
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `key` is NULL or a NUL-terminated
+/// string.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_invalidate(
+    engine: *const cacheaside_engine,
+    key: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        let key = non_null!(str key);
+        status(engine.inner.invalidate(key))
+    }
+}
+
+/// Waits until the invalidation relay has applied every change committed
+/// before this call, at most `timeout_ms` milliseconds (at least 1). For
+/// tests and demos that want the relay's invalidations of earlier writes
+/// behind them. Blocks.
+///
+/// Returns `CACHEASIDE_OK` when it has; `CACHEASIDE_TIMEOUT` when it has not
+/// within the timeout, or no relay runs (see
+/// `cacheaside_engine_capture_changes()`); `CACHEASIDE_INVALID_ARGUMENT`
+/// for a NULL engine or a zero timeout.
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_relay_sync(
+    engine: *const cacheaside_engine,
+    timeout_ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        if timeout_ms == 0 {
+            return fail(&Error::invalid_argument("`timeout_ms` is 0"));
+        }
+        relay_sync(&engine.inner, timeout_ms)
+    }
+}
+
+/// Reads the engine's counters into `*out`; see `cacheaside_stats` for how
+/// `size` makes the struct safe to grow (`queries` counts the engine's own
+/// statements, not your loaders').
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer or a `size`
+/// too small to hold any counter (`*out` is then unchanged).
+///
+/// Thread-safe; the counters are read one by one, not as one snapshot.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; `out` is NULL or points to `size`
+/// writable bytes that begin with the `size` field.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_stats(
+    engine: *const cacheaside_engine,
+    out: *mut cacheaside_stats,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        let out = non_null!(raw out);
+        // SAFETY: as the caller promises.
+        unsafe { write_stats(&engine.inner, out) }
+    }
+}
+
+/// Deletes every Redis key under the engine's namespace (values, leases,
+/// locks): for demos and tests that own their namespace. Blocks; uses
+/// `SCAN`, so cost grows with the size of the Redis database.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL engine or an empty
+/// namespace (that would be every key of the database).
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_delete_namespace(
+    engine: *const cacheaside_engine,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let engine = non_null!(engine);
+        status(engine.inner.cache().delete_namespace().map(drop))
+    }
+}
+
+/// Cache-aside read of any key through a C loader with the lab's client,
+/// single-flight; as `cacheaside_engine_get_or_load()` (which needs no lab).
+///
+/// # Safety
+/// As `cacheaside_engine_get_or_load()`, with `client` NULL or a live
+/// client.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_client_get_or_load(
     client: *const cacheaside_client,
     key: *const c_char,
     ttl_ms: u64,
@@ -208,75 +506,20 @@ pub unsafe extern "C" fn cacheaside_get_or_load(
         let Some(loader) = loader else {
             return fail(&Error::invalid_argument("`loader` is NULL"));
         };
-        let ttl = Duration::from_millis(ttl_ms);
-        let result = client.inner.engine().get_or_load_singleflight(key_text, ttl, || {
-            // SAFETY: the caller promises a loader of the documented shape;
-            // `key` is live for this whole call.
-            unsafe { call_loader(loader, user_data, key) }
-        });
-        match result {
-            Ok(Some(text)) => {
-                *out = cacheaside_bytes::from_string(text);
-                CACHEASIDE_OK
-            }
-            Ok(None) => CACHEASIDE_NOT_FOUND,
-            Err(err) => fail(&err),
-        }
+        let engine = client.inner.engine();
+        // SAFETY: as the caller promises.
+        unsafe { read(engine, key_text, key, ttl_ms, Mode::SingleFlight, loader, user_data, out) }
     }
 }
 
-/// Runs a C loader and turns what it returned into the engine's terms.
-///
-/// # Safety
-/// `loader` is a function of the shape `cacheaside_loader` documents; `key`
-/// is a live C string.
-unsafe fn call_loader(
-    loader: unsafe extern "C" fn(*mut c_void, *const c_char, *mut cacheaside_bytes) -> c_int,
-    user_data: *mut c_void,
-    key: *const c_char,
-) -> Result<Option<String>> {
-    let mut value = cacheaside_bytes::ZEROED;
-    // SAFETY: as the caller promises; `value` outlives the call.
-    let code = unsafe { loader(user_data, key, &mut value) };
-    // SAFETY: `value` was zeroed, and the loader may only fill it through
-    // `cacheaside_bytes_set`. Taking it here frees it on every path.
-    let bytes = unsafe { value.take() };
-    let loader_failed = |why: String| Error::loader(std::io::Error::other(why));
-    if code == CACHEASIDE_NOT_FOUND as c_int {
-        return Ok(None);
-    }
-    if code != CACHEASIDE_OK as c_int {
-        return Err(loader_failed(format!("the loader returned status {code}")));
-    }
-    let Some(bytes) = bytes else {
-        return Err(loader_failed(
-            "the loader returned CACHEASIDE_OK without calling cacheaside_bytes_set".to_owned(),
-        ));
-    };
-    let mut bytes = Vec::from(bytes);
-    bytes.pop(); // the trailing NUL
-    // `cacheaside_bytes_set` checked the bytes; a loader that wrote into
-    // the buffer itself may have broken them.
-    String::from_utf8(bytes)
-        .map(Some)
-        .map_err(|_| loader_failed("the loader's value is not valid UTF-8".to_owned()))
-}
-
-/// Removes `key`'s cached value and revokes any reader's lease on it, so a
-/// load that started before this call cannot fill it afterwards. Call it
-/// after the write to the source has committed. Blocks.
-///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or an empty or
-/// non-UTF-8 key; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
-/// Redis fails (the old value then lives until its TTL).
-///
-/// Thread-safe.
+/// Removes `key`'s cached value through the lab's client; as
+/// `cacheaside_engine_invalidate()`.
 ///
 /// # Safety
 /// `client` is NULL or a live client; `key` is NULL or a NUL-terminated
 /// string.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_invalidate(
+pub unsafe extern "C" fn cacheaside_client_invalidate(
     client: *const cacheaside_client,
     key: *const c_char,
 ) -> cacheaside_status {
@@ -287,62 +530,51 @@ pub unsafe extern "C" fn cacheaside_invalidate(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// One read through a C loader, in `mode`.
+///
+/// # Safety
+/// `loader` is a function of the shape `cacheaside_loader` documents; `key`
+/// is the live C string `key_text` was read from.
+#[allow(clippy::too_many_arguments)]
+unsafe fn read(
+    engine: &CacheAside,
+    key_text: &str,
+    key: *const c_char,
+    ttl_ms: u64,
+    mode: Mode,
+    loader: LoaderFn,
+    user_data: *mut c_void,
+    out: &mut cacheaside_bytes,
+) -> cacheaside_status {
+    let ttl = Duration::from_millis(ttl_ms);
+    let result = engine.get_or_load_versioned(key_text, ttl, mode, || {
+        // SAFETY: as the caller promises; `key` is live for this whole call.
+        Ok(unsafe { call_loader(loader, user_data, key) }?.map(|value| (value, 0)))
+    });
+    deliver(result, out)
+}
 
-    #[test]
-    fn bytes_set_copies_validates_and_frees() {
-        let mut value = cacheaside_bytes::ZEROED;
-        let text = b"hello";
-        // SAFETY: valid pointers for the call.
-        let status = unsafe { cacheaside_bytes_set(&mut value, text.as_ptr().cast(), text.len()) };
-        assert_eq!(status, CACHEASIDE_OK);
-        assert_eq!(value.len, 5);
-        // SAFETY: library-filled, len + 1 bytes with a trailing NUL.
-        let stored = unsafe { std::slice::from_raw_parts(value.data, value.len + 1) };
-        assert_eq!(stored, b"hello\0");
-
-        // Replacing frees the old buffer (Miri/valgrind would see a leak).
-        let bad = [0xff_u8, 0xfe];
-        // SAFETY: valid pointers for the call.
-        let status = unsafe { cacheaside_bytes_set(&mut value, bad.as_ptr().cast(), bad.len()) };
-        assert_eq!(status, CACHEASIDE_INVALID_ARGUMENT);
-        assert!(value.data.is_null());
-
-        // SAFETY: NULL data with len 0 is the empty value.
-        let status = unsafe { cacheaside_bytes_set(&mut value, ptr::null(), 0) };
-        assert_eq!(status, CACHEASIDE_OK);
-        assert!(!value.data.is_null());
-        assert_eq!(value.len, 0);
-
-        // SAFETY: library-filled; then zeroed, so twice is fine.
-        unsafe {
-            cacheaside_bytes_free(&mut value);
-            cacheaside_bytes_free(&mut value);
-            cacheaside_bytes_free(ptr::null_mut());
+/// Hands a read's or write's outcome to C.
+fn deliver(result: Result<Option<Value>>, out: &mut cacheaside_bytes) -> cacheaside_status {
+    match result {
+        Ok(Some(Value(bytes))) => {
+            *out = cacheaside_bytes::from_vec(bytes);
+            CACHEASIDE_OK
         }
-        assert!(value.data.is_null());
-        // SAFETY: NULL data with nonzero len is rejected, not read.
-        let status = unsafe { cacheaside_bytes_set(&mut value, ptr::null(), 3) };
-        assert_eq!(status, CACHEASIDE_INVALID_ARGUMENT);
+        Ok(None) => CACHEASIDE_NOT_FOUND,
+        Err(err) => fail(&err),
     }
+}
 
-    #[test]
-    fn bytes_set_from_its_own_bytes_copies_before_freeing() {
-        let mut value = cacheaside_bytes::ZEROED;
-        let text = b"same bytes";
-        // SAFETY: valid pointers for the call.
-        unsafe { cacheaside_bytes_set(&mut value, text.as_ptr().cast(), text.len()) };
-        // SAFETY: `value.data` holds `value.len` bytes; the call must read
-        // them before it frees them (Miri/valgrind see a use after free
-        // otherwise, and the content below would be garbage).
-        let status = unsafe { cacheaside_bytes_set(&mut value, value.data.cast(), value.len) };
-        assert_eq!(status, CACHEASIDE_OK);
-        // SAFETY: library-filled.
-        let stored = unsafe { std::slice::from_raw_parts(value.data, value.len) };
-        assert_eq!(stored, text);
-        // SAFETY: library-filled.
-        unsafe { cacheaside_bytes_free(&mut value) };
+/// Waits for `engine`'s relay; the status says why it did not.
+pub(crate) fn relay_sync(engine: &CacheAside, timeout_ms: u64) -> cacheaside_status {
+    if engine.sync_relay(Duration::from_millis(timeout_ms)) {
+        CACHEASIDE_OK
+    } else {
+        fail(&Error::timeout(if engine.relay_running() {
+            "waiting for the invalidation relay"
+        } else {
+            "no invalidation relay runs"
+        }))
     }
 }

@@ -1,4 +1,4 @@
-//! `cacheaside_set_log_callback`: the library's log events (circuit breaker
+//! `cacheaside_log_set_callback`: the library's log events (circuit breaker
 //! transitions, relay trouble, fills that failed) delivered to a C
 //! callback.
 //!
@@ -36,7 +36,7 @@ pub enum cacheaside_log_level {
 ///
 /// Threads: it runs on whichever library thread logged (a caller's, the
 /// relay's, the keeper's); it must be thread-safe and must not call
-/// `cacheaside_set_log_callback`. It must not unwind.
+/// `cacheaside_log_set_callback`. It must not unwind.
 pub type cacheaside_log_cb = Option<
     unsafe extern "C" fn(
         user_data: *mut c_void,
@@ -46,7 +46,7 @@ pub type cacheaside_log_cb = Option<
 >;
 
 /// The registered callback. Guarded by its lock: read on every event,
-/// written by `cacheaside_set_log_callback`.
+/// written by `cacheaside_log_set_callback`.
 static SINK: RwLock<Option<Sink>> = RwLock::new(None);
 
 struct Sink {
@@ -97,28 +97,41 @@ fn level_of(level: log::Level) -> cacheaside_log_level {
     }
 }
 
-/// Delivers the library's log events at `level` or more important to
+/// Delivers the library's log events at `min_level` or more important to
 /// `callback(user_data, level, message)`; a NULL `callback` stops them.
-/// Replaces any callback set before. Process-wide (every client).
+/// `min_level` is a `cacheaside_log_level` value (`CACHEASIDE_LOG_ERROR`
+/// to `CACHEASIDE_LOG_DEBUG`), passed as an integer so that any value is
+/// safe to pass. Replaces any callback set before. Process-wide (every
+/// client and engine).
 ///
-/// Returns `CACHEASIDE_INVALID_ARGUMENT` when another logger already owns
-/// the process's `log` facade (a Rust host installed one): the events go
-/// there.
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a `min_level` that is not a
+/// `cacheaside_log_level` (nothing changes then), or when another logger
+/// already owns the process's `log` facade (a Rust host installed one):
+/// the events go there.
 ///
 /// Thread safety: may be called from any thread, but not from inside the
 /// callback. Once it returns, the old callback is not called again.
+///
+/// ```c
+/// cacheaside_log_set_callback(CACHEASIDE_LOG_WARN, on_log, NULL);
+/// ```
 ///
 /// # Safety
 /// `callback` is NULL or a function of the shape `cacheaside_log_cb`
 /// documents; it may be called with `user_data` from any thread until it is
 /// replaced.
 #[unsafe(no_mangle)]
-pub unsafe extern "C" fn cacheaside_set_log_callback(
-    level: cacheaside_log_level,
+pub unsafe extern "C" fn cacheaside_log_set_callback(
+    min_level: u32,
     callback: cacheaside_log_cb,
     user_data: *mut c_void,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
+        let Some(level) = level_from(min_level) else {
+            return fail(&Error::invalid_argument(format!(
+                "`min_level` {min_level} is not a cacheaside_log_level (1 to 4)"
+            )));
+        };
         static INSTALLED: once_cell::sync::OnceCell<bool> = once_cell::sync::OnceCell::new();
         let ours = *INSTALLED.get_or_init(|| {
             let installed = log::set_logger(&Forward).is_ok();
@@ -138,5 +151,40 @@ pub unsafe extern "C" fn cacheaside_set_log_callback(
             level,
         });
         CACHEASIDE_OK
+    }
+}
+
+/// The level a C integer names, if any.
+fn level_from(value: u32) -> Option<cacheaside_log_level> {
+    use cacheaside_log_level::*;
+    [
+        CACHEASIDE_LOG_ERROR,
+        CACHEASIDE_LOG_WARN,
+        CACHEASIDE_LOG_INFO,
+        CACHEASIDE_LOG_DEBUG,
+    ]
+    .into_iter()
+    .find(|level| *level as u32 == value)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_levels_outside_the_enum_are_invalid() {
+        for bad in [0, 5, u32::MAX] {
+            // SAFETY: no callback is registered by a refused call.
+            let status = unsafe { cacheaside_log_set_callback(bad, None, std::ptr::null_mut()) };
+            assert_eq!(status, CACHEASIDE_INVALID_ARGUMENT, "{bad}");
+        }
+        assert_eq!(
+            level_from(1),
+            Some(cacheaside_log_level::CACHEASIDE_LOG_ERROR)
+        );
+        assert_eq!(
+            level_from(4),
+            Some(cacheaside_log_level::CACHEASIDE_LOG_DEBUG)
+        );
     }
 }

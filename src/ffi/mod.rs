@@ -114,8 +114,10 @@ macro_rules! non_null {
     };
 }
 
+mod bytes;
 mod client;
 mod config;
+mod deprecated;
 mod engine;
 mod error;
 mod events;
@@ -123,10 +125,13 @@ mod log;
 mod ratelimit;
 mod sessions;
 mod users;
+mod value;
 mod write_behind;
 
+pub use bytes::*;
 pub use client::*;
 pub use config::*;
+pub use deprecated::*;
 pub use engine::*;
 pub use error::cacheaside_last_error;
 pub use events::*;
@@ -175,6 +180,52 @@ pub enum cacheaside_status {
     /// nothing was dropped). Retry once the workers have caught up (see
     /// `cacheaside_write_behind_pending()`), or write the change directly.
     CACHEASIDE_BACKLOG_FULL = 9,
+}
+
+/// The name of a status, e.g. `"CACHEASIDE_NOT_FOUND"`, for logs and
+/// exception messages; `"CACHEASIDE_UNKNOWN_STATUS"` for a value this
+/// library does not define (one from a newer library, say).
+///
+/// Ownership: a static string; do not free it. Never NULL. Thread-safe.
+///
+/// ```c
+/// fprintf(stderr, "%s: %s\n", cacheaside_status_str(status), cacheaside_last_error());
+/// ```
+#[unsafe(no_mangle)]
+pub extern "C" fn cacheaside_status_str(status: StatusArg) -> *const c_char {
+    ffi_panic_boundary! {
+        status_name(status.0).as_ptr()
+    }
+}
+
+/// A `cacheaside_status` as C passes it by value: any `unsigned int`,
+/// also one this library does not define (receiving it as the Rust enum
+/// would be undefined behaviour then). The header names it
+/// `cacheaside_status` (cbindgen.toml renames it and does not emit it).
+#[repr(transparent)]
+#[derive(Debug, Clone, Copy)]
+pub struct StatusArg(pub u32);
+
+/// The statuses by value (the enum's values are 0, 1, 2, ... in order).
+const STATUS_NAMES: [&std::ffi::CStr; 10] = [
+    c"CACHEASIDE_OK",
+    c"CACHEASIDE_NOT_FOUND",
+    c"CACHEASIDE_INVALID_ARGUMENT",
+    c"CACHEASIDE_DATABASE_ERROR",
+    c"CACHEASIDE_CACHE_ERROR",
+    c"CACHEASIDE_TIMEOUT",
+    c"CACHEASIDE_PANIC",
+    c"CACHEASIDE_CORRUPT_ENTRY",
+    c"CACHEASIDE_LOADER_ERROR",
+    c"CACHEASIDE_BACKLOG_FULL",
+];
+
+fn status_name(status: u32) -> &'static std::ffi::CStr {
+    usize::try_from(status)
+        .ok()
+        .and_then(|i| STATUS_NAMES.get(i))
+        .copied()
+        .unwrap_or(c"CACHEASIDE_UNKNOWN_STATUS")
 }
 
 /// What an extern function returns when it fails before reaching the safe
@@ -238,5 +289,37 @@ impl Zeroed for u64 {
 pub extern "C" fn cacheaside_version() -> *const c_char {
     ffi_panic_boundary! {
         concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_status_has_its_own_name() {
+        use cacheaside_status::*;
+        let all = [
+            CACHEASIDE_OK,
+            CACHEASIDE_NOT_FOUND,
+            CACHEASIDE_INVALID_ARGUMENT,
+            CACHEASIDE_DATABASE_ERROR,
+            CACHEASIDE_CACHE_ERROR,
+            CACHEASIDE_TIMEOUT,
+            CACHEASIDE_PANIC,
+            CACHEASIDE_CORRUPT_ENTRY,
+            CACHEASIDE_LOADER_ERROR,
+            CACHEASIDE_BACKLOG_FULL,
+        ];
+        assert_eq!(all.len(), STATUS_NAMES.len());
+        for status in all {
+            let name = status_name(status as u32).to_str().unwrap();
+            assert_eq!(name, format!("{status:?}"));
+        }
+        assert_eq!(status_name(10).to_str(), Ok("CACHEASIDE_UNKNOWN_STATUS"));
+        assert_eq!(
+            status_name(u32::MAX).to_str(),
+            Ok("CACHEASIDE_UNKNOWN_STATUS")
+        );
     }
 }

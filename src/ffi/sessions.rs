@@ -3,9 +3,9 @@
 use std::ffi::c_char;
 use std::time::Duration;
 
+use super::bytes::cacheaside_bytes;
 use super::cacheaside_status::{self, *};
 use super::client::{cacheaside_client, status};
-use super::engine::cacheaside_bytes;
 use super::error::fail;
 use crate::error::Error;
 use crate::sessions::Sessions;

@@ -112,7 +112,7 @@ pub unsafe extern "C" fn cacheaside_write_behind_drain(
 }
 
 /// Writes to `*out` how many write-behind changes (of any process) wait to
-/// reach PostgreSQL: the backlog that `cacheaside_config_set_write_behind_backlog()`
+/// reach PostgreSQL: the backlog that `cacheaside_config_set_write_behind_max_backlog()`
 /// bounds. `*out` is set to 0 first and to the count on success only.
 /// Blocks (one Redis round trip).
 ///

@@ -83,12 +83,24 @@ static void config_setters(void) {
     EXPECT_INVALID(cacheaside_config_set_statement_timeout_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_lock_poll_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_lock_poll_ms(NULL, 2));
-    EXPECT_INVALID(cacheaside_config_set_fail_safe_ms(config, UINT64_MAX));
-    CHECK(cacheaside_config_set_fail_safe_ms(config, 0)); /* off */
+    EXPECT_INVALID(cacheaside_config_set_fail_safe_max_ms(config, UINT64_MAX));
+    CHECK(cacheaside_config_set_fail_safe_max_ms(config, 0)); /* off */
     EXPECT_INVALID(cacheaside_config_set_fail_safe_throttle_ms(NULL, 1));
     EXPECT_INVALID(cacheaside_config_set_soft_timeout_ms(NULL, 1));
-    EXPECT_INVALID(cacheaside_config_set_breaker(config, 3, 0));
-    CHECK(cacheaside_config_set_breaker(config, 0, 1000)); /* off */
+    EXPECT_INVALID(cacheaside_config_set_breaker_cool_off_ms(config, 0));
+    CHECK(cacheaside_config_set_breaker_failures(config, 0)); /* off */
+    EXPECT_INVALID(cacheaside_config_set_pool_min_idle(config, 0));
+    CHECK(cacheaside_config_set_pool_min_idle(config, 2));
+    EXPECT_INVALID(cacheaside_config_set_background_threads(NULL, 2));
+    CHECK(cacheaside_config_set_background_threads(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_relay_listen(NULL, false));
+    CHECK(cacheaside_config_set_relay_listen(config, false));
+    EXPECT_INVALID(cacheaside_config_set_outbox_retention_ms(config, 0));
+    CHECK(cacheaside_config_set_statement_cache_size(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_write_behind_batch(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_write_behind_batch(config, 10001));
+    EXPECT_INVALID(cacheaside_config_set_write_behind_attempts(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_write_behind_retry_backoff_ms(config, 0));
     EXPECT_INVALID(cacheaside_config_set_invalidation_relay(NULL, true));
     CHECK(cacheaside_config_set_invalidation_relay(config, false));
     EXPECT_INVALID(cacheaside_config_set_outbox_table(config, "outbox; drop table x"));
@@ -194,34 +206,36 @@ static void client_calls(const cacheaside_client *client) {
     EXPECT(strcmp(p.plan, "pro") == 0 && p.version == 1);
     cacheaside_user_profile_free(&p);
 
-    EXPECT_INVALID(cacheaside_install_schema(NULL));
-    EXPECT_INVALID(cacheaside_seed_demo_users(NULL));
-    EXPECT_INVALID(cacheaside_delete_namespace(NULL));
-    EXPECT(cacheaside_query_count(NULL) == 0);
-    EXPECT(cacheaside_in_flight(NULL) == 0);
+    EXPECT_INVALID(cacheaside_client_install_schema(NULL));
+    EXPECT_INVALID(cacheaside_client_seed_demo_users(NULL));
+    EXPECT_INVALID(cacheaside_client_delete_namespace(NULL));
+    EXPECT(cacheaside_client_query_count(NULL) == 0);
+    EXPECT(cacheaside_client_in_flight(NULL) == 0);
 
     cacheaside_bytes b;
     memset(&b, 0xAB, sizeof b);
-    EXPECT_INVALID(cacheaside_get_or_load(NULL, "k", 1000, never_called, NULL, &b));
+    EXPECT_INVALID(cacheaside_client_get_or_load(NULL, "k", 1000, never_called, NULL, &b));
     EXPECT(b.data == NULL && b.len == 0);
-    EXPECT_INVALID(cacheaside_get_or_load(client, NULL, 1000, never_called, NULL, &b));
-    EXPECT_INVALID(cacheaside_get_or_load(client, "k", 1000, NULL, NULL, &b));
-    EXPECT_INVALID(cacheaside_get_or_load(client, "k", 1000, never_called, NULL, NULL));
-    EXPECT_INVALID(cacheaside_get_or_load(client, "", 1000, never_called, NULL, &b));
-    EXPECT_INVALID(cacheaside_get_or_load(client, NOT_UTF8, 1000, never_called, NULL, &b));
+    EXPECT_INVALID(cacheaside_client_get_or_load(client, NULL, 1000, never_called, NULL, &b));
+    EXPECT_INVALID(cacheaside_client_get_or_load(client, "k", 1000, NULL, NULL, &b));
+    EXPECT_INVALID(cacheaside_client_get_or_load(client, "k", 1000, never_called, NULL, NULL));
+    EXPECT_INVALID(cacheaside_client_get_or_load(client, "", 1000, never_called, NULL, &b));
+    EXPECT_INVALID(cacheaside_client_get_or_load(client, NOT_UTF8, 1000, never_called, NULL, &b));
     memset(&b, 0xAB, sizeof b);
-    EXPECT_INVALID(cacheaside_get_or_load(client, "k", 0, never_called, NULL, &b));
+    EXPECT_INVALID(cacheaside_client_get_or_load(client, "k", 0, never_called, NULL, &b));
     EXPECT(b.data == NULL && b.len == 0);
 
-    EXPECT_INVALID(cacheaside_invalidate(NULL, "k"));
-    EXPECT_INVALID(cacheaside_invalidate(client, NULL));
-    EXPECT_INVALID(cacheaside_invalidate(client, ""));
+    EXPECT_INVALID(cacheaside_client_invalidate(NULL, "k"));
+    EXPECT_INVALID(cacheaside_client_invalidate(client, NULL));
+    EXPECT_INVALID(cacheaside_client_invalidate(client, ""));
 
     EXPECT_INVALID(cacheaside_bytes_set(NULL, "x", 1));
     cacheaside_bytes v = {0};
     EXPECT_INVALID(cacheaside_bytes_set(&v, NULL, 3));
-    EXPECT_INVALID(cacheaside_bytes_set(&v, NOT_UTF8, 2));
     EXPECT(v.data == NULL && v.len == 0);
+    CHECK(cacheaside_bytes_set(&v, NOT_UTF8, 2)); /* values are any bytes */
+    EXPECT(v.len == 2 && memcmp(v.data, NOT_UTF8, 2) == 0);
+    cacheaside_bytes_free(&v);
 }
 
 static void empty_namespace_is_not_deleted(void) {
@@ -230,7 +244,7 @@ static void empty_namespace_is_not_deleted(void) {
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client)); /* namespace "" */
     cacheaside_config_free(config);
-    EXPECT_INVALID(cacheaside_delete_namespace(client));
+    EXPECT_INVALID(cacheaside_client_delete_namespace(client));
     cacheaside_client_free(client);
 }
 
@@ -262,7 +276,7 @@ static void *last_error_of_new_thread(void *arg) {
 }
 
 static void last_error_is_per_thread(void) {
-    EXPECT_INVALID(cacheaside_install_schema(NULL));
+    EXPECT_INVALID(cacheaside_client_install_schema(NULL));
     int empty = 0;
     pthread_t thread;
     EXPECT(pthread_create(&thread, NULL, last_error_of_new_thread, &empty) == 0);

@@ -52,9 +52,9 @@ int main(void) {
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client));
     cacheaside_config_free(config);
-    CHECK(cacheaside_install_schema(client));
-    CHECK(cacheaside_seed_demo_users(client));
-    CHECK(cacheaside_relay_sync(client, 30000));
+    CHECK(cacheaside_client_install_schema(client));
+    CHECK(cacheaside_client_seed_demo_users(client));
+    CHECK(cacheaside_client_relay_sync(client, 30000));
 
     /* The first read fills Redis, a later Redis hit fills L1 (once its
      * tracking connection is up): read until L1 answers. */
@@ -67,14 +67,14 @@ int main(void) {
         cacheaside_user_profile_free(&p);
     }
     cacheaside_stats before = stats_of(client);
-    uint64_t queries = cacheaside_query_count(client);
+    uint64_t queries = cacheaside_client_query_count(client);
     for (int i = 0; i < 100; i++) {
         CHECK(cacheaside_get_user_profile(client, 1, &p));
         EXPECT(strcmp(p.plan, "pro") == 0);
         cacheaside_user_profile_free(&p);
     }
     cacheaside_stats after = stats_of(client);
-    EXPECT(cacheaside_query_count(client) == queries);
+    EXPECT(cacheaside_client_query_count(client) == queries);
     EXPECT(after.local_hits + after.local_misses - before.local_hits - before.local_misses == 100);
     EXPECT(after.local_hits > before.local_hits);
     EXPECT(after.local_clears == 0);

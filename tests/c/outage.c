@@ -24,7 +24,7 @@ static void on_log(void *user_data, cacheaside_log_level level, const char *mess
 }
 
 int main(void) {
-    CHECK(cacheaside_set_log_callback(CACHEASIDE_LOG_WARN, on_log, NULL));
+    CHECK(cacheaside_log_set_callback(CACHEASIDE_LOG_WARN, on_log, NULL));
     cacheaside_config *config = cacheaside_config_new();
     EXPECT(config != NULL);
     CHECK(cacheaside_config_set_users_table(config, test_env("CACHEASIDE_TEST_TABLE")));
@@ -35,8 +35,8 @@ int main(void) {
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client)); /* Redis down: opens anyway */
     cacheaside_config_free(config);
-    CHECK(cacheaside_install_schema(client));
-    CHECK(cacheaside_seed_demo_users(client)); /* invalidations left to the relay */
+    CHECK(cacheaside_client_install_schema(client));
+    CHECK(cacheaside_client_seed_demo_users(client)); /* invalidations left to the relay */
 
     static const char *names[] = {"Ada Lovelace", "Alan Turing", "Grace Hopper",
                                   "Edsger Dijkstra", "Barbara Liskov"};
@@ -65,9 +65,9 @@ int main(void) {
     EXPECT_STATUS(cacheaside_client_ping(client), CACHEASIDE_CACHE_ERROR);
     EXPECT(strstr(cacheaside_last_error(), "refused") != NULL);
 
-    CHECK(cacheaside_set_log_callback(CACHEASIDE_LOG_WARN, NULL, NULL)); /* stop */
+    CHECK(cacheaside_log_set_callback(CACHEASIDE_LOG_WARN, NULL, NULL)); /* stop */
     int seen = atomic_load(&logged);
-    CHECK(cacheaside_drop_schema(client));
+    CHECK(cacheaside_client_drop_schema(client));
     cacheaside_client_free(client);
     EXPECT(atomic_load(&logged) == seen);
     puts("outage: ok");

@@ -28,7 +28,7 @@ int main(void) {
     snprintf(sql, sizeof sql, "UPDATE %s SET plan = 'from-sql' WHERE id = 1",
              test_env("CACHEASIDE_TEST_TABLE"));
     run_sql_elsewhere(sql);
-    CHECK(cacheaside_relay_sync(client, 10000));
+    CHECK(cacheaside_client_relay_sync(client, 10000));
     CHECK(cacheaside_get_user_profile(client, 1, &p));
     EXPECT(strcmp(p.plan, "from-sql") == 0);
     EXPECT(p.version == 2); /* the trigger bumped it */
@@ -48,11 +48,11 @@ int main(void) {
     cacheaside_client *quiet = NULL;
     CHECK(cacheaside_client_open(config, &quiet));
     cacheaside_config_free(config);
-    EXPECT_STATUS(cacheaside_relay_sync(quiet, 100), CACHEASIDE_TIMEOUT);
+    EXPECT_STATUS(cacheaside_client_relay_sync(quiet, 100), CACHEASIDE_TIMEOUT);
     EXPECT(strstr(cacheaside_last_error(), "no invalidation relay") != NULL);
     cacheaside_client_free(quiet);
 
-    CHECK(cacheaside_drop_schema(client));
+    CHECK(cacheaside_client_drop_schema(client));
     cacheaside_client_free(client);
     puts("relay: ok");
     return EXIT_SUCCESS;

@@ -68,10 +68,10 @@ static inline cacheaside_client *open_test_client(void) {
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client));
     cacheaside_config_free(config);
-    CHECK(cacheaside_install_schema(client));
-    CHECK(cacheaside_seed_demo_users(client));
+    CHECK(cacheaside_client_install_schema(client));
+    CHECK(cacheaside_client_seed_demo_users(client));
     /* The relay's invalidations of the seeding must not land mid-test. */
-    CHECK(cacheaside_relay_sync(client, 30000));
+    CHECK(cacheaside_client_relay_sync(client, 30000));
     return client;
 }
 

@@ -28,16 +28,16 @@ static void *read_cold_key(void *arg) {
 
 static void miss_then_hit(void) {
     cacheaside_user_profile first = {0}, second = {0};
-    uint64_t before = cacheaside_query_count(client);
+    uint64_t before = cacheaside_client_query_count(client);
     CHECK(cacheaside_get_user_profile(client, 1, &first));
-    EXPECT(cacheaside_query_count(client) - before == 1);
+    EXPECT(cacheaside_client_query_count(client) - before == 1);
     EXPECT(first.id == 1 && first.version == 1);
     EXPECT(strcmp(first.name, "Ada Lovelace") == 0);
     EXPECT(strcmp(first.email, "ada@example.com") == 0);
     EXPECT(strcmp(first.plan, "pro") == 0);
 
     CHECK(cacheaside_get_user_profile(client, 1, &second));
-    EXPECT(cacheaside_query_count(client) - before == 1); /* the hit costs +0 */
+    EXPECT(cacheaside_client_query_count(client) - before == 1); /* the hit costs +0 */
     EXPECT(profiles_equal(&first, &second));
     cacheaside_user_profile_free(&first);
     cacheaside_user_profile_free(&second);
@@ -50,9 +50,9 @@ static void update_invalidates(void) {
     cacheaside_user_profile_free(&p);
 
     CHECK(cacheaside_update_user_plan(client, 2, "enterprise"));
-    uint64_t before = cacheaside_query_count(client);
+    uint64_t before = cacheaside_client_query_count(client);
     CHECK(cacheaside_get_user_profile(client, 2, &p));
-    EXPECT(cacheaside_query_count(client) - before == 1); /* a miss again */
+    EXPECT(cacheaside_client_query_count(client) - before == 1); /* a miss again */
     EXPECT(strcmp(p.plan, "enterprise") == 0);
     EXPECT(p.version == 2);
     cacheaside_user_profile_free(&p);
@@ -61,16 +61,16 @@ static void update_invalidates(void) {
 static void missing_user_is_not_found_and_zeroed(void) {
     cacheaside_user_profile p;
     memset(&p, 0xAB, sizeof p); /* garbage in, zeroes out */
-    uint64_t before = cacheaside_query_count(client);
+    uint64_t before = cacheaside_client_query_count(client);
     EXPECT_STATUS(cacheaside_get_user_profile(client, 999999, &p), CACHEASIDE_NOT_FOUND);
     EXPECT(profile_is_zeroed(&p));
-    EXPECT(cacheaside_query_count(client) - before == 1);
+    EXPECT(cacheaside_client_query_count(client) - before == 1);
 
     memset(&p, 0xAB, sizeof p);
     EXPECT_STATUS(cacheaside_get_user_profile_singleflight(client, 999999, &p),
                   CACHEASIDE_NOT_FOUND);
     EXPECT(profile_is_zeroed(&p));
-    EXPECT(cacheaside_query_count(client) - before == 1); /* absence is cached */
+    EXPECT(cacheaside_client_query_count(client) - before == 1); /* absence is cached */
 
     EXPECT_STATUS(cacheaside_update_user_plan(client, 999999, "pro"), CACHEASIDE_NOT_FOUND);
     memset(&p, 0xAB, sizeof p);
@@ -84,9 +84,9 @@ static void write_through_caches_the_new_row(void) {
     cacheaside_user_profile written = {0}, read = {0};
     CHECK(cacheaside_update_user_plan_write_through(client, 4, "pro", &written));
     EXPECT(written.id == 4 && written.version == 2 && strcmp(written.plan, "pro") == 0);
-    uint64_t before = cacheaside_query_count(client);
+    uint64_t before = cacheaside_client_query_count(client);
     CHECK(cacheaside_get_user_profile(client, 4, &read));
-    EXPECT(cacheaside_query_count(client) - before == 0); /* served from the cache */
+    EXPECT(cacheaside_client_query_count(client) - before == 0); /* served from the cache */
     EXPECT(profiles_equal(&written, &read));
     cacheaside_user_profile_free(&written);
     cacheaside_user_profile_free(&read);
@@ -95,7 +95,7 @@ static void write_through_caches_the_new_row(void) {
 static void fifty_threads_one_query(void) {
     static struct reader readers[THREADS];
     EXPECT(pthread_barrier_init(&start_line, NULL, THREADS) == 0);
-    uint64_t before = cacheaside_query_count(client);
+    uint64_t before = cacheaside_client_query_count(client);
     for (int i = 0; i < THREADS; i++) {
         EXPECT(pthread_create(&readers[i].thread, NULL, read_cold_key, &readers[i]) == 0);
     }
@@ -104,14 +104,14 @@ static void fifty_threads_one_query(void) {
     }
     pthread_barrier_destroy(&start_line);
 
-    EXPECT(cacheaside_query_count(client) - before == 1);
+    EXPECT(cacheaside_client_query_count(client) - before == 1);
     for (int i = 0; i < THREADS; i++) {
         EXPECT(readers[i].status == CACHEASIDE_OK);
         EXPECT(readers[i].profile.id == 3);
         EXPECT(profiles_equal(&readers[i].profile, &readers[0].profile));
     }
     EXPECT(strcmp(readers[0].profile.name, "Grace Hopper") == 0);
-    EXPECT(cacheaside_in_flight(client) == 0);
+    EXPECT(cacheaside_client_in_flight(client) == 0);
     for (int i = 0; i < THREADS; i++) {
         cacheaside_user_profile_free(&readers[i].profile);
     }

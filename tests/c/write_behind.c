@@ -31,8 +31,9 @@ static cacheaside_config *wb_config(void) {
     CHECK(cacheaside_config_set_cache_timeout_ms(config, 2000));
     CHECK(cacheaside_config_set_lease_ttl_ms(config, 6000));
     CHECK(cacheaside_config_set_lock_ttl_ms(config, 6000));
-    CHECK(cacheaside_config_set_write_behind_claim_ms(config, 500));
-    CHECK(cacheaside_config_set_write_behind_retries(config, 3, 20));
+    CHECK(cacheaside_config_set_write_behind_claim_after_ms(config, 500));
+    CHECK(cacheaside_config_set_write_behind_attempts(config, 3));
+    CHECK(cacheaside_config_set_write_behind_retry_backoff_ms(config, 20));
     return config;
 }
 
@@ -96,9 +97,9 @@ int main(void) {
     cacheaside_client *client = NULL;
     CHECK(cacheaside_client_open(config, &client));
     cacheaside_config_free(config);
-    CHECK(cacheaside_install_schema(client));
-    CHECK(cacheaside_seed_demo_users(client));
-    CHECK(cacheaside_relay_sync(client, 30000));
+    CHECK(cacheaside_client_install_schema(client));
+    CHECK(cacheaside_client_seed_demo_users(client));
+    CHECK(cacheaside_client_relay_sync(client, 30000));
 
     /* Enqueue: read at once, not in PostgreSQL until a worker writes it. */
     EXPECT_STATUS(cacheaside_update_user_plan_write_behind(client, 42, "x"),
@@ -120,9 +121,9 @@ int main(void) {
     EXPECT(read(ready[0], &byte, 1) == 1);
     CHECK(cacheaside_write_behind_drain(client, 30000));
     EXPECT(pending(client) == 0);
-    uint64_t before = cacheaside_query_count(client);
+    uint64_t before = cacheaside_client_query_count(client);
     expect_plan(client, 1, "behind"); /* loaded from PostgreSQL */
-    EXPECT(cacheaside_query_count(client) == before + 1);
+    EXPECT(cacheaside_client_query_count(client) == before + 1);
 
     /* A stream of changes; the worker process is SIGKILLed midway. */
     char last[USERS + 1][32];
@@ -144,9 +145,9 @@ int main(void) {
     CHECK(cacheaside_write_behind_drain(client, 30000));
     EXPECT(pending(client) == 0);
     for (int64_t id = 1; id <= USERS; id++) {
-        before = cacheaside_query_count(client);
+        before = cacheaside_client_query_count(client);
         expect_plan(client, id, last[id]);
-        EXPECT(cacheaside_query_count(client) == before + 1); /* PostgreSQL has it */
+        EXPECT(cacheaside_client_query_count(client) == before + 1); /* PostgreSQL has it */
     }
     cacheaside_stats stats = {.size = sizeof stats};
     CHECK(cacheaside_client_stats(client, &stats));
@@ -162,8 +163,8 @@ int main(void) {
     CHECK(cacheaside_write_behind_stop(client));
     config = wb_config();
     CHECK(cacheaside_config_set_invalidation_relay(config, false));
-    CHECK(cacheaside_config_set_write_behind_backlog(config, 2));
-    EXPECT_STATUS(cacheaside_config_set_write_behind_backlog(config, 0),
+    CHECK(cacheaside_config_set_write_behind_max_backlog(config, 2));
+    EXPECT_STATUS(cacheaside_config_set_write_behind_max_backlog(config, 0),
                   CACHEASIDE_INVALID_ARGUMENT);
     cacheaside_client *small = NULL;
     CHECK(cacheaside_client_open(config, &small));
@@ -181,7 +182,7 @@ int main(void) {
     expect_plan(client, 3, "full-2");
     cacheaside_client_free(small);
 
-    CHECK(cacheaside_drop_schema(client)); /* stops the workers first */
+    CHECK(cacheaside_client_drop_schema(client)); /* stops the workers first */
     cacheaside_client_free(client);
     puts("write_behind: ok");
     return EXIT_SUCCESS;
