@@ -293,6 +293,31 @@ pub(crate) fn dropped(err: &redis::RedisError) -> bool {
     err.is_connection_dropped() && !err.is_connection_refusal() && !err.is_timeout()
 }
 
+/// True when `err` says the connection's picture of where the data lives
+/// is out of date, rather than that Redis is unwell: a server that answers
+/// `READONLY` was demoted to a replica (a failover, through Sentinel or a
+/// cluster's own), and a `MOVED` or `CLUSTERDOWN` the cluster client's own
+/// retries did not get past means its slot map is stale. On a cluster
+/// (`routed`), a node that refuses or drops the connection, or a slot no
+/// known node serves, means the same: the node died, and another one may
+/// serve its slots now. The cure for all of them is a connection opened
+/// anew, which reads the topology afresh ([`crate::cache`] retries once on
+/// one). A timeout is not one of them: a frozen node would make every
+/// fresh connection wait for it.
+pub(crate) fn stale_route(err: &redis::RedisError, routed: bool) -> bool {
+    if matches!(err.code(), Some("READONLY" | "MOVED" | "CLUSTERDOWN")) {
+        return true;
+    }
+    routed
+        && !err.is_timeout()
+        && (err.is_io_error()
+            || err.is_connection_refusal()
+            || err.is_connection_dropped()
+            || err.kind() == redis::ErrorKind::ClusterConnectionNotFound
+            || (err.kind() == redis::ErrorKind::Client
+                && err.to_string().to_ascii_lowercase().contains("slot")))
+}
+
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
         classify(err)

@@ -411,7 +411,19 @@ impl PrivateCluster {
     /// # Panics
     /// With redis-cli's output, if the cluster does not form within 10 s.
     pub fn start() -> PrivateCluster {
-        let nodes: Vec<PrivateRedis> = (0..3)
+        PrivateCluster::launch(0)
+    }
+
+    /// As [`start`](Self::start), with one replica per master (six nodes,
+    /// `--cluster-replicas 1`): returns once every replica's link to its
+    /// master is up, so a failover test can kill a master and promote its
+    /// replica ([`replica_of`](Self::replica_of), [`take_over`](Self::take_over)).
+    pub fn start_with_replicas() -> PrivateCluster {
+        PrivateCluster::launch(1)
+    }
+
+    fn launch(replicas: usize) -> PrivateCluster {
+        let nodes: Vec<PrivateRedis> = (0..3 * (1 + replicas))
             .map(|_| {
                 PrivateRedis::start_with(&[
                     "--cluster-enabled",
@@ -420,6 +432,10 @@ impl PrivateCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "5000",
+                    // A replica's first sync starts at once, not after the
+                    // default 5 s wait for more replicas to join it.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -431,7 +447,7 @@ impl PrivateCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
@@ -444,8 +460,10 @@ impl PrivateCluster {
         let cluster = PrivateCluster { nodes };
         let formed = wait_for(START_WITHIN, || {
             cluster.nodes.iter().all(|n| {
+                let info = n.command(&["INFO", "REPLICATION"]);
                 n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
                     && n.command(&["CLUSTER", "SHARDS"]).matches("master").count() == 3
+                    && (info.contains("role:master") || info.contains("master_link_status:up"))
             })
         });
         assert!(
@@ -465,9 +483,58 @@ impl PrivateCluster {
             .join(",")
     }
 
+    /// The nodes still running.
+    fn alive(&self) -> impl Iterator<Item = &PrivateRedis> {
+        self.nodes.iter().filter(|n| n.pid().is_some())
+    }
+
+    /// The replica of `master` (a cluster from
+    /// [`start_with_replicas`](Self::start_with_replicas)).
+    pub fn replica_of(&self, master: &PrivateRedis) -> &PrivateRedis {
+        let id = master.command(&["CLUSTER", "MYID"]);
+        let nodes = master.command(&["CLUSTER", "NODES"]);
+        let port = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+            .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
+            .expect("the master has a replica");
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .expect("one of ours")
+    }
+
+    /// Promotes the replica at `port` (`CLUSTER FAILOVER TAKEOVER`: no
+    /// agreement of the other masters needed, as after its master died)
+    /// and returns once every running node reports `cluster_state:ok` and
+    /// names it a master.
+    ///
+    /// # Panics
+    /// If that does not happen within 10 s.
+    pub fn take_over(&self, port: u16) {
+        let replica = self.nodes.iter().find(|n| n.port() == port).expect("ours");
+        let answer = replica.command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+        assert_eq!(answer, "OK", "CLUSTER FAILOVER TAKEOVER");
+        let needle = format!(":{port}@");
+        let promoted = wait_for(START_WITHIN, || {
+            self.alive().all(|n| {
+                n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && n.command(&["CLUSTER", "NODES"]).lines().any(|line| {
+                        line.contains(&needle) && line.contains("master") && !line.contains("slave")
+                    })
+            })
+        });
+        assert!(promoted, "the replica at {port} was not promoted");
+    }
+
     /// The node that serves `slot` now.
     pub fn owner_of(&self, slot: u16) -> &PrivateRedis {
-        let id = self.nodes[0].command(&["CLUSTER", "NODES"]);
+        let id = self
+            .alive()
+            .next()
+            .expect("a running node")
+            .command(&["CLUSTER", "NODES"]);
         for line in id.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 9 || !fields[2].contains("master") {
