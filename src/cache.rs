@@ -65,6 +65,9 @@ pub struct Cache {
     namespace: Arc<str>,
     /// `redis_url` listed several nodes: a Redis Cluster.
     cluster: bool,
+    /// A cluster or a Sentinel-named master: where a command goes can
+    /// change under a live client (see [`stale_route`]).
+    routed: bool,
 }
 
 impl Cache {
@@ -90,6 +93,7 @@ impl Cache {
             ),
             namespace: config.namespace.as_str().into(),
             cluster,
+            routed: cluster || config.is_redis_sentinel(),
         })
     }
 
@@ -296,7 +300,7 @@ impl Cache {
     ) -> Result<T> {
         let mut conn = self.pool.get("cache")?;
         match f(&mut conn) {
-            Err(err) if dropped(&err) || stale_route(&err, self.cluster) => {
+            Err(err) if dropped(&err) || stale_route(&err, self.routed) => {
                 // A restart, a failover or a moved slot: every pooled
                 // connection shares the stale picture (a cluster
                 // connection keeps its slot map, and keeps retrying a dead

@@ -22,14 +22,18 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 
-use crate::config::Config;
+use crate::config::{Config, SentinelUrl};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pool::Connector;
 
 /// A client for one server at `url`, trusting `config.redis_ca_file` for
 /// a `rediss://` URL when it is set.
 pub(crate) fn single_client(config: &Config, url: &str) -> Result<redis::Client> {
-    let client = match tls_certificates(config)? {
+    client_with(url, tls_certificates(config)?)
+}
+
+fn client_with(url: &str, certs: Option<redis::TlsCertificates>) -> Result<redis::Client> {
+    let client = match certs {
         Some(certs) => redis::Client::build_with_tls(url, certs),
         None => redis::Client::open(url),
     };
@@ -382,14 +386,114 @@ enum Target {
     /// Built with the connect and response timeouts; the write timeout is
     /// set per connection.
     Cluster(ClusterClient),
+    /// A master found through Redis Sentinel, asked anew for each
+    /// connection.
+    Sentinel(SentinelTarget),
+}
+
+/// The sentinels of one master name, and how to reach the master they name.
+///
+/// The lookup is ours, not the `redis` crate's `SentinelClient`: that one
+/// connects to the sentinels and checks the master's role without any
+/// timeout, so a frozen sentinel would hang every new connection (and the
+/// pool's connector with it). Here each step is bounded by `cache_timeout`.
+struct SentinelTarget {
+    url: SentinelUrl,
+    /// One client per sentinel, in the order of the URL.
+    sentinels: Vec<redis::Client>,
+    certs: Option<redis::TlsCertificates>,
+}
+
+impl SentinelTarget {
+    fn new(config: &Config, url: SentinelUrl) -> Result<SentinelTarget> {
+        let certs = tls_certificates(config)?;
+        let sentinels = url
+            .sentinels
+            .iter()
+            .map(|host| client_with(&url.sentinel(host), certs.clone()))
+            .collect::<Result<_>>()?;
+        Ok(SentinelTarget {
+            url,
+            sentinels,
+            certs,
+        })
+    }
+
+    /// A connection to the master the first answering sentinel names,
+    /// checked with `ROLE` (a sentinel that has not yet seen a failover
+    /// may name a demoted master: refused, and the next sentinel asked).
+    fn connect(&self, timeout: Duration) -> Result<Connection> {
+        let mut last = None;
+        for sentinel in &self.sentinels {
+            match self.master_from(sentinel, timeout) {
+                Ok(conn) => return Ok(conn),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::invalid_argument("no sentinel in redis_url")))
+    }
+
+    fn master_from(&self, sentinel: &redis::Client, timeout: Duration) -> Result<Connection> {
+        let mut ask = sentinel
+            .get_connection_with_timeout(timeout)
+            .map_err(classify)?;
+        ask.set_read_timeout(Some(timeout)).map_err(classify)?;
+        ask.set_write_timeout(Some(timeout)).map_err(classify)?;
+        let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&self.url.master_name)
+            .query(&mut ask)
+            .map_err(classify)?;
+        let Some((host, port)) = addr else {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!(
+                    "the sentinel knows no master named {:?}",
+                    self.url.master_name
+                ),
+            )
+            .outage());
+        };
+        let master = client_with(&self.url.master(&host, port), self.certs.clone())?;
+        let mut conn = open_with_timeouts(&master, timeout)?;
+        let role: Vec<Value> = redis::cmd("ROLE").query(&mut conn).map_err(classify)?;
+        let is_master = matches!(
+            role.first(),
+            Some(Value::BulkString(b)) if b.as_slice() == b"master"
+        ) || matches!(role.first(), Some(Value::SimpleString(s)) if s == "master");
+        if !is_master {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!(
+                    "the sentinel names {host}:{port} as master {:?}, but it is not a master (yet)",
+                    self.url.master_name
+                ),
+            )
+            .outage());
+        }
+        Ok(conn)
+    }
+}
+
+/// A connection of `client` with `timeout` on connect, reads and writes.
+fn open_with_timeouts(client: &redis::Client, timeout: Duration) -> Result<Connection> {
+    let conn = client
+        .get_connection_with_timeout(timeout)
+        .map_err(classify)?;
+    conn.set_read_timeout(Some(timeout)).map_err(classify)?;
+    conn.set_write_timeout(Some(timeout)).map_err(classify)?;
+    Ok(conn)
 }
 
 impl RedisConnector {
-    /// The connector for `config.redis_url`: one server, or a cluster when
-    /// the URL lists several nodes.
+    /// The connector for `config.redis_url`: one server, a cluster when
+    /// the URL lists several nodes, or the master Redis Sentinel names for
+    /// a `redis+sentinel://` URL.
     pub(crate) fn new(config: &Config) -> Result<RedisConnector> {
         let timeout = config.cache_timeout;
-        let target = if config.is_redis_cluster() {
+        let target = if let Some(url) = config.sentinel_url()? {
+            Target::Sentinel(SentinelTarget::new(config, url)?)
+        } else if config.is_redis_cluster() {
             // Redirects (MOVED, ASK) are followed at once. TRYAGAIN (a
             // multi-key command or script whose keys are split between
             // the two nodes of a slot migration, until the migrator moves
@@ -428,15 +532,12 @@ impl Connector for RedisConnector {
 
     fn connect(&self) -> Result<RedisConnection> {
         match &self.target {
-            Target::Single(client) => {
-                let conn = client
-                    .get_connection_with_timeout(self.timeout)
-                    .map_err(classify)?;
-                conn.set_read_timeout(Some(self.timeout))
-                    .map_err(classify)?;
-                conn.set_write_timeout(Some(self.timeout))
-                    .map_err(classify)?;
-                Ok(RedisConnection::Single(conn))
+            Target::Single(client) => Ok(RedisConnection::Single(open_with_timeouts(
+                client,
+                self.timeout,
+            )?)),
+            Target::Sentinel(sentinels) => {
+                Ok(RedisConnection::Single(sentinels.connect(self.timeout)?))
             }
             Target::Cluster(client) => {
                 // Connects to the seed nodes and reads the slot map.

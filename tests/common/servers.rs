@@ -105,6 +105,8 @@ pub struct PrivateRedis {
     child: Option<Child>,
     /// More `redis-server` arguments (say, `--cluster-enabled yes`).
     extra: Vec<String>,
+    /// A config file to pass first (a sentinel needs one it can rewrite).
+    conf: Option<PathBuf>,
 }
 
 impl PrivateRedis {
@@ -118,11 +120,36 @@ impl PrivateRedis {
 
     /// As [`start`](Self::start), with more `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> PrivateRedis {
+        PrivateRedis::start_in(temp_dir("redis"), None, extra)
+    }
+
+    /// A Redis Sentinel (`redis-server <conf> --sentinel`) watching the
+    /// master `name` at 127.0.0.1:`master_port` with a quorum of 2, which
+    /// it takes for down after `down_after` of silence.
+    pub fn start_sentinel(name: &str, master_port: u16, down_after: Duration) -> PrivateRedis {
+        let dir = temp_dir("sentinel");
+        let conf = dir.join("sentinel.conf");
+        let ms = down_after.as_millis();
+        fs::write(
+            &conf,
+            format!(
+                "sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {name} {ms}\n\
+                 sentinel failover-timeout {name} {}\n",
+                ms * 4
+            ),
+        )
+        .expect("write sentinel.conf");
+        PrivateRedis::start_in(dir, Some(conf), &["--sentinel"])
+    }
+
+    fn start_in(dir: PathBuf, conf: Option<PathBuf>, extra: &[&str]) -> PrivateRedis {
         let mut redis = PrivateRedis {
             port: 0,
-            dir: temp_dir("redis"),
+            dir,
             child: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            conf,
         };
         let mut failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -144,6 +171,7 @@ impl PrivateRedis {
     fn launch(&mut self) -> Result<(), String> {
         let (stdout, stderr) = log_file(&self.log_path());
         let child = Command::new("redis-server")
+            .args(&self.conf)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--dir"])
@@ -561,6 +589,79 @@ impl PrivateCluster {
             }
         }
         panic!("no master serves slot {slot}");
+    }
+}
+
+/// A master, its replica and three sentinels of our own (free loopback
+/// ports, killed and removed on `Drop`), the sentinels watching the master
+/// as [`SENTINEL_MASTER`] and taking it for down after 500 ms of silence.
+pub struct PrivateSentinels {
+    pub master: PrivateRedis,
+    pub replica: PrivateRedis,
+    pub sentinels: Vec<PrivateRedis>,
+}
+
+/// The master name the sentinels of [`PrivateSentinels`] watch.
+pub const SENTINEL_MASTER: &str = "cacheaside";
+
+impl PrivateSentinels {
+    /// Starts the five servers and returns once the replica is in sync and
+    /// every sentinel knows the replica and the two other sentinels (so a
+    /// failover can be agreed on at once).
+    ///
+    /// # Panics
+    /// If that does not happen within 10 s.
+    pub fn start() -> PrivateSentinels {
+        let master = PrivateRedis::start_with(&["--repl-diskless-sync-delay", "0"]);
+        let port = master.port().to_string();
+        let replica = PrivateRedis::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let sentinels: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                PrivateRedis::start_sentinel(
+                    SENTINEL_MASTER,
+                    master.port(),
+                    Duration::from_millis(500),
+                )
+            })
+            .collect();
+        let group = PrivateSentinels {
+            master,
+            replica,
+            sentinels,
+        };
+        let ready = wait_for(START_WITHIN, || {
+            group
+                .replica
+                .command(&["INFO", "REPLICATION"])
+                .contains("master_link_status:up")
+                && group.sentinels.iter().all(|s| {
+                    let master = s.command(&["SENTINEL", "MASTER", SENTINEL_MASTER]);
+                    master.contains("num-slaves\n1") && master.contains("num-other-sentinels\n2")
+                })
+        });
+        assert!(
+            ready,
+            "the sentinels did not settle: {}",
+            group.sentinels[0].command(&["SENTINEL", "MASTER", SENTINEL_MASTER])
+        );
+        group
+    }
+
+    /// `redis+sentinel://` with every sentinel, for a `Config`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", hosts.join(","))
+    }
+
+    /// The port of the master the sentinels name now.
+    pub fn master_port(&self) -> Option<u16> {
+        let addr =
+            self.sentinels[0].command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER]);
+        addr.lines().nth(1)?.trim().parse().ok()
     }
 }
 
