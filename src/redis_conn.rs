@@ -572,6 +572,32 @@ mod tests {
         );
     }
 
+    fn server_error(reply: &[u8]) -> redis::RedisError {
+        redis::parse_redis_value(reply)
+            .and_then(Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn a_demoted_masters_readonly_is_a_stale_route_anywhere() {
+        let readonly = server_error(b"-READONLY You can't write against a read only replica.\r\n");
+        assert!(stale_route(&readonly, false), "one server (DNS failover)");
+        assert!(stale_route(&readonly, true));
+        let moved = server_error(b"-MOVED 3999 127.0.0.1:6381\r\n");
+        assert!(stale_route(&moved, true));
+        let refused =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(stale_route(&refused, true), "a dead node of a cluster");
+        assert!(!stale_route(&refused, false), "one server: just down");
+        let timeout = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(
+            !stale_route(&timeout, true),
+            "a frozen node is no new topology"
+        );
+        let wrong = server_error(b"-WRONGTYPE Operation against a key\r\n");
+        assert!(!stale_route(&wrong, true));
+    }
+
     #[test]
     fn multi_key_commands_of_one_slot_get_one_route() {
         let mut del = redis::cmd("DEL");
