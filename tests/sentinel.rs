@@ -107,3 +107,61 @@ fn a_sentinel_failover_keeps_reads_whole_and_hits_come_back() {
     assert_eq!(fx.client.get_user_profile(1).unwrap(), Some(written));
     assert_eq!(fx.client.engine().stats().hits, hits + 1, "a hit");
 }
+
+/// The near cache behind Sentinel: after the master dies and the replica is
+/// promoted, its tracker reconnects through the sentinels to the new
+/// master, and a write made there by another client evicts this client's
+/// L1 copy (`max_staleness` is a minute: only tracking can).
+#[test]
+fn the_near_cache_follows_a_sentinel_failover() {
+    let mut group = PrivateSentinels::start();
+    let old_master = group.master.port();
+    let mut config = test_config("sentinel_near");
+    config.redis_url = group.url();
+    config.breaker_cool_off = Duration::from_millis(200);
+    let writer = Fixture::with(config.clone());
+    config.local_cache = cacheaside::LocalCache::new(1_000, Duration::from_secs(60));
+    let reader = cacheaside::Client::open(&config).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let until = |what: &str, cond: &mut dyn FnMut() -> bool| {
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    // An L1 hit before the kill.
+    let l1_hit = |reader: &cacheaside::Client| {
+        let before = reader.engine().stats().local_hits;
+        let profile = reader.get_user_profile(1).unwrap().expect("seeded");
+        (reader.engine().stats().local_hits > before, profile)
+    };
+    until("an L1 hit", &mut || {
+        reader.engine().local_cache_ready() && l1_hit(&reader).0
+    });
+    let clears = reader.engine().stats().local_clears;
+
+    group.master.kill();
+    until("the promotion", &mut || {
+        group.master_port().is_some_and(|p| p != old_master)
+    });
+    until(
+        "a tracker on the new master, and an L1 hit again",
+        &mut || {
+            reader.engine().local_cache_ready()
+                && reader.engine().stats().local_clears > clears
+                && l1_hit(&reader).0
+        },
+    );
+    // Another client writes through the new master: L1 must let go.
+    until("the writer's cache back", &mut || {
+        writer.client.get_user_profile(1).is_ok() && !writer.client.engine().breaker_open()
+    });
+    writer.client.update_user_plan(1, "after-failover").unwrap();
+    assert_eq!(writer.client.engine().stats().invalidations_failed, 0);
+    until("the reader to see the write", &mut || {
+        reader
+            .get_user_profile(1)
+            .unwrap()
+            .is_some_and(|p| p.plan == "after-failover")
+    });
+}
