@@ -165,3 +165,17 @@ fn the_near_cache_follows_a_sentinel_failover() {
             .is_some_and(|p| p.plan == "after-failover")
     });
 }
+
+#[test]
+fn events_refuse_sentinel_with_a_clear_error() {
+    let mut config = test_config("sentinel_events");
+    // No server needed: the client connects lazily.
+    config.redis_url = "redis+sentinel://127.0.0.1:9/nobody".into();
+    config.invalidation_relay = false;
+    let client = cacheaside::Client::open(&config).unwrap();
+    let Err(err) = client.events() else {
+        panic!("events opened on Sentinel");
+    };
+    assert_eq!(err.kind(), cacheaside::ErrorKind::InvalidArgument);
+    assert!(err.to_string().contains("Sentinel"), "{err}");
+}
