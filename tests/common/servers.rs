@@ -424,7 +424,8 @@ impl Drop for TestCerts {
     }
 }
 
-/// A Redis Cluster of our own: three masters (no replicas) on free loopback
+/// A Redis Cluster of our own: three masters (no replicas, or one each
+/// with [`start_with_replicas`](Self::start_with_replicas)) on free loopback
 /// ports, each a [`PrivateRedis`] started with `--cluster-enabled yes`,
 /// joined with `redis-cli --cluster create`; killed and removed on `Drop`.
 /// Its nodes are ours alone, so a test may `FLUSHALL` them.
