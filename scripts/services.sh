@@ -16,14 +16,23 @@
 # /tmp/cacheaside-cluster), and prints the REDIS_URL that selects it.
 # Idempotent too: a cluster that already reports cluster_state:ok is left
 # alone. (tests/cluster.rs starts a private cluster of its own instead.)
+#
+# `scripts/services.sh sentinel` starts a Redis master (127.0.0.1:6390), a
+# replica of it (6391) and three sentinels (26390-26392) watching it as
+# `cacheaside`, no persistence, in $REDIS_SENTINEL_DIR (default
+# /tmp/cacheaside-sentinel), and prints the redis+sentinel:// REDIS_URL that
+# selects it. Idempotent too: sentinels that already name a master are left
+# alone (after a failover the master is wherever they say).
+# (tests/sentinel.rs starts private servers of its own.)
 set -euo pipefail
 
-WANT_CLUSTER= WANT_TLS=
+WANT_CLUSTER= WANT_TLS= WANT_SENTINEL=
 for arg in "$@"; do
   case "$arg" in
     cluster) WANT_CLUSTER=1 ;;
     tls) WANT_TLS=1 ;;
-    *) echo "usage: $0 [cluster] [tls]" >&2; exit 2 ;;
+    sentinel) WANT_SENTINEL=1 ;;
+    *) echo "usage: $0 [cluster] [tls] [sentinel]" >&2; exit 2 ;;
   esac
 done
 
@@ -207,3 +216,40 @@ local_tls_redis() {
   log "TLS Redis is up: REDIS_URL=rediss://127.0.0.1:$port/ REDIS_CA_FILE=$dir/ca.pem"
 }
 if [ -n "$WANT_TLS" ]; then local_tls_redis; fi
+
+# ---- Redis Sentinel (on request) ---------------------------------------------
+local_sentinel() {
+  local dir=${REDIS_SENTINEL_DIR:-/tmp/cacheaside-sentinel} name=cacheaside
+  local master=6390 replica=6391 sentinels=(26390 26391 26392) port url="" all_ok=1
+  for port in "${sentinels[@]}"; do url+="${url:+,}127.0.0.1:$port"; done
+  url="redis+sentinel://$url/$name"
+  sentinel_ok() { redis-cli -p "$1" sentinel get-master-addr-by-name "$name" 2>/dev/null | grep -q '^[0-9]*$'; }
+  for port in "${sentinels[@]}"; do sentinel_ok "$port" || all_ok=; done
+  if [ -n "$all_ok" ]; then
+    log "Redis Sentinel is up: REDIS_URL=$url"
+    return
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server
+  mkdir -p "$dir"
+  for port in "$master" "$replica" "${sentinels[@]}"; do
+    if [ "$(redis-cli -p "$port" ping 2>/dev/null)" = PONG ]; then continue; fi
+    local args=(--port "$port" --bind 127.0.0.1 --save "" --appendonly no --dir "$dir"
+      --logfile "$dir/redis-$port.log" --daemonize yes)
+    if [ "$port" = "$replica" ]; then
+      log "starting a Redis replica on port $port"
+      redis-server "${args[@]}" --replicaof 127.0.0.1 "$master"
+    elif [ "$port" = "$master" ]; then
+      log "starting a Redis master on port $port"
+      redis-server "${args[@]}" --repl-diskless-sync-delay 0
+    else
+      log "starting a Redis Sentinel on port $port"
+      printf 'sentinel monitor %s 127.0.0.1 %s 2\nsentinel down-after-milliseconds %s 2000\nsentinel failover-timeout %s 10000\n' \
+        "$name" "$master" "$name" "$name" >"$dir/sentinel-$port.conf"
+      redis-server "$dir/sentinel-$port.conf" "${args[@]}" --sentinel
+    fi
+    wait_for "Redis on $port" redis-cli -p "$port" ping
+  done
+  for port in "${sentinels[@]}"; do wait_for "Redis Sentinel on $port" sentinel_ok "$port"; done
+  log "Redis Sentinel is up: REDIS_URL=$url"
+}
+if [ -n "$WANT_SENTINEL" ]; then local_sentinel; fi

@@ -12,6 +12,11 @@
 //!   connection dead and runs once more on a fresh one. (Commands here are
 //!   idempotent, scripts included: each is written so that running it twice
 //!   with the same token has the effect of once.)
+//! - After a failover the same holds: a demoted master's `READONLY`, and on
+//!   a cluster a dead node's refusal or a stale slot map, discard every
+//!   pooled connection and run the command once more on a fresh one, which
+//!   reads the topology anew; so the breaker's probe succeeds as soon as
+//!   the cluster (or Sentinel) serves the slot again.
 //! - Every key lives inside its namespace's hash tag ([`crate::keys`]), so
 //!   on a Redis Cluster every command and script names keys of one slot.
 
@@ -29,7 +34,7 @@ use crate::error::{Error, Result};
 pub(crate) use crate::keys::check_key;
 use crate::keys::{self, Keys, escape_glob, validate_namespace};
 use crate::pool::{Conn, Connector, Pool};
-use crate::redis_conn::{RedisConnection, RedisConnector, classify, dropped, millis};
+use crate::redis_conn::{RedisConnection, RedisConnector, classify, dropped, millis, stale_route};
 use crate::server_watch::ServerWatch;
 
 /// A pooled Redis client whose keys all live under one namespace.
@@ -63,6 +68,9 @@ pub struct Cache {
     cluster: bool,
     /// Which server the connections reach (shared with the connector).
     watch: Arc<ServerWatch>,
+    /// A cluster or a Sentinel-named master: where a command goes can
+    /// change under a live client (see [`stale_route`]).
+    routed: bool,
 }
 
 impl Cache {
@@ -90,6 +98,7 @@ impl Cache {
             ),
             namespace: config.namespace.as_str().into(),
             cluster,
+            routed: cluster || config.is_redis_sentinel(),
         })
     }
 
@@ -298,15 +307,22 @@ impl Cache {
         })
     }
 
-    /// Runs `f`; if its pooled connection was dropped by the server, marks
-    /// all pooled connections dead and runs `f` once more on a fresh one.
+    /// Runs `f`; if its pooled connection was dropped by the server, or the
+    /// error says the topology changed (a failover: see
+    /// [`stale_route`]), marks all pooled connections dead and runs `f`
+    /// once more on a fresh one.
     pub(crate) fn run<T>(
         &self,
         mut f: impl FnMut(&mut RedisConnection) -> redis::RedisResult<T>,
     ) -> Result<T> {
         let mut conn = self.pool.get("cache")?;
         match f(&mut conn) {
-            Err(err) if dropped(&err) => {
+            Err(err) if dropped(&err) || stale_route(&err, self.routed) => {
+                // A restart, a failover or a moved slot: every pooled
+                // connection shares the stale picture (a cluster
+                // connection keeps its slot map, and keeps retrying a dead
+                // master's address), so all of them go, and a fresh one
+                // reads the topology anew.
                 self.pool.discard_all();
                 drop(conn);
                 let mut fresh = self.pool.fresh()?;

@@ -444,14 +444,51 @@ impl Config {
     }
 
     /// True when [`redis_url`](Config::redis_url) lists nodes separated by
-    /// commas, which selects Redis Cluster.
+    /// commas, which selects Redis Cluster (a `redis+sentinel://` URL's
+    /// list of sentinels does not).
     pub fn is_redis_cluster(&self) -> bool {
-        self.redis_url.contains(',')
+        self.redis_url.contains(',') && !self.is_redis_sentinel()
+    }
+
+    /// True when [`redis_url`](Config::redis_url) names a master through
+    /// Redis Sentinel: `redis+sentinel://[user:pass@]HOST:PORT[,HOST:PORT…]/MASTER_NAME`
+    /// (`rediss+sentinel://` for TLS to the sentinels and the master). Each
+    /// new connection asks the sentinels (in the order listed, the first
+    /// that answers) for the master's address and checks with `ROLE` that
+    /// the server it reaches is a master; after a failover, connections to
+    /// the old master fail and are replaced by ones to the new master. The
+    /// credentials are the master's: sentinels are asked without any (a
+    /// sentinel with `requirepass` is not supported yet). See
+    /// `docs/cluster.md`.
+    ///
+    /// ```
+    /// let mut config = cacheaside::Config::default();
+    /// config.redis_url = "redis+sentinel://127.0.0.1:26379,127.0.0.1:26380/mymaster".into();
+    /// assert!(config.is_redis_sentinel());
+    /// assert!(!config.is_redis_cluster());
+    /// config.validate().unwrap();
+    /// ```
+    pub fn is_redis_sentinel(&self) -> bool {
+        let url = self.redis_url.trim_start();
+        url.starts_with("redis+sentinel://") || url.starts_with("rediss+sentinel://")
+    }
+
+    /// The parts of a `redis+sentinel://` [`redis_url`](Config::redis_url);
+    /// `None` for any other URL.
+    pub(crate) fn sentinel_url(&self) -> Result<Option<SentinelUrl>> {
+        if !self.is_redis_sentinel() {
+            return Ok(None);
+        }
+        SentinelUrl::parse(self.redis_url.trim()).map(Some)
     }
 
     /// The URLs in [`redis_url`](Config::redis_url): one for a single
-    /// server, the seed nodes for a cluster (empty entries skipped).
+    /// server (or a Sentinel URL, whole), the seed nodes for a cluster
+    /// (empty entries skipped).
     pub fn redis_nodes(&self) -> Vec<&str> {
+        if self.is_redis_sentinel() {
+            return vec![self.redis_url.trim()];
+        }
         self.redis_url
             .split(',')
             .map(str::trim)
@@ -497,6 +534,7 @@ impl Config {
         validate_table_name(&self.users_table)?;
         validate_table_name(&self.outbox_table)?;
         validate_namespace(&self.namespace)?;
+        self.sentinel_url()?;
         if self.db_pool_size == 0 || self.cache_pool_size == 0 {
             return Err(Error::invalid_argument("pool sizes must be at least 1"));
         }
@@ -683,6 +721,102 @@ pub fn redact_url(url: &str) -> String {
         out.push_str(&redact_query(&redact_one(part)));
     }
     out
+}
+
+/// A `redis+sentinel://[user:pass@]HOST:PORT[,HOST:PORT…]/MASTER_NAME[?query]`
+/// URL, taken apart.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SentinelUrl {
+    /// `rediss+sentinel://`: TLS to the sentinels and to the master.
+    pub tls: bool,
+    /// `user:pass` as written (percent-encoded), for the master only.
+    pub userinfo: Option<String>,
+    /// The sentinels' `host:port`s, as written (`[v6]:port` included).
+    pub sentinels: Vec<String>,
+    pub master_name: String,
+    /// What followed a `?`, passed on to the master's URL.
+    pub query: Option<String>,
+}
+
+impl SentinelUrl {
+    fn parse(url: &str) -> Result<SentinelUrl> {
+        let bad = |why: &str| {
+            Error::invalid_argument(format!(
+                "redis_url {:?} is not redis+sentinel://[user:pass@]HOST:PORT[,HOST:PORT...]/MASTER_NAME: {why}",
+                redact_url(url)
+            ))
+        };
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("redis+sentinel://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("rediss+sentinel://") {
+            (true, rest)
+        } else {
+            return Err(bad("not a sentinel URL"));
+        };
+        let (authority, path) = rest.split_once('/').ok_or_else(|| bad("no /MASTER_NAME"))?;
+        let (userinfo, hosts) = match authority.rsplit_once('@') {
+            Some((userinfo, hosts)) => (Some(userinfo.to_owned()), hosts),
+            None => (None, authority),
+        };
+        let mut sentinels = Vec::new();
+        for host in hosts.split(',').map(str::trim) {
+            let port = match host.rsplit_once(':') {
+                Some((name, port)) if !name.is_empty() && !port.contains(']') => port,
+                _ => return Err(bad(&format!("sentinel {host:?} has no HOST:PORT"))),
+            };
+            if port.parse::<u16>().map_or(true, |p| p == 0) {
+                return Err(bad(&format!("sentinel {host:?} has no valid port")));
+            }
+            sentinels.push(host.to_owned());
+        }
+        let (name, query) = match path.split_once('?') {
+            Some((name, query)) => (name, Some(query.to_owned())),
+            None => (path, None),
+        };
+        let name = name.trim_end_matches('/');
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(bad("MASTER_NAME must be letters, digits, '-', '_' or '.'"));
+        }
+        Ok(SentinelUrl {
+            tls,
+            userinfo,
+            sentinels,
+            master_name: name.to_owned(),
+            query,
+        })
+    }
+
+    /// The URL of one sentinel (no credentials: they are the master's).
+    pub fn sentinel(&self, host: &str) -> String {
+        format!("{}://{host}/", self.scheme())
+    }
+
+    /// The URL of the master at `host`:`port`, with the credentials and
+    /// query of the sentinel URL.
+    pub fn master(&self, host: &str, port: u16) -> String {
+        let host = if host.contains(':') && !host.starts_with('[') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let userinfo = self
+            .userinfo
+            .as_ref()
+            .map_or(String::new(), |u| format!("{u}@"));
+        let query = self
+            .query
+            .as_ref()
+            .map_or(String::new(), |q| format!("?{q}"));
+        format!("{}://{userinfo}{host}:{port}/{query}", self.scheme())
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "rediss" } else { "redis" }
+    }
 }
 
 /// The userinfo password of one `scheme://user:password@host/...` URL.
@@ -1015,6 +1149,42 @@ mod tests {
         assert_eq!(c.redis_ca_file, None, "an empty variable names no file");
         let unset = Config::from_vars(|_| None);
         assert_eq!(unset.redis_url, Config::default().redis_url);
+    }
+
+    #[test]
+    fn sentinel_urls_are_not_clusters_and_bad_ones_are_refused() {
+        let c = Config {
+            redis_url:
+                "redis+sentinel://app:p%40ss@10.0.0.1:26379,[::1]:26380/cache-1?protocol=resp2"
+                    .into(),
+            ..Config::default()
+        };
+        assert!(c.is_redis_sentinel() && !c.is_redis_cluster());
+        c.validate().unwrap();
+        let url = c.sentinel_url().unwrap().unwrap();
+        assert_eq!(url.sentinels, ["10.0.0.1:26379", "[::1]:26380"]);
+        assert_eq!(url.master_name, "cache-1");
+        assert_eq!(url.sentinel("[::1]:26380"), "redis://[::1]:26380/");
+        assert_eq!(
+            url.master("fe80::1", 6380),
+            "redis://app:p%40ss@[fe80::1]:6380/?protocol=resp2"
+        );
+        assert!(!redact_url(&c.redis_url).contains("p%40ss"));
+        for bad in [
+            "redis+sentinel://127.0.0.1:26379",
+            "redis+sentinel://127.0.0.1:26379/",
+            "redis+sentinel://127.0.0.1/mymaster",
+            "redis+sentinel://127.0.0.1:0/mymaster",
+            "redis+sentinel://127.0.0.1:26379,/mymaster",
+            "redis+sentinel://127.0.0.1:26379/my master",
+        ] {
+            let c = Config {
+                redis_url: bad.into(),
+                ..Config::default()
+            };
+            let err = c.validate().unwrap_err();
+            assert_eq!(err.kind(), crate::ErrorKind::InvalidArgument, "{bad}");
+        }
     }
 
     #[test]

@@ -186,8 +186,16 @@ impl Events {
     /// bounded by `config.cache_timeout`.
     ///
     /// # Errors
-    /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse.
+    /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse,
+    /// and for a `redis+sentinel://` URL: subscriptions do not follow a
+    /// Sentinel failover yet (see `docs/cluster.md`).
     pub fn new(cache: &Cache, config: &Config) -> Result<Events> {
+        if config.is_redis_sentinel() {
+            return Err(Error::invalid_argument(
+                "events (pub/sub) do not support Redis Sentinel yet: a subscription would \
+                 stay on the old master after a failover (see docs/cluster.md)",
+            ));
+        }
         // On a Redis Cluster, subscriptions connect to the first seed node:
         // the cluster bus carries every PUBLISH to every node.
         let node = config.redis_nodes().first().copied().unwrap_or_default();

@@ -23,7 +23,7 @@ use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
 use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
 use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 
-use crate::config::Config;
+use crate::config::{Config, SentinelUrl};
 use crate::error::{Error, ErrorKind, Result};
 use crate::pool::Connector;
 use crate::server_watch::ServerWatch;
@@ -31,7 +31,11 @@ use crate::server_watch::ServerWatch;
 /// A client for one server at `url`, trusting `config.redis_ca_file` for
 /// a `rediss://` URL when it is set.
 pub(crate) fn single_client(config: &Config, url: &str) -> Result<redis::Client> {
-    let client = match tls_certificates(config)? {
+    client_with(url, tls_certificates(config)?)
+}
+
+fn client_with(url: &str, certs: Option<redis::TlsCertificates>) -> Result<redis::Client> {
+    let client = match certs {
         Some(certs) => redis::Client::build_with_tls(url, certs),
         None => redis::Client::open(url),
     };
@@ -295,6 +299,31 @@ pub(crate) fn dropped(err: &redis::RedisError) -> bool {
     err.is_connection_dropped() && !err.is_connection_refusal() && !err.is_timeout()
 }
 
+/// True when `err` says the connection's picture of where the data lives
+/// is out of date, rather than that Redis is unwell: a server that answers
+/// `READONLY` was demoted to a replica (a failover, through Sentinel or a
+/// cluster's own), and a `MOVED` or `CLUSTERDOWN` the cluster client's own
+/// retries did not get past means its slot map is stale. On a cluster
+/// (`routed`), a node that refuses or drops the connection, or a slot no
+/// known node serves, means the same: the node died, and another one may
+/// serve its slots now. The cure for all of them is a connection opened
+/// anew, which reads the topology afresh ([`crate::cache`] retries once on
+/// one). A timeout is not one of them: a frozen node would make every
+/// fresh connection wait for it.
+pub(crate) fn stale_route(err: &redis::RedisError, routed: bool) -> bool {
+    if matches!(err.code(), Some("READONLY" | "MOVED" | "CLUSTERDOWN")) {
+        return true;
+    }
+    routed
+        && !err.is_timeout()
+        && (err.is_io_error()
+            || err.is_connection_refusal()
+            || err.is_connection_dropped()
+            || err.kind() == redis::ErrorKind::ClusterConnectionNotFound
+            || (err.kind() == redis::ErrorKind::Client
+                && err.to_string().to_ascii_lowercase().contains("slot")))
+}
+
 impl From<redis::RedisError> for Error {
     fn from(err: redis::RedisError) -> Self {
         classify(err)
@@ -361,14 +390,114 @@ enum Target {
     /// Built with the connect and response timeouts; the write timeout is
     /// set per connection.
     Cluster(ClusterClient),
+    /// A master found through Redis Sentinel, asked anew for each
+    /// connection.
+    Sentinel(SentinelTarget),
+}
+
+/// The sentinels of one master name, and how to reach the master they name.
+///
+/// The lookup is ours, not the `redis` crate's `SentinelClient`: that one
+/// connects to the sentinels and checks the master's role without any
+/// timeout, so a frozen sentinel would hang every new connection (and the
+/// pool's connector with it). Here each step is bounded by `cache_timeout`.
+struct SentinelTarget {
+    url: SentinelUrl,
+    /// One client per sentinel, in the order of the URL.
+    sentinels: Vec<redis::Client>,
+    certs: Option<redis::TlsCertificates>,
+}
+
+impl SentinelTarget {
+    fn new(config: &Config, url: SentinelUrl) -> Result<SentinelTarget> {
+        let certs = tls_certificates(config)?;
+        let sentinels = url
+            .sentinels
+            .iter()
+            .map(|host| client_with(&url.sentinel(host), certs.clone()))
+            .collect::<Result<_>>()?;
+        Ok(SentinelTarget {
+            url,
+            sentinels,
+            certs,
+        })
+    }
+
+    /// A connection to the master the first answering sentinel names,
+    /// checked with `ROLE` (a sentinel that has not yet seen a failover
+    /// may name a demoted master: refused, and the next sentinel asked).
+    fn connect(&self, timeout: Duration) -> Result<Connection> {
+        let mut last = None;
+        for sentinel in &self.sentinels {
+            match self.master_from(sentinel, timeout) {
+                Ok(conn) => return Ok(conn),
+                Err(err) => last = Some(err),
+            }
+        }
+        Err(last.unwrap_or_else(|| Error::invalid_argument("no sentinel in redis_url")))
+    }
+
+    fn master_from(&self, sentinel: &redis::Client, timeout: Duration) -> Result<Connection> {
+        let mut ask = sentinel
+            .get_connection_with_timeout(timeout)
+            .map_err(classify)?;
+        ask.set_read_timeout(Some(timeout)).map_err(classify)?;
+        ask.set_write_timeout(Some(timeout)).map_err(classify)?;
+        let addr: Option<(String, u16)> = redis::cmd("SENTINEL")
+            .arg("GET-MASTER-ADDR-BY-NAME")
+            .arg(&self.url.master_name)
+            .query(&mut ask)
+            .map_err(classify)?;
+        let Some((host, port)) = addr else {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!(
+                    "the sentinel knows no master named {:?}",
+                    self.url.master_name
+                ),
+            )
+            .outage());
+        };
+        let master = client_with(&self.url.master(&host, port), self.certs.clone())?;
+        let mut conn = open_with_timeouts(&master, timeout)?;
+        let role: Vec<Value> = redis::cmd("ROLE").query(&mut conn).map_err(classify)?;
+        let is_master = matches!(
+            role.first(),
+            Some(Value::BulkString(b)) if b.as_slice() == b"master"
+        ) || matches!(role.first(), Some(Value::SimpleString(s)) if s == "master");
+        if !is_master {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!(
+                    "the sentinel names {host}:{port} as master {:?}, but it is not a master (yet)",
+                    self.url.master_name
+                ),
+            )
+            .outage());
+        }
+        Ok(conn)
+    }
+}
+
+/// A connection of `client` with `timeout` on connect, reads and writes.
+fn open_with_timeouts(client: &redis::Client, timeout: Duration) -> Result<Connection> {
+    let conn = client
+        .get_connection_with_timeout(timeout)
+        .map_err(classify)?;
+    conn.set_read_timeout(Some(timeout)).map_err(classify)?;
+    conn.set_write_timeout(Some(timeout)).map_err(classify)?;
+    Ok(conn)
 }
 
 impl RedisConnector {
-    /// The connector for `config.redis_url`: one server, or a cluster when
-    /// the URL lists several nodes.
+    /// The connector for `config.redis_url`: one server, a cluster when
+    /// the URL lists several nodes, or the master Redis Sentinel names for
+    /// a `redis+sentinel://` URL.
     pub(crate) fn new(config: &Config) -> Result<RedisConnector> {
         let timeout = config.cache_timeout;
-        let target = if config.is_redis_cluster() {
+        let target = if let Some(url) = config.sentinel_url()? {
+            Target::Sentinel(SentinelTarget::new(config, url)?)
+        } else if config.is_redis_cluster() {
             // Redirects (MOVED, ASK) are followed at once. TRYAGAIN (a
             // multi-key command or script whose keys are split between
             // the two nodes of a slot migration, until the migrator moves
@@ -412,13 +541,12 @@ impl Connector for RedisConnector {
     fn connect(&self) -> Result<RedisConnection> {
         match &self.target {
             Target::Single(client) => {
-                let mut conn = client
-                    .get_connection_with_timeout(self.timeout)
-                    .map_err(classify)?;
-                conn.set_read_timeout(Some(self.timeout))
-                    .map_err(classify)?;
-                conn.set_write_timeout(Some(self.timeout))
-                    .map_err(classify)?;
+                let mut conn = open_with_timeouts(client, self.timeout)?;
+                self.watch.observe(&mut conn);
+                Ok(RedisConnection::Single(conn))
+            }
+            Target::Sentinel(sentinels) => {
+                let mut conn = sentinels.connect(self.timeout)?;
                 self.watch.observe(&mut conn);
                 Ok(RedisConnection::Single(conn))
             }
@@ -453,6 +581,32 @@ mod tests {
             key_slot(b"x"),
             "an empty tag hashes the whole key"
         );
+    }
+
+    fn server_error(reply: &[u8]) -> redis::RedisError {
+        redis::parse_redis_value(reply)
+            .and_then(Value::extract_error)
+            .expect_err("an error reply")
+    }
+
+    #[test]
+    fn a_demoted_masters_readonly_is_a_stale_route_anywhere() {
+        let readonly = server_error(b"-READONLY You can't write against a read only replica.\r\n");
+        assert!(stale_route(&readonly, false), "one server (DNS failover)");
+        assert!(stale_route(&readonly, true));
+        let moved = server_error(b"-MOVED 3999 127.0.0.1:6381\r\n");
+        assert!(stale_route(&moved, true));
+        let refused =
+            redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert!(stale_route(&refused, true), "a dead node of a cluster");
+        assert!(!stale_route(&refused, false), "one server: just down");
+        let timeout = redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut));
+        assert!(
+            !stale_route(&timeout, true),
+            "a frozen node is no new topology"
+        );
+        let wrong = server_error(b"-WRONGTYPE Operation against a key\r\n");
+        assert!(!stale_route(&wrong, true));
     }
 
     #[test]

@@ -58,14 +58,27 @@ fn a_restart_from_an_older_snapshot_serves_no_pre_write_row() {
     assert!(client.update_user_plan(1, "after-update").unwrap());
     fx.set_plan_directly(2, "after-sql");
     assert!(client.engine().sync_relay(PATIENCE));
-    assert_eq!(client.get_user_profile(1).unwrap().unwrap().plan, "after-update");
-    assert_eq!(client.get_user_profile(2).unwrap().unwrap().plan, "after-sql");
+    assert_eq!(
+        client.get_user_profile(1).unwrap().unwrap().plan,
+        "after-update"
+    );
+    assert_eq!(
+        client.get_user_profile(2).unwrap().unwrap().plan,
+        "after-sql"
+    );
 
     redis.restart(); // SIGKILL, then up again from the snapshot
     let restored = redis.command(&["EXISTS", &client.cache().redis_key("user:1")]);
-    assert_eq!(restored.trim(), "1", "the snapshot brought the old entry back");
+    assert_eq!(
+        restored.trim(),
+        "1",
+        "the snapshot brought the old entry back"
+    );
 
     let (reads, stale, hits) = read_for(client, Duration::from_secs(4));
-    assert_eq!(stale, 0, "{stale} of {reads} reads returned a pre-write row");
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads returned a pre-write row"
+    );
     assert!(hits > 0, "hits resume: {:?}", client.engine().stats());
 }

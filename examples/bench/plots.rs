@@ -10,6 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 
 use crate::BoxResult;
+use crate::failover::Bin;
 use crate::measure::{self, Series, Spread, quantile_us};
 use crate::report::Section;
 use crate::stampede::Stampede;
@@ -182,6 +183,60 @@ where
         .border_style(BLACK)
         .label_font(("sans-serif", 13))
         .draw()?;
+    Ok(())
+}
+
+/// Reads per bin from the kill, by where they were served: one panel per
+/// failover scenario.
+pub fn failover(path: &Path, scenarios: &[(&str, Vec<Bin>)]) -> BoxResult<()> {
+    let (root, panels) = canvas(
+        path,
+        "Failover: reads per 250 ms by where they were served (master killed at 0 s)",
+    )?;
+    for ((title, bins), panel) in scenarios.iter().zip(panels.iter()) {
+        let x0 = bins.first().map_or(-0.5, |b| b.at_s);
+        let x1 = bins.last().map_or(1.0, |b| b.at_s + 0.25);
+        let y1 = bins.iter().map(|b| b.reads).max().unwrap_or(1).max(1) as f64 * 1.15;
+        let mut chart = ChartBuilder::on(panel)
+            .caption(*title, ("sans-serif", 16))
+            .margin(12)
+            .x_label_area_size(40)
+            .y_label_area_size(60)
+            .build_cartesian_2d(x0..x1, 0.0..y1)?;
+        chart
+            .configure_mesh()
+            .x_desc("seconds from the kill")
+            .y_desc("reads per 250 ms")
+            .label_style(("sans-serif", 12))
+            .draw()?;
+        let line = |f: fn(&Bin) -> u64| -> Vec<(f64, f64)> {
+            bins.iter().map(|b| (b.at_s + 0.125, f(b) as f64)).collect()
+        };
+        line_with_points(
+            &mut chart,
+            line(|b| b.hits),
+            colour("hit"),
+            "Redis (hits)",
+            3,
+        )?;
+        line_with_points(
+            &mut chart,
+            line(|b| b.postgres),
+            RGBColor(214, 39, 40),
+            "Postgres",
+            3,
+        )?;
+        line_with_points(
+            &mut chart,
+            line(|b| b.fail_safe),
+            RGBColor(148, 103, 189),
+            "fail-safe copy",
+            2,
+        )?;
+        line_with_points(&mut chart, line(|b| b.errors), BLACK, "errors", 2)?;
+        legend(&mut chart)?;
+    }
+    root.present()?;
     Ok(())
 }
 

@@ -66,6 +66,17 @@ impl Target {
         Target::ratio(name, ratio, limit, false)
     }
 
+    /// A duration, in seconds, that should be at most `limit` (none
+    /// measured: not met).
+    pub fn seconds_at_most(name: &str, seconds: Option<f64>, limit: f64) -> Target {
+        Target {
+            name: name.to_owned(),
+            value: seconds.map_or("never".into(), |s| format!("{s:.2} s")),
+            limit: format!("≤ {limit:.1} s"),
+            met: Some(seconds.is_some_and(|s| s <= limit)),
+        }
+    }
+
     fn ratio(name: &str, ratio: Option<f64>, limit: f64, at_most: bool) -> Target {
         Target {
             name: name.to_owned(),

@@ -103,8 +103,10 @@ pub unsafe extern "C" fn cacheaside_config_set_database_url(
 /// `redis://user:password@host:6379/` for a server that wants an ACL user
 /// and password. Several URLs separated by commas
 /// (`redis://10.0.0.1:7000,redis://10.0.0.2:7000`) select Redis Cluster:
-/// they are seed nodes. Defaults to `REDIS_URL`, else
-/// `redis://127.0.0.1:6379/`.
+/// they are seed nodes. `redis+sentinel://HOST:PORT[,HOST:PORT...]/MASTER_NAME`
+/// names a master through Redis Sentinel (credentials in it are the
+/// master's; a malformed one is refused here). Defaults to `REDIS_URL`,
+/// else `redis://127.0.0.1:6379/`.
 ///
 /// The URL is parsed by `cacheaside_client_open()`, which returns
 /// `CACHEASIDE_INVALID_ARGUMENT` for one that does not parse.

@@ -105,6 +105,8 @@ pub struct PrivateRedis {
     child: Option<Child>,
     /// More `redis-server` arguments (say, `--cluster-enabled yes`).
     extra: Vec<String>,
+    /// A config file to pass first (a sentinel needs one it can rewrite).
+    conf: Option<PathBuf>,
 }
 
 impl PrivateRedis {
@@ -118,11 +120,36 @@ impl PrivateRedis {
 
     /// As [`start`](Self::start), with more `redis-server` arguments.
     pub fn start_with(extra: &[&str]) -> PrivateRedis {
+        PrivateRedis::start_in(temp_dir("redis"), None, extra)
+    }
+
+    /// A Redis Sentinel (`redis-server <conf> --sentinel`) watching the
+    /// master `name` at 127.0.0.1:`master_port` with a quorum of 2, which
+    /// it takes for down after `down_after` of silence.
+    pub fn start_sentinel(name: &str, master_port: u16, down_after: Duration) -> PrivateRedis {
+        let dir = temp_dir("sentinel");
+        let conf = dir.join("sentinel.conf");
+        let ms = down_after.as_millis();
+        fs::write(
+            &conf,
+            format!(
+                "sentinel monitor {name} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {name} {ms}\n\
+                 sentinel failover-timeout {name} {}\n",
+                ms * 4
+            ),
+        )
+        .expect("write sentinel.conf");
+        PrivateRedis::start_in(dir, Some(conf), &["--sentinel"])
+    }
+
+    fn start_in(dir: PathBuf, conf: Option<PathBuf>, extra: &[&str]) -> PrivateRedis {
         let mut redis = PrivateRedis {
             port: 0,
-            dir: temp_dir("redis"),
+            dir,
             child: None,
             extra: extra.iter().map(|a| a.to_string()).collect(),
+            conf,
         };
         let mut failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
@@ -144,6 +171,7 @@ impl PrivateRedis {
     fn launch(&mut self) -> Result<(), String> {
         let (stdout, stderr) = log_file(&self.log_path());
         let child = Command::new("redis-server")
+            .args(&self.conf)
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--dir"])
@@ -396,7 +424,8 @@ impl Drop for TestCerts {
     }
 }
 
-/// A Redis Cluster of our own: three masters (no replicas) on free loopback
+/// A Redis Cluster of our own: three masters (no replicas, or one each
+/// with [`start_with_replicas`](Self::start_with_replicas)) on free loopback
 /// ports, each a [`PrivateRedis`] started with `--cluster-enabled yes`,
 /// joined with `redis-cli --cluster create`; killed and removed on `Drop`.
 /// Its nodes are ours alone, so a test may `FLUSHALL` them.
@@ -411,7 +440,19 @@ impl PrivateCluster {
     /// # Panics
     /// With redis-cli's output, if the cluster does not form within 10 s.
     pub fn start() -> PrivateCluster {
-        let nodes: Vec<PrivateRedis> = (0..3)
+        PrivateCluster::launch(0)
+    }
+
+    /// As [`start`](Self::start), with one replica per master (six nodes,
+    /// `--cluster-replicas 1`): returns once every replica's link to its
+    /// master is up, so a failover test can kill a master and promote its
+    /// replica ([`replica_of`](Self::replica_of), [`take_over`](Self::take_over)).
+    pub fn start_with_replicas() -> PrivateCluster {
+        PrivateCluster::launch(1)
+    }
+
+    fn launch(replicas: usize) -> PrivateCluster {
+        let nodes: Vec<PrivateRedis> = (0..3 * (1 + replicas))
             .map(|_| {
                 PrivateRedis::start_with(&[
                     "--cluster-enabled",
@@ -420,6 +461,10 @@ impl PrivateCluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "5000",
+                    // A replica's first sync starts at once, not after the
+                    // default 5 s wait for more replicas to join it.
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ])
             })
             .collect();
@@ -431,7 +476,7 @@ impl PrivateCluster {
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
-            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
             .expect("run redis-cli --cluster create");
@@ -444,8 +489,10 @@ impl PrivateCluster {
         let cluster = PrivateCluster { nodes };
         let formed = wait_for(START_WITHIN, || {
             cluster.nodes.iter().all(|n| {
+                let info = n.command(&["INFO", "REPLICATION"]);
                 n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
                     && n.command(&["CLUSTER", "SHARDS"]).matches("master").count() == 3
+                    && (info.contains("role:master") || info.contains("master_link_status:up"))
             })
         });
         assert!(
@@ -465,9 +512,58 @@ impl PrivateCluster {
             .join(",")
     }
 
+    /// The nodes still running.
+    fn alive(&self) -> impl Iterator<Item = &PrivateRedis> {
+        self.nodes.iter().filter(|n| n.pid().is_some())
+    }
+
+    /// The replica of `master` (a cluster from
+    /// [`start_with_replicas`](Self::start_with_replicas)).
+    pub fn replica_of(&self, master: &PrivateRedis) -> &PrivateRedis {
+        let id = master.command(&["CLUSTER", "MYID"]);
+        let nodes = master.command(&["CLUSTER", "NODES"]);
+        let port = nodes
+            .lines()
+            .map(|line| line.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+            .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
+            .expect("the master has a replica");
+        self.nodes
+            .iter()
+            .find(|n| n.port() == port)
+            .expect("one of ours")
+    }
+
+    /// Promotes the replica at `port` (`CLUSTER FAILOVER TAKEOVER`: no
+    /// agreement of the other masters needed, as after its master died)
+    /// and returns once every running node reports `cluster_state:ok` and
+    /// names it a master.
+    ///
+    /// # Panics
+    /// If that does not happen within 10 s.
+    pub fn take_over(&self, port: u16) {
+        let replica = self.nodes.iter().find(|n| n.port() == port).expect("ours");
+        let answer = replica.command(&["CLUSTER", "FAILOVER", "TAKEOVER"]);
+        assert_eq!(answer, "OK", "CLUSTER FAILOVER TAKEOVER");
+        let needle = format!(":{port}@");
+        let promoted = wait_for(START_WITHIN, || {
+            self.alive().all(|n| {
+                n.command(&["CLUSTER", "INFO"]).contains("cluster_state:ok")
+                    && n.command(&["CLUSTER", "NODES"]).lines().any(|line| {
+                        line.contains(&needle) && line.contains("master") && !line.contains("slave")
+                    })
+            })
+        });
+        assert!(promoted, "the replica at {port} was not promoted");
+    }
+
     /// The node that serves `slot` now.
     pub fn owner_of(&self, slot: u16) -> &PrivateRedis {
-        let id = self.nodes[0].command(&["CLUSTER", "NODES"]);
+        let id = self
+            .alive()
+            .next()
+            .expect("a running node")
+            .command(&["CLUSTER", "NODES"]);
         for line in id.lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 9 || !fields[2].contains("master") {
@@ -494,6 +590,79 @@ impl PrivateCluster {
             }
         }
         panic!("no master serves slot {slot}");
+    }
+}
+
+/// A master, its replica and three sentinels of our own (free loopback
+/// ports, killed and removed on `Drop`), the sentinels watching the master
+/// as [`SENTINEL_MASTER`] and taking it for down after 500 ms of silence.
+pub struct PrivateSentinels {
+    pub master: PrivateRedis,
+    pub replica: PrivateRedis,
+    pub sentinels: Vec<PrivateRedis>,
+}
+
+/// The master name the sentinels of [`PrivateSentinels`] watch.
+pub const SENTINEL_MASTER: &str = "cacheaside";
+
+impl PrivateSentinels {
+    /// Starts the five servers and returns once the replica is in sync and
+    /// every sentinel knows the replica and the two other sentinels (so a
+    /// failover can be agreed on at once).
+    ///
+    /// # Panics
+    /// If that does not happen within 10 s.
+    pub fn start() -> PrivateSentinels {
+        let master = PrivateRedis::start_with(&["--repl-diskless-sync-delay", "0"]);
+        let port = master.port().to_string();
+        let replica = PrivateRedis::start_with(&["--replicaof", "127.0.0.1", &port]);
+        let sentinels: Vec<PrivateRedis> = (0..3)
+            .map(|_| {
+                PrivateRedis::start_sentinel(
+                    SENTINEL_MASTER,
+                    master.port(),
+                    Duration::from_millis(500),
+                )
+            })
+            .collect();
+        let group = PrivateSentinels {
+            master,
+            replica,
+            sentinels,
+        };
+        let ready = wait_for(START_WITHIN, || {
+            group
+                .replica
+                .command(&["INFO", "REPLICATION"])
+                .contains("master_link_status:up")
+                && group.sentinels.iter().all(|s| {
+                    let master = s.command(&["SENTINEL", "MASTER", SENTINEL_MASTER]);
+                    master.contains("num-slaves\n1") && master.contains("num-other-sentinels\n2")
+                })
+        });
+        assert!(
+            ready,
+            "the sentinels did not settle: {}",
+            group.sentinels[0].command(&["SENTINEL", "MASTER", SENTINEL_MASTER])
+        );
+        group
+    }
+
+    /// `redis+sentinel://` with every sentinel, for a `Config`.
+    pub fn url(&self) -> String {
+        let hosts: Vec<String> = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port()))
+            .collect();
+        format!("redis+sentinel://{}/{SENTINEL_MASTER}", hosts.join(","))
+    }
+
+    /// The port of the master the sentinels name now.
+    pub fn master_port(&self) -> Option<u16> {
+        let addr =
+            self.sentinels[0].command(&["SENTINEL", "GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER]);
+        addr.lines().nth(1)?.trim().parse().ok()
     }
 }
 
