@@ -336,13 +336,17 @@ pub(crate) fn tls_connector(
             let _ = roots.add(cert);
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::new(ErrorKind::Database, "cannot set up TLS").with_source(e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    // rustls 0.23.48 deprecates ring's provider (ring has no post-quantum
+    // key exchange) in favour of aws-lc-rs, which needs cmake and a long C
+    // build: we keep ring on purpose (see Cargo.toml), for Postgres and
+    // Redis alike.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::new(ErrorKind::Database, "cannot set up TLS").with_source(e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
 }
 
