@@ -36,8 +36,10 @@ use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 /// are cached too (for [`Config::negative_ttl`]). Near expiry, XFetch lets
 /// one caller refresh the value early while the others keep reading it.
 ///
-/// `CacheAside` is `Send + Sync`: share one (by reference or in an `Arc`)
-/// between all threads. Every method blocks.
+/// `CacheAside` is `Send + Sync` and cheap to clone (an `Arc` inside, like
+/// moka's `Cache` or r2d2's `Pool`): every clone is the same engine, with
+/// the same pools, relay, workers and stats; the relay and the workers stop
+/// when the last clone drops. Every method blocks.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -51,7 +53,14 @@ use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 /// })?;
 /// # Ok::<(), cacheaside::Error>(())
 /// ```
+#[derive(Clone)]
 pub struct CacheAside {
+    /// Shared by every clone; the relay, the workers and the pools stop
+    /// when the last clone drops.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     engine: Engine,
     background: Background,
     relay: Mutex<Option<crate::relay::Relay>>,
@@ -89,23 +98,25 @@ impl CacheAside {
             .clone()
             .map(|near| Tracker::start(near, engine.cache.clone(), config.cache_timeout));
         Ok(CacheAside {
-            write_behind: WriteBehind::new(&engine.cache, config),
-            engine,
-            background: Background::new(config.background_threads),
-            relay: Mutex::new(None),
-            _tracker: tracker,
-            config: config.clone(),
+            inner: Arc::new(Inner {
+                write_behind: WriteBehind::new(&engine.cache, config),
+                engine,
+                background: Background::new(config.background_threads),
+                relay: Mutex::new(None),
+                _tracker: tracker,
+                config: config.clone(),
+            }),
         })
     }
 
     /// The Postgres pool (and its query counter).
     pub fn db(&self) -> &Db {
-        &self.engine.db
+        &self.inner.engine.db
     }
 
     /// The Redis pool.
     pub fn cache(&self) -> &Cache {
-        &self.engine.cache
+        &self.inner.engine.cache
     }
 
     /// Checks that both servers answer: one Redis `PING` and one Postgres
@@ -129,17 +140,22 @@ impl CacheAside {
     /// [`ErrorKind::Timeout`] for a server that does not answer.
     pub fn ping(&self) -> Result<()> {
         let pong: String = self
+            .inner
             .engine
             .cache
             .run(|conn| redis::cmd("PING").query(conn))?;
         debug_assert_eq!(pong, "PONG");
-        self.engine.db.uncounted().query_one("SELECT 1", &[])?;
+        self.inner
+            .engine
+            .db
+            .uncounted()
+            .query_one("SELECT 1", &[])?;
         Ok(())
     }
 
     /// The config this engine was built with.
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.inner.config
     }
 
     /// Reads `key` from the cache, or on a miss calls `load` and caches what
@@ -219,9 +235,9 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<(T, u64)>>,
     {
-        let counters = &self.engine.counters;
-        self.engine.read(
-            &self.background,
+        let counters = &self.inner.engine.counters;
+        self.inner.engine.read(
+            &self.inner.background,
             key,
             ttl,
             mode,
@@ -260,9 +276,9 @@ impl CacheAside {
         T: Serialize + DeserializeOwned + 'static,
         F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
     {
-        let counters = self.engine.counters.clone();
-        self.engine.read(
-            &self.background,
+        let counters = self.inner.engine.counters.clone();
+        self.inner.engine.read(
+            &self.inner.background,
             key,
             ttl,
             mode,
@@ -286,9 +302,9 @@ impl CacheAside {
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
     {
-        let counters = self.engine.counters.clone();
-        self.engine.read(
-            &self.background,
+        let counters = self.inner.engine.counters.clone();
+        self.inner.engine.read(
+            &self.inner.background,
             key,
             ttl,
             mode,
@@ -317,7 +333,7 @@ impl CacheAside {
     /// Cache errors and timeouts.
     pub fn invalidate(&self, key: &str) -> Result<()> {
         check_key(key)?;
-        self.engine.invalidate(key)
+        self.inner.engine.invalidate(key)
     }
 
     /// [`invalidate`](Self::invalidate) after a committed write of a table
@@ -376,7 +392,8 @@ impl CacheAside {
     {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
-        self.engine
+        self.inner
+            .engine
             .write_through(key, ttl, write, self.relay_running())
     }
 
@@ -384,21 +401,29 @@ impl CacheAside {
     /// runs (see [`crate::write_behind::SyncWrite`]).
     pub(crate) fn announce_write(&self, key: &str) -> Option<crate::write_behind::SyncWrite<'_>> {
         // With the breaker open, Redis is failing: no worker commits either.
-        (!self.engine.breaker.is_open()).then_some(())?;
-        crate::write_behind::announce_sync_write(self.cache(), key, self.config.call_deadline())
+        (!self.inner.engine.breaker.is_open()).then_some(())?;
+        crate::write_behind::announce_sync_write(
+            self.cache(),
+            key,
+            self.inner.config.call_deadline(),
+        )
     }
 
     /// Test hooks: forced interleavings for this crate's tests.
     #[cfg(feature = "test-hooks")]
     pub fn hooks(&self) -> &crate::hooks::Hooks {
-        &self.engine.hooks
+        &self.inner.engine.hooks
     }
 
     /// Test hook: the `CLIENT ID` of the near cache's tracking connection,
     /// while it is connected.
     #[cfg(feature = "test-hooks")]
     pub fn local_cache_tracker_id(&self) -> Option<u64> {
-        self.engine.near.as_ref().and_then(|near| near.tracker_id())
+        self.inner
+            .engine
+            .near
+            .as_ref()
+            .and_then(|near| near.tracker_id())
     }
 
     /// Test hook: `true` makes the near cache's tracker drop every
@@ -406,7 +431,7 @@ impl CacheAside {
     /// `max_staleness` bounds what L1 serves.
     #[cfg(feature = "test-hooks")]
     pub fn ignore_local_invalidations(&self, ignore: bool) {
-        if let Some(near) = &self.engine.near {
+        if let Some(near) = &self.inner.engine.near {
             near.ignore_invalidations(ignore);
         }
     }
@@ -414,7 +439,7 @@ impl CacheAside {
     /// Test hook: how many threads wait on the flight for `key` in progress.
     #[cfg(feature = "test-hooks")]
     pub fn flight_followers(&self, key: &str) -> usize {
-        self.engine.flight_followers(key)
+        self.inner.engine.flight_followers(key)
     }
 
     /// Counters of what this engine has done since it opened.
@@ -426,7 +451,7 @@ impl CacheAside {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        self.engine.counters.stats()
+        self.inner.engine.counters.stats()
     }
 
     /// True when the near cache ([`Config::local_cache`]) is on and may
@@ -442,29 +467,33 @@ impl CacheAside {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn local_cache_ready(&self) -> bool {
-        self.engine.near.as_ref().is_some_and(|near| near.live())
+        self.inner
+            .engine
+            .near
+            .as_ref()
+            .is_some_and(|near| near.live())
     }
 
     /// Entries the near cache holds now (0 when it is off).
     pub fn local_cache_entries(&self) -> u64 {
-        self.engine.near.as_ref().map_or(0, |near| near.len())
+        self.inner.engine.near.as_ref().map_or(0, |near| near.len())
     }
 
     /// Keys with a single-flight load in progress in this process; 0 when no
     /// call is running (per-key state is freed when its flight ends).
     pub fn in_flight(&self) -> usize {
-        self.engine.in_flight()
+        self.inner.engine.in_flight()
     }
 
     /// Loads whose leases and locks are being renewed now; 0 when no load
     /// runs.
     pub fn holds(&self) -> usize {
-        self.engine.keeper.live()
+        self.inner.engine.keeper.live()
     }
 
     /// True while the circuit breaker keeps reads away from Redis.
     pub fn breaker_open(&self) -> bool {
-        self.engine.breaker.is_open()
+        self.inner.engine.breaker.is_open()
     }
 
     /// Starts the invalidation relay (if the config turns it on and it is
@@ -473,16 +502,16 @@ impl CacheAside {
     /// [`capture_changes`](Self::capture_changes) start it; call this when
     /// another process installed the capture.
     pub fn start_relay(&self) {
-        if !self.config.invalidation_relay {
+        if !self.inner.config.invalidation_relay {
             return;
         }
-        let mut relay = self.relay.lock();
+        let mut relay = self.inner.relay.lock();
         if relay.is_none() {
             *relay = Some(crate::relay::Relay::start(
-                self.engine.clone(),
-                &self.config,
+                self.inner.engine.clone(),
+                &self.inner.config,
             ));
-            self.engine.breaker.set_relay_running(true);
+            self.inner.engine.breaker.set_relay_running(true);
         }
     }
 
@@ -520,8 +549,8 @@ impl CacheAside {
         key_column: &str,
         version_column: Option<&str>,
     ) -> Result<()> {
-        crate::relay::Outbox::new(&self.config.outbox_table)?.capture(
-            &self.engine.db,
+        crate::relay::Outbox::new(&self.inner.config.outbox_table)?.capture(
+            &self.inner.engine.db,
             table,
             key_prefix,
             key_column,
@@ -533,23 +562,28 @@ impl CacheAside {
 
     /// Stops the invalidation relay, if it runs (and joins its thread).
     pub fn stop_relay(&self) {
-        let relay = self.relay.lock().take();
+        let relay = self.inner.relay.lock().take();
         if let Some(relay) = relay {
-            self.engine.breaker.set_relay_running(false);
+            self.inner.engine.breaker.set_relay_running(false);
             relay.stop();
         }
     }
 
     /// True when the invalidation relay runs for this engine.
     pub fn relay_running(&self) -> bool {
-        self.relay.lock().is_some()
+        self.inner.relay.lock().is_some()
     }
 
     /// Makes the relay read the outbox now, and waits (up to `timeout`) until
     /// it has applied every change committed before this call. True if it
     /// did. Without a relay, false at once.
     pub fn sync_relay(&self, timeout: Duration) -> bool {
-        let relay = self.relay.lock().as_ref().map(crate::relay::Relay::handle);
+        let relay = self
+            .inner
+            .relay
+            .lock()
+            .as_ref()
+            .map(crate::relay::Relay::handle);
         relay.is_some_and(|r| r.sync(timeout))
     }
 
@@ -605,7 +639,7 @@ impl CacheAside {
             + 'static,
     {
         let applier: Applier = Arc::new(applier);
-        self.write_behind.register(prefix, applier)
+        self.inner.write_behind.register(prefix, applier)
     }
 
     /// Write-behind: makes `value` the value of `key` at once (every reader,
@@ -651,9 +685,10 @@ impl CacheAside {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
         let json = to_json(value)?;
-        let _evict = self.engine.evict_on_return(key);
-        self.write_behind
-            .enqueue(&self.engine, key, ttl, Json::Whole(&json), 0)
+        let _evict = self.inner.engine.evict_on_return(key);
+        self.inner
+            .write_behind
+            .enqueue(&self.inner.engine, key, ttl, Json::Whole(&json), 0)
     }
 
     /// [`write_behind`](Self::write_behind) of a value whose JSON carries
@@ -670,9 +705,9 @@ impl CacheAside {
     ) -> Result<u64> {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
-        let _evict = self.engine.evict_on_return(key);
-        self.write_behind.enqueue(
-            &self.engine,
+        let _evict = self.inner.engine.evict_on_return(key);
+        self.inner.write_behind.enqueue(
+            &self.inner.engine,
             key,
             ttl,
             Json::Sequenced { head, tail },
@@ -694,7 +729,7 @@ impl CacheAside {
     /// [`MAX_WRITE_BEHIND_WORKERS`](crate::MAX_WRITE_BEHIND_WORKERS) workers, or when
     /// workers already run (stop them first).
     pub fn start_write_behind(&self, workers: u32) -> Result<()> {
-        self.write_behind.start(&self.engine, workers)
+        self.inner.write_behind.start(&self.inner.engine, workers)
     }
 
     /// Stops this process's write-behind workers and waits for them: each
@@ -703,12 +738,12 @@ impl CacheAside {
     /// stays pending, for another worker to claim. A no-op when none run;
     /// dropping the engine does the same.
     pub fn stop_write_behind(&self) {
-        self.write_behind.stop();
+        self.inner.write_behind.stop();
     }
 
     /// Write-behind worker threads running in this process.
     pub fn write_behind_workers(&self) -> usize {
-        self.write_behind.running()
+        self.inner.write_behind.running()
     }
 
     /// Waits until every write-behind change enqueued (by any process)
@@ -722,7 +757,9 @@ impl CacheAside {
     /// [`ErrorKind::Timeout`] when changes from before the call are still
     /// pending at the timeout; cache errors.
     pub fn drain_write_behind(&self, timeout: Duration) -> Result<()> {
-        self.write_behind.drain(&self.engine.cache, timeout)
+        self.inner
+            .write_behind
+            .drain(&self.inner.engine.cache, timeout)
     }
 
     /// Write-behind changes enqueued (by any process) and not yet committed
@@ -732,7 +769,7 @@ impl CacheAside {
     /// # Errors
     /// Cache errors and timeouts.
     pub fn write_behind_pending(&self) -> Result<u64> {
-        self.write_behind.pending(&self.engine.cache)
+        self.inner.write_behind.pending(&self.inner.engine.cache)
     }
 
     /// The oldest `count` entries of the dead-letter stream: changes the
@@ -743,15 +780,21 @@ impl CacheAside {
     /// # Errors
     /// Cache errors and timeouts.
     pub fn write_behind_dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>> {
-        self.write_behind.dead_letters(&self.engine.cache, count)
+        self.inner
+            .write_behind
+            .dead_letters(&self.inner.engine.cache, count)
     }
 }
 
-impl Drop for CacheAside {
+impl Drop for Inner {
     fn drop(&mut self) {
         // Before the background pool and the keeper go: the workers and the
         // relay use the engine they serve.
         self.write_behind.stop();
-        self.stop_relay();
+        let relay = self.relay.lock().take();
+        if let Some(relay) = relay {
+            self.engine.breaker.set_relay_running(false);
+            relay.stop();
+        }
     }
 }

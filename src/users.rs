@@ -46,8 +46,9 @@ pub const DEMO_USERS: [(i64, &str, &str, &str); 5] = [
 
 /// The lab's client: a [`CacheAside`] engine plus the users table.
 ///
-/// Thread-safe: share one `Client` between all threads (in an `Arc`, or by
-/// reference from scoped threads). Every method blocks.
+/// Thread-safe and cheap to clone (an `Arc` inside): give each thread its
+/// own clone; every clone is the same client, with the same engine. Every
+/// method blocks.
 ///
 /// ```no_run
 /// use cacheaside::{Client, Config};
@@ -64,6 +65,7 @@ pub const DEMO_USERS: [(i64, &str, &str, &str); 5] = [
 /// assert_eq!(client.get_user_profile(1)?.unwrap().plan, "enterprise");
 /// # Ok::<(), cacheaside::Error>(())
 /// ```
+#[derive(Clone)]
 pub struct Client {
     engine: CacheAside,
     ttl: Duration,

@@ -1,0 +1,89 @@
+//! The generic engine as a new user meets it: cheap handles, the names of
+//! the reads, versioned values, the loader's own error, the builder. Each
+//! test runs on its own namespace (and table, when it needs one).
+
+mod common;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use cacheaside::{CacheAside, Config};
+use common::test_config;
+
+const TTL: Duration = Duration::from_secs(60);
+
+/// An engine on a namespace of its own, deleted when it drops.
+struct Space {
+    engine: CacheAside,
+}
+
+impl Space {
+    fn new(label: &str) -> Space {
+        Space::with(test_config(label))
+    }
+
+    fn with(config: Config) -> Space {
+        Space {
+            engine: CacheAside::open(&config).expect("open (are the services up?)"),
+        }
+    }
+}
+
+impl Drop for Space {
+    fn drop(&mut self) {
+        let _ = self.engine.cache().delete_namespace();
+    }
+}
+
+#[test]
+fn clones_share_one_engine() {
+    let space = Space::new("clones");
+    let loads = AtomicU64::new(0);
+    let load = || {
+        loads.fetch_add(1, Ordering::SeqCst);
+        Ok(Some(7_i64))
+    };
+    let copy = space.engine.clone();
+    assert_eq!(copy.get_or_load("k", TTL, load).unwrap(), Some(7));
+    // The clone filled it: the original hits, and sees the clone's stats.
+    let queries = space.engine.db().query_count();
+    let elsewhere = std::thread::spawn(move || {
+        let v: Option<i64> = copy
+            .get_or_load("k", TTL, || unreachable!("cached"))
+            .unwrap();
+        (v, copy.stats().hits)
+    });
+    assert_eq!(elsewhere.join().unwrap(), (Some(7), 1));
+    let v: Option<i64> = space
+        .engine
+        .get_or_load("k", TTL, || unreachable!("cached"))
+        .unwrap();
+    assert_eq!(v, Some(7));
+    assert_eq!(loads.load(Ordering::SeqCst), 1);
+    assert_eq!(space.engine.stats().hits, 2);
+    assert_eq!(space.engine.db().query_count(), queries);
+}
+
+#[test]
+fn a_relay_outlives_a_dropped_clone() {
+    let space = Space::new("clone_relay");
+    let copy = space.engine.clone();
+    copy.start_relay();
+    assert!(space.engine.relay_running());
+    drop(copy);
+    assert!(
+        space.engine.relay_running(),
+        "the relay stops with the last clone only"
+    );
+}
+
+#[test]
+fn a_client_clone_reads_what_the_original_cached() {
+    let fx = common::Fixture::new("client_clone");
+    let copy = fx.client.clone();
+    let ada = fx.client.get_user_profile(1).unwrap().expect("seeded");
+    let before = fx.queries();
+    let from_thread = std::thread::spawn(move || copy.get_user_profile(1).unwrap());
+    assert_eq!(from_thread.join().unwrap(), Some(ada));
+    assert_eq!(fx.queries(), before, "the clone hit the original's entry");
+}
