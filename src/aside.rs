@@ -47,8 +47,8 @@ use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 ///
 /// let engine = CacheAside::open(&Config::from_env())?;
 /// let db = engine.db().clone();
-/// let count: Option<i64> = engine.get_or_load_singleflight("orders:count", Duration::from_secs(30), || {
-///     let row = db.query_one("SELECT count(*) FROM pg_class", &[])?;
+/// let count: Option<i64> = engine.get_or_load("orders:count", Duration::from_secs(30), || {
+///     let row = db.query_opt("SELECT count(*) FROM pg_class", &[])?;
 ///     Ok(row.map(|r| r.get(0)))
 /// })?;
 /// # Ok::<(), cacheaside::Error>(())
@@ -149,7 +149,7 @@ impl CacheAside {
             .engine
             .db
             .uncounted()
-            .query_one("SELECT 1", &[])?;
+            .query_opt("SELECT 1", &[])?;
         Ok(())
     }
 
@@ -161,17 +161,29 @@ impl CacheAside {
     /// Reads `key` from the cache, or on a miss calls `load` and caches what
     /// it returns for `ttl` (`None`: cached as absent for the negative TTL).
     ///
-    /// Every caller that misses calls its own `load` (see
-    /// [`get_or_load_singleflight`](Self::get_or_load_singleflight) for
-    /// one load per key). An entry that does not decode as `T` is deleted,
-    /// counted in [`Stats::corrupt_entries`] and treated as a miss.
+    /// However many threads and processes miss `key` at once, one `load`
+    /// runs: the others wait for its value (in-process on the flight's lock,
+    /// across processes on the cache). If the leader's `load` fails, every
+    /// thread waiting on it gets the same error (a panic reaches them as
+    /// [`ErrorKind::Panicked`]); the next call tries again. See
+    /// [`get_or_load_uncoalesced`](Self::get_or_load_uncoalesced) for a
+    /// read where every caller that misses loads for itself.
+    ///
+    /// An entry that does not decode as `T` is deleted, counted in
+    /// [`Stats::corrupt_entries`] and treated as a miss. `load` must not
+    /// read `key` through this engine: that is reported as
+    /// [`ErrorKind::InvalidArgument`] instead of waiting for itself.
+    ///
+    /// Blocks the calling thread; from async code call it inside
+    /// `tokio::task::spawn_blocking`.
     ///
     /// # Errors
     /// What `load` returns (or, with fail-safe on and a copy at hand, the
     /// copy instead); cache errors only when nothing else can answer;
-    /// [`ErrorKind::InvalidArgument`] for an empty key (or one holding `{`
-    /// or `}`), or a TTL of zero or
-    /// beyond [`MAX_TTL`](crate::MAX_TTL).
+    /// [`ErrorKind::Timeout`] when the call's deadline passes while it
+    /// waits; [`ErrorKind::InvalidArgument`] for an empty key (or one
+    /// holding `{` or `}`), or a TTL of zero or beyond
+    /// [`MAX_TTL`](crate::MAX_TTL).
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
@@ -185,23 +197,43 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<T>>,
     {
+        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || Ok(load()?.map(|v| (v, 0))))
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load), but not coalesced: every
+    /// caller that misses `key` calls its own `load` (the naive pattern;
+    /// still lease-protected, so it never caches a stale row). For loads
+    /// that are cheap, or that must run once per caller.
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), without the wait.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let v: Option<u32> = engine.get_or_load_uncoalesced("dice", std::time::Duration::from_secs(5), || {
+    ///     Ok(Some(4))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_or_load_uncoalesced<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
         self.get_or_load_versioned(key, ttl, Mode::Plain, || Ok(load()?.map(|v| (v, 0))))
     }
 
-    /// Like [`get_or_load`](Self::get_or_load), but however many threads and
-    /// processes miss `key` at once, one `load` runs: the others wait for its
-    /// value (in-process on the flight's lock, across processes on the cache).
-    ///
-    /// If the leader's `load` fails, every thread waiting on it gets the
-    /// same error (a panic reaches them as [`ErrorKind::Panicked`]); the next
-    /// call tries again.
-    ///
-    /// `load` must not read `key` through this engine: that is reported as
-    /// [`ErrorKind::InvalidArgument`] instead of waiting for itself.
+    /// The coalescing read under its old name: [`get_or_load`](Self::get_or_load)
+    /// coalesces now.
     ///
     /// # Errors
-    /// As [`get_or_load`](Self::get_or_load), plus [`ErrorKind::Timeout`]
-    /// when the call's deadline passes while it waits.
+    /// As [`get_or_load`](Self::get_or_load).
+    #[deprecated(since = "0.2.0", note = "`get_or_load` coalesces now: call it")]
     pub fn get_or_load_singleflight<T, F>(
         &self,
         key: &str,
@@ -212,7 +244,7 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<T>>,
     {
-        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || Ok(load()?.map(|v| (v, 0))))
+        self.get_or_load(key, ttl, load)
     }
 
     /// The general read: `load` also returns the row's version (any number
@@ -223,7 +255,7 @@ impl CacheAside {
     /// would replace. `load` runs on the calling thread.
     ///
     /// # Errors
-    /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
+    /// As [`get_or_load`](Self::get_or_load).
     pub fn get_or_load_versioned<T, F>(
         &self,
         key: &str,
@@ -258,13 +290,13 @@ impl CacheAside {
     /// use cacheaside::Mode;
     /// let db = engine.db().clone();
     /// let n: Option<i64> = engine.get_or_load_owned("tables", std::time::Duration::from_secs(60), Mode::SingleFlight, move || {
-    ///     Ok(db.query_one("SELECT count(*) FROM pg_class", &[])?.map(|r| (r.get(0), 0)))
+    ///     Ok(db.query_opt("SELECT count(*) FROM pg_class", &[])?.map(|r| (r.get(0), 0)))
     /// })?;
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     ///
     /// # Errors
-    /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
+    /// As [`get_or_load`](Self::get_or_load).
     pub fn get_or_load_owned<T, F>(
         &self,
         key: &str,
@@ -380,7 +412,7 @@ impl CacheAside {
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
     /// let sql = "UPDATE prices SET cents = $2, version = version + 1 WHERE sku = $1 RETURNING cents, version";
     /// let cents: Option<i64> = engine.write_through("price:A1", std::time::Duration::from_secs(60), || {
-    ///     let row = engine.db().query_one(sql, &[&"A1", &999_i64])?;
+    ///     let row = engine.db().query_opt(sql, &[&"A1", &999_i64])?;
     ///     Ok(row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
     /// })?;
     /// # Ok::<(), cacheaside::Error>(())

@@ -334,7 +334,7 @@ impl Client {
                 // No row: nothing to cache (a cached "absent" stays right).
                 let row = self
                     .db()
-                    .query_one(&self.sql.update_returning, &[&user_id, &plan])?;
+                    .query_opt(&self.sql.update_returning, &[&user_id, &plan])?;
                 versioned_profile(row)
             })
     }
@@ -435,7 +435,7 @@ impl Client {
             &Client::user_key(user_id),
             self.ttl,
             mode,
-            move || versioned_profile(db.query_one(&sql.select, &[&user_id])?),
+            move || versioned_profile(db.query_opt(&sql.select, &[&user_id])?),
         )
     }
 

@@ -87,3 +87,51 @@ fn a_client_clone_reads_what_the_original_cached() {
     assert_eq!(from_thread.join().unwrap(), Some(ada));
     assert_eq!(fx.queries(), before, "the clone hit the original's entry");
 }
+
+/// `threads` readers released together on a cold key: how many loads ran.
+/// Each load waits until every reader has entered its call, so readers that
+/// are not coalesced all load.
+fn loads_of_a_stampede(engine: &CacheAside, coalesced: bool) -> usize {
+    let threads = 16;
+    let barrier = std::sync::Barrier::new(threads);
+    let entered = AtomicU64::new(0);
+    let loads = AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                entered.fetch_add(1, Ordering::SeqCst);
+                let load = || {
+                    loads.fetch_add(1, Ordering::SeqCst);
+                    while entered.load(Ordering::SeqCst) < threads as u64 {
+                        std::thread::yield_now();
+                    }
+                    // Widens the window in which an uncoalesced reader
+                    // would load too; the coalesced count is 1 regardless.
+                    std::thread::sleep(Duration::from_millis(50));
+                    Ok(Some(5_i64))
+                };
+                let got = if coalesced {
+                    engine.get_or_load("cold", TTL, load)
+                } else {
+                    engine.get_or_load_uncoalesced("cold", TTL, load)
+                };
+                assert_eq!(got.unwrap(), Some(5));
+            });
+        }
+    });
+    assert_eq!(engine.in_flight(), 0);
+    loads.load(Ordering::SeqCst) as usize
+}
+
+#[test]
+fn get_or_load_coalesces_concurrent_misses() {
+    let space = Space::new("coalesced");
+    assert_eq!(loads_of_a_stampede(&space.engine, true), 1);
+}
+
+#[test]
+fn get_or_load_uncoalesced_loads_per_caller() {
+    let space = Space::new("uncoalesced");
+    assert_eq!(loads_of_a_stampede(&space.engine, false), 16);
+}
