@@ -19,6 +19,7 @@ use crate::cache::{Cache, check_key};
 use crate::config::{Config, check_ttl};
 use crate::db::Db;
 use crate::engine::{Engine, Inline, Mode, Owned, encoded, to_json};
+use crate::entry::Versioned;
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::Result;
@@ -247,16 +248,29 @@ impl CacheAside {
         self.get_or_load(key, ttl, load)
     }
 
-    /// The general read: `load` also returns the row's version (any number
-    /// that grows with every write, e.g. a `version` column), which orders
-    /// cached values against [`write_through`](Self::write_through). Use it
-    /// for every read of a key that is also written through: the unversioned
-    /// reads cache version 0, which a delayed write-through of an older row
-    /// would replace. `load` runs on the calling thread.
+    /// The general read: `load` returns the row with its version
+    /// ([`Versioned`]: any number that grows with every write, e.g. a
+    /// `version` column), which orders cached values against
+    /// [`write_through`](Self::write_through). Use it for every read of a
+    /// key that is also written through: the unversioned reads cache
+    /// version 0, which a delayed write-through of an older row would
+    /// replace. `load` runs on the calling thread. (A `(value, version)`
+    /// tuple converts into [`Versioned`], for code written before it.)
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use cacheaside::{Mode, Versioned};
+    /// let sql = "SELECT name, version FROM products WHERE id = $1";
+    /// let name: Option<String> = engine.get_or_load_versioned("product:7", std::time::Duration::from_secs(60), Mode::SingleFlight, || {
+    ///     let row = engine.db().query_opt(sql, &[&7_i64])?;
+    ///     Ok(row.map(|r| Versioned::new(r.get(0), r.get::<_, i64>(1) as u64)))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
     ///
     /// # Errors
     /// As [`get_or_load`](Self::get_or_load).
-    pub fn get_or_load_versioned<T, F>(
+    pub fn get_or_load_versioned<T, V, F>(
         &self,
         key: &str,
         ttl: Duration,
@@ -265,7 +279,8 @@ impl CacheAside {
     ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Result<Option<(T, u64)>>,
+        V: Into<Versioned<T>>,
+        F: FnOnce() -> Result<Option<V>>,
     {
         let counters = &self.inner.engine.counters;
         self.inner.engine.read(
@@ -273,7 +288,7 @@ impl CacheAside {
             key,
             ttl,
             mode,
-            Inline(move || encoded(counters, load)),
+            Inline(move || encoded(counters, || Ok(load()?.map(pair)))),
             Slot::decode,
         )
     }
@@ -287,17 +302,18 @@ impl CacheAside {
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
-    /// use cacheaside::Mode;
+    /// use cacheaside::{Mode, Versioned};
     /// let db = engine.db().clone();
     /// let n: Option<i64> = engine.get_or_load_owned("tables", std::time::Duration::from_secs(60), Mode::SingleFlight, move || {
-    ///     Ok(db.query_opt("SELECT count(*) FROM pg_class", &[])?.map(|r| (r.get(0), 0)))
+    ///     // A count has no version: never written through, so none is needed.
+    ///     Ok(db.query_opt("SELECT count(*) FROM pg_class", &[])?.map(|r| Versioned::unversioned(r.get(0))))
     /// })?;
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     ///
     /// # Errors
     /// As [`get_or_load`](Self::get_or_load).
-    pub fn get_or_load_owned<T, F>(
+    pub fn get_or_load_owned<T, V, F>(
         &self,
         key: &str,
         ttl: Duration,
@@ -306,7 +322,8 @@ impl CacheAside {
     ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned + 'static,
-        F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
+        V: Into<Versioned<T>>,
+        F: FnOnce() -> Result<Option<V>> + Send + 'static,
     {
         let counters = self.inner.engine.counters.clone();
         self.inner.engine.read(
@@ -314,7 +331,7 @@ impl CacheAside {
             key,
             ttl,
             mode,
-            Owned(move || encoded(&counters, load)),
+            Owned(move || encoded(&counters, || Ok(load()?.map(pair)))),
             Slot::decode,
         )
     }
@@ -413,20 +430,21 @@ impl CacheAside {
     /// let sql = "UPDATE prices SET cents = $2, version = version + 1 WHERE sku = $1 RETURNING cents, version";
     /// let cents: Option<i64> = engine.write_through("price:A1", std::time::Duration::from_secs(60), || {
     ///     let row = engine.db().query_opt(sql, &[&"A1", &999_i64])?;
-    ///     Ok(row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
+    ///     Ok(row.map(|r| cacheaside::Versioned::new(r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
     /// })?;
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
-    pub fn write_through<T, F>(&self, key: &str, ttl: Duration, write: F) -> Result<Option<T>>
+    pub fn write_through<T, V, F>(&self, key: &str, ttl: Duration, write: F) -> Result<Option<T>>
     where
         T: Serialize,
-        F: FnOnce() -> Result<Option<(T, u64)>>,
+        V: Into<Versioned<T>>,
+        F: FnOnce() -> Result<Option<V>>,
     {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
         self.inner
             .engine
-            .write_through(key, ttl, write, self.relay_running())
+            .write_through(key, ttl, || Ok(write()?.map(pair)), self.relay_running())
     }
 
     /// Announces a write of `key` to the write-behind workers before it
@@ -829,4 +847,10 @@ impl Drop for Inner {
             relay.stop();
         }
     }
+}
+
+/// A versioned value as the engine takes it.
+fn pair<T>(versioned: impl Into<Versioned<T>>) -> (T, u64) {
+    let v = versioned.into();
+    (v.value, v.version)
 }

@@ -101,6 +101,7 @@ pub use cache::Cache;
 pub use config::{Config, LocalCache, MAX_TTL, redact_url};
 pub use db::{Db, Transaction};
 pub use engine::Mode;
+pub use entry::Versioned;
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};
 pub use observe::Stats;

@@ -7,7 +7,7 @@ mod common;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use cacheaside::{CacheAside, Config};
+use cacheaside::{CacheAside, Config, Mode, Versioned};
 use common::test_config;
 
 const TTL: Duration = Duration::from_secs(60);
@@ -134,4 +134,32 @@ fn get_or_load_coalesces_concurrent_misses() {
 fn get_or_load_uncoalesced_loads_per_caller() {
     let space = Space::new("uncoalesced");
     assert_eq!(loads_of_a_stampede(&space.engine, false), 16);
+}
+
+#[test]
+fn an_older_versioned_write_does_not_replace_a_newer_one() {
+    let space = Space::new("versioned");
+    let engine = &space.engine;
+    let read = || -> Option<String> {
+        engine
+            .get_or_load_versioned("p", TTL, Mode::SingleFlight, || {
+                Ok(Some(Versioned::new("loaded".to_owned(), 1)))
+            })
+            .unwrap()
+    };
+    let five = engine
+        .write_through("p", TTL, || Ok(Some(Versioned::new("five".to_owned(), 5))))
+        .unwrap();
+    assert_eq!(five.as_deref(), Some("five"));
+    // A write-through that committed earlier (version 3) but reaches the
+    // cache later: the cache keeps version 5.
+    engine
+        .write_through("p", TTL, || Ok(Some(Versioned::new("three".to_owned(), 3))))
+        .unwrap();
+    assert_eq!(read().as_deref(), Some("five"));
+    // The tuple form of older code still converts.
+    engine
+        .write_through("p", TTL, || Ok(Some(("six".to_owned(), 6))))
+        .unwrap();
+    assert_eq!(read().as_deref(), Some("six"));
 }

@@ -791,13 +791,15 @@ fn write_through_removes_its_writer_token_on_every_path() {
         0,
         "after a value that does not serialize"
     );
-    let failed = engine.write_through::<i32, _>("t", ttl, || {
+    let failed = engine.write_through::<i32, cacheaside::Versioned<i32>, _>("t", ttl, || {
         Err(cacheaside::Error::loader(std::io::Error::other("no")))
     });
     assert!(failed.is_err());
     assert_eq!(writers(&fx, "t"), 0, "after a failed write");
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = engine.write_through::<i32, _>("t", ttl, || panic!("write blew up"));
+        let _ = engine.write_through::<i32, cacheaside::Versioned<i32>, _>("t", ttl, || {
+            panic!("write blew up")
+        });
     }));
     assert!(panicked.is_err());
     assert_eq!(writers(&fx, "t"), 0, "after a panicking write");

@@ -86,7 +86,7 @@ fn one_run(bench: &Bench, mode: Mode, run: Duration) -> BoxResult<Run> {
                             let row = engine.db().query_opt(&select, &[&USER])?;
                             Ok(row.map(|r| {
                                 let v: i64 = r.get(0);
-                                (v, v as u64)
+                                cacheaside::Versioned::new(v, v as u64)
                             }))
                         });
                     match got {
