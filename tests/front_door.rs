@@ -163,3 +163,40 @@ fn an_older_versioned_write_does_not_replace_a_newer_one() {
         .unwrap();
     assert_eq!(read().as_deref(), Some("six"));
 }
+
+/// A loader's own error type.
+#[derive(Debug, PartialEq)]
+struct OutOfStock(u32);
+
+impl std::fmt::Display for OutOfStock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "product {} is out of stock", self.0)
+    }
+}
+
+impl std::error::Error for OutOfStock {}
+
+#[test]
+fn a_loader_error_downcasts_to_the_loaders_type() {
+    let space = Space::new("loader_error");
+    let threads = 4;
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for _ in 0..threads {
+            s.spawn(|| {
+                barrier.wait();
+                let err = space
+                    .engine
+                    .get_or_load::<i64, _>("p", TTL, || {
+                        Err(cacheaside::Error::loader(OutOfStock(7)))
+                    })
+                    .unwrap_err();
+                assert_eq!(err.kind(), cacheaside::ErrorKind::Loader);
+                // Leader and waiters alike get the loader's own error back.
+                assert_eq!(err.downcast_ref::<OutOfStock>(), Some(&OutOfStock(7)));
+                let source = std::error::Error::source(&err).expect("a source");
+                assert_eq!(source.downcast_ref::<OutOfStock>(), Some(&OutOfStock(7)));
+            });
+        }
+    });
+}
