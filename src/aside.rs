@@ -40,7 +40,13 @@ use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 /// `CacheAside` is `Send + Sync` and cheap to clone (an `Arc` inside, like
 /// moka's `Cache` or r2d2's `Pool`): every clone is the same engine, with
 /// the same pools, relay, workers and stats; the relay and the workers stop
-/// when the last clone drops. Every method blocks.
+/// when the last clone drops.
+///
+/// Every method blocks. From async code, call it inside
+/// `tokio::task::spawn_blocking`: called from an async task of a tokio
+/// runtime, anything that reaches Postgres (a miss's load through
+/// [`Db`], a write) fails with [`ErrorKind::InvalidArgument`] naming
+/// `spawn_blocking`, instead of panicking or stalling the executor.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -176,7 +182,7 @@ impl CacheAside {
     /// [`ErrorKind::InvalidArgument`] instead of waiting for itself.
     ///
     /// Blocks the calling thread; from async code call it inside
-    /// `tokio::task::spawn_blocking`.
+    /// `tokio::task::spawn_blocking` (see [`CacheAside`]).
     ///
     /// # Errors
     /// What `load` returns (or, with fail-safe on and a copy at hand, the

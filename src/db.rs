@@ -177,6 +177,7 @@ impl Db {
         &self,
         work: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
     ) -> Result<T> {
+        crate::pg::refuse_async_context()?;
         let mut conn = self.pool.get("database")?;
         conn.pg.batch_execute("BEGIN", self.deadline)?;
         let mut tx = Transaction {
@@ -219,6 +220,8 @@ impl Db {
     }
 
     fn with_conn<T>(&self, work: impl FnOnce(&mut DbConn) -> Result<T>) -> Result<T> {
+        // Before the pool: a checkout may connect.
+        crate::pg::refuse_async_context()?;
         let mut conn = DbConn {
             conn: self.pool.get("database")?,
             db: self.clone(),

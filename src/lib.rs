@@ -18,6 +18,10 @@
 //!   ([`Client::update_user_plan_write_behind`],
 //!   [`CacheAside::write_behind`]).
 //!
+//! Every call blocks: from async code, run it in
+//! `tokio::task::spawn_blocking` (called from an async task, a call that
+//! reaches Postgres returns [`ErrorKind::InvalidArgument`] saying so).
+//!
 //! [`Client`] is the lab's users workload; [`CacheAside`] is the generic
 //! engine under it, for any key, value and loader.
 //!

@@ -56,6 +56,54 @@ struct Driver {
     notifications: VecDeque<Notification>,
 }
 
+/// Refuses a blocking call on a thread that runs a tokio runtime's async
+/// tasks: blocking on our runtime there would panic ("Cannot start a
+/// runtime from within a runtime"), and block the caller's executor
+/// anyway. Outside any runtime, and on a runtime's blocking threads
+/// (`spawn_blocking`), it passes.
+///
+/// # Errors
+/// [`ErrorKind::InvalidArgument`] naming `spawn_blocking`.
+pub(crate) fn refuse_async_context() -> Result<()> {
+    if in_async_task() {
+        return Err(Error::invalid_argument(
+            "called from an async task of a tokio runtime, where this blocking call \
+             would stall the executor: run it in tokio::task::spawn_blocking",
+        ));
+    }
+    Ok(())
+}
+
+/// True while a tokio runtime polls an async task on this thread (a
+/// worker, or a `block_on`).
+fn in_async_task() -> bool {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return false;
+    }
+    // The runtime's handle is current on its blocking threads too, where
+    // blocking is what they are for. What tells them apart is the task
+    // budget: tokio constrains it (at most 128 units) while it polls an
+    // async task and leaves it unconstrained elsewhere. Spend it to see
+    // whether it runs out, then give every unit back: a `RestoreOnPending`
+    // dropped without `made_progress` restores the budget it saw, so
+    // dropping them newest first leaves the budget as it was.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut spent = Vec::with_capacity(129);
+    let constrained = loop {
+        match tokio::task::coop::poll_proceed(&mut cx) {
+            Poll::Ready(unit) => spent.push(unit),
+            Poll::Pending => break true,
+        }
+        if spent.len() > 128 {
+            break false;
+        }
+    };
+    while let Some(unit) = spent.pop() {
+        drop(unit);
+    }
+    constrained
+}
+
 impl PgConnection {
     /// Connects, with `timeout` bounding the whole handshake (TLS
     /// included, when `config` asks for it).
@@ -64,6 +112,7 @@ impl PgConnection {
         tls: &MakeRustlsConnect,
         timeout: Duration,
     ) -> Result<PgConnection> {
+        refuse_async_context()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -150,6 +199,7 @@ impl PgConnection {
         if let Some(note) = self.driver.notifications.pop_front() {
             return Ok(Some(note));
         }
+        refuse_async_context()?;
         let driver = &mut self.driver;
         let waited = driver.runtime.block_on(async {
             tokio::time::timeout(
@@ -193,6 +243,7 @@ impl Driver {
         timeout: Duration,
         future: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
+        refuse_async_context()?;
         let mut future = pin!(future);
         let (connection, ended, notifications) = (
             &mut self.connection,

@@ -200,3 +200,41 @@ fn a_loader_error_downcasts_to_the_loaders_type() {
         }
     });
 }
+
+/// A read whose loader queries Postgres.
+fn read_one(engine: &CacheAside) -> cacheaside::Result<Option<i64>> {
+    engine.get_or_load("one", TTL, || {
+        Ok(engine
+            .db()
+            .query_opt("SELECT 1::bigint", &[])?
+            .map(|r| r.get(0)))
+    })
+}
+
+#[test]
+fn a_read_from_an_async_task_is_refused_naming_spawn_blocking() {
+    let space = Space::new("async");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let err = runtime
+        .block_on(async { read_one(&space.engine) })
+        .unwrap_err();
+    assert_eq!(
+        err.kind(),
+        cacheaside::ErrorKind::InvalidArgument,
+        "{err:?}"
+    );
+    assert!(err.to_string().contains("spawn_blocking"), "{err}");
+    assert_eq!(space.engine.db().query_count(), 0);
+    // Where the message sends the caller, the read works.
+    let engine = space.engine.clone();
+    let read = runtime.block_on(async move {
+        tokio::task::spawn_blocking(move || read_one(&engine))
+            .await
+            .unwrap()
+    });
+    assert_eq!(read.unwrap(), Some(1));
+    assert_eq!(space.engine.db().query_count(), 1);
+}
