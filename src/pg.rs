@@ -29,6 +29,7 @@ use tokio_postgres::{AsyncMessage, Notification, Row, Socket, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::observe::report;
 
 /// Query parameters: values bound to `$1`, `$2`, ... never formatted into SQL.
 pub type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
@@ -300,6 +301,7 @@ impl Driver {
                 Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
                     notifications.push_back(note);
                 }
+                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => log_notice(&notice),
                 Poll::Ready(Some(Ok(_))) => {}
                 Poll::Ready(Some(Err(err))) => {
                     *ended = true;
@@ -310,6 +312,23 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+/// A notice the server sent with a reply (a `RAISE WARNING` in a trigger, a
+/// deprecation, an implicit index): to the log, a warning at `warn`, the
+/// rest at `info` (`debug` for the server's debug messages).
+fn log_notice(notice: &tokio_postgres::error::DbError) {
+    use tokio_postgres::error::Severity;
+    let (code, message) = (notice.code().code(), notice.message());
+    match notice.parsed_severity() {
+        Some(Severity::Warning) => report!(warn, "postgres warning {code}: {message}"),
+        Some(Severity::Debug) => report!(debug, "postgres debug {code}: {message}"),
+        _ => report!(
+            info,
+            "postgres {} {code}: {message}",
+            notice.severity().to_lowercase()
+        ),
     }
 }
 

@@ -257,3 +257,22 @@ fn waiting_for_another_process_lock_is_an_event_with_its_wait() {
     );
     assert_eq!(wait.parent.as_deref(), Some("cacheaside.miss"));
 }
+
+#[test]
+fn a_postgres_warning_reaches_the_log() {
+    let engine = Engine::open(&config());
+    let seen = capture(|| {
+        engine
+            .0
+            .db()
+            .batch_execute("DO $$ BEGIN RAISE WARNING 'stock is low'; END $$")
+            .unwrap();
+    });
+    let warnings: Vec<_> = seen
+        .events
+        .iter()
+        .filter(|e| message(e).starts_with("postgres warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", seen.events);
+    assert_eq!(message(warnings[0]), "postgres warning 01000: stock is low");
+}
