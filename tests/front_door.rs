@@ -238,3 +238,29 @@ fn a_read_from_an_async_task_is_refused_naming_spawn_blocking() {
     assert_eq!(read.unwrap(), Some(1));
     assert_eq!(space.engine.db().query_count(), 1);
 }
+
+#[test]
+fn a_30_s_statement_timeout_from_the_builder_opens() {
+    let base = test_config("builder");
+    let config = Config::builder()
+        .urls_from_env()
+        .namespace(base.namespace.clone())
+        .outbox_table(base.outbox_table.clone())
+        .statement_timeout(Duration::from_secs(30))
+        .build()
+        .expect("lock_wait follows statement_timeout");
+    assert_eq!(
+        config.lock_wait,
+        config.pool_timeout + Duration::from_secs(30)
+    );
+    let space = Space::with(config);
+    space.engine.ping().unwrap();
+    // The same change on the public fields alone is refused at open: only
+    // the builder derives.
+    let mut fields = base;
+    fields.statement_timeout = Duration::from_secs(30);
+    let err = CacheAside::open(&fields)
+        .err()
+        .expect("lock_wait too short");
+    assert!(err.to_string().contains("lock_wait"), "{err}");
+}
