@@ -22,17 +22,24 @@
 //! `tokio::task::spawn_blocking` (called from an async task, a call that
 //! reaches Postgres returns [`ErrorKind::InvalidArgument`] saying so).
 //!
-//! [`Client`] is the lab's users workload; [`CacheAside`] is the generic
-//! engine under it, for any key, value and loader.
+//! [`CacheAside`] is the engine, for your own tables and any key, value
+//! and loader; `examples/products.rs` caches a products table end to end.
+//! [`Client`] is the teaching lab (a users table) built on it.
 //!
 //! ```no_run
-//! use cacheaside::{Client, Config};
+//! use std::time::Duration;
+//! use cacheaside::{CacheAside, Config, Mode, Versioned};
 //!
-//! let client = Client::open(&Config::from_env())?;
-//! client.install_schema()?;
-//! client.seed_demo_users()?;
-//! let profile = client.get_user_profile_singleflight(1)?;
-//! println!("{profile:?}, {} queries so far", client.db().query_count());
+//! let engine = CacheAside::open(&Config::builder().urls_from_env().build()?)?;
+//! // Writes from anywhere (psql, other services) reach the cache.
+//! engine.capture_changes("products", "product:", "id", Some("version"))?;
+//! let sql = "SELECT name, version FROM products WHERE id = $1";
+//! let name: Option<String> =
+//!     engine.get_or_load_versioned("product:7", Duration::from_secs(300), Mode::SingleFlight, || {
+//!         let row = engine.db().query_opt(sql, &[&7_i64])?;
+//!         Ok(row.map(|r| Versioned::new(r.get(0), r.get::<_, i64>(1) as u64)))
+//!     })?;
+//! println!("{name:?}, {:?}", engine.stats());
 //! # Ok::<(), cacheaside::Error>(())
 //! ```
 //!
