@@ -16,7 +16,7 @@ use serde::de::DeserializeOwned;
 
 use crate::background::Background;
 use crate::cache::{Cache, check_key};
-use crate::config::{Config, check_ttl};
+use crate::config::{Config, EntryOptions, check_ttl};
 use crate::db::Db;
 use crate::engine::{Engine, Inline, Mode, Owned, encoded, to_json};
 use crate::entry::Versioned;
@@ -207,6 +207,50 @@ impl CacheAside {
         self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || Ok(load()?.map(|v| (v, 0))))
     }
 
+    /// [`get_or_load`](Self::get_or_load) with entry options of this call's
+    /// own: TTLs, fail-safe, soft timeout, early refresh (start from
+    /// [`entry_options`](Self::entry_options), the engine's defaults).
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), and
+    /// [`ErrorKind::InvalidArgument`] for options out of range (a TTL of zero
+    /// or beyond [`MAX_TTL`](crate::MAX_TTL), a negative `beta`).
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use std::time::Duration;
+    /// let hot = engine.entry_options().ttl(Duration::from_secs(5)).soft_timeout(Duration::from_millis(50));
+    /// let v: Option<u32> = engine.get_or_load_with("hot", &hot, || Ok(Some(1)))?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_or_load_with<T, F>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
+        let counters = &self.inner.engine.counters;
+        self.inner.engine.read(
+            &self.inner.background,
+            key,
+            *options,
+            Mode::SingleFlight,
+            Inline(move || encoded(counters, || Ok(load()?.map(|v| (v, 0))))),
+            Slot::decode,
+        )
+    }
+
+    /// The engine-wide entry options, from its [`Config`] (`ttl`,
+    /// `negative_ttl`, `fail_safe_max`, `soft_timeout`, `beta`): what a read
+    /// that names only its TTL uses, and where per-call options start.
+    pub fn entry_options(&self) -> EntryOptions {
+        self.inner.engine.settings.defaults
+    }
+
     /// Like [`get_or_load`](Self::get_or_load), but not coalesced: every
     /// caller that misses `key` calls its own `load` (the naive pattern;
     /// still lease-protected, so it never caches a stale row). For loads
@@ -292,7 +336,7 @@ impl CacheAside {
         self.inner.engine.read(
             &self.inner.background,
             key,
-            ttl,
+            self.entry_options().ttl(ttl),
             mode,
             Inline(move || encoded(counters, || Ok(load()?.map(pair)))),
             Slot::decode,
@@ -335,7 +379,7 @@ impl CacheAside {
         self.inner.engine.read(
             &self.inner.background,
             key,
-            ttl,
+            self.entry_options().ttl(ttl),
             mode,
             Owned(move || encoded(&counters, || Ok(load()?.map(pair)))),
             Slot::decode,
@@ -361,7 +405,7 @@ impl CacheAside {
         self.inner.engine.read(
             &self.inner.background,
             key,
-            ttl,
+            self.entry_options().ttl(ttl),
             mode,
             Owned(move || encoded(&counters, load)),
             Slot::cloned,

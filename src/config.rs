@@ -7,7 +7,9 @@ use crate::error::{Error, Result};
 use crate::keys::validate_namespace;
 
 mod builder;
+mod entry_options;
 pub use builder::ConfigBuilder;
+pub use entry_options::EntryOptions;
 
 /// How long after `statement_timeout` the client gives up on a statement the
 /// server did not cancel (it is frozen, or the network dropped us).

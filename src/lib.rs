@@ -109,7 +109,7 @@ pub mod ffi; // the C ABI
 
 pub use aside::CacheAside;
 pub use cache::Cache;
-pub use config::{Config, ConfigBuilder, LocalCache, MAX_TTL, redact_url};
+pub use config::{Config, ConfigBuilder, EntryOptions, LocalCache, MAX_TTL, redact_url};
 pub use db::{Db, Transaction};
 pub use engine::Mode;
 pub use entry::Versioned;

@@ -264,3 +264,49 @@ fn a_30_s_statement_timeout_from_the_builder_opens() {
         .expect("lock_wait too short");
     assert!(err.to_string().contains("lock_wait"), "{err}");
 }
+
+/// How long Redis keeps `key` of this engine's namespace, in ms.
+fn pttl(engine: &CacheAside, key: &str) -> i64 {
+    let redis_key = engine.cache().redis_key(key);
+    engine
+        .cache()
+        .with_connection(|c| redis::cmd("PTTL").arg(&redis_key).query(c))
+        .unwrap()
+}
+
+#[test]
+fn per_call_entry_options_set_the_entrys_lifetimes() {
+    let mut config = test_config("entry_options");
+    config.ttl = Duration::from_secs(120);
+    let space = Space::with(config);
+    let engine = &space.engine;
+    let defaults = engine.entry_options();
+    assert_eq!(defaults.ttl, Duration::from_secs(120), "from the config");
+    assert!(defaults.fail_safe_max.is_zero());
+
+    let short = defaults.ttl(Duration::from_secs(2));
+    let v: Option<i64> = engine
+        .get_or_load_with("short", &short, || Ok(Some(1)))
+        .unwrap();
+    assert_eq!(v, Some(1));
+    assert!((1..=2_000).contains(&pttl(engine, "short")));
+
+    // Fail-safe on for this entry only: it stays past its TTL as a copy.
+    let safe = short.fail_safe_max(Duration::from_secs(60));
+    let _: Option<i64> = engine
+        .get_or_load_with("safe", &safe, || Ok(Some(2)))
+        .unwrap();
+    assert!((50_000..=62_000).contains(&pttl(engine, "safe")));
+
+    let absent = defaults.negative_ttl(Duration::from_secs(3));
+    let none: Option<i64> = engine
+        .get_or_load_with("absent", &absent, || Ok(None))
+        .unwrap();
+    assert_eq!(none, None);
+    assert!((1..=3_000).contains(&pttl(engine, "absent")));
+
+    let err = engine
+        .get_or_load_with::<i64, _>("bad", &defaults.beta(-1.0), || Ok(Some(3)))
+        .unwrap_err();
+    assert_eq!(err.kind(), cacheaside::ErrorKind::InvalidArgument);
+}
