@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::{Config, LocalCache};
+use super::{Config, LocalCache, redact_url};
 use crate::error::Result;
 
 /// Builds a [`Config`]: set what you need, [`build`](Self::build) derives
@@ -33,7 +33,7 @@ use crate::error::Result;
 /// assert_eq!(config.lock_wait, config.pool_timeout + Duration::from_secs(30));
 /// # Ok::<(), cacheaside::Error>(())
 /// ```
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 #[must_use = "a builder does nothing until `build` is called"]
 pub struct ConfigBuilder {
     config: Config,
@@ -42,6 +42,25 @@ pub struct ConfigBuilder {
     lock_ttl: Option<Duration>,
     fail_safe_throttle: Option<Duration>,
     redis_cluster: Option<Vec<String>>,
+}
+
+/// As [`Config`]'s: the URLs (the cluster's nodes too) without their
+/// passwords.
+impl std::fmt::Debug for ConfigBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let nodes = self
+            .redis_cluster
+            .as_ref()
+            .map(|nodes| nodes.iter().map(|n| redact_url(n)).collect::<Vec<_>>());
+        f.debug_struct("ConfigBuilder")
+            .field("config", &self.config)
+            .field("lock_wait", &self.lock_wait)
+            .field("lease_ttl", &self.lease_ttl)
+            .field("lock_ttl", &self.lock_ttl)
+            .field("fail_safe_throttle", &self.fail_safe_throttle)
+            .field("redis_cluster", &nodes)
+            .finish()
+    }
 }
 
 /// Setters that store a field as given.
@@ -258,5 +277,14 @@ mod tests {
                 .build()
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_builder_debug_shows_no_password() {
+        let builder = Config::builder()
+            .redis_url("redis://u:s3cret@h:1/")
+            .redis_cluster(&["redis://u:s3cret@h:7001"]);
+        let shown = format!("{builder:?}");
+        assert!(!shown.contains("s3cret"), "{shown}");
     }
 }
