@@ -25,11 +25,11 @@ fn revenue(engine: &CacheAside, customer: &str) -> Result<Option<Revenue>> {
     let sql = format!(
         "SELECT count(*), sum(total_cents)::bigint FROM {TABLE} WHERE customer = $1 HAVING count(*) > 0"
     );
-    engine.get_or_load_singleflight(
+    engine.get_or_load(
         &format!("revenue:{customer}"),
         Duration::from_secs(300),
         || {
-            let row = engine.db().query_one(&sql, &[&customer])?;
+            let row = engine.db().query_opt(&sql, &[&customer])?;
             Ok(row.map(|r| Revenue {
                 customer: customer.to_owned(),
                 orders: r.get(0),

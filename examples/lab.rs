@@ -178,7 +178,7 @@ fn write_behind(client: &Client, outsider: &cacheaside::Db) -> Result<()> {
     let queries = || client.db().query_count();
     let in_postgres = || -> Result<String> {
         let sql = format!("SELECT plan FROM {TABLE} WHERE id = 5");
-        let row = outsider.query_one(&sql, &[])?;
+        let row = outsider.query_opt(&sql, &[])?;
         Ok(row.map_or_else(|| "(none)".into(), |r| r.get(0)))
     };
     client.get_user_profile(5)?; // cached: the enqueue reads the profile

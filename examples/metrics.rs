@@ -29,10 +29,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let engine = CacheAside::open(&config)?;
     let db = engine.db().clone();
     for _ in 0..2 {
-        let n: Option<i64> =
-            engine.get_or_load_singleflight("answer", Duration::from_secs(60), || {
-                Ok(db.query_one("SELECT 42::bigint", &[])?.map(|r| r.get(0)))
-            })?;
+        let n: Option<i64> = engine.get_or_load("answer", Duration::from_secs(60), || {
+            Ok(db.query_opt("SELECT 42::bigint", &[])?.map(|r| r.get(0)))
+        })?;
         assert_eq!(n, Some(42));
     }
     engine.cache().delete_namespace()?;

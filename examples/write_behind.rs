@@ -66,7 +66,7 @@ fn apply(tx: &mut Transaction<'_>, changes: &[WriteBehindChange<'_>]) -> Result<
 fn read(engine: &CacheAside, id: i64) -> Result<Option<Profile>> {
     let sql = format!("SELECT name, age FROM {TABLE} WHERE id = $1");
     engine.get_or_load(&format!("user:{id}"), TTL, || {
-        let row = engine.db().query_one(&sql, &[&id])?;
+        let row = engine.db().query_opt(&sql, &[&id])?;
         Ok(row.map(|r| Profile {
             name: r.get(0),
             age: r.get(1),
@@ -78,7 +78,7 @@ fn read(engine: &CacheAside, id: i64) -> Result<Option<Profile>> {
 fn age_in_postgres(engine: &CacheAside) -> Result<i32> {
     let row = engine
         .db()
-        .query_one(&format!("SELECT age FROM {TABLE} WHERE id = 1001"), &[])?;
+        .query_opt(&format!("SELECT age FROM {TABLE} WHERE id = 1001"), &[])?;
     Ok(row.map_or(-1, |r| r.get(0)))
 }
 

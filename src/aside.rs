@@ -16,9 +16,10 @@ use serde::de::DeserializeOwned;
 
 use crate::background::Background;
 use crate::cache::{Cache, check_key};
-use crate::config::{Config, check_ttl};
+use crate::config::{Config, EntryOptions, check_ttl};
 use crate::db::Db;
 use crate::engine::{Engine, Inline, Mode, Owned, encoded, to_json};
+use crate::entry::Versioned;
 #[cfg(doc)]
 use crate::error::ErrorKind;
 use crate::error::Result;
@@ -36,8 +37,16 @@ use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 /// are cached too (for [`Config::negative_ttl`]). Near expiry, XFetch lets
 /// one caller refresh the value early while the others keep reading it.
 ///
-/// `CacheAside` is `Send + Sync`: share one (by reference or in an `Arc`)
-/// between all threads. Every method blocks.
+/// `CacheAside` is `Send + Sync` and cheap to clone (an `Arc` inside, like
+/// moka's `Cache` or r2d2's `Pool`): every clone is the same engine, with
+/// the same pools, relay, workers and stats; the relay and the workers stop
+/// when the last clone drops.
+///
+/// Every method blocks. From async code, call it inside
+/// `tokio::task::spawn_blocking`: called from an async task of a tokio
+/// runtime, anything that reaches Postgres (a miss's load through
+/// [`Db`], a write) fails with [`ErrorKind::InvalidArgument`] naming
+/// `spawn_blocking`, instead of panicking or stalling the executor.
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -45,13 +54,20 @@ use crate::write_behind::{Applier, DeadLetter, WriteBehind, WriteBehindChange};
 ///
 /// let engine = CacheAside::open(&Config::from_env())?;
 /// let db = engine.db().clone();
-/// let count: Option<i64> = engine.get_or_load_singleflight("orders:count", Duration::from_secs(30), || {
-///     let row = db.query_one("SELECT count(*) FROM pg_class", &[])?;
+/// let count: Option<i64> = engine.get_or_load("orders:count", Duration::from_secs(30), || {
+///     let row = db.query_opt("SELECT count(*) FROM pg_class", &[])?;
 ///     Ok(row.map(|r| r.get(0)))
 /// })?;
 /// # Ok::<(), cacheaside::Error>(())
 /// ```
+#[derive(Clone)]
 pub struct CacheAside {
+    /// Shared by every clone; the relay, the workers and the pools stop
+    /// when the last clone drops.
+    inner: Arc<Inner>,
+}
+
+struct Inner {
     engine: Engine,
     background: Background,
     relay: Mutex<Option<crate::relay::Relay>>,
@@ -60,7 +76,7 @@ pub struct CacheAside {
     _tracker: Option<crate::near::Tracker>,
     config: Config,
     /// The key prefixes captured into this engine's outbox, and when they
-    /// were read: see [`relay_covers`](Self::relay_covers). Held while the
+    /// were read: see [`CacheAside::relay_covers`]. Held while the
     /// catalog is read, so one caller reads it for all.
     captured: Mutex<Option<(Instant, Vec<String>)>>,
 }
@@ -96,24 +112,26 @@ impl CacheAside {
             .clone()
             .map(|near| Tracker::start(near, engine.cache.clone(), config.cache_timeout));
         Ok(CacheAside {
-            write_behind: WriteBehind::new(&engine.cache, config),
-            engine,
-            background: Background::new(config.background_threads),
-            relay: Mutex::new(None),
-            _tracker: tracker,
-            captured: Mutex::new(None),
-            config: config.clone(),
+            inner: Arc::new(Inner {
+                write_behind: WriteBehind::new(&engine.cache, config),
+                engine,
+                background: Background::new(config.background_threads),
+                relay: Mutex::new(None),
+                _tracker: tracker,
+                config: config.clone(),
+                captured: Mutex::new(None),
+            }),
         })
     }
 
     /// The Postgres pool (and its query counter).
     pub fn db(&self) -> &Db {
-        &self.engine.db
+        &self.inner.engine.db
     }
 
     /// The Redis pool.
     pub fn cache(&self) -> &Cache {
-        &self.engine.cache
+        &self.inner.engine.cache
     }
 
     /// Checks that both servers answer: one Redis `PING` and one Postgres
@@ -137,33 +155,50 @@ impl CacheAside {
     /// [`ErrorKind::Timeout`] for a server that does not answer.
     pub fn ping(&self) -> Result<()> {
         let pong: String = self
+            .inner
             .engine
             .cache
             .run(|conn| redis::cmd("PING").query(conn))?;
         debug_assert_eq!(pong, "PONG");
-        self.engine.db.uncounted().query_one("SELECT 1", &[])?;
+        self.inner
+            .engine
+            .db
+            .uncounted()
+            .query_opt("SELECT 1", &[])?;
         Ok(())
     }
 
     /// The config this engine was built with.
     pub fn config(&self) -> &Config {
-        &self.config
+        &self.inner.config
     }
 
     /// Reads `key` from the cache, or on a miss calls `load` and caches what
     /// it returns for `ttl` (`None`: cached as absent for the negative TTL).
     ///
-    /// Every caller that misses calls its own `load` (see
-    /// [`get_or_load_singleflight`](Self::get_or_load_singleflight) for
-    /// one load per key). An entry that does not decode as `T` is deleted,
-    /// counted in [`Stats::corrupt_entries`] and treated as a miss.
+    /// However many threads and processes miss `key` at once, one `load`
+    /// runs: the others wait for its value (in-process on the flight's lock,
+    /// across processes on the cache). If the leader's `load` fails, every
+    /// thread waiting on it gets the same error (a panic reaches them as
+    /// [`ErrorKind::Panicked`]); the next call tries again. See
+    /// [`get_or_load_uncoalesced`](Self::get_or_load_uncoalesced) for a
+    /// read where every caller that misses loads for itself.
+    ///
+    /// An entry that does not decode as `T` is deleted, counted in
+    /// [`Stats::corrupt_entries`] and treated as a miss. `load` must not
+    /// read `key` through this engine: that is reported as
+    /// [`ErrorKind::InvalidArgument`] instead of waiting for itself.
+    ///
+    /// Blocks the calling thread; from async code call it inside
+    /// `tokio::task::spawn_blocking` (see [`CacheAside`]).
     ///
     /// # Errors
     /// What `load` returns (or, with fail-safe on and a copy at hand, the
     /// copy instead); cache errors only when nothing else can answer;
-    /// [`ErrorKind::InvalidArgument`] for an empty key (or one holding `{`
-    /// or `}`), or a TTL of zero or
-    /// beyond [`MAX_TTL`](crate::MAX_TTL).
+    /// [`ErrorKind::Timeout`] when the call's deadline passes while it
+    /// waits; [`ErrorKind::InvalidArgument`] for an empty key (or one
+    /// holding `{` or `}`), or a TTL of zero or beyond
+    /// [`MAX_TTL`](crate::MAX_TTL).
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
@@ -177,23 +212,87 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<T>>,
     {
+        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || Ok(load()?.map(|v| (v, 0))))
+    }
+
+    /// [`get_or_load`](Self::get_or_load) with entry options of this call's
+    /// own: TTLs, fail-safe, soft timeout, early refresh (start from
+    /// [`entry_options`](Self::entry_options), the engine's defaults).
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), and
+    /// [`ErrorKind::InvalidArgument`] for options out of range (a TTL of zero
+    /// or beyond [`MAX_TTL`](crate::MAX_TTL), a negative `beta`).
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use std::time::Duration;
+    /// let hot = engine.entry_options().ttl(Duration::from_secs(5)).soft_timeout(Duration::from_millis(50));
+    /// let v: Option<u32> = engine.get_or_load_with("hot", &hot, || Ok(Some(1)))?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_or_load_with<T, F>(
+        &self,
+        key: &str,
+        options: &EntryOptions,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
+        let counters = &self.inner.engine.counters;
+        self.inner.engine.read(
+            &self.inner.background,
+            key,
+            *options,
+            Mode::SingleFlight,
+            Inline(move || encoded(counters, || Ok(load()?.map(|v| (v, 0))))),
+            Slot::decode,
+        )
+    }
+
+    /// The engine-wide entry options, from its [`Config`] (`ttl`,
+    /// `negative_ttl`, `fail_safe_max`, `soft_timeout`, `beta`): what a read
+    /// that names only its TTL uses, and where per-call options start.
+    pub fn entry_options(&self) -> EntryOptions {
+        self.inner.engine.settings.defaults
+    }
+
+    /// Like [`get_or_load`](Self::get_or_load), but not coalesced: every
+    /// caller that misses `key` calls its own `load` (the naive pattern;
+    /// still lease-protected, so it never caches a stale row). For loads
+    /// that are cheap, or that must run once per caller.
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), without the wait.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let v: Option<u32> = engine.get_or_load_uncoalesced("dice", std::time::Duration::from_secs(5), || {
+    ///     Ok(Some(4))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_or_load_uncoalesced<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
         self.get_or_load_versioned(key, ttl, Mode::Plain, || Ok(load()?.map(|v| (v, 0))))
     }
 
-    /// Like [`get_or_load`](Self::get_or_load), but however many threads and
-    /// processes miss `key` at once, one `load` runs: the others wait for its
-    /// value (in-process on the flight's lock, across processes on the cache).
-    ///
-    /// If the leader's `load` fails, every thread waiting on it gets the
-    /// same error (a panic reaches them as [`ErrorKind::Panicked`]); the next
-    /// call tries again.
-    ///
-    /// `load` must not read `key` through this engine: that is reported as
-    /// [`ErrorKind::InvalidArgument`] instead of waiting for itself.
+    /// The coalescing read under its old name: [`get_or_load`](Self::get_or_load)
+    /// coalesces now.
     ///
     /// # Errors
-    /// As [`get_or_load`](Self::get_or_load), plus [`ErrorKind::Timeout`]
-    /// when the call's deadline passes while it waits.
+    /// As [`get_or_load`](Self::get_or_load).
+    #[deprecated(since = "0.2.0", note = "`get_or_load` coalesces now: call it")]
     pub fn get_or_load_singleflight<T, F>(
         &self,
         key: &str,
@@ -204,19 +303,32 @@ impl CacheAside {
         T: Serialize + DeserializeOwned,
         F: FnOnce() -> Result<Option<T>>,
     {
-        self.get_or_load_versioned(key, ttl, Mode::SingleFlight, || Ok(load()?.map(|v| (v, 0))))
+        self.get_or_load(key, ttl, load)
     }
 
-    /// The general read: `load` also returns the row's version (any number
-    /// that grows with every write, e.g. a `version` column), which orders
-    /// cached values against [`write_through`](Self::write_through). Use it
-    /// for every read of a key that is also written through: the unversioned
-    /// reads cache version 0, which a delayed write-through of an older row
-    /// would replace. `load` runs on the calling thread.
+    /// The general read: `load` returns the row with its version
+    /// ([`Versioned`]: any number that grows with every write, e.g. a
+    /// `version` column), which orders cached values against
+    /// [`write_through`](Self::write_through). Use it for every read of a
+    /// key that is also written through: the unversioned reads cache
+    /// version 0, which a delayed write-through of an older row would
+    /// replace. `load` runs on the calling thread. (A `(value, version)`
+    /// tuple converts into [`Versioned`], for code written before it.)
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use cacheaside::{Mode, Versioned};
+    /// let sql = "SELECT name, version FROM products WHERE id = $1";
+    /// let name: Option<String> = engine.get_or_load_versioned("product:7", std::time::Duration::from_secs(60), Mode::SingleFlight, || {
+    ///     let row = engine.db().query_opt(sql, &[&7_i64])?;
+    ///     Ok(row.map(|r| Versioned::new(r.get(0), r.get::<_, i64>(1) as u64)))
+    /// })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
     ///
     /// # Errors
-    /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
-    pub fn get_or_load_versioned<T, F>(
+    /// As [`get_or_load`](Self::get_or_load).
+    pub fn get_or_load_versioned<T, V, F>(
         &self,
         key: &str,
         ttl: Duration,
@@ -225,15 +337,16 @@ impl CacheAside {
     ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned,
-        F: FnOnce() -> Result<Option<(T, u64)>>,
+        V: Into<Versioned<T>>,
+        F: FnOnce() -> Result<Option<V>>,
     {
-        let counters = &self.engine.counters;
-        self.engine.read(
-            &self.background,
+        let counters = &self.inner.engine.counters;
+        self.inner.engine.read(
+            &self.inner.background,
             key,
-            ttl,
+            self.entry_options().ttl(ttl),
             mode,
-            Inline(move || encoded(counters, load)),
+            Inline(move || encoded(counters, || Ok(load()?.map(pair)))),
             Slot::decode,
         )
     }
@@ -247,17 +360,18 @@ impl CacheAside {
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
-    /// use cacheaside::Mode;
+    /// use cacheaside::{Mode, Versioned};
     /// let db = engine.db().clone();
     /// let n: Option<i64> = engine.get_or_load_owned("tables", std::time::Duration::from_secs(60), Mode::SingleFlight, move || {
-    ///     Ok(db.query_one("SELECT count(*) FROM pg_class", &[])?.map(|r| (r.get(0), 0)))
+    ///     // A count has no version: never written through, so none is needed.
+    ///     Ok(db.query_opt("SELECT count(*) FROM pg_class", &[])?.map(|r| Versioned::unversioned(r.get(0))))
     /// })?;
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     ///
     /// # Errors
-    /// As [`get_or_load_singleflight`](Self::get_or_load_singleflight).
-    pub fn get_or_load_owned<T, F>(
+    /// As [`get_or_load`](Self::get_or_load).
+    pub fn get_or_load_owned<T, V, F>(
         &self,
         key: &str,
         ttl: Duration,
@@ -266,15 +380,16 @@ impl CacheAside {
     ) -> Result<Option<T>>
     where
         T: Serialize + DeserializeOwned + 'static,
-        F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
+        V: Into<Versioned<T>>,
+        F: FnOnce() -> Result<Option<V>> + Send + 'static,
     {
-        let counters = self.engine.counters.clone();
-        self.engine.read(
-            &self.background,
+        let counters = self.inner.engine.counters.clone();
+        self.inner.engine.read(
+            &self.inner.background,
             key,
-            ttl,
+            self.entry_options().ttl(ttl),
             mode,
-            Owned(move || encoded(&counters, load)),
+            Owned(move || encoded(&counters, || Ok(load()?.map(pair)))),
             Slot::decode,
         )
     }
@@ -294,11 +409,11 @@ impl CacheAside {
         T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
         F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
     {
-        let counters = self.engine.counters.clone();
-        self.engine.read(
-            &self.background,
+        let counters = self.inner.engine.counters.clone();
+        self.inner.engine.read(
+            &self.inner.background,
             key,
-            ttl,
+            self.entry_options().ttl(ttl),
             mode,
             Owned(move || encoded(&counters, load)),
             Slot::cloned,
@@ -325,7 +440,7 @@ impl CacheAside {
     /// Cache errors and timeouts.
     pub fn invalidate(&self, key: &str) -> Result<()> {
         check_key(key)?;
-        self.engine.invalidate(key)
+        self.inner.engine.invalidate(key)
     }
 
     /// [`invalidate`](Self::invalidate) after a committed write: a failure
@@ -357,12 +472,12 @@ impl CacheAside {
         if !self.relay_running() {
             return false;
         }
-        let mut captured = self.captured.lock();
+        let mut captured = self.inner.captured.lock();
         let stale = captured
             .as_ref()
             .is_none_or(|(read, _)| read.elapsed() >= COVERAGE_FOR);
         if stale {
-            let outbox = crate::relay::Outbox::new(&self.config.outbox_table);
+            let outbox = crate::relay::Outbox::new(&self.config().outbox_table);
             match outbox.and_then(|o| o.captured_prefixes(self.db())) {
                 Ok(prefixes) => *captured = Some((Instant::now(), prefixes)),
                 Err(err) => {
@@ -406,41 +521,54 @@ impl CacheAside {
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
     /// let sql = "UPDATE prices SET cents = $2, version = version + 1 WHERE sku = $1 RETURNING cents, version";
     /// let cents: Option<i64> = engine.write_through("price:A1", std::time::Duration::from_secs(60), || {
-    ///     let row = engine.db().query_one(sql, &[&"A1", &999_i64])?;
-    ///     Ok(row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
+    ///     let row = engine.db().query_opt(sql, &[&"A1", &999_i64])?;
+    ///     Ok(row.map(|r| cacheaside::Versioned::new(r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
     /// })?;
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
-    pub fn write_through<T, F>(&self, key: &str, ttl: Duration, write: F) -> Result<Option<T>>
+    pub fn write_through<T, V, F>(&self, key: &str, ttl: Duration, write: F) -> Result<Option<T>>
     where
         T: Serialize,
-        F: FnOnce() -> Result<Option<(T, u64)>>,
+        V: Into<Versioned<T>>,
+        F: FnOnce() -> Result<Option<V>>,
     {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
-        self.engine
-            .write_through(key, ttl, write, || self.relay_covers(key))
+        self.inner.engine.write_through(
+            key,
+            ttl,
+            || Ok(write()?.map(pair)),
+            || self.relay_covers(key),
+        )
     }
 
     /// Announces a write of `key` to the write-behind workers before it
     /// runs (see [`crate::write_behind::SyncWrite`]).
     pub(crate) fn announce_write(&self, key: &str) -> Option<crate::write_behind::SyncWrite<'_>> {
         // With the breaker open, Redis is failing: no worker commits either.
-        (!self.engine.breaker.is_open()).then_some(())?;
-        crate::write_behind::announce_sync_write(self.cache(), key, self.config.call_deadline())
+        (!self.inner.engine.breaker.is_open()).then_some(())?;
+        crate::write_behind::announce_sync_write(
+            self.cache(),
+            key,
+            self.inner.config.call_deadline(),
+        )
     }
 
     /// Test hooks: forced interleavings for this crate's tests.
     #[cfg(feature = "test-hooks")]
     pub fn hooks(&self) -> &crate::hooks::Hooks {
-        &self.engine.hooks
+        &self.inner.engine.hooks
     }
 
     /// Test hook: the `CLIENT ID` of the near cache's tracking connection,
     /// while it is connected.
     #[cfg(feature = "test-hooks")]
     pub fn local_cache_tracker_id(&self) -> Option<u64> {
-        self.engine.near.as_ref().and_then(|near| near.tracker_id())
+        self.inner
+            .engine
+            .near
+            .as_ref()
+            .and_then(|near| near.tracker_id())
     }
 
     /// Test hook: `true` makes the near cache's tracker drop every
@@ -448,7 +576,7 @@ impl CacheAside {
     /// `max_staleness` bounds what L1 serves.
     #[cfg(feature = "test-hooks")]
     pub fn ignore_local_invalidations(&self, ignore: bool) {
-        if let Some(near) = &self.engine.near {
+        if let Some(near) = &self.inner.engine.near {
             near.ignore_invalidations(ignore);
         }
     }
@@ -456,7 +584,7 @@ impl CacheAside {
     /// Test hook: how many threads wait on the flight for `key` in progress.
     #[cfg(feature = "test-hooks")]
     pub fn flight_followers(&self, key: &str) -> usize {
-        self.engine.flight_followers(key)
+        self.inner.engine.flight_followers(key)
     }
 
     /// Counters of what this engine has done since it opened.
@@ -468,7 +596,7 @@ impl CacheAside {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn stats(&self) -> Stats {
-        self.engine.counters.stats()
+        self.inner.engine.counters.stats()
     }
 
     /// True when the near cache ([`Config::local_cache`]) is on and may
@@ -484,29 +612,33 @@ impl CacheAside {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     pub fn local_cache_ready(&self) -> bool {
-        self.engine.near.as_ref().is_some_and(|near| near.live())
+        self.inner
+            .engine
+            .near
+            .as_ref()
+            .is_some_and(|near| near.live())
     }
 
     /// Entries the near cache holds now (0 when it is off).
     pub fn local_cache_entries(&self) -> u64 {
-        self.engine.near.as_ref().map_or(0, |near| near.len())
+        self.inner.engine.near.as_ref().map_or(0, |near| near.len())
     }
 
     /// Keys with a single-flight load in progress in this process; 0 when no
     /// call is running (per-key state is freed when its flight ends).
     pub fn in_flight(&self) -> usize {
-        self.engine.in_flight()
+        self.inner.engine.in_flight()
     }
 
     /// Loads whose leases and locks are being renewed now; 0 when no load
     /// runs.
     pub fn holds(&self) -> usize {
-        self.engine.keeper.live()
+        self.inner.engine.keeper.live()
     }
 
     /// True while the circuit breaker keeps reads away from Redis.
     pub fn breaker_open(&self) -> bool {
-        self.engine.breaker.is_open()
+        self.inner.engine.breaker.is_open()
     }
 
     /// Starts the invalidation relay (if the config turns it on and it is
@@ -515,16 +647,16 @@ impl CacheAside {
     /// [`capture_changes`](Self::capture_changes) start it; call this when
     /// another process installed the capture.
     pub fn start_relay(&self) {
-        if !self.config.invalidation_relay {
+        if !self.inner.config.invalidation_relay {
             return;
         }
-        let mut relay = self.relay.lock();
+        let mut relay = self.inner.relay.lock();
         if relay.is_none() {
             *relay = Some(crate::relay::Relay::start(
-                self.engine.clone(),
-                &self.config,
+                self.inner.engine.clone(),
+                &self.inner.config,
             ));
-            self.engine.breaker.set_relay_running(true);
+            self.inner.engine.breaker.set_relay_running(true);
         }
     }
 
@@ -562,38 +694,43 @@ impl CacheAside {
         key_column: &str,
         version_column: Option<&str>,
     ) -> Result<()> {
-        crate::relay::Outbox::new(&self.config.outbox_table)?.capture(
-            &self.engine.db,
+        crate::relay::Outbox::new(&self.inner.config.outbox_table)?.capture(
+            &self.inner.engine.db,
             table,
             key_prefix,
             key_column,
             version_column,
         )?;
         // Read again on the next need: this table is captured now.
-        *self.captured.lock() = None;
+        *self.inner.captured.lock() = None;
         self.start_relay();
         Ok(())
     }
 
     /// Stops the invalidation relay, if it runs (and joins its thread).
     pub fn stop_relay(&self) {
-        let relay = self.relay.lock().take();
+        let relay = self.inner.relay.lock().take();
         if let Some(relay) = relay {
-            self.engine.breaker.set_relay_running(false);
+            self.inner.engine.breaker.set_relay_running(false);
             relay.stop();
         }
     }
 
     /// True when the invalidation relay runs for this engine.
     pub fn relay_running(&self) -> bool {
-        self.relay.lock().is_some()
+        self.inner.relay.lock().is_some()
     }
 
     /// Makes the relay read the outbox now, and waits (up to `timeout`) until
     /// it has applied every change committed before this call. True if it
     /// did. Without a relay, false at once.
     pub fn sync_relay(&self, timeout: Duration) -> bool {
-        let relay = self.relay.lock().as_ref().map(crate::relay::Relay::handle);
+        let relay = self
+            .inner
+            .relay
+            .lock()
+            .as_ref()
+            .map(crate::relay::Relay::handle);
         relay.is_some_and(|r| r.sync(timeout))
     }
 
@@ -649,7 +786,7 @@ impl CacheAside {
             + 'static,
     {
         let applier: Applier = Arc::new(applier);
-        self.write_behind.register(prefix, applier)
+        self.inner.write_behind.register(prefix, applier)
     }
 
     /// Write-behind: makes `value` the value of `key` at once (every reader,
@@ -695,9 +832,10 @@ impl CacheAside {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
         let json = to_json(value)?;
-        let _evict = self.engine.evict_on_return(key);
-        self.write_behind
-            .enqueue(&self.engine, key, ttl, Json::Whole(&json), 0)
+        let _evict = self.inner.engine.evict_on_return(key);
+        self.inner
+            .write_behind
+            .enqueue(&self.inner.engine, key, ttl, Json::Whole(&json), 0)
     }
 
     /// [`write_behind`](Self::write_behind) of a value whose JSON carries
@@ -714,9 +852,9 @@ impl CacheAside {
     ) -> Result<u64> {
         check_key(key)?;
         check_ttl("ttl", ttl)?;
-        let _evict = self.engine.evict_on_return(key);
-        self.write_behind.enqueue(
-            &self.engine,
+        let _evict = self.inner.engine.evict_on_return(key);
+        self.inner.write_behind.enqueue(
+            &self.inner.engine,
             key,
             ttl,
             Json::Sequenced { head, tail },
@@ -738,7 +876,7 @@ impl CacheAside {
     /// [`MAX_WRITE_BEHIND_WORKERS`](crate::MAX_WRITE_BEHIND_WORKERS) workers, or when
     /// workers already run (stop them first).
     pub fn start_write_behind(&self, workers: u32) -> Result<()> {
-        self.write_behind.start(&self.engine, workers)
+        self.inner.write_behind.start(&self.inner.engine, workers)
     }
 
     /// Stops this process's write-behind workers and waits for them: each
@@ -747,12 +885,12 @@ impl CacheAside {
     /// stays pending, for another worker to claim. A no-op when none run;
     /// dropping the engine does the same.
     pub fn stop_write_behind(&self) {
-        self.write_behind.stop();
+        self.inner.write_behind.stop();
     }
 
     /// Write-behind worker threads running in this process.
     pub fn write_behind_workers(&self) -> usize {
-        self.write_behind.running()
+        self.inner.write_behind.running()
     }
 
     /// Waits until every write-behind change enqueued (by any process)
@@ -766,7 +904,9 @@ impl CacheAside {
     /// [`ErrorKind::Timeout`] when changes from before the call are still
     /// pending at the timeout; cache errors.
     pub fn drain_write_behind(&self, timeout: Duration) -> Result<()> {
-        self.write_behind.drain(&self.engine.cache, timeout)
+        self.inner
+            .write_behind
+            .drain(&self.inner.engine.cache, timeout)
     }
 
     /// Write-behind changes enqueued (by any process) and not yet committed
@@ -776,7 +916,7 @@ impl CacheAside {
     /// # Errors
     /// Cache errors and timeouts.
     pub fn write_behind_pending(&self) -> Result<u64> {
-        self.write_behind.pending(&self.engine.cache)
+        self.inner.write_behind.pending(&self.inner.engine.cache)
     }
 
     /// The oldest `count` entries of the dead-letter stream: changes the
@@ -787,15 +927,27 @@ impl CacheAside {
     /// # Errors
     /// Cache errors and timeouts.
     pub fn write_behind_dead_letters(&self, count: usize) -> Result<Vec<DeadLetter>> {
-        self.write_behind.dead_letters(&self.engine.cache, count)
+        self.inner
+            .write_behind
+            .dead_letters(&self.inner.engine.cache, count)
     }
 }
 
-impl Drop for CacheAside {
+impl Drop for Inner {
     fn drop(&mut self) {
         // Before the background pool and the keeper go: the workers and the
         // relay use the engine they serve.
         self.write_behind.stop();
-        self.stop_relay();
+        let relay = self.relay.lock().take();
+        if let Some(relay) = relay {
+            self.engine.breaker.set_relay_running(false);
+            relay.stop();
+        }
     }
+}
+
+/// A versioned value as the engine takes it.
+fn pair<T>(versioned: impl Into<Versioned<T>>) -> (T, u64) {
+    let v = versioned.into();
+    (v.value, v.version)
 }

@@ -6,6 +6,11 @@ use std::time::Duration;
 use crate::error::{Error, Result};
 use crate::keys::validate_namespace;
 
+mod builder;
+mod entry_options;
+pub use builder::ConfigBuilder;
+pub use entry_options::EntryOptions;
+
 /// How long after `statement_timeout` the client gives up on a statement the
 /// server did not cancel (it is frozen, or the network dropped us).
 pub(crate) const CLIENT_MARGIN: Duration = Duration::from_millis(500);
@@ -18,10 +23,14 @@ pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 
 /// Every setting of a [`Client`](crate::Client) or [`CacheAside`](crate::CacheAside).
 ///
-/// Start from [`Config::default()`] or [`Config::from_env()`] and change the
-/// fields you need; [`Config::validate`] (called when a client opens) rejects
-/// unusable values, and values that cannot work together, with
-/// [`ErrorKind::InvalidArgument`](crate::ErrorKind) naming the fields.
+/// Build one with [`Config::builder()`]: it validates, and derives the
+/// values that follow from others (`lock_wait` from `statement_timeout`,
+/// …) unless you set them. Or start from [`Config::default()`] or
+/// [`Config::from_env()`] and change the public fields you need:
+/// [`Config::validate`] (called when a client opens) rejects unusable
+/// values, and values that cannot work together, with
+/// [`ErrorKind::InvalidArgument`](crate::ErrorKind) naming the fields, but
+/// derives nothing.
 ///
 /// How the timeouts fit together (each is checked):
 /// - a database load takes at most `pool_timeout + statement_timeout` (plus

@@ -29,7 +29,7 @@ use crate::pool::{Conn, Connector, Pool};
 ///
 /// ```no_run
 /// let db = cacheaside::Db::connect(&cacheaside::Config::from_env())?;
-/// let row = db.query_one("SELECT $1::bigint + 1", &[&41_i64])?.unwrap();
+/// let row = db.query_opt("SELECT $1::bigint + 1", &[&41_i64])?.unwrap();
 /// assert_eq!(row.get::<_, i64>(0), 42);
 /// assert_eq!(db.query_count(), 1);
 /// # Ok::<(), cacheaside::Error>(())
@@ -98,23 +98,43 @@ impl Db {
         })
     }
 
-    /// Runs a statement that returns at most one row; `Ok(None)` for no row.
+    /// Runs a statement that returns at most one row; `Ok(None)` for no row
+    /// (tokio-postgres's `query_opt`).
     ///
     /// The statement is prepared once per pooled connection and reused (see
     /// [`Config::statement_cache_size`]).
+    ///
+    /// ```no_run
+    /// # let db = cacheaside::Db::connect(&cacheaside::Config::from_env())?;
+    /// let row = db.query_opt("SELECT 1::int WHERE $1", &[&true])?;
+    /// assert_eq!(row.map(|r| r.get::<_, i32>(0)), Some(1));
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
     ///
     /// # Errors
     /// [`ErrorKind::Database`](crate::ErrorKind) when Postgres refuses it or
     /// it returns more than one row; [`ErrorKind::Timeout`](crate::ErrorKind)
     /// for a pool checkout, `statement_timeout` or the client-side deadline.
+    pub fn query_opt(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        self.with_conn(|conn| conn.query_opt(sql, params))
+    }
+
+    /// [`query_opt`](Self::query_opt) under its old name, which promised a
+    /// row where it returns an `Option` (tokio-postgres's `query_one` fails
+    /// unless exactly one row comes back). Behaves as before for one
+    /// release.
+    ///
+    /// # Errors
+    /// As [`Db::query_opt`].
+    #[deprecated(since = "0.2.0", note = "returns an Option: call `query_opt`")]
     pub fn query_one(&self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
-        self.with_conn(|conn| conn.query_one(sql, params))
+        self.query_opt(sql, params)
     }
 
     /// Runs a statement and returns all its rows.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
+    /// As [`Db::query_opt`].
     pub fn query(&self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         self.with_conn(|conn| conn.query(sql, params))
     }
@@ -122,7 +142,7 @@ impl Db {
     /// Runs a statement and returns how many rows it changed.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
+    /// As [`Db::query_opt`].
     pub fn execute(&self, sql: &str, params: Params<'_>) -> Result<u64> {
         self.with_conn(|conn| conn.execute(sql, params))
     }
@@ -131,7 +151,7 @@ impl Db {
     /// set-up). Counts as one statement.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
+    /// As [`Db::query_opt`].
     pub fn batch_execute(&self, sql: &str) -> Result<()> {
         self.with_conn(|conn| conn.batch_execute(sql))
     }
@@ -157,6 +177,7 @@ impl Db {
         &self,
         work: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
     ) -> Result<T> {
+        crate::pg::refuse_async_context()?;
         let mut conn = self.pool.get("database")?;
         conn.pg.batch_execute("BEGIN", self.deadline)?;
         let mut tx = Transaction {
@@ -199,6 +220,8 @@ impl Db {
     }
 
     fn with_conn<T>(&self, work: impl FnOnce(&mut DbConn) -> Result<T>) -> Result<T> {
+        // Before the pool: a checkout may connect.
+        crate::pg::refuse_async_context()?;
         let mut conn = DbConn {
             conn: self.pool.get("database")?,
             db: self.clone(),
@@ -223,7 +246,7 @@ impl DbConn {
         self.db.queries.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(crate) fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+    pub(crate) fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         let statement = self.statement(sql)?;
         self.counted();
         let deadline = self.db.deadline;
@@ -293,18 +316,28 @@ impl Transaction<'_> {
         Ok(())
     }
 
-    /// As [`Db::query_one`], inside the transaction.
+    /// As [`Db::query_opt`], inside the transaction.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
-    pub fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+    /// As [`Db::query_opt`].
+    pub fn query_opt(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
         self.run(sql, |pg, s, d| pg.query_opt(s, params, d))
+    }
+
+    /// [`query_opt`](Self::query_opt) under its old name; see
+    /// [`Db::query_one`].
+    ///
+    /// # Errors
+    /// As [`Db::query_opt`].
+    #[deprecated(since = "0.2.0", note = "returns an Option: call `query_opt`")]
+    pub fn query_one(&mut self, sql: &str, params: Params<'_>) -> Result<Option<Row>> {
+        self.query_opt(sql, params)
     }
 
     /// As [`Db::query`], inside the transaction.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
+    /// As [`Db::query_opt`].
     pub fn query(&mut self, sql: &str, params: Params<'_>) -> Result<Vec<Row>> {
         self.run(sql, |pg, s, d| pg.query(s, params, d))
     }
@@ -312,7 +345,7 @@ impl Transaction<'_> {
     /// As [`Db::batch_execute`], inside the transaction.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
+    /// As [`Db::query_opt`].
     pub fn batch_execute(&mut self, sql: &str) -> Result<()> {
         self.db.queries.fetch_add(1, Ordering::Relaxed);
         self.conn.pg.batch_execute(sql, self.db.deadline)
@@ -321,7 +354,7 @@ impl Transaction<'_> {
     /// As [`Db::execute`], inside the transaction.
     ///
     /// # Errors
-    /// As [`Db::query_one`].
+    /// As [`Db::query_opt`].
     pub fn execute(&mut self, sql: &str, params: Params<'_>) -> Result<u64> {
         self.run(sql, |pg, s, d| pg.execute(s, params, d))
     }

@@ -31,7 +31,7 @@ use serde::de::DeserializeOwned;
 use crate::background::Background;
 use crate::breaker::{Breaker, Permit};
 use crate::cache::{Cache, Raw, check_key};
-use crate::config::{Config, check_ttl};
+use crate::config::{Config, EntryOptions};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
@@ -96,7 +96,8 @@ enum Answer {
 }
 
 pub(crate) struct Settings {
-    negative_ttl: Duration,
+    /// The entry options of a read that names only its TTL.
+    pub(crate) defaults: EntryOptions,
     ttls: Ttls,
     lock_wait: Duration,
     lock_poll: Duration,
@@ -104,10 +105,7 @@ pub(crate) struct Settings {
     call_deadline: Duration,
     /// What a load may take: kept free at the end of a call's deadline.
     load_budget: Duration,
-    beta: f64,
-    fail_safe_max: Duration,
     fail_safe_throttle: Duration,
-    soft_timeout: Duration,
 }
 
 /// A load's result in the form the cache stores: JSON, with the version
@@ -183,7 +181,8 @@ pub(crate) fn encoded<T: Serialize>(
 struct Miss<'a> {
     key: &'a str,
     keys: Keys,
-    ttl: Duration,
+    /// This read's TTLs, fail-safe, soft timeout and β.
+    opts: EntryOptions,
     /// The fail-safe copy the lookup found (raw entry), if any.
     stale: Option<Vec<u8>>,
     /// Whether this call may use Redis (the breaker's verdict and the
@@ -203,9 +202,9 @@ struct Miss<'a> {
 
 impl Miss<'_> {
     /// When a caller holding a fail-safe copy stops waiting for a reload.
-    fn soft_deadline(&self, settings: &Settings) -> Option<Instant> {
-        (self.stale.is_some() && !settings.soft_timeout.is_zero())
-            .then(|| (self.started + settings.soft_timeout).min(self.deadline))
+    fn soft_deadline(&self) -> Option<Instant> {
+        let soft = self.opts.soft_timeout;
+        (self.stale.is_some() && !soft.is_zero()).then(|| (self.started + soft).min(self.deadline))
     }
 }
 
@@ -225,7 +224,7 @@ impl Engine {
             lock: config.lock_ttl,
         };
         let settings = Settings {
-            negative_ttl: config.negative_ttl,
+            defaults: EntryOptions::from_config(config),
             ttls,
             lock_wait: config.lock_wait,
             lock_poll: config.lock_poll,
@@ -234,10 +233,7 @@ impl Engine {
                 + config.statement_timeout
                 + crate::config::CLIENT_MARGIN
                 + config.cache_timeout * 2,
-            beta: config.beta,
-            fail_safe_max: config.fail_safe_max,
             fail_safe_throttle: config.fail_safe_throttle,
-            soft_timeout: config.soft_timeout,
         };
         let counters = Arc::new(Counters::new(&config.namespace));
         let breaker = Arc::new(Breaker::new(
@@ -289,13 +285,13 @@ impl Engine {
         &self,
         background: &Background,
         key: &str,
-        ttl: Duration,
+        opts: EntryOptions,
         mode: Mode,
         load: L,
         local: fn(&Slot) -> Option<Option<T>>,
     ) -> Result<Option<T>> {
         check_key(key)?;
-        check_ttl("ttl", ttl)?;
+        opts.check()?;
         let e = self;
         let value_key = e.cache.redis_key(key);
         // L1 first, unless the breaker says this process must not trust
@@ -339,7 +335,7 @@ impl Engine {
                     } else if let Raw::Foreign = raw {
                         e.corrupt(&value_key, b"");
                     } else if let Raw::Bytes(raw) = raw
-                        && let Some(found) = e.decode::<T>(&value_key, &raw)
+                        && let Some(found) = e.decode::<T>(&value_key, &raw, opts.beta)
                     {
                         if found.fresh {
                             e.counters.hits.bump();
@@ -350,7 +346,7 @@ impl Engine {
                             }
                             if found.refresh_due {
                                 self.refresh_early(
-                                    background, key, value_key, ttl, generation, load,
+                                    background, key, value_key, opts, generation, load,
                                 );
                             }
                             return Ok(found.value);
@@ -378,7 +374,7 @@ impl Engine {
         let miss = Miss {
             key,
             keys: Keys::for_value(value_key),
-            ttl,
+            opts,
             stale: stale_raw,
             permit,
             use_redis,
@@ -414,7 +410,7 @@ impl Engine {
         background: &Background,
         key: &str,
         value_key: String,
-        ttl: Duration,
+        opts: EntryOptions,
         generation: u64,
         load: L,
     ) {
@@ -430,7 +426,7 @@ impl Engine {
         let target = Target {
             key: key.to_owned(),
             keys: Keys::for_value(value_key),
-            ttl,
+            opts,
             deadline: Instant::now() + e.settings.call_deadline,
             generation,
         };
@@ -458,7 +454,12 @@ impl Engine {
 impl Engine {
     /// Decodes a cached entry: `Some` for a usable one (fresh or a fail-safe
     /// copy), `None` after deleting and counting a corrupt one.
-    fn decode<T: DeserializeOwned>(&self, value_key: &str, raw: &[u8]) -> Option<Found<T>> {
+    fn decode<T: DeserializeOwned>(
+        &self,
+        value_key: &str,
+        raw: &[u8],
+        beta: f64,
+    ) -> Option<Found<T>> {
         let decoded = Entry::decode(raw).and_then(|entry| {
             let value = match entry.payload {
                 Payload::Absent => None,
@@ -470,8 +471,7 @@ impl Engine {
             Ok(Found {
                 value,
                 fresh,
-                refresh_due: fresh
-                    && entry.should_refresh_early(self.settings.beta, fastrand::f64()),
+                refresh_due: fresh && entry.should_refresh_early(beta, fastrand::f64()),
             })
         });
         match decoded {
@@ -605,7 +605,7 @@ impl Engine {
         // written through is refreshed early like one that was loaded.
         let took = started.elapsed().max(Duration::from_millis(1));
         let raw = Entry::new(Payload::Value(&json), version, took, ttl).encode();
-        let physical = ttl.saturating_add(self.settings.fail_safe_max);
+        let physical = ttl.saturating_add(self.settings.defaults.fail_safe_max);
         match lease::write_through(&self.cache, &keys, &token, &raw, version, physical) {
             Ok(_) => {
                 writer.consumed();
@@ -661,7 +661,7 @@ impl Engine {
                 }
                 Role::Follower(follower) => follower,
             };
-            let wait_until = m.soft_deadline(&self.settings).unwrap_or(m.deadline);
+            let wait_until = m.soft_deadline().unwrap_or(m.deadline);
             match follower.wait(wait_until) {
                 Ok(Waited::Outcome(Ok(Answer::Stale))) if m.stale.is_none() => {}
                 Ok(Waited::Outcome(Ok(Answer::Stale))) => return self.serve_stale(m),
@@ -720,7 +720,7 @@ impl Engine {
         // that the load cannot finish within this call's deadline.
         let lock_deadline = (m.started + s.lock_wait)
             .min(m.deadline.checked_sub(s.load_budget).unwrap_or(m.started));
-        let soft = m.soft_deadline(s);
+        let soft = m.soft_deadline();
         let mut claim = Claim::Lock;
         // When this leader first found another process's lock, for the
         // lock-wait report.
@@ -861,7 +861,7 @@ impl Engine {
         if loaded.is_ok() {
             self.counters.refreshed_early(&t.key);
         }
-        let filled = self.fill_loaded(&t.keys, t.ttl, hold, loaded, load_read, &leader.marks());
+        let filled = self.fill_loaded(&t.keys, &t.opts, hold, loaded, load_read, &leader.marks());
         leader.publish(filled.outcome, filled.valid_before);
     }
 
@@ -877,14 +877,14 @@ impl Engine {
         hold: Hold,
         marks: Marks,
     ) -> Held {
-        let load = match m.soft_deadline(&self.settings) {
+        let load = match m.soft_deadline() {
             None => load,
             Some(soft) => match load.detach() {
                 Err(load) => load,
                 Ok(job) => {
                     let (tx, rx) = std::sync::mpsc::sync_channel(1);
                     let engine = self.clone();
-                    let (keys, ttl) = (m.keys.clone(), m.ttl);
+                    let (keys, opts) = (m.keys.clone(), m.opts);
                     #[cfg(feature = "test-hooks")]
                     let key = m.key.to_owned();
                     let work = Box::new(move || {
@@ -893,7 +893,7 @@ impl Engine {
                         #[cfg(feature = "test-hooks")]
                         engine.hooks.after_load(&key);
                         let done = Held::Done(
-                            engine.fill_loaded(&keys, ttl, hold, loaded, load_read, &marks),
+                            engine.fill_loaded(&keys, &opts, hold, loaded, load_read, &marks),
                         );
                         // The caller may have stopped waiting: the fill is
                         // what mattered then.
@@ -919,7 +919,7 @@ impl Engine {
         let loaded = load.run();
         #[cfg(feature = "test-hooks")]
         self.hooks.after_load(m.key);
-        Held::Done(self.fill_loaded(&m.keys, m.ttl, hold, loaded, load_read, &marks))
+        Held::Done(self.fill_loaded(&m.keys, &m.opts, hold, loaded, load_read, &marks))
     }
 
     /// Fills what a load returned and says for which followers its answer
@@ -927,7 +927,7 @@ impl Engine {
     fn fill_loaded(
         &self,
         keys: &Keys,
-        ttl: Duration,
+        opts: &EntryOptions,
         hold: Hold,
         loaded: LoadResult,
         load_read: u64,
@@ -945,7 +945,7 @@ impl Engine {
             }
         };
         let fill_read = marks.begin_read();
-        let verdict = self.fill(keys, ttl, hold, &loaded);
+        let verdict = self.fill(keys, opts, hold, &loaded);
         Filled {
             outcome: Ok(answer_of(&loaded)),
             valid_before: valid_before(verdict, load_read, fill_read, marks),
@@ -954,13 +954,13 @@ impl Engine {
 
     /// Stores a load's result if `hold` still has the lease; the lease check
     /// and the write are one Lua script, with no window between them.
-    fn fill(&self, keys: &Keys, ttl: Duration, hold: Hold, loaded: &Loaded) -> Verdict {
+    fn fill(&self, keys: &Keys, opts: &EntryOptions, hold: Hold, loaded: &Loaded) -> Verdict {
         let (payload, ttl) = match &loaded.json {
-            Some(json) => (Payload::Value(json), ttl),
-            None => (Payload::Absent, self.settings.negative_ttl),
+            Some(json) => (Payload::Value(json), opts.ttl),
+            None => (Payload::Absent, opts.negative_ttl),
         };
         let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
-        let physical = ttl.saturating_add(self.settings.fail_safe_max);
+        let physical = ttl.saturating_add(opts.fail_safe_max);
         #[cfg(feature = "test-hooks")]
         if self.hooks.leases_disabled() {
             return match self.cache.set_raw(&keys.value, &raw, physical) {
@@ -1124,7 +1124,7 @@ impl Drop for EvictOnReturn<'_> {
 struct Target {
     key: String,
     keys: Keys,
-    ttl: Duration,
+    opts: EntryOptions,
     deadline: Instant,
     /// The Redis server generation when the refresh began.
     generation: u64,

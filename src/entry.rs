@@ -18,6 +18,52 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 const MAGIC: &str = "ca1";
 
+/// A row's value with its version: what a versioned loader or a
+/// write-through returns, so cached values are ordered against writes.
+///
+/// The version is any number that grows with every write of the row (a
+/// `version` column that each update bumps, as
+/// [`CacheAside::capture_changes`](crate::CacheAside::capture_changes) can
+/// make it). The cache keeps the newest: a delayed write-through or fill
+/// of an older version does not replace it.
+///
+/// ```
+/// use cacheaside::Versioned;
+/// let v = Versioned::new("widget".to_owned(), 3);
+/// assert_eq!((v.value.as_str(), v.version), ("widget", 3));
+/// // The tuple form converts, for code written before this type.
+/// let old: Versioned<&str> = ("widget", 3).into();
+/// assert_eq!(old.version, 3);
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub struct Versioned<T> {
+    /// The row's value, as it will be cached (JSON).
+    pub value: T,
+    /// The row's version: higher is newer.
+    pub version: u64,
+}
+
+impl<T> Versioned<T> {
+    /// `value` at `version`.
+    pub fn new(value: T, version: u64) -> Versioned<T> {
+        Versioned { value, version }
+    }
+
+    /// `value` with no version (0, the oldest): for a key that is never
+    /// written through, such as an aggregate. Any write-through of the key
+    /// replaces it, even one of an older row: give rows a version.
+    pub fn unversioned(value: T) -> Versioned<T> {
+        Versioned { value, version: 0 }
+    }
+}
+
+impl<T> From<(T, u64)> for Versioned<T> {
+    fn from((value, version): (T, u64)) -> Versioned<T> {
+        Versioned { value, version }
+    }
+}
+
 /// What an entry says about the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Payload<'a> {

@@ -44,12 +44,12 @@ pub enum ErrorKind {
 /// assert_eq!(err.kind(), ErrorKind::InvalidArgument);
 /// assert_eq!(err.to_string(), "invalid argument: plan must not be empty");
 /// ```
-#[derive(Clone, thiserror::Error)]
-#[error("{message}")]
+#[derive(Clone)]
 pub struct Error {
     kind: ErrorKind,
     message: String,
-    #[source]
+    /// Shared, so clones (one failed load's waiters) share it; `source()`
+    /// hands out what the `Arc` holds, not the `Arc`, so it downcasts.
     source: Option<Arc<dyn StdError + Send + Sync>>,
     /// The server is unavailable (refused, dropped, timed out, rejected our
     /// credentials), as opposed to refusing one request: what the circuit
@@ -96,11 +96,16 @@ impl Error {
         )
     }
 
-    /// An [`ErrorKind::Loader`] error wrapping what a custom loader failed with.
+    /// An [`ErrorKind::Loader`] error wrapping what a custom loader failed
+    /// with. The loader's error survives the trip through the engine (and
+    /// reaches every single-flight waiter): get it back with
+    /// [`downcast_ref`](Self::downcast_ref).
     ///
     /// ```
     /// let err = cacheaside::Error::loader(std::io::Error::other("upstream down"));
     /// assert_eq!(err.kind(), cacheaside::ErrorKind::Loader);
+    /// let io = err.downcast_ref::<std::io::Error>().expect("the loader's own error");
+    /// assert_eq!(io.to_string(), "upstream down");
     /// ```
     pub fn loader(source: impl StdError + Send + Sync + 'static) -> Self {
         Error::new(ErrorKind::Loader, "loader failed").with_source(source)
@@ -123,11 +128,38 @@ impl Error {
         Error::new(ErrorKind::Timeout, format!("timed out: {what}"))
     }
 
-    /// The Postgres error behind this one, if there is one. (Through
-    /// [`source`](std::error::Error::source) a caller sees the `Arc` that
-    /// shares it, which does not downcast.)
+    /// The Postgres error behind this one, if there is one.
     pub(crate) fn postgres(&self) -> Option<&tokio_postgres::Error> {
         self.source.as_deref().and_then(|e| e.downcast_ref())
+    }
+
+    /// The first error of type `E` in this error's source chain: a
+    /// loader's own error (see [`Error::loader`]), or the driver's
+    /// (`tokio_postgres::Error`, `redis::RedisError`). `None` when there is
+    /// none of that type.
+    ///
+    /// ```
+    /// #[derive(Debug)]
+    /// struct NotInStock(u32);
+    /// impl std::fmt::Display for NotInStock {
+    ///     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+    ///         write!(f, "item {} is not in stock", self.0)
+    ///     }
+    /// }
+    /// impl std::error::Error for NotInStock {}
+    ///
+    /// let err = cacheaside::Error::loader(NotInStock(7));
+    /// assert_eq!(err.downcast_ref::<NotInStock>().map(|e| e.0), Some(7));
+    /// ```
+    pub fn downcast_ref<E: StdError + 'static>(&self) -> Option<&E> {
+        let mut next = StdError::source(self);
+        while let Some(err) = next {
+            if let Some(found) = err.downcast_ref::<E>() {
+                return Some(found);
+            }
+            next = err.source();
+        }
+        None
     }
 
     /// Which side failed.
@@ -178,6 +210,22 @@ pub(crate) fn json_error(err: &serde_json::Error) -> String {
         err.line(),
         err.column()
     )
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl StdError for Error {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        // What the Arc holds: a `&Arc<dyn Error>` would not downcast to the
+        // caller's type.
+        self.source
+            .as_deref()
+            .map(|err| err as &(dyn StdError + 'static))
+    }
 }
 
 impl fmt::Debug for Error {

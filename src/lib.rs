@@ -18,17 +18,28 @@
 //!   ([`Client::update_user_plan_write_behind`],
 //!   [`CacheAside::write_behind`]).
 //!
-//! [`Client`] is the lab's users workload; [`CacheAside`] is the generic
-//! engine under it, for any key, value and loader.
+//! Every call blocks: from async code, run it in
+//! `tokio::task::spawn_blocking` (called from an async task, a call that
+//! reaches Postgres returns [`ErrorKind::InvalidArgument`] saying so).
+//!
+//! [`CacheAside`] is the engine, for your own tables and any key, value
+//! and loader; `examples/products.rs` caches a products table end to end.
+//! [`Client`] is the teaching lab (a users table) built on it.
 //!
 //! ```no_run
-//! use cacheaside::{Client, Config};
+//! use std::time::Duration;
+//! use cacheaside::{CacheAside, Config, Mode, Versioned};
 //!
-//! let client = Client::open(&Config::from_env())?;
-//! client.install_schema()?;
-//! client.seed_demo_users()?;
-//! let profile = client.get_user_profile_singleflight(1)?;
-//! println!("{profile:?}, {} queries so far", client.db().query_count());
+//! let engine = CacheAside::open(&Config::builder().urls_from_env().build()?)?;
+//! // Writes from anywhere (psql, other services) reach the cache.
+//! engine.capture_changes("products", "product:", "id", Some("version"))?;
+//! let sql = "SELECT name, version FROM products WHERE id = $1";
+//! let name: Option<String> =
+//!     engine.get_or_load_versioned("product:7", Duration::from_secs(300), Mode::SingleFlight, || {
+//!         let row = engine.db().query_opt(sql, &[&7_i64])?;
+//!         Ok(row.map(|r| Versioned::new(r.get(0), r.get::<_, i64>(1) as u64)))
+//!     })?;
+//! println!("{name:?}, {:?}", engine.stats());
 //! # Ok::<(), cacheaside::Error>(())
 //! ```
 //!
@@ -91,13 +102,18 @@ mod sessions; // sessions with sliding expiry and an absolute lifetime
 mod users; // the lab: users table and its functions
 
 #[cfg(feature = "capi")]
+// The C ABI keeps calling the Rust names it was written against until its
+// own rename (cacheaside_<object>_<verb>) lands: they stay a release as
+// deprecated aliases.
+#[allow(deprecated)]
 pub mod ffi; // the C ABI
 
 pub use aside::CacheAside;
 pub use cache::Cache;
-pub use config::{Config, LocalCache, MAX_TTL, redact_url};
+pub use config::{Config, ConfigBuilder, EntryOptions, LocalCache, MAX_TTL, redact_url};
 pub use db::{Db, Transaction};
 pub use engine::Mode;
+pub use entry::Versioned;
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};
 pub use observe::Stats;

@@ -29,6 +29,7 @@ use tokio_postgres::{AsyncMessage, Notification, Row, Socket, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::observe::report;
 
 /// Query parameters: values bound to `$1`, `$2`, ... never formatted into SQL.
 pub type Params<'a> = &'a [&'a (dyn tokio_postgres::types::ToSql + Sync)];
@@ -56,6 +57,54 @@ struct Driver {
     notifications: VecDeque<Notification>,
 }
 
+/// Refuses a blocking call on a thread that runs a tokio runtime's async
+/// tasks: blocking on our runtime there would panic ("Cannot start a
+/// runtime from within a runtime"), and block the caller's executor
+/// anyway. Outside any runtime, and on a runtime's blocking threads
+/// (`spawn_blocking`), it passes.
+///
+/// # Errors
+/// [`ErrorKind::InvalidArgument`] naming `spawn_blocking`.
+pub(crate) fn refuse_async_context() -> Result<()> {
+    if in_async_task() {
+        return Err(Error::invalid_argument(
+            "called from an async task of a tokio runtime, where this blocking call \
+             would stall the executor: run it in tokio::task::spawn_blocking",
+        ));
+    }
+    Ok(())
+}
+
+/// True while a tokio runtime polls an async task on this thread (a
+/// worker, or a `block_on`).
+fn in_async_task() -> bool {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return false;
+    }
+    // The runtime's handle is current on its blocking threads too, where
+    // blocking is what they are for. What tells them apart is the task
+    // budget: tokio constrains it (at most 128 units) while it polls an
+    // async task and leaves it unconstrained elsewhere. Spend it to see
+    // whether it runs out, then give every unit back: a `RestoreOnPending`
+    // dropped without `made_progress` restores the budget it saw, so
+    // dropping them newest first leaves the budget as it was.
+    let mut cx = Context::from_waker(std::task::Waker::noop());
+    let mut spent = Vec::with_capacity(129);
+    let constrained = loop {
+        match tokio::task::coop::poll_proceed(&mut cx) {
+            Poll::Ready(unit) => spent.push(unit),
+            Poll::Pending => break true,
+        }
+        if spent.len() > 128 {
+            break false;
+        }
+    };
+    while let Some(unit) = spent.pop() {
+        drop(unit);
+    }
+    constrained
+}
+
 impl PgConnection {
     /// Connects, with `timeout` bounding the whole handshake (TLS
     /// included, when `config` asks for it).
@@ -64,6 +113,7 @@ impl PgConnection {
         tls: &MakeRustlsConnect,
         timeout: Duration,
     ) -> Result<PgConnection> {
+        refuse_async_context()?;
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -150,6 +200,7 @@ impl PgConnection {
         if let Some(note) = self.driver.notifications.pop_front() {
             return Ok(Some(note));
         }
+        refuse_async_context()?;
         let driver = &mut self.driver;
         let waited = driver.runtime.block_on(async {
             tokio::time::timeout(
@@ -193,6 +244,7 @@ impl Driver {
         timeout: Duration,
         future: impl Future<Output = Result<T, tokio_postgres::Error>>,
     ) -> Result<T> {
+        refuse_async_context()?;
         let mut future = pin!(future);
         let (connection, ended, notifications) = (
             &mut self.connection,
@@ -249,6 +301,7 @@ impl Driver {
                 Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
                     notifications.push_back(note);
                 }
+                Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => log_notice(&notice),
                 Poll::Ready(Some(Ok(_))) => {}
                 Poll::Ready(Some(Err(err))) => {
                     *ended = true;
@@ -259,6 +312,23 @@ impl Driver {
             }
         }
         Ok(())
+    }
+}
+
+/// A notice the server sent with a reply (a `RAISE WARNING` in a trigger, a
+/// deprecation, an implicit index): to the log, a warning at `warn`, the
+/// rest at `info` (`debug` for the server's debug messages).
+fn log_notice(notice: &tokio_postgres::error::DbError) {
+    use tokio_postgres::error::Severity;
+    let (code, message) = (notice.code().code(), notice.message());
+    match notice.parsed_severity() {
+        Some(Severity::Warning) => report!(warn, "postgres warning {code}: {message}"),
+        Some(Severity::Debug) => report!(debug, "postgres debug {code}: {message}"),
+        _ => report!(
+            info,
+            "postgres {} {code}: {message}",
+            notice.severity().to_lowercase()
+        ),
     }
 }
 
@@ -336,13 +406,17 @@ pub(crate) fn tls_connector(
             let _ = roots.add(cert);
         }
     }
-    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| Error::new(ErrorKind::Database, "cannot set up TLS").with_source(e))?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
+    // rustls 0.23.48 deprecates ring's provider (ring has no post-quantum
+    // key exchange) in favour of aws-lc-rs, which needs cmake and a long C
+    // build: we keep ring on purpose (see Cargo.toml), for Postgres and
+    // Redis alike.
+    #[allow(deprecated)]
+    let provider = rustls::crypto::ring::default_provider();
+    let config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(provider))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| Error::new(ErrorKind::Database, "cannot set up TLS").with_source(e))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     Ok(MakeRustlsConnect::new(config))
 }
 

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::cluster::{ClusterClient, ClusterClientBuilder, ClusterConnection};
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{Cmd, Commands, Connection, ConnectionLike, RedisResult, Value};
 
 use crate::config::{Config, SentinelUrl};
@@ -204,35 +204,16 @@ fn single_slot_route(cmd: &Cmd) -> Option<RoutingInfo> {
         slot = Some(this);
     }
     Some(RoutingInfo::SingleNode(
-        SingleNodeRoutingInfo::SpecificNode(Route::new(slot?, SlotAddr::Master)),
+        SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot?, SlotAddr::Master)),
     ))
 }
 
 /// The Redis Cluster hash slot of `key`: CRC16 (XMODEM) of its hash tag
 /// (the text between the first `{` and the next `}`, if not empty) or of
-/// the whole key, modulo 16384.
-pub(crate) fn key_slot(key: &[u8]) -> u16 {
-    let hashed = key
-        .iter()
-        .position(|&b| b == b'{')
-        .and_then(|open| {
-            let rest = &key[open + 1..];
-            let close = rest.iter().position(|&b| b == b'}')?;
-            (close > 0).then(|| &rest[..close])
-        })
-        .unwrap_or(key);
-    let mut crc: u16 = 0;
-    for &byte in hashed {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc % 16384
+/// the whole key, modulo 16384. redis-rs computes it (the same function
+/// its cluster client routes with), so the two cannot disagree.
+pub(crate) fn key_slot(key: &[u8]) -> Slot {
+    Slot::for_key(key)
 }
 
 /// Deletes the keys matching `pattern` on every master of a cluster (SCAN
@@ -572,9 +553,10 @@ mod tests {
     #[test]
     fn key_slots_are_redis_cluster_slots() {
         // Values from the Redis Cluster specification and CLUSTER KEYSLOT.
-        assert_eq!(key_slot(b"123456789"), 0x31C3);
-        assert_eq!(key_slot(b"somekey"), 11058);
-        assert_eq!(key_slot(b"foo{hash_tag}"), 2515);
+        let slot = |n| Slot::new(n).expect("a slot number");
+        assert_eq!(key_slot(b"123456789"), slot(0x31C3));
+        assert_eq!(key_slot(b"somekey"), slot(11058));
+        assert_eq!(key_slot(b"foo{hash_tag}"), slot(2515));
         assert_eq!(key_slot(b"ns:{user:1}:lease"), key_slot(b"user:1"));
         assert_ne!(
             key_slot(b"{}x"),

@@ -491,7 +491,7 @@ impl Worker {
         let (table, cursors) = (&outbox.table, &outbox.cursors);
         self.engine.db.transaction(|tx| {
             tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
-            let cursor = tx.query_one(
+            let cursor = tx.query_opt(
                 &format!(
                     "SELECT horizon::text,
                             now() - updated_at > make_interval(secs => $2),
@@ -509,7 +509,7 @@ impl Worker {
                 None => (None, false, true),
             };
             let xmin: String = tx
-                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
+                .query_opt("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
                 .map(|r| r.get(0))
                 .unwrap_or_default();
             let new_horizon = parse_xid(&xmin)?;

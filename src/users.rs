@@ -46,8 +46,9 @@ pub const DEMO_USERS: [(i64, &str, &str, &str); 5] = [
 
 /// The lab's client: a [`CacheAside`] engine plus the users table.
 ///
-/// Thread-safe: share one `Client` between all threads (in an `Arc`, or by
-/// reference from scoped threads). Every method blocks.
+/// Thread-safe and cheap to clone (an `Arc` inside): give each thread its
+/// own clone; every clone is the same client, with the same engine. Every
+/// method blocks.
 ///
 /// ```no_run
 /// use cacheaside::{Client, Config};
@@ -64,6 +65,7 @@ pub const DEMO_USERS: [(i64, &str, &str, &str); 5] = [
 /// assert_eq!(client.get_user_profile(1)?.unwrap().plan, "enterprise");
 /// # Ok::<(), cacheaside::Error>(())
 /// ```
+#[derive(Clone)]
 pub struct Client {
     engine: CacheAside,
     ttl: Duration,
@@ -332,7 +334,7 @@ impl Client {
                 // No row: nothing to cache (a cached "absent" stays right).
                 let row = self
                     .db()
-                    .query_one(&self.sql.update_returning, &[&user_id, &plan])?;
+                    .query_opt(&self.sql.update_returning, &[&user_id, &plan])?;
                 versioned_profile(row)
             })
     }
@@ -433,7 +435,7 @@ impl Client {
             &Client::user_key(user_id),
             self.ttl,
             mode,
-            move || versioned_profile(db.query_one(&sql.select, &[&user_id])?),
+            move || versioned_profile(db.query_opt(&sql.select, &[&user_id])?),
         )
     }
 

@@ -117,7 +117,7 @@ fn child_stampede(engine: &CacheAside, stampede: &Stampede) {
 
 /// Takes the rebuild lock and never fills: the parent kills us mid-load.
 fn child_holder(engine: &CacheAside) {
-    let _ = engine.get_or_load_singleflight::<i64, _>(KEY, Duration::from_secs(60), || {
+    let _ = engine.get_or_load::<i64, _>(KEY, Duration::from_secs(60), || {
         println!("CHILD loading");
         loop {
             std::thread::park();
@@ -126,8 +126,8 @@ fn child_holder(engine: &CacheAside) {
 }
 
 fn read_hot_key(engine: &CacheAside, load: &str) -> cacheaside::Result<Option<i64>> {
-    engine.get_or_load_singleflight(KEY, Duration::from_secs(60), || {
-        Ok(engine.db().query_one(load, &[])?.map(|row| row.get(0)))
+    engine.get_or_load(KEY, Duration::from_secs(60), || {
+        Ok(engine.db().query_opt(load, &[])?.map(|row| row.get(0)))
     })
 }
 
@@ -289,7 +289,7 @@ fn a_dead_lock_holder_delays_but_does_not_block_readers() {
                 barrier.wait();
                 let started = Instant::now();
                 let got: Option<i64> = engine
-                    .get_or_load_singleflight(KEY, Duration::from_secs(60), || {
+                    .get_or_load(KEY, Duration::from_secs(60), || {
                         loads.fetch_add(1, Ordering::SeqCst);
                         Ok(Some(ANSWER))
                     })

@@ -28,7 +28,7 @@ fn engine_through_proxy(label: &str) -> (FaultProxy, CacheAside) {
 /// Reads `key` through a loader that counts its calls into `loads`.
 fn read(engine: &CacheAside, key: &str, loads: &AtomicU64) -> Option<i64> {
     engine
-        .get_or_load_singleflight(key, TTL, || {
+        .get_or_load(key, TTL, || {
             loads.fetch_add(1, Ordering::SeqCst);
             Ok(Some(7_i64))
         })

@@ -472,7 +472,7 @@ fn private_postgres_stops_crashes_and_starts_again() {
         .unwrap();
     let read = |client: &cacheaside::Db| -> i32 {
         client
-            .query_one("SELECT v FROM t", &[])
+            .query_opt("SELECT v FROM t", &[])
             .unwrap()
             .unwrap()
             .get(0)
@@ -482,7 +482,7 @@ fn private_postgres_stops_crashes_and_starts_again() {
     assert_eq!(pg.pid(), None);
     assert_refused(pg.addr(), "stopped");
     assert!(
-        client.query_one("SELECT 1", &[]).is_err(),
+        client.query_opt("SELECT 1", &[]).is_err(),
         "old sessions are gone"
     );
 

@@ -132,7 +132,7 @@ fn seeding_is_idempotent() {
     let fx = Fixture::new("seed");
     fx.client.seed_demo_users().unwrap();
     let sql = format!("SELECT count(*) FROM {}", fx.config.users_table);
-    let count: i64 = fx.client.db().query_one(&sql, &[]).unwrap().unwrap().get(0);
+    let count: i64 = fx.client.db().query_opt(&sql, &[]).unwrap().unwrap().get(0);
     assert_eq!(count, 5);
 }
 
@@ -160,7 +160,7 @@ fn plain_path_stampede_queries_more_than_once_but_caches_one_row() {
                 let v: Option<u32> = fx
                     .client
                     .engine()
-                    .get_or_load("plain", Duration::from_secs(60), || {
+                    .get_or_load_uncoalesced("plain", Duration::from_secs(60), || {
                         calls.fetch_add(1, Ordering::SeqCst);
                         loads.wait();
                         Ok(Some(9))
@@ -188,7 +188,7 @@ fn loader_error_reaches_every_waiter_and_the_next_call_retries() {
                 barrier.wait();
                 joined.fetch_add(1, Ordering::SeqCst);
                 let got: Result<Option<u32>, Error> =
-                    engine.get_or_load_singleflight("k", Duration::from_secs(60), || {
+                    engine.get_or_load("k", Duration::from_secs(60), || {
                         calls.fetch_add(1, Ordering::SeqCst);
                         // Hold the flight open until every thread has at least
                         // entered the call, so most join it as followers.
@@ -216,7 +216,7 @@ fn loader_error_reaches_every_waiter_and_the_next_call_retries() {
     );
     // Nothing is left locked: the next call loads at once.
     let v: Option<u32> = engine
-        .get_or_load_singleflight("k", Duration::from_secs(60), || Ok(Some(1)))
+        .get_or_load("k", Duration::from_secs(60), || Ok(Some(1)))
         .unwrap();
     assert_eq!(v, Some(1));
 }
@@ -234,17 +234,13 @@ fn loader_panic_wakes_waiters_with_an_error() {
                 s.spawn(|| {
                     barrier.wait();
                     joined.fetch_add(1, Ordering::SeqCst);
-                    engine.get_or_load_singleflight::<u32, _>(
-                        "boom",
-                        Duration::from_secs(60),
-                        || {
-                            while joined.load(Ordering::SeqCst) < threads {
-                                std::thread::yield_now();
-                            }
-                            std::thread::sleep(Duration::from_millis(50));
-                            panic!("loader bug");
-                        },
-                    )
+                    engine.get_or_load::<u32, _>("boom", Duration::from_secs(60), || {
+                        while joined.load(Ordering::SeqCst) < threads {
+                            std::thread::yield_now();
+                        }
+                        std::thread::sleep(Duration::from_millis(50));
+                        panic!("loader bug");
+                    })
                 })
             })
             .collect();
@@ -267,7 +263,7 @@ fn loader_panic_wakes_waiters_with_an_error() {
     assert_eq!(engine.in_flight(), 0);
     // The panicking leader released its lease and lock on the way out.
     let v: Option<u32> = engine
-        .get_or_load_singleflight("boom", Duration::from_secs(60), || Ok(Some(2)))
+        .get_or_load("boom", Duration::from_secs(60), || Ok(Some(2)))
         .unwrap();
     assert_eq!(v, Some(2));
 }
@@ -284,7 +280,7 @@ fn per_key_state_is_freed_after_many_distinct_keys() {
                 for i in 0..per_thread {
                     let key = format!("k:{t}:{i}");
                     let v: Option<u64> = engine
-                        .get_or_load_singleflight(&key, Duration::from_secs(5), || Ok(Some(i)))
+                        .get_or_load(&key, Duration::from_secs(5), || Ok(Some(i)))
                         .unwrap();
                     assert_eq!(v, Some(i));
                 }
@@ -444,7 +440,7 @@ fn an_unreachable_database_fails_fast_with_its_cause() {
         .get_or_load::<i64, _>("k", Duration::from_secs(1), || {
             Ok(engine
                 .db()
-                .query_one("SELECT 1::bigint", &[])?
+                .query_opt("SELECT 1::bigint", &[])?
                 .map(|r| r.get(0)))
         })
         .unwrap_err();
@@ -463,10 +459,10 @@ fn statement_timeout_is_a_timeout() {
     let mut config = test_config("stmt");
     config.statement_timeout = Duration::from_millis(50);
     let db = cacheaside::Db::connect(&config).unwrap();
-    let err = db.query_one("SELECT pg_sleep(2)", &[]).unwrap_err();
+    let err = db.query_opt("SELECT pg_sleep(2)", &[]).unwrap_err();
     assert!(err.is_timeout(), "{err:?}");
     // The server cancelled it (57014), so the connection is still good.
-    let row = db.query_one("SELECT 1::int", &[]).unwrap().unwrap();
+    let row = db.query_opt("SELECT 1::int", &[]).unwrap().unwrap();
     assert_eq!(row.get::<_, i32>(0), 1);
 }
 
@@ -483,7 +479,7 @@ fn generic_engine_caches_any_query() {
         engine.get_or_load(
             &format!("plan-count:{plan}"),
             Duration::from_secs(60),
-            || Ok(engine.db().query_one(&sql, &[&plan])?.map(|r| r.get(0))),
+            || Ok(engine.db().query_opt(&sql, &[&plan])?.map(|r| r.get(0))),
         )
     };
     let before = fx.queries();
@@ -503,13 +499,13 @@ fn ttls_beyond_the_maximum_are_rejected_not_silently_uncached() {
     let engine = fx.client.engine();
     for ttl in [Duration::from_millis(u64::MAX), cacheaside::MAX_TTL * 2] {
         let err = engine
-            .get_or_load_singleflight::<u32, _>("k", ttl, || Ok(Some(1)))
+            .get_or_load::<u32, _>("k", ttl, || Ok(Some(1)))
             .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
         assert!(err.to_string().contains("maximum TTL"), "{err}");
     }
     let v: Option<u32> = engine
-        .get_or_load_singleflight("k", cacheaside::MAX_TTL, || Ok(Some(1)))
+        .get_or_load("k", cacheaside::MAX_TTL, || Ok(Some(1)))
         .unwrap();
     assert_eq!(v, Some(1));
     assert!(
@@ -526,18 +522,15 @@ fn a_loader_that_reads_its_own_key_is_told_at_once() {
     let engine = fx.client.engine();
     let started = std::time::Instant::now();
     let outer: cacheaside::Result<Option<u32>> =
-        engine.get_or_load_singleflight("self", Duration::from_secs(60), || {
+        engine.get_or_load("self", Duration::from_secs(60), || {
             let inner =
-                engine.get_or_load_singleflight::<u32, _>("self", Duration::from_secs(60), || {
-                    Ok(Some(2))
-                });
+                engine.get_or_load::<u32, _>("self", Duration::from_secs(60), || Ok(Some(2)));
             let err = inner.expect_err("a loader cannot wait for itself");
             assert_eq!(err.kind(), ErrorKind::InvalidArgument);
             assert!(err.to_string().contains("same key"), "{err}");
             // Other keys are fine from inside a loader.
             let other: Option<u32> =
-                engine
-                    .get_or_load_singleflight("other", Duration::from_secs(60), || Ok(Some(3)))?;
+                engine.get_or_load("other", Duration::from_secs(60), || Ok(Some(3)))?;
             Ok(other)
         });
     assert_eq!(outer.unwrap(), Some(3));

@@ -319,7 +319,7 @@ fn write_through_that_an_invalidating_update_overtook_is_not_cached() {
             fx.client
                 .engine()
                 .write_through(&key, Duration::from_secs(60), || {
-                    let version: i64 = fx.client.db().query_one(&sql, &[])?.unwrap().get(0);
+                    let version: i64 = fx.client.db().query_opt(&sql, &[])?.unwrap().get(0);
                     written.wait();
                     go.wait();
                     Ok(Some((profile("a", version), version as u64)))
@@ -352,7 +352,7 @@ fn write_through_that_a_newer_one_overtook_never_fills_the_empty_key() {
     let commit = |plan: &str| -> i64 {
         fx.client
             .db()
-            .query_one(&sql, &[&plan])
+            .query_opt(&sql, &[&plan])
             .unwrap()
             .unwrap()
             .get(0)
@@ -461,7 +461,7 @@ fn concurrent_write_through_leaves_the_newest_row() {
         "SELECT plan, version FROM {} WHERE id = 1",
         fx.config.users_table
     );
-    let row = fx.client.db().query_one(&sql, &[]).unwrap().unwrap();
+    let row = fx.client.db().query_opt(&sql, &[]).unwrap().unwrap();
     let (plan, version): (String, i64) = (row.get(0), row.get(1));
     assert_eq!(version, 1 + (writers * rounds) as i64);
     let cached = fx
@@ -720,7 +720,7 @@ fn a_write_through_revoked_by_a_delete_never_brings_the_row_back() {
             fx.client
                 .engine()
                 .write_through(&key, Duration::from_secs(60), || {
-                    let version: i64 = fx.client.db().query_one(&update, &[])?.unwrap().get(0);
+                    let version: i64 = fx.client.db().query_opt(&update, &[])?.unwrap().get(0);
                     written.wait();
                     go.wait();
                     Ok(Some((profile("w", version), version as u64)))
@@ -791,13 +791,15 @@ fn write_through_removes_its_writer_token_on_every_path() {
         0,
         "after a value that does not serialize"
     );
-    let failed = engine.write_through::<i32, _>("t", ttl, || {
+    let failed = engine.write_through::<i32, cacheaside::Versioned<i32>, _>("t", ttl, || {
         Err(cacheaside::Error::loader(std::io::Error::other("no")))
     });
     assert!(failed.is_err());
     assert_eq!(writers(&fx, "t"), 0, "after a failed write");
     let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let _ = engine.write_through::<i32, _>("t", ttl, || panic!("write blew up"));
+        let _ = engine.write_through::<i32, cacheaside::Versioned<i32>, _>("t", ttl, || {
+            panic!("write blew up")
+        });
     }));
     assert!(panicked.is_err());
     assert_eq!(writers(&fx, "t"), 0, "after a panicking write");

@@ -508,7 +508,7 @@ fn no_stale_reads_in_one_process_with_l1() {
                 }
                 // The version this write made: read from Postgres, not the cache.
                 let sql = format!("SELECT version FROM {} WHERE id = $1", client.users_table());
-                let v: i64 = client.db().query_one(&sql, &[&id]).unwrap().unwrap().get(0);
+                let v: i64 = client.db().query_opt(&sql, &[&id]).unwrap().unwrap().get(0);
                 written[(id - 1) as usize].fetch_max(v, Ordering::SeqCst);
                 thread::sleep(Duration::from_millis(3));
             }

@@ -136,15 +136,15 @@ fn a_miss_is_one_span_with_key_mode_outcome_and_load_time() {
     let seen = capture(|| {
         let n: Option<i64> = engine
             .0
-            .get_or_load_singleflight("answer", TTL, || {
-                Ok(db.query_one("SELECT 42::bigint", &[])?.map(|r| r.get(0)))
+            .get_or_load("answer", TTL, || {
+                Ok(db.query_opt("SELECT 42::bigint", &[])?.map(|r| r.get(0)))
             })
             .unwrap();
         assert_eq!(n, Some(42));
         // A hit: no span.
         let n: Option<i64> = engine
             .0
-            .get_or_load_singleflight("answer", TTL, || panic!("a hit must not load"))
+            .get_or_load("answer", TTL, || panic!("a hit must not load"))
             .unwrap();
         assert_eq!(n, Some(42));
     });
@@ -177,7 +177,7 @@ fn a_dropped_fill_is_an_event_inside_its_miss() {
     let seen = capture(|| {
         let n: Option<i64> = engine
             .0
-            .get_or_load("written", TTL, || {
+            .get_or_load_uncoalesced("written", TTL, || {
                 // A write lands while the load runs: its fill must not be
                 // cached.
                 engine.0.invalidate("written")?;
@@ -235,7 +235,7 @@ fn waiting_for_another_process_lock_is_an_event_with_its_wait() {
             .0
             .get_or_load_versioned("hot", TTL, Mode::SingleFlight, || {
                 Ok(db
-                    .query_one("SELECT 7::bigint", &[])?
+                    .query_opt("SELECT 7::bigint", &[])?
                     .map(|r| (r.get(0), 1)))
             })
             .unwrap();
@@ -256,4 +256,23 @@ fn waiting_for_another_process_lock_is_an_event_with_its_wait() {
         config.lock_wait
     );
     assert_eq!(wait.parent.as_deref(), Some("cacheaside.miss"));
+}
+
+#[test]
+fn a_postgres_warning_reaches_the_log() {
+    let engine = Engine::open(&config());
+    let seen = capture(|| {
+        engine
+            .0
+            .db()
+            .batch_execute("DO $$ BEGIN RAISE WARNING 'stock is low'; END $$")
+            .unwrap();
+    });
+    let warnings: Vec<_> = seen
+        .events
+        .iter()
+        .filter(|e| message(e).starts_with("postgres warning"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{:?}", seen.events);
+    assert_eq!(message(warnings[0]), "postgres warning 01000: stock is low");
 }

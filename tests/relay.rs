@@ -117,7 +117,7 @@ fn a_burst_of_updates_while_the_relay_loses_its_connection_is_all_applied() {
         if i == 100 {
             // Only our relay's connection: it carries our outbox's name.
             let terminated: bool = db
-                .query_one(
+                .query_opt(
                     "SELECT bool_or(pg_terminate_backend(pid)) FROM pg_stat_activity \
                      WHERE application_name = $1",
                     &[&listener],

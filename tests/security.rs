@@ -60,7 +60,7 @@ fn a_redis_user_fenced_to_its_namespace_can_use_every_feature() {
     client.drain_write_behind(PATIENCE).unwrap();
     let row = client
         .db()
-        .query_one(
+        .query_opt(
             &format!("SELECT plan FROM {} WHERE id = 3", fx.config.users_table),
             &[],
         )

@@ -80,7 +80,7 @@ fn on_tls(fx: &Fixture) -> bool {
     let row = fx
         .client
         .db()
-        .query_one(
+        .query_opt(
             "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
             &[],
         )

@@ -47,7 +47,7 @@ fn row(fx: &Fixture, id: i64) -> (String, i64, String) {
         "SELECT plan, version, xmin::text || '/' || updated_at::text FROM {} WHERE id = $1",
         fx.config.users_table
     );
-    let r = fx.client.db().query_one(&sql, &[&id]).unwrap().unwrap();
+    let r = fx.client.db().query_opt(&sql, &[&id]).unwrap().unwrap();
     (r.get(0), r.get(1), r.get(2))
 }
 
@@ -779,7 +779,7 @@ fn a_locked_row_delays_only_its_own_key() {
     );
     let holder = std::thread::spawn(move || {
         db.transaction(|tx| {
-            tx.query_one(&lock, &[])?;
+            tx.query_opt(&lock, &[])?;
             locked_tx.send(()).unwrap();
             let _ = release_rx.recv_timeout(PATIENCE * 2);
             Ok(())
@@ -890,7 +890,7 @@ fn any_key_can_be_written_behind_through_a_registered_applier() {
     fx.client.start_write_behind(1).unwrap();
     fx.client.drain_write_behind(PATIENCE).unwrap();
     let r = db
-        .query_one(&format!("SELECT n, seq FROM {table} WHERE name = 'a'"), &[])
+        .query_opt(&format!("SELECT n, seq FROM {table} WHERE name = 'a'"), &[])
         .unwrap()
         .unwrap();
     assert_eq!((r.get::<_, i64>(0), r.get::<_, i64>(1) as u64), (42, seq));
@@ -933,7 +933,7 @@ fn counter(fx: &Fixture, table: &str, name: &str) -> (i64, u64) {
     let r = fx
         .client
         .db()
-        .query_one(
+        .query_opt(
             &format!("SELECT n, seq FROM {table} WHERE name = $1"),
             &[&name],
         )

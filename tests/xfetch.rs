@@ -24,8 +24,8 @@ fn read_hot_key_for_several_ttls(beta: f64) -> (Stats, Stats, u64) {
     let engine = fx.client.engine();
     let read = || -> Option<i64> {
         engine
-            .get_or_load_singleflight("hot", TTL, || {
-                Ok(engine.db().query_one(LOAD, &[])?.map(|r| r.get(0)))
+            .get_or_load("hot", TTL, || {
+                Ok(engine.db().query_opt(LOAD, &[])?.map(|r| r.get(0)))
             })
             .unwrap()
     };

@@ -98,7 +98,7 @@ fn breaker_open(bench: &Bench, rounds: usize) -> BoxResult<(f64, f64)> {
     };
     let floor: &TimedCall<'_> = &|| {
         let t = Instant::now();
-        db.query_one(&select, &[&2_i64])?.ok_or("no row")?;
+        db.query_opt(&select, &[&2_i64])?.ok_or("no row")?;
         Ok(t.elapsed().as_nanos() as u64)
     };
     // Warm both (the floor's pool opens its connections as it goes).

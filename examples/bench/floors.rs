@@ -76,7 +76,7 @@ impl Floors {
                 label: "floor: pooled Postgres PK select",
                 baseline: Baseline::None,
                 call: Box::new(move || {
-                    let row = client.db().query_one(&self.select, &[&USER_ID])?;
+                    let row = client.db().query_opt(&self.select, &[&USER_ID])?;
                     check_profile(row.map(|r| UserProfile {
                         id: r.get(0),
                         name: r.get(1),

@@ -114,7 +114,7 @@ pub fn child(args: &[String]) -> BoxResult<()> {
                         }
                         key.clear();
                         let _ = write!(key, "{prefix}:{i}");
-                        let got = engine.get_or_load_singleflight(&key, ttl, || Ok(Some(i)));
+                        let got = engine.get_or_load(&key, ttl, || Ok(Some(i)));
                         if !matches!(got, Ok(Some(v)) if v == i) {
                             errors.fetch_add(1, Ordering::Relaxed);
                         }

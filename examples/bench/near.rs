@@ -159,10 +159,12 @@ fn memory(bench: &Bench) -> BoxResult<(u64, f64)> {
                     let profile = &profile;
                     s.spawn(move || -> BoxResult<()> {
                         for i in (t..count).step_by(8) {
-                            let _: Option<cacheaside::UserProfile> =
-                                engine.get_or_load(&format!("{prefix}:{i}"), MEMORY_TTL, || {
-                                    Ok(Some(profile.clone()))
-                                })?;
+                            let _: Option<cacheaside::UserProfile> = engine
+                                .get_or_load_uncoalesced(
+                                    &format!("{prefix}:{i}"),
+                                    MEMORY_TTL,
+                                    || Ok(Some(profile.clone())),
+                                )?;
                         }
                         Ok(())
                     })
@@ -232,7 +234,7 @@ pub fn child(args: &[String]) -> BoxResult<()> {
             key.clear();
             write!(key, "{prefix}:{i}")?;
             let got: Option<cacheaside::UserProfile> =
-                engine.get_or_load(&key, MEMORY_TTL, || {
+                engine.get_or_load_uncoalesced(&key, MEMORY_TTL, || {
                     Err(cacheaside::Error::invalid_argument("not in Redis"))
                 })?;
             got.ok_or("absent")?;
@@ -261,7 +263,7 @@ fn invalidation_latency(bench: &Bench) -> BoxResult<Vec<u64>> {
     let ttl = Duration::from_secs(600);
     let key = "near:latency";
     let read = || -> BoxResult<()> {
-        let v: Option<u64> = reader.get_or_load(key, ttl, || Ok(Some(7)))?;
+        let v: Option<u64> = reader.get_or_load_uncoalesced(key, ttl, || Ok(Some(7)))?;
         (v == Some(7)).then_some(()).ok_or("wrong value".into())
     };
     let mut ns = Vec::with_capacity(reps);

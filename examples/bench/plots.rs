@@ -257,12 +257,12 @@ pub fn stampede(path: &Path, stampedes: &[Stampede], one_load_ms: f64) -> BoxRes
         .flat_map(|s| s.wall_ms.iter().copied())
         .fold(1.0, f64::max);
     let paths = [
-        (false, "naive (get_or_load)", RGBColor(214, 39, 40)),
         (
-            true,
-            "single-flight (get_or_load_singleflight)",
-            RGBColor(31, 119, 180),
+            false,
+            "naive (get_or_load_uncoalesced)",
+            RGBColor(214, 39, 40),
         ),
+        (true, "single-flight (get_or_load)", RGBColor(31, 119, 180)),
     ];
 
     let mut q = ChartBuilder::on(&panels[0])

@@ -323,7 +323,7 @@ fn machine_info(client: &Client) -> Value {
         .unwrap_or_default();
     let postgres = client
         .db()
-        .query_one("SHOW server_version", &[])
+        .query_opt("SHOW server_version", &[])
         .ok()
         .flatten()
         .map(|r| r.get::<_, String>(0))

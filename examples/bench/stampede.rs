@@ -21,7 +21,7 @@ use crate::xproc::{self, CrossProcess, XPROC_PROCESSES, XPROC_THREADS};
 use crate::{BoxResult, plots, wake};
 
 /// The slow load of the stampede: 50 ms inside Postgres, sent through
-/// `Db::query_one` so the query counter sees it.
+/// `Db::query_opt` so the query counter sees it.
 pub const SLOW_LOAD_SQL: &str = "SELECT pg_sleep(0.05)";
 /// Stack of the stampede threads: the read path needs far less than the
 /// 2 MiB default, and 1000 threads should not reserve 2 GiB.
@@ -61,11 +61,11 @@ pub fn measure(bench: &Bench) -> BoxResult<Stampedes> {
 /// The time of one slow load on its own: the yardstick of stampede walls.
 fn measure_one_load(client: &Client) -> BoxResult<Duration> {
     let db = client.db();
-    db.query_one(SLOW_LOAD_SQL, &[])?; // prepare it once
+    db.query_opt(SLOW_LOAD_SQL, &[])?; // prepare it once
     let mut times: Vec<f64> = (0..5)
         .map(|_| {
             let t = Instant::now();
-            db.query_one(SLOW_LOAD_SQL, &[])
+            db.query_opt(SLOW_LOAD_SQL, &[])
                 .map(|_| t.elapsed().as_secs_f64())
         })
         .collect::<Result<_, _>>()?;
@@ -177,13 +177,13 @@ fn stampede_once(
                     barrier.wait();
                     let released = Instant::now();
                     let load = || {
-                        db.query_one(SLOW_LOAD_SQL, &[])?;
+                        db.query_opt(SLOW_LOAD_SQL, &[])?;
                         Ok(Some(expected.clone()))
                     };
                     let got = if single_flight {
-                        engine.get_or_load_singleflight(key, ttl, load)
-                    } else {
                         engine.get_or_load(key, ttl, load)
+                    } else {
+                        engine.get_or_load_uncoalesced(key, ttl, load)
                     };
                     let ok = matches!(&got, Ok(Some(p)) if p == expected);
                     if let Err(err) = &got {

@@ -83,10 +83,10 @@ fn one_run(bench: &Bench, mode: Mode, run: Duration) -> BoxResult<Run> {
                     let got: cacheaside::Result<Option<i64>> =
                         engine.get_or_load_versioned(&key, Duration::from_secs(60), mode, || {
                             loads.fetch_add(1, Ordering::Relaxed);
-                            let row = engine.db().query_one(&select, &[&USER])?;
+                            let row = engine.db().query_opt(&select, &[&USER])?;
                             Ok(row.map(|r| {
                                 let v: i64 = r.get(0);
-                                (v, v as u64)
+                                cacheaside::Versioned::new(v, v as u64)
                             }))
                         });
                     match got {
@@ -110,7 +110,7 @@ fn one_run(bench: &Bench, mode: Mode, run: Duration) -> BoxResult<Run> {
             while started.elapsed() < run && !stop.load(Ordering::SeqCst) {
                 let written = engine
                     .db()
-                    .query_one(&update, &[&format!("s{i}"), &USER])
+                    .query_opt(&update, &[&format!("s{i}"), &USER])
                     .and_then(|row| {
                         engine.invalidate(&key)?;
                         Ok(row.map_or(0, |r| r.get::<_, i64>(0)))

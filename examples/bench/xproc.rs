@@ -181,7 +181,7 @@ pub fn child(args: &[String]) -> BoxResult<()> {
     config.pool_min_idle = 8;
     let engine = CacheAside::open(&config)?;
     let db = engine.db();
-    db.query_one("SELECT 1", &[])?; // connect before the clock starts
+    db.query_opt("SELECT 1", &[])?; // connect before the clock starts
     let expected = expected_profile();
     let barrier = Barrier::new(threads + 1);
     // Set when no "go" came (the parent gave up): the threads leave the
@@ -195,8 +195,8 @@ pub fn child(args: &[String]) -> BoxResult<()> {
                     if abort.load(Ordering::Relaxed) {
                         return (false, epoch_us());
                     }
-                    let got = engine.get_or_load_singleflight(key, Duration::from_secs(60), || {
-                        db.query_one(SLOW_LOAD_SQL, &[])?;
+                    let got = engine.get_or_load(key, Duration::from_secs(60), || {
+                        db.query_opt(SLOW_LOAD_SQL, &[])?;
                         Ok(Some(expected.clone()))
                     });
                     if let Err(err) = &got {

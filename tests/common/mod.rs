@@ -129,7 +129,7 @@ impl Fixture {
         );
         self.client
             .db()
-            .query_one(&sql, &[&id])
+            .query_opt(&sql, &[&id])
             .unwrap()
             .unwrap()
             .get(0)

@@ -893,7 +893,7 @@ impl PrivatePostgres {
             "local all all trust\nhost all all 127.0.0.1/32 scram-sha-256\n",
         )
         .expect("write pg_hba.conf");
-        db.query_one("SELECT pg_reload_conf()", &[])
+        db.query_opt("SELECT pg_reload_conf()", &[])
             .expect("reload the configuration");
     }
 
@@ -926,7 +926,7 @@ impl PrivatePostgres {
         ] {
             db.batch_execute(sql).expect("turn TLS on");
         }
-        db.query_one("SELECT pg_reload_conf()", &[])
+        db.query_opt("SELECT pg_reload_conf()", &[])
             .expect("reload the configuration");
         // The postmaster applies a reload when it gets to the signal: wait
         // until a new session sees TLS on.
@@ -935,7 +935,7 @@ impl PrivatePostgres {
                 return false;
             };
             matches!(
-                fresh.query_one("SHOW ssl", &[]),
+                fresh.query_opt("SHOW ssl", &[]),
                 Ok(Some(row)) if row.get::<_, String>(0) == "on"
             )
         });
@@ -1038,7 +1038,7 @@ fn serves_data_dir(url: &str, data: &Path) -> bool {
     let Ok(db) = cacheaside::Db::connect(&config) else {
         return false;
     };
-    let Ok(Some(row)) = db.query_one("SHOW data_directory", &[]) else {
+    let Ok(Some(row)) = db.query_opt("SHOW data_directory", &[]) else {
         return false;
     };
     let shown: String = row.get(0);
