@@ -155,9 +155,14 @@ impl Db {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     ///
+    /// A transaction Postgres aborted (a statement in it failed, and `work`
+    /// went on and returned `Ok`) is rolled back and reported as an error,
+    /// never as committed.
+    ///
     /// # Errors
     /// What `work` returns; database errors and timeouts of `BEGIN` and
-    /// `COMMIT`.
+    /// `COMMIT`; [`ErrorKind::Database`](crate::ErrorKind) when Postgres
+    /// had aborted the transaction.
     pub fn transaction<T>(
         &self,
         work: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
@@ -292,10 +297,31 @@ impl Transaction<'_> {
     }
 
     fn finish(&mut self, commit: bool) -> Result<()> {
-        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        self.conn.pg.batch_execute(sql, self.db.deadline)?;
-        self.finished = true;
-        Ok(())
+        let deadline = self.db.deadline;
+        if !commit {
+            self.conn.pg.batch_execute("ROLLBACK", deadline)?;
+            self.finished = true;
+            return Ok(());
+        }
+        // Postgres answers `COMMIT` of a transaction in which a statement
+        // failed (and the work swallowed the error) with `ROLLBACK`, a
+        // command tag tokio-postgres does not hand out: such a transaction
+        // would read as committed. Any statement but `COMMIT`/`ROLLBACK`
+        // fails in it (25P02), so a `SELECT` sent in the same round trip
+        // tells, at no extra latency.
+        match self.conn.pg.batch_execute("SELECT; COMMIT", deadline) {
+            Ok(()) => {
+                self.finished = true;
+                Ok(())
+            }
+            Err(err) if in_failed_transaction(&err) => {
+                self.conn.pg.batch_execute("ROLLBACK", deadline)?;
+                self.finished = true;
+                Err(err
+                    .reworded("transaction rolled back by the database: a statement in it failed"))
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// As [`Db::query_one`], inside the transaction.
@@ -338,6 +364,13 @@ impl Drop for Transaction<'_> {
             self.conn.pg.mark_broken();
         }
     }
+}
+
+/// 25P02 in_failed_sql_transaction: the transaction is aborted.
+fn in_failed_transaction(err: &Error) -> bool {
+    err.postgres().is_some_and(|pg| {
+        pg.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+    })
 }
 
 /// A pooled connection with the statements prepared on it.
