@@ -125,8 +125,78 @@ impl Outbox {
         // Trigger arguments are string literals in the DDL: double quotes
         // inside them, the only character that needs it.
         let prefix = key_prefix.replace('\'', "''");
-        let (outbox, cursors, channel, bare) =
-            (&self.table, &self.cursors, &self.channel, self.bare());
+        let (outbox, cursors, bare) = (&self.table, &self.cursors, self.bare());
+        let schema = match outbox.split_once('.') {
+            Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+            None => String::new(),
+        };
+        let tables = format!(
+            "{schema}
+             CREATE TABLE IF NOT EXISTS {outbox} (
+                 id         bigserial PRIMARY KEY,
+                 cache_key  text NOT NULL,
+                 version    bigint,
+                 txid       xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+                 created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+             );
+             CREATE INDEX IF NOT EXISTS {bare}_txid ON {outbox} (txid);
+             CREATE INDEX IF NOT EXISTS {bare}_created ON {outbox} (created_at);
+             CREATE TABLE IF NOT EXISTS {cursors} (
+                 consumer   text PRIMARY KEY,
+                 horizon    xid8 NOT NULL,
+                 updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+             );"
+        );
+        // Concurrent installs (several processes starting at once) would
+        // collide on CREATE OR REPLACE FUNCTION: serialize them.
+        db.transaction(|tx| {
+            tx.execute(
+                "SELECT pg_advisory_xact_lock(hashtext($1))",
+                &[&outbox.as_str()],
+            )?;
+            tx.batch_execute(&tables)?;
+            // The functions run as whoever writes the table, with a search
+            // path of nothing but the catalog: the outbox is named by its
+            // schema, as found now.
+            let qualified: String = tx
+                .query_one(
+                    "SELECT pg_catalog.quote_ident(n.nspname) || '.' \
+                            || pg_catalog.quote_ident(c.relname)
+                     FROM pg_catalog.pg_class c
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.oid = $1::text::pg_catalog.regclass",
+                    &[&outbox.as_str()],
+                )?
+                .map(|row| row.get(0))
+                .ok_or_else(|| Error::invalid_argument("the outbox table was not created"))?;
+            tx.batch_execute(&self.trigger_ddl(
+                &qualified,
+                table,
+                &prefix,
+                key_column,
+                version_column,
+            ))
+        })
+    }
+
+    /// The capture functions and triggers. Both functions are `SECURITY
+    /// INVOKER` (they run as the writer, who may be a superuser running a
+    /// migration), so they trust nothing on the writer's `search_path`:
+    /// it is pinned to `pg_catalog, pg_temp` (which also resolves the
+    /// operators in the catalog, and never a temporary function), every
+    /// function is named by schema, and the outbox by `qualified`, so
+    /// neither a planted overload (`to_jsonb(<row type>)` is preferred to
+    /// the built-in `anyelement` one wherever it sits on the path) nor a
+    /// temporary table named like the outbox runs or swallows anything.
+    fn trigger_ddl(
+        &self,
+        qualified: &str,
+        table: &str,
+        prefix: &str,
+        key_column: &str,
+        version_column: Option<&str>,
+    ) -> String {
+        let (outbox, channel) = (&self.table, &self.channel);
         let version = version_column.unwrap_or("");
         let bump = match version_column {
             Some(column) => format!(
@@ -135,63 +205,47 @@ impl Outbox {
             ),
             None => String::new(),
         };
-        let schema = match outbox.split_once('.') {
-            Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
-            None => String::new(),
-        };
-        let ddl = format!(
-            "{schema}
-             CREATE TABLE IF NOT EXISTS {outbox} (
-                 id         bigserial PRIMARY KEY,
-                 cache_key  text NOT NULL,
-                 version    bigint,
-                 txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
-                 created_at timestamptz NOT NULL DEFAULT now()
-             );
-             CREATE INDEX IF NOT EXISTS {bare}_txid ON {outbox} (txid);
-             CREATE INDEX IF NOT EXISTS {bare}_created ON {outbox} (created_at);
-             CREATE TABLE IF NOT EXISTS {cursors} (
-                 consumer   text PRIMARY KEY,
-                 horizon    xid8 NOT NULL,
-                 updated_at timestamptz NOT NULL DEFAULT now()
-             );
-             -- TG_ARGV: key prefix, key column, version column ('' for none).
+        format!(
+            "-- TG_ARGV: key prefix, key column, version column ('' for none).
              CREATE OR REPLACE FUNCTION {outbox}_capture() RETURNS trigger
-             LANGUAGE plpgsql AS $fn$
+             LANGUAGE plpgsql SECURITY INVOKER
+             SET search_path = pg_catalog, pg_temp AS $fn$
              DECLARE
                  old_key text;
                  new_key text;
                  new_version bigint;
              BEGIN
                  IF TG_OP <> 'INSERT' THEN
-                     old_key := TG_ARGV[0] || (to_jsonb(OLD) ->> TG_ARGV[1]);
+                     old_key := TG_ARGV[0] || (pg_catalog.to_jsonb(OLD) ->> TG_ARGV[1]);
                  END IF;
                  IF TG_OP <> 'DELETE' THEN
-                     new_key := TG_ARGV[0] || (to_jsonb(NEW) ->> TG_ARGV[1]);
+                     new_key := TG_ARGV[0] || (pg_catalog.to_jsonb(NEW) ->> TG_ARGV[1]);
                      IF TG_ARGV[2] <> '' THEN
-                         new_version := (to_jsonb(NEW) ->> TG_ARGV[2])::bigint;
+                         new_version := (pg_catalog.to_jsonb(NEW) ->> TG_ARGV[2])::bigint;
                      END IF;
                  END IF;
                  -- A key that no longer exists is invalidated whatever is
                  -- cached; the new key only if the cache is older.
                  IF old_key IS DISTINCT FROM new_key AND old_key IS NOT NULL THEN
-                     INSERT INTO {outbox} (cache_key) VALUES (old_key);
+                     INSERT INTO {qualified} (cache_key) VALUES (old_key);
                  END IF;
                  IF new_key IS NOT NULL THEN
-                     INSERT INTO {outbox} (cache_key, version) VALUES (new_key, new_version);
+                     INSERT INTO {qualified} (cache_key, version) VALUES (new_key, new_version);
                  END IF;
-                 PERFORM pg_notify('{channel}', '');
+                 PERFORM pg_catalog.pg_notify('{channel}', '');
                  RETURN NULL;
              END
              $fn$;
              -- TG_ARGV: version column. Every update moves it forward.
              CREATE OR REPLACE FUNCTION {outbox}_bump() RETURNS trigger
-             LANGUAGE plpgsql AS $fn$
+             LANGUAGE plpgsql SECURITY INVOKER
+             SET search_path = pg_catalog, pg_temp AS $fn$
              DECLARE
-                 was bigint := (to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
+                 was bigint := (pg_catalog.to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
              BEGIN
-                 IF (to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
-                     NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], was + 1));
+                 IF (pg_catalog.to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
+                     NEW := pg_catalog.jsonb_populate_record(NEW,
+                         pg_catalog.jsonb_build_object(TG_ARGV[0], was + 1));
                  END IF;
                  RETURN NEW;
              END
@@ -202,16 +256,7 @@ impl Outbox {
                  AFTER INSERT OR UPDATE OR DELETE ON {table}
                  FOR EACH ROW EXECUTE FUNCTION {outbox}_capture('{prefix}', '{key_column}', '{version}');
              {bump}"
-        );
-        // Concurrent installs (several processes starting at once) would
-        // collide on CREATE OR REPLACE FUNCTION: serialize them.
-        db.transaction(|tx| {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))",
-                &[&outbox.as_str()],
-            )?;
-            tx.batch_execute(&ddl)
-        })
+        )
     }
 }
 

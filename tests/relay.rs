@@ -414,3 +414,53 @@ fn a_process_killed_between_commit_and_invalidation_loses_no_invalidation() {
         reader.get_user_profile(1).unwrap().unwrap().plan
     });
 }
+
+#[test]
+fn a_planted_to_jsonb_overload_on_the_writers_path_does_not_run() {
+    // Someone who can create functions in a schema on a writer's path
+    // plants `to_jsonb(<the row type>)`, which Postgres prefers to the
+    // built-in, and a temporary table named like the outbox: the capture
+    // trigger (run as the writer) must call neither.
+    let fx = Fixture::new("relay_planted");
+    let db = outsider(&fx);
+    let evil = common::unique("ca_test_evil");
+    let users = &fx.config.users_table;
+    db.batch_execute(&format!(
+        "CREATE SCHEMA {evil};
+         CREATE SEQUENCE {evil}.calls;
+         CREATE FUNCTION {evil}.to_jsonb(r {users}) RETURNS jsonb
+         LANGUAGE plpgsql AS $$
+         BEGIN
+             PERFORM nextval('{evil}.calls');
+             RETURN '{{}}'::jsonb;
+         END $$;"
+    ))
+    .unwrap();
+    let reader = another_process(&fx);
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    let outbox = fx.config.outbox_table.clone();
+    db.transaction(|tx| {
+        tx.batch_execute(&format!(
+            "SET LOCAL search_path = {evil}, public;
+             CREATE TEMP TABLE {outbox} (
+                 id bigserial, cache_key text, version bigint,
+                 txid xid8 DEFAULT pg_current_xact_id(),
+                 created_at timestamptz DEFAULT now()
+             ) ON COMMIT DROP;
+             UPDATE {users} SET plan = 'planted' WHERE id = 1;"
+        ))
+    })
+    .unwrap();
+    let called: bool = db
+        .query_one(&format!("SELECT is_called FROM {evil}.calls"), &[])
+        .unwrap()
+        .unwrap()
+        .get(0);
+    db.batch_execute(&format!("DROP SCHEMA {evil} CASCADE"))
+        .unwrap();
+    assert!(!called, "the planted to_jsonb ran as the writer");
+    // And the change reached the real outbox, and the cache.
+    sees(RELAY_BOUND, "planted", || {
+        reader.get_user_profile(1).unwrap().unwrap().plan
+    });
+}
