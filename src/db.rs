@@ -59,10 +59,17 @@ impl Db {
             .parse()
             .map_err(|e| Error::invalid_argument("database URL does not parse").with_source(e))?;
         pg.connect_timeout(config.connect_timeout);
-        pg.options(format!(
+        // After the URL's own `options` (a `search_path`, say), which
+        // would otherwise be dropped.
+        let timeout = format!(
             "-c statement_timeout={}",
             config.statement_timeout.as_millis()
-        ));
+        );
+        let options = match pg.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {timeout}"),
+            _ => timeout,
+        };
+        pg.options(options);
         // A dead peer on an idle pooled connection is noticed by the kernel
         // (keepalives), and unacknowledged data fails a socket after
         // `tcp_user_timeout` (a partition, not a frozen server: that one

@@ -122,9 +122,7 @@ impl Outbox {
                 "key_prefix may not contain '{', '}' or control characters",
             ));
         }
-        // Trigger arguments are string literals in the DDL: double quotes
-        // inside them, the only character that needs it.
-        let prefix = key_prefix.replace('\'', "''");
+        let prefix = quote_literal(key_prefix);
         let (outbox, cursors, bare) = (&self.table, &self.cursors, self.bare());
         let schema = match outbox.split_once('.') {
             Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
@@ -254,7 +252,7 @@ impl Outbox {
              DROP TRIGGER IF EXISTS cacheaside_version ON {table};
              CREATE TRIGGER cacheaside_capture
                  AFTER INSERT OR UPDATE OR DELETE ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION {outbox}_capture('{prefix}', '{key_column}', '{version}');
+                 FOR EACH ROW EXECUTE FUNCTION {outbox}_capture({prefix}, '{key_column}', '{version}');
              {bump}"
         )
     }
@@ -634,6 +632,20 @@ struct Change {
     version: Option<i64>,
 }
 
+/// `text` as an SQL string literal, as Postgres's `quote_literal` makes
+/// it: quotes doubled, and with a backslash an `E'…'` literal with the
+/// backslashes doubled, which reads the same whatever
+/// `standard_conforming_strings` says (a plain `'…'` literal reads `\'`
+/// as an escaped quote when it is off: SQL injection through a prefix).
+fn quote_literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
+}
+
 fn parse_xid(text: &str) -> Result<u64> {
     text.parse().map_err(|_| {
         Error::new(
@@ -648,4 +660,16 @@ fn parse_xid(text: &str) -> Result<u64> {
 fn undefined_table(err: &Error) -> bool {
     err.postgres()
         .is_some_and(|pg| pg.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quote_literal_escapes_as_postgres_does() {
+        assert_eq!(quote_literal("user:"), "'user:'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b'"), r"E'a\\b'''");
+    }
 }

@@ -464,3 +464,54 @@ fn a_planted_to_jsonb_overload_on_the_writers_path_does_not_run() {
         reader.get_user_profile(1).unwrap().unwrap().plan
     });
 }
+
+#[test]
+fn a_key_prefix_with_backslashes_and_quotes_is_escaped() {
+    // With standard_conforming_strings off, `\'` in a plain literal is an
+    // escaped quote: a prefix must still reach the trigger exactly, and
+    // never as SQL.
+    let mut config = test_config("relay_prefix");
+    let sep = if config.database_url.contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    config.database_url = format!(
+        "{}{sep}options=-c%20standard_conforming_strings%3Doff",
+        config.database_url
+    );
+    let fx = Fixture::with(config);
+    let db = fx.client.db();
+    let scs: String = db
+        .query_one("SHOW standard_conforming_strings", &[])
+        .unwrap()
+        .unwrap()
+        .get(0);
+    assert_eq!(scs, "off", "the URL's options reach the session");
+    let table = format!("{}_p", fx.config.users_table);
+    db.batch_execute(&format!("CREATE TABLE {table} (id bigint PRIMARY KEY)"))
+        .unwrap();
+    let outbox = &fx.config.outbox_table;
+    for (id, prefix) in [
+        (1_i64, r"back\slash:"),
+        (2, r"it\'s:"),
+        (3, r"x\', '', ''); --:"),
+    ] {
+        fx.client
+            .engine()
+            .capture_changes(&table, prefix, "id", None)
+            .unwrap();
+        db.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&id])
+            .unwrap();
+        let key: String = db
+            .query_one(
+                &format!("SELECT cache_key FROM {outbox} ORDER BY id DESC LIMIT 1"),
+                &[],
+            )
+            .unwrap()
+            .unwrap()
+            .get(0);
+        assert_eq!(key, format!("{prefix}{id}"));
+    }
+    db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}
