@@ -258,16 +258,23 @@ impl Cache {
                 "refusing to delete the empty namespace (that is the whole database)",
             ));
         }
+        self.delete_in_namespace(&|_| true)
+    }
+
+    /// Deletes the keys of this namespace (`namespace{*`, also for the
+    /// empty namespace) that `pick` chooses, by their Redis names.
+    pub(crate) fn delete_in_namespace(&self, pick: &dyn Fn(&str) -> bool) -> Result<u64> {
         let pattern = format!("{}{{*", escape_glob(&self.namespace));
         // SCAN is not one command: run it on a connection of its own, with
         // no retry (a restart mid-scan just means fewer keys to delete).
         let mut conn = self.pool.get("cache")?;
         if let RedisConnection::Cluster(cluster) = &mut *conn {
-            return Ok(delete_matching_in_cluster(cluster, &pattern)?);
+            return Ok(delete_matching_in_cluster(cluster, &pattern, pick)?);
         }
-        let keys: Vec<String> = conn
+        let mut keys: Vec<String> = conn
             .scan_match::<_, String>(&pattern)
             .and_then(|keys| keys.collect::<redis::RedisResult<_>>())?;
+        keys.retain(|key| pick(key));
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
             deleted += redis::cmd("UNLINK").arg(chunk).query::<u64>(&mut *conn)?;
@@ -561,7 +568,11 @@ pub(crate) fn key_slot(key: &[u8]) -> u16 {
 
 /// Deletes the keys matching `pattern` on every master of a cluster (SCAN
 /// walks one node's keys only); returns how many it deleted.
-fn delete_matching_in_cluster(conn: &mut ClusterConnection, pattern: &str) -> RedisResult<u64> {
+fn delete_matching_in_cluster(
+    conn: &mut ClusterConnection,
+    pattern: &str,
+    pick: &dyn Fn(&str) -> bool,
+) -> RedisResult<u64> {
     let masters = cluster_masters(conn)?;
     let mut deleted = 0;
     for (host, port) in masters {
@@ -581,7 +592,7 @@ fn delete_matching_in_cluster(conn: &mut ClusterConnection, pattern: &str) -> Re
                 .arg(500);
             let (next, keys): (u64, Vec<String>) =
                 redis::from_redis_value(conn.route_command(&scan, route())?)?;
-            for key in &keys {
+            for key in keys.iter().filter(|key| pick(key)) {
                 // One key per command: keys of one node span many slots.
                 deleted += redis::cmd("UNLINK").arg(key).query::<u64>(conn)?;
             }

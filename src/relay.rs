@@ -29,8 +29,10 @@
 //!   relay's Postgres connection drops, it reconnects and catches up.
 //! - Outbox rows older than `outbox_retention` are pruned. A relay whose
 //!   namespace was not served for longer than that cannot know what it
-//!   missed: it deletes every key of its namespace (never anything else; no
-//!   `FLUSHALL`) and goes on.
+//!   missed: it deletes its namespace's cache entries (values, leases,
+//!   locks, writers, floors; never write-behind streams or pending records,
+//!   sessions or rate-limit windows, nor anything outside the namespace; no
+//!   `FLUSHALL`), also in the empty namespace, and goes on.
 //! - While the circuit breaker waits in recovery, the breaker closes only
 //!   after a round that began in recovery has applied everything.
 //!
@@ -462,12 +464,13 @@ impl Worker {
             report!(
                 warn,
                 "invalidation relay for namespace {:?} was away longer than the outbox \
-                 retention: emptying the namespace",
+                 retention: deleting the namespace's cache entries",
                 self.consumer
             );
-            if !self.consumer.is_empty() {
-                self.engine.cache.delete_namespace()?;
-            }
+            let namespace = self.engine.cache.namespace().to_owned();
+            self.engine
+                .cache
+                .delete_in_namespace(&|key| is_cache_entry(&namespace, key))?;
             self.engine.counters.relay_resets.bump();
         }
         let fresh: Vec<&Change> = read
@@ -632,6 +635,32 @@ struct Change {
     version: Option<i64>,
 }
 
+/// Names under `namespace{…}` that are not cache entries: write-behind's
+/// streams, sessions, rate-limit windows.
+const NOT_CACHED: [&str; 3] = ["write_behind", "session:", "rate_limit:"];
+
+/// True for the Redis key of a cache entry of `namespace`: a value
+/// (`namespace{key}`) or its lease, lock, writers or floor, and not a
+/// pending write-behind record or anything under a [`NOT_CACHED`] name
+/// (what a reset may delete: everything else holds data only Redis has).
+fn is_cache_entry(namespace: &str, redis_key: &str) -> bool {
+    let Some(rest) = redis_key
+        .strip_prefix(namespace)
+        .and_then(|rest| rest.strip_prefix('{'))
+    else {
+        return false;
+    };
+    // A key holds no brace, so the first `}` closes the hash tag.
+    let Some((key, suffix)) = rest.split_once('}') else {
+        return false;
+    };
+    matches!(suffix, "" | ":lease" | ":lock" | ":writers" | ":floor")
+        && !key.is_empty()
+        && !NOT_CACHED
+            .iter()
+            .any(|name| key == *name || (name.ends_with(':') && key.starts_with(name)))
+}
+
 /// `text` as an SQL string literal, as Postgres's `quote_literal` makes
 /// it: quotes doubled, and with a backslash an `E'…'` literal with the
 /// backslashes doubled, which reads the same whatever
@@ -665,6 +694,35 @@ fn undefined_table(err: &Error) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reset_picks_cache_entries_only() {
+        for ns in ["", "app:"] {
+            for cached in [
+                "{user:1}",
+                "{user:1}:lease",
+                "{k}:lock",
+                "{k}:writers",
+                "{k}:floor",
+            ] {
+                assert!(is_cache_entry(ns, &format!("{ns}{cached}")), "{ns}{cached}");
+            }
+            for kept in [
+                "{user:1}:pending",
+                "{write_behind}:stream",
+                "{write_behind}:dead",
+                "{session:abc}",
+                "{rate_limit:ip:1}",
+                "{}",
+                "user:1",
+                "{user:1",
+            ] {
+                assert!(!is_cache_entry(ns, &format!("{ns}{kept}")), "{ns}{kept}");
+            }
+        }
+        assert!(!is_cache_entry("app:", "app:v2:{user:1}"));
+        assert!(!is_cache_entry("app:", "other{user:1}"));
+    }
 
     #[test]
     fn quote_literal_escapes_as_postgres_does() {

@@ -345,22 +345,75 @@ fn two_relays_share_the_work_and_the_horizon() {
     assert!(fx.client.engine().sync_relay(PATIENCE));
 }
 
-#[test]
-fn a_relay_away_longer_than_the_retention_empties_its_namespace() {
-    // Outbox rows older than the retention are pruned: a relay whose
-    // namespace nobody served for longer cannot know what it missed, so it
-    // deletes the namespace's keys (never anything else) and goes on.
-    let mut config = test_config("relay_away");
-    config.outbox_retention = Duration::from_secs(1);
+/// Cached rows, a session, a rate-limit window and a queued write-behind
+/// change; then the relay comes back after longer than the outbox
+/// retention (its cursor aged, as if nobody had served the namespace):
+/// the reset deletes the cache entries, and only those.
+fn a_reset_keeps_what_only_redis_holds(mut config: Config) {
+    config.write_behind_retry_backoff = Duration::from_millis(20);
     let fx = Fixture::with(config);
-    fx.client.get_user_profile(1).unwrap();
-    assert!(fx.client.cache().exists(&Client::user_key(1)).unwrap());
-    fx.client.engine().stop_relay();
-    std::thread::sleep(Duration::from_millis(1500)); // away past the retention
-    fx.client.engine().start_relay();
-    assert!(fx.client.engine().sync_relay(PATIENCE));
-    assert_eq!(fx.client.engine().stats().relay_resets, 1);
-    assert!(!fx.client.cache().exists(&Client::user_key(1)).unwrap());
+    let c = &fx.client;
+    c.get_user_profile(1).unwrap();
+    assert!(c.cache().exists(&Client::user_key(1)).unwrap());
+    let session = c.sessions().create(&42_u32).unwrap();
+    for _ in 0..2 {
+        assert!(
+            c.rate_limit("ip:1", 3, Duration::from_secs(60))
+                .unwrap()
+                .allowed
+        );
+    }
+    c.update_user_plan_write_behind(2, "queued")
+        .unwrap()
+        .unwrap();
+
+    c.engine().stop_relay();
+    let cursors = format!("{}_cursors", fx.config.outbox_table);
+    let aged = outsider(&fx)
+        .execute(
+            &format!("UPDATE {cursors} SET updated_at = now() - interval '2 days'"),
+            &[],
+        )
+        .unwrap();
+    assert_eq!(aged, 1, "the relay's cursor");
+    c.engine().start_relay();
+    assert!(c.engine().sync_relay(PATIENCE));
+    assert_eq!(c.engine().stats().relay_resets, 1);
+
+    assert!(
+        !c.cache().exists(&Client::user_key(1)).unwrap(),
+        "entries go"
+    );
+    assert_eq!(c.sessions().get::<u32>(&session).unwrap(), Some(42));
+    let third = c.rate_limit("ip:1", 3, Duration::from_secs(60)).unwrap();
+    assert_eq!(
+        (third.allowed, third.remaining),
+        (true, 0),
+        "the window kept two"
+    );
+    assert_eq!(c.write_behind_pending().unwrap(), 1);
+    assert_eq!(c.get_user_profile(2).unwrap().unwrap().plan, "queued");
+    c.start_write_behind(1).unwrap();
+    c.drain_write_behind(PATIENCE).unwrap();
+    let sql = format!("SELECT plan FROM {} WHERE id = 2", fx.config.users_table);
+    let plan: String = outsider(&fx).query_one(&sql, &[]).unwrap().unwrap().get(0);
+    assert_eq!(plan, "queued", "the queued change reached Postgres");
+    c.stop_write_behind();
+}
+
+#[test]
+fn a_reset_after_the_retention_deletes_cache_entries_only() {
+    a_reset_keeps_what_only_redis_holds(test_config("relay_away"));
+}
+
+#[test]
+fn a_reset_in_the_empty_namespace_deletes_cache_entries_only() {
+    // The empty namespace is the whole database: a Redis of its own.
+    let redis = common::servers::PrivateRedis::start();
+    let mut config = test_config("relay_away_empty");
+    config.namespace = String::new();
+    config.redis_url = redis.url();
+    a_reset_keeps_what_only_redis_holds(config);
 }
 
 // ---- a process killed between COMMIT and DEL -------------------------------
