@@ -1229,6 +1229,11 @@ impl Engine {
         self.flights.note_write(key);
     }
 
+    /// As [`note_write`](Self::note_write), for every key under `prefix`.
+    pub(crate) fn note_prefix_write(&self, prefix: &str) {
+        self.flights.note_write_prefix(prefix);
+    }
+
     fn invalidate(&self, key: &str) -> Result<()> {
         self.flights.note_write(key);
         let _evict = self.evict_on_return(key);

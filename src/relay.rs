@@ -139,6 +139,9 @@ impl Outbox {
                  txid       xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
                  created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
              );
+             -- A reset row: every key starting with cache_key (a TRUNCATE).
+             ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS
+                 reset boolean NOT NULL DEFAULT false;
              CREATE INDEX IF NOT EXISTS {bare}_txid ON {outbox} (txid);
              CREATE INDEX IF NOT EXISTS {bare}_created ON {outbox} (created_at);
              CREATE TABLE IF NOT EXISTS {cursors} (
@@ -250,11 +253,30 @@ impl Outbox {
                  RETURN NEW;
              END
              $fn$;
+             -- TG_ARGV: key prefix. A TRUNCATE resets every key under it.
+             CREATE OR REPLACE FUNCTION {outbox}_reset() RETURNS trigger
+             LANGUAGE plpgsql SECURITY INVOKER
+             SET search_path = pg_catalog, pg_temp AS $fn$
+             BEGIN
+                 INSERT INTO {qualified} (cache_key, reset) VALUES (TG_ARGV[0], true);
+                 PERFORM pg_catalog.pg_notify('{channel}', '');
+                 RETURN NULL;
+             END
+             $fn$;
              DROP TRIGGER IF EXISTS cacheaside_capture ON {table};
+             DROP TRIGGER IF EXISTS cacheaside_truncate ON {table};
              DROP TRIGGER IF EXISTS cacheaside_version ON {table};
              CREATE TRIGGER cacheaside_capture
                  AFTER INSERT OR UPDATE OR DELETE ON {table}
                  FOR EACH ROW EXECUTE FUNCTION {outbox}_capture({prefix}, '{key_column}', '{version}');
+             CREATE TRIGGER cacheaside_truncate
+                 AFTER TRUNCATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION {outbox}_reset({prefix});
+             -- Also under session_replication_role = replica (a logical
+             -- replication apply, a restore): a change the cache missed
+             -- is stale whoever made it.
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER cacheaside_capture;
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER cacheaside_truncate;
              {bump}"
         )
     }
@@ -470,7 +492,7 @@ impl Worker {
             let namespace = self.engine.cache.namespace().to_owned();
             self.engine
                 .cache
-                .delete_in_namespace(&|key| is_cache_entry(&namespace, key))?;
+                .delete_in_namespace("", &|key| is_cache_entry(&namespace, key))?;
             self.engine.counters.relay_resets.bump();
         }
         let fresh: Vec<&Change> = read
@@ -481,8 +503,14 @@ impl Worker {
         // Known here even when Redis is out: a load of the key in flight
         // must not hand its row to readers that came after the change.
         for change in &fresh {
-            self.engine.note_write(&change.key);
+            if change.reset {
+                self.engine.note_prefix_write(&change.key);
+            } else {
+                self.engine.note_write(&change.key);
+            }
         }
+        let (resets, fresh): (Vec<&Change>, Vec<&Change>) =
+            fresh.into_iter().partition(|c| c.reset);
         for chunk in fresh.chunks(100) {
             let cache = &self.engine.cache;
             let changes: Vec<(Keys, Option<i64>)> = chunk
@@ -498,6 +526,13 @@ impl Worker {
                 .relay_invalidations
                 .add(chunk.len() as u64);
         }
+        // After the keys' changes: a key re-inserted after the reset (its
+        // version starting over) cannot keep a row cached before it.
+        for reset in resets {
+            self.reset_prefix(&reset.key)?;
+            self.applied.insert(reset.id, reset.txid);
+            self.engine.counters.relay_invalidations.bump();
+        }
         if let Some(horizon) = read.new_horizon {
             if read.horizon != Some(horizon) || read.touch {
                 self.advance(outbox, horizon)?;
@@ -512,6 +547,21 @@ impl Worker {
         let mut served = self.shared.served.lock();
         *served = (*served).max(serving);
         self.shared.served_cv.notify_all();
+        Ok(())
+    }
+
+    /// Deletes the cache entries of every key under `prefix`. Twice: one
+    /// `SCAN` may miss a key written while it runs, and a fill of a row
+    /// read before the reset writes its value while its lease (taken
+    /// before the load) still stands, so such a fill either finds its
+    /// lease deleted by the first pass or has stored its value before the
+    /// second begins, which then deletes it.
+    fn reset_prefix(&self, prefix: &str) -> Result<()> {
+        let cache = &self.engine.cache;
+        let namespace = cache.namespace().to_owned();
+        for _ in 0..2 {
+            cache.delete_in_namespace(prefix, &|key| is_cache_entry(&namespace, key))?;
+        }
         Ok(())
     }
 
@@ -548,7 +598,7 @@ impl Worker {
             loop {
                 let page = tx.query(
                     &format!(
-                        "SELECT id, cache_key, txid::text, version FROM {table}
+                        "SELECT id, cache_key, txid::text, version, reset FROM {table}
                          WHERE txid >= $1::text::xid8 AND id > $2
                          ORDER BY id LIMIT {PAGE}"
                     ),
@@ -563,6 +613,7 @@ impl Worker {
                         key: row.get(1),
                         txid: parse_xid(&row.get::<_, String>(2))?,
                         version: row.get(3),
+                        reset: row.get(4),
                     });
                 }
                 if !full {
@@ -633,6 +684,8 @@ struct Change {
     key: String,
     txid: u64,
     version: Option<i64>,
+    /// `key` is a prefix: every key under it changed (a `TRUNCATE`).
+    reset: bool,
 }
 
 /// Names under `namespace{…}` that are not cache entries: write-behind's

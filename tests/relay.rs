@@ -568,3 +568,62 @@ fn a_key_prefix_with_backslashes_and_quotes_is_escaped() {
     }
     db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
 }
+
+#[test]
+fn truncate_empties_the_prefix() {
+    // Row triggers do not fire on TRUNCATE: a statement trigger records
+    // "every key under user: changed", and the relay deletes those cache
+    // entries, and only those.
+    let fx = Fixture::new("relay_truncate");
+    let reader = another_process(&fx);
+    for id in 1..=5 {
+        reader.get_user_profile(id).unwrap().expect("seeded");
+    }
+    let engine = fx.client.engine();
+    let ttl = Duration::from_secs(60);
+    let other: Option<i64> = engine
+        .get_or_load("users-count", ttl, || Ok(Some(5)))
+        .unwrap();
+    assert_eq!(other, Some(5));
+    let session = fx.client.sessions().create(&7_u32).unwrap();
+    let outsider = outsider(&fx);
+    outsider
+        .batch_execute(&format!("TRUNCATE {}", fx.config.users_table))
+        .unwrap();
+    for id in 1..=5 {
+        sees(RELAY_BOUND, "gone", || {
+            reader
+                .get_user_profile(id)
+                .unwrap()
+                .map_or_else(|| "gone".into(), |u| u.plan)
+        });
+    }
+    assert!(
+        fx.client.cache().exists("users-count").unwrap(),
+        "outside the prefix"
+    );
+    assert_eq!(fx.client.sessions().get::<u32>(&session).unwrap(), Some(7));
+    assert!(engine.sync_relay(PATIENCE));
+    assert_eq!(engine.stats().relay_errors, 0);
+}
+
+#[test]
+fn a_write_under_session_replication_role_replica_is_captured() {
+    // A logical-replication apply or a restore runs as `replica`, which
+    // skips ordinary triggers; the capture triggers fire ALWAYS.
+    let fx = Fixture::new("relay_replica");
+    let reader = another_process(&fx);
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    let users = &fx.config.users_table;
+    outsider(&fx)
+        .transaction(|tx| {
+            tx.batch_execute(&format!(
+                "SET LOCAL session_replication_role = replica;
+                 UPDATE {users} SET plan = 'replicated', version = version + 1 WHERE id = 1;"
+            ))
+        })
+        .unwrap();
+    sees(RELAY_BOUND, "replicated", || {
+        reader.get_user_profile(1).unwrap().unwrap().plan
+    });
+}
