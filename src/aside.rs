@@ -811,6 +811,14 @@ impl CacheAside {
         self.relay.lock().is_some()
     }
 
+    /// Outbox rows this engine's relay has read so far, and the most it
+    /// held in memory at once; `(0, 0)` without a relay. For tests.
+    #[cfg(feature = "test-hooks")]
+    pub fn relay_rows_read(&self) -> (u64, u64) {
+        let relay = self.relay.lock();
+        relay.as_ref().map_or((0, 0), |r| r.handle().rows_read())
+    }
+
     /// Makes the relay read the outbox now, and waits (up to `timeout`) until
     /// it has applied every change committed before this call. True if it
     /// did. Without a relay, false at once.

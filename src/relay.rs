@@ -39,7 +39,6 @@
 //! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`).
 
 use crate::observe::report;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
@@ -49,7 +48,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::aside::Engine;
 use crate::config::{Config, validate_table_name};
-use crate::db::{Db, DbConn};
+use crate::db::{Db, DbConn, Transaction};
 use crate::error::{Error, Result};
 use crate::lease::{self, Keys};
 
@@ -126,9 +125,12 @@ impl Outbox {
         }
         let prefix = quote_literal(key_prefix);
         let (outbox, cursors, bare) = (&self.table, &self.cursors, self.bare());
-        let schema = match outbox.split_once('.') {
-            Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
-            None => String::new(),
+        let (schema, schema_dot) = match outbox.split_once('.') {
+            Some((schema, _)) => (
+                format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+                format!("{schema}."),
+            ),
+            None => (String::new(), String::new()),
         };
         let tables = format!(
             "{schema}
@@ -142,7 +144,11 @@ impl Outbox {
              -- A reset row: every key starting with cache_key (a TRUNCATE).
              ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS
                  reset boolean NOT NULL DEFAULT false;
-             CREATE INDEX IF NOT EXISTS {bare}_txid ON {outbox} (txid);
+             -- Rounds read by (txid, id): a transaction's rows, and the
+             -- rows from a horizon on, in pages. (It replaces the index on
+             -- txid alone that earlier versions made.)
+             CREATE INDEX IF NOT EXISTS {bare}_txid_id ON {outbox} (txid, id);
+             DROP INDEX IF EXISTS {schema_dot}{bare}_txid;
              CREATE INDEX IF NOT EXISTS {bare}_created ON {outbox} (created_at);
              CREATE TABLE IF NOT EXISTS {cursors} (
                  consumer   text PRIMARY KEY,
@@ -298,6 +304,9 @@ struct RelayShared {
     requested: AtomicU64,
     served: Mutex<u64>,
     served_cv: Condvar,
+    /// Outbox rows read, and the most held in memory at once.
+    rows_read: AtomicU64,
+    most_held: AtomicU64,
 }
 
 impl Relay {
@@ -309,6 +318,8 @@ impl Relay {
             requested: AtomicU64::new(0),
             served: Mutex::new(0),
             served_cv: Condvar::new(),
+            rows_read: AtomicU64::new(0),
+            most_held: AtomicU64::new(0),
         });
         let outbox = Outbox::new(&config.outbox_table);
         let worker = Worker {
@@ -318,7 +329,7 @@ impl Relay {
             listen: config.relay_listen,
             retention: config.outbox_retention,
             consumer: config.namespace.clone(),
-            applied: HashMap::new(),
+            seen: None,
             last_prune: None,
         };
         let thread = match outbox {
@@ -378,6 +389,18 @@ impl RelayHandle {
     }
 }
 
+impl RelayHandle {
+    /// Outbox rows this relay has read, and the most it held in memory at
+    /// once (one page at most).
+    #[cfg(feature = "test-hooks")]
+    pub fn rows_read(&self) -> (u64, u64) {
+        (
+            self.0.rows_read.load(Ordering::Relaxed),
+            self.0.most_held.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// The relay thread's state.
 struct Worker {
     engine: Engine,
@@ -388,9 +411,9 @@ struct Worker {
     retention: Duration,
     /// Whose progress the horizon records: the namespace.
     consumer: String,
-    /// Outbox ids applied at or above the horizon (with their transaction
-    /// ids), so rows read again are not applied again.
-    applied: HashMap<i64, u64>,
+    /// Where the last round left off; `None` before the first round (which
+    /// starts from the horizon).
+    seen: Option<Seen>,
     last_prune: Option<Instant>,
 }
 
@@ -471,18 +494,75 @@ impl Worker {
         Ok(conn)
     }
 
-    /// Reads the outbox above the horizon in one snapshot, applies it, and
-    /// moves the horizon.
+    /// Reads, in one snapshot and in pages of at most [`PAGE`] rows, what
+    /// the outbox holds that this relay has not read (from the horizon on
+    /// its first round), applies each page as it goes, and moves the
+    /// horizon.
     fn round(&mut self, outbox: &Outbox) -> Result<()> {
         let ticket = self.engine.breaker.recovery_ticket();
         let serving = self.shared.requested.load(Ordering::SeqCst);
-        let read = match self.read(outbox) {
-            Ok(read) => read,
+        let db = self.engine.db.clone();
+        let outcome = match db.transaction(|tx| self.read_and_apply(tx, outbox)) {
+            Ok(outcome) => Some(outcome),
             // No outbox yet (nothing captured): nothing to apply.
-            Err(err) if undefined_table(&err) => Read::default(),
+            Err(err) if undefined_table(&err) => None,
             Err(err) => return Err(err),
         };
-        if read.away_too_long {
+        if let Some((snapshot, cursor, seen)) = outcome {
+            if cursor.horizon != Some(snapshot.xmin) || cursor.touch {
+                self.advance(outbox, snapshot.xmin)?;
+            }
+            self.seen = Some(seen);
+        }
+        self.prune(outbox);
+        self.engine.counters.relay_rounds.bump();
+        if let Some(ticket) = ticket {
+            self.engine.breaker.relay_caught_up(ticket);
+        }
+        let mut served = self.shared.served.lock();
+        *served = (*served).max(serving);
+        self.shared.served_cv.notify_all();
+        Ok(())
+    }
+
+    /// The body of a round, in its `REPEATABLE READ` transaction: every
+    /// statement sees one snapshot. Returns the snapshot, the cursor as it
+    /// was, and what the next round has left to read.
+    ///
+    /// Which rows are new: outbox ids are handed out at insert time, so a
+    /// row below the highest id read may still commit later; but only if
+    /// its transaction was invisible to this snapshot, that is in progress
+    /// (`xip`) or at or above `xmax`. The next round therefore reads the
+    /// rows above the highest id read, and those of exactly these
+    /// transactions: never the backlog a long-running transaction holds
+    /// the horizon behind.
+    fn read_and_apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        outbox: &Outbox,
+    ) -> Result<(Snapshot, Cursor, Seen)> {
+        let (table, cursors) = (&outbox.table, &outbox.cursors);
+        tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        let row = tx
+            .query_one(
+                &format!(
+                    "SELECT pg_catalog.pg_current_snapshot()::text, c.horizon::text,
+                            coalesce(now() - c.updated_at > make_interval(secs => $2), false),
+                            coalesce(now() - c.updated_at > make_interval(secs => $2 / 8), true)
+                     FROM (SELECT 1) AS one LEFT JOIN {cursors} c ON c.consumer = $1"
+                ),
+                &[&self.consumer, &self.retention.as_secs_f64()],
+            )?
+            .ok_or_else(|| Error::new(crate::ErrorKind::Database, "no snapshot row"))?;
+        let snapshot = Snapshot::parse(&row.get::<_, String>(0))?;
+        let cursor = Cursor {
+            horizon: row
+                .get::<_, Option<String>>(1)
+                .map(|h| parse_xid(&h))
+                .transpose()?,
+            touch: row.get(3),
+        };
+        if row.get::<_, bool>(2) {
             report!(
                 warn,
                 "invalidation relay for namespace {:?} was away longer than the outbox \
@@ -494,60 +574,157 @@ impl Worker {
                 .cache
                 .delete_in_namespace("", &|key| is_cache_entry(&namespace, key))?;
             self.engine.counters.relay_resets.bump();
+            self.seen = None;
         }
-        let fresh: Vec<&Change> = read
-            .rows
-            .iter()
-            .filter(|c| !self.applied.contains_key(&c.id))
-            .collect();
+        let mut resets = Vec::new();
+        let last_id = match self.seen.clone() {
+            None => {
+                // Every row of a transaction at or above the horizon, in
+                // (txid, id) order, which the index walks.
+                let from = cursor.horizon.unwrap_or(0);
+                self.pages_from(tx, table, from, u64::MAX, i64::MAX, &mut resets)?;
+                let top: i64 = tx
+                    .query_one(&format!("SELECT coalesce(max(id), 0) FROM {table}"), &[])?
+                    .map_or(0, |r| r.get(0));
+                top
+            }
+            Some(seen) => {
+                let mut last_id = seen.last_id;
+                // Rows above the highest id read.
+                loop {
+                    let page = tx.query(
+                        &format!(
+                            "SELECT id, cache_key, txid::text, version, reset FROM {table}
+                             WHERE id > $1 ORDER BY id LIMIT {PAGE}"
+                        ),
+                        &[&last_id],
+                    )?;
+                    let full = page.len() as i64 == PAGE;
+                    if let Some(top) = self.apply_page(&page, &mut resets)? {
+                        last_id = last_id.max(top.0);
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                // Rows of the transactions the last snapshot did not see:
+                // those in progress then (only those with rows now visible),
+                // and those begun since.
+                if !seen.pending.is_empty() {
+                    let pending: Vec<String> = seen.pending.iter().map(u64::to_string).collect();
+                    let landed = tx.query(
+                        &format!(
+                            "SELECT x::text FROM pg_catalog.unnest($1::text[]::xid8[]) AS x
+                             WHERE EXISTS (SELECT 1 FROM {table} WHERE txid = x AND id <= $2)"
+                        ),
+                        &[&pending, &seen.last_id],
+                    )?;
+                    for row in landed {
+                        let xid = parse_xid(&row.get::<_, String>(0))?;
+                        self.pages_from(tx, table, xid, xid, seen.last_id, &mut resets)?;
+                    }
+                }
+                self.pages_from(tx, table, seen.xmax, u64::MAX, seen.last_id, &mut resets)?;
+                last_id
+            }
+        };
+        // After the keys' changes: a key re-inserted after the reset (its
+        // version starting over) cannot keep a row cached before it.
+        for prefix in resets {
+            self.reset_prefix(&prefix)?;
+            self.engine.counters.relay_invalidations.bump();
+        }
+        let seen = Seen {
+            last_id,
+            pending: snapshot.xip.clone(),
+            xmax: snapshot.xmax,
+        };
+        Ok((snapshot, cursor, seen))
+    }
+
+    /// Reads and applies, page by page in (txid, id) order, the rows with
+    /// `from <= txid <= to` and `id <= max_id`.
+    fn pages_from(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        table: &str,
+        from: u64,
+        to: u64,
+        max_id: i64,
+        resets: &mut Vec<String>,
+    ) -> Result<()> {
+        let sql = format!(
+            "SELECT id, cache_key, txid::text, version, reset FROM {table}
+             WHERE (txid, id) > ($1::text::xid8, $2) AND txid <= $3::text::xid8 AND id <= $4
+             ORDER BY txid, id LIMIT {PAGE}"
+        );
+        let to = to.to_string();
+        // Keyset paging from just below (from, any id).
+        let (mut txid, mut id) = (from.saturating_sub(1), i64::MAX);
+        loop {
+            let page = tx.query(&sql, &[&txid.to_string(), &id, &to, &max_id])?;
+            let full = page.len() as i64 == PAGE;
+            match self.apply_page(&page, resets)? {
+                Some(last) => (id, txid) = last,
+                None => break,
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one page of outbox rows (resets are kept for the end of the
+    /// round); returns the last row's (id, txid).
+    fn apply_page(
+        &mut self,
+        page: &[tokio_postgres::Row],
+        resets: &mut Vec<String>,
+    ) -> Result<Option<(i64, u64)>> {
+        let mut changes = Vec::with_capacity(page.len());
+        let mut last = None;
+        for row in page {
+            let change = Change {
+                id: row.get(0),
+                key: row.get(1),
+                txid: parse_xid(&row.get::<_, String>(2))?,
+                version: row.get(3),
+                reset: row.get(4),
+            };
+            last = Some((change.id, change.txid));
+            changes.push(change);
+        }
+        self.shared
+            .rows_read
+            .fetch_add(page.len() as u64, Ordering::Relaxed);
+        self.shared
+            .most_held
+            .fetch_max(page.len() as u64, Ordering::Relaxed);
         // Known here even when Redis is out: a load of the key in flight
         // must not hand its row to readers that came after the change.
-        for change in &fresh {
+        for change in &changes {
             if change.reset {
                 self.engine.note_prefix_write(&change.key);
             } else {
                 self.engine.note_write(&change.key);
             }
         }
-        let (resets, fresh): (Vec<&Change>, Vec<&Change>) =
-            fresh.into_iter().partition(|c| c.reset);
-        for chunk in fresh.chunks(100) {
-            let cache = &self.engine.cache;
-            let changes: Vec<(Keys, Option<i64>)> = chunk
+        let cache = &self.engine.cache;
+        let keyed: Vec<&Change> = changes.iter().filter(|c| !c.reset).collect();
+        for chunk in keyed.chunks(100) {
+            let batch: Vec<(Keys, Option<i64>)> = chunk
                 .iter()
                 .map(|c| (Keys::for_value(cache.redis_key(&c.key)), c.version))
                 .collect();
-            lease::relay_invalidate(cache, &changes)?;
-            for c in chunk {
-                self.applied.insert(c.id, c.txid);
-            }
+            lease::relay_invalidate(cache, &batch)?;
             self.engine
                 .counters
                 .relay_invalidations
                 .add(chunk.len() as u64);
         }
-        // After the keys' changes: a key re-inserted after the reset (its
-        // version starting over) cannot keep a row cached before it.
-        for reset in resets {
-            self.reset_prefix(&reset.key)?;
-            self.applied.insert(reset.id, reset.txid);
-            self.engine.counters.relay_invalidations.bump();
-        }
-        if let Some(horizon) = read.new_horizon {
-            if read.horizon != Some(horizon) || read.touch {
-                self.advance(outbox, horizon)?;
-            }
-            self.applied.retain(|_, txid| *txid >= horizon);
-        }
-        self.prune(outbox);
-        self.engine.counters.relay_rounds.bump();
-        if let Some(ticket) = ticket {
-            self.engine.breaker.relay_caught_up(ticket);
-        }
-        let mut served = self.shared.served.lock();
-        *served = (*served).max(serving);
-        self.shared.served_cv.notify_all();
-        Ok(())
+        resets.extend(changes.into_iter().filter(|c| c.reset).map(|c| c.key));
+        Ok(last)
     }
 
     /// Deletes the cache entries of every key under `prefix`. Twice: one
@@ -563,71 +740,6 @@ impl Worker {
             cache.delete_in_namespace(prefix, &|key| is_cache_entry(&namespace, key))?;
         }
         Ok(())
-    }
-
-    fn read(&self, outbox: &Outbox) -> Result<Read> {
-        let retention_s = self.retention.as_secs_f64();
-        let (table, cursors) = (&outbox.table, &outbox.cursors);
-        self.engine.db.transaction(|tx| {
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
-            let cursor = tx.query_one(
-                &format!(
-                    "SELECT horizon::text,
-                            now() - updated_at > make_interval(secs => $2),
-                            now() - updated_at > make_interval(secs => $2 / 8)
-                     FROM {cursors} WHERE consumer = $1"
-                ),
-                &[&self.consumer, &retention_s],
-            )?;
-            let (horizon, away_too_long, touch) = match cursor {
-                Some(row) => (
-                    Some(parse_xid(&row.get::<_, String>(0))?),
-                    row.get::<_, bool>(1),
-                    row.get::<_, bool>(2),
-                ),
-                None => (None, false, true),
-            };
-            let xmin: String = tx
-                .query_one("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
-                .map(|r| r.get(0))
-                .unwrap_or_default();
-            let new_horizon = parse_xid(&xmin)?;
-            let from = horizon.unwrap_or(0).to_string();
-            let mut rows = Vec::new();
-            let mut after = 0_i64;
-            loop {
-                let page = tx.query(
-                    &format!(
-                        "SELECT id, cache_key, txid::text, version, reset FROM {table}
-                         WHERE txid >= $1::text::xid8 AND id > $2
-                         ORDER BY id LIMIT {PAGE}"
-                    ),
-                    &[&from, &after],
-                )?;
-                let full = page.len() as i64 == PAGE;
-                for row in page {
-                    let id: i64 = row.get(0);
-                    after = id;
-                    rows.push(Change {
-                        id,
-                        key: row.get(1),
-                        txid: parse_xid(&row.get::<_, String>(2))?,
-                        version: row.get(3),
-                        reset: row.get(4),
-                    });
-                }
-                if !full {
-                    break;
-                }
-            }
-            Ok(Read {
-                horizon,
-                new_horizon: Some(new_horizon),
-                away_too_long,
-                touch,
-                rows,
-            })
-        })
     }
 
     fn advance(&self, outbox: &Outbox, horizon: u64) -> Result<()> {
@@ -666,16 +778,51 @@ impl Worker {
     }
 }
 
-/// What one round read.
-#[derive(Default)]
-struct Read {
+/// A snapshot, as `pg_current_snapshot()` prints it: `xmin:xmax:xip,…`.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl Snapshot {
+    fn parse(text: &str) -> Result<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let (Some(xmin), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::new(
+                crate::ErrorKind::Database,
+                format!("not a snapshot: {text:?}"),
+            ));
+        };
+        Ok(Snapshot {
+            xmin: parse_xid(xmin)?,
+            xmax: parse_xid(xmax)?,
+            xip: xip
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .map(parse_xid)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// The relay's cursor row as a round found it.
+struct Cursor {
     horizon: Option<u64>,
-    new_horizon: Option<u64>,
-    away_too_long: bool,
-    /// The cursor's timestamp is old enough to refresh even if the horizon
-    /// did not move.
+    /// Its timestamp is old enough to refresh even if the horizon did not
+    /// move.
     touch: bool,
-    rows: Vec<Change>,
+}
+
+/// What the last round's snapshot left to read: rows above `last_id`, and
+/// the rows (whatever their ids) of the transactions it saw in progress
+/// (`pending`) or that had not begun (`xmax` and up).
+#[derive(Clone, Debug)]
+struct Seen {
+    last_id: i64,
+    pending: Vec<u64>,
+    xmax: u64,
 }
 
 /// One outbox row.
@@ -775,6 +922,28 @@ mod tests {
         }
         assert!(!is_cache_entry("app:", "app:v2:{user:1}"));
         assert!(!is_cache_entry("app:", "other{user:1}"));
+    }
+
+    #[test]
+    fn snapshots_parse() {
+        assert_eq!(
+            Snapshot::parse("10:20:12,15").unwrap(),
+            Snapshot {
+                xmin: 10,
+                xmax: 20,
+                xip: vec![12, 15]
+            }
+        );
+        assert_eq!(
+            Snapshot::parse("7:7:").unwrap(),
+            Snapshot {
+                xmin: 7,
+                xmax: 7,
+                xip: vec![]
+            }
+        );
+        assert!(Snapshot::parse("7:7").is_err());
+        assert!(Snapshot::parse("a:7:").is_err());
     }
 
     #[test]

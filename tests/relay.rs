@@ -627,3 +627,87 @@ fn a_write_under_session_replication_role_replica_is_captured() {
         reader.get_user_profile(1).unwrap().unwrap().plan
     });
 }
+
+/// A captured table of `rows` rows (`bulk:<id>` keys, no version column),
+/// filled in one statement: that many outbox rows in one transaction.
+fn bulk_table(fx: &Fixture, db: &Db, rows: i64) -> String {
+    let table = format!("{}_bulk", fx.config.users_table);
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, v int NOT NULL)"
+    ))
+    .unwrap();
+    fx.client
+        .engine()
+        .capture_changes(&table, "bulk:", "id", None)
+        .unwrap();
+    db.execute(
+        &format!("INSERT INTO {table} SELECT g, 0 FROM generate_series(1, $1::bigint) g"),
+        &[&rows],
+    )
+    .unwrap();
+    table
+}
+
+#[test]
+fn a_long_open_transaction_does_not_make_rounds_reread_the_backlog() {
+    // A transaction held open elsewhere pins the horizon; 100,000 captured
+    // changes commit behind it. A round must read what is new, not the
+    // backlog: one more update is applied at once.
+    let fx = Fixture::new("relay_pinned");
+    let reader = another_process(&fx);
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "pro");
+    let db = outsider(&fx);
+    let (held, release) = (Meet::new(2), Meet::new(2));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            outsider(&fx).transaction(|tx| {
+                tx.query_one("SELECT pg_current_xact_id()::text", &[])?;
+                held.wait();
+                release.wait();
+                Ok(())
+            })
+        });
+        held.wait();
+        let table = bulk_table(&fx, &db, 100_000);
+        assert!(
+            fx.client.engine().sync_relay(PATIENCE),
+            "the backlog applied"
+        );
+        let (before, _) = fx.client.engine().relay_rows_read();
+        set_plan(&db, &fx, 1, "behind-the-backlog");
+        let took = sees(RELAY_BOUND, "behind-the-backlog", || {
+            reader.get_user_profile(1).unwrap().unwrap().plan
+        });
+        eprintln!("relay: an update behind a pinned 100,000-row backlog applied in {took:?}");
+        assert!(fx.client.engine().sync_relay(PATIENCE));
+        let (after, most) = fx.client.engine().relay_rows_read();
+        assert!(
+            after - before <= 10,
+            "{} rows read for one update",
+            after - before
+        );
+        assert!(most <= 1000, "{most} rows held at once");
+        release.wait();
+        holder.join().unwrap().unwrap();
+        db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+    });
+}
+
+#[test]
+fn a_new_relay_reads_a_large_outbox_in_bounded_pages() {
+    // A namespace never served starts from horizon 0: the whole outbox,
+    // read a page at a time, never all at once.
+    let fx = Fixture::new("relay_pages");
+    let db = outsider(&fx);
+    let table = bulk_table(&fx, &db, 20_000);
+    let mut config = fx.config.clone();
+    config.namespace = format!("{}new:", fx.config.namespace);
+    let fresh = Client::open(&config).unwrap();
+    assert!(fresh.engine().sync_relay(PATIENCE));
+    let (read, most) = fresh.engine().relay_rows_read();
+    assert!(read >= 20_000, "{read} rows read");
+    assert!(most <= 1000, "{most} rows held at once");
+    assert_eq!(fresh.engine().stats().relay_errors, 0);
+    drop(fresh);
+    db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}
