@@ -149,13 +149,17 @@ pub struct Config {
     /// outbox trigger recorded (including writes that bypassed the library,
     /// and invalidations Redis missed) to the cache. Defaults to on.
     pub invalidation_relay: bool,
-    /// How often the relay reads the outbox when no notification wakes it:
-    /// a lost notification costs at most this. Defaults to 1 s.
+    /// The longest the relay waits between two looks at the outbox. It
+    /// looks every 5 ms while changes arrive and backs off to this when
+    /// none do (a look at a quiet database is one cheap statement: has its
+    /// snapshot moved?), so a change after a quiet spell is applied within
+    /// about this. The capture trigger sends no notification: nothing is
+    /// added to the writer's commit. Defaults to 50 ms.
     pub relay_poll: Duration,
-    /// Whether the relay `LISTEN`s for the trigger's notifications (and so
-    /// applies a change within milliseconds). Off, it only polls every
-    /// `relay_poll`: for poolers that cannot hold a `LISTEN` (PgBouncer in
-    /// transaction mode). Defaults to on.
+    /// No longer used: the capture trigger sends no `NOTIFY` (a notifying
+    /// transaction takes a database-wide lock at commit, which serialized
+    /// the commits of every writer of a captured table), and the relay
+    /// polls. Kept so code that sets it still builds. Defaults to on.
     pub relay_listen: bool,
     /// The outbox table the change-capture trigger writes and the relay
     /// reads; an SQL identifier. Defaults to `cacheaside_invalidations`.
@@ -293,7 +297,7 @@ impl Default for Config {
             breaker_cool_off: Duration::from_secs(1),
             background_threads: 2,
             invalidation_relay: true,
-            relay_poll: Duration::from_secs(1),
+            relay_poll: Duration::from_millis(50),
             relay_listen: true,
             outbox_table: "cacheaside_invalidations".into(),
             outbox_retention: Duration::from_secs(24 * 3600),

@@ -267,15 +267,6 @@ impl DbConn {
         self.conn.pg.batch_execute(sql, deadline)
     }
 
-    /// Waits up to `timeout` for a notification on a channel this connection
-    /// listens on.
-    pub(crate) fn next_notification(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<tokio_postgres::Notification>> {
-        self.conn.pg.next_notification(timeout)
-    }
-
     pub(crate) fn is_broken(&self) -> bool {
         self.conn.pg.is_broken()
     }

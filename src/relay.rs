@@ -59,11 +59,14 @@ const SLICE: Duration = Duration::from_millis(25);
 /// Outbox rows read per query.
 const PAGE: i64 = 1000;
 
+/// How often the relay looks at the outbox while changes arrive; idle, it
+/// backs off to `relay_poll`.
+const BUSY_POLL: Duration = Duration::from_millis(5);
+
 /// The SQL of one outbox, built once from its validated name.
 pub(crate) struct Outbox {
     table: String,
     cursors: String,
-    channel: String,
 }
 
 impl Outbox {
@@ -74,7 +77,6 @@ impl Outbox {
         Ok(Outbox {
             table: table.to_owned(),
             cursors,
-            channel: table.to_owned(),
         })
     }
 
@@ -205,7 +207,7 @@ impl Outbox {
         key_column: &str,
         version_column: Option<&str>,
     ) -> String {
-        let (outbox, channel) = (&self.table, &self.channel);
+        let outbox = &self.table;
         let version = version_column.unwrap_or("");
         let bump = match version_column {
             Some(column) => format!(
@@ -241,7 +243,6 @@ impl Outbox {
                  IF new_key IS NOT NULL THEN
                      INSERT INTO {qualified} (cache_key, version) VALUES (new_key, new_version);
                  END IF;
-                 PERFORM pg_catalog.pg_notify('{channel}', '');
                  RETURN NULL;
              END
              $fn$;
@@ -265,7 +266,6 @@ impl Outbox {
              SET search_path = pg_catalog, pg_temp AS $fn$
              BEGIN
                  INSERT INTO {qualified} (cache_key, reset) VALUES (TG_ARGV[0], true);
-                 PERFORM pg_catalog.pg_notify('{channel}', '');
                  RETURN NULL;
              END
              $fn$;
@@ -307,6 +307,9 @@ struct RelayShared {
     /// Outbox rows read, and the most held in memory at once.
     rows_read: AtomicU64,
     most_held: AtomicU64,
+    /// Rings when a sync is requested (the relay sleeps on it).
+    wake_lock: Mutex<()>,
+    wake: Condvar,
 }
 
 impl Relay {
@@ -320,13 +323,15 @@ impl Relay {
             served_cv: Condvar::new(),
             rows_read: AtomicU64::new(0),
             most_held: AtomicU64::new(0),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
         });
         let outbox = Outbox::new(&config.outbox_table);
         let worker = Worker {
             engine,
             shared: Arc::clone(&shared),
             poll: config.relay_poll,
-            listen: config.relay_listen,
+            last_snapshot: None,
             retention: config.outbox_retention,
             consumer: config.namespace.clone(),
             seen: None,
@@ -373,6 +378,8 @@ impl RelayHandle {
     /// finished; false at the timeout.
     pub fn sync(&self, timeout: Duration) -> bool {
         let want = self.0.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        drop(self.0.wake_lock.lock());
+        self.0.wake.notify_all();
         let deadline = Instant::now() + timeout;
         let mut served = self.0.served.lock();
         while *served < want {
@@ -406,8 +413,9 @@ struct Worker {
     engine: Engine,
     shared: Arc<RelayShared>,
     poll: Duration,
-    /// LISTEN for notifications (else poll only).
-    listen: bool,
+    /// The snapshot of the last round: while the database's current one
+    /// is the same, nothing committed since.
+    last_snapshot: Option<String>,
     retention: Duration,
     /// Whose progress the horizon records: the namespace.
     consumer: String,
@@ -419,66 +427,93 @@ struct Worker {
 
 impl Worker {
     fn run(mut self, outbox: &Outbox) {
-        let mut listener: Option<DbConn> = None;
+        let mut conn: Option<DbConn> = None;
         let mut backoff = Duration::from_millis(50);
-        let mut next_round = Instant::now();
+        let mut interval = BUSY_POLL;
+        let mut next_look = Instant::now();
         while !self.shared.stop.load(Ordering::SeqCst) {
-            if self.listen && listener.as_ref().is_none_or(DbConn::is_broken) {
-                match self.listen_on(outbox) {
-                    Ok(conn) => {
-                        listener = Some(conn);
-                        // Notifications sent while we were not listening
-                        // are lost: catch up.
-                        next_round = Instant::now();
+            if conn.as_ref().is_none_or(DbConn::is_broken) {
+                match self.engine.db.dedicated(&outbox.listener_name()) {
+                    Ok(c) => {
+                        conn = Some(c);
+                        // Whatever happened meanwhile: look now.
+                        self.last_snapshot = None;
+                        next_look = Instant::now();
                     }
                     Err(err) => {
                         self.engine.counters.relay_errors.bump();
-                        report!(debug, "invalidation relay cannot listen: {}", err.chain());
+                        report!(debug, "invalidation relay cannot connect: {}", err.chain());
                         self.sleep(backoff);
                         backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
                         continue;
                     }
                 }
             }
-            let wanted = Instant::now() >= next_round
-                || self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
+            let asked = self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
                 || self.engine.breaker.recovery_ticket().is_some();
-            if wanted {
-                match self.round(outbox) {
-                    Ok(()) => {
-                        backoff = Duration::from_millis(50);
-                        next_round = Instant::now() + self.poll;
+            if asked || Instant::now() >= next_look {
+                // One cheap statement: nothing committed anywhere since the
+                // last round's snapshot (it would have moved) means nothing
+                // new in the outbox.
+                let changed = asked
+                    || match conn.as_mut().map(|c| current_snapshot(c)) {
+                        Some(Ok(now)) => self.last_snapshot.as_deref() != Some(now.as_str()),
+                        Some(Err(err)) => {
+                            report!(
+                                debug,
+                                "invalidation relay lost its connection: {}",
+                                err.chain()
+                            );
+                            conn = None;
+                            continue;
+                        }
+                        None => true,
+                    };
+                if changed {
+                    let before = self.shared.rows_read.load(Ordering::Relaxed);
+                    match self.round(outbox) {
+                        Ok(()) => {
+                            backoff = Duration::from_millis(50);
+                            let found = self.shared.rows_read.load(Ordering::Relaxed) > before;
+                            interval = if found {
+                                BUSY_POLL
+                            } else {
+                                self.slower(interval)
+                            };
+                        }
+                        Err(err) => {
+                            self.engine.counters.relay_errors.bump();
+                            report!(
+                                debug,
+                                "invalidation relay round failed (retried): {}",
+                                err.chain()
+                            );
+                            self.sleep(backoff);
+                            backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
+                            next_look = Instant::now();
+                            continue;
+                        }
                     }
-                    Err(err) => {
-                        self.engine.counters.relay_errors.bump();
-                        report!(
-                            debug,
-                            "invalidation relay round failed (retried): {}",
-                            err.chain()
-                        );
-                        self.sleep(backoff);
-                        backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
-                        next_round = Instant::now();
-                    }
+                } else {
+                    interval = self.slower(interval);
                 }
+                next_look = Instant::now() + interval;
             }
-            // Wait for a notification (or, polling only, for the time), a
-            // little at a time, so stop and sync requests are seen soon.
-            match listener.as_mut().map(|conn| conn.next_notification(SLICE)) {
-                Some(Ok(Some(_))) => next_round = Instant::now(),
-                Some(Ok(None)) => {}
-                Some(Err(err)) => {
-                    // The connection dropped: reconnect and catch up.
-                    report!(
-                        debug,
-                        "invalidation relay lost its connection: {}",
-                        err.chain()
-                    );
-                    listener = None;
-                }
-                None => self.sleep(SLICE),
+            // Until the next look, or a sync request; a little at a time,
+            // so stop requests and breaker recovery are seen soon.
+            let wait = next_look
+                .saturating_duration_since(Instant::now())
+                .min(SLICE);
+            let mut idle = self.shared.wake_lock.lock();
+            if self.shared.requested.load(Ordering::SeqCst) <= *self.shared.served.lock() {
+                self.shared.wake.wait_for(&mut idle, wait);
             }
         }
+    }
+
+    /// The next idle interval: twice the last, up to `relay_poll`.
+    fn slower(&self, interval: Duration) -> Duration {
+        (interval * 2).min(self.poll.max(BUSY_POLL))
     }
 
     fn sleep(&self, total: Duration) {
@@ -486,12 +521,6 @@ impl Worker {
         while !self.shared.stop.load(Ordering::SeqCst) && Instant::now() < until {
             std::thread::sleep(SLICE.min(until.saturating_duration_since(Instant::now())));
         }
-    }
-
-    fn listen_on(&self, outbox: &Outbox) -> Result<DbConn> {
-        let mut conn = self.engine.db.dedicated(&outbox.listener_name())?;
-        conn.batch_execute(&format!("LISTEN \"{}\"", outbox.channel))?;
-        Ok(conn)
     }
 
     /// Reads, in one snapshot and in pages of at most [`PAGE`] rows, what
@@ -554,7 +583,8 @@ impl Worker {
                 &[&self.consumer, &self.retention.as_secs_f64()],
             )?
             .ok_or_else(|| Error::new(crate::ErrorKind::Database, "no snapshot row"))?;
-        let snapshot = Snapshot::parse(&row.get::<_, String>(0))?;
+        let text: String = row.get(0);
+        let snapshot = Snapshot::parse(&text)?;
         let cursor = Cursor {
             horizon: row
                 .get::<_, Option<String>>(1)
@@ -634,6 +664,7 @@ impl Worker {
             self.reset_prefix(&prefix)?;
             self.engine.counters.relay_invalidations.bump();
         }
+        self.last_snapshot = Some(text);
         let seen = Seen {
             last_id,
             pending: snapshot.xip.clone(),
@@ -776,6 +807,14 @@ impl Worker {
             report!(debug, "outbox prune failed: {}", err.chain());
         }
     }
+}
+
+/// The database's current snapshot, as text.
+fn current_snapshot(conn: &mut DbConn) -> Result<String> {
+    Ok(conn
+        .query_one("SELECT pg_catalog.pg_current_snapshot()::text", &[])?
+        .map(|row| row.get(0))
+        .unwrap_or_default())
 }
 
 /// A snapshot, as `pg_current_snapshot()` prints it: `xmin:xmax:xip,…`.
