@@ -156,10 +156,15 @@ pub struct Config {
     /// about this. The capture trigger sends no notification: nothing is
     /// added to the writer's commit. Defaults to 50 ms.
     pub relay_poll: Duration,
-    /// No longer used: the capture trigger sends no `NOTIFY` (a notifying
-    /// transaction takes a database-wide lock at commit, which serialized
-    /// the commits of every writer of a captured table), and the relay
-    /// polls. Kept so code that sets it still builds. Defaults to on.
+    /// Whether the relays of one namespace share a lease (a session
+    /// advisory lock on each relay's own connection): one reads the outbox
+    /// and applies it, the others stand by and take over within about
+    /// 250 ms when its connection ends, so the outbox is read once however
+    /// many processes run clients. Off, every relay reads the outbox: for
+    /// poolers that cannot keep a session (PgBouncer in transaction mode).
+    /// (The name is historical: the relay used to `LISTEN` for the
+    /// trigger's notifications; the trigger sends none now.) Defaults to
+    /// on.
     pub relay_listen: bool,
     /// The outbox table the change-capture trigger writes and the relay
     /// reads; an SQL identifier. Defaults to `cacheaside_invalidations`.

@@ -11,18 +11,35 @@
 //! - Every committed change to a captured table is applied to the cache
 //!   exactly as [`CacheAside::invalidate`](crate::CacheAside::invalidate)
 //!   does (value, lease and writers deleted, so an in-flight fill of the
-//!   pre-change row is dropped), within about the notification latency, and
-//!   at most `relay_poll` after a lost notification.
+//!   pre-change row is dropped), within about 5 ms while changes arrive and
+//!   about `relay_poll` after a quiet spell. Inserts, updates (old and new
+//!   key) and deletes are captured by a row trigger, `TRUNCATE` by a
+//!   statement trigger (a reset of the table's key prefix: its cache
+//!   entries are deleted, nothing else); both fire also under
+//!   `session_replication_role = replica`. The trigger adds no `NOTIFY` to
+//!   the writer's commit: the relay polls (one cheap statement when the
+//!   database is quiet: has its snapshot moved?).
 //! - Nothing is skipped, whatever order transactions commit in. Outbox ids
-//!   are handed out at insert time, not at commit, so a cursor on ids would
-//!   step over a row whose transaction commits late. The cursor is instead a
-//!   transaction horizon: every row written by a transaction older than the
-//!   horizon has been applied. A round reads, in one snapshot, the rows at
-//!   or above the horizon and the snapshot's `xmin` (every older transaction
-//!   has ended, so all its rows are in the snapshot); after applying them the
-//!   horizon moves to that `xmin`. Rows above it may be read again next
-//!   round; they are applied once per process (and deletes are idempotent
-//!   anyway).
+//!   are handed out at insert time, not at commit, so a cursor on ids alone
+//!   would step over a row whose transaction commits late. A round reads in
+//!   one snapshot the rows above the highest id read so far, and the rows of
+//!   the transactions the previous round's snapshot did not see (in
+//!   progress, or not begun): the only ones that can still add rows below
+//!   that id. So a round costs what is new, not the backlog behind a
+//!   long-running transaction; it reads in pages of [`PAGE`] rows, applied
+//!   as they come. What survives a restart is a transaction horizon, kept
+//!   in Postgres: every row written by a transaction older than the horizon
+//!   has been applied; after a round it moves to the snapshot's `xmin`. A
+//!   relay's first round reads from the horizon (rows read again are
+//!   applied again: deletes are idempotent).
+//! - One relay per namespace and outbox does the work: it holds a lease (a
+//!   session advisory lock on its own connection, so it is released when
+//!   the process or its connection dies) and publishes, after each round,
+//!   that round's snapshot in Redis. The relays of other processes stand by:
+//!   they try the lease every 250 ms, and a sync (or the breaker's
+//!   recovery) waits until the published snapshot covers the moment it was
+//!   asked. With `relay_listen = false` (no session, behind a transaction
+//!   pooler) every relay reads the outbox.
 //! - The horizon is kept in Postgres, per namespace, so a restarted relay
 //!   (or a relay in another process) goes on where the last one stopped.
 //!   When Redis fails, the horizon stays and the round is retried; when the
@@ -62,6 +79,14 @@ const PAGE: i64 = 1000;
 /// How often the relay looks at the outbox while changes arrive; idle, it
 /// backs off to `relay_poll`.
 const BUSY_POLL: Duration = Duration::from_millis(5);
+
+/// How often a standby tries to take the lease: a leader that died is
+/// replaced within about this (its lock goes with its connection).
+const STANDBY_TRY: Duration = Duration::from_millis(250);
+
+/// How long a standby's sync waits for the leader before it tries the
+/// lease again.
+const FOLLOW_FOR: Duration = Duration::from_secs(1);
 
 /// The SQL of one outbox, built once from its validated name.
 pub(crate) struct Outbox {
@@ -327,11 +352,20 @@ impl Relay {
             wake: Condvar::new(),
         });
         let outbox = Outbox::new(&config.outbox_table);
+        let applied_key = format!(
+            "{}:applied:{}",
+            engine.cache.redis_key("relay"),
+            config.outbox_table
+        );
         let worker = Worker {
             engine,
             shared: Arc::clone(&shared),
             poll: config.relay_poll,
             last_snapshot: None,
+            lease: config.relay_listen,
+            leader: !config.relay_listen,
+            outbox_name: config.outbox_table.clone(),
+            applied_key,
             retention: config.outbox_retention,
             consumer: config.namespace.clone(),
             seen: None,
@@ -416,6 +450,15 @@ struct Worker {
     /// The snapshot of the last round: while the database's current one
     /// is the same, nothing committed since.
     last_snapshot: Option<String>,
+    /// One relay per namespace and outbox reads the outbox, the holder of
+    /// the lease; off (`relay_listen = false`, for poolers that cannot keep
+    /// a session), every relay does.
+    lease: bool,
+    /// Holds the lease (or needs none).
+    leader: bool,
+    outbox_name: String,
+    /// Where the leader publishes its last round's snapshot.
+    applied_key: String,
     retention: Duration,
     /// Whose progress the horizon records: the namespace.
     consumer: String,
@@ -431,14 +474,18 @@ impl Worker {
         let mut backoff = Duration::from_millis(50);
         let mut interval = BUSY_POLL;
         let mut next_look = Instant::now();
+        let mut next_try = Instant::now();
         while !self.shared.stop.load(Ordering::SeqCst) {
             if conn.as_ref().is_none_or(DbConn::is_broken) {
                 match self.engine.db.dedicated(&outbox.listener_name()) {
                     Ok(c) => {
                         conn = Some(c);
-                        // Whatever happened meanwhile: look now.
+                        // Whatever happened meanwhile: look now. A lease
+                        // held on the old connection went with it.
                         self.last_snapshot = None;
+                        self.leader = !self.lease;
                         next_look = Instant::now();
+                        next_try = Instant::now();
                     }
                     Err(err) => {
                         self.engine.counters.relay_errors.bump();
@@ -451,6 +498,45 @@ impl Worker {
             }
             let asked = self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
                 || self.engine.breaker.recovery_ticket().is_some();
+            if !self.leader && Instant::now() >= next_try {
+                next_try = Instant::now() + STANDBY_TRY;
+                match conn.as_mut().map(|c| self.try_lead(c)) {
+                    Some(Ok(true)) => {
+                        self.leader = true;
+                        next_look = Instant::now();
+                    }
+                    Some(Ok(false)) | None => {}
+                    Some(Err(err)) => {
+                        report!(
+                            debug,
+                            "invalidation relay lost its connection: {}",
+                            err.chain()
+                        );
+                        conn = None;
+                        continue;
+                    }
+                }
+            }
+            if !self.leader {
+                // A standby: another process's relay applies the outbox;
+                // a sync (or the breaker's recovery) waits until it has
+                // applied everything committed before it was asked.
+                if asked {
+                    if let Some(c) = conn.as_mut() {
+                        match self.follow(c) {
+                            Ok(true) => {}
+                            Ok(false) => next_try = Instant::now(),
+                            Err(err) => {
+                                self.engine.counters.relay_errors.bump();
+                                report!(debug, "invalidation relay standby: {}", err.chain());
+                                self.sleep(backoff);
+                            }
+                        }
+                    }
+                }
+                self.nap(next_try);
+                continue;
+            }
             if asked || Instant::now() >= next_look {
                 // One cheap statement: nothing committed anywhere since the
                 // last round's snapshot (it would have moved) means nothing
@@ -499,16 +585,79 @@ impl Worker {
                 }
                 next_look = Instant::now() + interval;
             }
-            // Until the next look, or a sync request; a little at a time,
-            // so stop requests and breaker recovery are seen soon.
-            let wait = next_look
-                .saturating_duration_since(Instant::now())
-                .min(SLICE);
-            let mut idle = self.shared.wake_lock.lock();
-            if self.shared.requested.load(Ordering::SeqCst) <= *self.shared.served.lock() {
-                self.shared.wake.wait_for(&mut idle, wait);
-            }
+            self.nap(next_look);
         }
+    }
+
+    /// Waits until `until`, or a sync request; a little at a time, so stop
+    /// requests and the breaker's recovery are seen soon.
+    fn nap(&self, until: Instant) {
+        let wait = until.saturating_duration_since(Instant::now()).min(SLICE);
+        let mut idle = self.shared.wake_lock.lock();
+        if self.shared.requested.load(Ordering::SeqCst) <= *self.shared.served.lock() {
+            self.shared.wake.wait_for(&mut idle, wait);
+        }
+    }
+
+    /// Takes the namespace's lease if nobody holds it: a session advisory
+    /// lock on the relay's own connection, so it is released when that
+    /// connection ends (the process died, the network dropped it).
+    fn try_lead(&self, conn: &mut DbConn) -> Result<bool> {
+        Ok(conn
+            .query_one(
+                "SELECT pg_catalog.pg_try_advisory_lock(
+                     pg_catalog.hashtext($1), pg_catalog.hashtext($2))",
+                &[&self.outbox_name, &self.consumer],
+            )?
+            .is_some_and(|row| row.get::<_, bool>(0)))
+    }
+
+    /// As a standby, waits (up to [`FOLLOW_FOR`]) until the leader has
+    /// published a round whose snapshot covers this moment's: every
+    /// transaction that had ended now had ended for it, so it has applied
+    /// their changes. False if it did not (the leader may be gone).
+    fn follow(&mut self, conn: &mut DbConn) -> Result<bool> {
+        let ticket = self.engine.breaker.recovery_ticket();
+        let serving = self.shared.requested.load(Ordering::SeqCst);
+        let now = Snapshot::parse(&current_snapshot(conn)?)?;
+        let deadline = Instant::now() + FOLLOW_FOR;
+        loop {
+            let applied = self.engine.cache.get_raw(&self.applied_key)?;
+            let applied = applied
+                .and_then(|raw| String::from_utf8(raw).ok())
+                .and_then(|text| Snapshot::parse(&text).ok());
+            if applied.is_some_and(|l| l.covers(&now)) {
+                if let Some(ticket) = ticket {
+                    self.engine.breaker.relay_caught_up(ticket);
+                }
+                let mut served = self.shared.served.lock();
+                *served = (*served).max(serving);
+                self.shared.served_cv.notify_all();
+                return Ok(true);
+            }
+            if self.shared.stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// As the leader, tells the standbys how far it has applied: the
+    /// snapshot of its last round, in Redis beside the namespace's entries
+    /// (never a cache entry: a reset leaves it).
+    fn publish(&mut self) -> Result<()> {
+        let Some(text) = self.last_snapshot.clone() else {
+            return Ok(());
+        };
+        let key = self.applied_key.clone();
+        self.engine.cache.with_connection(|c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(&text)
+                .arg("PX")
+                .arg(60_000)
+                .query::<()>(c)
+        })
     }
 
     /// The next idle interval: twice the last, up to `relay_poll`.
@@ -542,6 +691,9 @@ impl Worker {
                 self.advance(outbox, snapshot.xmin)?;
             }
             self.seen = Some(seen);
+            if self.lease {
+                self.publish()?;
+            }
         }
         self.prune(outbox);
         self.engine.counters.relay_rounds.bump();
@@ -826,6 +978,16 @@ struct Snapshot {
 }
 
 impl Snapshot {
+    /// True if every transaction that had ended for `earlier` had ended
+    /// for this one too.
+    fn covers(&self, earlier: &Snapshot) -> bool {
+        self.xmax >= earlier.xmax
+            && self
+                .xip
+                .iter()
+                .all(|x| *x >= earlier.xmax || earlier.xip.contains(x))
+    }
+
     fn parse(text: &str) -> Result<Snapshot> {
         let mut parts = text.splitn(3, ':');
         let (Some(xmin), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next()) else {
@@ -983,6 +1145,22 @@ mod tests {
         );
         assert!(Snapshot::parse("7:7").is_err());
         assert!(Snapshot::parse("a:7:").is_err());
+    }
+
+    #[test]
+    fn a_snapshot_covers_an_earlier_one_once_its_ended_transactions_ended() {
+        let snap = |xmax, xip: &[u64]| Snapshot {
+            xmin: 1,
+            xmax,
+            xip: xip.to_vec(),
+        };
+        assert!(snap(20, &[]).covers(&snap(20, &[])));
+        assert!(snap(20, &[12]).covers(&snap(20, &[12])));
+        assert!(snap(25, &[12, 21]).covers(&snap(20, &[12])));
+        // 13 had ended earlier, and is in progress for the later one.
+        assert!(!snap(25, &[13]).covers(&snap(20, &[12])));
+        // 19 had ended earlier; the later snapshot does not reach it.
+        assert!(!snap(19, &[]).covers(&snap(20, &[])));
     }
 
     #[test]

@@ -743,3 +743,53 @@ fn the_capture_trigger_adds_no_notify_to_the_writers_commit() {
     });
     eprintln!("relay: a change applied without a notification in {took:?}");
 }
+
+#[test]
+fn one_relay_per_namespace_reads_the_outbox_and_a_standby_takes_over() {
+    // Every process runs a relay; one holds the namespace's lease and
+    // reads the outbox, the others stand by (their syncs follow the
+    // leader). When the leader goes, a standby takes over within 2 s,
+    // from the horizon: nothing skipped.
+    let fx = Fixture::new("relay_lease");
+    let standbys: Vec<Client> = (0..3).map(|_| Client::open(&fx.config).unwrap()).collect();
+    let reader = another_process(&fx);
+    let db = outsider(&fx);
+    for i in 0..100 {
+        set_plan(&db, &fx, i % 5 + 1, &format!("w{i}"));
+    }
+    for standby in &standbys {
+        assert!(
+            standby.engine().sync_relay(PATIENCE),
+            "a standby's sync follows the leader"
+        );
+    }
+    assert!(fx.client.engine().sync_relay(PATIENCE));
+    let (led, _) = fx.client.engine().relay_rows_read();
+    assert!(led >= 100, "the leader read the changes: {led}");
+    for standby in &standbys {
+        assert_eq!(
+            standby.engine().relay_rows_read().0,
+            0,
+            "a standby read nothing"
+        );
+    }
+    assert_eq!(reader.get_user_profile(5).unwrap().unwrap().plan, "w99");
+    assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "w95"); // cached
+
+    // The leader goes (its connection, and so its lock, with it).
+    fx.client.engine().stop_relay();
+    set_plan(&db, &fx, 1, "after-the-leader");
+    let took = sees(Duration::from_secs(2), "after-the-leader", || {
+        reader.get_user_profile(1).unwrap().unwrap().plan
+    });
+    eprintln!("relay: a standby took over and applied a change in {took:?}");
+    let leaders = standbys
+        .iter()
+        .filter(|s| s.engine().relay_rows_read().0 > 0)
+        .count();
+    assert_eq!(leaders, 1, "exactly one standby took over");
+    for standby in &standbys {
+        assert_eq!(standby.engine().stats().relay_errors, 0);
+    }
+    fx.client.engine().start_relay(); // for the fixture's drop
+}
