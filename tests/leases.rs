@@ -241,6 +241,9 @@ fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
     let (answered, go) = pause_after_load(&fx, &redis_key);
     std::thread::scope(|s| {
         let leader = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
+        // Past its cache check: a leader that started after the fill below
+        // would just hit.
+        wait_for_a_follower_or_join(&fx, &key);
         // The other process fills the key and releases its lock.
         let row = fx.client.get_user_profile(1).unwrap().unwrap();
         let del_lock =
