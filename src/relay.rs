@@ -81,6 +81,9 @@ const PAGE: i64 = 1000;
 /// backs off to `relay_poll`.
 const BUSY_POLL: Duration = Duration::from_millis(5);
 
+/// How often, at most, the leader writes the horizon.
+const ADVANCE_EVERY: Duration = Duration::from_secs(1);
+
 /// How often a standby tries to take the lease: a leader that died is
 /// replaced within about this (its lock goes with its connection).
 const STANDBY_TRY: Duration = Duration::from_millis(250);
@@ -380,6 +383,7 @@ impl Relay {
             consumer: config.namespace.clone(),
             seen: None,
             last_prune: None,
+            last_advance: None,
         };
         let thread = match outbox {
             Ok(outbox) => std::thread::Builder::new()
@@ -476,6 +480,8 @@ struct Worker {
     /// starts from the horizon).
     seen: Option<Seen>,
     last_prune: Option<Instant>,
+    /// When the horizon was last written.
+    last_advance: Option<Instant>,
 }
 
 impl Worker {
@@ -703,8 +709,15 @@ impl Worker {
             Err(err) => return Err(err),
         };
         if let Some((snapshot, cursor, seen)) = outcome {
-            if cursor.horizon != Some(snapshot.xmin) || cursor.touch {
+            // A write (and a commit to flush) per round would cost more
+            // than a horizon that trails by a second: the horizon matters
+            // only to the next relay's first round.
+            let due = self
+                .last_advance
+                .is_none_or(|at| at.elapsed() >= ADVANCE_EVERY);
+            if (cursor.horizon != Some(snapshot.xmin) && due) || cursor.touch {
                 self.advance(outbox, snapshot.xmin)?;
+                self.last_advance = Some(Instant::now());
             }
             self.seen = Some(seen);
             if self.lease {
