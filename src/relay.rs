@@ -537,16 +537,14 @@ impl Worker {
                 // A standby: another process's relay applies the outbox;
                 // a sync (or the breaker's recovery) waits until it has
                 // applied everything committed before it was asked.
-                if asked {
-                    if let Some(c) = conn.as_mut() {
-                        match self.follow(c) {
-                            Ok(true) => {}
-                            Ok(false) => next_try = Instant::now(),
-                            Err(err) => {
-                                self.engine.counters.relay_errors.bump();
-                                report!(debug, "invalidation relay standby: {}", err.chain());
-                                self.sleep(backoff);
-                            }
+                if let (true, Some(c)) = (asked, conn.as_mut()) {
+                    match self.follow(c) {
+                        Ok(true) => {}
+                        Ok(false) => next_try = Instant::now(),
+                        Err(err) => {
+                            self.engine.counters.relay_errors.bump();
+                            report!(debug, "invalidation relay standby: {}", err.chain());
+                            self.sleep(backoff);
                         }
                     }
                 }
@@ -558,7 +556,7 @@ impl Worker {
                 // last round's snapshot (it would have moved) means nothing
                 // new in the outbox.
                 let changed = asked
-                    || match conn.as_mut().map(|c| current_snapshot(c)) {
+                    || match conn.as_mut().map(current_snapshot) {
                         Some(Ok(now)) => self.last_snapshot.as_deref() != Some(now.as_str()),
                         Some(Err(err)) => {
                             report!(

@@ -44,9 +44,12 @@ const KINDS: [&str; 4] = [
 /// runs meanwhile.
 const CELLS: [(usize, bool); 4] = [(0, true), (1, false), (1, true), (2, true)];
 
+/// One cell of the writers' table: (kind, writers, (TPS, p99 ms) or the
+/// error it met).
+type Cell = (String, usize, Result<(f64, f64), String>);
+
 pub struct Capture {
-    /// (kind, writers, TPS, p99 ms), or the error that cell met.
-    writers: Vec<(String, usize, Result<(f64, f64), String>)>,
+    writers: Vec<Cell>,
     /// Commit → invalidation, ms, at `rate` writes/s.
     invalidation_ms: Vec<f64>,
     rate: u32,
@@ -230,7 +233,7 @@ fn steady(client: &Client, db: &Db, table: &str, rate: u32, span: Duration) -> B
                             std::thread::sleep(wait);
                         }
                         i += 1;
-                        if i % 10 == 0 {
+                        if i.is_multiple_of(10) {
                             // A watched row of this thread's own: 200 spare
                             // rows above the writers' range.
                             let id = ROWS + 1 + i64::from(w) * 50 + (i / 10 % 50) as i64;
