@@ -793,3 +793,60 @@ fn one_relay_per_namespace_reads_the_outbox_and_a_standby_takes_over() {
     }
     fx.client.engine().start_relay(); // for the fixture's drop
 }
+
+#[test]
+fn a_first_round_pages_across_transaction_ids_in_numeric_order() {
+    // Keyset pages go by (txid, id): they must be read in that order, not
+    // in the order of the txids' text ("10" before "9"), or a page boundary
+    // skips a transaction's rows.
+    let fx = Fixture::new("relay_xid_order");
+    let db = outsider(&fx);
+    let outbox = &fx.config.outbox_table;
+    db.execute(
+        &format!(
+            "INSERT INTO {outbox} (cache_key, txid)
+             SELECT 'fake:' || g, (CASE WHEN g <= 1500 THEN '9' ELSE '10' END)::xid8
+             FROM generate_series(1, 3000) g"
+        ),
+        &[],
+    )
+    .unwrap();
+    let mut config = fx.config.clone();
+    config.namespace = format!("{}new:", fx.config.namespace);
+    let fresh = Client::open(&config).unwrap();
+    assert!(fresh.engine().sync_relay(PATIENCE));
+    let (read, _) = fresh.engine().relay_rows_read();
+    assert!(read >= 3000, "{read} rows read of 3000 and more");
+    drop(fresh);
+}
+
+#[test]
+fn rows_past_the_retention_are_pruned_and_younger_ones_kept() {
+    let fx = Fixture::new("relay_prune");
+    let db = outsider(&fx);
+    let outbox = &fx.config.outbox_table;
+    // Rows as if written two days ago (ids come in time order), then one
+    // young change.
+    db.batch_execute(&format!(
+        "INSERT INTO {outbox} (cache_key) SELECT 'old:' || g FROM generate_series(1, 50) g;
+         UPDATE {outbox} SET created_at = now() - interval '2 days';"
+    ))
+    .unwrap();
+    set_plan(&db, &fx, 1, "young");
+    let count = |like: &str| -> i64 {
+        db.query_one(
+            &format!("SELECT count(*) FROM {outbox} WHERE cache_key LIKE $1"),
+            &[&like],
+        )
+        .unwrap()
+        .unwrap()
+        .get(0)
+    };
+    assert_eq!(count("old:%"), 50);
+    // A relay prunes on its first round (then once a minute).
+    fx.client.engine().stop_relay();
+    fx.client.engine().start_relay();
+    assert!(fx.client.engine().sync_relay(PATIENCE));
+    assert_eq!(count("old:%"), 0, "past the retention");
+    assert_eq!(count("%"), 1, "the young row stays, alone");
+}
