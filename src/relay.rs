@@ -745,7 +745,15 @@ impl Worker {
         outbox: &Outbox,
     ) -> Result<(Snapshot, Cursor, Seen)> {
         let (table, cursors) = (&outbox.table, &outbox.cursors);
-        tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
+        // Every read below is a narrow range of an index (the newest ids,
+        // one transaction's rows); a plan that scans the outbox instead
+        // (statistics of a young, fast-growing table mislead the planner)
+        // would cost every round the whole backlog.
+        tx.batch_execute(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off;
+             SET LOCAL enable_bitmapscan = off;",
+        )?;
         let row = tx
             .query_one(
                 &format!(
