@@ -204,7 +204,8 @@ impl Db {
     }
 
     /// A connection of its own, outside the pool, for a long-lived use
-    /// (`LISTEN`), bounded like every other and named `application_name` in
+    /// (the relay's session: its lease and its looks at the snapshot),
+    /// bounded like every other and named `application_name` in
     /// `pg_stat_activity`.
     pub(crate) fn dedicated(&self, application_name: &str) -> Result<DbConn> {
         Ok(DbConn {
