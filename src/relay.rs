@@ -84,6 +84,9 @@ const BUSY_POLL: Duration = Duration::from_millis(5);
 /// How often, at most, the leader writes the horizon.
 const ADVANCE_EVERY: Duration = Duration::from_secs(1);
 
+/// How often, at least, an idle leader publishes its snapshot again.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(1);
+
 /// How often a standby tries to take the lease: a leader that died is
 /// replaced within about this (its lock goes with its connection).
 const STANDBY_TRY: Duration = Duration::from_millis(250);
@@ -379,6 +382,7 @@ impl Relay {
             seen: None,
             last_prune: None,
             last_advance: None,
+            last_publish: None,
         };
         let thread = match outbox {
             Ok(outbox) => std::thread::Builder::new()
@@ -477,6 +481,8 @@ struct Worker {
     last_prune: Option<Instant>,
     /// When the horizon was last written.
     last_advance: Option<Instant>,
+    /// When the snapshot was last published.
+    last_publish: Option<Instant>,
 }
 
 impl Worker {
@@ -591,6 +597,18 @@ impl Worker {
                     }
                 } else {
                     interval = self.slower(interval);
+                    // Nothing new: the published snapshot is still the
+                    // database's; keep it from expiring (or coming back
+                    // lost after a Redis restart) on a quiet database.
+                    let stale = self
+                        .last_publish
+                        .is_none_or(|at| at.elapsed() >= REPUBLISH_EVERY);
+                    if self.lease
+                        && stale
+                        && let Err(err) = self.publish()
+                    {
+                        report!(debug, "invalidation relay cannot publish: {}", err.chain());
+                    }
                 }
                 next_look = Instant::now() + interval;
             }
@@ -666,7 +684,9 @@ impl Worker {
                 .arg("PX")
                 .arg(60_000)
                 .query::<()>(c)
-        })
+        })?;
+        self.last_publish = Some(Instant::now());
+        Ok(())
     }
 
     /// The next idle interval: twice the last, up to `relay_poll`.
