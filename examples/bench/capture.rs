@@ -132,7 +132,14 @@ fn run(bench: &Bench, db: &Db, tables: &[String], seconds: f64) -> BoxResult<Cap
     let invalidation_ms = steady(client, db, &tables[1], rate, span * 3)?;
     let mut fanout = Vec::new();
     for (clients, deploy) in [(1, false), (8, false), (8, true)] {
-        fanout.push(relay_work(bench, db, &tables[1], clients, deploy, span * 2)?);
+        fanout.push(relay_work(
+            bench,
+            db,
+            &tables[1],
+            clients,
+            deploy,
+            span * 2,
+        )?);
     }
     Ok(Capture {
         writers,
@@ -472,7 +479,10 @@ impl Section for Capture {
                     .into(),
                 value: [fan("8"), deploy]
                     .iter()
-                    .map(|f| f.and_then(|f| f.2).map_or("–".into(), |p| format!("{p:.2}")))
+                    .map(|f| {
+                        f.and_then(|f| f.2)
+                            .map_or("–".into(), |p| format!("{p:.2}"))
+                    })
                     .collect::<Vec<_>>()
                     .join(", "),
                 limit: "≤ 2".into(),
