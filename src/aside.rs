@@ -757,10 +757,14 @@ impl CacheAside {
     /// (idempotently) the outbox ([`Config::outbox_table`]) and a trigger
     /// that, in the same transaction as every insert, update or delete of a
     /// row, records the cache key `key_prefix || <key_column>` (the old and
-    /// the new one) and notifies the relay; then starts the relay. After
-    /// this, a write to `table` from anywhere (psql, another service, a
-    /// migration) invalidates its key, and an insert ends a cached absence.
-    /// One capture per table: capturing it again replaces the triggers.
+    /// the new one), and on a `TRUNCATE` a reset of every key under
+    /// `key_prefix` (the triggers fire also under `session_replication_role
+    /// = replica`, and send no `NOTIFY`: the relay polls); then starts the
+    /// relay. After this, a write to `table` from anywhere (psql, another
+    /// service, a migration, a logical-replication apply) invalidates its
+    /// key, and an insert ends a cached absence. One capture per table:
+    /// capturing it again replaces the triggers (and upgrades an outbox an
+    /// older version made).
     ///
     /// With a `version_column` (the version your versioned reads and
     /// write-throughs cache), the relay leaves alone a key whose cached row

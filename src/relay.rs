@@ -129,9 +129,9 @@ impl Outbox {
     /// installs the triggers on `table`: every insert, update or delete of a
     /// row writes `key_prefix || <key_column>` (old and new key) to the
     /// outbox in the same transaction, with the row's version when there is
-    /// a version column, and notifies the relay. With a version column,
-    /// every update also bumps it if the writer did not, so a write from
-    /// anywhere orders correctly.
+    /// a version column; a `TRUNCATE` writes a reset of `key_prefix`. With a
+    /// version column, every update also bumps it if the writer did not, so
+    /// a write from anywhere orders correctly.
     pub fn capture(
         &self,
         db: &Db,
