@@ -84,6 +84,10 @@ const BUSY_POLL: Duration = Duration::from_millis(5);
 /// How often, at most, the leader writes the horizon.
 const ADVANCE_EVERY: Duration = Duration::from_secs(1);
 
+/// A standby whose syncs the leader's published progress has not covered
+/// this many times in a row (a second each) reads the outbox itself.
+const UNLEASED_AFTER: u32 = 5;
+
 /// How often, at least, an idle leader publishes its snapshot again.
 const REPUBLISH_EVERY: Duration = Duration::from_secs(1);
 
@@ -383,6 +387,7 @@ impl Relay {
             last_prune: None,
             last_advance: None,
             last_publish: None,
+            missed: 0,
         };
         let thread = match outbox {
             Ok(outbox) => std::thread::Builder::new()
@@ -483,6 +488,8 @@ struct Worker {
     last_advance: Option<Instant>,
     /// When the snapshot was last published.
     last_publish: Option<Instant>,
+    /// A standby's syncs in a row that the leader's progress did not cover.
+    missed: u32,
 }
 
 impl Worker {
@@ -501,6 +508,7 @@ impl Worker {
                         // held on the old connection went with it.
                         self.last_snapshot = None;
                         self.leader = !self.lease;
+                        self.missed = 0;
                         next_look = Instant::now();
                         next_try = Instant::now();
                     }
@@ -540,8 +548,26 @@ impl Worker {
                 // applied everything committed before it was asked.
                 if let (true, Some(c)) = (asked, conn.as_mut()) {
                     match self.follow(c) {
-                        Ok(true) => {}
-                        Ok(false) => next_try = Instant::now(),
+                        Ok(true) => self.missed = 0,
+                        Ok(false) => {
+                            next_try = Instant::now();
+                            self.missed += 1;
+                            // Someone holds the lease and publishes nothing
+                            // we can use (a relay stuck, or another
+                            // namespace whose lock key collides with ours):
+                            // read the outbox ourselves rather than wait
+                            // for ever.
+                            if self.missed >= UNLEASED_AFTER {
+                                report!(
+                                    warn,
+                                    "invalidation relay for namespace {:?}: the lease holder \
+                                     publishes no progress; reading the outbox without the lease",
+                                    self.consumer
+                                );
+                                self.leader = true;
+                                next_look = Instant::now();
+                            }
+                        }
                         Err(err) => {
                             self.engine.counters.relay_errors.bump();
                             report!(debug, "invalidation relay standby: {}", err.chain());

@@ -850,3 +850,41 @@ fn rows_past_the_retention_are_pruned_and_younger_ones_kept() {
     assert_eq!(count("old:%"), 0, "past the retention");
     assert_eq!(count("%"), 1, "the young row stays, alone");
 }
+
+#[test]
+fn a_lease_holder_that_publishes_nothing_does_not_stall_the_relays() {
+    // Someone holds the namespace's lock and applies nothing (a stuck
+    // relay, or an unrelated lock whose key collides): after a few
+    // seconds of syncs it never covers, a standby reads the outbox itself.
+    let config = test_config("relay_squatter");
+    let squatter = Db::connect(&config).unwrap();
+    let (held, release) = (Meet::new(2), Meet::new(2));
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| {
+            squatter.transaction(|tx| {
+                let row = tx.query_one(
+                    "SELECT pg_try_advisory_xact_lock(hashtext($1), hashtext($2))",
+                    &[&config.outbox_table, &config.namespace],
+                )?;
+                assert!(row.is_some_and(|r| r.get::<_, bool>(0)), "the lock");
+                held.wait();
+                release.wait();
+                Ok(())
+            })
+        });
+        held.wait();
+        let began = Instant::now();
+        let fx = Fixture::with(config.clone()); // its settle syncs the relay
+        let took = began.elapsed();
+        eprintln!("relay: a standby under a silent lease holder led after {took:?}");
+        assert!(took >= Duration::from_secs(4), "it was a standby first");
+        let reader = another_process(&fx);
+        assert_eq!(reader.get_user_profile(1).unwrap().unwrap().plan, "pro");
+        set_plan(&outsider(&fx), &fx, 1, "unstalled");
+        sees(RELAY_BOUND, "unstalled", || {
+            reader.get_user_profile(1).unwrap().unwrap().plan
+        });
+        release.wait();
+        holder.join().unwrap().unwrap();
+    });
+}
