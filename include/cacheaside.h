@@ -1068,9 +1068,10 @@ enum cacheaside_status cacheaside_config_set_outbox_table(struct cacheaside_conf
                                                           const char *table);
 
 /**
- * Sets how often the relay reads the outbox when no notification wakes it,
- * in milliseconds: a lost notification costs at most this. Defaults to
- * 1000.
+ * Sets the longest the relay waits between two looks at the outbox, in
+ * milliseconds: it looks every 5 ms while changes arrive and backs off to
+ * this when none do, so a change after a quiet spell is applied within
+ * about this. Defaults to 50.
  *
  * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or 0.
  *

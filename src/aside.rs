@@ -664,10 +664,14 @@ impl CacheAside {
     /// (idempotently) the outbox ([`Config::outbox_table`]) and a trigger
     /// that, in the same transaction as every insert, update or delete of a
     /// row, records the cache key `key_prefix || <key_column>` (the old and
-    /// the new one) and notifies the relay; then starts the relay. After
-    /// this, a write to `table` from anywhere (psql, another service, a
-    /// migration) invalidates its key, and an insert ends a cached absence.
-    /// One capture per table: capturing it again replaces the triggers.
+    /// the new one), and on a `TRUNCATE` a reset of every key under
+    /// `key_prefix` (the triggers fire also under `session_replication_role
+    /// = replica`, and send no `NOTIFY`: the relay polls); then starts the
+    /// relay. After this, a write to `table` from anywhere (psql, another
+    /// service, a migration, a logical-replication apply) invalidates its
+    /// key, and an insert ends a cached absence. One capture per table:
+    /// capturing it again replaces the triggers (and upgrades an outbox an
+    /// older version made).
     ///
     /// With a `version_column` (the version your versioned reads and
     /// write-throughs cache), the relay leaves alone a key whose cached row
@@ -719,6 +723,14 @@ impl CacheAside {
     /// True when the invalidation relay runs for this engine.
     pub fn relay_running(&self) -> bool {
         self.inner.relay.lock().is_some()
+    }
+
+    /// Outbox rows this engine's relay has read so far, and the most it
+    /// held in memory at once; `(0, 0)` without a relay. For tests.
+    #[cfg(feature = "test-hooks")]
+    pub fn relay_rows_read(&self) -> (u64, u64) {
+        let relay = self.inner.relay.lock();
+        relay.as_ref().map_or((0, 0), |r| r.handle().rows_read())
     }
 
     /// Makes the relay read the outbox now, and waits (up to `timeout`) until

@@ -256,11 +256,26 @@ impl Cache {
                 "refusing to delete the empty namespace (that is the whole database)",
             ));
         }
-        let pattern = format!("{}{{*", escape_glob(&self.namespace));
+        self.delete_in_namespace("", &|_| true)
+    }
+
+    /// Deletes the keys of this namespace whose key starts with
+    /// `key_prefix` (`namespace{key_prefix*`, also for the empty namespace)
+    /// that `pick` chooses, by their Redis names.
+    pub(crate) fn delete_in_namespace(
+        &self,
+        key_prefix: &str,
+        pick: &dyn Fn(&str) -> bool,
+    ) -> Result<u64> {
+        let pattern = format!(
+            "{}{{{}*",
+            escape_glob(&self.namespace),
+            escape_glob(key_prefix)
+        );
         // SCAN is not one command: run it on a connection of its own, with
         // no retry (a restart mid-scan just means fewer keys to delete).
         let mut conn = self.pool.get("cache")?;
-        Ok(conn.unlink_matching(&pattern)?)
+        Ok(conn.unlink_matching(&pattern, pick)?)
     }
 
     /// Runs `f` on a pooled connection: an escape hatch for commands this

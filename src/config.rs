@@ -168,13 +168,22 @@ pub struct Config {
     /// outbox trigger recorded (including writes that bypassed the library,
     /// and invalidations Redis missed) to the cache. Defaults to on.
     pub invalidation_relay: bool,
-    /// How often the relay reads the outbox when no notification wakes it:
-    /// a lost notification costs at most this. Defaults to 1 s.
+    /// The longest the relay waits between two looks at the outbox. It
+    /// looks every 5 ms while changes arrive and backs off to this when
+    /// none do (a look at a quiet database is one cheap statement: has its
+    /// snapshot moved?), so a change after a quiet spell is applied within
+    /// about this. The capture trigger sends no notification: nothing is
+    /// added to the writer's commit. Defaults to 50 ms.
     pub relay_poll: Duration,
-    /// Whether the relay `LISTEN`s for the trigger's notifications (and so
-    /// applies a change within milliseconds). Off, it only polls every
-    /// `relay_poll`: for poolers that cannot hold a `LISTEN` (PgBouncer in
-    /// transaction mode). Defaults to on.
+    /// Whether the relays of one namespace share a lease (a session
+    /// advisory lock on each relay's own connection): one reads the outbox
+    /// and applies it, the others stand by and take over within about
+    /// 250 ms when its connection ends, so the outbox is read once however
+    /// many processes run clients. Off, every relay reads the outbox: for
+    /// poolers that cannot keep a session (PgBouncer in transaction mode).
+    /// (The name is historical: the relay used to `LISTEN` for the
+    /// trigger's notifications; the trigger sends none now.) Defaults to
+    /// on.
     pub relay_listen: bool,
     /// The outbox table the change-capture trigger writes and the relay
     /// reads; an SQL identifier. Defaults to `cacheaside_invalidations`.
@@ -313,7 +322,7 @@ impl Default for Config {
             breaker_cool_off: Duration::from_secs(1),
             background_threads: 2,
             invalidation_relay: true,
-            relay_poll: Duration::from_secs(1),
+            relay_poll: Duration::from_millis(50),
             relay_listen: true,
             outbox_table: "cacheaside_invalidations".into(),
             outbox_retention: Duration::from_secs(24 * 3600),

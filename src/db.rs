@@ -54,10 +54,17 @@ impl Db {
             .parse()
             .map_err(|e| Error::invalid_argument("database URL does not parse").with_source(e))?;
         pg.connect_timeout(config.connect_timeout);
-        pg.options(format!(
+        // After the URL's own `options` (a `search_path`, say), which
+        // would otherwise be dropped.
+        let timeout = format!(
             "-c statement_timeout={}",
             config.statement_timeout.as_millis()
-        ));
+        );
+        let options = match pg.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{theirs} {timeout}"),
+            _ => timeout,
+        };
+        pg.options(options);
         // A dead peer on an idle pooled connection is noticed by the kernel
         // (keepalives), and unacknowledged data fails a socket after
         // `tcp_user_timeout` (a partition, not a frozen server: that one
@@ -170,9 +177,14 @@ impl Db {
     /// # Ok::<(), cacheaside::Error>(())
     /// ```
     ///
+    /// A transaction Postgres aborted (a statement in it failed, and `work`
+    /// went on and returned `Ok`) is rolled back and reported as an error,
+    /// never as committed.
+    ///
     /// # Errors
     /// What `work` returns; database errors and timeouts of `BEGIN` and
-    /// `COMMIT`.
+    /// `COMMIT`; [`ErrorKind::Database`](crate::ErrorKind) when Postgres
+    /// had aborted the transaction.
     pub fn transaction<T>(
         &self,
         work: impl FnOnce(&mut Transaction<'_>) -> Result<T>,
@@ -208,7 +220,8 @@ impl Db {
     }
 
     /// A connection of its own, outside the pool, for a long-lived use
-    /// (`LISTEN`), bounded like every other and named `application_name` in
+    /// (the relay's session: its lease and its looks at the snapshot),
+    /// bounded like every other and named `application_name` in
     /// `pg_stat_activity`.
     pub(crate) fn dedicated(&self, application_name: &str) -> Result<DbConn> {
         Ok(DbConn {
@@ -273,15 +286,6 @@ impl DbConn {
         self.conn.pg.batch_execute(sql, deadline)
     }
 
-    /// Waits up to `timeout` for a notification on a channel this connection
-    /// listens on.
-    pub(crate) fn next_notification(
-        &mut self,
-        timeout: Duration,
-    ) -> Result<Option<tokio_postgres::Notification>> {
-        self.conn.pg.next_notification(timeout)
-    }
-
     pub(crate) fn is_broken(&self) -> bool {
         self.conn.pg.is_broken()
     }
@@ -310,10 +314,31 @@ impl Transaction<'_> {
     }
 
     fn finish(&mut self, commit: bool) -> Result<()> {
-        let sql = if commit { "COMMIT" } else { "ROLLBACK" };
-        self.conn.pg.batch_execute(sql, self.db.deadline)?;
-        self.finished = true;
-        Ok(())
+        let deadline = self.db.deadline;
+        if !commit {
+            self.conn.pg.batch_execute("ROLLBACK", deadline)?;
+            self.finished = true;
+            return Ok(());
+        }
+        // Postgres answers `COMMIT` of a transaction in which a statement
+        // failed (and the work swallowed the error) with `ROLLBACK`, a
+        // command tag tokio-postgres does not hand out: such a transaction
+        // would read as committed. Any statement but `COMMIT`/`ROLLBACK`
+        // fails in it (25P02), so a `SELECT` sent in the same round trip
+        // tells, at no extra latency.
+        match self.conn.pg.batch_execute("SELECT; COMMIT", deadline) {
+            Ok(()) => {
+                self.finished = true;
+                Ok(())
+            }
+            Err(err) if in_failed_transaction(&err) => {
+                self.conn.pg.batch_execute("ROLLBACK", deadline)?;
+                self.finished = true;
+                Err(err
+                    .reworded("transaction rolled back by the database: a statement in it failed"))
+            }
+            Err(err) => Err(err),
+        }
     }
 
     /// As [`Db::query_opt`], inside the transaction.
@@ -366,6 +391,13 @@ impl Drop for Transaction<'_> {
             self.conn.pg.mark_broken();
         }
     }
+}
+
+/// 25P02 in_failed_sql_transaction: the transaction is aborted.
+fn in_failed_transaction(err: &Error) -> bool {
+    err.postgres().is_some_and(|pg| {
+        pg.code() == Some(&tokio_postgres::error::SqlState::IN_FAILED_SQL_TRANSACTION)
+    })
 }
 
 /// A pooled connection with the statements prepared on it.

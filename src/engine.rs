@@ -520,6 +520,11 @@ impl Engine {
         })
     }
 
+    /// As [`note_write`](Self::note_write), for every key under `prefix`.
+    pub(crate) fn note_prefix_write(&self, prefix: &str) {
+        self.flights.note_write_prefix(prefix);
+    }
+
     /// Threads waiting on the flight of `key` in this process.
     #[cfg(feature = "test-hooks")]
     pub(crate) fn flight_followers(&self, key: &str) -> usize {

@@ -88,6 +88,12 @@ impl Error {
         self
     }
 
+    /// The same error (kind, source) under another message.
+    pub(crate) fn reworded(mut self, message: impl Into<String>) -> Self {
+        self.message = message.into();
+        self
+    }
+
     /// An [`ErrorKind::InvalidArgument`] error with the given explanation.
     pub fn invalid_argument(why: impl fmt::Display) -> Self {
         Error::new(

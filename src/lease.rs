@@ -488,12 +488,7 @@ pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -
         // a pipeline to one node: one script call each, each routed (and
         // redirected) on its own.
         for (keys, version) in changes {
-            let version = version.map_or(String::new(), |v| v.to_string());
-            cache.run(|conn| {
-                let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
-                call.key(&keys.lease).key(&keys.writers).arg(&version);
-                call.invoke::<()>(conn)
-            })?;
+            cache.run(|conn| relay_call(keys, *version).invoke::<()>(conn))?;
         }
         return Ok(());
     }
@@ -506,16 +501,21 @@ pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -
             .arg(&SCRIPTS.relay_invalidate_code)
             .ignore();
         for (keys, version) in changes {
-            let version = version.map_or(String::new(), |v| v.to_string());
-            let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
-            call.key(&keys.lease)
-                .key(&keys.writers)
-                .key(&keys.floor)
-                .arg(version);
-            pipe.invoke_script(&call).ignore();
+            pipe.invoke_script(&relay_call(keys, *version)).ignore();
         }
         pipe.query::<()>(conn)
     })
+}
+
+/// One change's script call, the same on a cluster and a single server:
+/// the value, lease, writers and floor keys (one slot: one hash tag).
+fn relay_call<'a>(keys: &'a Keys, version: Option<i64>) -> redis::ScriptInvocation<'a> {
+    let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
+    call.key(&keys.lease)
+        .key(&keys.writers)
+        .key(&keys.floor)
+        .arg(version.map_or(String::new(), |v| v.to_string()));
+    call
 }
 
 /// Deletes a value that is not an entry of ours: one of another type, or a

@@ -18,14 +18,13 @@
 //!
 //! [`ErrorKind::Timeout`]: crate::ErrorKind::Timeout
 
-use std::collections::VecDeque;
 use std::future::{Future, poll_fn};
 use std::pin::pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio_postgres::tls::MakeTlsConnect;
-use tokio_postgres::{AsyncMessage, Notification, Row, Socket, Statement};
+use tokio_postgres::{AsyncMessage, Row, Socket, Statement};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::error::{Error, ErrorKind, Result};
@@ -44,8 +43,9 @@ pub(crate) struct PgConnection {
     driver: Driver,
 }
 
-/// Drives the connection's socket while a call waits, and keeps what the
-/// server sent unasked (notifications).
+/// Drives the connection's socket while a call waits (what the server sends
+/// unasked, notices and notifications, is read and dropped: nothing here
+/// listens).
 struct Driver {
     runtime: tokio::runtime::Runtime,
     connection: tokio_postgres::Connection<Socket, Stream>,
@@ -54,7 +54,6 @@ struct Driver {
     ended: bool,
     /// A deadline passed mid-statement: the protocol state is unknown.
     broken: bool,
-    notifications: VecDeque<Notification>,
 }
 
 /// Refuses a blocking call on a thread that runs a tokio runtime's async
@@ -131,7 +130,6 @@ impl PgConnection {
                     connection,
                     ended: false,
                     broken: false,
-                    notifications: VecDeque::new(),
                 },
             }),
             Ok(Err(err)) => Err(connect_error(err)),
@@ -193,47 +191,6 @@ impl PgConnection {
         let future = self.client.batch_execute(sql);
         self.driver.block_on(timeout, future)
     }
-
-    /// Waits up to `timeout` for a `NOTIFY` on a channel this connection
-    /// `LISTEN`s on; `Ok(None)` when none came.
-    pub fn next_notification(&mut self, timeout: Duration) -> Result<Option<Notification>> {
-        if let Some(note) = self.driver.notifications.pop_front() {
-            return Ok(Some(note));
-        }
-        refuse_async_context()?;
-        let driver = &mut self.driver;
-        let waited = driver.runtime.block_on(async {
-            tokio::time::timeout(
-                timeout,
-                poll_fn(|cx| {
-                    if let Err(err) = Driver::pump(
-                        &mut driver.connection,
-                        &mut driver.ended,
-                        &mut driver.notifications,
-                        cx,
-                    ) {
-                        return Poll::Ready(Err(db_error(err)));
-                    }
-                    if driver.ended {
-                        return Poll::Ready(Err(Error::new(
-                            ErrorKind::Database,
-                            "the database closed the connection",
-                        )));
-                    }
-                    match driver.notifications.pop_front() {
-                        Some(note) => Poll::Ready(Ok(note)),
-                        None => Poll::Pending,
-                    }
-                }),
-            )
-            .await
-        });
-        match waited {
-            Ok(Ok(note)) => Ok(Some(note)),
-            Ok(Err(err)) => Err(err),
-            Err(_) => Ok(None),
-        }
-    }
 }
 
 impl Driver {
@@ -246,18 +203,14 @@ impl Driver {
     ) -> Result<T> {
         refuse_async_context()?;
         let mut future = pin!(future);
-        let (connection, ended, notifications) = (
-            &mut self.connection,
-            &mut self.ended,
-            &mut self.notifications,
-        );
+        let (connection, ended) = (&mut self.connection, &mut self.ended);
         let outcome = self.runtime.block_on(async {
             tokio::time::timeout(
                 timeout,
                 poll_fn(|cx| {
                     // A connection that failed or closed fails the call at
                     // once: its in-flight statement's reply can never come.
-                    if let Err(err) = Driver::pump(connection, ended, notifications, cx) {
+                    if let Err(err) = Driver::pump(connection, ended, cx) {
                         return Poll::Ready(Err(db_error(err)));
                     }
                     match future.as_mut().poll(cx) {
@@ -293,14 +246,10 @@ impl Driver {
     fn pump(
         connection: &mut tokio_postgres::Connection<Socket, Stream>,
         ended: &mut bool,
-        notifications: &mut VecDeque<Notification>,
         cx: &mut Context<'_>,
     ) -> Result<(), tokio_postgres::Error> {
         while !*ended {
             match connection.poll_message(cx) {
-                Poll::Ready(Some(Ok(AsyncMessage::Notification(note)))) => {
-                    notifications.push_back(note);
-                }
                 Poll::Ready(Some(Ok(AsyncMessage::Notice(notice)))) => log_notice(&notice),
                 Poll::Ready(Some(Ok(_))) => {}
                 Poll::Ready(Some(Err(err))) => {

@@ -77,20 +77,26 @@ pub enum RedisConnection {
 }
 
 impl RedisConnection {
-    /// Unlinks every key matching `pattern` (a SCAN pattern), on every
-    /// master of a cluster, and returns how many it removed. SCAN is not one
+    /// Unlinks every key matching `pattern` (a SCAN pattern) that `pick`
+    /// chooses, on every master of a cluster, and returns how many it
+    /// removed. SCAN is not one
     /// command: run it on a connection of its own, with no retry (a restart
     /// mid-scan just means fewer keys to delete).
-    pub(crate) fn unlink_matching(&mut self, pattern: &str) -> RedisResult<u64> {
+    pub(crate) fn unlink_matching(
+        &mut self,
+        pattern: &str,
+        pick: &dyn Fn(&str) -> bool,
+    ) -> RedisResult<u64> {
         let conn = match self {
             RedisConnection::Cluster(cluster) => {
-                return delete_matching_in_cluster(cluster, pattern);
+                return delete_matching_in_cluster(cluster, pattern, pick);
             }
             RedisConnection::Single(conn) => conn,
         };
-        let keys: Vec<String> = conn
+        let mut keys: Vec<String> = conn
             .scan_match::<_, String>(pattern)
             .and_then(|keys| keys.collect::<redis::RedisResult<_>>())?;
+        keys.retain(|key| pick(key));
         let mut deleted = 0;
         for chunk in keys.chunks(500) {
             deleted += redis::cmd("UNLINK").arg(chunk).query::<u64>(conn)?;
@@ -218,7 +224,11 @@ pub(crate) fn key_slot(key: &[u8]) -> Slot {
 
 /// Deletes the keys matching `pattern` on every master of a cluster (SCAN
 /// walks one node's keys only); returns how many it deleted.
-fn delete_matching_in_cluster(conn: &mut ClusterConnection, pattern: &str) -> RedisResult<u64> {
+fn delete_matching_in_cluster(
+    conn: &mut ClusterConnection,
+    pattern: &str,
+    pick: &dyn Fn(&str) -> bool,
+) -> RedisResult<u64> {
     let masters = cluster_masters(conn)?;
     let mut deleted = 0;
     for (host, port) in masters {
@@ -238,7 +248,7 @@ fn delete_matching_in_cluster(conn: &mut ClusterConnection, pattern: &str) -> Re
                 .arg(500);
             let (next, keys): (u64, Vec<String>) =
                 redis::from_redis_value(conn.route_command(&scan, route())?)?;
-            for key in &keys {
+            for key in keys.iter().filter(|key| pick(key)) {
                 // One key per command: keys of one node span many slots.
                 deleted += redis::cmd("UNLINK").arg(key).query::<u64>(conn)?;
             }

@@ -11,42 +11,61 @@
 //! - Every committed change to a captured table is applied to the cache
 //!   exactly as [`CacheAside::invalidate`](crate::CacheAside::invalidate)
 //!   does (value, lease and writers deleted, so an in-flight fill of the
-//!   pre-change row is dropped), within about the notification latency, and
-//!   at most `relay_poll` after a lost notification.
+//!   pre-change row is dropped), within about 5 ms while changes arrive and
+//!   about `relay_poll` after a quiet spell. Inserts, updates (old and new
+//!   key) and deletes are captured by a row trigger, `TRUNCATE` by a
+//!   statement trigger (a reset of the table's key prefix: its cache
+//!   entries are deleted, nothing else); both fire also under
+//!   `session_replication_role = replica`. The trigger adds no `NOTIFY` to
+//!   the writer's commit: the relay polls (one cheap statement when the
+//!   database is quiet: has its snapshot moved?).
 //! - Nothing is skipped, whatever order transactions commit in. Outbox ids
-//!   are handed out at insert time, not at commit, so a cursor on ids would
-//!   step over a row whose transaction commits late. The cursor is instead a
-//!   transaction horizon: every row written by a transaction older than the
-//!   horizon has been applied. A round reads, in one snapshot, the rows at
-//!   or above the horizon and the snapshot's `xmin` (every older transaction
-//!   has ended, so all its rows are in the snapshot); after applying them the
-//!   horizon moves to that `xmin`. Rows above it may be read again next
-//!   round; they are applied once per process (and deletes are idempotent
-//!   anyway).
+//!   are handed out at insert time, not at commit, so a cursor on ids alone
+//!   would step over a row whose transaction commits late. A round reads in
+//!   one snapshot the rows above the highest id read so far, and the rows of
+//!   the transactions the previous round's snapshot did not see (in
+//!   progress, or not begun): the only ones that can still add rows below
+//!   that id. So a round costs what is new, not the backlog behind a
+//!   long-running transaction; it reads in pages of [`PAGE`] rows, applied
+//!   as they come. What survives a restart is a transaction horizon, kept
+//!   in Postgres: every row written by a transaction older than the horizon
+//!   has been applied; after a round it moves to the snapshot's `xmin`. A
+//!   relay's first round reads from the horizon (rows read again are
+//!   applied again: deletes are idempotent).
+//! - One relay per namespace and outbox does the work: it holds a lease (a
+//!   session advisory lock on its own connection, so it is released when
+//!   the process or its connection dies) and publishes, after each round,
+//!   that round's snapshot in Redis. The relays of other processes stand by:
+//!   they try the lease every 250 ms, and a sync (or the breaker's
+//!   recovery) waits until the published snapshot covers the moment it was
+//!   asked. With `relay_listen = false` (no session, behind a transaction
+//!   pooler) every relay reads the outbox.
 //! - The horizon is kept in Postgres, per namespace, so a restarted relay
 //!   (or a relay in another process) goes on where the last one stopped.
 //!   When Redis fails, the horizon stays and the round is retried; when the
 //!   relay's Postgres connection drops, it reconnects and catches up.
 //! - Outbox rows older than `outbox_retention` are pruned. A relay whose
 //!   namespace was not served for longer than that cannot know what it
-//!   missed: it deletes every key of its namespace (never anything else; no
-//!   `FLUSHALL`) and goes on.
+//!   missed: it deletes its namespace's cache entries (values, leases,
+//!   locks, writers, floors; never write-behind streams or pending records,
+//!   sessions or rate-limit windows, nor anything outside the namespace; no
+//!   `FLUSHALL`), also in the empty namespace, and goes on.
 //! - While the circuit breaker waits in recovery, the breaker closes only
 //!   after a round that began in recovery has applied everything.
 //!
 //! Requires PostgreSQL 13 or later (`xid8`, `pg_current_xact_id`).
 
 use crate::observe::report;
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex};
+use tokio_postgres::error::SqlState;
 
 use crate::config::{Config, validate_table_name};
-use crate::db::{Db, DbConn};
+use crate::db::{Db, DbConn, Transaction};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::lease::{self, Keys};
@@ -58,11 +77,32 @@ const SLICE: Duration = Duration::from_millis(25);
 /// Outbox rows read per query.
 const PAGE: i64 = 1000;
 
+/// How often the relay looks at the outbox while changes arrive; idle, it
+/// backs off to `relay_poll`.
+const BUSY_POLL: Duration = Duration::from_millis(5);
+
+/// How often, at most, the leader writes the horizon.
+const ADVANCE_EVERY: Duration = Duration::from_secs(1);
+
+/// A standby whose syncs the leader's published progress has not covered
+/// this many times in a row (a second each) reads the outbox itself.
+const UNLEASED_AFTER: u32 = 5;
+
+/// How often, at least, an idle leader publishes its snapshot again.
+const REPUBLISH_EVERY: Duration = Duration::from_secs(1);
+
+/// How often a standby tries to take the lease: a leader that died is
+/// replaced within about this (its lock goes with its connection).
+const STANDBY_TRY: Duration = Duration::from_millis(250);
+
+/// How long a standby's sync waits for the leader before it tries the
+/// lease again.
+const FOLLOW_FOR: Duration = Duration::from_secs(1);
+
 /// The SQL of one outbox, built once from its validated name.
 pub(crate) struct Outbox {
     table: String,
     cursors: String,
-    channel: String,
 }
 
 impl Outbox {
@@ -73,7 +113,6 @@ impl Outbox {
         Ok(Outbox {
             table: table.to_owned(),
             cursors,
-            channel: table.to_owned(),
         })
     }
 
@@ -115,9 +154,9 @@ impl Outbox {
     /// installs the triggers on `table`: every insert, update or delete of a
     /// row writes `key_prefix || <key_column>` (old and new key) to the
     /// outbox in the same transaction, with the row's version when there is
-    /// a version column, and notifies the relay. With a version column,
-    /// every update also bumps it if the writer did not, so a write from
-    /// anywhere orders correctly.
+    /// a version column; a `TRUNCATE` writes a reset of `key_prefix`. With a
+    /// version column, every update also bumps it if the writer did not, so
+    /// a write from anywhere orders correctly.
     pub fn capture(
         &self,
         db: &Db,
@@ -136,86 +175,40 @@ impl Outbox {
             validate_table_name(column)?;
         }
         crate::keys::check_tag_safe("key_prefix", key_prefix)?;
-        // Trigger arguments are string literals in the DDL: double quotes
-        // inside them, the only character that needs it.
-        let prefix = key_prefix.replace('\'', "''");
-        let (outbox, cursors, channel, bare) =
-            (&self.table, &self.cursors, &self.channel, self.bare());
-        let version = version_column.unwrap_or("");
-        let bump = match version_column {
-            Some(column) => format!(
-                "CREATE TRIGGER cacheaside_version BEFORE UPDATE ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION {outbox}_bump('{column}');"
+        let prefix = quote_literal(key_prefix);
+        let (outbox, cursors, bare) = (&self.table, &self.cursors, self.bare());
+        let (schema, schema_dot) = match outbox.split_once('.') {
+            Some((schema, _)) => (
+                format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
+                format!("{schema}."),
             ),
-            None => String::new(),
+            None => (String::new(), String::new()),
         };
-        let schema = match outbox.split_once('.') {
-            Some((schema, _)) => format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
-            None => String::new(),
-        };
-        let ddl = format!(
+        let tables = format!(
             "{schema}
              CREATE TABLE IF NOT EXISTS {outbox} (
                  id         bigserial PRIMARY KEY,
                  cache_key  text NOT NULL,
                  version    bigint,
-                 txid       xid8 NOT NULL DEFAULT pg_current_xact_id(),
-                 created_at timestamptz NOT NULL DEFAULT now()
+                 txid       xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
+                 created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
              );
-             CREATE INDEX IF NOT EXISTS {bare}_txid ON {outbox} (txid);
-             CREATE INDEX IF NOT EXISTS {bare}_created ON {outbox} (created_at);
+             -- A reset row: every key starting with cache_key (a TRUNCATE).
+             ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS
+                 reset boolean NOT NULL DEFAULT false;
+             -- Rounds read by (txid, id): a transaction's rows, and the
+             -- rows from a horizon on, in pages. (It replaces the index on
+             -- txid alone that earlier versions made.)
+             CREATE INDEX IF NOT EXISTS {bare}_txid_id ON {outbox} (txid, id);
+             DROP INDEX IF EXISTS {schema_dot}{bare}_txid;
+             -- Pruning goes by id: the created_at index earlier versions
+             -- made only cost writers.
+             DROP INDEX IF EXISTS {schema_dot}{bare}_created;
              CREATE TABLE IF NOT EXISTS {cursors} (
                  consumer   text PRIMARY KEY,
                  horizon    xid8 NOT NULL,
-                 updated_at timestamptz NOT NULL DEFAULT now()
-             );
-             -- TG_ARGV: key prefix, key column, version column ('' for none).
-             CREATE OR REPLACE FUNCTION {outbox}_capture() RETURNS trigger
-             LANGUAGE plpgsql AS $fn$
-             DECLARE
-                 old_key text;
-                 new_key text;
-                 new_version bigint;
-             BEGIN
-                 IF TG_OP <> 'INSERT' THEN
-                     old_key := TG_ARGV[0] || (to_jsonb(OLD) ->> TG_ARGV[1]);
-                 END IF;
-                 IF TG_OP <> 'DELETE' THEN
-                     new_key := TG_ARGV[0] || (to_jsonb(NEW) ->> TG_ARGV[1]);
-                     IF TG_ARGV[2] <> '' THEN
-                         new_version := (to_jsonb(NEW) ->> TG_ARGV[2])::bigint;
-                     END IF;
-                 END IF;
-                 -- A key that no longer exists is invalidated whatever is
-                 -- cached; the new key only if the cache is older.
-                 IF old_key IS DISTINCT FROM new_key AND old_key IS NOT NULL THEN
-                     INSERT INTO {outbox} (cache_key) VALUES (old_key);
-                 END IF;
-                 IF new_key IS NOT NULL THEN
-                     INSERT INTO {outbox} (cache_key, version) VALUES (new_key, new_version);
-                 END IF;
-                 PERFORM pg_notify('{channel}', '');
-                 RETURN NULL;
-             END
-             $fn$;
-             -- TG_ARGV: version column. Every update moves it forward.
-             CREATE OR REPLACE FUNCTION {outbox}_bump() RETURNS trigger
-             LANGUAGE plpgsql AS $fn$
-             DECLARE
-                 was bigint := (to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
-             BEGIN
-                 IF (to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
-                     NEW := jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], was + 1));
-                 END IF;
-                 RETURN NEW;
-             END
-             $fn$;
-             DROP TRIGGER IF EXISTS cacheaside_capture ON {table};
-             DROP TRIGGER IF EXISTS cacheaside_version ON {table};
-             CREATE TRIGGER cacheaside_capture
-                 AFTER INSERT OR UPDATE OR DELETE ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION {outbox}_capture('{prefix}', '{key_column}', '{version}');
-             {bump}"
+                 updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
+             );"
         );
         // Concurrent installs (several processes starting at once) would
         // collide on CREATE OR REPLACE FUNCTION: serialize them.
@@ -224,8 +217,128 @@ impl Outbox {
                 "SELECT pg_advisory_xact_lock(hashtext($1))",
                 &[&outbox.as_str()],
             )?;
-            tx.batch_execute(&ddl)
+            tx.batch_execute(&tables)?;
+            // The functions run as whoever writes the table, with a search
+            // path of nothing but the catalog: the outbox is named by its
+            // schema, as found now.
+            let qualified: String = tx
+                .query_opt(
+                    "SELECT pg_catalog.quote_ident(n.nspname) || '.' \
+                            || pg_catalog.quote_ident(c.relname)
+                     FROM pg_catalog.pg_class c
+                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+                     WHERE c.oid = $1::text::pg_catalog.regclass",
+                    &[&outbox.as_str()],
+                )?
+                .map(|row| row.get(0))
+                .ok_or_else(|| Error::invalid_argument("the outbox table was not created"))?;
+            tx.batch_execute(&self.trigger_ddl(
+                &qualified,
+                table,
+                &prefix,
+                key_column,
+                version_column,
+            ))
         })
+    }
+
+    /// The capture functions and triggers. Both functions are `SECURITY
+    /// INVOKER` (they run as the writer, who may be a superuser running a
+    /// migration), so they trust nothing on the writer's `search_path`:
+    /// it is pinned to `pg_catalog, pg_temp` (which also resolves the
+    /// operators in the catalog, and never a temporary function), every
+    /// function is named by schema, and the outbox by `qualified`, so
+    /// neither a planted overload (`to_jsonb(<row type>)` is preferred to
+    /// the built-in `anyelement` one wherever it sits on the path) nor a
+    /// temporary table named like the outbox runs or swallows anything.
+    fn trigger_ddl(
+        &self,
+        qualified: &str,
+        table: &str,
+        prefix: &str,
+        key_column: &str,
+        version_column: Option<&str>,
+    ) -> String {
+        let outbox = &self.table;
+        let version = version_column.unwrap_or("");
+        let bump = match version_column {
+            Some(column) => format!(
+                "CREATE TRIGGER cacheaside_version BEFORE UPDATE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION {outbox}_bump('{column}');"
+            ),
+            None => String::new(),
+        };
+        format!(
+            "-- TG_ARGV: key prefix, key column, version column ('' for none).
+             CREATE OR REPLACE FUNCTION {outbox}_capture() RETURNS trigger
+             LANGUAGE plpgsql SECURITY INVOKER
+             SET search_path = pg_catalog, pg_temp AS $fn$
+             DECLARE
+                 old_key text;
+                 new_key text;
+                 new_version bigint;
+                 new_row jsonb;
+             BEGIN
+                 IF TG_OP <> 'INSERT' THEN
+                     old_key := TG_ARGV[0] || (pg_catalog.to_jsonb(OLD) ->> TG_ARGV[1]);
+                 END IF;
+                 IF TG_OP <> 'DELETE' THEN
+                     new_row := pg_catalog.to_jsonb(NEW);
+                     new_key := TG_ARGV[0] || (new_row ->> TG_ARGV[1]);
+                     IF TG_ARGV[2] <> '' THEN
+                         new_version := (new_row ->> TG_ARGV[2])::bigint;
+                     END IF;
+                 END IF;
+                 -- A key that no longer exists is invalidated whatever is
+                 -- cached; the new key only if the cache is older.
+                 IF old_key IS DISTINCT FROM new_key AND old_key IS NOT NULL THEN
+                     INSERT INTO {qualified} (cache_key) VALUES (old_key);
+                 END IF;
+                 IF new_key IS NOT NULL THEN
+                     INSERT INTO {qualified} (cache_key, version) VALUES (new_key, new_version);
+                 END IF;
+                 RETURN NULL;
+             END
+             $fn$;
+             -- TG_ARGV: version column. Every update moves it forward.
+             CREATE OR REPLACE FUNCTION {outbox}_bump() RETURNS trigger
+             LANGUAGE plpgsql SECURITY INVOKER
+             SET search_path = pg_catalog, pg_temp AS $fn$
+             DECLARE
+                 was bigint := (pg_catalog.to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
+             BEGIN
+                 IF (pg_catalog.to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
+                     NEW := pg_catalog.jsonb_populate_record(NEW,
+                         pg_catalog.jsonb_build_object(TG_ARGV[0], was + 1));
+                 END IF;
+                 RETURN NEW;
+             END
+             $fn$;
+             -- TG_ARGV: key prefix. A TRUNCATE resets every key under it.
+             CREATE OR REPLACE FUNCTION {outbox}_reset() RETURNS trigger
+             LANGUAGE plpgsql SECURITY INVOKER
+             SET search_path = pg_catalog, pg_temp AS $fn$
+             BEGIN
+                 INSERT INTO {qualified} (cache_key, reset) VALUES (TG_ARGV[0], true);
+                 RETURN NULL;
+             END
+             $fn$;
+             DROP TRIGGER IF EXISTS cacheaside_capture ON {table};
+             DROP TRIGGER IF EXISTS cacheaside_truncate ON {table};
+             DROP TRIGGER IF EXISTS cacheaside_version ON {table};
+             CREATE TRIGGER cacheaside_capture
+                 AFTER INSERT OR UPDATE OR DELETE ON {table}
+                 FOR EACH ROW EXECUTE FUNCTION {outbox}_capture({prefix}, '{key_column}', '{version}');
+             CREATE TRIGGER cacheaside_truncate
+                 AFTER TRUNCATE ON {table}
+                 FOR EACH STATEMENT EXECUTE FUNCTION {outbox}_reset({prefix});
+             -- Also under session_replication_role = replica (a logical
+             -- replication apply, a restore): a change the cache missed
+             -- is stale whoever made it.
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER cacheaside_capture;
+             ALTER TABLE {table} ENABLE ALWAYS TRIGGER cacheaside_truncate;
+             {bump}"
+        )
     }
 }
 
@@ -245,6 +358,12 @@ struct RelayShared {
     requested: AtomicU64,
     served: Mutex<u64>,
     served_cv: Condvar,
+    /// Outbox rows read, and the most held in memory at once.
+    rows_read: AtomicU64,
+    most_held: AtomicU64,
+    /// Rings when a sync is requested (the relay sleeps on it).
+    wake_lock: Mutex<()>,
+    wake: Condvar,
 }
 
 impl Relay {
@@ -256,17 +375,33 @@ impl Relay {
             requested: AtomicU64::new(0),
             served: Mutex::new(0),
             served_cv: Condvar::new(),
+            rows_read: AtomicU64::new(0),
+            most_held: AtomicU64::new(0),
+            wake_lock: Mutex::new(()),
+            wake: Condvar::new(),
         });
         let outbox = Outbox::new(&config.outbox_table);
+        let applied_key = format!(
+            "{}:applied:{}",
+            engine.cache.redis_key("relay"),
+            config.outbox_table
+        );
         let worker = Worker {
             engine,
             shared: Arc::clone(&shared),
             poll: config.relay_poll,
-            listen: config.relay_listen,
+            last_snapshot: None,
+            lease: config.relay_listen,
+            leader: !config.relay_listen,
+            outbox_name: config.outbox_table.clone(),
+            applied_key,
             retention: config.outbox_retention,
             consumer: config.namespace.clone(),
-            applied: HashMap::new(),
+            seen: None,
             last_prune: None,
+            last_advance: None,
+            last_publish: None,
+            missed: 0,
         };
         let thread = match outbox {
             Ok(outbox) => std::thread::Builder::new()
@@ -309,6 +444,8 @@ impl RelayHandle {
     /// finished; false at the timeout.
     pub fn sync(&self, timeout: Duration) -> bool {
         let want = self.0.requested.fetch_add(1, Ordering::SeqCst) + 1;
+        drop(self.0.wake_lock.lock());
+        self.0.wake.notify_all();
         let deadline = Instant::now() + timeout;
         let mut served = self.0.served.lock();
         while *served < want {
@@ -325,84 +462,276 @@ impl RelayHandle {
     }
 }
 
+impl RelayHandle {
+    /// Outbox rows this relay has read, and the most it held in memory at
+    /// once (one page at most).
+    #[cfg(feature = "test-hooks")]
+    pub fn rows_read(&self) -> (u64, u64) {
+        (
+            self.0.rows_read.load(Ordering::Relaxed),
+            self.0.most_held.load(Ordering::Relaxed),
+        )
+    }
+}
+
 /// The relay thread's state.
 struct Worker {
     engine: Engine,
     shared: Arc<RelayShared>,
     poll: Duration,
-    /// LISTEN for notifications (else poll only).
-    listen: bool,
+    /// The snapshot of the last round: while the database's current one
+    /// is the same, nothing committed since.
+    last_snapshot: Option<String>,
+    /// One relay per namespace and outbox reads the outbox, the holder of
+    /// the lease; off (`relay_listen = false`, for poolers that cannot keep
+    /// a session), every relay does.
+    lease: bool,
+    /// Holds the lease (or needs none).
+    leader: bool,
+    outbox_name: String,
+    /// Where the leader publishes its last round's snapshot.
+    applied_key: String,
     retention: Duration,
     /// Whose progress the horizon records: the namespace.
     consumer: String,
-    /// Outbox ids applied at or above the horizon (with their transaction
-    /// ids), so rows read again are not applied again.
-    applied: HashMap<i64, u64>,
+    /// Where the last round left off; `None` before the first round (which
+    /// starts from the horizon).
+    seen: Option<Seen>,
     last_prune: Option<Instant>,
+    /// When the horizon was last written.
+    last_advance: Option<Instant>,
+    /// When the snapshot was last published.
+    last_publish: Option<Instant>,
+    /// A standby's syncs in a row that the leader's progress did not cover.
+    missed: u32,
 }
 
 impl Worker {
     fn run(mut self, outbox: &Outbox) {
-        let mut listener: Option<DbConn> = None;
+        let mut conn: Option<DbConn> = None;
         let mut backoff = Duration::from_millis(50);
-        let mut next_round = Instant::now();
+        let mut interval = BUSY_POLL;
+        let mut next_look = Instant::now();
+        let mut next_try = Instant::now();
         while !self.shared.stop.load(Ordering::SeqCst) {
-            if self.listen && listener.as_ref().is_none_or(DbConn::is_broken) {
-                match self.listen_on(outbox) {
-                    Ok(conn) => {
-                        listener = Some(conn);
-                        // Notifications sent while we were not listening
-                        // are lost: catch up.
-                        next_round = Instant::now();
+            if conn.as_ref().is_none_or(DbConn::is_broken) {
+                match self.engine.db.dedicated(&outbox.listener_name()) {
+                    Ok(c) => {
+                        conn = Some(c);
+                        // Whatever happened meanwhile: look now. A lease
+                        // held on the old connection went with it.
+                        self.last_snapshot = None;
+                        self.leader = !self.lease;
+                        self.missed = 0;
+                        next_look = Instant::now();
+                        next_try = Instant::now();
                     }
                     Err(err) => {
                         self.engine.counters.relay_errors.bump();
-                        report!(debug, "invalidation relay cannot listen: {}", err.chain());
+                        report!(debug, "invalidation relay cannot connect: {}", err.chain());
                         self.sleep(backoff);
                         backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
                         continue;
                     }
                 }
             }
-            let wanted = Instant::now() >= next_round
-                || self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
+            let asked = self.shared.requested.load(Ordering::SeqCst) > *self.shared.served.lock()
                 || self.engine.breaker.recovery_ticket().is_some();
-            if wanted {
-                match self.round(outbox) {
-                    Ok(()) => {
-                        backoff = Duration::from_millis(50);
-                        next_round = Instant::now() + self.poll;
+            if !self.leader && Instant::now() >= next_try {
+                next_try = Instant::now() + STANDBY_TRY;
+                match conn.as_mut().map(|c| self.try_lead(c)) {
+                    Some(Ok(true)) => {
+                        self.leader = true;
+                        next_look = Instant::now();
                     }
-                    Err(err) => {
-                        self.engine.counters.relay_errors.bump();
+                    Some(Ok(false)) | None => {}
+                    Some(Err(err)) => {
                         report!(
                             debug,
-                            "invalidation relay round failed (retried): {}",
+                            "invalidation relay lost its connection: {}",
                             err.chain()
                         );
-                        self.sleep(backoff);
-                        backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
-                        next_round = Instant::now();
+                        conn = None;
+                        continue;
                     }
                 }
             }
-            // Wait for a notification (or, polling only, for the time), a
-            // little at a time, so stop and sync requests are seen soon.
-            match listener.as_mut().map(|conn| conn.next_notification(SLICE)) {
-                Some(Ok(Some(_))) => next_round = Instant::now(),
-                Some(Ok(None)) => {}
-                Some(Err(err)) => {
-                    // The connection dropped: reconnect and catch up.
-                    report!(
-                        debug,
-                        "invalidation relay lost its connection: {}",
-                        err.chain()
-                    );
-                    listener = None;
+            if !self.leader {
+                // A standby: another process's relay applies the outbox;
+                // a sync (or the breaker's recovery) waits until it has
+                // applied everything committed before it was asked.
+                if let (true, Some(c)) = (asked, conn.as_mut()) {
+                    match self.follow(c) {
+                        Ok(true) => self.missed = 0,
+                        Ok(false) => {
+                            next_try = Instant::now();
+                            self.missed += 1;
+                            // Someone holds the lease and publishes nothing
+                            // we can use (a relay stuck, or another
+                            // namespace whose lock key collides with ours):
+                            // read the outbox ourselves rather than wait
+                            // for ever.
+                            if self.missed >= UNLEASED_AFTER {
+                                report!(
+                                    warn,
+                                    "invalidation relay for namespace {:?}: the lease holder \
+                                     publishes no progress; reading the outbox without the lease",
+                                    self.consumer
+                                );
+                                self.leader = true;
+                                next_look = Instant::now();
+                            }
+                        }
+                        Err(err) => {
+                            self.engine.counters.relay_errors.bump();
+                            report!(debug, "invalidation relay standby: {}", err.chain());
+                            self.sleep(backoff);
+                        }
+                    }
                 }
-                None => self.sleep(SLICE),
+                self.nap(next_try);
+                continue;
             }
+            if asked || Instant::now() >= next_look {
+                // One cheap statement: nothing committed anywhere since the
+                // last round's snapshot (it would have moved) means nothing
+                // new in the outbox.
+                let changed = asked
+                    || match conn.as_mut().map(current_snapshot) {
+                        Some(Ok(now)) => self.last_snapshot.as_deref() != Some(now.as_str()),
+                        Some(Err(err)) => {
+                            report!(
+                                debug,
+                                "invalidation relay lost its connection: {}",
+                                err.chain()
+                            );
+                            conn = None;
+                            continue;
+                        }
+                        None => true,
+                    };
+                if changed {
+                    let before = self.shared.rows_read.load(Ordering::Relaxed);
+                    match self.round(outbox) {
+                        Ok(()) => {
+                            backoff = Duration::from_millis(50);
+                            let found = self.shared.rows_read.load(Ordering::Relaxed) > before;
+                            interval = if found {
+                                BUSY_POLL
+                            } else {
+                                self.slower(interval)
+                            };
+                        }
+                        Err(err) => {
+                            self.engine.counters.relay_errors.bump();
+                            report!(
+                                debug,
+                                "invalidation relay round failed (retried): {}",
+                                err.chain()
+                            );
+                            self.sleep(backoff);
+                            backoff = (backoff * 2).min(self.poll.max(Duration::from_millis(50)));
+                            next_look = Instant::now();
+                            continue;
+                        }
+                    }
+                } else {
+                    interval = self.slower(interval);
+                    // Nothing new: the published snapshot is still the
+                    // database's; keep it from expiring (or coming back
+                    // lost after a Redis restart) on a quiet database.
+                    let stale = self
+                        .last_publish
+                        .is_none_or(|at| at.elapsed() >= REPUBLISH_EVERY);
+                    if self.lease
+                        && stale
+                        && let Err(err) = self.publish()
+                    {
+                        report!(debug, "invalidation relay cannot publish: {}", err.chain());
+                    }
+                }
+                next_look = Instant::now() + interval;
+            }
+            self.nap(next_look);
         }
+    }
+
+    /// Waits until `until`, or a sync request; a little at a time, so stop
+    /// requests and the breaker's recovery are seen soon.
+    fn nap(&self, until: Instant) {
+        let wait = until.saturating_duration_since(Instant::now()).min(SLICE);
+        let mut idle = self.shared.wake_lock.lock();
+        if self.shared.requested.load(Ordering::SeqCst) <= *self.shared.served.lock() {
+            self.shared.wake.wait_for(&mut idle, wait);
+        }
+    }
+
+    /// Takes the namespace's lease if nobody holds it: a session advisory
+    /// lock on the relay's own connection, so it is released when that
+    /// connection ends (the process died, the network dropped it).
+    fn try_lead(&self, conn: &mut DbConn) -> Result<bool> {
+        Ok(conn
+            .query_opt(
+                "SELECT pg_catalog.pg_try_advisory_lock(
+                     pg_catalog.hashtext($1), pg_catalog.hashtext($2))",
+                &[&self.outbox_name, &self.consumer],
+            )?
+            .is_some_and(|row| row.get::<_, bool>(0)))
+    }
+
+    /// As a standby, waits (up to [`FOLLOW_FOR`]) until the leader has
+    /// published a round whose snapshot covers this moment's: every
+    /// transaction that had ended now had ended for it, so it has applied
+    /// their changes. False if it did not (the leader may be gone).
+    fn follow(&mut self, conn: &mut DbConn) -> Result<bool> {
+        let ticket = self.engine.breaker.recovery_ticket();
+        let serving = self.shared.requested.load(Ordering::SeqCst);
+        let now = Snapshot::parse(&current_snapshot(conn)?)?;
+        let deadline = Instant::now() + FOLLOW_FOR;
+        loop {
+            let applied = self.engine.cache.get_raw(&self.applied_key)?;
+            let applied = applied
+                .and_then(|raw| String::from_utf8(raw).ok())
+                .and_then(|text| Snapshot::parse(&text).ok());
+            if applied.is_some_and(|l| l.covers(&now)) {
+                if let Some(ticket) = ticket {
+                    self.engine.breaker.relay_caught_up(ticket);
+                }
+                let mut served = self.shared.served.lock();
+                *served = (*served).max(serving);
+                self.shared.served_cv.notify_all();
+                return Ok(true);
+            }
+            if self.shared.stop.load(Ordering::SeqCst) || Instant::now() >= deadline {
+                return Ok(false);
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// As the leader, tells the standbys how far it has applied: the
+    /// snapshot of its last round, in Redis beside the namespace's entries
+    /// (never a cache entry: a reset leaves it).
+    fn publish(&mut self) -> Result<()> {
+        let Some(text) = self.last_snapshot.clone() else {
+            return Ok(());
+        };
+        let key = self.applied_key.clone();
+        self.engine.cache.with_connection(|c| {
+            redis::cmd("SET")
+                .arg(&key)
+                .arg(&text)
+                .arg("PX")
+                .arg(60_000)
+                .query::<()>(c)
+        })?;
+        self.last_publish = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The next idle interval: twice the last, up to `relay_poll`.
+    fn slower(&self, interval: Duration) -> Duration {
+        (interval * 2).min(self.poll.max(BUSY_POLL))
     }
 
     fn sleep(&self, total: Duration) {
@@ -412,68 +741,41 @@ impl Worker {
         }
     }
 
-    fn listen_on(&self, outbox: &Outbox) -> Result<DbConn> {
-        let mut conn = self.engine.db.dedicated(&outbox.listener_name())?;
-        conn.batch_execute(&format!("LISTEN \"{}\"", outbox.channel))?;
-        Ok(conn)
-    }
-
-    /// Reads the outbox above the horizon in one snapshot, applies it, and
-    /// moves the horizon.
+    /// Reads, in one snapshot and in pages of at most [`PAGE`] rows, what
+    /// the outbox holds that this relay has not read (from the horizon on
+    /// its first round), applies each page as it goes, and moves the
+    /// horizon.
     fn round(&mut self, outbox: &Outbox) -> Result<()> {
         let ticket = self.engine.breaker.recovery_ticket();
         let serving = self.shared.requested.load(Ordering::SeqCst);
-        let read = match self.read(outbox) {
-            Ok(read) => read,
+        let db = self.engine.db.clone();
+        let outcome = match db.transaction(|tx| self.read_and_apply(tx, outbox)) {
+            Ok(outcome) => Some(outcome),
             // No outbox yet (nothing captured): nothing to apply.
-            Err(err) if undefined_table(&err) => Read::default(),
+            Err(err) if undefined_table(&err) => None,
+            Err(err) if sql_state(&err, &SqlState::UNDEFINED_COLUMN) => {
+                return Err(err.reworded(
+                    "the outbox was made by an older version of cacheaside: run \
+                     install_schema() or capture_changes() again to upgrade it",
+                ));
+            }
             Err(err) => return Err(err),
         };
-        if read.away_too_long {
-            report!(
-                warn,
-                "invalidation relay for namespace {:?} was away longer than the outbox \
-                 retention: emptying the namespace",
-                self.consumer
-            );
-            if !self.consumer.is_empty() {
-                self.engine.cache.delete_namespace()?;
+        if let Some((snapshot, cursor, seen)) = outcome {
+            // A write (and a commit to flush) per round would cost more
+            // than a horizon that trails by a second: the horizon matters
+            // only to the next relay's first round.
+            let due = self
+                .last_advance
+                .is_none_or(|at| at.elapsed() >= ADVANCE_EVERY);
+            if (cursor.horizon != Some(snapshot.xmin) && due) || cursor.touch {
+                self.advance(outbox, snapshot.xmin)?;
+                self.last_advance = Some(Instant::now());
             }
-            self.engine.counters.relay_resets.bump();
-        }
-        // A key no cache call accepts (a session, a rate limit: anyone who
-        // can insert into the outbox could name one) is not ours to delete.
-        let fresh: Vec<&Change> = read
-            .rows
-            .iter()
-            .filter(|c| !self.applied.contains_key(&c.id))
-            .filter(|c| crate::cache::check_key(&c.key).is_ok())
-            .collect();
-        // Known here even when Redis is out: a load of the key in flight
-        // must not hand its row to readers that came after the change.
-        for change in &fresh {
-            self.engine.note_write(&change.key);
-        }
-        for chunk in fresh.chunks(100) {
-            let cache = &self.engine.cache;
-            let changes: Vec<(Keys, Option<i64>)> = chunk
-                .iter()
-                .map(|c| (cache.keys(&c.key), c.version))
-                .collect();
-            lease::relay_invalidate(cache, &changes)?;
-            for c in chunk {
-                self.applied.insert(c.id, c.txid);
+            self.seen = Some(seen);
+            if self.lease {
+                self.publish()?;
             }
-            self.engine
-                .counters
-                .relay_invalidations
-                .add(chunk.len() as u64);
-        }
-        if let Some(horizon) = read.new_horizon {
-            if read.horizon != Some(horizon) || read.touch {
-                self.advance(outbox, horizon)?;
-            }
-            self.applied.retain(|_, txid| *txid >= horizon);
         }
         self.prune(outbox);
         self.engine.counters.relay_rounds.bump();
@@ -486,68 +788,238 @@ impl Worker {
         Ok(())
     }
 
-    fn read(&self, outbox: &Outbox) -> Result<Read> {
-        let retention_s = self.retention.as_secs_f64();
+    /// The body of a round, in its `REPEATABLE READ` transaction: every
+    /// statement sees one snapshot. Returns the snapshot, the cursor as it
+    /// was, and what the next round has left to read.
+    ///
+    /// Which rows are new: outbox ids are handed out at insert time, so a
+    /// row below the highest id read may still commit later; but only if
+    /// its transaction was invisible to this snapshot, that is in progress
+    /// (`xip`) or at or above `xmax`. The next round therefore reads the
+    /// rows above the highest id read, and those of exactly these
+    /// transactions: never the backlog a long-running transaction holds
+    /// the horizon behind.
+    fn read_and_apply(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        outbox: &Outbox,
+    ) -> Result<(Snapshot, Cursor, Seen)> {
         let (table, cursors) = (&outbox.table, &outbox.cursors);
-        self.engine.db.transaction(|tx| {
-            tx.batch_execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")?;
-            let cursor = tx.query_opt(
+        // Every read below is a narrow range of an index (the newest ids,
+        // one transaction's rows); a plan that scans the outbox instead
+        // (statistics of a young, fast-growing table mislead the planner)
+        // would cost every round the whole backlog.
+        tx.batch_execute(
+            "SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY;
+             SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off;
+             SET LOCAL enable_bitmapscan = off;",
+        )?;
+        let row = tx
+            .query_opt(
                 &format!(
-                    "SELECT horizon::text,
-                            now() - updated_at > make_interval(secs => $2),
-                            now() - updated_at > make_interval(secs => $2 / 8)
-                     FROM {cursors} WHERE consumer = $1"
+                    "SELECT pg_catalog.pg_current_snapshot()::text, c.horizon::text,
+                            coalesce(now() - c.updated_at > make_interval(secs => $2), false),
+                            coalesce(now() - c.updated_at > make_interval(secs => $2 / 8), true)
+                     FROM (SELECT 1) AS one LEFT JOIN {cursors} c ON c.consumer = $1"
                 ),
-                &[&self.consumer, &retention_s],
-            )?;
-            let (horizon, away_too_long, touch) = match cursor {
-                Some(row) => (
-                    Some(parse_xid(&row.get::<_, String>(0))?),
-                    row.get::<_, bool>(1),
-                    row.get::<_, bool>(2),
-                ),
-                None => (None, false, true),
-            };
-            let xmin: String = tx
-                .query_opt("SELECT pg_snapshot_xmin(pg_current_snapshot())::text", &[])?
-                .map(|r| r.get(0))
-                .unwrap_or_default();
-            let new_horizon = parse_xid(&xmin)?;
-            let from = horizon.unwrap_or(0).to_string();
-            let mut rows = Vec::new();
-            let mut after = 0_i64;
-            loop {
-                let page = tx.query(
-                    &format!(
-                        "SELECT id, cache_key, txid::text, version FROM {table}
-                         WHERE txid >= $1::text::xid8 AND id > $2
-                         ORDER BY id LIMIT {PAGE}"
-                    ),
-                    &[&from, &after],
-                )?;
-                let full = page.len() as i64 == PAGE;
-                for row in page {
-                    let id: i64 = row.get(0);
-                    after = id;
-                    rows.push(Change {
-                        id,
-                        key: row.get(1),
-                        txid: parse_xid(&row.get::<_, String>(2))?,
-                        version: row.get(3),
-                    });
-                }
-                if !full {
-                    break;
-                }
+                &[&self.consumer, &self.retention.as_secs_f64()],
+            )?
+            .ok_or_else(|| Error::new(crate::ErrorKind::Database, "no snapshot row"))?;
+        let text: String = row.get(0);
+        let snapshot = Snapshot::parse(&text)?;
+        let cursor = Cursor {
+            horizon: row
+                .get::<_, Option<String>>(1)
+                .map(|h| parse_xid(&h))
+                .transpose()?,
+            touch: row.get(3),
+        };
+        if row.get::<_, bool>(2) {
+            report!(
+                warn,
+                "invalidation relay for namespace {:?} was away longer than the outbox \
+                 retention: deleting the namespace's cache entries",
+                self.consumer
+            );
+            let namespace = self.engine.cache.namespace().to_owned();
+            self.engine
+                .cache
+                .delete_in_namespace("", &|key| is_cache_entry(&namespace, key))?;
+            self.engine.counters.relay_resets.bump();
+            self.seen = None;
+        }
+        let mut resets = Vec::new();
+        let last_id = match self.seen.clone() {
+            None => {
+                // Every row of a transaction at or above the horizon, in
+                // (txid, id) order, which the index walks.
+                let from = cursor.horizon.unwrap_or(0);
+                self.pages_from(tx, table, from, u64::MAX, i64::MAX, &mut resets)?;
+                let top: i64 = tx
+                    .query_opt(&format!("SELECT coalesce(max(id), 0) FROM {table}"), &[])?
+                    .map_or(0, |r| r.get(0));
+                top
             }
-            Ok(Read {
-                horizon,
-                new_horizon: Some(new_horizon),
-                away_too_long,
-                touch,
-                rows,
-            })
-        })
+            Some(seen) => {
+                let mut last_id = seen.last_id;
+                // Rows above the highest id read.
+                loop {
+                    let page = tx.query(
+                        &format!(
+                            "SELECT id, cache_key, txid::text AS xid, version, reset FROM {table}
+                             WHERE id > $1 ORDER BY id LIMIT {PAGE}"
+                        ),
+                        &[&last_id],
+                    )?;
+                    let full = page.len() as i64 == PAGE;
+                    if let Some(top) = self.apply_page(&page, &mut resets)? {
+                        last_id = last_id.max(top.0);
+                    }
+                    if !full {
+                        break;
+                    }
+                }
+                // Rows of the transactions the last snapshot did not see:
+                // those in progress then (only those with rows now visible),
+                // and those begun since.
+                if !seen.pending.is_empty() {
+                    let pending: Vec<String> = seen.pending.iter().map(u64::to_string).collect();
+                    let landed = tx.query(
+                        &format!(
+                            "SELECT x::text FROM pg_catalog.unnest($1::text[]::xid8[]) AS x
+                             WHERE EXISTS (SELECT 1 FROM {table} WHERE txid = x AND id <= $2)"
+                        ),
+                        &[&pending, &seen.last_id],
+                    )?;
+                    for row in landed {
+                        let xid = parse_xid(&row.get::<_, String>(0))?;
+                        self.pages_from(tx, table, xid, xid, seen.last_id, &mut resets)?;
+                    }
+                }
+                self.pages_from(tx, table, seen.xmax, u64::MAX, seen.last_id, &mut resets)?;
+                last_id
+            }
+        };
+        // After the keys' changes: a key re-inserted after the reset (its
+        // version starting over) cannot keep a row cached before it.
+        for prefix in resets {
+            self.reset_prefix(&prefix)?;
+            self.engine.counters.relay_invalidations.bump();
+        }
+        self.last_snapshot = Some(text);
+        let seen = Seen {
+            last_id,
+            pending: snapshot.xip.clone(),
+            xmax: snapshot.xmax,
+        };
+        Ok((snapshot, cursor, seen))
+    }
+
+    /// Reads and applies, page by page in (txid, id) order, the rows with
+    /// `from <= txid <= to` and `id <= max_id`.
+    fn pages_from(
+        &mut self,
+        tx: &mut Transaction<'_>,
+        table: &str,
+        from: u64,
+        to: u64,
+        max_id: i64,
+        resets: &mut Vec<String>,
+    ) -> Result<()> {
+        // (The text column is named `xid`: named `txid`, it would be what
+        // ORDER BY sorts, as text.)
+        let sql = format!(
+            "SELECT id, cache_key, txid::text AS xid, version, reset FROM {table}
+             WHERE (txid, id) > ($1::text::xid8, $2) AND txid <= $3::text::xid8 AND id <= $4
+             ORDER BY txid, id LIMIT {PAGE}"
+        );
+        let to = to.to_string();
+        // Keyset paging from just below (from, any id).
+        let (mut txid, mut id) = (from.saturating_sub(1), i64::MAX);
+        loop {
+            let page = tx.query(&sql, &[&txid.to_string(), &id, &to, &max_id])?;
+            let full = page.len() as i64 == PAGE;
+            match self.apply_page(&page, resets)? {
+                Some(last) => (id, txid) = last,
+                None => break,
+            }
+            if !full {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Applies one page of outbox rows (resets are kept for the end of the
+    /// round); returns the last row's (id, txid).
+    fn apply_page(
+        &mut self,
+        page: &[tokio_postgres::Row],
+        resets: &mut Vec<String>,
+    ) -> Result<Option<(i64, u64)>> {
+        let mut changes = Vec::with_capacity(page.len());
+        let mut last = None;
+        for row in page {
+            let change = Change {
+                id: row.get(0),
+                key: row.get(1),
+                txid: parse_xid(&row.get::<_, String>(2))?,
+                version: row.get(3),
+                reset: row.get(4),
+            };
+            last = Some((change.id, change.txid));
+            changes.push(change);
+        }
+        self.shared
+            .rows_read
+            .fetch_add(page.len() as u64, Ordering::Relaxed);
+        self.shared
+            .most_held
+            .fetch_max(page.len() as u64, Ordering::Relaxed);
+        // Known here even when Redis is out: a load of the key in flight
+        // must not hand its row to readers that came after the change.
+        for change in &changes {
+            if change.reset {
+                self.engine.note_prefix_write(&change.key);
+            } else {
+                self.engine.note_write(&change.key);
+            }
+        }
+        let cache = &self.engine.cache;
+        // A key no cache call accepts (a session, a rate limit: anyone who
+        // can insert into the outbox could name one) is not ours to delete.
+        let keyed: Vec<&Change> = changes
+            .iter()
+            .filter(|c| !c.reset && crate::keys::check_key(&c.key).is_ok())
+            .collect();
+        for chunk in keyed.chunks(100) {
+            let batch: Vec<(Keys, Option<i64>)> = chunk
+                .iter()
+                .map(|c| (cache.keys(&c.key), c.version))
+                .collect();
+            lease::relay_invalidate(cache, &batch)?;
+            self.engine
+                .counters
+                .relay_invalidations
+                .add(chunk.len() as u64);
+        }
+        resets.extend(changes.into_iter().filter(|c| c.reset).map(|c| c.key));
+        Ok(last)
+    }
+
+    /// Deletes the cache entries of every key under `prefix`. Twice: one
+    /// `SCAN` may miss a key written while it runs, and a fill of a row
+    /// read before the reset writes its value while its lease (taken
+    /// before the load) still stands, so such a fill either finds its
+    /// lease deleted by the first pass or has stored its value before the
+    /// second begins, which then deletes it.
+    fn reset_prefix(&self, prefix: &str) -> Result<()> {
+        let cache = &self.engine.cache;
+        let namespace = cache.namespace().to_owned();
+        for _ in 0..2 {
+            cache.delete_in_namespace(prefix, &|key| is_cache_entry(&namespace, key))?;
+        }
+        Ok(())
     }
 
     fn advance(&self, outbox: &Outbox, horizon: u64) -> Result<()> {
@@ -572,9 +1044,17 @@ impl Worker {
             return;
         }
         self.last_prune = Some(Instant::now());
+        // By id, below the first row young enough to keep: every row under
+        // it is older than the retention. (A scan of the old rows, about to
+        // go anyway, and no index on created_at for every writer to
+        // maintain.)
         let sql = format!(
-            "DELETE FROM {} WHERE created_at < now() - make_interval(secs => $1)",
-            outbox.table
+            "DELETE FROM {t} WHERE id < coalesce(
+                 (SELECT id FROM {t}
+                  WHERE created_at >= now() - make_interval(secs => $1)
+                  ORDER BY id LIMIT 1),
+                 (SELECT max(id) + 1 FROM {t}))",
+            t = outbox.table
         );
         if let Err(err) = self
             .engine
@@ -586,16 +1066,69 @@ impl Worker {
     }
 }
 
-/// What one round read.
-#[derive(Default)]
-struct Read {
+/// The database's current snapshot, as text.
+fn current_snapshot(conn: &mut DbConn) -> Result<String> {
+    Ok(conn
+        .query_opt("SELECT pg_catalog.pg_current_snapshot()::text", &[])?
+        .map(|row| row.get(0))
+        .unwrap_or_default())
+}
+
+/// A snapshot, as `pg_current_snapshot()` prints it: `xmin:xmax:xip,…`.
+#[derive(Debug, PartialEq)]
+struct Snapshot {
+    xmin: u64,
+    xmax: u64,
+    xip: Vec<u64>,
+}
+
+impl Snapshot {
+    /// True if every transaction that had ended for `earlier` had ended
+    /// for this one too.
+    fn covers(&self, earlier: &Snapshot) -> bool {
+        self.xmax >= earlier.xmax
+            && self
+                .xip
+                .iter()
+                .all(|x| *x >= earlier.xmax || earlier.xip.contains(x))
+    }
+
+    fn parse(text: &str) -> Result<Snapshot> {
+        let mut parts = text.splitn(3, ':');
+        let (Some(xmin), Some(xmax), Some(xip)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(Error::new(
+                crate::ErrorKind::Database,
+                format!("not a snapshot: {text:?}"),
+            ));
+        };
+        Ok(Snapshot {
+            xmin: parse_xid(xmin)?,
+            xmax: parse_xid(xmax)?,
+            xip: xip
+                .split(',')
+                .filter(|x| !x.is_empty())
+                .map(parse_xid)
+                .collect::<Result<_>>()?,
+        })
+    }
+}
+
+/// The relay's cursor row as a round found it.
+struct Cursor {
     horizon: Option<u64>,
-    new_horizon: Option<u64>,
-    away_too_long: bool,
-    /// The cursor's timestamp is old enough to refresh even if the horizon
-    /// did not move.
+    /// Its timestamp is old enough to refresh even if the horizon did not
+    /// move.
     touch: bool,
-    rows: Vec<Change>,
+}
+
+/// What the last round's snapshot left to read: rows above `last_id`, and
+/// the rows (whatever their ids) of the transactions it saw in progress
+/// (`pending`) or that had not begun (`xmax` and up).
+#[derive(Clone, Debug)]
+struct Seen {
+    last_id: i64,
+    pending: Vec<u64>,
+    xmax: u64,
 }
 
 /// One outbox row.
@@ -604,6 +1137,43 @@ struct Change {
     key: String,
     txid: u64,
     version: Option<i64>,
+    /// `key` is a prefix: every key under it changed (a `TRUNCATE`).
+    reset: bool,
+}
+
+/// True for the Redis key of a cache entry of `namespace`: a value
+/// (`namespace{key}`) or its lease, lock, writers or floor, and not a
+/// pending write-behind record or anything under a name no cache call
+/// accepts ([`crate::keys::check_key`]: write-behind's streams, sessions,
+/// rate-limit windows): what a reset may delete, since everything else
+/// holds data only Redis has.
+fn is_cache_entry(namespace: &str, redis_key: &str) -> bool {
+    let Some(rest) = redis_key
+        .strip_prefix(namespace)
+        .and_then(|rest| rest.strip_prefix('{'))
+    else {
+        return false;
+    };
+    // A key holds no brace, so the first `}` closes the hash tag.
+    let Some((key, suffix)) = rest.split_once('}') else {
+        return false;
+    };
+    matches!(suffix, "" | ":lease" | ":lock" | ":writers" | ":floor")
+        && crate::keys::check_key(key).is_ok()
+}
+
+/// `text` as an SQL string literal, as Postgres's `quote_literal` makes
+/// it: quotes doubled, and with a backslash an `E'…'` literal with the
+/// backslashes doubled, which reads the same whatever
+/// `standard_conforming_strings` says (a plain `'…'` literal reads `\'`
+/// as an escaped quote when it is off: SQL injection through a prefix).
+fn quote_literal(text: &str) -> String {
+    let quoted = text.replace('\'', "''");
+    if text.contains('\\') {
+        format!("E'{}'", quoted.replace('\\', "\\\\"))
+    } else {
+        format!("'{quoted}'")
+    }
 }
 
 fn parse_xid(text: &str) -> Result<u64> {
@@ -615,9 +1185,93 @@ fn parse_xid(text: &str) -> Result<u64> {
     })
 }
 
-/// 42P01 undefined_table. (Through `Error::postgres`: `source()` hands out
-/// the shared `Arc`, which does not downcast to the Postgres error.)
+/// 42P01 undefined_table.
 fn undefined_table(err: &Error) -> bool {
-    err.postgres()
-        .is_some_and(|pg| pg.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE))
+    sql_state(err, &SqlState::UNDEFINED_TABLE)
+}
+
+/// The Postgres error behind `err` has `state`. (Through `Error::postgres`:
+/// `source()` hands out the shared `Arc`, which does not downcast to the
+/// Postgres error.)
+fn sql_state(err: &Error, state: &SqlState) -> bool {
+    err.postgres().is_some_and(|pg| pg.code() == Some(state))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reset_picks_cache_entries_only() {
+        for ns in ["", "app:"] {
+            for cached in [
+                "{user:1}",
+                "{user:1}:lease",
+                "{k}:lock",
+                "{k}:writers",
+                "{k}:floor",
+            ] {
+                assert!(is_cache_entry(ns, &format!("{ns}{cached}")), "{ns}{cached}");
+            }
+            for kept in [
+                "{user:1}:pending",
+                "{write_behind}:stream",
+                "{write_behind}:dead",
+                "{session:abc}",
+                "{rate_limit:ip:1}",
+                "{}",
+                "user:1",
+                "{user:1",
+            ] {
+                assert!(!is_cache_entry(ns, &format!("{ns}{kept}")), "{ns}{kept}");
+            }
+        }
+        assert!(!is_cache_entry("app:", "app:v2:{user:1}"));
+        assert!(!is_cache_entry("app:", "other{user:1}"));
+    }
+
+    #[test]
+    fn snapshots_parse() {
+        assert_eq!(
+            Snapshot::parse("10:20:12,15").unwrap(),
+            Snapshot {
+                xmin: 10,
+                xmax: 20,
+                xip: vec![12, 15]
+            }
+        );
+        assert_eq!(
+            Snapshot::parse("7:7:").unwrap(),
+            Snapshot {
+                xmin: 7,
+                xmax: 7,
+                xip: vec![]
+            }
+        );
+        assert!(Snapshot::parse("7:7").is_err());
+        assert!(Snapshot::parse("a:7:").is_err());
+    }
+
+    #[test]
+    fn a_snapshot_covers_an_earlier_one_once_its_ended_transactions_ended() {
+        let snap = |xmax, xip: &[u64]| Snapshot {
+            xmin: 1,
+            xmax,
+            xip: xip.to_vec(),
+        };
+        assert!(snap(20, &[]).covers(&snap(20, &[])));
+        assert!(snap(20, &[12]).covers(&snap(20, &[12])));
+        assert!(snap(25, &[12, 21]).covers(&snap(20, &[12])));
+        // 13 had ended earlier, and is in progress for the later one.
+        assert!(!snap(25, &[13]).covers(&snap(20, &[12])));
+        // 19 had ended earlier; the later snapshot does not reach it.
+        assert!(!snap(19, &[]).covers(&snap(20, &[])));
+    }
+
+    #[test]
+    fn quote_literal_escapes_as_postgres_does() {
+        assert_eq!(quote_literal("user:"), "'user:'");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert_eq!(quote_literal(r"a\b'"), r"E'a\\b'''");
+    }
 }

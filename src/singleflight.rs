@@ -199,6 +199,16 @@ impl<V: Clone> SingleFlight<V> {
         }
     }
 
+    /// As [`note_write`](Self::note_write), for every key starting with
+    /// `prefix` (a table truncated).
+    pub fn note_write_prefix(&self, prefix: &str) {
+        for (key, entry) in self.flights.lock().iter() {
+            if key.starts_with(prefix) {
+                entry.flight.marks.written.store(true, Ordering::SeqCst);
+            }
+        }
+    }
+
     /// Flights in progress; 0 whenever no call is running.
     pub fn len(&self) -> usize {
         self.flights.lock().len()

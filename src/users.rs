@@ -223,7 +223,7 @@ impl Client {
         // outbox), so a drop never deadlocks with either.
         self.db().batch_execute(&format!(
             "DROP TABLE IF EXISTS {users}, {outbox}_cursors, {outbox};
-             DROP FUNCTION IF EXISTS {outbox}_capture(), {outbox}_bump();",
+             DROP FUNCTION IF EXISTS {outbox}_capture(), {outbox}_bump(), {outbox}_reset();",
             users = self.sql.table
         ))
     }

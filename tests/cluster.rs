@@ -401,3 +401,65 @@ fn soak(migrate: bool) {
     assert_eq!(errors.load(Ordering::SeqCst), 0, "failed calls");
     assert_eq!(fx.client.engine().in_flight(), 0);
 }
+
+/// Polls until `done`; panics after [`PATIENCE`] with `what`.
+fn eventually(what: &str, done: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !done() {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn unversioned_invalidations_reach_a_cluster_without_relay_errors() {
+    // A DELETE, a key-column change and a table without a version column
+    // are invalidated without a version: the path that passed the script
+    // too few keys on a cluster and stopped the relay.
+    let cluster = cluster();
+    let fx = fixture(&cluster, "cl_unversioned");
+    let c = &fx.client;
+    let db = c.db();
+    let users = &fx.config.users_table;
+    for id in 1..=2 {
+        c.get_user_profile(id).unwrap().expect("seeded");
+    }
+    db.execute(&format!("DELETE FROM {users} WHERE id = 1"), &[])
+        .unwrap();
+    eventually("the deleted row is still served", || {
+        c.get_user_profile(1).unwrap().is_none()
+    });
+    db.execute(&format!("UPDATE {users} SET id = 200 WHERE id = 2"), &[])
+        .unwrap();
+    eventually("the row under its old key is still served", || {
+        c.get_user_profile(2).unwrap().is_none()
+    });
+
+    let table = format!("{users}_plain");
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, v text NOT NULL);
+         INSERT INTO {table} VALUES (1, 'old')"
+    ))
+    .unwrap();
+    c.engine()
+        .capture_changes(&table, "plain:", "id", None)
+        .unwrap();
+    let read = || -> String {
+        c.engine()
+            .get_or_load("plain:1", Duration::from_secs(60), || {
+                let row = db.query_opt(&format!("SELECT v FROM {table} WHERE id = 1"), &[])?;
+                Ok(row.map(|r| r.get::<_, String>(0)))
+            })
+            .unwrap()
+            .unwrap()
+    };
+    assert_eq!(read(), "old");
+    db.execute(&format!("UPDATE {table} SET v = 'new' WHERE id = 1"), &[])
+        .unwrap();
+    eventually("the unversioned row is still served", || read() == "new");
+
+    assert!(c.engine().sync_relay(PATIENCE));
+    let stats = c.engine().stats();
+    assert_eq!(stats.relay_errors, 0, "{stats:?}");
+    db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
+}

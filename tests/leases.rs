@@ -62,7 +62,11 @@ fn hold_rebuild_lock_elsewhere(fx: &Fixture, key: &str) -> String {
 /// Reader reads the old row, writer commits and invalidates, reader fills.
 /// Returns the plan left in the cache afterwards, if any.
 fn race_read_against_write(leases: bool) -> Option<String> {
-    let fx = Fixture::new(if leases { "race_lease" } else { "race_naive" });
+    // Without the relay, which would repair the naive case's stale entry
+    // (when it comes: it polls) and make what is left a race.
+    let mut config = common::test_config(if leases { "race_lease" } else { "race_naive" });
+    config.invalidation_relay = false;
+    let fx = Fixture::with(config);
     fx.client.engine().hooks().set_leases_enabled(leases);
     let key = Client::user_key(1);
     let (loaded, go) = pause_after_load(&fx, &key);
@@ -241,6 +245,9 @@ fn follower_of_a_leader_that_found_the_value_cached_reads_again() {
     let (answered, go) = pause_after_load(&fx, &redis_key);
     std::thread::scope(|s| {
         let leader = s.spawn(|| fx.client.get_user_profile_singleflight(1).unwrap().unwrap());
+        // Past its cache check: a leader that started after the fill below
+        // would just hit.
+        wait_for_a_follower_or_join(&fx, &key);
         // The other process fills the key and releases its lock.
         let row = fx.client.get_user_profile(1).unwrap().unwrap();
         let del_lock =

@@ -1468,3 +1468,72 @@ fn ten_thousand_updates_from_eight_threads_with_a_worker_process_killed_midway()
     let claimed = survivor.finish() + restarted.finish();
     assert!(claimed >= 1, "nothing was claimed from the killed worker");
 }
+
+#[test]
+fn a_transaction_postgres_rolled_back_is_an_error() {
+    // A statement fails, the work swallows the error and returns Ok:
+    // Postgres answers COMMIT with ROLLBACK, and so must we.
+    let fx = Fixture::with(wb_config("tx_aborted"));
+    let db = fx.client.db();
+    let err = db
+        .transaction(|tx| {
+            set_plan_in(tx, &fx, 1, "lost");
+            let _ = tx.execute("SELECT 1 / 0", &[]);
+            Ok(())
+        })
+        .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Database, "{err:?}");
+    assert!(err.chain().contains("rolled back"), "{}", err.chain());
+    assert_eq!(row(&fx, 1).0, "pro", "nothing committed");
+    // The connection went back to the pool usable, outside a transaction.
+    db.transaction(|tx| {
+        set_plan_in(tx, &fx, 1, "kept");
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(row(&fx, 1).0, "kept");
+}
+
+fn set_plan_in(tx: &mut cacheaside::Transaction<'_>, fx: &Fixture, id: i64, plan: &str) {
+    let sql = format!(
+        "UPDATE {} SET plan = $2 WHERE id = $1",
+        fx.config.users_table
+    );
+    assert_eq!(tx.execute(&sql, &[&id, &plan]).unwrap(), 1);
+}
+
+#[test]
+fn an_applier_that_swallows_a_failed_statement_is_never_acknowledged() {
+    let fx = Fixture::with(wb_config("wb_swallowed"));
+    let engine = fx.client.engine();
+    let users = fx.config.users_table.clone();
+    engine
+        .register_write_behind("swallow:", move |tx, _changes| {
+            tx.execute(
+                &format!("UPDATE {users} SET plan = 'swallowed' WHERE id = 1"),
+                &[],
+            )?;
+            if let Err(err) = tx.execute("SELECT 1 / 0", &[]) {
+                eprintln!("applier logged and went on: {}", err.chain());
+            }
+            Ok(())
+        })
+        .unwrap();
+    let seq = engine
+        .write_behind("swallow:1", Duration::from_secs(60), &1_i64)
+        .unwrap();
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    let stats = engine.stats();
+    assert_eq!(stats.write_behind_applied, 0, "{stats:?}");
+    assert_eq!(stats.write_behind_dead_lettered, 1, "{stats:?}");
+    let dead = engine.write_behind_dead_letters(10).unwrap();
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!(
+        (dead[0].key.as_deref(), dead[0].seq),
+        (Some("swallow:1"), Some(seq))
+    );
+    assert!(dead[0].error.contains("rolled back"), "{}", dead[0].error);
+    assert_eq!(row(&fx, 1).0, "pro", "nothing reached Postgres");
+    fx.client.stop_write_behind();
+}

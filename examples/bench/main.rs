@@ -31,6 +31,7 @@
 //! meaningful in a fresh one.
 
 mod c_abi;
+mod capture;
 mod cluster;
 mod failover;
 mod faults;
@@ -65,7 +66,7 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster, failover): for work on one section";
+             steady, write_behind, near, cluster, failover, capture): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -129,7 +130,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 11] = [
+const SECTIONS: [(&str, Measure); 12] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -152,6 +153,8 @@ const SECTIONS: [(&str, Measure); 11] = [
     ("cluster", |b| Ok(Box::new(cluster::measure(b)?))),
     // (15): a master killed, on a cluster and behind Sentinel
     ("failover", |b| Ok(Box::new(failover::measure(b)?))),
+    // (16): capture under writers: TPS, commit-to-invalidation, relay work
+    ("capture", |b| Ok(Box::new(capture::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;
