@@ -386,6 +386,13 @@ impl Relay {
             engine.cache.redis_key("relay"),
             config.outbox_table
         );
+        // With the lease, the leader's progress is everyone's; without it,
+        // each relay keeps its own.
+        let marker_key = if config.relay_listen {
+            applied_key.clone()
+        } else {
+            format!("{applied_key}:{}", crate::lease::new_token())
+        };
         let worker = Worker {
             engine,
             shared: Arc::clone(&shared),
@@ -402,6 +409,10 @@ impl Relay {
             last_advance: None,
             last_publish: None,
             missed: 0,
+            marker_key,
+            published: None,
+            replay: None,
+            started_from: None,
         };
         let thread = match outbox {
             Ok(outbox) => std::thread::Builder::new()
@@ -504,6 +515,17 @@ struct Worker {
     last_publish: Option<Instant>,
     /// A standby's syncs in a row that the leader's progress did not cover.
     missed: u32,
+    /// Where this relay writes its progress: the leader's `applied_key`, or
+    /// (without the lease, every relay reading) a key of its own.
+    marker_key: String,
+    /// The marker this relay last wrote to Redis; `None` before its first.
+    published: Option<String>,
+    /// Redis came back without what it had acknowledged (see
+    /// [`Worker::publish`]): the next round reads again from here (a
+    /// transaction id), or, with `Some(None)`, resets the namespace.
+    replay: Option<Option<u64>>,
+    /// The horizon this relay's first round read from.
+    started_from: Option<u64>,
 }
 
 impl Worker {
@@ -643,11 +665,18 @@ impl Worker {
                     let stale = self
                         .last_publish
                         .is_none_or(|at| at.elapsed() >= REPUBLISH_EVERY);
-                    if self.lease
-                        && stale
-                        && let Err(err) = self.publish()
-                    {
-                        report!(debug, "invalidation relay cannot publish: {}", err.chain());
+                    if stale {
+                        match self.publish() {
+                            Ok(true) => {}
+                            // Redis lost writes: a round reads again now.
+                            Ok(false) => {
+                                self.last_snapshot = None;
+                                interval = BUSY_POLL;
+                            }
+                            Err(err) => {
+                                report!(debug, "invalidation relay cannot publish: {}", err.chain())
+                            }
+                        }
                     }
                 }
                 next_look = Instant::now() + interval;
@@ -712,21 +741,66 @@ impl Worker {
     /// As the leader, tells the standbys how far it has applied: the
     /// snapshot of its last round, in Redis beside the namespace's entries
     /// (never a cache entry: a reset leaves it).
-    fn publish(&mut self) -> Result<()> {
+    ///
+    /// The same key is this relay's proof that Redis still holds what it
+    /// applied: it is written only over the value this relay wrote last.
+    /// Anything else there (an older snapshot, or nothing) means Redis lost
+    /// writes it had acknowledged (a restart from an older snapshot, a
+    /// failover to a replica that lagged): invalidations among them, so
+    /// entries it holds may predate changes already applied. Then nothing
+    /// is published (no standby's breaker closes, and this round's caller
+    /// is not told the relay caught up), and the next round reads the
+    /// outbox again from the older snapshot's `xmin`, or, with no snapshot
+    /// to go by while this relay's first round started past what Redis
+    /// shows, resets the namespace's cache entries. False when it did not
+    /// publish for that reason.
+    fn publish(&mut self) -> Result<bool> {
         let Some(text) = self.last_snapshot.clone() else {
-            return Ok(());
+            return Ok(true);
         };
-        let key = self.applied_key.clone();
-        self.engine.cache.with_connection(|c| {
-            redis::cmd("SET")
-                .arg(&key)
+        let key = self.marker_key.clone();
+        let expected = self.published.clone().unwrap_or_default();
+        let found: Option<String> = self.engine.cache.with_connection(|c| {
+            MARKER
+                .key(&key)
                 .arg(&text)
-                .arg("PX")
-                .arg(60_000)
-                .query::<()>(c)
+                .arg(&expected)
+                .arg(MARKER_TTL.as_millis() as u64)
+                .invoke(c)
         })?;
-        self.last_publish = Some(Instant::now());
-        Ok(())
+        let lost = match (&self.published, found) {
+            (_, None) => None,
+            // Ours, last time: what Redis shows is what we applied.
+            (Some(_), Some(found)) => Some(found),
+            // Our first: only a snapshot older than where we started
+            // shows a loss (a predecessor's marker is older by a second).
+            (None, Some(found)) => match Snapshot::parse(&found) {
+                Ok(old) if self.started_from.is_some_and(|from| old.xmin < from) => Some(found),
+                Ok(_) => None,
+                Err(_) if found.is_empty() => Some(found),
+                Err(_) => None,
+            },
+        };
+        let Some(found) = lost else {
+            self.published = Some(text);
+            self.last_publish = Some(Instant::now());
+            return Ok(true);
+        };
+        let from = Snapshot::parse(&found).ok().map(|old| old.xmin);
+        report!(
+            warn,
+            "Redis lost writes it had acknowledged (restarted from an older snapshot, or \
+             failed over to a replica that lagged): the invalidation relay {}",
+            match from {
+                Some(xid) => format!("applies the outbox again from transaction {xid}"),
+                None => "deletes the namespace's cache entries".to_owned(),
+            }
+        );
+        self.engine.counters.relay_resets.bump();
+        self.replay = Some(from);
+        self.published = None;
+        self.seen = None;
+        Ok(false)
     }
 
     /// The next idle interval: twice the last, up to `relay_poll`.
@@ -773,8 +847,11 @@ impl Worker {
                 self.last_advance = Some(Instant::now());
             }
             self.seen = Some(seen);
-            if self.lease {
-                self.publish()?;
+            if !self.publish()? {
+                // Redis lost what this relay had applied: apply it again
+                // before anyone hears that the relay caught up (the next
+                // publish writes whatever Redis holds).
+                return self.round(outbox);
             }
         }
         self.prune(outbox);
@@ -849,11 +926,24 @@ impl Worker {
             self.seen = None;
         }
         let mut resets = Vec::new();
+        let replay = self.replay.take();
+        if replay == Some(None) {
+            let namespace = self.engine.cache.namespace().to_owned();
+            self.engine
+                .cache
+                .delete_in_namespace("", &|key| is_cache_entry(&namespace, key))?;
+        }
         let last_id = match self.seen.clone() {
             None => {
-                // Every row of a transaction at or above the horizon, in
-                // (txid, id) order, which the index walks.
-                let from = cursor.horizon.unwrap_or(0);
+                // Every row of a transaction at or above the horizon (or
+                // the snapshot Redis lost back to), in (txid, id) order,
+                // which the index walks.
+                let horizon = cursor.horizon.unwrap_or(0);
+                let from = match replay {
+                    Some(Some(xid)) => xid.min(horizon),
+                    _ => horizon,
+                };
+                self.started_from.get_or_insert(horizon);
                 self.pages_from(tx, table, from, u64::MAX, i64::MAX, &mut resets)?;
                 let top: i64 = tx
                     .query_opt(&format!("SELECT coalesce(max(id), 0) FROM {table}"), &[])?
@@ -1130,6 +1220,28 @@ struct Seen {
     pending: Vec<u64>,
     xmax: u64,
 }
+
+/// How long a relay's marker lives without being written again (it is
+/// written at least every second while the relay runs).
+const MARKER_TTL: Duration = Duration::from_secs(60);
+
+/// Writes a relay's marker (`ARGV[1]`) over the value it wrote last
+/// (`ARGV[2]`; empty: over anything) and returns nil; or, finding another
+/// value (or none, `''`) where its last one should be, writes nothing and
+/// returns what it found.
+static MARKER: once_cell::sync::Lazy<redis::Script> = once_cell::sync::Lazy::new(|| {
+    redis::Script::new(
+        r"
+        local cur = redis.call('GET', KEYS[1])
+        if ARGV[2] == '' or cur == ARGV[2] then
+            redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[3])
+            if ARGV[2] == '' and cur then return cur end
+            return nil
+        end
+        return cur or ''
+        ",
+    )
+});
 
 /// One outbox row.
 struct Change {

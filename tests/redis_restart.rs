@@ -1,6 +1,6 @@
-//! Redis losing what it acknowledged: a restart from an older snapshot. The
-//! invalidations Redis accepted after the snapshot are gone, and the
-//! pre-write rows are back; no read may return them.
+//! Redis losing what it acknowledged: a restart from an older snapshot, a
+//! failover to a replica that lagged. The invalidations Redis accepted are
+//! gone, and the pre-write rows are back; no read may return them.
 //!
 //! Each test runs its own Redis (with a snapshot to restart from) on a free
 //! loopback port, and its own table and namespace on the shared Postgres.
@@ -10,6 +10,7 @@ mod common;
 use std::time::{Duration, Instant};
 
 use cacheaside::Client;
+use common::proxy::FaultProxy;
 use common::servers::PrivateRedis;
 use common::{Fixture, PATIENCE, test_config};
 
@@ -73,6 +74,62 @@ fn a_restart_from_an_older_snapshot_serves_no_pre_write_row() {
         restored.trim(),
         "1",
         "the snapshot brought the old entry back"
+    );
+
+    let (reads, stale, hits) = read_for(client, Duration::from_secs(4));
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads returned a pre-write row"
+    );
+    assert!(hits > 0, "hits resume: {:?}", client.engine().stats());
+}
+
+#[test]
+fn a_failover_to_a_replica_that_lagged_serves_no_pre_write_row() {
+    let master = PrivateRedis::start();
+    let replica =
+        PrivateRedis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    // The clients reach "the master" through one address, as behind a
+    // virtual IP or a DNS name that a failover moves.
+    let proxy = FaultProxy::start(master.addr());
+    let mut config = test_config("failover_lagged");
+    config.redis_url = format!("redis://{}/", proxy.addr());
+    config.breaker_cool_off = Duration::from_millis(200);
+    let fx = Fixture::with(config);
+    let client = &fx.client;
+    for id in 1..=2 {
+        client.get_user_profile(id).unwrap().unwrap(); // cached
+    }
+    // The replica has the cached rows, then stops receiving (frozen, and
+    // its link cut, so nothing in flight reaches it when it thaws).
+    assert_eq!(master.command(&["WAIT", "1", "5000"]).trim(), "1");
+    replica.freeze();
+    master.command(&["CLIENT", "KILL", "TYPE", "replica"]);
+    assert!(client.update_user_plan(1, "after-update").unwrap());
+    fx.set_plan_directly(2, "after-sql");
+    assert!(client.engine().sync_relay(PATIENCE));
+    assert_eq!(
+        client.get_user_profile(1).unwrap().unwrap().plan,
+        "after-update"
+    );
+    assert_eq!(
+        client.get_user_profile(2).unwrap().unwrap().plan,
+        "after-sql"
+    );
+
+    // The master dies; the replica, which never saw the invalidations, is
+    // promoted and takes the address.
+    let mut master = master;
+    master.kill();
+    replica.thaw();
+    assert_eq!(replica.command(&["REPLICAOF", "NO", "ONE"]).trim(), "OK");
+    proxy.set_upstream(replica.addr());
+    proxy.close_all();
+    let key = client.cache().redis_key("user:1");
+    assert_eq!(
+        replica.command(&["EXISTS", &key]).trim(),
+        "1",
+        "the replica lagged"
     );
 
     let (reads, stale, hits) = read_for(client, Duration::from_secs(4));

@@ -71,7 +71,8 @@ struct Control {
 }
 
 struct Shared {
-    upstream: SocketAddr,
+    /// Where new connections go ([`FaultProxy::set_upstream`] moves it).
+    upstream: Mutex<SocketAddr>,
     addr: SocketAddr,
     control: Mutex<Control>,
     /// The generation the acceptor has adopted.
@@ -187,7 +188,7 @@ impl FaultProxy {
             .expect("fault proxy: listen on 127.0.0.1:0");
         let addr = listener.local_addr().expect("fault proxy: local address");
         let shared = Arc::new(Shared {
-            upstream,
+            upstream: Mutex::new(upstream),
             addr,
             control: Mutex::new(Control {
                 generation: 0,
@@ -218,6 +219,13 @@ impl FaultProxy {
 
     /// The address clients connect to (127.0.0.1, fixed for the proxy's
     /// life, also across [`Fault::Refuse`]).
+    /// Sends the connections accepted from now on to `upstream` (a
+    /// failover behind one address); open ones keep theirs.
+    pub fn set_upstream(&self, upstream: SocketAddr) {
+        assert!(upstream.ip().is_loopback(), "loopback only, not {upstream}");
+        *self.shared.upstream.lock() = upstream;
+    }
+
     pub fn addr(&self) -> SocketAddr {
         self.shared.addr
     }
@@ -575,7 +583,8 @@ impl Pump {
         let Link::Hand(handoff) = &self.link else {
             return true;
         };
-        let connected = TcpStream::connect_timeout(&self.shared.upstream, UPSTREAM_CONNECT_TIMEOUT)
+        let upstream = *self.shared.upstream.lock();
+        let connected = TcpStream::connect_timeout(&upstream, UPSTREAM_CONNECT_TIMEOUT)
             .and_then(|s| configure(&s).map(|()| Arc::new(s)));
         match connected {
             Ok(upstream) => {
