@@ -32,6 +32,7 @@
 
 mod c_abi;
 mod cluster;
+mod consistency;
 mod faults;
 mod fixture;
 mod floors;
@@ -64,7 +65,7 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster): for work on one section";
+             steady, write_behind, near, cluster, consistency): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -128,7 +129,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 10] = [
+const SECTIONS: [(&str, Measure); 11] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -149,6 +150,8 @@ const SECTIONS: [(&str, Measure); 10] = [
     ("near", |b| Ok(Box::new(near::measure(b)?))),
     // (14): Redis Cluster against one Redis
     ("cluster", |b| Ok(Box::new(cluster::measure(b)?))),
+    // (15): every write path at once, each write checked after d
+    ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;
