@@ -51,6 +51,9 @@ const DIRECT: usize = 2;
 struct Write {
     key: usize,
     id: u64,
+    /// The value it made current: its id, or for a write-through that a
+    /// newer write overtook, the row it found and cached again.
+    stored: u64,
     path: usize,
     /// Nanoseconds since the run began.
     start: u64,
@@ -144,11 +147,12 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
                     let key = rng.usize(..setup.keys);
                     let path = (id as usize) % PATHS.len();
                     match setup.write(path, key, id) {
-                        Ok(()) => {
+                        Ok(stored) => {
                             let end = Instant::now();
                             let write = Write {
                                 key,
                                 id,
+                                stored,
                                 path,
                                 start: ns(start),
                                 end: ns(end),
@@ -227,9 +231,14 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
 
 /// Stale reads by the path of the write missed: a read that returned
 /// write X's value is stale when a write W began after X returned and
-/// returned before the read began.
+/// returned before the read began. (A value a write-through stored again
+/// counts as written by whichever of the two returned later.)
 fn stale_reads(writes: &[Write], reads: &[Read], keys: usize) -> [u64; 4] {
-    let ends: HashMap<u64, u64> = writes.iter().map(|w| (w.id, w.end)).collect();
+    let mut ends: HashMap<u64, u64> = HashMap::new();
+    for w in writes {
+        let end = ends.entry(w.stored).or_insert(0);
+        *end = (*end).max(w.end);
+    }
     // Per key: writes by end, and the running latest start (with its path).
     let mut by_key: Vec<Vec<Write>> = vec![Vec::new(); keys];
     for w in writes {
@@ -344,7 +353,8 @@ impl Setup {
         format!("c:{key}")
     }
 
-    fn write(&self, path: usize, key: usize, id: u64) -> cacheaside::Result<()> {
+    /// Runs write `id` on `path`; returns the value it made current.
+    fn write(&self, path: usize, key: usize, id: u64) -> cacheaside::Result<u64> {
         let cache_key = Setup::cache_key(key);
         let (row, val) = (key as i64, id as i64);
         match path {
@@ -352,34 +362,36 @@ impl Setup {
                 self.engine
                     .db()
                     .execute(&self.update_sql(), &[&row, &val])?;
-                self.engine.invalidate(&cache_key)
+                self.engine.invalidate(&cache_key).map(|()| id)
             }
             1 => {
                 // A write another one overtook stores nothing, and returns
-                // the row that is there.
-                let sql = format!(
-                    "WITH u AS ({})
-                     SELECT val, version FROM u
-                     UNION ALL SELECT val, version FROM {} WHERE id = $1 AND NOT EXISTS (SELECT 1 FROM u)",
+                // the row that is there: read by a statement of its own,
+                // since the UPDATE's snapshot predates the commit that
+                // overtook it (a CTE would return the row before both).
+                let (update, select) = (
                     self.update_sql(),
-                    self.table
+                    format!("SELECT val, version FROM {} WHERE id = $1", self.table),
                 );
                 let db = self.engine.db().clone();
                 self.engine
                     .write_through(&cache_key, self.ttl, move || {
-                        let row = db.query_one(&sql, &[&row, &val])?;
+                        let row = match db.query_one(&update, &[&row, &val])? {
+                            Some(updated) => Some(updated),
+                            None => db.query_one(&select, &[&row])?,
+                        };
                         Ok(row.map(|r| (r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
                     })
-                    .map(|_| ())
+                    .map(|stored| stored.map_or(id, |v| v as u64))
             }
             DIRECT => self
                 .outsider
                 .execute(&self.update_sql(), &[&row, &val])
-                .map(|_| ()),
+                .map(|_| id),
             _ => self
                 .engine
                 .write_behind(&cache_key, self.ttl, &val)
-                .map(|_| ()),
+                .map(|_| id),
         }
     }
 
@@ -539,10 +551,13 @@ impl Section for Consistency {
         let direct = self.stale_reads[DIRECT];
         let _ = writeln!(
             md,
-            "\nReads: {} checked. Stale (returned a row older than a write that returned before the read began): {} missed a write of the library's paths ({:.6}%), {} missed a direct SQL write not yet relayed ({:.6}%).",
+            "\nReads: {} checked. Stale (returned a row older than a write that returned before the read began): {} missed a write of the library's paths ({:.6}%; invalidate / write-through / write-behind: {} / {} / {}), {} missed a direct SQL write not yet relayed ({:.6}%).",
             self.reads,
             lib,
             100.0 * lib as f64 / self.reads.max(1) as f64,
+            self.stale_reads[0],
+            self.stale_reads[1],
+            self.stale_reads[3],
             direct,
             100.0 * direct as f64 / self.reads.max(1) as f64,
         );
