@@ -51,7 +51,7 @@ fn a_stale_entry_planted_behind_the_leases_is_found_with_its_age() {
     std::thread::sleep(Duration::from_millis(50)); // an age to measure
 
     let report = fx.client.engine().inspect(100).unwrap();
-    assert_eq!(report.tables, [fx.config.users_table.clone()]);
+    assert_eq!(report.tables, std::slice::from_ref(&fx.config.users_table));
     assert_eq!(report.inspected, 5, "{report:?}");
     assert_eq!(report.skipped, 0, "{report:?}");
     let mut stale = report.stale.clone();

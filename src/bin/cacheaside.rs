@@ -356,35 +356,23 @@ fn get(engine: &CacheAside, out: &Out, key: &str) -> Outcome {
     engine.cache().exists(key)?;
     let redis_key = engine.cache().redis_key(key);
     let suffixes = ["lease", "lock", "writers", "pending", "floor", "seq"];
-    let mut pipe = redis::pipe();
-    pipe.cmd("GET").arg(&redis_key).cmd("PTTL").arg(&redis_key);
+    let mut entry_pipe = redis::pipe();
+    entry_pipe
+        .cmd("GET")
+        .arg(&redis_key)
+        .cmd("PTTL")
+        .arg(&redis_key)
+        .cmd("GET")
+        .arg(format!("{redis_key}:seq"))
+        .cmd("GET")
+        .arg(format!("{redis_key}:floor"));
+    let mut side_pipe = redis::pipe();
     for s in suffixes {
-        pipe.cmd("PTTL").arg(format!("{redis_key}:{s}"));
+        side_pipe.cmd("PTTL").arg(format!("{redis_key}:{s}"));
     }
-    pipe.cmd("GET").arg(format!("{redis_key}:seq"));
-    pipe.cmd("GET").arg(format!("{redis_key}:floor"));
-    type Reply = (
-        Option<Vec<u8>>,
-        i64,
-        Vec<i64>,
-        Option<String>,
-        Option<String>,
-    );
-    let (raw, pttl, sides, seq, floor): Reply = engine.cache().with_connection(|c| {
-        let (raw, pttl, l, k, w, p, f, s, seq, floor): (
-            Option<Vec<u8>>,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            i64,
-            Option<String>,
-            Option<String>,
-        ) = pipe.query(c)?;
-        Ok((raw, pttl, vec![l, k, w, p, f, s], seq, floor))
-    })?;
+    type Reply = (Option<Vec<u8>>, i64, Option<String>, Option<String>);
+    let (raw, pttl, seq, floor): Reply = engine.cache().with_connection(|c| entry_pipe.query(c))?;
+    let sides: Vec<i64> = engine.cache().with_connection(|c| side_pipe.query(c))?;
     let mut side_json = serde_json::Map::new();
     let mut rows = vec![vec!["redis key".into(), redis_key.clone()]];
     let header = raw.as_deref().map(parse_header);
