@@ -77,6 +77,18 @@ struct Checked {
     max_late: Duration,
 }
 
+/// What the inspector found while the run went on.
+#[derive(Default)]
+struct Inspected {
+    rounds: u64,
+    inspected: u64,
+    stale: u64,
+    /// The longest a finding had been stale (from the outbox).
+    max_age: Duration,
+    /// Findings whose age the outbox could not tell.
+    unknown_age: u64,
+}
+
 pub struct Consistency {
     writes: u64,
     write_errors: u64,
@@ -88,6 +100,11 @@ pub struct Consistency {
     reads: u64,
     /// Stale reads, by the path of the write they missed.
     stale_reads: [u64; 4],
+    /// The inspector during the run (every 100 ms, every key).
+    inspected_during: Inspected,
+    /// One inspection of every key once the relay and the workers were
+    /// done: what it found, and its cost.
+    inspected_after: cacheaside::InspectReport,
 }
 
 pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
@@ -122,6 +139,7 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
     let (senders, receivers): (Vec<_>, Vec<_>) = senders_and_checks.into_iter().unzip();
     let all_writes = Mutex::new(Vec::with_capacity(count as usize));
     let all_reads = Mutex::new(Vec::new());
+    let inspected_during = Mutex::new(Inspected::default());
     let checks: Vec<Checked> = thread::scope(|s| -> BoxResult<Vec<Checked>> {
         let checkers: Vec<_> = receivers
             .into_iter()
@@ -176,6 +194,28 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
             }));
         }
         drop(senders);
+        // The inspector beside them, as it would run in production.
+        let inspector = {
+            let (setup, writes_done) = (&setup, &writes_done);
+            s.spawn(move || {
+                let mut seen = Inspected::default();
+                while !writes_done.load(Ordering::SeqCst) {
+                    if let Ok(report) = setup.engine.inspect(setup.keys) {
+                        seen.rounds += 1;
+                        seen.inspected += report.inspected;
+                        for stale in &report.stale {
+                            seen.stale += 1;
+                            match stale.stale_for {
+                                Some(age) => seen.max_age = seen.max_age.max(age),
+                                None => seen.unknown_age += 1,
+                            }
+                        }
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                seen
+            })
+        };
         let mut reader_handles = Vec::new();
         for r in 0..readers {
             let (setup, writes_done, all_reads) = (&setup, &writes_done, &all_reads);
@@ -203,6 +243,9 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
         for h in reader_handles {
             h.join().map_err(|_| "a consistency reader panicked")?;
         }
+        *inspected_during.lock().unwrap() = inspector
+            .join()
+            .map_err(|_| "the consistency inspector panicked")?;
         checkers
             .into_iter()
             .map(|h| {
@@ -216,7 +259,12 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
     let reads = all_reads.into_inner().unwrap();
     let stale_reads = stale_reads(&writes, &reads, keys);
     setup.engine.drain_write_behind(Duration::from_secs(30))?;
+    let inspected_during = inspected_during.into_inner().unwrap();
+    setup.engine.sync_relay(Duration::from_secs(30));
+    let inspected_after = setup.engine.inspect(keys)?;
     Ok(Consistency {
+        inspected_during,
+        inspected_after,
         writes: writes.len() as u64,
         write_errors: errors.load(Ordering::Relaxed),
         keys,
@@ -561,6 +609,22 @@ impl Section for Consistency {
             direct,
             100.0 * direct as f64 / self.reads.max(1) as f64,
         );
+        let after = &self.inspected_after;
+        let _ = writeln!(
+            md,
+            "\nInspector: during the run, {} rounds (every 100 ms, all {} keys) compared {} entries and found {} stale, each confirmed by a second read, stale for at most {:.1} ms ({} of unknown age): a write between its commit and its cache step (the writer's invalidation or store, or the relay's for direct SQL) looks stale that long. Afterwards one round compared {} entries, found {} stale, and cost {} Redis round trips, {} Postgres queries and {:.1} ms.",
+            self.inspected_during.rounds,
+            self.keys,
+            self.inspected_during.inspected,
+            self.inspected_during.stale,
+            self.inspected_during.max_age.as_secs_f64() * 1e3,
+            self.inspected_during.unknown_age,
+            after.inspected,
+            after.stale.len(),
+            after.redis_round_trips,
+            after.postgres_queries,
+            after.took.as_secs_f64() * 1e3,
+        );
     }
 
     fn targets(&self) -> Vec<Target> {
@@ -617,6 +681,20 @@ impl Section for Consistency {
                 "reads": self.reads,
                 "stale_reads_library_paths": self.library_stale_reads(),
                 "stale_reads_direct_sql": self.stale_reads[DIRECT],
+                "inspector_during": {
+                    "rounds": self.inspected_during.rounds,
+                    "inspected": self.inspected_during.inspected,
+                    "stale": self.inspected_during.stale,
+                    "max_stale_ms": self.inspected_during.max_age.as_secs_f64() * 1e3,
+                    "unknown_age": self.inspected_during.unknown_age,
+                },
+                "inspector_after": {
+                    "inspected": self.inspected_after.inspected,
+                    "stale": self.inspected_after.stale.len(),
+                    "redis_round_trips": self.inspected_after.redis_round_trips,
+                    "postgres_queries": self.inspected_after.postgres_queries,
+                    "ms": self.inspected_after.took.as_secs_f64() * 1e3,
+                },
             }),
         ))
     }
