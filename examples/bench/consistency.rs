@@ -23,10 +23,14 @@
 //!
 //! Every value is a write's id (taken when the write begins), and every
 //! path stores it with `version = id` only over an older version, so
-//! versions are one order across paths. Faults (a Redis restarted from an
-//! older snapshot, the relay's connection killed, a process SIGKILLed
-//! between commit and invalidation) are not injected here yet; the faults
-//! section and `tests/relay.rs` cover the last two one at a time.
+//! versions are one order across paths.
+//!
+//! One fault is injected: the relay's listening connection is killed
+//! (`pg_terminate_backend`) every 2 s (every 500 ms in the quick run); the
+//! relay reconnects and catches up. The inspector runs beside it all, every
+//! 100 ms. Not injected yet: a Redis restarted from an older snapshot, a
+//! process SIGKILLed between commit and invalidation (`tests/relay.rs`
+//! covers that one alone).
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -100,6 +104,9 @@ pub struct Consistency {
     reads: u64,
     /// Stale reads, by the path of the write they missed.
     stale_reads: [u64; 4],
+    /// Times the relay's listening connection was killed, and how often.
+    relay_kills: u64,
+    kill_every: Duration,
     /// The inspector during the run (every 100 ms, every key).
     inspected_during: Inspected,
     /// One inspection of every key once the relay and the workers were
@@ -140,6 +147,12 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
     let all_writes = Mutex::new(Vec::with_capacity(count as usize));
     let all_reads = Mutex::new(Vec::new());
     let inspected_during = Mutex::new(Inspected::default());
+    let relay_kills = Mutex::new(0_u64);
+    let kill_every = if quick {
+        Duration::from_millis(500)
+    } else {
+        Duration::from_secs(2)
+    };
     let checks: Vec<Checked> = thread::scope(|s| -> BoxResult<Vec<Checked>> {
         let checkers: Vec<_> = receivers
             .into_iter()
@@ -216,6 +229,23 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
                 seen
             })
         };
+        // A fault: the relay's listening connection is killed every
+        // `kill_every`; it must reconnect and catch up.
+        let killer = {
+            let (setup, writes_done) = (&setup, &writes_done);
+            s.spawn(move || {
+                let mut kills = 0_u64;
+                let mut next = Instant::now() + kill_every;
+                while !writes_done.load(Ordering::SeqCst) {
+                    if Instant::now() >= next {
+                        kills += setup.kill_relay_connection();
+                        next = Instant::now() + kill_every;
+                    }
+                    thread::sleep(Duration::from_millis(10));
+                }
+                kills
+            })
+        };
         let mut reader_handles = Vec::new();
         for r in 0..readers {
             let (setup, writes_done, all_reads) = (&setup, &writes_done, &all_reads);
@@ -243,6 +273,7 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
         for h in reader_handles {
             h.join().map_err(|_| "a consistency reader panicked")?;
         }
+        *relay_kills.lock().unwrap() = killer.join().map_err(|_| "the relay killer panicked")?;
         *inspected_during.lock().unwrap() = inspector
             .join()
             .map_err(|_| "the consistency inspector panicked")?;
@@ -260,9 +291,12 @@ pub fn measure(bench: &Bench) -> BoxResult<Consistency> {
     let stale_reads = stale_reads(&writes, &reads, keys);
     setup.engine.drain_write_behind(Duration::from_secs(30))?;
     let inspected_during = inspected_during.into_inner().unwrap();
+    let relay_kills = relay_kills.into_inner().unwrap();
     setup.engine.sync_relay(Duration::from_secs(30));
     let inspected_after = setup.engine.inspect(keys)?;
     Ok(Consistency {
+        relay_kills,
+        kill_every,
         inspected_during,
         inspected_after,
         writes: writes.len() as u64,
@@ -479,6 +513,19 @@ impl Setup {
         Ok((id, raw))
     }
 
+    /// Terminates the relay's listening connection (by its
+    /// `application_name`); returns how many backends went.
+    fn kill_relay_connection(&self) -> u64 {
+        let mut name = format!("relay:{}", self.outbox);
+        name.truncate(63);
+        self.outsider
+            .query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+                &[&name],
+            )
+            .map_or(0, |rows| rows.len() as u64)
+    }
+
     /// Is the cache consistent for `write` now?
     fn consistent(&self, write: &Write) -> bool {
         for _ in 0..3 {
@@ -578,8 +625,15 @@ impl Section for Consistency {
         );
         let _ = writeln!(
             md,
-            "{} writes that returned ({} failed), a quarter on each path, over {} keys by {} writers, with {} readers, in {:.1} s.\n",
-            self.writes, self.write_errors, self.keys, self.writers, self.readers, self.secs
+            "{} writes that returned ({} failed), a quarter on each path, over {} keys by {} writers, with {} readers, in {:.1} s. Fault: the relay's listening connection killed every {} ms ({} times).\n",
+            self.writes,
+            self.write_errors,
+            self.keys,
+            self.writers,
+            self.readers,
+            self.secs,
+            self.kill_every.as_millis(),
+            self.relay_kills
         );
         md.push_str("| d | writes checked | inconsistent | by path (invalidate / write-through / direct SQL / write-behind) | nines | latest check late by |\n|---|---:|---:|---|---:|---:|\n");
         for c in &self.checks {
@@ -672,6 +726,7 @@ impl Section for Consistency {
             "consistency",
             json!({
                 "writes": self.writes,
+                "relay_connection_kills": self.relay_kills,
                 "write_errors": self.write_errors,
                 "keys": self.keys,
                 "writers": self.writers,
