@@ -194,6 +194,8 @@ pub(crate) fn inspect(
             stale.row_version,
             stale.stale_for
         );
+        // Keys only at debug: nothing at warn names one.
+        report!(debug, "inspector: stale entry {:?}", stale.key);
     }
     report.took = started.elapsed();
     Ok(report)
