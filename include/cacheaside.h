@@ -2210,6 +2210,30 @@ enum cacheaside_status cacheaside_write_behind_drain(const struct cacheaside_cli
 enum cacheaside_status cacheaside_write_behind_pending(const struct cacheaside_client *client,
                                                        uint64_t *out);
 
+/**
+ * Replays the oldest `count` dead letters of the client's namespace: each
+ * is enqueued again through the normal write-behind path (for a worker of
+ * any process to write), then removed from the dead-letter stream. A
+ * letter whose key got a newer change since (replaying it would take the
+ * key back in time), or that has no replayable key or value, is left.
+ * Writes to `*replayed` how many were replayed and to `*left` how many
+ * were left; both are set to 0 first. Blocks (Redis round trips).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL output,
+ * `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis fails (the
+ * letters replayed before the failure stay replayed).
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `client` is NULL or a live client; `replayed` and `left` are NULL or
+ * point to writable storage for one `uint64_t` each.
+ */
+enum cacheaside_status cacheaside_write_behind_replay_dead_letters(const struct cacheaside_client *client,
+                                                                   size_t count,
+                                                                   uint64_t *replayed,
+                                                                   uint64_t *left);
+
 #ifdef __cplusplus
 }  // extern "C"
 #endif  // __cplusplus

@@ -74,6 +74,8 @@ struct Inner {
     write_behind: WriteBehind,
     /// Keeps L1 coherent; stopped (joined) when the engine drops.
     _tracker: Option<crate::near::Tracker>,
+    /// The background inspector ([`Config::inspect_every`]), if on.
+    _inspector: Option<crate::inspect::Inspector>,
     config: Config,
     /// The key prefixes captured into this engine's outbox, and when they
     /// were read: see [`CacheAside::relay_covers`]. Held while the
@@ -111,6 +113,18 @@ impl CacheAside {
             .near
             .clone()
             .map(|near| Tracker::start(near, engine.cache.clone(), config.cache_timeout));
+        let inspector = (!config.inspect_every.is_zero())
+            .then(|| {
+                crate::inspect::Inspector::start(
+                    engine.db.clone(),
+                    engine.cache.clone(),
+                    engine.counters.clone(),
+                    config.outbox_table.clone(),
+                    config.inspect_every,
+                    config.inspect_sample as usize,
+                )
+            })
+            .flatten();
         Ok(CacheAside {
             inner: Arc::new(Inner {
                 write_behind: WriteBehind::new(&engine.cache, config),
@@ -118,6 +132,7 @@ impl CacheAside {
                 background: Background::new(config.background_threads),
                 relay: Mutex::new(None),
                 _tracker: tracker,
+                _inspector: inspector,
                 config: config.clone(),
                 captured: Mutex::new(None),
             }),
@@ -942,6 +957,97 @@ impl CacheAside {
         self.inner
             .write_behind
             .dead_letters(&self.inner.engine.cache, count)
+    }
+
+    /// Replays the oldest `count` dead letters: each is enqueued again
+    /// through the normal write-behind path (cached for [`Config::ttl`],
+    /// with a sequence number above its old one, for the workers of any
+    /// process to write), then removed from the dead-letter stream. Needs
+    /// no applier in this process (an operator's command registers none);
+    /// the workers that take the change need one.
+    ///
+    /// A letter whose key was given a newer write-behind change since is
+    /// left and reported superseded (replaying it would take the key back
+    /// in time); one without a replayable key or JSON value is left and
+    /// reported unreadable. Fix the cause first (the applier's error, the
+    /// constraint), or the change comes back to the dead-letter stream.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let report = engine.replay_dead_letters(100)?;
+    /// println!("{} replayed, {} superseded", report.replayed.len(), report.superseded.len());
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// Cache errors and timeouts (the letters replayed before it stay
+    /// replayed); [`ErrorKind::InvalidArgument`] on a Redis Cluster;
+    /// [`ErrorKind::Cache`] while this process's circuit breaker is open.
+    pub fn replay_dead_letters(&self, count: usize) -> Result<crate::write_behind::ReplayReport> {
+        let inner = &self.inner;
+        inner
+            .write_behind
+            .replay_dead_letters(&inner.engine, count, inner.config.ttl)
+    }
+
+    /// Removes the dead letters `ids` (their [`DeadLetter::id`]s) from the
+    /// dead-letter stream, unreplayed; returns how many were there.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let ids: Vec<String> = engine.write_behind_dead_letters(10)?.into_iter().map(|d| d.id).collect();
+    /// let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    /// engine.drop_dead_letters(&ids)?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for an id that is not a stream entry
+    /// id (nothing is removed then); cache errors and timeouts.
+    pub fn drop_dead_letters(&self, ids: &[&str]) -> Result<u64> {
+        self.inner
+            .write_behind
+            .remove_dead_letters(&self.inner.engine.cache, ids)
+    }
+
+    /// Samples up to `sample` cached entries of the tables whose changes
+    /// are captured with a version column
+    /// ([`capture_changes`](Self::capture_changes), in any process) and
+    /// compares each with its row in Postgres: one `SCAN` per thousand
+    /// keys in the database until the sample is full, one `MGET`, one
+    /// query per captured table, and one more Redis round trip to confirm
+    /// what looks stale. Changes nothing; counts into
+    /// [`Stats::inspected`] and [`Stats::inspect_stale`], and reports each
+    /// stale entry as a `warn` event. [`Config::inspect_every`] runs it in
+    /// the background.
+    ///
+    /// An entry is stale when its version is below the row's, when it
+    /// holds a value for a row that is gone, or an absence for a row that
+    /// exists; an entry that changed while the inspection ran, or has a
+    /// pending write-behind change, is not. See
+    /// [`InspectReport`](crate::InspectReport).
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let report = engine.inspect(100)?;
+    /// for stale in &report.stale {
+    ///     println!("{} stale for {:?}", stale.key, stale.stale_for);
+    /// }
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// [`ErrorKind::InvalidArgument`] for a sample of 0 or above 10 000,
+    /// or on a Redis Cluster; database and cache errors and timeouts.
+    pub fn inspect(&self, sample: usize) -> Result<crate::inspect::InspectReport> {
+        let engine = &self.inner.engine;
+        crate::inspect::inspect(
+            &engine.db.uncounted(),
+            &engine.cache,
+            &engine.counters,
+            &self.inner.config.outbox_table,
+            sample,
+        )
     }
 }
 

@@ -235,6 +235,17 @@ pub struct Config {
     /// client-side caching (see [`LocalCache`] and `docs/near-cache.md`).
     /// Defaults to off ([`LocalCache::OFF`]).
     pub local_cache: LocalCache,
+    /// How often a background thread inspects a sample of the cache
+    /// against Postgres ([`CacheAside::inspect`](crate::CacheAside::inspect)),
+    /// counting what it finds in `Stats::inspected` and
+    /// `Stats::inspect_stale`; `Duration::ZERO` runs no inspector. A round
+    /// costs about one `SCAN` per thousand keys in the database until the
+    /// sample is full, one `MGET`, and a catalog query plus one query per
+    /// captured table. Defaults to off.
+    pub inspect_every: Duration,
+    /// Entries one background inspection samples: 1 to 10 000. Defaults to
+    /// 100.
+    pub inspect_sample: u32,
 }
 
 /// Settings of the near cache (L1): how many entries it holds, and how
@@ -292,6 +303,10 @@ impl Default for LocalCache {
     }
 }
 
+/// Most entries one inspection
+/// ([`CacheAside::inspect`](crate::CacheAside::inspect)) samples.
+pub(crate) const MAX_INSPECT_SAMPLE: usize = 10_000;
+
 impl Default for Config {
     fn default() -> Self {
         Config {
@@ -334,6 +349,8 @@ impl Default for Config {
             write_behind_attempts: 5,
             write_behind_retry_backoff: Duration::from_millis(100),
             local_cache: LocalCache::OFF,
+            inspect_every: Duration::ZERO,
+            inspect_sample: 100,
         }
     }
 }
@@ -387,6 +404,8 @@ impl fmt::Debug for Config {
                 &self.write_behind_retry_backoff,
             )
             .field("local_cache", &self.local_cache)
+            .field("inspect_every", &self.inspect_every)
+            .field("inspect_sample", &self.inspect_sample)
             .finish()
     }
 }
@@ -614,6 +633,12 @@ impl Config {
             return Err(Error::invalid_argument(
                 "write_behind_batch must be between 1 and 10000",
             ));
+        }
+        if self.inspect_sample == 0 || self.inspect_sample as usize > MAX_INSPECT_SAMPLE {
+            return Err(Error::invalid_argument(format!(
+                "inspect_sample must be between 1 and {}",
+                MAX_INSPECT_SAMPLE
+            )));
         }
         if self.write_behind_attempts == 0 {
             return Err(Error::invalid_argument(

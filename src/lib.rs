@@ -91,6 +91,7 @@ mod singleflight; // in-process single-flight
 
 // Engine: the read/write algorithm, and what runs on it.
 mod engine; // reads, fills, fail-safe, invalidation, write-through
+mod inspect; // the inspector: cached entries against their rows
 mod relay; // invalidation from Postgres: outbox, trigger, relay
 mod write_behind; // durable write-behind: stream, workers, appliers
 
@@ -116,13 +117,14 @@ pub use engine::Mode;
 pub use entry::Versioned;
 pub use error::{Error, ErrorKind, Result};
 pub use events::{Event, Events, Subscription};
+pub use inspect::{InspectReport, StaleEntry};
 pub use observe::Stats;
 pub use pg::Params;
 pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use redis_conn::RedisConnection;
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
-pub use write_behind::{DeadLetter, MAX_WRITE_BEHIND_WORKERS, WriteBehindChange};
+pub use write_behind::{DeadLetter, MAX_WRITE_BEHIND_WORKERS, ReplayReport, WriteBehindChange};
 
 /// The README's Rust code compiles as doctests, so the front door stays
 /// true.

@@ -114,6 +114,11 @@ pub struct Stats {
     /// Times L1 was emptied because its tracking connection broke or
     /// stopped answering.
     pub local_clears: u64,
+    /// Cached entries the inspector compared with their rows
+    /// ([`CacheAside::inspect`](crate::CacheAside::inspect)).
+    pub inspected: u64,
+    /// Stale entries the inspector found (each also a `warn` event).
+    pub inspect_stale: u64,
 }
 
 /// One counter of [`Stats`]: an atomic the engine reads for `stats()`, and
@@ -258,6 +263,8 @@ counters!(
         local_misses,
         local_invalidations,
         local_clears,
+        inspected,
+        inspect_stale,
     ],
     levels: [write_behind_lag_ms],
 );

@@ -355,6 +355,20 @@ impl WriteBehind {
                 "no write-behind applier is registered for key {key:?}"
             )));
         }
+        self.enqueue_registered(engine, key, ttl, json, floor)
+    }
+
+    /// [`enqueue`](Self::enqueue) without asking for a local applier: for
+    /// a change the namespace's workers took before (a dead letter replayed
+    /// by an operator's process, which registers none).
+    fn enqueue_registered(
+        &self,
+        engine: &Engine,
+        key: &str,
+        ttl: Duration,
+        json: Json<'_>,
+        floor: u64,
+    ) -> Result<u64> {
         // A load of the key in flight in this process read the older row:
         // followers that join after this write must not take it.
         engine.note_write(key);
@@ -604,5 +618,7 @@ fn find(appliers: &[(String, Applier)], key: &str) -> Option<Applier> {
         .map(|(_, applier)| Arc::clone(applier))
 }
 
+mod dead_letters;
+pub use dead_letters::ReplayReport;
 mod worker;
 use worker::{StreamId, Worker, delete_liveness, entries, renew_liveness};

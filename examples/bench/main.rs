@@ -33,6 +33,7 @@
 mod c_abi;
 mod capture;
 mod cluster;
+mod consistency;
 mod failover;
 mod faults;
 mod fixture;
@@ -66,7 +67,7 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster, failover, capture): for work on one section";
+             steady, write_behind, near, cluster, failover, capture, consistency): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -130,7 +131,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 12] = [
+const SECTIONS: [(&str, Measure); 13] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -155,6 +156,8 @@ const SECTIONS: [(&str, Measure); 12] = [
     ("failover", |b| Ok(Box::new(failover::measure(b)?))),
     // (16): capture under writers: TPS, commit-to-invalidation, relay work
     ("capture", |b| Ok(Box::new(capture::measure(b)?))),
+    // (17): every write path at once, each write checked after d
+    ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;

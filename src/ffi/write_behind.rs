@@ -138,3 +138,42 @@ pub unsafe extern "C" fn cacheaside_write_behind_pending(
         }
     }
 }
+
+/// Replays the oldest `count` dead letters of the client's namespace: each
+/// is enqueued again through the normal write-behind path (for a worker of
+/// any process to write), then removed from the dead-letter stream. A
+/// letter whose key got a newer change since (replaying it would take the
+/// key back in time), or that has no replayable key or value, is left.
+/// Writes to `*replayed` how many were replayed and to `*left` how many
+/// were left; both are set to 0 first. Blocks (Redis round trips).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL output,
+/// `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis fails (the
+/// letters replayed before the failure stay replayed).
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `client` is NULL or a live client; `replayed` and `left` are NULL or
+/// point to writable storage for one `uint64_t` each.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_write_behind_replay_dead_letters(
+    client: *const cacheaside_client,
+    count: usize,
+    replayed: *mut u64,
+    left: *mut u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let replayed = non_null!(out replayed);
+        let left = non_null!(out left);
+        let client = non_null!(client);
+        match client.inner.engine().replay_dead_letters(count) {
+            Ok(report) => {
+                *replayed = report.replayed.len() as u64;
+                *left = (report.superseded.len() + report.unreadable.len()) as u64;
+                CACHEASIDE_OK
+            }
+            Err(err) => fail(&err),
+        }
+    }
+}

@@ -154,6 +154,11 @@ int main(void) {
     EXPECT(stats.size == sizeof stats);
     EXPECT(stats.write_behind_enqueued == 1 + CHANGES);
     EXPECT(stats.write_behind_dead_lettered == 0);
+    uint64_t replayed = 99, left = 99;
+    EXPECT_STATUS(cacheaside_write_behind_replay_dead_letters(client, 10, NULL, &left),
+                  CACHEASIDE_INVALID_ARGUMENT);
+    CHECK(cacheaside_write_behind_replay_dead_letters(client, 10, &replayed, &left));
+    EXPECT(replayed == 0 && left == 0); /* nothing was dead-lettered */
     printf("write_behind: this process applied %llu, coalesced %llu, claimed %llu\n",
            (unsigned long long)stats.write_behind_applied,
            (unsigned long long)stats.write_behind_coalesced,
