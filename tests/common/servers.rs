@@ -521,13 +521,22 @@ impl PrivateCluster {
     /// [`start_with_replicas`](Self::start_with_replicas)).
     pub fn replica_of(&self, master: &PrivateRedis) -> &PrivateRedis {
         let id = master.command(&["CLUSTER", "MYID"]);
-        let nodes = master.command(&["CLUSTER", "NODES"]);
-        let port = nodes
-            .lines()
-            .map(|line| line.split_whitespace().collect::<Vec<_>>())
-            .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
-            .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
-            .expect("the master has a replica");
+        // The master learns its replica's role by gossip, a moment after
+        // the replica's link is up: ask until it knows (bounded).
+        let find = || {
+            master
+                .command(&["CLUSTER", "NODES"])
+                .lines()
+                .map(|line| line.split_whitespace().collect::<Vec<_>>())
+                .find(|f| f.len() > 3 && f[2].contains("slave") && f[3] == id)
+                .and_then(|f| f[1].split(['@', ':']).nth(1)?.parse::<u16>().ok())
+        };
+        let mut port = None;
+        wait_for(START_WITHIN, || {
+            port = find();
+            port.is_some()
+        });
+        let port = port.expect("the master has a replica");
         self.nodes
             .iter()
             .find(|n| n.port() == port)
