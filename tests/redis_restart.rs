@@ -44,18 +44,11 @@ fn read_for(reader: &Client, window: Duration) -> (u64, u64, u64) {
     (reads, stale, hits)
 }
 
-#[test]
-fn a_restart_from_an_older_snapshot_serves_no_pre_write_row() {
-    let mut redis = PrivateRedis::start();
-    let fx = fixture_on(&redis, "restart_snapshot");
+/// A library write (user 1) and a direct SQL write (user 2): the relay
+/// applies both (Redis acknowledges the invalidations), and the new rows
+/// are read back (and cached).
+fn write_and_read_back(fx: &Fixture) {
     let client = &fx.client;
-    for id in 1..=2 {
-        client.get_user_profile(id).unwrap().unwrap(); // cached
-    }
-    // The snapshot holds the pre-write rows.
-    assert_eq!(redis.command(&["SAVE"]).trim(), "OK");
-    // A library write and a direct SQL write; the relay applies both (the
-    // invalidations are acknowledged), and the new rows are read (cached).
     assert!(client.update_user_plan(1, "after-update").unwrap());
     fx.set_plan_directly(2, "after-sql");
     assert!(client.engine().sync_relay(PATIENCE));
@@ -67,6 +60,19 @@ fn a_restart_from_an_older_snapshot_serves_no_pre_write_row() {
         client.get_user_profile(2).unwrap().unwrap().plan,
         "after-sql"
     );
+}
+
+#[test]
+fn a_restart_from_an_older_snapshot_serves_no_pre_write_row() {
+    let mut redis = PrivateRedis::start();
+    let fx = fixture_on(&redis, "restart_snapshot");
+    let client = &fx.client;
+    for id in 1..=2 {
+        client.get_user_profile(id).unwrap().unwrap(); // cached
+    }
+    // The snapshot holds the pre-write rows.
+    assert_eq!(redis.command(&["SAVE"]).trim(), "OK");
+    write_and_read_back(&fx);
 
     redis.restart(); // SIGKILL, then up again from the snapshot
     let restored = redis.command(&["EXISTS", &client.cache().redis_key("user:1")]);
@@ -105,17 +111,7 @@ fn a_failover_to_a_replica_that_lagged_serves_no_pre_write_row() {
     assert_eq!(master.command(&["WAIT", "1", "5000"]).trim(), "1");
     replica.freeze();
     master.command(&["CLIENT", "KILL", "TYPE", "replica"]);
-    assert!(client.update_user_plan(1, "after-update").unwrap());
-    fx.set_plan_directly(2, "after-sql");
-    assert!(client.engine().sync_relay(PATIENCE));
-    assert_eq!(
-        client.get_user_profile(1).unwrap().unwrap().plan,
-        "after-update"
-    );
-    assert_eq!(
-        client.get_user_profile(2).unwrap().unwrap().plan,
-        "after-sql"
-    );
+    write_and_read_back(&fx);
 
     // The master dies; the replica, which never saw the invalidations, is
     // promoted and takes the address.
