@@ -179,3 +179,61 @@ fn events_refuse_sentinel_with_a_clear_error() {
     assert_eq!(err.kind(), cacheaside::ErrorKind::InvalidArgument);
     assert!(err.to_string().contains("Sentinel"), "{err}");
 }
+
+/// A failover through Sentinel to a replica that lagged: it never got the
+/// invalidations of two writes the master acknowledged (and the relay
+/// applied) before it died. No read returns a pre-write row after it, none
+/// fails, and hits come back.
+#[test]
+fn a_sentinel_failover_to_a_replica_that_lagged_serves_no_pre_write_row() {
+    let mut group = PrivateSentinels::start();
+    let mut config = test_config("sentinel_lagged");
+    config.redis_url = group.url();
+    config.breaker_cool_off = Duration::from_millis(500);
+    let fx = Fixture::with(config);
+    let client = &fx.client;
+    for id in 1..=2 {
+        client.get_user_profile(id).unwrap().expect("seeded"); // cached
+    }
+    let replicas: i64 = client
+        .cache()
+        .with_connection(|c| redis::cmd("WAIT").arg(1).arg(1000).query(c))
+        .unwrap();
+    assert_eq!(replicas, 1, "the replica has the cached rows");
+    // The replica stops receiving: frozen, its link cut.
+    group.replica.freeze();
+    group.master.command(&["CLIENT", "KILL", "TYPE", "replica"]);
+    assert!(client.update_user_plan(1, "after-update").unwrap());
+    fx.set_plan_directly(2, "after-sql");
+    assert!(client.engine().sync_relay(Duration::from_secs(30)));
+    for (id, plan) in [(1, "after-update"), (2, "after-sql")] {
+        assert_eq!(client.get_user_profile(id).unwrap().unwrap().plan, plan);
+    }
+    group.master.kill();
+    group.replica.thaw();
+    let (mut reads, mut stale, mut hits_back) = (0u64, 0u64, None);
+    let killed = Instant::now();
+    while killed.elapsed() < HITS_BACK_WITHIN * 2 {
+        let hits = client.engine().stats().hits;
+        for (id, plan) in [(1, "after-update"), (2, "after-sql")] {
+            let row = client.get_user_profile(id).unwrap().expect("a row");
+            reads += 1;
+            if row.plan != plan {
+                stale += 1;
+            }
+        }
+        if client.engine().stats().hits > hits && group.master_port() == Some(group.replica.port())
+        {
+            hits_back.get_or_insert(killed.elapsed());
+            if killed.elapsed() > hits_back.unwrap() + Duration::from_millis(500) {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        stale, 0,
+        "{stale} of {reads} reads returned a pre-write row"
+    );
+    let hits_back = hits_back.expect("hits never resumed after the failover");
+    assert!(hits_back <= HITS_BACK_WITHIN, "hits took {hits_back:?}");
+}
