@@ -640,11 +640,16 @@ fn bulk_table(fx: &Fixture, db: &Db, rows: i64) -> String {
         .engine()
         .capture_changes(&table, "bulk:", "id", None)
         .unwrap();
-    db.execute(
-        &format!("INSERT INTO {table} SELECT g, 0 FROM generate_series(1, $1::bigint) g"),
-        &[&rows],
-    )
-    .unwrap();
+    // In statements of at most 50,000 rows, each well inside the statement
+    // timeout on a loaded machine.
+    for from in (1..=rows).step_by(50_000) {
+        let to = (from + 49_999).min(rows);
+        db.execute(
+            &format!("INSERT INTO {table} SELECT g, 0 FROM generate_series($1::bigint, $2) g"),
+            &[&from, &to],
+        )
+        .unwrap();
+    }
     table
 }
 
@@ -699,13 +704,16 @@ fn a_new_relay_reads_a_large_outbox_in_bounded_pages() {
     // read a page at a time, never all at once.
     let fx = Fixture::new("relay_pages");
     let db = outsider(&fx);
-    let table = bulk_table(&fx, &db, 20_000);
+    // A million captured changes (the bound the security review asked
+    // about): what a new namespace's first rounds must walk.
+    const ROWS: i64 = 1_000_000;
+    let table = bulk_table(&fx, &db, ROWS);
     let mut config = fx.config.clone();
     config.namespace = format!("{}new:", fx.config.namespace);
     let fresh = Client::open(&config).unwrap();
-    assert!(fresh.engine().sync_relay(PATIENCE));
+    assert!(fresh.engine().sync_relay(PATIENCE * 4));
     let (read, most) = fresh.engine().relay_rows_read();
-    assert!(read >= 20_000, "{read} rows read");
+    assert!(read >= ROWS as u64, "{read} rows read");
     assert!(most <= 1000, "{most} rows held at once");
     assert_eq!(fresh.engine().stats().relay_errors, 0);
     drop(fresh);
