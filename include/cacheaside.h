@@ -1286,6 +1286,32 @@ enum cacheaside_status cacheaside_config_set_write_behind_batch(struct cacheasid
                                                                 uint32_t batch);
 
 /**
+ * Sets how often a background thread inspects a sample of the cache
+ * against Postgres, in milliseconds (counted in `cacheaside_stats`'s
+ * Rust twin `Stats::inspected` and `Stats::inspect_stale`); 0 runs no
+ * inspector. Defaults to 0 (off).
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_inspect_every_ms(struct cacheaside_config *config,
+                                                              uint64_t ms);
+
+/**
+ * Sets how many entries one background inspection samples: 1 to 10000.
+ * Defaults to 100.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a sample out of range.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_inspect_sample(struct cacheaside_config *config,
+                                                            uint32_t sample);
+
+/**
  * Deprecated: renamed `cacheaside_client_install_schema()`, which this forwards to; this name goes
  * in the next release.
  *

@@ -443,6 +443,14 @@ public:
         detail::check(cacheaside_config_set_write_behind_batch(get(), batch));
         return *this;
     }
+    Config &inspect_every(std::chrono::milliseconds every) {
+        detail::check(cacheaside_config_set_inspect_every_ms(get(), detail::millis(every)));
+        return *this;
+    }
+    Config &inspect_sample(uint32_t sample) {
+        detail::check(cacheaside_config_set_inspect_sample(get(), sample));
+        return *this;
+    }
     Config &invalidation_relay(bool on) {
         detail::check(cacheaside_config_set_invalidation_relay(get(), on));
         return *this;

@@ -975,3 +975,47 @@ pub unsafe extern "C" fn cacheaside_config_set_write_behind_batch(
         })
     }
 }
+
+/// Sets how often a background thread inspects a sample of the cache
+/// against Postgres, in milliseconds (counted in `cacheaside_stats`'s
+/// Rust twin `Stats::inspected` and `Stats::inspect_stale`); 0 runs no
+/// inspector. Defaults to 0 (off).
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_inspect_every_ms(
+    config: *mut cacheaside_config,
+    ms: u64,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.inspect_every = Duration::from_millis(ms);
+            Ok(())
+        })
+    }
+}
+
+/// Sets how many entries one background inspection samples: 1 to 10000.
+/// Defaults to 100.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL or a sample out of range.
+///
+/// # Safety
+/// `config` is NULL or a live config.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_config_set_inspect_sample(
+    config: *mut cacheaside_config,
+    sample: u32,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let config = non_null!(mut config);
+        update(config, |c| {
+            c.inspect_sample = sample;
+            Ok(())
+        })
+    }
+}
