@@ -65,7 +65,10 @@ pub fn measure(bench: &Bench) -> BoxResult<Capture> {
     eprintln!("bench: capture: writers on captured tables, commit-to-invalidation...");
     let client = bench.client();
     let mut config = bench.config.clone();
-    config.db_pool_size = 70;
+    // The writers share this pool with the run's client's (32): 64 writers
+    // take 32 connections of each, so the run never needs more than the
+    // server's 100 at once (the run's client already holds its 32).
+    config.db_pool_size = 34;
     let db = Db::connect(&config)?;
     let base = client.users_table().to_owned();
     let tables: Vec<String> = (0..3).map(|i| format!("{base}_cap{i}")).collect();
@@ -115,7 +118,8 @@ fn run(bench: &Bench, db: &Db, tables: &[String], seconds: f64) -> BoxResult<Cap
                 if !relay {
                     client.engine().stop_relay();
                 }
-                let cell = write_for(db, &tables[table], n, span).map_err(|e| e.to_string());
+                let pools = [client.db(), db];
+                let cell = write_for(&pools, &tables[table], n, span).map_err(|e| e.to_string());
                 client.engine().start_relay();
                 client.engine().sync_relay(Duration::from_secs(60));
                 runs[i * KINDS.len() + k].push(cell);
@@ -169,20 +173,22 @@ fn median_cell(reps: &[Result<(f64, f64), String>]) -> Result<(f64, f64), String
 }
 
 /// `n` threads updating random rows of `table` for `span`: (TPS, p99 ms).
-fn write_for(db: &Db, table: &str, n: usize, span: Duration) -> BoxResult<(f64, f64)> {
+/// `n` writers, writer `i` on pool `i % pools.len()`.
+fn write_for(pools: &[&Db], table: &str, n: usize, span: Duration) -> BoxResult<(f64, f64)> {
     let sql = format!("UPDATE {table} SET n = n + 1 WHERE id = $1");
     let barrier = Barrier::new(n);
     let results: Vec<BoxResult<Vec<u64>>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..n)
-            .map(|_| {
-                s.spawn(|| -> BoxResult<Vec<u64>> {
+            .map(|i| {
+                let (db, sql, barrier) = (pools[i % pools.len()], &sql, &barrier);
+                s.spawn(move || -> BoxResult<Vec<u64>> {
                     let mut lat = Vec::new();
                     barrier.wait();
                     let end = Instant::now() + span;
                     while Instant::now() < end {
                         let id = fastrand::i64(1..=ROWS);
                         let t = Instant::now();
-                        db.execute(&sql, &[&id])?;
+                        db.execute(sql, &[&id])?;
                         lat.push(t.elapsed().as_nanos() as u64);
                     }
                     Ok(lat)
@@ -363,7 +369,7 @@ fn relay_work(
     if deploy {
         extra = open()?;
     }
-    let (tps, _) = write_for(db, table, 16, span)?;
+    let (tps, _) = write_for(&[db], table, 16, span)?;
     for c in &extra {
         c.engine().sync_relay(Duration::from_secs(60));
     }
