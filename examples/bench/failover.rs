@@ -115,7 +115,11 @@ fn run(bench: &Bench, rig: &mut dyn Rig, after: Duration) -> BoxResult<Timeline>
     // run's other clients (on the shared Redis) hold the run's namespace's
     // lease; a standby here would wait for progress published to the
     // shared Redis, not to this rig's.
-    config.namespace = format!("{}failover-{}:", config.namespace, rig.name().to_lowercase());
+    config.namespace = format!(
+        "{}failover-{}:",
+        config.namespace,
+        rig.name().to_lowercase()
+    );
     config.breaker_cool_off = COOL_OFF;
     config.invalidation_relay = true;
     // Four readers: a few connections, not the run's 32 (Postgres is shared).

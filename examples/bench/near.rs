@@ -278,8 +278,7 @@ fn invalidation_latency(bench: &Bench) -> BoxResult<Vec<u64>> {
         let deadline = t + Duration::from_secs(5);
         // Evicted by the invalidation, or with everything by a tracker
         // that reconnected meanwhile (a loaded machine's missed heartbeat).
-        while reader.stats().local_invalidations == evicted
-            && reader.stats().local_clears == clears
+        while reader.stats().local_invalidations == evicted && reader.stats().local_clears == clears
         {
             if Instant::now() > deadline {
                 return Err("an invalidation never reached the other client's L1".into());
