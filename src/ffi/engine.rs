@@ -10,7 +10,7 @@ use std::ffi::{c_char, c_void};
 use std::time::Duration;
 
 use super::bytes::{
-    LoaderFn, cacheaside_bytes, cacheaside_loader, cacheaside_versioned_loader, call_loader,
+    cacheaside_bytes, cacheaside_loader, cacheaside_versioned_loader, call_loader,
     call_versioned_loader,
 };
 use super::cacheaside_status::{self, *};
@@ -255,12 +255,8 @@ pub unsafe extern "C" fn cacheaside_engine_get_or_load(
     ffi_panic_boundary! {
         let out = non_null!(out out);
         let engine = non_null!(engine);
-        let key_text = non_null!(str key);
-        let Some(loader) = loader else {
-            return fail(&Error::invalid_argument("`loader` is NULL"));
-        };
         // SAFETY: as the caller promises.
-        unsafe { read(&engine.inner, key_text, key, ttl_ms, Mode::SingleFlight, loader, user_data, out) }
+        unsafe { read(&engine.inner, key, ttl_ms, Mode::SingleFlight, loader, user_data, out) }
     }
 }
 
@@ -285,12 +281,8 @@ pub unsafe extern "C" fn cacheaside_engine_get_or_load_uncoalesced(
     ffi_panic_boundary! {
         let out = non_null!(out out);
         let engine = non_null!(engine);
-        let key_text = non_null!(str key);
-        let Some(loader) = loader else {
-            return fail(&Error::invalid_argument("`loader` is NULL"));
-        };
         // SAFETY: as the caller promises.
-        unsafe { read(&engine.inner, key_text, key, ttl_ms, Mode::Plain, loader, user_data, out) }
+        unsafe { read(&engine.inner, key, ttl_ms, Mode::Plain, loader, user_data, out) }
     }
 }
 
@@ -502,13 +494,9 @@ pub unsafe extern "C" fn cacheaside_client_get_or_load(
     ffi_panic_boundary! {
         let out = non_null!(out out);
         let client = non_null!(client);
-        let key_text = non_null!(str key);
-        let Some(loader) = loader else {
-            return fail(&Error::invalid_argument("`loader` is NULL"));
-        };
         let engine = client.inner.engine();
         // SAFETY: as the caller promises.
-        unsafe { read(engine, key_text, key, ttl_ms, Mode::SingleFlight, loader, user_data, out) }
+        unsafe { read(engine, key, ttl_ms, Mode::SingleFlight, loader, user_data, out) }
     }
 }
 
@@ -530,22 +518,25 @@ pub unsafe extern "C" fn cacheaside_client_invalidate(
     }
 }
 
-/// One read through a C loader, in `mode`.
+/// One read through a C loader, in `mode`: the body of every
+/// `get_or_load` call once its handle and `out` are checked.
 ///
 /// # Safety
-/// `loader` is a function of the shape `cacheaside_loader` documents; `key`
-/// is the live C string `key_text` was read from.
-#[allow(clippy::too_many_arguments)]
+/// `key` is NULL or a NUL-terminated string; `loader` is NULL or a
+/// function of the shape `cacheaside_loader` documents.
 unsafe fn read(
     engine: &CacheAside,
-    key_text: &str,
     key: *const c_char,
     ttl_ms: u64,
     mode: Mode,
-    loader: LoaderFn,
+    loader: cacheaside_loader,
     user_data: *mut c_void,
     out: &mut cacheaside_bytes,
 ) -> cacheaside_status {
+    let key_text = non_null!(str key);
+    let Some(loader) = loader else {
+        return fail(&Error::invalid_argument("`loader` is NULL"));
+    };
     let ttl = Duration::from_millis(ttl_ms);
     let result = engine.get_or_load_versioned(key_text, ttl, mode, || {
         // SAFETY: as the caller promises; `key` is live for this whole call.
