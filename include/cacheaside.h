@@ -470,8 +470,9 @@ typedef struct cacheaside_rate_limit_result {
  * One user, as read from the cache or the users table.
  *
  * Ownership: the strings belong to the library; free them (all at once)
- * with `cacheaside_user_profile_free()`, never with `free()`. The struct
- * itself is the caller's (usually on the stack).
+ * with `cacheaside_user_profile_free()`, never with `free()`. They share
+ * one allocation (`name`, then `email`, then `plan`): a read allocates
+ * once. The struct itself is the caller's (usually on the stack).
  *
  * Functions that fill one zero it first, so after `CACHEASIDE_NOT_FOUND`
  * or a failure every field is 0 or NULL. They do not free what it held:

@@ -18,7 +18,7 @@ use crate::background::Background;
 use crate::cache::{Cache, check_key};
 use crate::config::{Config, EntryOptions, check_ttl};
 use crate::db::Db;
-use crate::engine::{Engine, Inline, Mode, Owned, encoded, to_json};
+use crate::engine::{Deferred, Engine, Inline, Mode, Owned, encoded, to_json};
 use crate::entry::Versioned;
 #[cfg(doc)]
 use crate::error::ErrorKind;
@@ -409,29 +409,75 @@ impl CacheAside {
         )
     }
 
-    /// [`get_or_load_owned`](Self::get_or_load_owned) for a value that can
-    /// be cloned: a near-cache hit clones the value the first hit decoded
-    /// instead of decoding JSON again. [`Client`](crate::Client) reads this
-    /// way.
-    pub(crate) fn get_or_load_owned_cloned<T, F>(
+    /// [`get_or_load`](Self::get_or_load), sharing the value: a near-cache
+    /// ([`Config::local_cache`]) hit hands every caller the same `Arc`,
+    /// decoded once, and allocates nothing (a Redis hit or a load decodes a
+    /// new one). For values read often and large enough that a clone per
+    /// hit shows.
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load).
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// let names: Option<std::sync::Arc<Vec<String>>> =
+    ///     engine.get_or_load_shared("names", std::time::Duration::from_secs(60), || {
+    ///         Ok(Some(vec!["Ada".to_owned(), "Alan".to_owned()]))
+    ///     })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_or_load_shared<T, F>(
         &self,
         key: &str,
         ttl: Duration,
-        mode: Mode,
         load: F,
-    ) -> Result<Option<T>>
+    ) -> Result<Option<Arc<T>>>
     where
-        T: Serialize + DeserializeOwned + Clone + Send + Sync + 'static,
-        F: FnOnce() -> Result<Option<(T, u64)>> + Send + 'static,
+        T: Serialize + DeserializeOwned + Send + Sync + 'static,
+        F: FnOnce() -> Result<Option<T>>,
     {
-        let counters = self.inner.engine.counters.clone();
+        let counters = &self.inner.engine.counters;
         self.inner.engine.read(
             &self.inner.background,
             key,
             self.entry_options().ttl(ttl),
+            Mode::SingleFlight,
+            Inline(move || encoded(counters, || Ok(load()?.map(|v| (v, 0))))),
+            Slot::shared,
+        )
+    }
+
+    /// [`get_or_load_owned`](Self::get_or_load_owned) whose owned loader is
+    /// built by `make` only on a miss (a hit clones nothing for it), and
+    /// whose near-cache hit takes the value out of the slot with `local`
+    /// ([`Slot::cloned`], [`Slot::shared`]). [`Client`](crate::Client)
+    /// reads this way.
+    pub(crate) fn get_or_load_deferred<T, U, M, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        make: M,
+        local: fn(&Slot) -> Option<Option<T>>,
+    ) -> Result<Option<T>>
+    where
+        T: DeserializeOwned,
+        U: Serialize,
+        M: FnOnce() -> F,
+        F: FnOnce() -> Result<Option<(U, u64)>> + Send + 'static,
+    {
+        let engine = &self.inner.engine;
+        engine.read(
+            &self.inner.background,
+            key,
+            self.entry_options().ttl(ttl),
             mode,
-            Owned(move || encoded(&counters, load)),
-            Slot::cloned,
+            Deferred(|| {
+                let counters = engine.counters.clone();
+                let load = make();
+                move || encoded(&counters, load)
+            }),
+            local,
         )
     }
 

@@ -152,6 +152,25 @@ impl<F: FnOnce() -> LoadResult + Send + 'static> Load for Owned<F> {
     }
 }
 
+/// An owned loader built only when a read misses, by the function it
+/// holds: a hit clones nothing (no `Arc` of the pool or the SQL) for a
+/// loader it does not run.
+pub(crate) struct Deferred<M>(pub(crate) M);
+
+impl<M, F> Load for Deferred<M>
+where
+    M: FnOnce() -> F,
+    F: FnOnce() -> LoadResult + Send + 'static,
+{
+    fn run(self) -> LoadResult {
+        (self.0)()()
+    }
+
+    fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self> {
+        Ok(Box::new((self.0)()))
+    }
+}
+
 /// Runs a typed loader (reporting its time, failed or not) and encodes its
 /// value as the cache stores it.
 pub(crate) fn encoded<T: Serialize>(
@@ -258,7 +277,7 @@ impl Engine {
         let hooks = Arc::new(crate::hooks::Hooks::default());
         let near = config.local_cache.is_on().then(|| {
             #[allow(unused_mut)]
-            let mut near = Near::new(config.local_cache, counters.clone());
+            let mut near = Near::new(config.local_cache, cache.namespace(), counters.clone());
             #[cfg(feature = "test-hooks")]
             {
                 near.hooks = Arc::clone(&hooks);
@@ -293,24 +312,25 @@ impl Engine {
         check_key(key)?;
         opts.check()?;
         let e = self;
-        let value_key = e.cache.redis_key(key);
         // L1 first, unless the breaker says this process must not trust
-        // what Redis told it.
+        // what Redis told it. Looked up by the caller's key: a hit builds
+        // no Redis key.
         let ticket = match &e.near {
             Some(near) if !e.breaker.is_open() => {
-                if let Some(slot) = near.get(&value_key) {
+                if let Some(slot) = near.get(key) {
                     match local(&slot) {
                         Some(value) => return Ok(value),
                         // Another type under this key: read it the long way.
-                        None => near.evict(&value_key),
+                        None => near.evict(key),
                     }
                 }
                 // Noted before the GET: an invalidation from now on wins
                 // over the fill below.
-                Some(near.ticket(&value_key))
+                Some(near.ticket(key))
             }
             _ => None,
         };
+        let value_key = e.cache.redis_key(key);
         // Noted before the permit: a Redis server change (restart, failover)
         // trips the breaker before the generation moves, so if this read's
         // GET reached the new server either the permit saw the breaker
@@ -342,7 +362,7 @@ impl Engine {
                             if let (Some(near), Some(ticket)) = (&e.near, ticket) {
                                 #[cfg(feature = "test-hooks")]
                                 e.hooks.before_local_fill(key);
-                                near.offer(&value_key, ticket, &raw);
+                                near.offer(key, ticket, &raw);
                             }
                             if found.refresh_due {
                                 self.refresh_early(
@@ -516,7 +536,7 @@ impl Engine {
         let near = self.near.as_deref()?;
         Some(EvictOnReturn {
             near,
-            redis_key: self.cache.redis_key(key),
+            key: key.to_owned(),
         })
     }
 
@@ -1116,12 +1136,13 @@ impl Engine {
 /// See [`Engine::evict_on_return`].
 pub(crate) struct EvictOnReturn<'a> {
     near: &'a Near,
-    redis_key: String,
+    /// The caller's key (L1 is keyed by it).
+    key: String,
 }
 
 impl Drop for EvictOnReturn<'_> {
     fn drop(&mut self) {
-        self.near.evict(&self.redis_key);
+        self.near.evict(&self.key);
     }
 }
 

@@ -2,8 +2,11 @@
 //! coherent by Redis server-assisted client-side caching.
 //!
 //! Guarantees (tests/near.rs proves each):
-//! - **A hit costs no network call.** It is a lookup in a `moka` cache and
-//!   an atomic load; Redis and Postgres are not touched.
+//! - **A hit costs no network call, and allocates nothing.** It is a
+//!   lookup in a `quick_cache` store by the caller's own key (no Redis key
+//!   is built), one atomic load for liveness and the slot's freshness
+//!   check; Redis and Postgres are not touched. The value is shared
+//!   (`Arc`), not cloned, where the caller's API allows.
 //! - **Coherence, with a bound.** A dedicated connection (the *tracker*)
 //!   turns on `CLIENT TRACKING ... BCAST PREFIX <namespace>`, redirected to
 //!   itself, and is subscribed to `__redis__:invalidate`: Redis tells it of
@@ -68,12 +71,12 @@ const MAX_BACKOFF: Duration = Duration::from_secs(1);
 
 /// What L1 holds for a key: the value's JSON, or `None` for a cached
 /// absence, until when it may be served, and the value decoded once for
-/// callers that can clone it. Immutable but for that one-time decode, so a
-/// hit that holds it sees one value whatever happens to the key.
+/// callers that share or clone it. Immutable but for that one-time decode,
+/// so a hit that holds it sees one value whatever happens to the key.
 pub(crate) struct Slot {
     json: Option<Box<[u8]>>,
     fresh_until: Instant,
-    decoded: OnceLock<Box<dyn Any + Send + Sync>>,
+    decoded: OnceLock<Arc<dyn Any + Send + Sync>>,
 }
 
 impl Slot {
@@ -93,22 +96,84 @@ impl Slot {
     pub(crate) fn cloned<T: DeserializeOwned + Clone + Send + Sync + 'static>(
         &self,
     ) -> Option<Option<T>> {
-        if self.json.is_none() {
-            return Some(None);
-        }
-        if let Some(value) = self.decoded.get().and_then(|v| v.downcast_ref::<T>()) {
-            return Some(Some(value.clone()));
-        }
-        let value: T = self.decode()??;
-        let _ = self.decoded.set(Box::new(value.clone()));
-        Some(Some(value))
+        self.with(|value: &T| value.clone())
     }
+
+    /// The value decoded once and shared: every hit gets the same `Arc`,
+    /// nothing is allocated after the first.
+    pub(crate) fn shared<T: DeserializeOwned + Send + Sync + 'static>(
+        &self,
+    ) -> Option<Option<Arc<T>>> {
+        let Some(json) = &self.json else {
+            return Some(None);
+        };
+        match self.kept::<T>(json) {
+            Kept::Mine(any) => Arc::downcast::<T>(Arc::clone(any)).ok().map(Some),
+            Kept::Other => serde_json::from_slice(json).ok().map(|v| Some(Arc::new(v))),
+            Kept::NotT => None,
+        }
+    }
+
+    /// `f` applied to the value decoded once (`Some(None)` for a cached
+    /// absence, `None` if the JSON is not a `T`), without cloning it.
+    pub(crate) fn with<T: DeserializeOwned + Send + Sync + 'static, R>(
+        &self,
+        f: impl FnOnce(&T) -> R,
+    ) -> Option<Option<R>> {
+        let Some(json) = &self.json else {
+            return Some(None);
+        };
+        match self.kept::<T>(json) {
+            Kept::Mine(any) => any.downcast_ref::<T>().map(|v| Some(f(v))),
+            Kept::Other => serde_json::from_slice(json).ok().map(|v| Some(f(&v))),
+            Kept::NotT => None,
+        }
+    }
+
+    /// The kept decoded value, decoding it on the first call.
+    fn kept<T: DeserializeOwned + Send + Sync + 'static>(&self, json: &[u8]) -> Kept<'_> {
+        if let Some(any) = self.decoded.get() {
+            return if any.is::<T>() {
+                Kept::Mine(any)
+            } else {
+                Kept::Other
+            };
+        }
+        match serde_json::from_slice::<T>(json) {
+            Ok(value) => {
+                let any = self.decoded.get_or_init(|| Arc::new(value));
+                if any.is::<T>() {
+                    Kept::Mine(any)
+                } else {
+                    // Another type's caller decoded first, in between.
+                    Kept::Other
+                }
+            }
+            Err(_) => Kept::NotT,
+        }
+    }
+}
+
+/// What [`Slot::kept`] found.
+enum Kept<'a> {
+    /// The kept value, a `T`.
+    Mine(&'a Arc<dyn Any + Send + Sync>),
+    /// The kept value is of another type (a caller of another type under
+    /// the same key decoded first): decode the JSON for this caller.
+    Other,
+    /// The JSON is not a `T`.
+    NotT,
 }
 
 /// The near cache of one engine, shared by its readers and its tracker.
 pub(crate) struct Near {
-    /// Keyed by full Redis key. moka is internally synchronized.
-    store: moka::sync::Cache<String, Arc<Slot>>,
+    /// Keyed by the caller's key (not the Redis key: a hit builds no
+    /// string). quick_cache is internally synchronized; it does not expire
+    /// entries, a hit checks the slot's `fresh_until`.
+    store: quick_cache::sync::Cache<Box<str>, Arc<Slot>>,
+    /// `{namespace}{`: what a Redis key of a value starts with, before the
+    /// caller's key and the closing `}` ([`crate::keys::value_key`]).
+    value_prefix: Box<str>,
     /// Per-stripe invalidation counts: bumped (before the eviction) by every
     /// invalidation of a key of the stripe and by every clear. A reader
     /// reads its stripe's count before its Redis `GET`, and inserts only if
@@ -144,13 +209,12 @@ pub(crate) struct Ticket {
 }
 
 impl Near {
-    pub(crate) fn new(settings: LocalCache, counters: Arc<Counters>) -> Near {
-        let store = moka::sync::Cache::builder()
-            .max_capacity(settings.max_entries)
-            .time_to_live(settings.max_staleness)
-            .build();
+    /// The near cache of the keys of `namespace`.
+    pub(crate) fn new(settings: LocalCache, namespace: &str, counters: Arc<Counters>) -> Near {
+        let capacity = usize::try_from(settings.max_entries).unwrap_or(usize::MAX);
         Near {
-            store,
+            store: quick_cache::sync::Cache::new(capacity.max(1)),
+            value_prefix: format!("{namespace}{{").into(),
             stripes: (0..STRIPES).map(|_| Mutex::new(0)).collect(),
             hasher: Default::default(),
             live_until: AtomicU64::new(0),
@@ -176,14 +240,12 @@ impl Near {
         self.now(Instant::now()) < self.live_until.load(Ordering::SeqCst)
     }
 
-    /// The cached entry for `redis_key`; `None` for a miss (or while L1 is
-    /// dark).
-    pub(crate) fn get(&self, redis_key: &str) -> Option<Arc<Slot>> {
+    /// The cached entry for the caller's `key`; `None` for a miss (or while
+    /// L1 is dark). Allocates nothing.
+    pub(crate) fn get(&self, key: &str) -> Option<Arc<Slot>> {
         let now = Instant::now();
         let hit = if self.now(now) < self.live_until.load(Ordering::SeqCst) {
-            self.store
-                .get(redis_key)
-                .filter(|slot| slot.fresh_until > now)
+            self.store.get(key).filter(|slot| slot.fresh_until > now)
         } else {
             None
         };
@@ -199,13 +261,13 @@ impl Near {
         }
     }
 
-    fn stripe(&self, redis_key: &str) -> usize {
-        (self.hasher.hash_one(redis_key) as usize) % STRIPES
+    fn stripe(&self, key: &str) -> usize {
+        (self.hasher.hash_one(key) as usize) % STRIPES
     }
 
     /// Notes the key's invalidation count before a read goes to Redis.
-    pub(crate) fn ticket(&self, redis_key: &str) -> Ticket {
-        let stripe = self.stripe(redis_key);
+    pub(crate) fn ticket(&self, key: &str) -> Ticket {
+        let stripe = self.stripe(key);
         Ticket {
             stripe,
             epoch: *self.stripes[stripe].lock(),
@@ -220,7 +282,7 @@ impl Near {
     /// the same lock. Either the bump comes first and this inserts nothing,
     /// or the insert comes first and the eviction removes it. Either way an
     /// invalidation that arrived while the read was in flight wins.
-    pub(crate) fn offer(&self, redis_key: &str, ticket: Ticket, raw: &[u8]) {
+    pub(crate) fn offer(&self, key: &str, ticket: Ticket, raw: &[u8]) {
         if !self.live() {
             return;
         }
@@ -243,33 +305,46 @@ impl Near {
         });
         let epoch = self.stripes[ticket.stripe].lock();
         if *epoch == ticket.epoch {
-            self.store.insert(redis_key.to_owned(), slot);
+            self.store.insert(key.into(), slot);
         }
     }
 
     /// Evicts a key this process just wrote (or whose cached copy turned
     /// out unusable).
-    pub(crate) fn evict(&self, redis_key: &str) {
-        self.bump(redis_key);
-        self.store.invalidate(redis_key);
+    pub(crate) fn evict(&self, key: &str) {
+        self.bump(key);
+        self.store.remove(key);
     }
 
-    /// Applies an invalidation message: evicts each key.
+    /// Applies an invalidation message: evicts the key it names.
     fn invalidated(&self, redis_key: &[u8]) {
-        let Ok(redis_key) = std::str::from_utf8(redis_key) else {
-            // Not a key of ours (ours are UTF-8): nothing to evict. A
-            // non-UTF-8 key could only be stored by someone else.
+        let Some(key) = self.cache_key(redis_key) else {
+            // Not a value key of ours (a side key such as `…:lease`, or
+            // another client's key under the prefix): L1 holds no such
+            // entry, and no fill of ours reads it.
             return;
         };
-        self.bump(redis_key);
-        if self.store.remove(redis_key).is_some() {
+        self.bump(key);
+        if self.store.remove(key).is_some() {
             self.counters.local_invalidations.bump();
         }
     }
 
-    /// Refuses the fills of the reads of `redis_key` in flight.
-    fn bump(&self, redis_key: &str) {
-        *self.stripes[self.stripe(redis_key)].lock() += 1;
+    /// The caller's key inside a Redis key of a value, `{namespace}{key}`:
+    /// `None` for any other key. Keys hold no brace ([`crate::keys`]), so
+    /// the first `}` closes the tag; ours are UTF-8 (a non-UTF-8 key could
+    /// only be stored by someone else).
+    fn cache_key<'k>(&self, redis_key: &'k [u8]) -> Option<&'k str> {
+        let key = std::str::from_utf8(redis_key)
+            .ok()?
+            .strip_prefix(&*self.value_prefix)?
+            .strip_suffix('}')?;
+        (!key.contains(['{', '}'])).then_some(key)
+    }
+
+    /// Refuses the fills of the reads of `key` in flight.
+    fn bump(&self, key: &str) {
+        *self.stripes[self.stripe(key)].lock() += 1;
     }
 
     /// Empties L1 and refuses every read in flight its fill.
@@ -277,7 +352,7 @@ impl Near {
         for stripe in self.stripes.iter() {
             *stripe.lock() += 1;
         }
-        self.store.invalidate_all();
+        self.store.clear();
     }
 
     /// The tracker lost its connection (or stopped answering): serve
@@ -296,10 +371,9 @@ impl Near {
         self.live_until.fetch_max(until, Ordering::SeqCst);
     }
 
-    /// Entries held now (after moka's pending maintenance).
+    /// Entries held now (expired ones too, until evicted).
     pub(crate) fn len(&self) -> u64 {
-        self.store.run_pending_tasks();
-        self.store.entry_count()
+        self.store.len() as u64
     }
 
     /// The `CLIENT ID` of the tracking connection, if connected.
@@ -532,6 +606,7 @@ mod tests {
     fn near() -> Near {
         let near = Near::new(
             LocalCache::new(100, Duration::from_secs(10)),
+            "t:",
             Arc::new(Counters::new("t:")),
         );
         near.confirmed(Instant::now() + Duration::from_secs(3600));
@@ -552,7 +627,7 @@ mod tests {
     fn fill_after_invalidate_is_dropped() {
         let near = near();
         let ticket = near.ticket("k");
-        near.invalidated(b"k");
+        near.invalidated(b"t:{k}");
         near.offer("k", ticket, &raw(b"1"));
         assert!(near.get("k").is_none());
         let ticket = near.ticket("k");
@@ -562,6 +637,23 @@ mod tests {
         assert_eq!(slot.cloned::<u32>(), Some(Some(1)));
         assert_eq!(slot.cloned::<u32>(), Some(Some(1)), "from the kept value");
         assert_eq!(slot.cloned::<String>(), None, "not a string");
+        let shared = slot.shared::<u32>().unwrap().unwrap();
+        assert!(Arc::ptr_eq(
+            &shared,
+            &slot.shared::<u32>().unwrap().unwrap()
+        ));
+    }
+
+    #[test]
+    fn only_value_keys_of_the_namespace_evict() {
+        let near = near();
+        near.offer("k", near.ticket("k"), &raw(b"1"));
+        for other in [&b"t:{k}:lease"[..], b"u:{k}", b"t:k", b"t:{k", b"\xff"] {
+            near.invalidated(other);
+            assert!(near.get("k").is_some(), "{other:?} evicted k");
+        }
+        near.invalidated(b"t:{k}");
+        assert!(near.get("k").is_none());
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::db::{Db, Transaction};
 use crate::engine::Mode;
 use crate::error::{Error, Result};
 use crate::events::Events;
+use crate::near::Slot;
 use crate::ratelimit::{RateLimitDecision, RateLimiter};
 use crate::sessions::Sessions;
 use crate::write_behind::WriteBehindChange;
@@ -268,7 +269,25 @@ impl Client {
     /// # Errors
     /// Database and cache errors, timeouts.
     pub fn get_user_profile(&self, user_id: i64) -> Result<Option<UserProfile>> {
-        self.read(user_id, Mode::Plain)
+        self.read(user_id, Mode::Plain, Slot::cloned)
+    }
+
+    /// [`get_user_profile`](Self::get_user_profile), sharing the profile: a
+    /// near-cache ([`Config::local_cache`]) hit hands every caller the same
+    /// `Arc`, and allocates nothing.
+    ///
+    /// # Errors
+    /// As [`get_user_profile`](Self::get_user_profile).
+    ///
+    /// ```no_run
+    /// # let client = cacheaside::Client::open(&cacheaside::Config::from_env())?;
+    /// if let Some(profile) = client.get_user_profile_shared(1)? {
+    ///     println!("{} is on {}", profile.name, profile.plan);
+    /// }
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn get_user_profile_shared(&self, user_id: i64) -> Result<Option<Arc<UserProfile>>> {
+        self.read(user_id, Mode::Plain, Slot::shared)
     }
 
     /// Stampede-safe read: however many threads (and processes) miss one
@@ -278,7 +297,7 @@ impl Client {
     /// As [`get_user_profile`](Self::get_user_profile); a failed load's error
     /// reaches every thread that waited on it.
     pub fn get_user_profile_singleflight(&self, user_id: i64) -> Result<Option<UserProfile>> {
-        self.read(user_id, Mode::SingleFlight)
+        self.read(user_id, Mode::SingleFlight, Slot::cloned)
     }
 
     /// Sets a user's plan in Postgres (bumping `version` and `updated_at`),
@@ -429,13 +448,25 @@ impl Client {
         self.engine.write_behind_pending()
     }
 
-    fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
-        let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
-        self.engine.get_or_load_owned_cloned(
-            &Client::user_key(user_id),
+    /// A read of one user; `local` takes the profile out of a near-cache
+    /// slot. Its key is formatted on the stack and its loader built only on
+    /// a miss, so a near-cache hit allocates only what it returns.
+    fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        user_id: i64,
+        mode: Mode,
+        local: fn(&Slot) -> Option<Option<T>>,
+    ) -> Result<Option<T>> {
+        let key = UserKey::new(user_id);
+        self.engine.get_or_load_deferred(
+            key.as_str(),
             self.ttl,
             mode,
-            move || versioned_profile(db.query_opt(&sql.select, &[&user_id])?),
+            || {
+                let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
+                move || versioned_profile(db.query_opt(&sql.select, &[&user_id])?)
+            },
+            local,
         )
     }
 
@@ -448,6 +479,43 @@ impl Client {
 
 /// The prefix of users' cache keys, and of their write-behind applier.
 const USER_PREFIX: &str = "user:";
+
+/// [`Client::user_key`] formatted on the stack.
+struct UserKey {
+    /// `user:` and at most 20 characters of an `i64`.
+    buf: [u8; 32],
+    len: usize,
+}
+
+impl UserKey {
+    fn new(user_id: i64) -> UserKey {
+        use std::fmt::Write as _;
+        let mut key = UserKey {
+            buf: [0; 32],
+            len: 0,
+        };
+        // Cannot fail: 5 + 20 bytes fit.
+        let _ = write!(key, "{USER_PREFIX}{user_id}");
+        key
+    }
+
+    fn as_str(&self) -> &str {
+        // Only `write_str` fills it, with whole `&str`s.
+        std::str::from_utf8(&self.buf[..self.len]).unwrap_or_default()
+    }
+}
+
+impl std::fmt::Write for UserKey {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let end = self.len + s.len();
+        self.buf
+            .get_mut(self.len..end)
+            .ok_or(std::fmt::Error)?
+            .copy_from_slice(s.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}
 
 /// The users' write-behind applier: one `UPDATE ... FROM unnest(...)` for
 /// the whole batch.
@@ -588,6 +656,16 @@ impl Client {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn user_key_on_the_stack_matches_the_formatted_one() {
+        for id in [0, 1, -1, 42, i64::MAX, i64::MIN] {
+            assert_eq!(
+                super::UserKey::new(id).as_str(),
+                super::Client::user_key(id)
+            );
+        }
+    }
+
     use super::*;
 
     #[test]

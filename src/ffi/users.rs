@@ -1,6 +1,6 @@
 //! The lab's user functions and `cacheaside_user_profile`.
 
-use std::ffi::{CString, c_char};
+use std::ffi::{CStr, c_char};
 use std::ptr;
 
 use super::Zeroed;
@@ -13,8 +13,9 @@ use crate::users::UserProfile;
 /// One user, as read from the cache or the users table.
 ///
 /// Ownership: the strings belong to the library; free them (all at once)
-/// with `cacheaside_user_profile_free()`, never with `free()`. The struct
-/// itself is the caller's (usually on the stack).
+/// with `cacheaside_user_profile_free()`, never with `free()`. They share
+/// one allocation (`name`, then `email`, then `plan`): a read allocates
+/// once. The struct itself is the caller's (usually on the stack).
 ///
 /// Functions that fill one zero it first, so after `CACHEASIDE_NOT_FOUND`
 /// or a failure every field is 0 or NULL. They do not free what it held:
@@ -46,31 +47,45 @@ impl Zeroed for cacheaside_user_profile {
 }
 
 impl cacheaside_user_profile {
-    /// Converts a profile, allocating its strings only if all three convert.
-    fn from_profile(profile: UserProfile) -> Result<Self> {
-        let c_string = |text: String| {
-            CString::new(text)
-                .map_err(|_| Error::new(ErrorKind::Database, "user profile text holds a NUL byte"))
-        };
-        let name = c_string(profile.name)?;
-        let email = c_string(profile.email)?;
-        let plan = c_string(profile.plan)?;
+    /// Copies a profile: its three strings, each NUL-terminated, into one
+    /// allocation (the only one), if none holds a NUL byte.
+    fn from_profile(profile: &UserProfile) -> Result<Self> {
+        let texts = [&profile.name, &profile.email, &profile.plan];
+        if texts.iter().any(|t| t.as_bytes().contains(&0)) {
+            return Err(Error::new(
+                ErrorKind::Database,
+                "user profile text holds a NUL byte",
+            ));
+        }
+        let mut block = Vec::with_capacity(texts.iter().map(|t| t.len() + 1).sum());
+        for text in texts {
+            block.extend_from_slice(text.as_bytes());
+            block.push(0);
+        }
+        // The length is not kept: `cacheaside_user_profile_free` finds it
+        // again from the three NUL terminators.
+        let block = Box::into_raw(block.into_boxed_slice()).cast::<c_char>();
+        let (name_len, email_len) = (profile.name.len() + 1, profile.email.len() + 1);
         Ok(cacheaside_user_profile {
             id: profile.id,
-            name: name.into_raw(),
-            email: email.into_raw(),
-            plan: plan.into_raw(),
+            name: block,
+            // SAFETY: both offsets lie inside the block just allocated.
+            email: unsafe { block.add(name_len) },
+            plan: unsafe { block.add(name_len + email_len) },
             version: profile.version,
         })
     }
 }
 
 /// Writes a read's outcome to a zeroed `out`.
-fn found(
-    result: Result<Option<UserProfile>>,
+fn found<P: std::borrow::Borrow<UserProfile>>(
+    result: Result<Option<P>>,
     out: &mut cacheaside_user_profile,
 ) -> cacheaside_status {
-    match result.and_then(|p| p.map(cacheaside_user_profile::from_profile).transpose()) {
+    match result.and_then(|p| {
+        p.map(|p| cacheaside_user_profile::from_profile(p.borrow()))
+            .transpose()
+    }) {
         Ok(Some(profile)) => {
             *out = profile;
             CACHEASIDE_OK
@@ -105,7 +120,8 @@ pub unsafe extern "C" fn cacheaside_get_user_profile(
     ffi_panic_boundary! {
         let out = non_null!(out out);
         let client = non_null!(client);
-        found(client.inner.get_user_profile(user_id), out)
+        // Shared: an L1 hit copies the cached profile once, into `*out`.
+        found(client.inner.get_user_profile_shared(user_id), out)
     }
 }
 
@@ -209,12 +225,22 @@ pub unsafe extern "C" fn cacheaside_user_profile_free(profile: *mut cacheaside_u
             return;
         };
         let owned = std::mem::replace(profile, cacheaside_user_profile::ZEROED);
-        for text in [owned.name, owned.email, owned.plan] {
-            if !text.is_null() {
-                // SAFETY: filled by CString::into_raw in `from_profile`, and
-                // zeroed above so it is never freed twice.
-                drop(unsafe { CString::from_raw(text) });
+        if owned.name.is_null() {
+            return;
+        }
+        // SAFETY: `name` starts the block `from_profile` allocated: three
+        // NUL-terminated strings back to back (unmodified, as the caller
+        // promises), so their lengths add up to the block's. Zeroed above,
+        // so it is never freed twice.
+        unsafe {
+            let mut len = 0;
+            for _ in 0..3 {
+                len += CStr::from_ptr(owned.name.add(len)).to_bytes().len() + 1;
             }
+            drop(Box::from_raw(ptr::slice_from_raw_parts_mut(
+                owned.name.cast::<u8>(),
+                len,
+            )));
         }
     }
 }
