@@ -43,6 +43,7 @@ mod measure;
 mod memory;
 mod misses;
 mod near;
+mod near_store;
 mod plan;
 mod plots;
 mod relay;

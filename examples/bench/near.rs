@@ -2,8 +2,9 @@
 //! (`get_user_profile` on a client with `Config::local_cache` on) and the C
 //! ABI, against the raw pooled Redis `GET` floor (1) and the Redis hit (3)
 //! measured in the same run, at 1 and 50 threads; the memory one cached
-//! entry costs; and the invalidation latency: a write in one client until
-//! its key is evicted from another's L1, p50/p99.
+//! entry costs; the invalidation latency: a write in one client until
+//! its key is evicted from another's L1, p50/p99; and the store comparison
+//! that chose L1's store (`near_store.rs`).
 //!
 //! Its clients share the run's table and namespace; they run no relay (the
 //! bench's client does).
@@ -21,6 +22,7 @@ use crate::c_abi::CAbi;
 use crate::fixture::{Bench, USER_ID, bench_config, check_profile};
 use crate::measure::{self, Baseline, Operation, Series, quantile_us};
 use crate::memory::rss_kib;
+use crate::near_store::{self, BackToBack, StoreRow, back_to_back};
 use crate::report::{Section, Target};
 
 /// How long an L1 entry may be served at most, here.
@@ -36,6 +38,12 @@ pub struct Near {
     bytes_per_entry: f64,
     /// Write-to-eviction times (ns), sorted.
     evict_ns: Vec<u64>,
+    /// moka against quick_cache.
+    stores: Vec<StoreRow>,
+    /// L1 hits back to back: Rust at 1 and 50 threads, C at 1.
+    rust_1: BackToBack,
+    rust_50: BackToBack,
+    c_1: BackToBack,
 }
 
 fn near_config(bench: &Bench, max_entries: u64) -> Config {
@@ -115,6 +123,18 @@ pub fn measure(bench: &Bench) -> BoxResult<Near> {
         series.extend(measure::side_by_side(&active, threads, &bench.plan)?);
         eprintln!("bench: L1 hits at {threads} thread(s) done");
     }
+    // Back to back, in timed batches: what a hit costs when calls are not
+    // each timed, nor each interleaved with a network round trip that
+    // leaves the caches cold.
+    let rust_hit = || check_profile(near.get_user_profile(USER_ID)?);
+    let c_hit = || match c_abi.get_user_profile_id(USER_ID)? {
+        Some(USER_ID) => Ok(()),
+        other => Err(format!("C ABI read returned user {other:?}").into()),
+    };
+    let time = bench.plan.rep_time * bench.plan.reps as u32;
+    let rust_1 = back_to_back(1, time, &rust_hit)?;
+    let rust_50 = back_to_back(50, time, &rust_hit)?;
+    let c_1 = back_to_back(1, time, &c_hit)?;
     let (rust_after, c_after) = (near.engine().stats(), c_abi.stats()?);
     let share = |hits: u64, misses: u64| hits as f64 / (hits + misses).max(1) as f64;
     let rust_hit_share = share(
@@ -129,6 +149,7 @@ pub fn measure(bench: &Bench) -> BoxResult<Near> {
     drop((near, c_abi));
     let (entries, bytes_per_entry) = memory(bench)?;
     let evict_ns = invalidation_latency(bench)?;
+    let stores = near_store::measure(bench.plan.quick)?;
     Ok(Near {
         series,
         rust_hit_share,
@@ -136,6 +157,10 @@ pub fn measure(bench: &Bench) -> BoxResult<Near> {
         entries,
         bytes_per_entry,
         evict_ns,
+        stores,
+        rust_1,
+        rust_50,
+        c_1,
     })
 }
 
@@ -211,14 +236,21 @@ const MEMORY_TTL: Duration = Duration::from_secs(600);
 /// `--child-near-memory NAMESPACE KEYS`: reads `near:warm:*`, then
 /// `near:mem:0..KEYS` (all in Redis already) through a client with L1 on,
 /// on one thread; prints `result {json}` with the resident memory around
-/// the second pass and the entries L1 holds.
+/// the second pass and the entries L1 holds. (`--child-near-memory store
+/// NAME N`: the store comparison's child, in `near_store.rs`.)
 pub fn child(args: &[String]) -> BoxResult<()> {
+    if let [mode, name, entries] = args
+        && mode == "store"
+    {
+        return near_store::child(name, entries);
+    }
     let [namespace, keys] = args else {
         return Err("usage: --child-near-memory NAMESPACE KEYS".into());
     };
     let keys: u64 = keys.parse()?;
     let mut config = bench_config(namespace)?;
-    config.local_cache = LocalCache::new(keys + WARM_KEYS, MAX_STALENESS);
+    // Room to spare: the store's capacity is approximate (per shard).
+    config.local_cache = LocalCache::new(2 * (keys + WARM_KEYS), MAX_STALENESS);
     config.invalidation_relay = false;
     let engine = cacheaside::CacheAside::open(&config)?;
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -314,14 +346,52 @@ impl Section for Near {
             quantile_us(&self.evict_ns, 0.99),
             self.evict_ns.last().copied().unwrap_or(0) as f64 / 1e3,
         );
+        let _ = writeln!(
+            md,
+            "\nL1 hits back to back (timed in batches of calls; per call: the median batch's time, and the wall time over all calls): Rust 1 thread {:.0} ns (wall {:.0} ns), Rust 50 threads {:.0} ns (wall {:.0} ns per hit on the machine), C ABI 1 thread {:.0} ns (wall {:.0} ns).",
+            self.rust_1.batch_ns,
+            self.rust_1.wall_ns,
+            self.rust_50.batch_ns,
+            self.rust_50.wall_ns,
+            self.c_1.batch_ns,
+            self.c_1.wall_ns,
+        );
+        near_store::markdown(&self.stores, md);
     }
 
     fn targets(&self) -> Vec<Target> {
         let ratio = |id, threads| measure::median_ratio(&self.series, id, threads);
+        let one_ns = self.rust_1.batch_ns;
+        // The floor's mean latency (slowest 1% left out) at 1 thread,
+        // median across repetitions.
+        let floor_us = measure::find(&self.series, "floor_redis", 1)
+            .map(|s| measure::Spread::of(s.reps.iter().map(|r| r.trimmed_mean_us)).median);
         vec![
+            Target {
+                name: "Rust L1 hit (13a) back to back, 1 thread".into(),
+                value: format!("{one_ns:.0} ns"),
+                limit: "≤ 200 ns".into(),
+                met: Some(one_ns > 0.0 && one_ns <= 200.0),
+            },
+            Target::at_most(
+                "Rust L1 hit (13a) cost per hit, 50 threads vs 1 thread (back to back)",
+                (one_ns > 0.0).then(|| self.rust_50.batch_ns / one_ns),
+                1.0,
+            ),
+            Target {
+                name: "memory per L1 entry (81-byte profile)".into(),
+                value: format!("{:.0} B", self.bytes_per_entry),
+                limit: "≤ 400 B".into(),
+                met: Some(self.bytes_per_entry <= 400.0),
+            },
             Target::at_most(
                 "C ABI L1 hit (13b) latency vs floor (1), 1 thread",
                 ratio("local_hit_c_abi", 1),
+                0.02,
+            ),
+            Target::at_most(
+                "C ABI L1 hit (13b) back to back vs floor (1) mean latency, 1 thread",
+                floor_us.map(|us| self.c_1.batch_ns / (us * 1e3)),
                 0.02,
             ),
             Target::at_least(
@@ -345,6 +415,18 @@ impl Section for Near {
                     "p50": quantile_us(&self.evict_ns, 0.5),
                     "p99": quantile_us(&self.evict_ns, 0.99),
                 },
+                "back_to_back_ns": {
+                    "rust_1_thread": {"batch": self.rust_1.batch_ns, "wall": self.rust_1.wall_ns},
+                    "rust_50_threads": {"batch": self.rust_50.batch_ns, "wall": self.rust_50.wall_ns},
+                    "c_abi_1_thread": {"batch": self.c_1.batch_ns, "wall": self.c_1.wall_ns},
+                },
+                "stores": self.stores.iter().map(|r| json!({
+                    "store": r.name,
+                    "hit_ns_1_thread": r.hit_ns_1,
+                    "hit_wall_ns_50_threads": r.hit_ns_50,
+                    "zipf_hit_ratio": r.zipf_hit_ratio,
+                    "bytes_per_entry": r.bytes_per_entry,
+                })).collect::<Vec<_>>(),
             }),
         ))
     }
