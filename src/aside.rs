@@ -621,6 +621,13 @@ impl CacheAside {
         &self.inner.engine.hooks
     }
 
+    /// True while this engine's plain reads claim their lease in the
+    /// lookup's round trip (its reads have mostly missed lately).
+    #[cfg(feature = "test-hooks")]
+    pub fn claims_leases_ahead(&self) -> bool {
+        self.inner.engine.expects_misses()
+    }
+
     /// Test hook: the `CLIENT ID` of the near cache's tracking connection,
     /// while it is connected.
     #[cfg(feature = "test-hooks")]

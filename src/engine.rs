@@ -76,6 +76,8 @@ pub(crate) struct Engine {
     pub(crate) counters: Arc<Counters>,
     /// The near cache, when [`Config::local_cache`] turns it on.
     pub(crate) near: Option<Arc<Near>>,
+    /// Whether this engine's reads mostly miss Redis lately.
+    streak: Arc<Streak>,
     #[cfg(feature = "test-hooks")]
     pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
@@ -217,6 +219,9 @@ struct Miss<'a> {
     sent_back: std::cell::Cell<bool>,
     /// The Redis server generation before this call's first command.
     generation: u64,
+    /// The lease token claimed with the lookup, and the claim's reply if
+    /// it is still to be read (`None`: claim again with the token).
+    ahead: std::cell::Cell<Option<(lease::Token, Option<Result<Acquired>>)>>,
 }
 
 impl Miss<'_> {
@@ -224,6 +229,84 @@ impl Miss<'_> {
     fn soft_deadline(&self) -> Option<Instant> {
         let soft = self.opts.soft_timeout;
         (self.stale.is_some() && !soft.is_zero()).then(|| (self.started + soft).min(self.deadline))
+    }
+}
+
+/// A plain read that claims its lease in its lookup's round trip
+/// ([`lease::lookup_and_lease`]): a miss then costs the `GET`, the load and
+/// the fill, as the naive miss does, instead of a separate claim first. On
+/// a hit the claim took nothing (the script returns a fresh value instead),
+/// so only reads of an engine whose reads mostly miss ([`Streak`]) do it.
+struct Ahead {
+    keys: Keys,
+    token: lease::Token,
+    /// The claim's reply, until the miss path reads it.
+    claimed: Option<Result<Acquired>>,
+}
+
+impl Ahead {
+    fn new(value_key: &str) -> Ahead {
+        Ahead {
+            keys: Keys::for_value(value_key.to_owned()),
+            token: new_token(),
+            claimed: None,
+        }
+    }
+
+    /// The lookup, with the claim behind it.
+    fn lookup(&mut self, e: &Engine) -> Result<Raw> {
+        match lease::lookup_and_lease(&e.cache, &self.keys, &self.token, e.settings.ttls, now_ms())
+        {
+            Ok((raw, claimed)) => {
+                self.claimed = Some(claimed);
+                Ok(raw)
+            }
+            // The claim may have run on the server: the read goes on
+            // without Redis, and `unused` releases it when Redis answers.
+            Err(err) => Err(err),
+        }
+    }
+
+    /// The read ended without a miss through Redis: give back what the
+    /// claim may have taken (a value deleted between the GET and the
+    /// script leaves a lease).
+    fn unused(self, e: &Engine) {
+        if !matches!(self.claimed, Some(Ok(Acquired::Cached(_)))) {
+            e.keeper.orphan(&self.keys, self.token);
+        }
+    }
+}
+
+/// Whether an engine's reads mostly miss Redis lately: a score that a miss
+/// raises by two and a hit lowers by one, within `0..=MAX`; at `ON` or more
+/// a plain read claims its lease ahead ([`Ahead`]). It stays up while more
+/// than a third of reads miss. Read and written with plain loads and
+/// stores: a lost update only delays the switch by a read.
+#[derive(Default)]
+struct Streak(std::sync::atomic::AtomicU32);
+
+impl Streak {
+    const MAX: u32 = 16;
+    const ON: u32 = 8;
+
+    fn expects_miss(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed) >= Self::ON
+    }
+
+    fn miss(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.0.load(Relaxed);
+        if s < Self::MAX {
+            self.0.store((s + 2).min(Self::MAX), Relaxed);
+        }
+    }
+
+    fn hit(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = self.0.load(Relaxed);
+        if s > 0 {
+            self.0.store(s - 1, Relaxed);
+        }
     }
 }
 
@@ -293,6 +376,7 @@ impl Engine {
             settings: Arc::new(settings),
             counters,
             near,
+            streak: Arc::default(),
             #[cfg(feature = "test-hooks")]
             hooks,
         }
@@ -340,13 +424,24 @@ impl Engine {
         let mut permit = e.breaker.permit();
         let mut stale = None;
         let mut use_redis = permit != Permit::Bypass;
+        // A plain read while this engine's reads mostly miss: the lease is
+        // claimed in the GET's round trip (see `Ahead`).
+        let mut ahead = (use_redis && mode == Mode::Plain && permit == Permit::Use)
+            .then(|| e.streak.expects_miss())
+            .filter(|&expects| expects)
+            .map(|_| Ahead::new(&value_key));
         if use_redis {
-            match e.cache.lookup(&value_key) {
+            let looked = match &mut ahead {
+                Some(ahead) => ahead.lookup(e),
+                None => e.cache.lookup(&value_key),
+            };
+            match looked {
                 Ok(_) if e.cache.server_generation() != generation => {
                     use_redis = false;
                 }
                 Ok(raw) => {
                     e.breaker.succeeded(permit);
+                    let missing = matches!(raw, Raw::Missing);
                     if permit == Permit::Probe && e.breaker.is_open() {
                         // Redis answers, but writes of the outage may still
                         // be pending: nothing it holds is trusted until the
@@ -354,11 +449,18 @@ impl Engine {
                         use_redis = false;
                     } else if let Raw::Foreign = raw {
                         e.corrupt(&value_key, b"");
+                        if let Some(ahead) = &mut ahead {
+                            ahead.claimed = None;
+                        }
                     } else if let Raw::Bytes(raw) = raw
                         && let Some(found) = e.decode::<T>(&value_key, &raw, opts.beta)
                     {
                         if found.fresh {
                             e.counters.hits.bump();
+                            e.streak.hit();
+                            if let Some(ahead) = ahead.take() {
+                                ahead.unused(e);
+                            }
                             if let (Some(near), Some(ticket)) = (&e.near, ticket) {
                                 #[cfg(feature = "test-hooks")]
                                 e.hooks.before_local_fill(key);
@@ -372,6 +474,11 @@ impl Engine {
                             return Ok(found.value);
                         }
                         stale = Some((raw, found.value));
+                    } else if !missing && let Some(ahead) = &mut ahead {
+                        // Foreign or corrupt, and deleted: claim again on a
+                        // clean slate (with the same token, which finds
+                        // what the first claim took).
+                        ahead.claimed = None;
                     }
                 }
                 Err(err) => {
@@ -382,18 +489,27 @@ impl Engine {
         }
         if use_redis {
             e.counters.misses.bump();
+            e.streak.miss();
         } else {
             e.counters.bypassed.bump();
             permit = Permit::Bypass;
+            if let Some(ahead) = ahead.take() {
+                ahead.unused(e);
+            }
         }
         let fits = |json: &[u8]| serde_json::from_slice::<T>(json).is_ok();
         let (stale_raw, stale_value) = match stale {
             Some((raw, value)) => (Some(raw), Some(value)),
             None => (None, None),
         };
+        let (keys, ahead) = match ahead {
+            Some(ahead) => (ahead.keys, Some((ahead.token, ahead.claimed))),
+            None => (Keys::for_value(value_key), None),
+        };
         let miss = Miss {
             key,
-            keys: Keys::for_value(value_key),
+            keys,
+            ahead: std::cell::Cell::new(ahead),
             opts,
             stale: stale_raw,
             permit,
@@ -545,6 +661,12 @@ impl Engine {
         self.flights.note_write_prefix(prefix);
     }
 
+    /// Whether a plain read claims its lease with its lookup now.
+    #[cfg(feature = "test-hooks")]
+    pub(crate) fn expects_misses(&self) -> bool {
+        self.streak.expects_miss()
+    }
+
     /// Threads waiting on the flight of `key` in this process.
     #[cfg(feature = "test-hooks")]
     pub(crate) fn flight_followers(&self, key: &str) -> usize {
@@ -654,8 +776,8 @@ impl Engine {
         if !m.use_redis {
             return self.load_uncached(m, load);
         }
-        let token = new_token();
-        match self.acquire(m, Claim::Lease, &token) {
+        let (token, first) = m.ahead.take().unwrap_or_else(|| (new_token(), None));
+        match self.acquire_first(m, Claim::Lease, &token, first) {
             Err(_) | Ok(Claimed::Busy) => self.load_uncached(m, load),
             Ok(Claimed::Cached(answer)) => Ok(answer),
             Ok(Claimed::Granted) => {
@@ -1093,17 +1215,31 @@ impl Engine {
     }
 
     fn acquire(&self, m: &Miss<'_>, claim: Claim, token: &lease::Token) -> Result<Claimed> {
+        self.acquire_first(m, claim, token, None)
+    }
+
+    /// [`acquire`](Self::acquire), whose first reply (`first`) may have
+    /// come already, with the lookup.
+    fn acquire_first(
+        &self,
+        m: &Miss<'_>,
+        claim: Claim,
+        token: &lease::Token,
+        mut first: Option<Result<Acquired>>,
+    ) -> Result<Claimed> {
         // A corrupt value is deleted and the claim retried on a clean slate;
         // bounded, in case something keeps writing garbage under our key.
         for _ in 0..3 {
-            let acquired = lease::acquire(
-                &self.cache,
-                &m.keys,
-                claim,
-                token,
-                self.settings.ttls,
-                now_ms(),
-            );
+            let acquired = first.take().unwrap_or_else(|| {
+                lease::acquire(
+                    &self.cache,
+                    &m.keys,
+                    claim,
+                    token,
+                    self.settings.ttls,
+                    now_ms(),
+                )
+            });
             #[cfg(feature = "test-hooks")]
             let acquired = acquired.and_then(|a| self.hooks.lose_reply().map_or(Ok(a), Err));
             match self.cache_call(m.permit, acquired) {

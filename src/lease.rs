@@ -40,7 +40,7 @@ use std::time::Duration;
 
 use redis::{Script, Value};
 
-use crate::cache::Cache;
+use crate::cache::{Cache, Raw};
 use crate::error::{Error, ErrorKind, Result};
 pub(crate) use crate::keys::Keys;
 use crate::redis_conn::millis;
@@ -125,15 +125,83 @@ pub(crate) fn acquire(
             .arg(now_ms)
             .invoke(conn)
     })?;
+    acquired(reply)
+}
+
+/// The acquire script's reply, read.
+fn acquired(reply: Value) -> Result<Acquired> {
     match reply {
         Value::BulkString(raw) => Ok(Acquired::Cached(raw)),
         Value::Int(1) => Ok(Acquired::Granted),
         Value::Int(0) => Ok(Acquired::Busy),
+        Value::ServerError(err) => Err(redis::RedisError::from(err).into()),
         other => Err(Error::new(
             ErrorKind::Cache,
             format!("unexpected reply from the acquire script: {other:?}"),
         )),
     }
+}
+
+/// A read that expects a miss, in one round trip: the value's `GET` and,
+/// pipelined behind it, [`acquire`] of a [`Claim::Lease`] under `token`.
+/// Both run whatever the `GET` finds; the acquire script takes nothing
+/// while a fresh value is cached (it returns the value), so on a hit it
+/// costs Redis a script run and the caller nothing. Returns what the `GET`
+/// found (as [`Cache::lookup`]) and what the claim got, or the claim's own
+/// error (then the caller claims again with the same `token`, which finds
+/// what this one took).
+pub(crate) fn lookup_and_lease(
+    cache: &Cache,
+    keys: &Keys,
+    token: &str,
+    ttls: Ttls,
+    now_ms: u64,
+) -> Result<(Raw, Result<Acquired>)> {
+    let claim = || {
+        let mut eval = redis::cmd("EVALSHA");
+        eval.arg(SCRIPTS.acquire.get_hash())
+            .arg(4)
+            .arg(&keys.value)
+            .arg(&keys.lease)
+            .arg(&keys.lock)
+            .arg(&keys.pending)
+            .arg("lease")
+            .arg(token)
+            .arg(millis(ttls.lease))
+            .arg(millis(ttls.lock))
+            .arg(now_ms);
+        eval
+    };
+    let mut pipe = redis::pipe();
+    // Each reply on its own: a `WRONGTYPE` of the GET is an answer.
+    pipe.ignore_errors()
+        .add_command(redis::cmd("GET").arg(&keys.value).clone())
+        .add_command(claim());
+    let (got, claimed): (Value, Value) = cache.run(|conn| {
+        let (got, claimed): (Value, Value) = pipe.query(conn)?;
+        match &claimed {
+            // A server that has not seen the script yet (a restart): load
+            // it and claim again; the same token finds what it would take.
+            Value::ServerError(err) if err.code() == "NOSCRIPT" => {
+                SCRIPTS.acquire.load(conn)?;
+                Ok((got, claim().query(conn)?))
+            }
+            _ => Ok((got, claimed)),
+        }
+    })?;
+    let raw = match got {
+        Value::BulkString(bytes) => Raw::Bytes(bytes),
+        Value::Nil => Raw::Missing,
+        Value::ServerError(err) if err.code() == "WRONGTYPE" => Raw::Foreign,
+        Value::ServerError(err) => return Err(redis::RedisError::from(err).into()),
+        other => {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                format!("unexpected reply to GET: {other:?}"),
+            ));
+        }
+    };
+    Ok((raw, acquired(claimed)))
 }
 
 /// Stores `raw` for `ttl` if `token` still holds the lease and no
