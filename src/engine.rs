@@ -37,6 +37,7 @@ use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
+use crate::miss_ahead::{Ahead, Streak};
 use crate::near::{Near, Slot};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
@@ -232,84 +233,6 @@ impl Miss<'_> {
     }
 }
 
-/// A plain read that claims its lease in its lookup's round trip
-/// ([`lease::lookup_and_lease`]): a miss then costs the `GET`, the load and
-/// the fill, as the naive miss does, instead of a separate claim first. On
-/// a hit the claim took nothing (the script returns a fresh value instead),
-/// so only reads of an engine whose reads mostly miss ([`Streak`]) do it.
-struct Ahead {
-    keys: Keys,
-    token: lease::Token,
-    /// The claim's reply, until the miss path reads it.
-    claimed: Option<Result<Acquired>>,
-}
-
-impl Ahead {
-    fn new(value_key: &str) -> Ahead {
-        Ahead {
-            keys: Keys::for_value(value_key.to_owned()),
-            token: new_token(),
-            claimed: None,
-        }
-    }
-
-    /// The lookup, with the claim behind it.
-    fn lookup(&mut self, e: &Engine) -> Result<Raw> {
-        match lease::lookup_and_lease(&e.cache, &self.keys, &self.token, e.settings.ttls, now_ms())
-        {
-            Ok((raw, claimed)) => {
-                self.claimed = Some(claimed);
-                Ok(raw)
-            }
-            // The claim may have run on the server: the read goes on
-            // without Redis, and `unused` releases it when Redis answers.
-            Err(err) => Err(err),
-        }
-    }
-
-    /// The read ended without a miss through Redis: give back what the
-    /// claim may have taken (a value deleted between the GET and the
-    /// script leaves a lease).
-    fn unused(self, e: &Engine) {
-        if !matches!(self.claimed, Some(Ok(Acquired::Cached(_)))) {
-            e.keeper.orphan(&self.keys, self.token);
-        }
-    }
-}
-
-/// Whether an engine's reads mostly miss Redis lately: a score that a miss
-/// raises by two and a hit lowers by one, within `0..=MAX`; at `ON` or more
-/// a plain read claims its lease ahead ([`Ahead`]). It stays up while more
-/// than a third of reads miss. Read and written with plain loads and
-/// stores: a lost update only delays the switch by a read.
-#[derive(Default)]
-struct Streak(std::sync::atomic::AtomicU32);
-
-impl Streak {
-    const MAX: u32 = 16;
-    const ON: u32 = 8;
-
-    fn expects_miss(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed) >= Self::ON
-    }
-
-    fn miss(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = self.0.load(Relaxed);
-        if s < Self::MAX {
-            self.0.store((s + 2).min(Self::MAX), Relaxed);
-        }
-    }
-
-    fn hit(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
-        let s = self.0.load(Relaxed);
-        if s > 0 {
-            self.0.store(s - 1, Relaxed);
-        }
-    }
-}
-
 /// A usable entry a lookup found.
 struct Found<T> {
     value: Option<T>,
@@ -432,7 +355,7 @@ impl Engine {
             .map(|_| Ahead::new(&value_key));
         if use_redis {
             let looked = match &mut ahead {
-                Some(ahead) => ahead.lookup(e),
+                Some(ahead) => ahead.lookup(&e.cache, e.settings.ttls),
                 None => e.cache.lookup(&value_key),
             };
             match looked {
@@ -459,7 +382,7 @@ impl Engine {
                             e.counters.hits.bump();
                             e.streak.hit();
                             if let Some(ahead) = ahead.take() {
-                                ahead.unused(e);
+                                ahead.unused(&e.keeper);
                             }
                             if let (Some(near), Some(ticket)) = (&e.near, ticket) {
                                 #[cfg(feature = "test-hooks")]
@@ -494,7 +417,7 @@ impl Engine {
             e.counters.bypassed.bump();
             permit = Permit::Bypass;
             if let Some(ahead) = ahead.take() {
-                ahead.unused(e);
+                ahead.unused(&e.keeper);
             }
         }
         let fits = |json: &[u8]| serde_json::from_slice::<T>(json).is_ok();
@@ -776,12 +699,17 @@ impl Engine {
         if !m.use_redis {
             return self.load_uncached(m, load);
         }
-        let (token, first) = m.ahead.take().unwrap_or_else(|| (new_token(), None));
+        let ahead = m.ahead.take();
+        let behind = ahead.is_some();
+        let (token, first) = ahead.unwrap_or_else(|| (new_token(), None));
         match self.acquire_first(m, Claim::Lease, &token, first) {
             Err(_) | Ok(Claimed::Busy) => self.load_uncached(m, load),
             Ok(Claimed::Cached(answer)) => Ok(answer),
             Ok(Claimed::Granted) => {
                 let hold = self.keeper.hold(&m.keys, token, m.deadline, m.generation);
+                if behind && m.stale.is_none() && !bg.inline() && !bg.overloaded() {
+                    return self.load_fill_behind(bg, m, load, hold);
+                }
                 // No flight: the marks only number this call's own reads.
                 match self.load_held(bg, m, load, hold, Marks::default()) {
                     Held::Done(filled) => filled.outcome.or_else(|err| self.load_failed(m, err)),
@@ -789,6 +717,40 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// A plain miss of a mostly-missing engine ([`Ahead`]) loads, hands the
+    /// fill (under the lease `hold`, as ever) to the background pool and
+    /// returns the row: the caller does not wait for the fill's round trip.
+    /// A plain miss has no followers to hand the row to; a read that comes
+    /// before the fill lands finds the lease held and loads for itself, as
+    /// concurrent plain misses do. (With a fail-safe copy the miss stays on
+    /// the caller's path, where the soft timeout is handled.)
+    fn load_fill_behind<L: Load>(
+        &self,
+        bg: &Background,
+        m: &Miss<'_>,
+        load: L,
+        hold: Hold,
+    ) -> Result<Answer> {
+        let loaded = load.run();
+        #[cfg(feature = "test-hooks")]
+        self.hooks.after_load(m.key);
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            // The hold drops and releases the lease.
+            Err(err) => return self.load_failed(m, err),
+        };
+        let answer = answer_of(&loaded);
+        let engine = self.clone();
+        let (keys, opts) = (m.keys.clone(), m.opts);
+        let fill = Box::new(move || {
+            engine.fill(&keys, &opts, hold, &loaded);
+        });
+        if let Err(fill) = bg.spawn(fill) {
+            fill();
+        }
+        Ok(answer)
     }
 
     fn miss_single_flight<L: Load>(

@@ -86,6 +86,7 @@ mod background; // the engine's small pool of background threads
 mod breaker; // the circuit breaker in front of Redis
 mod keeper; // the thread that renews live loads' leases and deletes orphans
 mod lease; // the lease protocol: Lua scripts and their wrappers
+mod miss_ahead; // a mostly-missing engine's plain miss: claim with the GET, fill behind
 mod near; // the near cache (L1) in process memory, kept coherent by Redis
 mod singleflight; // in-process single-flight
 

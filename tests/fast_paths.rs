@@ -1,7 +1,8 @@
 //! The fast paths (issue 28): a plain miss that claims its lease in the
-//! lookup's round trip keeps every lease guarantee, and turns itself off
-//! when reads hit; a near-cache hit shares one decoded value. Real servers;
-//! each test has its own table and namespace.
+//! lookup's round trip and fills behind the caller keeps every lease
+//! guarantee, and turns itself off when reads hit; a near-cache hit shares
+//! one decoded value. Real servers; each test has its own table and
+//! namespace.
 
 mod common;
 
@@ -29,6 +30,16 @@ fn missing_fixture(label: &str) -> Fixture {
     fx
 }
 
+/// Polls `cond` until it holds; panics after [`PATIENCE`]. (The fill runs
+/// on the engine's background pool after the read returns.)
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
 fn lease_exists(fx: &Fixture, key: &str) -> bool {
     let lease = format!("{}:lease", fx.client.cache().redis_key(key));
     fx.client
@@ -45,8 +56,9 @@ fn a_miss_with_the_lease_claimed_ahead_costs_one_query_and_fills() {
     let before = fx.queries();
     let read = fx.client.get_user_profile(3).unwrap().unwrap();
     assert_eq!(fx.queries(), before + 1);
-    let cached = fx.client.cache().get_json::<UserProfile>(&key).unwrap();
-    assert_eq!(cached, Some(read), "the fill stored the row");
+    let cached = || fx.client.cache().get_json::<UserProfile>(&key).unwrap();
+    wait_for("the fill", || cached().is_some());
+    assert_eq!(cached(), Some(read), "the fill stored the row");
     assert!(!lease_exists(&fx, &key), "the fill released its lease");
     // A hit now: no query, and the claim behind its GET took nothing.
     fx.client.get_user_profile(3).unwrap().unwrap();
@@ -83,12 +95,15 @@ fn fill_after_invalidate_is_dropped_when_the_lease_was_claimed_ahead() {
             "it returns what it read"
         );
     });
+    wait_for("the fill's verdict", || {
+        fx.client.engine().stats().fills_dropped > dropped
+    });
+    assert_eq!(fx.client.engine().stats().fills_dropped, dropped + 1);
     assert_eq!(
         fx.client.cache().get_json::<UserProfile>(&key).unwrap(),
         None,
         "the pre-write row was cached"
     );
-    assert_eq!(fx.client.engine().stats().fills_dropped, dropped + 1);
     assert_eq!(
         fx.client.get_user_profile(1).unwrap().unwrap().plan,
         "after-write"
