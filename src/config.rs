@@ -267,8 +267,9 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct LocalCache {
-    /// Most entries held (least useful evicted first, TinyLFU); 0 turns L1
-    /// off. Defaults to 0.
+    /// Most entries held, approximately (the store is sharded, and a shard
+    /// that fills evicts its least useful entries first, CLOCK-Pro-like);
+    /// 0 turns L1 off. Defaults to 0.
     pub max_entries: u64,
     /// Longest an entry is served after it was read from Redis, even if no
     /// invalidation came (and never past the Redis entry's TTL). At least
