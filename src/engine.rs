@@ -37,7 +37,7 @@ use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
-use crate::miss_ahead::{Ahead, Streak};
+use crate::miss_ahead::{Ahead, Behind, Streak};
 use crate::near::{Near, Slot};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
@@ -79,6 +79,8 @@ pub(crate) struct Engine {
     pub(crate) near: Option<Arc<Near>>,
     /// Whether this engine's reads mostly miss Redis lately.
     streak: Arc<Streak>,
+    /// Its fills handed to the background pool, not landed yet.
+    behind: Arc<Behind>,
     #[cfg(feature = "test-hooks")]
     pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
@@ -222,7 +224,8 @@ struct Miss<'a> {
     generation: u64,
     /// The lease token claimed with the lookup, and the claim's reply if
     /// it is still to be read (`None`: claim again with the token).
-    ahead: std::cell::Cell<Option<(lease::Token, Option<Result<Acquired>>)>>,
+    /// With them, the engine's count of landed fills before the lookup.
+    ahead: std::cell::Cell<Option<(lease::Token, Option<Result<Acquired>>, u64)>>,
 }
 
 impl Miss<'_> {
@@ -300,6 +303,7 @@ impl Engine {
             counters,
             near,
             streak: Arc::default(),
+            behind: Arc::default(),
             #[cfg(feature = "test-hooks")]
             hooks,
         }
@@ -352,7 +356,7 @@ impl Engine {
         let mut ahead = (use_redis && mode == Mode::Plain && permit == Permit::Use)
             .then(|| e.streak.expects_miss())
             .filter(|&expects| expects)
-            .map(|_| Ahead::new(&value_key));
+            .map(|_| Ahead::new(&value_key, e.behind.landings()));
         if use_redis {
             let looked = match &mut ahead {
                 Some(ahead) => ahead.lookup(&e.cache, e.settings.ttls),
@@ -426,7 +430,10 @@ impl Engine {
             None => (None, None),
         };
         let (keys, ahead) = match ahead {
-            Some(ahead) => (ahead.keys, Some((ahead.token, ahead.claimed))),
+            Some(ahead) => (
+                ahead.keys,
+                Some((ahead.token, ahead.claimed, ahead.landings)),
+            ),
             None => (Keys::for_value(value_key), None),
         };
         let miss = Miss {
@@ -701,8 +708,28 @@ impl Engine {
         }
         let ahead = m.ahead.take();
         let behind = ahead.is_some();
-        let (token, first) = ahead.unwrap_or_else(|| (new_token(), None));
+        let (token, first, landings) = ahead.unwrap_or_else(|| (new_token(), None, 0));
         match self.acquire_first(m, Claim::Lease, &token, first) {
+            Ok(Claimed::Busy)
+                if behind
+                    && (self.behind.wait(&m.keys.value, m.deadline)
+                        || self.behind.landings() != landings) =>
+            {
+                // The lease may have been our own fill's, handed off by an
+                // earlier miss of this process (still pending, or landed
+                // since this read began): read what it stored.
+                match self.cache.lookup(&m.keys.value) {
+                    Ok(Raw::Bytes(raw)) => match self.fresh_answer(m, &raw) {
+                        Some(answer) => Ok(answer),
+                        None => self.load_uncached(m, load),
+                    },
+                    Ok(_) => self.load_uncached(m, load),
+                    Err(err) => {
+                        self.cache_failed(m.permit, &err);
+                        self.load_uncached(m, load)
+                    }
+                }
+            }
             Err(_) | Ok(Claimed::Busy) => self.load_uncached(m, load),
             Ok(Claimed::Cached(answer)) => Ok(answer),
             Ok(Claimed::Granted) => {
@@ -744,8 +771,10 @@ impl Engine {
         let answer = answer_of(&loaded);
         let engine = self.clone();
         let (keys, opts) = (m.keys.clone(), m.opts);
+        let pending = self.behind.start(&keys.value);
         let fill = Box::new(move || {
             engine.fill(&keys, &opts, hold, &loaded);
+            drop(pending);
         });
         if let Err(fill) = bg.spawn(fill) {
             fill();

@@ -4,8 +4,12 @@
 //! (`Engine::load_fill_behind`). The lease protocol is unchanged: the same
 //! acquire and fill scripts, so a fill that raced a write is still dropped.
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::time::Instant;
+
+use parking_lot::{Condvar, Mutex};
 
 use crate::cache::{Cache, Raw};
 use crate::entry::now_ms;
@@ -20,6 +24,8 @@ use crate::lease::{self, Acquired, Token, Ttls, new_token};
 /// a hit the claim took nothing (the script returns a fresh value instead),
 /// so only reads of an engine whose reads mostly miss ([`Streak`]) do it.
 pub(crate) struct Ahead {
+    /// [`Behind::landings`] before the lookup.
+    pub(crate) landings: u64,
     pub(crate) keys: Keys,
     pub(crate) token: Token,
     /// The claim's reply, until the miss path reads it (`None`: claim
@@ -28,8 +34,9 @@ pub(crate) struct Ahead {
 }
 
 impl Ahead {
-    pub(crate) fn new(value_key: &str) -> Ahead {
+    pub(crate) fn new(value_key: &str, landings: u64) -> Ahead {
         Ahead {
+            landings,
             keys: Keys::for_value(value_key.to_owned()),
             token: new_token(),
             claimed: None,
@@ -90,9 +97,116 @@ impl Streak {
     }
 }
 
+/// The fills an engine handed to its background pool that have not landed,
+/// by value key: a read of this process that finds such a fill's lease held
+/// waits for it (within its deadline) and reads what it stored, instead of
+/// loading again. So a read right after a miss in the same process costs
+/// no second query, as when the fill ran on the caller's path.
+#[derive(Default)]
+pub(crate) struct Behind {
+    /// Held only to insert, look up and remove; never across I/O.
+    fills: Mutex<HashMap<Box<str>, Arc<Landing>>>,
+    /// Fills landed so far: a read that finds a lease held though no fill
+    /// of its key is pending notes whether one landed since it began (its
+    /// own key's fill may have landed between its claim and its look).
+    landed: AtomicU64,
+}
+
+/// One fill's landing: `landed` (guarded by its mutex) turns true when the
+/// fill's job ends, on every path (its [`Pending`] drops).
+#[derive(Default)]
+struct Landing {
+    landed: Mutex<bool>,
+    wake: Condvar,
+}
+
+/// A fill not landed yet; dropping it (when the job ends, or if the job is
+/// dropped unrun) marks it landed and wakes its waiters.
+pub(crate) struct Pending {
+    behind: Arc<Behind>,
+    key: Box<str>,
+    landing: Arc<Landing>,
+}
+
+impl Behind {
+    /// Notes a fill of `value_key` handed off now.
+    pub(crate) fn start(self: &Arc<Self>, value_key: &str) -> Pending {
+        let landing = Arc::new(Landing::default());
+        self.fills
+            .lock()
+            .insert(value_key.into(), Arc::clone(&landing));
+        Pending {
+            behind: Arc::clone(self),
+            key: value_key.into(),
+            landing,
+        }
+    }
+
+    /// Fills landed so far.
+    pub(crate) fn landings(&self) -> u64 {
+        self.landed.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Waits until the pending fill of `value_key`, if any, has landed;
+    /// false if there was none or `deadline` came first.
+    pub(crate) fn wait(&self, value_key: &str, deadline: Instant) -> bool {
+        let Some(landing) = self.fills.lock().get(value_key).cloned() else {
+            return false;
+        };
+        let mut landed = landing.landed.lock();
+        while !*landed {
+            if landing.wake.wait_until(&mut landed, deadline).timed_out() {
+                return *landed;
+            }
+        }
+        true
+    }
+
+    /// Fills not landed yet.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.fills.lock().len()
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.behind
+            .landed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        *self.landing.landed.lock() = true;
+        self.landing.wake.notify_all();
+        let mut fills = self.behind.fills.lock();
+        // Only if still ours: a later fill of the key may have replaced it.
+        if fills
+            .get(&self.key)
+            .is_some_and(|l| Arc::ptr_eq(l, &self.landing))
+        {
+            fills.remove(&self.key);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Streak;
+    use super::{Arc, Behind, Instant, Streak};
+    use std::time::Duration;
+
+    #[test]
+    fn landed_fills_leave_the_map_and_are_counted() {
+        let behind = Arc::new(Behind::default());
+        assert!(!behind.wait("k", Instant::now()), "nothing pending");
+        let first = behind.start("k");
+        let second = behind.start("k");
+        assert!(!behind.wait("k", Instant::now() + Duration::from_millis(1)));
+        drop(first);
+        assert_eq!(behind.len(), 1, "the later fill is still pending");
+        let landings = behind.landings();
+        drop(second);
+        assert_eq!(behind.len(), 0);
+        assert_eq!(behind.landings(), landings + 1);
+        assert!(!behind.wait("k", Instant::now() + Duration::from_secs(30)));
+    }
 
     #[test]
     fn streak_turns_on_past_a_third_of_misses_and_off_under_hits() {
