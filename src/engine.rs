@@ -37,7 +37,7 @@ use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
-use crate::miss_ahead::{Ahead, Behind, Streak};
+use crate::miss_ahead::{Ahead, AheadClaim, Behind, Streak};
 use crate::near::{Near, Slot};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
@@ -225,7 +225,7 @@ struct Miss<'a> {
     /// The lease token claimed with the lookup, and the claim's reply if
     /// it is still to be read (`None`: claim again with the token).
     /// With them, the engine's count of landed fills before the lookup.
-    ahead: std::cell::Cell<Option<(lease::Token, Option<Result<Acquired>>, u64)>>,
+    ahead: std::cell::Cell<Option<AheadClaim>>,
 }
 
 impl Miss<'_> {
@@ -430,10 +430,10 @@ impl Engine {
             None => (None, None),
         };
         let (keys, ahead) = match ahead {
-            Some(ahead) => (
-                ahead.keys,
-                Some((ahead.token, ahead.claimed, ahead.landings)),
-            ),
+            Some(ahead) => {
+                let (keys, claim) = ahead.into_parts();
+                (keys, Some(claim))
+            }
             None => (Keys::for_value(value_key), None),
         };
         let miss = Miss {
@@ -708,7 +708,10 @@ impl Engine {
         }
         let ahead = m.ahead.take();
         let behind = ahead.is_some();
-        let (token, first, landings) = ahead.unwrap_or_else(|| (new_token(), None, 0));
+        let (token, first, landings) = match ahead {
+            Some(a) => (a.token, a.claimed, a.landings),
+            None => (new_token(), None, 0),
+        };
         match self.acquire_first(m, Claim::Lease, &token, first) {
             Ok(Claimed::Busy)
                 if behind

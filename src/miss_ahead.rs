@@ -25,15 +25,34 @@ use crate::lease::{self, Acquired, Token, Ttls, new_token};
 /// so only reads of an engine whose reads mostly miss ([`Streak`]) do it.
 pub(crate) struct Ahead {
     /// [`Behind::landings`] before the lookup.
-    pub(crate) landings: u64,
-    pub(crate) keys: Keys,
-    pub(crate) token: Token,
+    landings: u64,
+    keys: Keys,
+    token: Token,
     /// The claim's reply, until the miss path reads it (`None`: claim
     /// again, with the same token).
     pub(crate) claimed: Option<Result<Acquired>>,
 }
 
+/// What an [`Ahead`] lookup hands the miss path.
+pub(crate) struct AheadClaim {
+    pub(crate) token: Token,
+    /// The claim's reply if still unread (`None`: claim again, same token).
+    pub(crate) claimed: Option<Result<Acquired>>,
+    /// [`Behind::landings`] before the lookup.
+    pub(crate) landings: u64,
+}
+
 impl Ahead {
+    /// The keys, and what the miss path needs of the claim.
+    pub(crate) fn into_parts(self) -> (Keys, AheadClaim) {
+        let claim = AheadClaim {
+            token: self.token,
+            claimed: self.claimed,
+            landings: self.landings,
+        };
+        (self.keys, claim)
+    }
+
     pub(crate) fn new(value_key: &str, landings: u64) -> Ahead {
         Ahead {
             landings,
