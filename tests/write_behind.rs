@@ -420,21 +420,27 @@ fn a_synchronous_write_supersedes_a_pending_change() {
     assert_eq!(fx.client.write_behind_pending().unwrap(), 0);
 }
 
+/// Enqueues `behind` for user `id`, then sets `direct` as psql or another
+/// service would, leaving the version to the capture trigger.
+fn enqueue_then_update_directly(fx: &Fixture, id: i64) {
+    fx.client
+        .update_user_plan_write_behind(id, "behind")
+        .unwrap()
+        .unwrap();
+    let direct = format!(
+        "UPDATE {} SET plan = 'direct', updated_at = now() WHERE id = $1",
+        fx.config.users_table
+    );
+    assert_eq!(fx.client.db().execute(&direct, &[&id]).unwrap(), 1);
+}
+
 /// SQL that bypasses the library (psql, another service) after an enqueue
 /// is the later write: the flush must not land over it, and once the relay
 /// has applied it, reads get it rather than the pending change.
 #[test]
 fn a_direct_sql_write_after_an_enqueue_is_not_overwritten_by_its_flush() {
     let fx = Fixture::with(wb_config("wb_direct_after"));
-    fx.client
-        .update_user_plan_write_behind(2, "behind")
-        .unwrap()
-        .unwrap();
-    let direct = format!(
-        "UPDATE {} SET plan = 'direct', updated_at = now() WHERE id = 2",
-        fx.config.users_table
-    );
-    assert_eq!(fx.client.db().execute(&direct, &[]).unwrap(), 1);
+    enqueue_then_update_directly(&fx, 2);
     // The relay (the fixture's client runs it) takes the pending change
     // back: reads get the direct write, not the older change.
     let deadline = Instant::now() + PATIENCE;
@@ -466,15 +472,7 @@ fn a_flush_before_the_relay_sees_a_direct_write_does_not_land_over_it() {
     let mut config = wb_config("wb_direct_first");
     config.invalidation_relay = false;
     let fx = Fixture::with(config);
-    fx.client
-        .update_user_plan_write_behind(2, "behind")
-        .unwrap()
-        .unwrap();
-    let direct = format!(
-        "UPDATE {} SET plan = 'direct', updated_at = now() WHERE id = 2",
-        fx.config.users_table
-    );
-    assert_eq!(fx.client.db().execute(&direct, &[]).unwrap(), 1);
+    enqueue_then_update_directly(&fx, 2);
     fx.client.start_write_behind(1).unwrap();
     fx.client.drain_write_behind(PATIENCE).unwrap();
     assert_eq!(row(&fx, 2).0, "direct", "Postgres keeps the later write");
