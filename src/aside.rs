@@ -7,6 +7,8 @@
 //! engine that drops stops its relay and workers before the pool and the
 //! keeper they use go.
 
+mod replica;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 

@@ -1087,6 +1087,10 @@ impl Worker {
                 .iter()
                 .map(|c| (cache.keys(&c.key), c.version))
                 .collect();
+            let fences = batch
+                .iter()
+                .map(|(k, v)| (k, v.and_then(|v| u64::try_from(v).ok())));
+            self.engine.raise_fences(fences)?;
             lease::relay_invalidate(cache, &batch)?;
             self.engine
                 .counters
