@@ -1,0 +1,369 @@
+//! Loads from a read replica, fenced by committed versions: a private
+//! PostgreSQL primary with a streaming replica that applies every commit
+//! late (`recovery_min_apply_delay`), so a miss right after a write would
+//! find the pre-write row there.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::Barrier;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use cacheaside::{CacheAside, Config, Db, Mode, Versioned};
+use common::servers::PrivatePostgres;
+use common::{Fixture, test_config};
+use parking_lot::Mutex;
+
+const TTL: Duration = Duration::from_secs(60);
+
+/// Polls `done` (a query on the replica) until it holds, at most 20 s: the
+/// replica replays what the primary committed `recovery_min_apply_delay`
+/// later. Not a sleep that makes a test pass: it waits for a state.
+fn until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A config whose loads go to `replica` and everything else to `primary`.
+fn replica_config(label: &str, primary: &PrivatePostgres, replica: &PrivatePostgres) -> Config {
+    let mut config = test_config(label);
+    config.database_url = primary.url();
+    config.replica_url = Some(replica.url());
+    config.replica_max_lag = Duration::from_secs(10);
+    config
+}
+
+/// Deletes the engine's keys when the test ends, however it ends.
+struct Namespace<'a>(&'a CacheAside);
+
+impl Drop for Namespace<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.cache().delete_namespace();
+    }
+}
+
+/// The item's `(val, version)` read through the fenced loader.
+fn read_item(engine: &CacheAside, id: i64) -> (i64, u64) {
+    let sql = "SELECT val, version FROM items WHERE id = $1";
+    engine
+        .get_or_load_versioned_from_replica(
+            &format!("item:{id}"),
+            TTL,
+            Mode::SingleFlight,
+            |db: &Db| {
+                let row = db.query_opt(sql, &[&id])?;
+                Ok(row.map(|r| {
+                    let version = r.get::<_, i64>(1) as u64;
+                    Versioned::new((r.get::<_, i64>(0), version), version)
+                }))
+            },
+        )
+        .unwrap()
+        .expect("the item exists")
+}
+
+fn version_on(db: &Db, id: i64) -> Option<i64> {
+    db.query_opt("SELECT version FROM items WHERE id = $1", &[&id])
+        .ok()
+        .flatten()
+        .map(|r| r.get(0))
+}
+
+/// Drops the cached value only (as an eviction or an expiry would): the
+/// fence and everything else stay.
+fn evict(engine: &CacheAside, key: &str) {
+    let redis_key = engine.cache().redis_key(key);
+    engine
+        .cache()
+        .with_connection(|c| redis::cmd("DEL").arg(&redis_key).query::<()>(c))
+        .unwrap();
+}
+
+/// Every write path fences the replica: write-through (by version), the
+/// relay applying a direct SQL update (by the captured version), a plain
+/// invalidation (closed: version unknown). A replica row at the fence's
+/// version is used; one below it is read again from the primary.
+#[test]
+fn a_miss_right_after_a_write_reads_the_primary_not_the_lagging_replica() {
+    let primary = PrivatePostgres::start();
+    // Long enough that the replica is surely behind when the read comes.
+    let replica = primary.start_replica(Duration::from_secs(2));
+    let engine = CacheAside::open(&replica_config("replica_fence", &primary, &replica)).unwrap();
+    let _cleanup = Namespace(&engine);
+    let db = engine.db();
+    let on_replica = db.replica().expect("replica_url is set");
+    db.batch_execute(
+        "CREATE TABLE items (id bigint PRIMARY KEY, val bigint NOT NULL, version bigint NOT NULL);
+         INSERT INTO items VALUES (1, 1, 1)",
+    )
+    .unwrap();
+    engine
+        .capture_changes("items", "item:", "id", Some("version"))
+        .unwrap();
+    until("the replica to have the row", || {
+        version_on(on_replica, 1) == Some(1)
+    });
+    let counts = || {
+        let s = engine.stats();
+        (
+            s.replica_loads,
+            s.replica_fenced,
+            db.query_count(),
+            on_replica.query_count(),
+        )
+    };
+
+    // No write within the lag: the replica answers.
+    let before = counts();
+    assert_eq!(read_item(&engine, 1), (1, 1));
+    let after = counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (1, 0),
+        "replica loads, fenced"
+    );
+    assert_eq!(
+        (after.2 - before.2, after.3 - before.3),
+        (0, 1),
+        "primary, replica statements"
+    );
+
+    // Write-through to version 2, then the entry is evicted: the replica
+    // still has version 1, below the fence: the primary answers.
+    let update = "UPDATE items SET val = $2, version = $2 WHERE id = $1 RETURNING val, version";
+    let written: Option<i64> = engine
+        .write_through("item:1", TTL, || {
+            let row = db.query_opt(update, &[&1_i64, &2_i64])?;
+            Ok(row.map(|r| Versioned::new(r.get::<_, i64>(0), r.get::<_, i64>(1) as u64)))
+        })
+        .unwrap();
+    assert_eq!(written, Some(2));
+    evict(&engine, "item:1");
+    let before = counts();
+    assert_eq!(read_item(&engine, 1), (2, 2), "a pre-write row was read");
+    let after = counts();
+    assert_eq!(
+        (after.0 - before.0, after.1 - before.1),
+        (0, 1),
+        "replica loads, fenced"
+    );
+    assert_eq!(
+        (after.2 - before.2, after.3 - before.3),
+        (1, 1),
+        "primary, replica statements"
+    );
+    assert_eq!(version_on(on_replica, 1), Some(1), "the replica was behind");
+
+    // Once the replica has version 2, it serves the key again, fence or not.
+    until("the replica to have version 2", || {
+        version_on(on_replica, 1) == Some(2)
+    });
+    evict(&engine, "item:1");
+    let before = counts();
+    assert_eq!(read_item(&engine, 1), (2, 2));
+    assert_eq!(counts().0 - before.0, 1, "the replica answered");
+
+    // A write that bypasses the library: the relay applies it with its
+    // captured version, and fences the key before it invalidates.
+    db.execute("UPDATE items SET val = 3, version = 3 WHERE id = 1", &[])
+        .unwrap();
+    assert!(engine.sync_relay(Duration::from_secs(10)));
+    let before = counts();
+    assert_eq!(read_item(&engine, 1), (3, 3), "a pre-write row was read");
+    assert_eq!(counts().1 - before.1, 1, "fenced");
+
+    // A plain write + invalidate: no version, so the fence is closed and the
+    // replica is not even asked.
+    db.execute("UPDATE items SET val = 4, version = 4 WHERE id = 1", &[])
+        .unwrap();
+    engine.invalidate("item:1").unwrap();
+    let before = counts();
+    assert_eq!(read_item(&engine, 1), (4, 4), "a pre-write row was read");
+    let after = counts();
+    assert_eq!(after.1 - before.1, 1, "fenced");
+    assert_eq!(after.3 - before.3, 0, "the replica was not asked");
+    assert_eq!(engine.stats().replica_skipped, 0);
+}
+
+/// The lab's reads on a replica 500 ms behind, while a writer updates the
+/// same users (plain update + invalidate, and write-through): no read ever
+/// returns (and so no cache entry ever holds) a version older than a write
+/// that returned before the read began; at the end every cached profile is
+/// the committed one; and most misses are served by the replica.
+#[test]
+fn readers_beside_a_writer_cache_no_pre_write_row_and_the_replica_serves_most_misses() {
+    let primary = PrivatePostgres::start();
+    let replica = primary.start_replica(Duration::from_millis(500));
+    let mut config = replica_config("replica_soak", &primary, &replica);
+    // Entries of users nobody writes expire often: their misses are the
+    // replica's to serve.
+    config.ttl = Duration::from_millis(200);
+    let fx = Fixture::with(config);
+    let client = &fx.client;
+    let table = fx.config.users_table.clone();
+    // Cold users beside the five hot (written) demo users.
+    let cold: Vec<i64> = (1000..1200).collect();
+    client
+        .db()
+        .execute(
+            &format!(
+                "INSERT INTO {table} (id, name, email, plan) \
+                 SELECT i, 'user ' || i, 'u' || i || '@example.com', 'free' \
+                 FROM generate_series(1000, 1199) AS i"
+            ),
+            &[],
+        )
+        .unwrap();
+    let on_replica = client.db().replica().expect("replica_url is set");
+    let count = format!("SELECT count(*) FROM {table}");
+    until(
+        "the replica to have every user",
+        || matches!(on_replica.query_opt(&count, &[]), Ok(Some(r)) if r.get::<_, i64>(0) == 205),
+    );
+    fx.settle();
+    let hot: Vec<i64> = cacheaside::DEMO_USERS.iter().map(|u| u.0).collect();
+
+    // The newest version of each hot user whose write has returned.
+    let returned: Mutex<HashMap<i64, i64>> =
+        Mutex::new(hot.iter().map(|&id| (id, fx.db_version(id))).collect());
+    let stop = AtomicBool::new(false);
+    let (reads, stale, writes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
+    let readers = 4;
+    let start = Barrier::new(readers + 1);
+    let before = client.engine().stats();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            start.wait();
+            let until = Instant::now() + Duration::from_secs(3);
+            let mut n = 0_u64;
+            while Instant::now() < until {
+                let id = hot[n as usize % hot.len()];
+                let plan = format!("p{n}");
+                let version = if n % 2 == 0 {
+                    assert!(client.update_user_plan(id, &plan).unwrap());
+                    fx.db_version(id)
+                } else {
+                    let row = client.update_user_plan_write_through(id, &plan).unwrap();
+                    row.expect("the user exists").version
+                };
+                returned.lock().insert(id, version);
+                n += 1;
+            }
+            writes.store(n, Ordering::Relaxed);
+            stop.store(true, Ordering::Relaxed);
+        });
+        for r in 0..readers {
+            let (hot, cold, returned, stop) = (&hot, &cold, &returned, &stop);
+            let (reads, stale, start) = (&reads, &stale, &start);
+            s.spawn(move || {
+                start.wait();
+                let mut rng = fastrand::Rng::with_seed(r as u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let id = if rng.bool() {
+                        hot[rng.usize(..hot.len())]
+                    } else {
+                        cold[rng.usize(..cold.len())]
+                    };
+                    // What this read must not be older than: the writes that
+                    // returned before it began.
+                    let floor = returned.lock().get(&id).copied().unwrap_or(1);
+                    let profile = if rng.bool() {
+                        client.get_user_profile(id)
+                    } else {
+                        client.get_user_profile_singleflight(id)
+                    };
+                    let profile = profile.unwrap().expect("the user exists");
+                    if profile.version < floor {
+                        stale.fetch_add(1, Ordering::Relaxed);
+                    }
+                    reads.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let stats = client.engine().stats();
+    let (loads, fenced, skipped) = (
+        stats.replica_loads - before.replica_loads,
+        stats.replica_fenced - before.replica_fenced,
+        stats.replica_skipped - before.replica_skipped,
+    );
+    let (reads, stale, writes) = (reads.into_inner(), stale.into_inner(), writes.into_inner());
+    eprintln!(
+        "{writes} writes, {reads} reads; misses: {loads} from the replica, {fenced} fenced, \
+         {skipped} skipped"
+    );
+    assert!(
+        writes > 50 && reads > 500,
+        "too little ran: {writes} writes, {reads} reads"
+    );
+    assert_eq!(stale, 0, "reads older than a write that had returned");
+    // Every cached profile is the committed row: none is a pre-write one.
+    for &id in &hot {
+        let cached = client.get_user_profile(id).unwrap().unwrap();
+        assert_eq!(i64::from(cached.version), fx.db_version(id), "user {id}");
+    }
+    assert!(fenced > 0, "no miss met a fence: the test did not race");
+    assert_eq!(skipped, 0);
+    assert!(
+        loads * 2 > loads + fenced,
+        "the replica served {loads} of {} misses",
+        loads + fenced
+    );
+}
+
+/// A write-behind worker's commit reaches the replica late too: the
+/// worker closes the key's fence before it settles the change (which
+/// deletes the cached value), so the miss that follows reads the primary.
+#[test]
+fn a_write_behind_commit_fences_the_replica() {
+    let primary = PrivatePostgres::start();
+    let replica = primary.start_replica(Duration::from_secs(2));
+    let mut config = replica_config("replica_write_behind", &primary, &replica);
+    // The relay would fence the key too (the worker's UPDATE is captured):
+    // without it, the worker's own fence is what is tested.
+    config.invalidation_relay = false;
+    let fx = Fixture::with(config);
+    let client = &fx.client;
+    let on_replica = client.db().replica().expect("replica_url is set");
+    let table = &fx.config.users_table;
+    // A user of its own, inserted behind the library's back: no write of
+    // the library has fenced it.
+    client
+        .db()
+        .execute(
+            &format!(
+                "INSERT INTO {table} (id, name, email, plan) VALUES (3000, 'x', 'x@x', 'free')"
+            ),
+            &[],
+        )
+        .unwrap();
+    let version = format!("SELECT version FROM {table} WHERE id = 3000");
+    until("the replica to have the user", || {
+        matches!(on_replica.query_opt(&version, &[]), Ok(Some(_)))
+    });
+    client.start_write_behind(1).unwrap();
+    let seq = client
+        .update_user_plan_write_behind(3000, "team")
+        .unwrap()
+        .expect("user 3000 exists");
+    assert_eq!(
+        client.engine().stats().replica_loads,
+        1,
+        "read from the replica"
+    );
+    client.drain_write_behind(Duration::from_secs(10)).unwrap();
+    let before = client.engine().stats().replica_fenced;
+    let now = client.get_user_profile(3000).unwrap().unwrap();
+    assert_eq!(
+        (now.plan.as_str(), now.version as u64),
+        ("team", seq),
+        "a pre-write row was read"
+    );
+    assert_eq!(client.engine().stats().replica_fenced, before + 1, "fenced");
+    let on_the_replica: i64 = on_replica.query_opt(&version, &[]).unwrap().unwrap().get(0);
+    assert!((on_the_replica as u64) < seq, "the replica was behind");
+}
