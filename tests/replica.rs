@@ -5,28 +5,14 @@
 
 mod common;
 
-use std::collections::HashMap;
-use std::sync::Barrier;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use cacheaside::{CacheAside, Config, Db, Mode, Versioned};
+use common::replica::{self as soak, until};
 use common::servers::PrivatePostgres;
 use common::{Fixture, test_config};
-use parking_lot::Mutex;
 
 const TTL: Duration = Duration::from_secs(60);
-
-/// Polls `done` (a query on the replica) until it holds, at most 20 s: the
-/// replica replays what the primary committed `recovery_min_apply_delay`
-/// later. Not a sleep that makes a test pass: it waits for a state.
-fn until(what: &str, mut done: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !done() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A config whose loads go to `replica` and everything else to `primary`.
 fn replica_config(label: &str, primary: &PrivatePostgres, replica: &PrivatePostgres) -> Config {
@@ -204,114 +190,34 @@ fn readers_beside_a_writer_cache_no_pre_write_row_and_the_replica_serves_most_mi
     config.ttl = Duration::from_millis(200);
     let fx = Fixture::with(config);
     let client = &fx.client;
-    let table = fx.config.users_table.clone();
     // Cold users beside the five hot (written) demo users.
     let cold: Vec<i64> = (1000..1200).collect();
-    client
-        .db()
-        .execute(
-            &format!(
-                "INSERT INTO {table} (id, name, email, plan) \
-                 SELECT i, 'user ' || i, 'u' || i || '@example.com', 'free' \
-                 FROM generate_series(1000, 1199) AS i"
-            ),
-            &[],
-        )
-        .unwrap();
-    let on_replica = client.db().replica().expect("replica_url is set");
-    let count = format!("SELECT count(*) FROM {table}");
-    until(
-        "the replica to have every user",
-        || matches!(on_replica.query_opt(&count, &[]), Ok(Some(r)) if r.get::<_, i64>(0) == 205),
-    );
+    soak::add_users_and_wait_for_the_replica(client, 1000..1200);
     fx.settle();
     let hot: Vec<i64> = cacheaside::DEMO_USERS.iter().map(|u| u.0).collect();
 
-    // The newest version of each hot user whose write has returned.
-    let returned: Mutex<HashMap<i64, i64>> =
-        Mutex::new(hot.iter().map(|&id| (id, fx.db_version(id))).collect());
-    let stop = AtomicBool::new(false);
-    let (reads, stale, writes) = (AtomicU64::new(0), AtomicU64::new(0), AtomicU64::new(0));
-    let readers = 4;
-    let start = Barrier::new(readers + 1);
-    let before = client.engine().stats();
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            start.wait();
-            let until = Instant::now() + Duration::from_secs(3);
-            let mut n = 0_u64;
-            while Instant::now() < until {
-                let id = hot[n as usize % hot.len()];
-                let plan = format!("p{n}");
-                let version = if n % 2 == 0 {
-                    assert!(client.update_user_plan(id, &plan).unwrap());
-                    fx.db_version(id)
-                } else {
-                    let row = client.update_user_plan_write_through(id, &plan).unwrap();
-                    row.expect("the user exists").version
-                };
-                returned.lock().insert(id, version);
-                n += 1;
-            }
-            writes.store(n, Ordering::Relaxed);
-            stop.store(true, Ordering::Relaxed);
-        });
-        for r in 0..readers {
-            let (hot, cold, returned, stop) = (&hot, &cold, &returned, &stop);
-            let (reads, stale, start) = (&reads, &stale, &start);
-            s.spawn(move || {
-                start.wait();
-                let mut rng = fastrand::Rng::with_seed(r as u64);
-                while !stop.load(Ordering::Relaxed) {
-                    let id = if rng.bool() {
-                        hot[rng.usize(..hot.len())]
-                    } else {
-                        cold[rng.usize(..cold.len())]
-                    };
-                    // What this read must not be older than: the writes that
-                    // returned before it began.
-                    let floor = returned.lock().get(&id).copied().unwrap_or(1);
-                    let profile = if rng.bool() {
-                        client.get_user_profile(id)
-                    } else {
-                        client.get_user_profile_singleflight(id)
-                    };
-                    let profile = profile.unwrap().expect("the user exists");
-                    if profile.version < floor {
-                        stale.fetch_add(1, Ordering::Relaxed);
-                    }
-                    reads.fetch_add(1, Ordering::Relaxed);
-                }
-            });
-        }
-    });
-    let stats = client.engine().stats();
-    let (loads, fenced, skipped) = (
-        stats.replica_loads - before.replica_loads,
-        stats.replica_fenced - before.replica_fenced,
-        stats.replica_skipped - before.replica_skipped,
+    let seen = soak::run(client, &hot, &cold, Duration::from_secs(3), 4);
+    eprintln!("{seen:?}, replica share {:.2}", seen.replica_share());
+    assert!(
+        seen.writes > 50 && seen.reads > 500,
+        "too little ran: {seen:?}"
     );
-    let (reads, stale, writes) = (reads.into_inner(), stale.into_inner(), writes.into_inner());
-    eprintln!(
-        "{writes} writes, {reads} reads; misses: {loads} from the replica, {fenced} fenced, \
-         {skipped} skipped"
+    assert_eq!(seen.stale, 0, "reads older than a write that had returned");
+    assert_eq!(
+        soak::cached_behind_committed(client, &hot),
+        Vec::<i64>::new(),
+        "cached profiles older than the committed row"
     );
     assert!(
-        writes > 50 && reads > 500,
-        "too little ran: {writes} writes, {reads} reads"
+        seen.fenced > 0,
+        "no miss met a fence: the test did not race"
     );
-    assert_eq!(stale, 0, "reads older than a write that had returned");
-    // Every cached profile is the committed row: none is a pre-write one.
-    for &id in &hot {
-        let cached = client.get_user_profile(id).unwrap().unwrap();
-        assert_eq!(i64::from(cached.version), fx.db_version(id), "user {id}");
-    }
-    assert!(fenced > 0, "no miss met a fence: the test did not race");
-    assert_eq!(skipped, 0);
+    assert_eq!(seen.skipped, 0);
     assert!(
-        loads * 2 > loads + fenced,
-        "the replica served {loads} of {} misses",
-        loads + fenced
+        seen.replica_share() > 0.5,
+        "the replica served {} of {} misses",
+        seen.replica_loads,
+        seen.replica_loads + seen.fenced
     );
 }
 
