@@ -110,7 +110,7 @@ pub fn run(client: &Client, hot: &[i64], cold: &[i64], duration: Duration, reade
             while Instant::now() < until {
                 let id = hot[n as usize % hot.len()];
                 let plan = format!("p{n}");
-                let version = if n % 2 == 0 {
+                let version = if n.is_multiple_of(2) {
                     assert!(client.update_user_plan(id, &plan).expect("update"));
                     // Only this thread writes: the committed version is ours.
                     version_of(client, id)
