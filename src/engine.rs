@@ -1259,7 +1259,19 @@ impl Engine {
             .into_iter()
             .map(|(keys, version)| (keys.value.as_str(), version))
             .collect();
-        crate::fence::raise(&self.cache, &fences, ttl)
+        match crate::fence::raise(&self.cache, &fences, ttl) {
+            // Redis answered but refused the write (out of memory): the
+            // invalidation must still go (a DEL is accepted), or the old
+            // row would stay cached, and the relay would retry for ever.
+            // No fill can land on a Redis that refuses writes either; a
+            // read around the cache may find the replica behind (the limit
+            // docs/replicas.md states).
+            Err(err) if !err.is_outage() && !err.is_timeout() => {
+                report!(warn, "a replica fence was refused: {}", err.chain());
+                Ok(())
+            }
+            raised => raised,
+        }
     }
 
     /// Where a load of `key` reads: the replica under the key's fence, or

@@ -273,3 +273,29 @@ fn a_write_behind_commit_fences_the_replica() {
     let on_the_replica: i64 = on_replica.query_opt(&version, &[]).unwrap().unwrap().get(0);
     assert!((on_the_replica as u64) < seq, "the replica was behind");
 }
+
+/// A Redis out of memory (`noeviction`) refuses the fence's `SET`, but
+/// accepts the `DEL`: the write's invalidation still goes through (else the
+/// old row would stay cached, and the relay would retry it for ever).
+#[test]
+fn a_full_redis_still_accepts_invalidations_with_a_replica() {
+    let redis = common::servers::PrivateRedis::start();
+    let mut config = test_config("replica_oom");
+    config.redis_url = redis.url();
+    config.invalidation_relay = false;
+    // The shared database as its own "replica": no lag is needed here.
+    config.replica_url = Some(config.database_url.clone());
+    let fx = Fixture::with(config);
+    let client = &fx.client;
+    assert_eq!(client.get_user_profile(4).unwrap().unwrap().version, 1);
+    redis.command(&["CONFIG", "SET", "maxmemory-policy", "noeviction"]);
+    redis.command(&["CONFIG", "SET", "maxmemory", "1"]);
+    assert!(
+        redis.command(&["SET", "probe", "1"]).contains("OOM"),
+        "Redis is full"
+    );
+    assert!(client.update_user_plan(4, "full").unwrap());
+    assert_eq!(client.engine().stats().invalidations_failed, 0);
+    assert_eq!(client.get_user_profile(4).unwrap().unwrap().plan, "full");
+    redis.command(&["CONFIG", "SET", "maxmemory", "0"]);
+}
