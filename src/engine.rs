@@ -35,7 +35,7 @@ use crate::config::{Config, EntryOptions};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
-use crate::fence::Source;
+use crate::fence::{LagWatch, Source};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
 use crate::near::{Near, Slot};
@@ -77,6 +77,8 @@ pub(crate) struct Engine {
     pub(crate) counters: Arc<Counters>,
     /// The near cache, when [`Config::local_cache`] turns it on.
     pub(crate) near: Option<Arc<Near>>,
+    /// How far behind the read replica is ([`crate::fence`]).
+    replica_lag: Arc<LagWatch>,
     #[cfg(feature = "test-hooks")]
     pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
@@ -282,6 +284,7 @@ impl Engine {
             settings: Arc::new(settings),
             counters,
             near,
+            replica_lag: Arc::new(LagWatch::new(config.replica_max_lag)),
             #[cfg(feature = "test-hooks")]
             hooks,
         }
@@ -1277,6 +1280,13 @@ impl Engine {
     /// Where a load of `key` reads: the replica under the key's fence, or
     /// the primary when there is no replica.
     pub(crate) fn source(&self, key: &str) -> Source {
-        Source::new(&self.db, &self.cache, key, &self.breaker, &self.counters)
+        Source::new(
+            &self.db,
+            &self.cache,
+            key,
+            &self.breaker,
+            &self.counters,
+            &self.replica_lag,
+        )
     }
 }

@@ -28,12 +28,19 @@
 //! dropped as without a replica. A read that cannot see the fences (Redis
 //! unreachable, this process's breaker open) reads the primary.
 //!
-//! The limit: a fence expires `replica_max_lag` after its write. A replica
-//! further behind than that can serve, and fill, a pre-write row (until
-//! the entry's TTL or the key's next write).
+//! A fence expires `replica_max_lag` after its write, so a replica further
+//! behind than that must not be read at all: [`LagWatch`] measures the
+//! replica's replay lag (at most every [`LAG_EVERY`]) and sends loads to
+//! the primary while the lag, plus the time since it was measured, is not
+//! below `replica_max_lag`. What it cannot see: WAL the replica has not
+//! even received yet (a partition between the servers); there the bound is
+//! the replica's own `wal_receiver_timeout`.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
 
 use redis::Script;
 
@@ -136,6 +143,72 @@ struct Replica {
     value_key: String,
     breaker: Arc<Breaker>,
     counters: Arc<Counters>,
+    lag: Arc<LagWatch>,
+}
+
+/// How often the replica's lag is measured (by the load that finds the
+/// last measure older; the others go by the last one meanwhile).
+pub(crate) const LAG_EVERY: Duration = Duration::from_millis(250);
+
+/// On the replica: how far its replay is behind, in seconds. Everything
+/// received replayed: 0. Else the time since the last commit it replayed,
+/// which is at least the age of the oldest commit it has not (an
+/// overestimate when the primary was quiet before: reads then go to the
+/// primary, the safe side). Not in recovery (not a replica): 0.
+const LAG_SQL: &str = "SELECT CASE WHEN pg_is_in_recovery() \
+    AND pg_last_wal_receive_lsn() IS DISTINCT FROM pg_last_wal_replay_lsn() \
+    THEN COALESCE(EXTRACT(epoch FROM now() - pg_last_xact_replay_timestamp()), 1e9) \
+    ELSE 0 END::float8";
+
+/// Whether the replica is close enough behind for the fences to cover it.
+pub(crate) struct LagWatch {
+    /// [`Config::replica_max_lag`](crate::Config::replica_max_lag).
+    max: Duration,
+    /// When the lag was last measured, and what it was (`Duration::MAX`:
+    /// the measure failed). Locked only to copy it in or out.
+    last: Mutex<Option<(Instant, Duration)>>,
+    /// A load is measuring now: the others do not wait for it.
+    measuring: AtomicBool,
+}
+
+impl LagWatch {
+    pub(crate) fn new(max: Duration) -> LagWatch {
+        LagWatch {
+            max,
+            last: Mutex::new(None),
+            measuring: AtomicBool::new(false),
+        }
+    }
+
+    /// True when the replica's lag, as last measured plus the time since
+    /// (it cannot have grown faster), is below the maximum. Measures it
+    /// first when the last measure is older than [`LAG_EVERY`] and no other
+    /// load is measuring. Never measured yet: false.
+    fn admits(&self, replica: &Db) -> bool {
+        let last = *self.last.lock();
+        let due = last.is_none_or(|(at, _)| at.elapsed() >= LAG_EVERY);
+        if due && !self.measuring.swap(true, Ordering::AcqRel) {
+            // Not counted in the replica's query_count: the library's own.
+            let lag = match replica.uncounted().query_opt(LAG_SQL, &[]) {
+                Ok(Some(row)) => row
+                    .try_get::<_, f64>(0)
+                    .ok()
+                    .and_then(|secs| Duration::try_from_secs_f64(secs.max(0.0)).ok())
+                    .unwrap_or(Duration::MAX),
+                Ok(None) => Duration::MAX,
+                Err(err) => {
+                    report!(debug, "cannot measure the replica's lag: {}", err.chain());
+                    Duration::MAX
+                }
+            };
+            *self.last.lock() = Some((Instant::now(), lag));
+            self.measuring.store(false, Ordering::Release);
+        }
+        match *self.last.lock() {
+            Some((at, lag)) => lag.saturating_add(at.elapsed()) < self.max,
+            None => false,
+        }
+    }
 }
 
 impl Source {
@@ -147,6 +220,7 @@ impl Source {
         key: &str,
         breaker: &Arc<Breaker>,
         counters: &Arc<Counters>,
+        lag: &Arc<LagWatch>,
     ) -> Source {
         Source {
             primary: primary.clone(),
@@ -156,16 +230,16 @@ impl Source {
                 value_key: cache.redis_key(key),
                 breaker: Arc::clone(breaker),
                 counters: Arc::clone(counters),
+                lag: Arc::clone(lag),
             }),
         }
     }
 
     /// Runs `load` against the replica when the key's fence admits the row
     /// it returns, else (a fence below it or closed, a fence that cannot be
-    /// read, a replica that fails) against the primary: the row returned
-    /// is never older than a write that returned before this call began
-    /// (within the replica lag the fences cover). `load` returns the row and
-    /// its version (0: unversioned).
+    /// read, a replica too far behind or failing) against the primary: the
+    /// row returned is never older than a write that returned before this
+    /// call began. `load` returns the row and its version (0: unversioned).
     pub(crate) fn load<T>(
         &self,
         load: impl Fn(&Db) -> Result<Option<(T, u64)>>,
@@ -189,6 +263,9 @@ impl Source {
             }
         };
         let counters = &replica.counters;
+        // A fence lives replica_max_lag: a replica further behind than that
+        // may lack a write whose fence is gone, so it is not read at all.
+        let fence = fence.filter(|_| replica.lag.admits(&replica.db));
         let Some(fence) = fence else {
             counters.replica_skipped.bump();
             return load(&self.primary);
