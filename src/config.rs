@@ -94,9 +94,9 @@ pub struct Config {
     /// its own `sslmode`, with `database_ca_file`. Defaults to `None`.
     pub replica_url: Option<String>,
     /// How long a write fences the replica loads of its key: the worst
-    /// replica lag the fences cover (a replica further behind can cache a
-    /// pre-write row; see `docs/replicas.md`). Used only with `replica_url`.
-    /// Defaults to 5 s.
+    /// replica lag the fences cover. While the replica is measured this far
+    /// behind or more, loads read the primary (see `docs/replicas.md`).
+    /// Used only with `replica_url`. Defaults to 5 s.
     pub replica_max_lag: Duration,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.

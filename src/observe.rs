@@ -126,7 +126,8 @@ pub struct Stats {
     /// each read the primary instead.
     pub replica_fenced: u64,
     /// Loads that read the primary because the fence could not be read
-    /// (Redis unreachable, the breaker open) or the replica failed.
+    /// (Redis unreachable, the breaker open), the replica was measured as
+    /// far behind as a fence lives (or not measured yet), or it failed.
     pub replica_skipped: u64,
 }
 

@@ -31,10 +31,10 @@ impl CacheAside {
     /// is *read again from the primary*, and the primary's row is what the
     /// caller gets and what is cached. So no read returns, and no fill
     /// caches, a row older than a write that returned before the read
-    /// began, as long as the replica is at most `replica_max_lag` behind
-    /// (further behind, it can). With the fence unreadable (Redis down,
-    /// the breaker open) or the replica failing, `load` runs on the
-    /// primary. `load` may therefore run twice; without a replica it runs
+    /// began. A fence lives `replica_max_lag`, so while the replica is
+    /// measured that far behind (or more), its loads run on the primary
+    /// too; so do they with the fence unreadable (Redis down, the breaker
+    /// open) or the replica failing. `load` may therefore run twice; without a replica it runs
     /// once, on the primary.
     ///
     /// Counted in [`Stats::replica_loads`](crate::Stats::replica_loads),
