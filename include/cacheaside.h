@@ -1334,9 +1334,9 @@ enum cacheaside_status cacheaside_config_set_replica_url(struct cacheaside_confi
 
 /**
  * Sets how long a write fences the replica's loads of its key, in
- * milliseconds: the worst replica lag the fences cover (a replica further
- * behind can cache a pre-write row). Used only with a replica URL.
- * Defaults to 5000.
+ * milliseconds: the worst replica lag the fences cover; while the replica
+ * is measured that far behind or more, loads read the primary. Used only
+ * with a replica URL. Defaults to 5000.
  *
  * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, 0, or more than ten
  * years.
