@@ -7,7 +7,7 @@
 //! write-through writers in progress: a set of tokens), `…:floor` (the
 //! lowest version a registered writer may still store, once the relay has
 //! seen a newer one), `…:pending` (the newest write-behind change not yet
-//! in the source: a hash) and `…:seq` (the last write-behind sequence
+//! in the source: a hash), `…:seq` (the last write-behind sequence
 //! number the key got, kept for a while after it) and `…:fence` (the
 //! newest committed version a read replica must have before a load from
 //! it counts, or `*`: see [`crate::fence`]). All share one slot.
