@@ -1277,6 +1277,17 @@ impl Engine {
         }
     }
 
+    /// [`raise_fences`](Self::raise_fences) for changes the relay read
+    /// from the outbox, each with its captured version (none for a delete
+    /// or a table without a version column).
+    pub(crate) fn raise_captured_fences(&self, changes: &[(Keys, Option<i64>)]) -> Result<()> {
+        self.raise_fences(
+            changes
+                .iter()
+                .map(|(keys, version)| (keys, version.and_then(|v| u64::try_from(v).ok()))),
+        )
+    }
+
     /// Where a load of `key` reads: the replica under the key's fence, or
     /// the primary when there is no replica.
     pub(crate) fn source(&self, key: &str) -> Source {

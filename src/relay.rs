@@ -1087,10 +1087,7 @@ impl Worker {
                 .iter()
                 .map(|c| (cache.keys(&c.key), c.version))
                 .collect();
-            let fences = batch
-                .iter()
-                .map(|(k, v)| (k, v.and_then(|v| u64::try_from(v).ok())));
-            self.engine.raise_fences(fences)?;
+            self.engine.raise_captured_fences(&batch)?;
             lease::relay_invalidate(cache, &batch)?;
             self.engine
                 .counters
