@@ -357,3 +357,23 @@ fn a_full_redis_still_accepts_invalidations_with_a_replica() {
     assert_eq!(client.get_user_profile(4).unwrap().unwrap().plan, "full");
     redis.command(&["CONFIG", "SET", "maxmemory", "0"]);
 }
+
+/// `ping` is where a misconfigured server shows: a replica that does not
+/// answer is named, though reads would only have gone to the primary.
+#[test]
+fn ping_names_a_replica_that_does_not_answer() {
+    let mut config = test_config("replica_ping");
+    config.replica_url = Some(format!(
+        "postgres://postgres@127.0.0.1:{}/test",
+        common::servers::free_port()
+    ));
+    let engine = CacheAside::open(&config).unwrap();
+    let err = engine.ping().unwrap_err();
+    assert!(
+        err.to_string().starts_with("read replica: "),
+        "{}",
+        err.chain()
+    );
+    config.replica_url = Some(config.database_url.clone());
+    CacheAside::open(&config).unwrap().ping().unwrap();
+}

@@ -81,6 +81,21 @@ impl CacheAside {
         )
     }
 
+    /// One `SELECT 1` on the read replica, if there is one (not counted):
+    /// see [`ping`](Self::ping).
+    pub(super) fn ping_replica(&self) -> Result<()> {
+        let Some(replica) = self.inner.engine.db.replica() else {
+            return Ok(());
+        };
+        match replica.uncounted().query_opt("SELECT 1", &[]) {
+            Ok(_) => Ok(()),
+            Err(err) => {
+                let message = format!("read replica: {err}");
+                Err(err.reworded(message))
+            }
+        }
+    }
+
     /// Where a load of `key` reads (the lab's reads go through it).
     pub(crate) fn source(&self, key: &str) -> Source {
         self.inner.engine.source(key)
