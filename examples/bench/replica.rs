@@ -14,7 +14,7 @@ use std::fmt::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::time::{Duration, Instant};
 
-use cacheaside::Client;
+use cacheaside::{Client, Config};
 use serde_json::{Value, json};
 
 use crate::BoxResult;
@@ -45,6 +45,11 @@ pub enum ReplicaSection {
         ran: Duration,
         /// Servers started, schema installed, replica caught up.
         setup: Duration,
+        /// Median `update_user_plan` (update + invalidate) in µs, with the
+        /// replica configured (the fence costs a round trip) and without,
+        /// taking turns on the same primary and Redis.
+        write_us: (f64, f64),
+        writes_timed: usize,
     },
 }
 
@@ -98,11 +103,46 @@ pub fn measure(bench: &Bench) -> BoxResult<ReplicaSection> {
             "replica: users {behind:?} cached older than committed"
         ));
     }
+    let writes_timed = if bench.plan.quick { 200 } else { 1000 };
+    let write_us = write_cost(&config, &client, writes_timed)?;
     eprintln!(
-        "bench: replica (18): {seen:?}, share {:.2}",
-        seen.replica_share()
+        "bench: replica (18): {seen:?}, share {:.2}; update_user_plan {:.0} µs with the fence, {:.0} µs without",
+        seen.replica_share(),
+        write_us.0,
+        write_us.1
     );
-    Ok(ReplicaSection::Measured { seen, ran, setup })
+    Ok(ReplicaSection::Measured {
+        seen,
+        ran,
+        setup,
+        write_us,
+        writes_timed,
+    })
+}
+
+/// Median `update_user_plan` time (µs) through `client` (replica
+/// configured: each write raises a fence first) and through a client
+/// without the replica, `rounds` each, taking turns on the cold users.
+fn write_cost(config: &Config, client: &Client, rounds: usize) -> BoxResult<(f64, f64)> {
+    let mut plain_config = config.clone();
+    plain_config.replica_url = None;
+    plain_config.invalidation_relay = false;
+    let plain = Client::open(&plain_config)?;
+    let (mut with, mut without) = (Vec::with_capacity(rounds), Vec::with_capacity(rounds));
+    for i in 0..rounds {
+        let id = 1000 + (i % 200) as i64;
+        for (who, into) in [(client, &mut with), (&plain, &mut without)] {
+            let started = Instant::now();
+            who.update_user_plan(id, "timed")?;
+            into.push(started.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    Ok((median(&mut with), median(&mut without)))
+}
+
+fn median(samples: &mut [f64]) -> f64 {
+    samples.sort_by(f64::total_cmp);
+    samples.get(samples.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 struct DeleteNamespace<'a>(&'a Client);
@@ -124,7 +164,13 @@ impl Section for ReplicaSection {
             ReplicaSection::Skipped(why) => {
                 let _ = writeln!(md, "Skipped: {why}.");
             }
-            ReplicaSection::Measured { seen, ran, setup } => {
+            ReplicaSection::Measured {
+                seen,
+                ran,
+                setup,
+                write_us,
+                writes_timed,
+            } => {
                 md.push_str(
                     "| writes | reads | loads from the replica | fenced (read the primary) | skipped (no fence readable) | replica share | stale reads |\n|---:|---:|---:|---:|---:|---:|---:|\n",
                 );
@@ -144,6 +190,13 @@ impl Section for ReplicaSection {
                     "\nOne writer on 5 users (plain update + invalidate and write-through in turn), {READERS} readers on those and 200 others (TTL 200 ms) for {:.0} s; set-up (two servers, schema, replica caught up) {:.1} s. A fenced load is one the replica answered with a row older than the key's fence (or whose fence was closed by a write of unknown version): it was read again from the primary.",
                     ran.as_secs_f64(),
                     setup.as_secs_f64()
+                );
+                let _ = writeln!(
+                    md,
+                    "\nWhat the fence costs a write: `update_user_plan` (UPDATE + invalidate) {:.0} µs median with the replica configured against {:.0} µs without ({:.2}×; {writes_timed} writes each, taking turns): the fence is one Redis round trip before the invalidation.",
+                    write_us.0,
+                    write_us.1,
+                    write_us.0 / write_us.1
                 );
             }
         }
@@ -173,7 +226,13 @@ impl Section for ReplicaSection {
     fn json(&self) -> Option<(&'static str, Value)> {
         let value = match self {
             ReplicaSection::Skipped(why) => json!({ "skipped": why }),
-            ReplicaSection::Measured { seen, ran, setup } => json!({
+            ReplicaSection::Measured {
+                seen,
+                ran,
+                setup,
+                write_us,
+                writes_timed,
+            } => json!({
                 "apply_delay_ms": APPLY_DELAY.as_millis() as u64,
                 "seconds": ran.as_secs_f64(),
                 "setup_seconds": setup.as_secs_f64(),
@@ -184,6 +243,7 @@ impl Section for ReplicaSection {
                 "skipped": seen.skipped,
                 "replica_share": seen.replica_share(),
                 "stale_reads": seen.stale,
+                "update_user_plan_us": {"with_fence": write_us.0, "without": write_us.1, "writes": writes_timed},
             }),
         };
         Some(("replica", value))
