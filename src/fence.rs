@@ -249,13 +249,19 @@ impl Source {
         };
         // Read before the replica is, and after the read began (and after
         // the lease, for a load that fills): see the module docs.
+        let generation = replica.cache.server_generation();
         let fence = if replica.breaker.is_open() {
             // This process does not trust what Redis says now (nor wait on
             // it): no fence to go by.
             None
         } else {
             match read(&replica.cache, &replica.value_key) {
-                Ok(fence) => Some(fence),
+                // A Redis server that changed under the GET (a restart, a
+                // failover) may have lost fences: its answer proves nothing
+                // (the change trips the breaker first, see server_watch).
+                Ok(_) if replica.cache.server_generation() != generation => None,
+                Ok(fence) if !replica.breaker.is_open() => Some(fence),
+                Ok(_) => None,
                 Err(err) => {
                     report!(debug, "cannot read a replica fence: {}", err.chain());
                     None
