@@ -555,7 +555,7 @@ struct Scripts {
 
 /// Versions are compared as decimal strings (length, then text), exact for
 /// any u64; Lua numbers are doubles, which round above 2^53.
-const OLDER: &str = r"
+pub(crate) const OLDER: &str = r"
 local function older(a, b)
   a = string.gsub(a, '^0+', ''); b = string.gsub(b, '^0+', '')
   if #a ~= #b then return #a < #b end

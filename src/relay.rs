@@ -1092,6 +1092,7 @@ impl Worker {
                 .iter()
                 .map(|c| (cache.keys(&c.key), c.version))
                 .collect();
+            self.engine.raise_captured_fences(&batch)?;
             lease::relay_invalidate(cache, &batch)?;
             self.engine
                 .counters
