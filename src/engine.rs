@@ -35,12 +35,16 @@ use crate::config::{Config, EntryOptions};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fence::{LagWatch, Source};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
 use crate::miss_ahead::{Ahead, AheadClaim, Behind, Streak};
+
+mod behind;
 use crate::near::{Near, Slot};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
+pub(crate) use behind::Deferred;
 
 /// How a read that misses the cache reaches the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -81,6 +85,8 @@ pub(crate) struct Engine {
     streak: Arc<Streak>,
     /// Its fills handed to the background pool, not landed yet.
     behind: Arc<Behind>,
+    /// How far behind the read replica is ([`crate::fence`]).
+    replica_lag: Arc<LagWatch>,
     #[cfg(feature = "test-hooks")]
     pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
@@ -111,6 +117,9 @@ pub(crate) struct Settings {
     /// What a load may take: kept free at the end of a call's deadline.
     load_budget: Duration,
     fail_safe_throttle: Duration,
+    /// How long a write fences replica loads of its key
+    /// ([`Config::replica_max_lag`]); `None` without a replica: no fences.
+    fence: Option<Duration>,
 }
 
 /// A load's result in the form the cache stores: JSON, with the version
@@ -154,25 +163,6 @@ impl<F: FnOnce() -> LoadResult + Send + 'static> Load for Owned<F> {
 
     fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self> {
         Ok(Box::new(self.0))
-    }
-}
-
-/// An owned loader built only when a read misses, by the function it
-/// holds: a hit clones nothing (no `Arc` of the pool or the SQL) for a
-/// loader it does not run.
-pub(crate) struct Deferred<M>(pub(crate) M);
-
-impl<M, F> Load for Deferred<M>
-where
-    M: FnOnce() -> F,
-    F: FnOnce() -> LoadResult + Send + 'static,
-{
-    fn run(self) -> LoadResult {
-        (self.0)()()
-    }
-
-    fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self> {
-        Ok(Box::new((self.0)()))
     }
 }
 
@@ -262,6 +252,10 @@ impl Engine {
                 + crate::config::CLIENT_MARGIN
                 + config.cache_timeout * 2,
             fail_safe_throttle: config.fail_safe_throttle,
+            fence: config
+                .replica_url
+                .is_some()
+                .then_some(config.replica_max_lag),
         };
         let counters = Arc::new(Counters::new(&config.namespace));
         let breaker = Arc::new(Breaker::new(
@@ -304,6 +298,7 @@ impl Engine {
             near,
             streak: Arc::default(),
             behind: Arc::default(),
+            replica_lag: Arc::new(LagWatch::new(config.replica_max_lag)),
             #[cfg(feature = "test-hooks")]
             hooks,
         }
@@ -618,7 +613,12 @@ impl Engine {
         self.flights.note_write(key);
         let _evict = self.evict_on_return(key);
         let keys = self.cache.keys(key);
-        match lease::invalidate(&self.cache, &keys) {
+        // The fence before the lease goes: a reader that takes a lease
+        // after this must find it raised (see crate::fence).
+        let invalidated = self
+            .raise_fences([(&keys, None)])
+            .and_then(|()| lease::invalidate(&self.cache, &keys));
+        match invalidated {
             Ok(()) => Ok(()),
             Err(err) => {
                 self.counters.invalidations_failed.bump();
@@ -683,7 +683,10 @@ impl Engine {
         let took = started.elapsed().max(Duration::from_millis(1));
         let raw = Entry::new(Payload::Value(&json), version, took, ttl).encode();
         let physical = ttl.saturating_add(self.settings.defaults.fail_safe_max);
-        match lease::write_through(&self.cache, &keys, &token, &raw, version, physical) {
+        let written = self.raise_fences([(&keys, Some(version))]).and_then(|()| {
+            lease::write_through(&self.cache, &keys, &token, &raw, version, physical)
+        });
+        match written {
             Ok(_) => {
                 writer.consumed();
                 Ok(Some(value))
@@ -713,25 +716,8 @@ impl Engine {
             None => (new_token(), None, 0),
         };
         match self.acquire_first(m, Claim::Lease, &token, first) {
-            Ok(Claimed::Busy)
-                if behind
-                    && (self.behind.wait(&m.keys.value, m.deadline)
-                        || self.behind.landings() != landings) =>
-            {
-                // The lease may have been our own fill's, handed off by an
-                // earlier miss of this process (still pending, or landed
-                // since this read began): read what it stored.
-                match self.cache.lookup(&m.keys.value) {
-                    Ok(Raw::Bytes(raw)) => match self.fresh_answer(m, &raw) {
-                        Some(answer) => Ok(answer),
-                        None => self.load_uncached(m, load),
-                    },
-                    Ok(_) => self.load_uncached(m, load),
-                    Err(err) => {
-                        self.cache_failed(m.permit, &err);
-                        self.load_uncached(m, load)
-                    }
-                }
+            Ok(Claimed::Busy) if behind && self.own_fill_landed(m, landings) => {
+                self.read_own_fill(m, load)
             }
             Err(_) | Ok(Claimed::Busy) => self.load_uncached(m, load),
             Ok(Claimed::Cached(answer)) => Ok(answer),
@@ -747,42 +733,6 @@ impl Engine {
                 }
             }
         }
-    }
-
-    /// A plain miss of a mostly-missing engine ([`Ahead`]) loads, hands the
-    /// fill (under the lease `hold`, as ever) to the background pool and
-    /// returns the row: the caller does not wait for the fill's round trip.
-    /// A plain miss has no followers to hand the row to; a read that comes
-    /// before the fill lands finds the lease held and loads for itself, as
-    /// concurrent plain misses do. (With a fail-safe copy the miss stays on
-    /// the caller's path, where the soft timeout is handled.)
-    fn load_fill_behind<L: Load>(
-        &self,
-        bg: &Background,
-        m: &Miss<'_>,
-        load: L,
-        hold: Hold,
-    ) -> Result<Answer> {
-        let loaded = load.run();
-        #[cfg(feature = "test-hooks")]
-        self.hooks.after_load(m.key);
-        let loaded = match loaded {
-            Ok(loaded) => loaded,
-            // The hold drops and releases the lease.
-            Err(err) => return self.load_failed(m, err),
-        };
-        let answer = answer_of(&loaded);
-        let engine = self.clone();
-        let (keys, opts) = (m.keys.clone(), m.opts);
-        let pending = self.behind.start(&keys.value);
-        let fill = Box::new(move || {
-            engine.fill(&keys, &opts, hold, &loaded);
-            drop(pending);
-        });
-        if let Err(fill) = bg.spawn(fill) {
-            fill();
-        }
-        Ok(answer)
     }
 
     fn miss_single_flight<L: Load>(
@@ -1376,4 +1326,60 @@ fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>
             format!("another caller loaded a different type: {why}"),
         )
     })
+}
+
+/// Fences, for loads from a read replica ([`crate::fence`]).
+impl Engine {
+    /// Raises the fences of `keys` to their committed versions (`None`:
+    /// unknown) before a write's cache step reaches them; nothing without a
+    /// replica.
+    pub(crate) fn raise_fences<'k>(
+        &self,
+        keys: impl IntoIterator<Item = (&'k Keys, Option<u64>)>,
+    ) -> Result<()> {
+        let Some(ttl) = self.settings.fence else {
+            return Ok(());
+        };
+        let fences: Vec<(&str, Option<u64>)> = keys
+            .into_iter()
+            .map(|(keys, version)| (keys.value.as_str(), version))
+            .collect();
+        match crate::fence::raise(&self.cache, &fences, ttl) {
+            // Redis answered but refused the write (out of memory): the
+            // invalidation must still go (a DEL is accepted), or the old
+            // row would stay cached, and the relay would retry for ever.
+            // No fill can land on a Redis that refuses writes either; a
+            // read around the cache may find the replica behind (the limit
+            // docs/replicas.md states).
+            Err(err) if !err.is_outage() && !err.is_timeout() => {
+                report!(warn, "a replica fence was refused: {}", err.chain());
+                Ok(())
+            }
+            raised => raised,
+        }
+    }
+
+    /// [`raise_fences`](Self::raise_fences) for changes the relay read
+    /// from the outbox, each with its captured version (none for a delete
+    /// or a table without a version column).
+    pub(crate) fn raise_captured_fences(&self, changes: &[(Keys, Option<i64>)]) -> Result<()> {
+        self.raise_fences(
+            changes
+                .iter()
+                .map(|(keys, version)| (keys, version.and_then(|v| u64::try_from(v).ok()))),
+        )
+    }
+
+    /// Where a load of `key` reads: the replica under the key's fence, or
+    /// the primary when there is no replica.
+    pub(crate) fn source(&self, key: &str) -> Source {
+        Source::new(
+            &self.db,
+            &self.cache,
+            key,
+            &self.breaker,
+            &self.counters,
+            &self.replica_lag,
+        )
+    }
 }

@@ -463,8 +463,10 @@ impl Client {
             self.ttl,
             mode,
             || {
-                let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
-                move || versioned_profile(db.query_opt(&sql.select, &[&user_id])?)
+                // The replica when one is configured, fenced (see
+                // crate::fence).
+                let (source, sql) = (self.engine.source(key.as_str()), Arc::clone(&self.sql));
+                move || source.load(|db| versioned_profile(db.query_opt(&sql.select, &[&user_id])?))
             },
             local,
         )
