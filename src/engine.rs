@@ -39,11 +39,12 @@ use crate::fence::{LagWatch, Source};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
 use crate::miss_ahead::{Ahead, AheadClaim, Behind, Streak};
-
-mod behind;
 use crate::near::{Near, Slot};
 use crate::observe::{Counters, MissSpan, report};
 use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
+
+// A loader built only on a miss, and the fill handed off behind the caller.
+mod behind;
 pub(crate) use behind::Deferred;
 
 /// How a read that misses the cache reaches the source.
@@ -212,9 +213,8 @@ struct Miss<'a> {
     sent_back: std::cell::Cell<bool>,
     /// The Redis server generation before this call's first command.
     generation: u64,
-    /// The lease token claimed with the lookup, and the claim's reply if
-    /// it is still to be read (`None`: claim again with the token).
-    /// With them, the engine's count of landed fills before the lookup.
+    /// The lease claimed with the lookup ([`Ahead`]), for the miss path to
+    /// take (once).
     ahead: std::cell::Cell<Option<AheadClaim>>,
 }
 
