@@ -111,9 +111,13 @@ pub(crate) struct Settings {
 /// A load's result in the form the cache stores: JSON, with the version
 /// that orders it against write-through and how long it took.
 pub(crate) struct Loaded {
-    json: Option<Vec<u8>>,
-    version: u64,
-    took: Duration,
+    pub(crate) json: Option<Vec<u8>>,
+    pub(crate) version: u64,
+    pub(crate) took: Duration,
+    /// A conditional loader found the cached row (`json`, `version`)
+    /// unchanged: the fill only extends the cached entry
+    /// ([`crate::refresh`]).
+    pub(crate) unchanged: bool,
 }
 
 pub(crate) type LoadResult = Result<Loaded>;
@@ -124,6 +128,11 @@ pub(crate) trait Load: Sized {
     fn run(self) -> LoadResult;
     /// The loader as a job for another thread, if it can move there.
     fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self>;
+    /// The loader, told the cached entry (raw) it may refresh: a
+    /// conditional loader may then answer that the row is unchanged.
+    fn with_cached(self, _raw: &[u8]) -> Self {
+        self
+    }
 }
 
 /// A loader that borrows from its caller's stack.
@@ -168,11 +177,13 @@ pub(crate) fn encoded<T: Serialize>(
             json: Some(to_json(&value)?),
             version,
             took,
+            unchanged: false,
         },
         None => Loaded {
             json: None,
             version: 0,
             took,
+            unchanged: false,
         },
     })
 }
@@ -290,6 +301,23 @@ impl Engine {
         load: L,
         local: fn(&Slot) -> Option<Option<T>>,
     ) -> Result<Option<T>> {
+        self.read_tagged(background, key, opts, mode, load, local, None)
+    }
+
+    /// [`read`](Self::read) of an entry filled with `tags`
+    /// ([`crate::tags`]; `None`: untagged). A tagged read bypasses the near
+    /// cache: a tag's invalidation evicts nothing there.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn read_tagged<T: DeserializeOwned, L: Load>(
+        &self,
+        background: &Background,
+        key: &str,
+        opts: EntryOptions,
+        mode: Mode,
+        load: L,
+        local: fn(&Slot) -> Option<Option<T>>,
+        tags: Option<Arc<crate::keys::Tags>>,
+    ) -> Result<Option<T>> {
         check_key(key)?;
         opts.check()?;
         let e = self;
@@ -297,7 +325,7 @@ impl Engine {
         // L1 first, unless the breaker says this process must not trust
         // what Redis told it.
         let ticket = match &e.near {
-            Some(near) if !e.breaker.is_open() => {
+            Some(near) if tags.is_none() && !e.breaker.is_open() => {
                 if let Some(slot) = near.get(&value_key) {
                     match local(&slot) {
                         Some(value) => return Ok(value),
@@ -321,7 +349,7 @@ impl Engine {
         let mut stale = None;
         let mut use_redis = permit != Permit::Bypass;
         if use_redis {
-            match e.cache.lookup(&value_key) {
+            match crate::tags::lookup(&e.cache, &value_key, tags.as_deref()) {
                 Ok(_) if e.cache.server_generation() != generation => {
                     use_redis = false;
                 }
@@ -339,21 +367,36 @@ impl Engine {
                     {
                         if found.fresh {
                             e.counters.hits.bump();
-                            if let (Some(near), Some(ticket)) = (&e.near, ticket) {
+                            if let (Some(near), Some(ticket)) = (&e.near, ticket)
+                                && !crate::entry::is_tagged(&raw)
+                            {
                                 #[cfg(feature = "test-hooks")]
                                 e.hooks.before_local_fill(key);
                                 near.offer(&value_key, ticket, &raw);
                             }
                             if found.refresh_due {
-                                self.refresh_early(
-                                    background, key, value_key, opts, generation, load,
-                                );
+                                let mut keys = Keys::for_value(value_key);
+                                keys.tags = tags;
+                                let load = load.with_cached(&raw);
+                                self.refresh_early(background, key, keys, opts, generation, load);
                             }
                             return Ok(found.value);
                         }
                         stale = Some((raw, found.value));
                     }
                 }
+                Err(err) => {
+                    e.cache_failed(permit, &err);
+                    use_redis = false;
+                }
+            }
+        }
+        let mut keys = Keys::for_value(value_key);
+        if use_redis && let Some(tags) = &tags {
+            // Read before the load, as the lease is taken: an
+            // invalidate_tag from now on makes this fill be dropped.
+            match crate::tags::stamp(&e.cache, tags) {
+                Ok(stamped) => keys.tags = Some(stamped),
                 Err(err) => {
                     e.cache_failed(permit, &err);
                     use_redis = false;
@@ -371,9 +414,13 @@ impl Engine {
             Some((raw, value)) => (Some(raw), Some(value)),
             None => (None, None),
         };
+        let load = match &stale_raw {
+            Some(raw) => load.with_cached(raw),
+            None => load,
+        };
         let miss = Miss {
             key,
-            keys: Keys::for_value(value_key),
+            keys,
             opts,
             stale: stale_raw,
             permit,
@@ -409,7 +456,7 @@ impl Engine {
         &self,
         background: &Background,
         key: &str,
-        value_key: String,
+        keys: Keys,
         opts: EntryOptions,
         generation: u64,
         load: L,
@@ -425,7 +472,7 @@ impl Engine {
         };
         let target = Target {
             key: key.to_owned(),
-            keys: Keys::for_value(value_key),
+            keys,
             opts,
             deadline: Instant::now() + e.settings.call_deadline,
             generation,
@@ -692,7 +739,8 @@ impl Engine {
                 return Err(Error::timeout("reading a key that keeps being written"));
             }
             if m.use_redis {
-                match self.cache.lookup(&m.keys.value) {
+                let tags = m.keys.tags.as_deref();
+                match crate::tags::lookup(&self.cache, &m.keys.value, tags) {
                     Ok(Raw::Bytes(raw)) => {
                         if let Some(answer) = self.fresh_answer(m, &raw) {
                             return Ok(answer);
@@ -832,6 +880,24 @@ impl Engine {
     /// holds it, load, fill, publish. Failures are silent: the cached value
     /// is still valid.
     fn refresh(&self, leader: Leader<Shared>, t: &Target, load: impl FnOnce() -> LoadResult) {
+        let stamped;
+        let t = match &t.keys.tags {
+            // Stamps before the load, as on a miss.
+            Some(tags) => match crate::tags::stamp(&self.cache, tags) {
+                Ok(tags) => {
+                    let mut keys = t.keys.clone();
+                    keys.tags = Some(tags);
+                    stamped = Target { keys, ..t.clone() };
+                    &stamped
+                }
+                Err(err) => {
+                    self.cache_failed(Permit::Use, &err);
+                    leader.publish(Err(err), 0);
+                    return;
+                }
+            },
+            None => t,
+        };
         let token = new_token();
         let acquired = lease::acquire(
             &self.cache,
@@ -964,7 +1030,9 @@ impl Engine {
             Some(json) => (Payload::Value(json), opts.ttl),
             None => (Payload::Absent, opts.negative_ttl),
         };
-        let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
+        let line = keys.tags.as_deref().map(crate::tags::line);
+        let entry = Entry::new(payload, loaded.version, loaded.took, ttl);
+        let raw = entry.tagged(line.as_deref().unwrap_or_default()).encode();
         let physical = ttl.saturating_add(opts.fail_safe_max);
         #[cfg(feature = "test-hooks")]
         if self.hooks.leases_disabled() {
@@ -973,7 +1041,43 @@ impl Engine {
                 Err(_) => Verdict::Failed,
             };
         }
-        match lease::fill(&self.cache, keys, hold.token(), &raw, physical) {
+        let filled = if loaded.unchanged {
+            let (load_us, expires) = (entry.load_us, entry.expires_at_ms);
+            let (token, version) = (hold.token(), loaded.version);
+            lease::touch(
+                &self.cache,
+                keys,
+                token,
+                version,
+                load_us,
+                expires,
+                physical,
+            )
+        } else {
+            lease::fill(&self.cache, keys, hold.token(), &raw, physical)
+        };
+        let filled = match (filled, keys.tags.as_deref()) {
+            // A tag's stamp moved during the load: what was stored may
+            // predate that invalidate_tag. Take it back out.
+            (Ok(true), Some(tags)) => match crate::tags::moved(&self.cache, tags) {
+                Ok(false) => Ok(true),
+                moved => {
+                    // (A re-stamped entry keeps its older stamps: it reads
+                    // as a miss already.)
+                    if !loaded.unchanged {
+                        let _ = lease::discard(&self.cache, &keys.value, &raw);
+                    }
+                    hold.filled();
+                    self.counters.fill_dropped(&keys.value);
+                    return match moved {
+                        Ok(_) => Verdict::Dropped,
+                        Err(_) => Verdict::Failed,
+                    };
+                }
+            },
+            (filled, _) => filled,
+        };
+        match filled {
             Ok(true) if self.cache.server_generation() != hold.generation() => {
                 // Stored on another Redis server than the one the lease was
                 // taken on: there the lease may have come back from a
@@ -1055,6 +1159,13 @@ impl Engine {
 
     /// A fresh entry read again by a follower, as an answer.
     fn fresh_answer(&self, m: &Miss<'_>, raw: &[u8]) -> Option<Answer> {
+        if crate::entry::is_tagged(raw)
+            && !crate::tags::valid(&self.cache, &m.keys.value, raw, Vec::new()).unwrap_or(false)
+        {
+            // A tag invalidated it (and it is gone now), or its tags
+            // could not be checked: not an answer.
+            return None;
+        }
         match Entry::decode(raw) {
             Ok(entry) if entry.is_fresh(now_ms()) => match entry.payload {
                 Payload::Absent => Some(Answer::Absent),
@@ -1126,6 +1237,7 @@ impl Drop for EvictOnReturn<'_> {
 }
 
 /// What an early refresh reloads.
+#[derive(Clone)]
 struct Target {
     key: String,
     keys: Keys,
