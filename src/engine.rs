@@ -1160,7 +1160,7 @@ impl Engine {
     /// A fresh entry read again by a follower, as an answer.
     fn fresh_answer(&self, m: &Miss<'_>, raw: &[u8]) -> Option<Answer> {
         if crate::entry::is_tagged(raw)
-            && !crate::tags::valid(&self.cache, &m.keys.value, raw, Vec::new()).unwrap_or(false)
+            && !crate::tags::valid(&self.cache, &m.keys.value, raw, &[]).unwrap_or(false)
         {
             // A tag invalidated it (and it is gone now), or its tags
             // could not be checked: not an answer.

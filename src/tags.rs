@@ -140,11 +140,11 @@ pub(crate) fn moved(cache: &Cache, tags: &Tags) -> Result<bool> {
     Ok(current
         .iter()
         .zip(&tags.stamps)
-        .any(|(now, then)| now.as_deref() != Some(then.as_str())))
+        .any(|(now, then)| now.as_deref() != Some(then.as_bytes())))
 }
 
 /// The current stamps of `keys` (`None`: no stamp).
-fn current_stamps(cache: &Cache, keys: &[String]) -> Result<Vec<Option<String>>> {
+fn current_stamps(cache: &Cache, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>> {
     if keys.is_empty() {
         return Ok(Vec::new());
     }
@@ -189,13 +189,11 @@ pub(crate) fn lookup(cache: &Cache, value_key: &str, tags: Option<&Tags>) -> Res
     if !is_tagged(bytes) {
         return Ok(raw);
     }
-    let known = known.map(|(tags, stamps)| {
-        let stamps = stamps
-            .into_iter()
-            .map(|s| s.and_then(|s| String::from_utf8(s).ok()));
-        tags.names.iter().map(String::as_str).zip(stamps).collect()
-    });
-    if valid(cache, value_key, bytes, known.unwrap_or_default())? {
+    let known: Vec<(&str, Option<Vec<u8>>)> = match known {
+        Some((tags, stamps)) => tags.names.iter().map(String::as_str).zip(stamps).collect(),
+        None => Vec::new(),
+    };
+    if valid(cache, value_key, bytes, &known)? {
         Ok(raw)
     } else {
         Ok(Raw::Missing)
@@ -211,7 +209,7 @@ pub(crate) fn valid(
     cache: &Cache,
     value_key: &str,
     raw: &[u8],
-    known: Vec<(&str, Option<String>)>,
+    known: &[(&str, Option<Vec<u8>>)],
 ) -> Result<bool> {
     let Ok(entry) = Entry::decode(raw) else {
         return Ok(true);
@@ -230,7 +228,7 @@ pub(crate) fn valid(
                     Some((_, now)) => now.clone(),
                     None => fetched.next().flatten(),
                 };
-                now.as_deref() == Some(*stamp)
+                now.as_deref() == Some(stamp.as_bytes())
             })
         }
     };
