@@ -93,7 +93,7 @@ pub(crate) fn line(tags: &Tags) -> Vec<u8> {
 fn parse(line: &[u8]) -> Option<Vec<(&str, &str)>> {
     let text = std::str::from_utf8(line).ok()?.strip_prefix('\t')?;
     let parts: Vec<&str> = text.split('\t').collect();
-    if parts.len() % 2 != 0 || parts.iter().any(|p| p.is_empty()) {
+    if !parts.len().is_multiple_of(2) || parts.iter().any(|p| p.is_empty()) {
         return None;
     }
     Some(parts.chunks(2).map(|pair| (pair[0], pair[1])).collect())
