@@ -501,3 +501,91 @@ fn unchanged_without_a_cached_version_is_an_error() {
     assert_eq!(err.kind(), cacheaside::ErrorKind::InvalidArgument);
     assert!(!engine.cache().exists("p:1").unwrap());
 }
+
+#[test]
+fn a_fail_safe_copy_found_unchanged_is_re_armed_without_a_rewrite() {
+    let mut config = test_config("cond_fail_safe");
+    config.fail_safe_max = Duration::from_secs(60);
+    let fx = Fixture::with(config);
+    let engine = fx.client.engine();
+    // A copy past its logical expiry (a fail-safe copy), at version 3.
+    fx.put_raw("p:1", b"ca1 v 3 1000 1000\n\"widget\"");
+    let before = engine.stats();
+    let (v, given) = read_conditional(engine, "p:1", |_| Refresh::Unchanged);
+    assert_eq!(
+        given,
+        Some(Some(3)),
+        "the reload was told the copy's version"
+    );
+    assert_eq!(v.as_deref(), Some("widget"));
+    let (header, payload) = entry(engine, "p:1");
+    assert_eq!((header[0], payload.as_slice()), (3, &b"\"widget\""[..]));
+    assert!(
+        header[2] > now_ms() + TTL.as_millis() as u64 / 2,
+        "fresh again for its TTL: {header:?}"
+    );
+    assert_eq!(
+        engine.stats().stale_served,
+        before.stale_served,
+        "not served as stale"
+    );
+    // A hit now, with no load.
+    let (v, given) = read_conditional(engine, "p:1", |_| unreachable!("a hit"));
+    assert_eq!((v.as_deref(), given), (Some("widget"), None));
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+#[test]
+fn tags_work_on_a_redis_cluster() {
+    let cluster = common::servers::PrivateCluster::start();
+    let mut config = test_config("tags_cluster");
+    config.redis_url = cluster.url();
+    let fx = Fixture::with(config);
+    let engine = fx.client.engine();
+    assert!(engine.cache().is_cluster());
+    let loads = AtomicU64::new(0);
+    let read = |key: &str| -> Option<String> {
+        engine
+            .get_or_load_tagged(key, TTL, &["category:7", "shop:1"], || {
+                let n = loads.fetch_add(1, Ordering::SeqCst) + 1;
+                Ok(Some(format!("{key}@{n}")))
+            })
+            .unwrap()
+    };
+    // Keys and tags in many slots.
+    let keys: Vec<String> = (0..20).map(|i| format!("product:{i}")).collect();
+    for key in &keys {
+        read(key);
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 20);
+    for key in &keys {
+        read(key);
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 20, "hits");
+    engine.invalidate_tag("shop:1").unwrap();
+    for key in &keys {
+        read(key);
+    }
+    assert_eq!(loads.load(Ordering::SeqCst), 40, "every entry a miss once");
+    // A read that names no tags checks them too.
+    engine.invalidate_tag("category:7").unwrap();
+    let v: Option<String> = engine
+        .get_or_load("product:0", TTL, || Ok(Some("untagged".to_owned())))
+        .unwrap();
+    assert_eq!(v.as_deref(), Some("untagged"));
+    // A fill that raced an invalidation is not kept.
+    let v: Option<i64> = engine
+        .get_or_load_tagged("item:1", TTL, &["items"], || {
+            engine.invalidate_tag("items").unwrap();
+            Ok(Some(1))
+        })
+        .unwrap();
+    assert_eq!(v, Some(1));
+    assert!(!engine.cache().exists("item:1").unwrap());
+}
