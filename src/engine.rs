@@ -392,16 +392,12 @@ impl Engine {
             }
         }
         let mut keys = Keys::for_value(value_key);
-        if use_redis && let Some(tags) = &tags {
-            // Read before the load, as the lease is taken: an
-            // invalidate_tag from now on makes this fill be dropped.
-            match crate::tags::stamp(&e.cache, tags) {
-                Ok(stamped) => keys.tags = Some(stamped),
-                Err(err) => {
-                    e.cache_failed(permit, &err);
-                    use_redis = false;
-                }
-            }
+        keys.tags = tags;
+        // Read before the load, as the lease is taken: an invalidate_tag
+        // from now on makes this fill be dropped.
+        if use_redis && let Err(err) = crate::tags::stamp_keys(&e.cache, &mut keys) {
+            e.cache_failed(permit, &err);
+            use_redis = false;
         }
         if use_redis {
             e.counters.misses.bump();
@@ -880,24 +876,18 @@ impl Engine {
     /// holds it, load, fill, publish. Failures are silent: the cached value
     /// is still valid.
     fn refresh(&self, leader: Leader<Shared>, t: &Target, load: impl FnOnce() -> LoadResult) {
-        let stamped;
-        let t = match &t.keys.tags {
+        let mut stamped = None;
+        if t.keys.tags.is_some() {
             // Stamps before the load, as on a miss.
-            Some(tags) => match crate::tags::stamp(&self.cache, tags) {
-                Ok(tags) => {
-                    let mut keys = t.keys.clone();
-                    keys.tags = Some(tags);
-                    stamped = Target { keys, ..t.clone() };
-                    &stamped
-                }
-                Err(err) => {
-                    self.cache_failed(Permit::Use, &err);
-                    leader.publish(Err(err), 0);
-                    return;
-                }
-            },
-            None => t,
-        };
+            let mut target = t.clone();
+            if let Err(err) = crate::tags::stamp_keys(&self.cache, &mut target.keys) {
+                self.cache_failed(Permit::Use, &err);
+                leader.publish(Err(err), 0);
+                return;
+            }
+            stamped = Some(target);
+        }
+        let t = stamped.as_ref().unwrap_or(t);
         let token = new_token();
         let acquired = lease::acquire(
             &self.cache,
@@ -1056,27 +1046,14 @@ impl Engine {
         } else {
             lease::fill(&self.cache, keys, hold.token(), &raw, physical)
         };
-        let filled = match (filled, keys.tags.as_deref()) {
-            // A tag's stamp moved during the load: what was stored may
-            // predate that invalidate_tag. Take it back out.
-            (Ok(true), Some(tags)) => match crate::tags::moved(&self.cache, tags) {
-                Ok(false) => Ok(true),
-                moved => {
-                    // (A re-stamped entry keeps its older stamps: it reads
-                    // as a miss already.)
-                    if !loaded.unchanged {
-                        let _ = lease::discard(&self.cache, &keys.value, &raw);
-                    }
-                    hold.filled();
-                    self.counters.fill_dropped(&keys.value);
-                    return match moved {
-                        Ok(_) => Verdict::Dropped,
-                        Err(_) => Verdict::Failed,
-                    };
-                }
-            },
-            (filled, _) => filled,
-        };
+        // A tag invalidated during the load: the row goes only to followers
+        // that joined before the load began, as for a fill a write dropped.
+        let stored = (!loaded.unchanged).then_some(raw.as_slice());
+        if matches!(filled, Ok(true)) && !crate::tags::kept(&self.cache, keys, stored) {
+            hold.filled();
+            self.counters.fill_dropped(&keys.value);
+            return Verdict::Dropped;
+        }
         match filled {
             Ok(true) if self.cache.server_generation() != hold.generation() => {
                 // Stored on another Redis server than the one the lease was

@@ -133,6 +133,33 @@ pub(crate) fn stamp(cache: &Cache, tags: &Tags) -> Result<Arc<Tags>> {
     }))
 }
 
+/// Gives a tagged read's `keys` the current stamps of its tags (as
+/// [`stamp`]); untagged keys stay as they are.
+pub(crate) fn stamp_keys(cache: &Cache, keys: &mut crate::keys::Keys) -> Result<()> {
+    if let Some(tags) = &keys.tags {
+        keys.tags = Some(stamp(cache, tags)?);
+    }
+    Ok(())
+}
+
+/// After a fill under `keys` stored its entry (`stored`: its bytes; `None`
+/// for a re-stamped one): true if the fill may stand, false if one of its
+/// tags' stamps moved since the load began (or cannot be read), in which
+/// case a stored entry is taken back out. A re-stamped entry keeps its
+/// older stamps, so it reads as a miss already.
+pub(crate) fn kept(cache: &Cache, keys: &crate::keys::Keys, stored: Option<&[u8]>) -> bool {
+    let Some(tags) = &keys.tags else {
+        return true;
+    };
+    if let Ok(false) = moved(cache, tags) {
+        return true;
+    }
+    if let Some(raw) = stored {
+        let _ = lease::discard(cache, &keys.value, raw);
+    }
+    false
+}
+
 /// True if any of `tags`' stamps changed since [`stamp`] read them: an
 /// [`invalidate`] of one of them ran meanwhile.
 pub(crate) fn moved(cache: &Cache, tags: &Tags) -> Result<bool> {

@@ -160,6 +160,8 @@ fn invalidate_tag_of_ten_thousand_entries_is_one_command() {
     let redis = PrivateRedis::start();
     let mut config = test_config("tags_many");
     config.redis_url = redis.url();
+    // Nothing else on this server: its commands are counted.
+    config.invalidation_relay = false;
     let fx = Fixture::with(config);
     let engine = fx.client.engine();
     const ENTRIES: i64 = 10_000;
@@ -202,6 +204,8 @@ fn a_tagged_hit_is_one_command_on_a_single_server() {
     let redis = PrivateRedis::start();
     let mut config = test_config("tags_hit");
     config.redis_url = redis.url();
+    // Nothing else on this server: its commands are counted.
+    config.invalidation_relay = false;
     let fx = Fixture::with(config);
     let engine = fx.client.engine();
     let read = |key: &str, tags: &[&str]| -> Option<i64> {

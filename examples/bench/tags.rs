@@ -132,6 +132,8 @@ impl Private<'_> {
         // Every hit refreshes early (XFetch), so a conditional refresh
         // follows each read of the refresh measurement.
         config.beta = 1e9;
+        // Nothing else on this server: its commands and bytes are counted.
+        config.invalidation_relay = false;
         Ok(Private {
             node,
             engine: CacheAside::open(&config)?,
