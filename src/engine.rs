@@ -1046,11 +1046,18 @@ impl Engine {
         } else {
             lease::fill(&self.cache, keys, hold.token(), &raw, physical)
         };
-        // A tag invalidated during the load: the row goes only to followers
-        // that joined before the load began, as for a fill a write dropped.
+        // A tag invalidated during the load (or a reply lost, after which
+        // neither the lease nor this process's writes can tell): the row
+        // goes only to followers that joined before the load began, as for
+        // a fill a write dropped.
         let stored = (!loaded.unchanged).then_some(raw.as_slice());
-        if matches!(filled, Ok(true)) && !crate::tags::kept(&self.cache, keys, stored) {
-            hold.filled();
+        if !matches!(filled, Ok(false)) && !crate::tags::kept(&self.cache, keys, stored) {
+            match &filled {
+                // The script released the lease and lock.
+                Ok(_) => hold.filled(),
+                // Dropping the hold releases them if they are still ours.
+                Err(err) => self.cache_failed(Permit::Use, err),
+            }
             self.counters.fill_dropped(&keys.value);
             return Verdict::Dropped;
         }
@@ -1137,7 +1144,7 @@ impl Engine {
     /// A fresh entry read again by a follower, as an answer.
     fn fresh_answer(&self, m: &Miss<'_>, raw: &[u8]) -> Option<Answer> {
         if crate::entry::is_tagged(raw)
-            && !crate::tags::valid(&self.cache, &m.keys.value, raw, &[]).unwrap_or(false)
+            && !crate::tags::valid(&self.cache, &m.keys.value, raw, &[], &[]).unwrap_or(false)
         {
             // A tag invalidated it (and it is gone now), or its tags
             // could not be checked: not an answer.

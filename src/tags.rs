@@ -142,11 +142,12 @@ pub(crate) fn stamp_keys(cache: &Cache, keys: &mut crate::keys::Keys) -> Result<
     Ok(())
 }
 
-/// After a fill under `keys` stored its entry (`stored`: its bytes; `None`
-/// for a re-stamped one): true if the fill may stand, false if one of its
-/// tags' stamps moved since the load began (or cannot be read), in which
-/// case a stored entry is taken back out. A re-stamped entry keeps its
-/// older stamps, so it reads as a miss already.
+/// After a fill under `keys` stored its entry, or may have (its reply was
+/// lost; `stored`: its bytes, `None` for a re-stamped one): true if the
+/// fill may stand, false if one of its tags' stamps moved since the load
+/// began (or cannot be read), in which case a stored entry is taken back
+/// out. A re-stamped entry keeps its older stamps, so it reads as a miss
+/// already.
 pub(crate) fn kept(cache: &Cache, keys: &crate::keys::Keys, stored: Option<&[u8]>) -> bool {
     let Some(tags) = &keys.tags else {
         return true;
@@ -189,7 +190,8 @@ fn current_stamps(cache: &Cache, keys: &[String]) -> Result<Vec<Option<Vec<u8>>>
 /// even a fail-safe copy). With `tags`, a single server answers the value
 /// and those tags' stamps in one `MGET`; without, the lookup is one `GET`.
 pub(crate) fn lookup(cache: &Cache, value_key: &str, tags: Option<&Tags>) -> Result<Raw> {
-    let (raw, known) = match tags {
+    let no_names: &[String] = &[];
+    let (raw, names, stamps) = match tags {
         Some(tags) if !cache.is_cluster() => {
             let mut replies: Vec<Option<Vec<u8>>> = cache.run(|conn| {
                 redis::cmd("MGET")
@@ -200,15 +202,14 @@ pub(crate) fn lookup(cache: &Cache, value_key: &str, tags: Option<&Tags>) -> Res
             if replies.len() != tags.keys.len() + 1 {
                 return Err(Error::new(ErrorKind::Cache, "unexpected reply to MGET"));
             }
-            let stamps = replies.split_off(1);
-            let raw = match replies.pop().flatten() {
+            let raw = match replies.remove(0) {
                 Some(bytes) => Raw::Bytes(bytes),
                 // A value of another type: MGET answers nil for it.
                 None => cache.lookup(value_key)?,
             };
-            (raw, Some((tags, stamps)))
+            (raw, tags.names.as_slice(), replies)
         }
-        _ => (cache.lookup(value_key)?, None),
+        _ => (cache.lookup(value_key)?, no_names, Vec::new()),
     };
     let Raw::Bytes(bytes) = &raw else {
         return Ok(raw);
@@ -216,11 +217,7 @@ pub(crate) fn lookup(cache: &Cache, value_key: &str, tags: Option<&Tags>) -> Res
     if !is_tagged(bytes) {
         return Ok(raw);
     }
-    let known: Vec<(&str, Option<Vec<u8>>)> = match known {
-        Some((tags, stamps)) => tags.names.iter().map(String::as_str).zip(stamps).collect(),
-        None => Vec::new(),
-    };
-    if valid(cache, value_key, bytes, &known)? {
+    if valid(cache, value_key, bytes, names, &stamps)? {
         Ok(raw)
     } else {
         Ok(Raw::Missing)
@@ -229,14 +226,16 @@ pub(crate) fn lookup(cache: &Cache, value_key: &str, tags: Option<&Tags>) -> Res
 
 /// True if a tagged entry's stamps are all current; else (or if its tag
 /// line is broken) deletes it, if it is still these bytes (best effort: a
-/// read that finds it again checks it again). `known`: stamps already
-/// read, by tag. What is not an entry at all is left to the engine's
-/// decode, which counts and deletes it.
+/// read that finds it again checks it again). `known`: the stamps already
+/// read of the tags `names`, in order; the others are read here. What is
+/// not an entry at all is left to the engine's decode, which counts and
+/// deletes it.
 pub(crate) fn valid(
     cache: &Cache,
     value_key: &str,
     raw: &[u8],
-    known: &[(&str, Option<Vec<u8>>)],
+    names: &[String],
+    known: &[Option<Vec<u8>>],
 ) -> Result<bool> {
     let Ok(entry) = Entry::decode(raw) else {
         return Ok(true);
@@ -244,18 +243,20 @@ pub(crate) fn valid(
     let current = match parse(entry.tags) {
         None => false,
         Some(pairs) => {
+            let known_stamp = |name: &str| {
+                let at = names.iter().position(|n| n == name)?;
+                known.get(at).map(Option::as_deref)
+            };
             let unknown: Vec<String> = pairs
                 .iter()
-                .filter(|(name, _)| !known.iter().any(|(n, _)| n == name))
+                .filter(|(name, _)| known_stamp(name).is_none())
                 .map(|(name, _)| tag_key(cache.namespace(), name))
                 .collect();
-            let mut fetched = current_stamps(cache, &unknown)?.into_iter();
+            let fetched = current_stamps(cache, &unknown)?;
+            let mut fetched = fetched.iter().map(Option::as_deref);
             pairs.iter().all(|(name, stamp)| {
-                let now = match known.iter().find(|(n, _)| n == name) {
-                    Some((_, now)) => now.clone(),
-                    None => fetched.next().flatten(),
-                };
-                now.as_deref() == Some(stamp.as_bytes())
+                let now = known_stamp(name).unwrap_or_else(|| fetched.next().flatten());
+                now == Some(stamp.as_bytes())
             })
         }
     };

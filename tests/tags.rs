@@ -241,6 +241,8 @@ fn tags_child_process_entry_point() {
     config.redis_url = redis.into();
     config.namespace = namespace.into();
     config.db_pool_size = 2;
+    // As test_config: a slow command on a loaded machine is not an outage.
+    config.cache_timeout = Duration::from_secs(1);
     let engine = CacheAside::open(&config).unwrap();
     let keys: i64 = keys.parse().unwrap();
     println!("CHILD ready");
