@@ -1046,6 +1046,8 @@ impl Engine {
         } else {
             lease::fill(&self.cache, keys, hold.token(), &raw, physical)
         };
+        #[cfg(feature = "test-hooks")]
+        let filled = filled.and_then(|f| self.hooks.lose_fill_reply().map_or(Ok(f), Err));
         // A tag invalidated during the load (or a reply lost, after which
         // neither the lease nor this process's writes can tell): the row
         // goes only to followers that joined before the load began, as for

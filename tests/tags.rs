@@ -7,8 +7,8 @@ mod common;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Barrier, Mutex};
 use std::time::Duration;
 
 use cacheaside::{CacheAside, Config, Mode, Refresh, Versioned};
@@ -594,4 +594,48 @@ fn tags_work_on_a_redis_cluster() {
         .unwrap();
     assert_eq!(v, Some(1));
     assert!(!engine.cache().exists("item:1").unwrap());
+}
+
+#[test]
+fn a_follower_never_takes_a_row_whose_fill_reply_was_lost_after_invalidate_tag() {
+    let fx = Fixture::new("tags_lost_reply");
+    let engine = fx.client.engine();
+    let go = Barrier::new(2);
+    let read = |value: i64, during: &dyn Fn()| -> Option<i64> {
+        engine
+            .get_or_load_tagged("item:1", TTL, &["items"], || {
+                during();
+                Ok(Some(value))
+            })
+            .unwrap()
+    };
+    std::thread::scope(|s| {
+        let leader = s.spawn(|| {
+            read(1, &|| {
+                // The load read row 1; the writer commits row 2 and
+                // invalidates the tag; then a reader begins and follows
+                // this flight.
+                engine.invalidate_tag("items").unwrap();
+                go.wait();
+                let deadline = std::time::Instant::now() + Duration::from_secs(10);
+                while engine.flight_followers("item:1") == 0 {
+                    assert!(std::time::Instant::now() < deadline, "no follower joined");
+                    std::thread::yield_now();
+                }
+                // The fill runs on the server, its reply is lost.
+                engine.hooks().lose_fill_replies(1);
+            })
+        });
+        let follower = s.spawn(|| {
+            go.wait();
+            read(2, &|| {})
+        });
+        assert_eq!(leader.join().unwrap(), Some(1), "the leader keeps its load");
+        assert_eq!(
+            follower.join().unwrap(),
+            Some(2),
+            "the follower began after invalidate_tag returned"
+        );
+    });
+    assert_eq!(engine.in_flight(), 0);
 }
