@@ -160,7 +160,7 @@ const SECTIONS: [(&str, Measure); 14] = [
     ("capture", |b| Ok(Box::new(capture::measure(b)?))),
     // (17): every write path at once, each write checked after d
     ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
-    // (18): tagged hits, invalidate_tag, conditional refresh's bytes
+    // (19): tagged hits, invalidate_tag, conditional refresh's bytes
     ("tags", |b| Ok(Box::new(tags::measure(b)?))),
 ];
 

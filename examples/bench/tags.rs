@@ -1,4 +1,4 @@
-//! Tags and conditional refresh (issue 26): (18) a tagged hit against an
+//! Tags and conditional refresh (issue 26): (19) a tagged hit against an
 //! untagged one of the same size, taking turns call by call in the same
 //! stretch of the run; `invalidate_tag` of a tag that 10,000 entries carry,
 //! counted in commands on a private Redis (and checked: every entry is a
@@ -63,7 +63,7 @@ pub fn measure(bench: &Bench) -> BoxResult<Tags> {
     })
 }
 
-/// (18): tagged and untagged hits of same-sized values, call by call.
+/// (19): tagged and untagged hits of same-sized values, call by call.
 fn hits(bench: &Bench) -> BoxResult<Vec<Series>> {
     let engine = bench.client().engine();
     let plan = &bench.plan;
@@ -84,17 +84,17 @@ fn hits(bench: &Bench) -> BoxResult<Vec<Series>> {
     read("tags:hit:tagged", &["tags:category"])?;
     read("tags:hit:plain", &[])?;
     let warm = loads.load(Ordering::Relaxed);
-    let base = Baseline::Paired { item: "(18u)" };
+    let base = Baseline::Paired { item: "(19u)" };
     let mut tagged = Series::new(
         "hit_tagged",
-        "18",
+        "19",
         "hit: get_or_load_tagged (1 tag)",
         1,
         base,
     );
     let mut plain = Series::new(
         "hit_untagged",
-        "18u",
+        "19u",
         "hit: get_or_load (untagged, same size)",
         1,
         Baseline::None,
@@ -315,7 +315,7 @@ impl Section for Tags {
             .and_then(|s| s.ratio(&self.series))
             .map(|(spread, _)| spread.median);
         vec![
-            Target::at_most("(18) tagged hit ÷ untagged hit", hit_ratio, 1.15),
+            Target::at_most("(19) tagged hit ÷ untagged hit", hit_ratio, 1.15),
             Target {
                 name: format!("invalidate_tag of {TAGGED_ENTRIES} tagged entries: commands"),
                 value: self.invalidate_commands.to_string(),
