@@ -46,6 +46,7 @@ mod near;
 mod plan;
 mod plots;
 mod relay;
+mod replica;
 mod report;
 mod stampede;
 mod steady;
@@ -68,8 +69,8 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster, failover, capture, consistency, tags): for work on one
-             section";
+             steady, write_behind, near, cluster, failover, capture, consistency, replica, tags): for
+             work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -133,7 +134,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 14] = [
+const SECTIONS: [(&str, Measure); 15] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -160,6 +161,8 @@ const SECTIONS: [(&str, Measure); 14] = [
     ("capture", |b| Ok(Box::new(capture::measure(b)?))),
     // (17): every write path at once, each write checked after d
     ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
+    // (18): loads from a lagging read replica, fenced
+    ("replica", |b| Ok(Box::new(replica::measure(b)?))),
     // (19): tagged hits, invalidate_tag, conditional refresh's bytes
     ("tags", |b| Ok(Box::new(tags::measure(b)?))),
 ];
