@@ -1767,6 +1767,27 @@ enum cacheaside_status cacheaside_engine_invalidate(const struct cacheaside_engi
                                                     const char *key);
 
 /**
+ * Makes every entry tagged `tag` a miss, in every process: one Redis
+ * command however many entries carry the tag (see
+ * `CacheAside::invalidate_tag`; entries are tagged by the Rust API's
+ * `get_or_load_tagged`). Call it after the write to the source has
+ * committed. Blocks.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers or a tag that is
+ * empty, longer than 512 bytes, not UTF-8, or holds `{`, `}` or a control
+ * character; `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when Redis
+ * fails (the tagged entries may then still be read: retry).
+ *
+ * Thread-safe. `tag` is borrowed for the call only.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `tag` is NULL or a NUL-terminated
+ * string.
+ */
+enum cacheaside_status cacheaside_engine_invalidate_tag(const struct cacheaside_engine *engine,
+                                                        const char *tag);
+
+/**
  * Waits until the invalidation relay has applied every change committed
  * before this call, at most `timeout_ms` milliseconds (at least 1). For
  * tests and demos that want the relay's invalidations of earlier writes

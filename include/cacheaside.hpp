@@ -614,6 +614,12 @@ public:
         detail::check(cacheaside_engine_invalidate(get(), detail::c_str(key, "key")));
     }
 
+    /** Makes every entry carrying `tag` a miss, in every process: one Redis
+     *  command (entries are tagged by the Rust API's `get_or_load_tagged`). */
+    void invalidate_tag(const std::string &tag) const {
+        detail::check(cacheaside_engine_invalidate_tag(get(), detail::c_str(tag, "tag")));
+    }
+
     /** Waits until the relay has applied every change committed so far;
      *  false at the timeout or without a relay. */
     bool relay_sync(std::chrono::milliseconds timeout) const {

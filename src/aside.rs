@@ -509,6 +509,134 @@ impl CacheAside {
         self.inner.engine.invalidate(key)
     }
 
+    /// [`get_or_load`](Self::get_or_load) of an entry that carries `tags`:
+    /// [`invalidate_tag`](Self::invalidate_tag) of any of them makes it a
+    /// miss, in every process.
+    ///
+    /// The tags' current stamps are read before `load` runs and stored in
+    /// the entry; a hit compares them with the tags' stamps now. On a single
+    /// Redis server the value and the stamps come in one `MGET` (one round
+    /// trip, as an untagged hit's `GET`); on a Redis Cluster each tag lives
+    /// in its own slot and costs one more round trip. Tagged entries are not
+    /// kept in the near cache. Any read of a tagged entry checks its tags,
+    /// also one that names none (a second round trip then). Up to 32 tags,
+    /// each a name like a rate-limit subject (non-empty, at most 512 bytes,
+    /// no `{`, `}` or control character).
+    ///
+    /// A [`write_through`](Self::write_through) stores an untagged entry:
+    /// invalidate tagged keys instead of writing them through.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use std::time::Duration;
+    /// let name: Option<String> =
+    ///     engine.get_or_load_tagged("product:1", Duration::from_secs(60), &["category:7"], || {
+    ///         Ok(Some("widget".to_owned()))
+    ///     })?;
+    /// // Every entry tagged category:7, in every process, is a miss from here.
+    /// engine.invalidate_tag("category:7")?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), and
+    /// [`ErrorKind::InvalidArgument`] for a tag that breaks the rules above.
+    pub fn get_or_load_tagged<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        tags: &[&str],
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Result<Option<T>>,
+    {
+        let engine = &self.inner.engine;
+        let tags = crate::tags::tag_set(engine.cache.namespace(), tags)?;
+        let counters = &engine.counters;
+        engine.read_tagged(
+            &self.inner.background,
+            key,
+            self.entry_options().ttl(ttl),
+            Mode::SingleFlight,
+            Inline(move || encoded(counters, || Ok(load()?.map(|v| (v, 0))))),
+            Slot::decode,
+            tags,
+        )
+    }
+
+    /// Makes every entry tagged `tag` (by
+    /// [`get_or_load_tagged`](Self::get_or_load_tagged)) a miss, in every
+    /// process: one Redis command (a `SET` of the tag's new stamp), however
+    /// many entries carry the tag. Lazy: the entries stay in Redis until a
+    /// read finds them outdated (and deletes them) or they expire. A load
+    /// that was running meanwhile does not keep its fill. Call it after the
+    /// write to the source has committed.
+    ///
+    /// # Errors
+    /// Cache errors and timeouts (then the tag's entries may still be
+    /// read: retry); [`ErrorKind::InvalidArgument`] for a tag that
+    /// [`get_or_load_tagged`](Self::get_or_load_tagged) would refuse.
+    pub fn invalidate_tag(&self, tag: &str) -> Result<()> {
+        crate::tags::check_tag(tag)?;
+        crate::tags::invalidate(&self.inner.engine.cache, tag)
+    }
+
+    /// A versioned read whose loader may answer that the row has not
+    /// changed ([`Refresh::Unchanged`](crate::Refresh)): `load` is given the
+    /// cached version when there is a copy to refresh (an early refresh, or
+    /// the reload of a fail-safe copy; `None` on a plain miss), and on
+    /// `Unchanged` the cached entry's expiry is extended inside Redis, under
+    /// the lease and only while it is still at that version: the value is
+    /// not sent to Redis again. `load` runs on the calling thread.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// use cacheaside::{Mode, Refresh, Versioned};
+    /// let name: Option<String> = engine.get_or_load_conditional(
+    ///     "product:7", std::time::Duration::from_secs(60), Mode::SingleFlight, |cached| {
+    ///         let since = cached.map_or(-1, |v| v as i64);
+    ///         let sql = "SELECT name, version FROM products WHERE id = $1 AND version > $2";
+    ///         match engine.db().query_opt(sql, &[&7_i64, &since])? {
+    ///             Some(r) => Ok(Refresh::Loaded(Some(Versioned::new(r.get(0), r.get::<_, i64>(1) as u64)))),
+    ///             // Nothing newer than the cached version (or no row at all).
+    ///             None if cached.is_some() => Ok(Refresh::Unchanged),
+    ///             None => Ok(Refresh::Loaded(None)),
+    ///         }
+    ///     })?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// (`Unchanged` when the row was deleted is wrong: check for that in
+    /// the query, or invalidate on delete, as a captured table does.)
+    ///
+    /// # Errors
+    /// As [`get_or_load`](Self::get_or_load), and
+    /// [`ErrorKind::InvalidArgument`] when `load` answers `Unchanged` though
+    /// it was given no version.
+    pub fn get_or_load_conditional<T, F>(
+        &self,
+        key: &str,
+        ttl: Duration,
+        mode: Mode,
+        load: F,
+    ) -> Result<Option<T>>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(Option<u64>) -> Result<crate::Refresh<T>>,
+    {
+        let counters = self.inner.engine.counters.clone();
+        self.inner.engine.read(
+            &self.inner.background,
+            key,
+            self.entry_options().ttl(ttl),
+            mode,
+            crate::refresh::Conditional::new(counters, load),
+            Slot::decode,
+        )
+    }
+
     /// [`invalidate`](Self::invalidate) after a committed write: a failure
     /// is not the caller's when the relay covers the key (the outbox row
     /// committed with the write, and the relay will delete the key).

@@ -126,9 +126,13 @@ pub(crate) struct Settings {
 /// A load's result in the form the cache stores: JSON, with the version
 /// that orders it against write-through and how long it took.
 pub(crate) struct Loaded {
-    json: Option<Vec<u8>>,
-    version: u64,
-    took: Duration,
+    pub(crate) json: Option<Vec<u8>>,
+    pub(crate) version: u64,
+    pub(crate) took: Duration,
+    /// A conditional loader found the cached row (`json`, `version`)
+    /// unchanged: the fill only extends the cached entry
+    /// ([`crate::refresh`]).
+    pub(crate) unchanged: bool,
 }
 
 pub(crate) type LoadResult = Result<Loaded>;
@@ -139,6 +143,11 @@ pub(crate) trait Load: Sized {
     fn run(self) -> LoadResult;
     /// The loader as a job for another thread, if it can move there.
     fn detach(self) -> Result<Box<dyn FnOnce() -> LoadResult + Send>, Self>;
+    /// The loader, told the cached entry (raw) it may refresh: a
+    /// conditional loader may then answer that the row is unchanged.
+    fn with_cached(self, _raw: &[u8]) -> Self {
+        self
+    }
 }
 
 /// A loader that borrows from its caller's stack.
@@ -183,11 +192,13 @@ pub(crate) fn encoded<T: Serialize>(
             json: Some(to_json(&value)?),
             version,
             took,
+            unchanged: false,
         },
         None => Loaded {
             json: None,
             version: 0,
             took,
+            unchanged: false,
         },
     })
 }
@@ -315,6 +326,23 @@ impl Engine {
         load: L,
         local: fn(&Slot) -> Option<Option<T>>,
     ) -> Result<Option<T>> {
+        self.read_tagged(background, key, opts, mode, load, local, None)
+    }
+
+    /// [`read`](Self::read) of an entry filled with `tags`
+    /// ([`crate::tags`]; `None`: untagged). A tagged read bypasses the near
+    /// cache: a tag's invalidation evicts nothing there.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn read_tagged<T: DeserializeOwned, L: Load>(
+        &self,
+        background: &Background,
+        key: &str,
+        opts: EntryOptions,
+        mode: Mode,
+        load: L,
+        local: fn(&Slot) -> Option<Option<T>>,
+        tags: Option<Arc<crate::keys::Tags>>,
+    ) -> Result<Option<T>> {
         check_key(key)?;
         opts.check()?;
         let e = self;
@@ -322,7 +350,7 @@ impl Engine {
         // what Redis told it. Looked up by the caller's key: a hit builds
         // no Redis key.
         let ticket = match &e.near {
-            Some(near) if !e.breaker.is_open() => {
+            Some(near) if tags.is_none() && !e.breaker.is_open() => {
                 if let Some(slot) = near.get(key) {
                     match local(&slot) {
                         Some(value) => return Ok(value),
@@ -347,15 +375,26 @@ impl Engine {
         let mut stale = None;
         let mut use_redis = permit != Permit::Bypass;
         // A plain read while this engine's reads mostly miss: the lease is
-        // claimed in the GET's round trip (see `Ahead`).
-        let mut ahead = (use_redis && mode == Mode::Plain && permit == Permit::Use)
-            .then(|| e.streak.expects_miss())
-            .filter(|&expects| expects)
-            .map(|_| Ahead::new(&value_key, e.behind.landings()));
+        // claimed in the GET's round trip (see `Ahead`). (A tagged read
+        // fetches its tags' stamps in that round trip instead.)
+        let mut ahead =
+            (use_redis && mode == Mode::Plain && permit == Permit::Use && tags.is_none())
+                .then(|| e.streak.expects_miss())
+                .filter(|&expects| expects)
+                .map(|_| Ahead::new(&value_key, e.behind.landings()));
         if use_redis {
             let looked = match &mut ahead {
-                Some(ahead) => ahead.lookup(&e.cache, e.settings.ttls),
-                None => e.cache.lookup(&value_key),
+                Some(ahead) => ahead
+                    .lookup(&e.cache, e.settings.ttls)
+                    .and_then(|raw| crate::tags::checked(&e.cache, &value_key, raw))
+                    .inspect(|raw| {
+                        if matches!(raw, Raw::Missing) {
+                            // A tagged entry found invalid, and deleted:
+                            // claim again on a clean slate.
+                            ahead.claimed = None;
+                        }
+                    }),
+                None => crate::tags::lookup(&e.cache, &value_key, tags.as_deref()),
             };
             match looked {
                 Ok(_) if e.cache.server_generation() != generation => {
@@ -383,15 +422,18 @@ impl Engine {
                             if let Some(ahead) = ahead.take() {
                                 ahead.unused(&e.keeper);
                             }
-                            if let (Some(near), Some(ticket)) = (&e.near, ticket) {
+                            if let (Some(near), Some(ticket)) = (&e.near, ticket)
+                                && !crate::entry::is_tagged(&raw)
+                            {
                                 #[cfg(feature = "test-hooks")]
                                 e.hooks.before_local_fill(key);
                                 near.offer(key, ticket, &raw);
                             }
                             if found.refresh_due {
-                                self.refresh_early(
-                                    background, key, value_key, opts, generation, load,
-                                );
+                                let mut keys = Keys::for_value(value_key);
+                                keys.tags = tags;
+                                let load = load.with_cached(&raw);
+                                self.refresh_early(background, key, keys, opts, generation, load);
                             }
                             return Ok(found.value);
                         }
@@ -409,6 +451,20 @@ impl Engine {
                 }
             }
         }
+        // A tagged read's stamps, read before the load as the lease is
+        // taken: an invalidate_tag from now on makes its fill be dropped.
+        // (A tagged read claims no lease ahead.)
+        let tags = match tags {
+            Some(tags) if use_redis => match crate::tags::stamp(&e.cache, &tags) {
+                Ok(stamped) => Some(stamped),
+                Err(err) => {
+                    e.cache_failed(permit, &err);
+                    use_redis = false;
+                    Some(tags)
+                }
+            },
+            tags => tags,
+        };
         if use_redis {
             e.counters.misses.bump();
             e.streak.miss();
@@ -424,13 +480,18 @@ impl Engine {
             Some((raw, value)) => (Some(raw), Some(value)),
             None => (None, None),
         };
-        let (keys, ahead) = match ahead {
+        let load = match &stale_raw {
+            Some(raw) => load.with_cached(raw),
+            None => load,
+        };
+        let (mut keys, ahead) = match ahead {
             Some(ahead) => {
                 let (keys, claim) = ahead.into_parts();
                 (keys, Some(claim))
             }
             None => (Keys::for_value(value_key), None),
         };
+        keys.tags = tags;
         let miss = Miss {
             key,
             keys,
@@ -470,7 +531,7 @@ impl Engine {
         &self,
         background: &Background,
         key: &str,
-        value_key: String,
+        keys: Keys,
         opts: EntryOptions,
         generation: u64,
         load: L,
@@ -486,7 +547,7 @@ impl Engine {
         };
         let target = Target {
             key: key.to_owned(),
-            keys: Keys::for_value(value_key),
+            keys,
             opts,
             deadline: Instant::now() + e.settings.call_deadline,
             generation,
@@ -778,7 +839,8 @@ impl Engine {
                 return Err(Error::timeout("reading a key that keeps being written"));
             }
             if m.use_redis {
-                match self.cache.lookup(&m.keys.value) {
+                let tags = m.keys.tags.as_deref();
+                match crate::tags::lookup(&self.cache, &m.keys.value, tags) {
                     Ok(Raw::Bytes(raw)) => {
                         if let Some(answer) = self.fresh_answer(m, &raw) {
                             return Ok(answer);
@@ -918,6 +980,18 @@ impl Engine {
     /// holds it, load, fill, publish. Failures are silent: the cached value
     /// is still valid.
     fn refresh(&self, leader: Leader<Shared>, t: &Target, load: impl FnOnce() -> LoadResult) {
+        let mut stamped = None;
+        if t.keys.tags.is_some() {
+            // Stamps before the load, as on a miss.
+            let mut target = t.clone();
+            if let Err(err) = crate::tags::stamp_keys(&self.cache, &mut target.keys) {
+                self.cache_failed(Permit::Use, &err);
+                leader.publish(Err(err), 0);
+                return;
+            }
+            stamped = Some(target);
+        }
+        let t = stamped.as_ref().unwrap_or(t);
         let token = new_token();
         let acquired = lease::acquire(
             &self.cache,
@@ -1050,7 +1124,9 @@ impl Engine {
             Some(json) => (Payload::Value(json), opts.ttl),
             None => (Payload::Absent, opts.negative_ttl),
         };
-        let raw = Entry::new(payload, loaded.version, loaded.took, ttl).encode();
+        let line = keys.tags.as_deref().map(crate::tags::line);
+        let entry = Entry::new(payload, loaded.version, loaded.took, ttl);
+        let raw = entry.tagged(line.as_deref().unwrap_or_default()).encode();
         let physical = ttl.saturating_add(opts.fail_safe_max);
         #[cfg(feature = "test-hooks")]
         if self.hooks.leases_disabled() {
@@ -1059,7 +1135,29 @@ impl Engine {
                 Err(_) => Verdict::Failed,
             };
         }
-        match lease::fill(&self.cache, keys, hold.token(), &raw, physical) {
+        let filled = if loaded.unchanged {
+            lease::touch(&self.cache, keys, hold.token(), &entry, physical)
+        } else {
+            lease::fill(&self.cache, keys, hold.token(), &raw, physical)
+        };
+        #[cfg(feature = "test-hooks")]
+        let filled = filled.and_then(|f| self.hooks.lose_fill_reply().map_or(Ok(f), Err));
+        // A tag invalidated during the load (or a reply lost, after which
+        // neither the lease nor this process's writes can tell): the row
+        // goes only to followers that joined before the load began, as for
+        // a fill a write dropped.
+        let stored = (!loaded.unchanged).then_some(raw.as_slice());
+        if !matches!(filled, Ok(false)) && !crate::tags::kept(&self.cache, keys, stored) {
+            match &filled {
+                // The script released the lease and lock.
+                Ok(_) => hold.filled(),
+                // Dropping the hold releases them if they are still ours.
+                Err(err) => self.cache_failed(Permit::Use, err),
+            }
+            self.counters.fill_dropped(&keys.value);
+            return Verdict::Dropped;
+        }
+        match filled {
             Ok(true) if self.cache.server_generation() != hold.generation() => {
                 // Stored on another Redis server than the one the lease was
                 // taken on: there the lease may have come back from a
@@ -1141,6 +1239,13 @@ impl Engine {
 
     /// A fresh entry read again by a follower, as an answer.
     fn fresh_answer(&self, m: &Miss<'_>, raw: &[u8]) -> Option<Answer> {
+        if crate::entry::is_tagged(raw)
+            && !crate::tags::valid(&self.cache, &m.keys.value, raw, &[], &[]).unwrap_or(false)
+        {
+            // A tag invalidated it (and it is gone now), or its tags
+            // could not be checked: not an answer.
+            return None;
+        }
         match Entry::decode(raw) {
             Ok(entry) if entry.is_fresh(now_ms()) => match entry.payload {
                 Payload::Absent => Some(Answer::Absent),
@@ -1227,6 +1332,7 @@ impl Drop for EvictOnReturn<'_> {
 }
 
 /// What an early refresh reloads.
+#[derive(Clone)]
 struct Target {
     key: String,
     keys: Keys,

@@ -2,6 +2,7 @@
 //!
 //! ```text
 //! ca1 <kind> <version> <load_us> <expires_at_ms>\n<payload>
+//! ca1 <kind> <version> <load_us> <expires_at_ms>\n#t\t<tag>\t<stamp>...\n<payload>
 //! ```
 //!
 //! `kind` is `v` (a JSON value follows) or `a` (the row is absent: negative
@@ -13,6 +14,12 @@
 //! the key lives in Redis longer, and an entry past its logical expiry is a
 //! last-known-good copy: a miss, served only when a reload fails. Anything
 //! else under a key of ours is corrupt and treated as a miss.
+//!
+//! A tagged entry (see [`crate::tags`]) has a second line before its
+//! payload: `#t`, then a tab, a tag and a tab and the tag's stamp for each
+//! tag (neither holds a tab: tags hold no control character, stamps are
+//! tokens). No JSON value starts with `#`, and the scripts that parse
+//! entries read only the first line.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -79,8 +86,13 @@ pub(crate) struct Entry<'a> {
     pub version: u64,
     pub load_us: u64,
     pub expires_at_ms: u64,
+    /// The tag line's content after `#t` (empty: untagged).
+    pub tags: &'a [u8],
     pub payload: Payload<'a>,
 }
+
+/// What starts a tagged entry's tag line.
+const TAG_LINE: &[u8] = b"#t";
 
 impl<'a> Entry<'a> {
     /// An entry that expires `ttl` from now.
@@ -89,8 +101,15 @@ impl<'a> Entry<'a> {
             version,
             load_us: load.as_micros().try_into().unwrap_or(u64::MAX),
             expires_at_ms: now_ms().saturating_add(ttl.as_millis().try_into().unwrap_or(u64::MAX)),
+            tags: b"",
             payload,
         }
+    }
+
+    /// This entry with `tags` as its tag line's content.
+    pub fn tagged(mut self, tags: &'a [u8]) -> Self {
+        self.tags = tags;
+        self
     }
 
     pub fn encode(&self) -> Vec<u8> {
@@ -102,8 +121,13 @@ impl<'a> Entry<'a> {
             "{MAGIC} {kind} {} {} {}\n",
             self.version, self.load_us, self.expires_at_ms
         );
-        let mut out = Vec::with_capacity(header.len() + body.len());
+        let mut out = Vec::with_capacity(header.len() + self.tags.len() + 3 + body.len());
         out.extend_from_slice(header.as_bytes());
+        if !self.tags.is_empty() {
+            out.extend_from_slice(TAG_LINE);
+            out.extend_from_slice(self.tags);
+            out.push(b'\n');
+        }
         out.extend_from_slice(body);
         out
     }
@@ -115,7 +139,7 @@ impl<'a> Entry<'a> {
             .position(|&b| b == b'\n')
             .ok_or("no header line")?;
         let header = std::str::from_utf8(&raw[..newline]).map_err(|_| "header is not UTF-8")?;
-        let body = &raw[newline + 1..];
+        let (tags, body) = split_tags(&raw[newline + 1..])?;
         let mut fields = header.split(' ');
         if fields.next() != Some(MAGIC) {
             return Err("unknown format");
@@ -140,6 +164,7 @@ impl<'a> Entry<'a> {
             version,
             load_us,
             expires_at_ms,
+            tags,
             payload,
         })
     }
@@ -172,6 +197,28 @@ impl<'a> Entry<'a> {
     }
 }
 
+/// Splits a tag line (if any) off the text after the header.
+fn split_tags(rest: &[u8]) -> Result<(&[u8], &[u8]), &'static str> {
+    let Some(line) = rest.strip_prefix(TAG_LINE) else {
+        return Ok((b"", rest));
+    };
+    let end = line
+        .iter()
+        .position(|&b| b == b'\n')
+        .ok_or("unterminated tag line")?;
+    if end == 0 {
+        return Err("empty tag line");
+    }
+    Ok((&line[..end], &line[end + 1..]))
+}
+
+/// True if `raw` is a tagged entry (a cheap look, before any decoding).
+pub(crate) fn is_tagged(raw: &[u8]) -> bool {
+    raw.iter()
+        .position(|&b| b == b'\n')
+        .is_some_and(|newline| raw[newline + 1..].starts_with(TAG_LINE))
+}
+
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -195,6 +242,25 @@ mod tests {
         assert_eq!(Entry::decode(&raw), Ok(entry));
         let absent = Entry::new(Payload::Absent, 0, Duration::ZERO, Duration::from_secs(1));
         assert_eq!(Entry::decode(&absent.encode()), Ok(absent));
+        assert!(!is_tagged(&raw));
+    }
+
+    #[test]
+    fn tagged_round_trip() {
+        let line = b"\tcategory:7\t1:ab:3";
+        for payload in [Payload::Value(br#"{"a":1}"#), Payload::Absent] {
+            let entry = Entry::new(payload, 2, Duration::ZERO, Duration::from_secs(9)).tagged(line);
+            let raw = entry.encode();
+            assert!(is_tagged(&raw));
+            assert_eq!(Entry::decode(&raw), Ok(entry));
+        }
+        for bad in [
+            &b"ca1 v 1 2 3\n#t\tx\t1"[..],
+            b"ca1 v 1 2 3\n#t\n{}",
+            b"ca1 a 1 2 3\n#t\tx\t1\n{}",
+        ] {
+            assert!(Entry::decode(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

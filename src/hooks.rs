@@ -28,6 +28,7 @@ pub struct Hooks {
     before_tracking: Mutex<Option<Hook>>,
     leases_disabled: AtomicBool,
     lost_replies: AtomicU32,
+    lost_fill_replies: AtomicU32,
 }
 
 impl Hooks {
@@ -88,6 +89,12 @@ impl Hooks {
         self.lost_replies.store(n, Ordering::SeqCst);
     }
 
+    /// Test hook: the replies of the next `n` fills are lost after the fill
+    /// ran on the server: the filler sees a timeout.
+    pub fn lose_fill_replies(&self, n: u32) {
+        self.lost_fill_replies.store(n, Ordering::SeqCst);
+    }
+
     /// Test hook: removes the after-load hook.
     pub fn clear_after_load(&self) {
         *self.after_load.lock() = None;
@@ -124,6 +131,15 @@ impl Hooks {
     pub(crate) fn lose_reply(&self) -> Option<crate::Error> {
         let due = self
             .lost_replies
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        due.then(|| crate::Error::timeout("cache command (a reply lost by a test hook)").outage())
+    }
+
+    /// A fill reply to lose, if one is due (see [`Hooks::lose_fill_replies`]).
+    pub(crate) fn lose_fill_reply(&self) -> Option<crate::Error> {
+        let due = self
+            .lost_fill_replies
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
         due.then(|| crate::Error::timeout("cache command (a reply lost by a test hook)").outage())

@@ -11,6 +11,9 @@
 //! number the key got, kept for a while after it) and `…:fence` (the
 //! newest committed version a read replica must have before a load from
 //! it counts, or `*`: see [`crate::fence`]). All share one slot.
+//! A tag `t` has one key, `{namespace}{t}:tag` (its current stamp: see
+//! [`crate::tags`]), in the slot of its own name; no cache key has a
+//! `:tag` side key, so it collides with nothing.
 //!
 //! Names. Everything a caller places inside a hash tag or in front of one
 //! (a cache key, a namespace, a capture or write-behind key prefix, a
@@ -36,6 +39,24 @@ pub(crate) struct Keys {
     /// The last write-behind sequence number given to the key: a floor for
     /// the next one that outlives the pending record.
     pub seq: String,
+    /// A tagged read's tags, with the stamps taken before its load once
+    /// they are (`None`: an untagged read).
+    pub tags: Option<std::sync::Arc<Tags>>,
+}
+
+/// The tags of one tagged read: names, their Redis keys, and the stamps
+/// read before the load (empty until then). Each name is checked by
+/// [`validate_name`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Tags {
+    pub names: Vec<String>,
+    pub keys: Vec<String>,
+    pub stamps: Vec<String>,
+}
+
+/// The Redis key of tag `tag`'s stamp in `namespace`.
+pub(crate) fn tag_key(namespace: &str, tag: &str) -> String {
+    format!("{}:tag", value_key(namespace, tag))
 }
 
 impl Keys {
@@ -50,6 +71,7 @@ impl Keys {
             pending: format!("{value}:pending"),
             seq: format!("{value}:seq"),
             value,
+            tags: None,
         }
     }
 }
@@ -190,6 +212,7 @@ mod tests {
         assert_eq!(keys.floor, "ns:{user:1}:floor");
         assert_eq!(keys.pending, "ns:{user:1}:pending");
         assert_eq!(keys.seq, "ns:{user:1}:seq");
+        assert_eq!(tag_key("ns:", "category:7"), "ns:{category:7}:tag");
     }
 
     #[test]

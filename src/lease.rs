@@ -228,6 +228,61 @@ pub(crate) fn fill(
     })
 }
 
+/// A conditional refresh found the row unchanged: re-stamps the cached
+/// entry's load time and logical expiry with `entry`'s and sets its key's
+/// TTL, inside Redis, so the value is not sent again. Only while `token`
+/// holds the lease, no write-behind change is pending and the entry is
+/// still at `entry`'s version; releases the lease and lock as [`fill`]
+/// does. One atomic script; true if the entry was extended.
+pub(crate) fn touch(
+    cache: &Cache,
+    keys: &Keys,
+    token: &str,
+    entry: &crate::entry::Entry<'_>,
+    ttl: Duration,
+) -> Result<bool> {
+    cache.run(|conn| {
+        TOUCH
+            .key(&keys.value)
+            .key(&keys.lease)
+            .key(&keys.lock)
+            .key(&keys.pending)
+            .arg(token)
+            .arg(entry.version)
+            .arg(entry.load_us)
+            .arg(entry.expires_at_ms)
+            .arg(millis(ttl))
+            .invoke(conn)
+    })
+}
+
+/// KEYS: value, lease, lock, pending. ARGV: token, version, load_us,
+/// expires_at_ms, ttl_ms. The checks are `fill`'s, and the entry must still
+/// be the version the loader was told: a write-through of a newer one
+/// since must not be re-stamped as the unchanged row.
+static TOUCH: once_cell::sync::Lazy<Script> = once_cell::sync::Lazy::new(|| {
+    Script::new(
+        r"
+        local stored = 0
+        if redis.call('GET', KEYS[2]) == ARGV[1] then
+          if redis.call('EXISTS', KEYS[4]) == 0 and redis.call('TYPE', KEYS[1]).ok == 'string' then
+            local kind, v, rest =
+              string.match(redis.call('GET', KEYS[1]), '^ca1 (%a) (%d+) %d+ %d+\n(.*)$')
+            if kind and v == ARGV[2] then
+              redis.call('SET', KEYS[1],
+                'ca1 ' .. kind .. ' ' .. v .. ' ' .. ARGV[3] .. ' ' .. ARGV[4] .. '\n' .. rest,
+                'PX', ARGV[5])
+              stored = 1
+            end
+          end
+          redis.call('DEL', KEYS[2])
+        end
+        if redis.call('GET', KEYS[3]) == ARGV[1] then redis.call('DEL', KEYS[3]) end
+        return stored
+        ",
+    )
+});
+
 /// True if `token` still holds the lease (a read: a full Redis answers it).
 pub(crate) fn holds(cache: &Cache, keys: &Keys, token: &str) -> Result<bool> {
     let holder: Option<String> =

@@ -90,10 +90,12 @@ mod lease; // the lease protocol: Lua scripts and their wrappers
 mod miss_ahead; // a mostly-missing engine's plain miss: claim with the GET, fill behind
 mod near; // the near cache (L1) in process memory, kept coherent by Redis
 mod singleflight; // in-process single-flight
+mod tags; // tags: stamps per tag, checked on read, replaced to invalidate
 
 // Engine: the read/write algorithm, and what runs on it.
 mod engine; // reads, fills, fail-safe, invalidation, write-through
 mod inspect; // the inspector: cached entries against their rows
+mod refresh; // conditional refresh: a loader may find the row unchanged
 mod relay; // invalidation from Postgres: outbox, trigger, relay
 mod write_behind; // durable write-behind: stream, workers, appliers
 
@@ -124,6 +126,7 @@ pub use observe::Stats;
 pub use pg::Params;
 pub use ratelimit::{RateLimitDecision, RateLimiter};
 pub use redis_conn::RedisConnection;
+pub use refresh::Refresh;
 pub use sessions::Sessions;
 pub use users::{Client, DEMO_USERS, UserProfile};
 pub use write_behind::{DeadLetter, MAX_WRITE_BEHIND_WORKERS, ReplayReport, WriteBehindChange};

@@ -360,16 +360,16 @@ impl Section for FailoverSection {
 // ---- the private servers -------------------------------------------------------
 
 /// One `redis-server` of this run: a direct child on a free loopback port,
-/// killed by pid on drop.
-struct Node {
+/// killed by pid on drop. (The tags section runs one too.)
+pub struct Node {
     child: Option<Child>,
-    port: u16,
+    pub port: u16,
 }
 
 impl Node {
     /// Spawns `redis-server [conf] --port P ... extra` in `dir` (three tries
     /// on fresh ports) and waits until it answers as itself.
-    fn spawn(dir: &Path, conf: Option<&Path>, extra: &[&str]) -> BoxResult<Node> {
+    pub fn spawn(dir: &Path, conf: Option<&Path>, extra: &[&str]) -> BoxResult<Node> {
         std::fs::create_dir_all(dir)?;
         let mut last = String::new();
         for _ in 0..3 {
@@ -439,10 +439,10 @@ impl Drop for Node {
 
 /// A temp dir of this run's, removed on drop (after the nodes that use it:
 /// declare it first).
-struct Dir(PathBuf);
+pub struct Dir(pub PathBuf);
 
 impl Dir {
-    fn new(label: &str) -> BoxResult<Dir> {
+    pub fn new(label: &str) -> BoxResult<Dir> {
         let dir =
             std::env::temp_dir().join(format!("cacheaside-bench-{label}-{}", std::process::id()));
         std::fs::create_dir_all(&dir)?;

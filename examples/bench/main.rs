@@ -51,6 +51,7 @@ mod replica;
 mod report;
 mod stampede;
 mod steady;
+mod tags;
 mod wake;
 mod write_behind;
 mod xproc;
@@ -69,8 +70,8 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster, failover, capture, consistency, replica): for work on
-             one section";
+             steady, write_behind, near, cluster, failover, capture, consistency, replica, tags): for
+             work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -134,7 +135,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 14] = [
+const SECTIONS: [(&str, Measure); 15] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -163,6 +164,8 @@ const SECTIONS: [(&str, Measure); 14] = [
     ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
     // (18): loads from a lagging read replica, fenced
     ("replica", |b| Ok(Box::new(replica::measure(b)?))),
+    // (19): tagged hits, invalidate_tag, conditional refresh's bytes
+    ("tags", |b| Ok(Box::new(tags::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;

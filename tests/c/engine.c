@@ -237,6 +237,8 @@ static void invalidate_reloads(void) {
     EXPECT(bytes_are(&value, "desk|25000"));
     cacheaside_bytes_free(&value);
     EXPECT(atomic_load(&loads) == before + 2);
+    /* No entry carries the tag: one SET of its stamp all the same. */
+    CHECK(cacheaside_engine_invalidate_tag(engine, "category:7"));
 }
 
 static void versioned_read_and_write_through(void) {
@@ -323,6 +325,10 @@ static void bad_inputs_are_invalid(cacheaside_config *config) {
     INVALID(cacheaside_engine_invalidate(NULL, "k"));
     INVALID(cacheaside_engine_invalidate(engine, NULL));
     INVALID(cacheaside_engine_invalidate(engine, ""));
+    INVALID(cacheaside_engine_invalidate_tag(NULL, "t"));
+    INVALID(cacheaside_engine_invalidate_tag(engine, NULL));
+    INVALID(cacheaside_engine_invalidate_tag(engine, ""));
+    INVALID(cacheaside_engine_invalidate_tag(engine, "a{b"));
     INVALID(cacheaside_engine_relay_sync(NULL, 1000));
     INVALID(cacheaside_engine_relay_sync(engine, 0));
     cacheaside_stats stats = {.size = 0};

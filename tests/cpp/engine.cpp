@@ -71,6 +71,7 @@ void versioned_and_write_through(const cacheaside::Engine &engine) {
     EXPECT(!none);
 
     engine.invalidate("price:1");
+    engine.invalidate_tag("prices");
     EXPECT(engine.get_or_load_versioned("price:1", 1min, load) ==
            std::optional<std::string>("price=120"));
     EXPECT(loads == 2);
