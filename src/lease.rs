@@ -105,26 +105,64 @@ pub(crate) fn acquire(
     ttls: Ttls,
     now_ms: u64,
 ) -> Result<Acquired> {
+    let reply: Value =
+        cache.run(|conn| acquire_call(keys, claim, token, ttls, now_ms).invoke(conn))?;
+    acquired(reply)
+}
+
+/// [`acquire`] for many keys (each with its own token), in one pipelined
+/// round trip on a single server; on a cluster one call per key (each key
+/// is its own slot, and a pipeline goes whole to one node).
+pub(crate) fn acquire_many(
+    cache: &Cache,
+    claims: &[(&Keys, &str)],
+    claim: Claim,
+    ttls: Ttls,
+    now_ms: u64,
+) -> Result<Vec<Acquired>> {
+    if cache.is_cluster() {
+        return claims
+            .iter()
+            .map(|(keys, token)| acquire(cache, keys, claim, token, ttls, now_ms))
+            .collect();
+    }
+    let calls: Vec<_> = claims
+        .iter()
+        .map(|(keys, token)| acquire_call(keys, claim, token, ttls, now_ms))
+        .collect();
+    pipelined(cache, &SCRIPTS.acquire, &calls)?
+        .into_iter()
+        .map(acquired)
+        .collect()
+}
+
+fn acquire_call<'a>(
+    keys: &'a Keys,
+    claim: Claim,
+    token: &'a str,
+    ttls: Ttls,
+    now_ms: u64,
+) -> redis::ScriptInvocation<'static> {
     let mode = match claim {
         Claim::Lease => "lease",
         Claim::Lock => "lock",
         Claim::Refresh => "refresh",
         Claim::Takeover => "takeover",
     };
-    let reply: Value = cache.run(|conn| {
-        SCRIPTS
-            .acquire
-            .key(&keys.value)
-            .key(&keys.lease)
-            .key(&keys.lock)
-            .key(&keys.pending)
-            .arg(mode)
-            .arg(token)
-            .arg(millis(ttls.lease))
-            .arg(millis(ttls.lock))
-            .arg(now_ms)
-            .invoke(conn)
-    })?;
+    let mut call = SCRIPTS.acquire.key(&keys.value);
+    call.key(&keys.lease)
+        .key(&keys.lock)
+        .key(&keys.pending)
+        .arg(mode)
+        .arg(token)
+        .arg(millis(ttls.lease))
+        .arg(millis(ttls.lock))
+        .arg(now_ms);
+    call
+}
+
+/// What the acquire script's reply means.
+fn acquired(reply: Value) -> Result<Acquired> {
     match reply {
         Value::BulkString(raw) => Ok(Acquired::Cached(raw)),
         Value::Int(1) => Ok(Acquired::Granted),
@@ -134,6 +172,46 @@ pub(crate) fn acquire(
             format!("unexpected reply from the acquire script: {other:?}"),
         )),
     }
+}
+
+/// Runs `calls` of `script` in one pipelined round trip. A pipelined
+/// `EVALSHA` has no `EVAL` fallback: if Redis forgot the script (a restart,
+/// `SCRIPT FLUSH`), it is loaded and the pipeline runs once more, which the
+/// scripts allow (each is idempotent for its token, and a fill that ran
+/// twice reports "not stored", the cautious answer).
+fn pipelined(
+    cache: &Cache,
+    script: &Script,
+    calls: &[redis::ScriptInvocation<'_>],
+) -> Result<Vec<Value>> {
+    let forgotten =
+        |reply: &Value| matches!(reply, Value::ServerError(e) if e.code() == "NOSCRIPT");
+    let replies: Vec<Value> = cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for call in calls {
+            pipe.invoke_script(call);
+        }
+        let replies: Vec<Value> = pipe.query(conn)?;
+        if replies.iter().any(forgotten) {
+            script.load(conn)?;
+            return pipe.query(conn);
+        }
+        Ok(replies)
+    })?;
+    if replies.len() != calls.len() {
+        return Err(Error::new(
+            ErrorKind::Cache,
+            "a pipelined script call got the wrong number of replies",
+        ));
+    }
+    replies
+        .into_iter()
+        .map(|reply| match reply {
+            Value::ServerError(err) => Err(redis::RedisError::from(err).into()),
+            reply => Ok(reply),
+        })
+        .collect()
 }
 
 /// Stores `raw` for `ttl` if `token` still holds the lease and no
@@ -146,18 +224,50 @@ pub(crate) fn fill(
     raw: &[u8],
     ttl: Duration,
 ) -> Result<bool> {
-    cache.run(|conn| {
-        SCRIPTS
-            .fill
-            .key(&keys.value)
-            .key(&keys.lease)
-            .key(&keys.lock)
-            .key(&keys.pending)
-            .arg(token)
-            .arg(raw)
-            .arg(millis(ttl))
-            .invoke(conn)
-    })
+    cache.run(|conn| fill_call(keys, token, raw, ttl).invoke(conn))
+}
+
+/// One key's fill for [`fill_many`]: its keys, its lease's token, the
+/// entry, and its physical TTL.
+pub(crate) type Fill<'a> = (&'a Keys, &'a str, &'a [u8], Duration);
+
+/// [`fill`] for many keys, in one pipelined round trip on a single server
+/// (one call per key on a cluster); true for each one stored.
+pub(crate) fn fill_many(cache: &Cache, fills: &[Fill<'_>]) -> Result<Vec<bool>> {
+    if cache.is_cluster() {
+        return fills
+            .iter()
+            .map(|(keys, token, raw, ttl)| fill(cache, keys, token, raw, *ttl))
+            .collect();
+    }
+    let calls: Vec<_> = fills
+        .iter()
+        .map(|(keys, token, raw, ttl)| fill_call(keys, token, raw, *ttl))
+        .collect();
+    pipelined(cache, &SCRIPTS.fill, &calls)?
+        .into_iter()
+        .map(|reply| {
+            redis::from_redis_value::<bool>(reply).map_err(|e| {
+                Error::new(ErrorKind::Cache, "unexpected reply from the fill script").with_source(e)
+            })
+        })
+        .collect()
+}
+
+fn fill_call(
+    keys: &Keys,
+    token: &str,
+    raw: &[u8],
+    ttl: Duration,
+) -> redis::ScriptInvocation<'static> {
+    let mut call = SCRIPTS.fill.key(&keys.value);
+    call.key(&keys.lease)
+        .key(&keys.lock)
+        .key(&keys.pending)
+        .arg(token)
+        .arg(raw)
+        .arg(millis(ttl));
+    call
 }
 
 /// True if `token` still holds the lease (a read: a full Redis answers it).
@@ -204,16 +314,34 @@ pub(crate) fn renew(cache: &Cache, lease: &str, lock: &str, token: &str, ttls: T
 /// goes, readers load the newer row, and the workers skip the change
 /// ([`still_current`]).
 pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
-    cache.run(|conn| {
-        redis::cmd("DEL")
-            .arg(&keys.value)
-            .arg(&keys.lease)
-            .arg(&keys.writers)
-            .arg(&keys.floor)
-            .arg(&keys.pending)
-            .query::<i64>(conn)
-    })?;
+    cache.run(|conn| invalidate_cmd(keys).query::<i64>(conn))?;
     Ok(())
+}
+
+/// [`invalidate`] for many keys: one round trip (a pipeline of one `DEL`
+/// per key) on a single server; on a cluster one `DEL` per key (a pipeline
+/// goes whole to one node, and each key is its own slot).
+pub(crate) fn invalidate_many(cache: &Cache, all: &[Keys]) -> Result<()> {
+    if cache.is_cluster() {
+        return all.iter().try_for_each(|keys| invalidate(cache, keys));
+    }
+    cache.run(|conn| {
+        let mut pipe = redis::pipe();
+        for keys in all {
+            pipe.add_command(invalidate_cmd(keys)).ignore();
+        }
+        pipe.query::<()>(conn)
+    })
+}
+
+fn invalidate_cmd(keys: &Keys) -> redis::Cmd {
+    let mut del = redis::cmd("DEL");
+    del.arg(&keys.value)
+        .arg(&keys.lease)
+        .arg(&keys.writers)
+        .arg(&keys.floor)
+        .arg(&keys.pending);
+    del
 }
 
 /// What a write-behind worker does with a change it is about to commit.

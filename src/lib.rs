@@ -90,6 +90,7 @@ mod near; // the near cache (L1) in process memory, kept coherent by Redis
 mod singleflight; // in-process single-flight
 
 // Engine: the read/write algorithm, and what runs on it.
+mod batch; // many keys at once: get_or_load_many, invalidate_many
 mod engine; // reads, fills, fail-safe, invalidation, write-through
 mod inspect; // the inspector: cached entries against their rows
 mod relay; // invalidation from Postgres: outbox, trigger, relay
