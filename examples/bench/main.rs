@@ -30,6 +30,7 @@
 //! cross-process stampede needs several processes, and memory is only
 //! meaningful in a fresh one.
 
+mod batch;
 mod c_abi;
 mod capture;
 mod cluster;
@@ -67,7 +68,8 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster, failover, capture, consistency): for work on one section";
+             steady, write_behind, near, cluster, failover, capture, consistency,
+             batch): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -131,7 +133,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 13] = [
+const SECTIONS: [(&str, Measure); 14] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -158,6 +160,8 @@ const SECTIONS: [(&str, Measure); 13] = [
     ("capture", |b| Ok(Box::new(capture::measure(b)?))),
     // (17): every write path at once, each write checked after d
     ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
+    // (18): batch reads: 100 hits against one GET, a cold page's cost
+    ("batch", |b| Ok(Box::new(batch::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;
