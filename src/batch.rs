@@ -151,14 +151,18 @@ impl Engine {
         };
         self.look_up(&mut run);
         self.resolve_misses(&mut run, load);
+        // Taken out as they are handed over (hence the outer Option).
         let mut answers: Vec<Option<Option<T>>> = Vec::with_capacity(run.items.len());
         for item in run.items {
-            if let Some(err) = item.failed {
-                return Err(err);
+            match (item.failed, item.done) {
+                (Some(err), _) => return Err(err),
+                (None, Some(value)) => answers.push(Some(value)),
+                // Every round ends each key answered, failed or open, and
+                // the rounds end only when none is open: not reached.
+                (None, None) => return Err(Error::timeout("a key of the batch got no answer")),
             }
-            answers.push(item.done);
         }
-        // In the keys' order. A key given twice was read once: its later
+        // In the keys' order. A key given twice was read once: its earlier
         // places get a copy (through JSON: values need not be Clone), the
         // last place the value itself.
         let mut uses = vec![0_usize; answers.len()];
@@ -167,18 +171,14 @@ impl Engine {
         }
         positions
             .into_iter()
-            .map(|at| {
+            .enumerate()
+            .map(|(place, at)| {
                 uses[at] -= 1;
-                let answer = answers[at]
-                    .as_ref()
-                    .expect("every open key was answered or failed");
-                match answer {
-                    None => Ok(None),
-                    Some(_) if uses[at] == 0 => Ok(answers[at].take().flatten()),
-                    Some(value) => {
-                        let json = to_json(value)?;
-                        decode_value(keys[0], &json)
+                match &answers[at] {
+                    Some(Some(value)) if uses[at] > 0 => {
+                        decode_value(keys[place], &to_json(value)?)
                     }
+                    _ => Ok(answers[at].take().flatten()),
                 }
             })
             .collect()
