@@ -383,6 +383,16 @@ impl Engine {
         );
         let mut claim = Claim::Lock;
         while !waiting.is_empty() {
+            if Instant::now() >= run.deadline {
+                // Only a key rewritten with garbage as fast as it is deleted
+                // keeps a claim from ending before this.
+                let err = Error::timeout("claiming keys that keep being rewritten");
+                for (i, leader) in waiting {
+                    leader.publish(Err(err.clone()), u64::MAX);
+                    self.fail_or_stale(run, i, err.clone());
+                }
+                return;
+            }
             if !run.use_redis {
                 let granted = waiting
                     .drain(..)

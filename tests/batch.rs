@@ -333,6 +333,28 @@ fn a_key_another_engine_is_loading_is_waited_for_not_loaded_again() {
 }
 
 #[test]
+fn a_batch_with_redis_down_loads_once_and_answers() {
+    let mut config = test_config("b_down");
+    // Nothing listens there: every Redis call is refused at once.
+    config.redis_url = format!("redis://127.0.0.1:{}/", common::servers::free_port());
+    let shop = Shop::with(config, 5);
+    let keys: Vec<String> = (1..=6).map(key).collect();
+    let calls = AtomicU32::new(0);
+    let got: Vec<Option<String>> = shop
+        .engine
+        .get_or_load_many(&keys, TTL, |missing| {
+            calls.fetch_add(1, Ordering::SeqCst);
+            shop.load(missing)
+        })
+        .unwrap();
+    assert_eq!(got[..5], (1..=5).map(name).collect::<Vec<_>>());
+    assert_eq!(got[5], None);
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "one loader call, uncached");
+    assert_eq!(shop.engine.stats().bypassed, 6);
+    assert_eq!(shop.engine.in_flight(), 0);
+}
+
+#[test]
 fn invalidate_many_makes_those_keys_miss_and_no_others() {
     let shop = Shop::new("b_inval", 6);
     let keys: Vec<String> = (1..=6).map(key).collect();
