@@ -205,16 +205,17 @@ impl Engine {
                 item.ticket = Some(near.ticket(&item.value_key));
             }
         }
-        // As for one key: noted before the permit (see Engine::read).
-        run.generation = self.cache.server_generation();
-        run.permit = self.breaker.permit();
-        run.use_redis = run.permit != Permit::Bypass;
         let open: Vec<usize> = (0..run.items.len())
             .filter(|&i| run.items[i].open())
             .collect();
         if open.is_empty() {
+            // No permit taken: a probe permit must report how it went.
             return;
         }
+        // As for one key: noted before the permit (see Engine::read).
+        run.generation = self.cache.server_generation();
+        run.permit = self.breaker.permit();
+        run.use_redis = run.permit != Permit::Bypass;
         if run.use_redis {
             match self.lookup_many(&run.items, &open) {
                 Ok(_) if self.cache.server_generation() != run.generation => {
