@@ -333,6 +333,49 @@ fn a_key_another_engine_is_loading_is_waited_for_not_loaded_again() {
 }
 
 #[test]
+fn a_batch_takes_near_cache_hits_first_and_a_write_evicts_them() {
+    let mut config = test_config("b_near");
+    config.local_cache = cacheaside::LocalCache::new(1_000, Duration::from_secs(60));
+    let shop = Shop::with(config, 10);
+    let keys: Vec<String> = (1..=10).map(key).collect();
+    let read = || -> Vec<Option<String>> {
+        shop.engine
+            .get_or_load_many(&keys, TTL, |missing| shop.load(missing))
+            .unwrap()
+    };
+    // Cold: loaded and filled. Then Redis hits put the entries into L1,
+    // once its tracker is live.
+    assert_eq!(read(), (1..=10).map(name).collect::<Vec<_>>());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while shop.engine.local_cache_entries() < 10 {
+        assert!(std::time::Instant::now() < deadline, "L1 never filled");
+        read();
+    }
+    let before = shop.engine.stats();
+    assert_eq!(read(), (1..=10).map(name).collect::<Vec<_>>());
+    let after = shop.engine.stats();
+    assert_eq!(after.local_hits - before.local_hits, 10, "all ten from L1");
+    assert_eq!(after.hits, before.hits, "no Redis lookup");
+    // A write of this process evicts its key at once: the next batch reads
+    // that one key from Redis (it misses there too, and reloads).
+    shop.rename(4, "four");
+    shop.engine.invalidate_many(&[key(4)]).unwrap();
+    let asked = Mutex::new(Vec::new());
+    let got: Vec<Option<String>> = shop
+        .engine
+        .get_or_load_many(&keys, TTL, |missing| {
+            asked
+                .lock()
+                .unwrap()
+                .extend(missing.iter().map(|k| k.to_string()));
+            shop.load(missing)
+        })
+        .unwrap();
+    assert_eq!(*asked.lock().unwrap(), [key(4)]);
+    assert_eq!(got[3].as_deref(), Some("four"));
+}
+
+#[test]
 fn a_batch_with_redis_down_loads_once_and_answers() {
     let mut config = test_config("b_down");
     // Nothing listens there: every Redis call is refused at once.
