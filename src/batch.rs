@@ -6,7 +6,8 @@
 //! keys side by side, with each step's Redis commands sent together:
 //!
 //! 1. the near cache (L1), when on, answers what it holds;
-//! 2. one `MGET` finds the hits (on a cluster, one `MGET` per hash slot);
+//! 2. one `MGET` finds the hits (on a cluster, a `GET` per key, pipelined
+//!    per node and sent to every node at once);
 //! 3. each missing key joins its single-flight in this process: the keys
 //!    another thread is loading are waited for; the others' rebuild locks
 //!    and leases are claimed in one pipelined round trip;
@@ -45,10 +46,10 @@ use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
 use crate::keeper::Hold;
 use crate::keys::Keys;
-use crate::lease::{self, Acquired, Claim, new_token};
+use crate::lease::{self, Acquired, Claim, names_error, new_token};
 use crate::near::Ticket;
 use crate::observe::report;
-use crate::redis_conn::key_slot;
+use crate::redis_conn::RedisConnection;
 use crate::singleflight::{Follower, Leader, Role, WaitError, Waited};
 
 /// A row a batch loader found: its key, its value's JSON and its version.
@@ -255,38 +256,40 @@ impl Engine {
     }
 
     /// Reads the value keys of `open` items: one `MGET` on a single server;
-    /// on a cluster one `MGET` per hash slot (every key of ours is its own
-    /// hash tag, so keys rarely share one).
+    /// on a cluster one `GET` per key (every key of ours is its own hash
+    /// tag, so keys rarely share a slot), pipelined per node, every node's
+    /// pipeline sent before any reply is read.
     fn lookup_many<T>(&self, items: &[Item<'_, T>], open: &[usize]) -> Result<Vec<Raw>> {
-        let raw = |bytes: Option<Vec<u8>>| bytes.map_or(Raw::Missing, Raw::Bytes);
-        if !self.cache.is_cluster() {
-            let names: Vec<&str> = open.iter().map(|&i| items[i].value_key.as_str()).collect();
-            let found: Vec<Option<Vec<u8>>> = self
-                .cache
-                .run(|conn| redis::cmd("MGET").arg(&names).query(conn))?;
-            return lookup_replies(found, names.len()).map(|f| f.into_iter().map(raw).collect());
-        }
-        let mut by_slot: HashMap<_, Vec<usize>> = HashMap::new();
-        for (at, &i) in open.iter().enumerate() {
-            by_slot
-                .entry(key_slot(items[i].value_key.as_bytes()))
-                .or_default()
-                .push(at);
-        }
-        let mut out: Vec<Option<Vec<u8>>> = vec![None; open.len()];
-        for ats in by_slot.values() {
-            let names: Vec<&str> = ats
-                .iter()
-                .map(|&at| items[open[at]].value_key.as_str())
-                .collect();
-            let found: Vec<Option<Vec<u8>>> = self
-                .cache
-                .run(|conn| redis::cmd("MGET").arg(&names).query(conn))?;
-            for (&at, bytes) in ats.iter().zip(lookup_replies(found, names.len())?) {
-                out[at] = bytes;
+        let names: Vec<&str> = open.iter().map(|&i| items[i].value_key.as_str()).collect();
+        // `None`: a value of another type under one of the keys failed a
+        // cluster pipeline whole (a single server's MGET reads it as
+        // missing); then each key is looked up alone, telling it apart.
+        let found = self.cache.run(|conn| match conn {
+            RedisConnection::Cluster(cluster) => {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for name in &names {
+                    pipe.get(*name);
+                }
+                match pipe.query::<Vec<Option<Vec<u8>>>>(cluster) {
+                    Err(err) if names_error(&err, "WRONGTYPE") => Ok(None),
+                    found => found.map(Some),
+                }
             }
+            conn => redis::cmd("MGET").arg(&names).query(conn).map(Some),
+        })?;
+        let Some(found) = found else {
+            return names.iter().map(|name| self.cache.lookup(name)).collect();
+        };
+        if found.len() != names.len() {
+            return Err(Error::new(
+                ErrorKind::Cache,
+                "a lookup answered another number of keys than it was asked",
+            ));
         }
-        Ok(out.into_iter().map(raw).collect())
+        Ok(found
+            .into_iter()
+            .map(|bytes| bytes.map_or(Raw::Missing, Raw::Bytes))
+            .collect())
     }
 
     /// Takes what a lookup found for `item`: a fresh entry answers it (and,
@@ -765,15 +768,4 @@ impl Engine {
             }
         }
     }
-}
-
-/// Checks that an `MGET` answered every key.
-fn lookup_replies(found: Vec<Option<Vec<u8>>>, asked: usize) -> Result<Vec<Option<Vec<u8>>>> {
-    if found.len() != asked {
-        return Err(Error::new(
-            ErrorKind::Cache,
-            "MGET answered another number of keys than it was asked",
-        ));
-    }
-    Ok(found)
 }

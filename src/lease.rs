@@ -43,7 +43,7 @@ use redis::{Script, Value};
 use crate::cache::Cache;
 use crate::error::{Error, ErrorKind, Result};
 pub(crate) use crate::keys::Keys;
-use crate::redis_conn::millis;
+use crate::redis_conn::{RedisConnection, millis};
 
 /// Names one holder of a lease, lock or writer slot: unique across
 /// processes (pid, a random start) and within one (a counter).
@@ -110,9 +110,9 @@ pub(crate) fn acquire(
     acquired(reply)
 }
 
-/// [`acquire`] for many keys (each with its own token), in one pipelined
-/// round trip on a single server; on a cluster one call per key (each key
-/// is its own slot, and a pipeline goes whole to one node).
+/// [`acquire`] for many keys (each with its own token), pipelined: one
+/// round trip on a single server, one per node (sent together) on a
+/// cluster.
 pub(crate) fn acquire_many(
     cache: &Cache,
     claims: &[(&Keys, &str)],
@@ -120,12 +120,6 @@ pub(crate) fn acquire_many(
     ttls: Ttls,
     now_ms: u64,
 ) -> Result<Vec<Acquired>> {
-    if cache.is_cluster() {
-        return claims
-            .iter()
-            .map(|(keys, token)| acquire(cache, keys, claim, token, ttls, now_ms))
-            .collect();
-    }
     let calls: Vec<_> = claims
         .iter()
         .map(|(keys, token)| acquire_call(keys, claim, token, ttls, now_ms))
@@ -174,30 +168,48 @@ fn acquired(reply: Value) -> Result<Acquired> {
     }
 }
 
-/// Runs `calls` of `script` in one pipelined round trip. A pipelined
-/// `EVALSHA` has no `EVAL` fallback: if Redis forgot the script (a restart,
-/// `SCRIPT FLUSH`), it is loaded and the pipeline runs once more, which the
-/// scripts allow (each is idempotent for its token, and a fill that ran
-/// twice reports "not stored", the cautious answer).
+/// Runs `calls` of `script` pipelined: one round trip on a single server;
+/// on a cluster one pipeline per node, all sent before any reply is read
+/// (a command whose slot moved is retried on its own after the slot map is
+/// read again).
+///
+/// A pipelined `EVALSHA` has no `EVAL` fallback. On a single server the
+/// pipeline loads the script first (a no-op when Redis has it); a cluster
+/// pipeline may not carry `SCRIPT LOAD`, so there a script Redis forgot (a
+/// restart) is loaded on every master and the pipeline sent once more,
+/// which the scripts allow (each is idempotent for its token, and a fill
+/// that ran twice reports "not stored", the cautious answer).
 fn pipelined(
     cache: &Cache,
     script: &Script,
     calls: &[redis::ScriptInvocation<'_>],
 ) -> Result<Vec<Value>> {
-    let forgotten =
-        |reply: &Value| matches!(reply, Value::ServerError(e) if e.code() == "NOSCRIPT");
-    let replies: Vec<Value> = cache.run(|conn| {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for call in calls {
-            pipe.invoke_script(call);
+    let replies: Vec<Value> = cache.run(|conn| match conn {
+        RedisConnection::Cluster(cluster) => {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for call in calls {
+                pipe.invoke_script(call);
+            }
+            match pipe.query(cluster) {
+                Err(err) if names_error(&err, "NOSCRIPT") => {
+                    script.load(conn)?;
+                    let RedisConnection::Cluster(cluster) = conn else {
+                        unreachable!("matched as a cluster above");
+                    };
+                    pipe.query(cluster)
+                }
+                replies => replies,
+            }
         }
-        let replies: Vec<Value> = pipe.query(conn)?;
-        if replies.iter().any(forgotten) {
-            script.load(conn)?;
-            return pipe.query(conn);
+        conn => {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe.load_script(script).ignore();
+            for call in calls {
+                pipe.invoke_script(call);
+            }
+            pipe.query(conn)
         }
-        Ok(replies)
     })?;
     if replies.len() != calls.len() {
         return Err(Error::new(
@@ -212,6 +224,13 @@ fn pipelined(
             reply => Ok(reply),
         })
         .collect()
+}
+
+/// True when `err` (or, for a pipeline, one of its commands' errors) is the
+/// server error `code`: a cluster pipeline's error lists its commands'
+/// errors by kind name ("NoScript"), not by code.
+pub(crate) fn names_error(err: &redis::RedisError, code: &str) -> bool {
+    err.code() == Some(code) || err.to_string().to_ascii_uppercase().contains(code)
 }
 
 /// Stores `raw` for `ttl` if `token` still holds the lease and no
@@ -231,15 +250,9 @@ pub(crate) fn fill(
 /// entry, and its physical TTL.
 pub(crate) type Fill<'a> = (&'a Keys, &'a str, &'a [u8], Duration);
 
-/// [`fill`] for many keys, in one pipelined round trip on a single server
-/// (one call per key on a cluster); true for each one stored.
+/// [`fill`] for many keys, pipelined as [`acquire_many`]; true for each
+/// one stored.
 pub(crate) fn fill_many(cache: &Cache, fills: &[Fill<'_>]) -> Result<Vec<bool>> {
-    if cache.is_cluster() {
-        return fills
-            .iter()
-            .map(|(keys, token, raw, ttl)| fill(cache, keys, token, raw, *ttl))
-            .collect();
-    }
     let calls: Vec<_> = fills
         .iter()
         .map(|(keys, token, raw, ttl)| fill_call(keys, token, raw, *ttl))
@@ -318,19 +331,25 @@ pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
     Ok(())
 }
 
-/// [`invalidate`] for many keys: one round trip (a pipeline of one `DEL`
-/// per key) on a single server; on a cluster one `DEL` per key (a pipeline
-/// goes whole to one node, and each key is its own slot).
+/// [`invalidate`] for many keys: a pipeline of one `DEL` per key (each
+/// key's side keys share its slot), one round trip on a single server, one
+/// per node (sent together) on a cluster.
 pub(crate) fn invalidate_many(cache: &Cache, all: &[Keys]) -> Result<()> {
-    if cache.is_cluster() {
-        return all.iter().try_for_each(|keys| invalidate(cache, keys));
-    }
-    cache.run(|conn| {
-        let mut pipe = redis::pipe();
-        for keys in all {
-            pipe.add_command(invalidate_cmd(keys)).ignore();
+    cache.run(|conn| match conn {
+        RedisConnection::Cluster(cluster) => {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for keys in all {
+                pipe.add_command(invalidate_cmd(keys)).ignore();
+            }
+            pipe.query::<()>(cluster)
         }
-        pipe.query::<()>(conn)
+        conn => {
+            let mut pipe = redis::pipe();
+            for keys in all {
+                pipe.add_command(invalidate_cmd(keys)).ignore();
+            }
+            pipe.query::<()>(conn)
+        }
     })
 }
 

@@ -458,8 +458,28 @@ fn a_batch_on_a_cluster_spans_slots() {
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(read(&keys), want, "all hits");
     assert_eq!(calls.load(Ordering::SeqCst), 1);
+    // A value of another type under one key: a miss, swept and reloaded.
+    let k3 = shop.engine.cache().redis_key(&key(3));
+    shop.engine
+        .cache()
+        .with_connection(|c| {
+            redis::cmd("DEL").arg(&k3).query::<()>(c)?;
+            redis::cmd("RPUSH").arg(&k3).arg("x").query::<()>(c)
+        })
+        .unwrap();
+    assert_eq!(read(&keys), want);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(shop.engine.stats().corrupt_entries, 1);
+    // Redis forgot the scripts (a restart would): the pipelines load them.
+    for node in &cluster.nodes {
+        node.command(&["SCRIPT", "FLUSH"]);
+    }
+    shop.engine.invalidate_many(&keys[..3]).unwrap();
+    assert_eq!(read(&keys), want);
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
     shop.rename(7, "seven");
     shop.engine.invalidate_many(&[key(7)]).unwrap();
     assert_eq!(read(&keys)[6].as_deref(), Some("seven"));
-    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(calls.load(Ordering::SeqCst), 4);
+    assert_eq!(shop.engine.stats().fills_dropped, 0);
 }
