@@ -33,9 +33,9 @@ const TTL: Duration = Duration::from_secs(600);
 
 pub struct Batch {
     series: Vec<Series>,
-    /// Round trips of the first cold batch on this engine (scripts maybe
-    /// not loaded yet).
-    first: u64,
+    /// Round trips of the first cold batch on this engine, and the
+    /// connections opened meanwhile (each new one's handshake counts).
+    first: (u64, u64),
     /// Per cold repetition: loader calls, statements, Redis round trips.
     cold: Vec<(u32, u64, u64)>,
     /// Per overlapping repetition: the fewest and most loads of a key.
@@ -149,12 +149,13 @@ pub fn measure(bench: &Bench) -> BoxResult<Batch> {
     // Redis forgot them (a restart) costs two round trips more per script.
     counted.ping()?;
     let first = proxy.round_trips();
+    let opened = proxy.connections();
     let warm = keys("batch:cold:warm");
     check(
         &counted.get_or_load_many(&warm, TTL, |missing| load(&counted, missing))?,
         &warm,
     )?;
-    let first = proxy.round_trips() - first;
+    let first = (proxy.round_trips() - first, proxy.connections() - opened);
     for rep in 0..reps {
         let cold_keys = keys(&format!("batch:cold:{rep}"));
         let calls = AtomicU32::new(0);
@@ -280,10 +281,10 @@ impl Section for Batch {
         );
         let _ = writeln!(
             md,
-            "The first cold batch of the run took {} round trips (MGET, claims, fills, and \
-             for each script Redis did not have yet, a load and the pipeline again); the \
+            "The first cold batch of the engine took {} round trips, while the pool opened {} \
+             connection(s) (a new connection's handshake is a few round trips of its own); the \
              repetitions below come after it.\n",
-            self.first
+            self.first.0, self.first.1
         );
         let _ = writeln!(
             md,
@@ -342,7 +343,8 @@ impl Section for Batch {
             "batch",
             json!({
                 "keys": KEYS,
-                "first_cold_round_trips": self.first,
+                "first_cold_round_trips": self.first.0,
+                "first_cold_connections_opened": self.first.1,
                 "hits_over_one_get": ratio("batch_hits"),
                 "single_hits_over_one_get": ratio("single_hits"),
                 "cold": self.cold.iter().map(|(c, s, t)| json!({
@@ -363,6 +365,8 @@ impl Section for Batch {
 struct Proxy {
     url: String,
     trips: Arc<AtomicU64>,
+    /// Connections accepted so far.
+    connections: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     addr: std::net::SocketAddr,
 }
@@ -384,10 +388,12 @@ impl Proxy {
         let proxy = Proxy {
             url: format!("{scheme}://{at}{addr}/{path}"),
             trips: Arc::new(AtomicU64::new(0)),
+            connections: Arc::new(AtomicU64::new(0)),
             stop: Arc::new(AtomicBool::new(false)),
             addr,
         };
         let (trips, stop) = (Arc::clone(&proxy.trips), Arc::clone(&proxy.stop));
+        let connections = Arc::clone(&proxy.connections);
         thread::spawn(move || {
             for client in listener.incoming() {
                 if stop.load(Ordering::SeqCst) {
@@ -396,6 +402,7 @@ impl Proxy {
                 let (Ok(client), Ok(server)) = (client, TcpStream::connect(&upstream)) else {
                     continue;
                 };
+                connections.fetch_add(1, Ordering::SeqCst);
                 // 0: nothing yet, 1: last sent a request, 2: last a reply.
                 let last = Arc::new(AtomicU8::new(0));
                 let pipe = |mut from: TcpStream, mut to: TcpStream, request: bool| {
@@ -428,6 +435,10 @@ impl Proxy {
 
     fn round_trips(&self) -> u64 {
         self.trips.load(Ordering::SeqCst)
+    }
+
+    fn connections(&self) -> u64 {
+        self.connections.load(Ordering::SeqCst)
     }
 }
 
