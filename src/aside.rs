@@ -461,7 +461,8 @@ impl CacheAside {
 
     /// Reads many keys at once: one answer per key, in the order of `keys`
     /// (`None` for a row the source does not have). The hits cost one Redis
-    /// round trip (`MGET`; on a Redis Cluster one per hash slot), and one
+    /// round trip (`MGET`; on a Redis Cluster a pipeline per node, sent
+    /// together), and one
     /// `load` call loads every missing key: `load` gets the list of missing
     /// keys and returns the rows it found as `(key, value)` pairs, in any
     /// order; a key it does not return is cached as absent (for the
@@ -586,7 +587,8 @@ impl CacheAside {
     }
 
     /// [`invalidate`](Self::invalidate) for many keys at once: one Redis
-    /// round trip on a single server (one command per key on a cluster).
+    /// round trip on a single server (on a cluster, one per node, sent
+    /// together).
     /// Call it after the write to the source has committed.
     ///
     /// # Errors

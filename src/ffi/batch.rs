@@ -175,8 +175,8 @@ pub unsafe extern "C" fn cacheaside_engine_get_or_load_many(
 }
 
 /// Removes the cached values of `n_keys` keys and revokes every reader's
-/// lease on them, in one Redis round trip (one command per key on a
-/// cluster); `cacheaside_engine_invalidate()` for many keys. Call it after
+/// lease on them, in one Redis round trip (on a cluster, one per node, sent
+/// together); `cacheaside_engine_invalidate()` for many keys. Call it after
 /// the write to the source has committed. Blocks.
 ///
 /// Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers (`keys` may be
