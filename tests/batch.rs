@@ -376,6 +376,30 @@ fn a_batch_takes_near_cache_hits_first_and_a_write_evicts_them() {
 }
 
 #[test]
+fn a_batch_loader_that_reads_a_key_it_loads_is_told_at_once() {
+    let shop = Shop::new("b_reentrant", 3);
+    let keys: Vec<String> = (1..=3).map(key).collect();
+    let inner = Mutex::new(None);
+    let got: Vec<Option<String>> = shop
+        .engine
+        .get_or_load_many(&keys, TTL, |missing| {
+            // This thread leads item 2's flight: waiting for it would be
+            // waiting for itself.
+            let again: Result<Option<String>, Error> =
+                shop.engine.get_or_load(&key(2), TTL, || Ok(None));
+            *inner.lock().unwrap() = Some(again.map_err(|e| e.kind()));
+            shop.load(missing)
+        })
+        .unwrap();
+    assert_eq!(got, (1..=3).map(name).collect::<Vec<_>>());
+    assert_eq!(
+        inner.lock().unwrap().take(),
+        Some(Err(cacheaside::ErrorKind::InvalidArgument))
+    );
+    assert_eq!(shop.engine.in_flight(), 0);
+}
+
+#[test]
 fn a_batch_with_redis_down_loads_once_and_answers() {
     let mut config = test_config("b_down");
     // Nothing listens there: every Redis call is refused at once.
