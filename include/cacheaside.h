@@ -835,8 +835,9 @@ enum cacheaside_status cacheaside_client_stats(const struct cacheaside_client *c
                                                struct cacheaside_stats *out);
 
 /**
- * Creates a config holding the defaults, with `DATABASE_URL` and
- * `REDIS_URL` taken from the environment when set.
+ * Creates a config holding the defaults, with `DATABASE_URL`,
+ * `REDIS_URL` and `DATABASE_REPLICA_URL` taken from the environment when
+ * set.
  *
  * Defaults: `postgres://postgres@127.0.0.1:5432/test`,
  * `redis://127.0.0.1:6379/`, table `users`, namespace `""`, TTL 60 s
@@ -1432,6 +1433,41 @@ enum cacheaside_status cacheaside_config_set_inspect_every_ms(struct cacheaside_
  */
 enum cacheaside_status cacheaside_config_set_inspect_sample(struct cacheaside_config *config,
                                                             uint32_t sample);
+
+/**
+ * Sets a streaming read replica of the database for the loads of a miss,
+ * e.g. `postgres://user@replica:5432/db`; an empty string turns it off
+ * (every load reads the database URL). Never used for writes. A load from
+ * it is fenced by the committed version of its key: a row older than a
+ * write that returned is read again from the primary (see
+ * `docs/replicas.md`). Set it in every process that writes keys loaded
+ * from the replica too: writes raise the fences. The lab's reads
+ * (`cacheaside_client_get_user_profile*`) use it. Defaults to
+ * `DATABASE_REPLICA_URL`, else none.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL pointer, a URL that is
+ * not UTF-8 or that does not parse (the config is then unchanged).
+ *
+ * # Safety
+ * As `cacheaside_config_set_database_url()`.
+ */
+enum cacheaside_status cacheaside_config_set_replica_url(struct cacheaside_config *config,
+                                                         const char *url);
+
+/**
+ * Sets how long a write fences the replica's loads of its key, in
+ * milliseconds: the worst replica lag the fences cover; while the replica
+ * is measured that far behind or more, loads read the primary. Used only
+ * with a replica URL. Defaults to 5000.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL, 0, or more than ten
+ * years.
+ *
+ * # Safety
+ * `config` is NULL or a live config.
+ */
+enum cacheaside_status cacheaside_config_set_replica_max_lag_ms(struct cacheaside_config *config,
+                                                                uint64_t ms);
 
 /**
  * Deprecated: renamed `cacheaside_client_install_schema()`, which this forwards to; this name goes

@@ -333,6 +333,14 @@ public:
         detail::check(cacheaside_config_set_database_ca_file(get(), detail::c_str(path, "path")));
         return *this;
     }
+    Config &replica_url(const std::string &url) {
+        detail::check(cacheaside_config_set_replica_url(get(), detail::c_str(url, "url")));
+        return *this;
+    }
+    Config &replica_max_lag(std::chrono::milliseconds lag) {
+        detail::check(cacheaside_config_set_replica_max_lag_ms(get(), detail::millis(lag)));
+        return *this;
+    }
     Config &users_table(const std::string &table) {
         detail::check(cacheaside_config_set_users_table(get(), detail::c_str(table, "table")));
         return *this;

@@ -7,6 +7,8 @@
 //! engine that drops stops its relay and workers before the pool and the
 //! keeper they use go.
 
+mod replica;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -151,7 +153,10 @@ impl CacheAside {
     }
 
     /// Checks that both servers answer: one Redis `PING` and one Postgres
-    /// `SELECT 1` (not counted in [`Db::query_count`]). Reads keep working
+    /// `SELECT 1` (not counted in [`Db::query_count`]), and one more on the
+    /// read replica when [`Config::replica_url`] is set (its error starts
+    /// "read replica: "; without this check a replica that does not answer
+    /// only shows as loads read from the primary). Reads keep working
     /// while Redis is down (they go to Postgres), so this is where a
     /// misconfiguration shows: a closed port, a wrong password, a server
     /// that wants one, a missing database each fail with a message that
@@ -181,7 +186,7 @@ impl CacheAside {
             .db
             .uncounted()
             .query_opt("SELECT 1", &[])?;
-        Ok(())
+        self.ping_replica()
     }
 
     /// The config this engine was built with.

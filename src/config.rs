@@ -8,8 +8,11 @@ use crate::keys::validate_namespace;
 
 mod builder;
 mod entry_options;
+mod redact;
+mod replica;
 pub use builder::ConfigBuilder;
 pub use entry_options::EntryOptions;
+pub use redact::redact_url;
 
 /// How long after `statement_timeout` the client gives up on a statement the
 /// server did not cancel (it is frozen, or the network dropped us).
@@ -81,6 +84,20 @@ pub struct Config {
     /// is refused by [`validate`](Config::validate) rather than silently
     /// ignored. Defaults to `None`.
     pub database_ca_file: Option<std::path::PathBuf>,
+    /// A streaming read replica of `database_url` that serves the loads of a
+    /// miss (`DATABASE_REPLICA_URL` in [`Config::from_env`]), never a write.
+    /// A load from it is fenced by the committed version of its key: a row
+    /// older than a write that returned is read again from the primary
+    /// (see [`CacheAside::get_or_load_versioned_from_replica`](crate::CacheAside::get_or_load_versioned_from_replica)
+    /// and `docs/replicas.md`). Set it in every process that writes keys
+    /// loaded from the replica too: writes raise the fences. Its TLS follows
+    /// its own `sslmode`, with `database_ca_file`. Defaults to `None`.
+    pub replica_url: Option<String>,
+    /// How long a write fences the replica loads of its key: the worst
+    /// replica lag the fences cover. While the replica is measured this far
+    /// behind or more, loads read the primary (see `docs/replicas.md`).
+    /// Used only with `replica_url`. Defaults to 5 s.
+    pub replica_max_lag: Duration,
     /// Most Postgres connections one client opens. Defaults to 8, so ten
     /// processes fit under Postgres's default `max_connections` of 100.
     pub db_pool_size: u32,
@@ -314,6 +331,8 @@ impl Default for Config {
             redis_url: "redis://127.0.0.1:6379/".into(),
             redis_ca_file: None,
             database_ca_file: None,
+            replica_url: None,
+            replica_max_lag: Duration::from_secs(5),
             db_pool_size: 8,
             cache_pool_size: 16,
             pool_min_idle: 1,
@@ -366,6 +385,8 @@ impl fmt::Debug for Config {
             .field("redis_url", &redact_url(&self.redis_url))
             .field("redis_ca_file", &self.redis_ca_file)
             .field("database_ca_file", &self.database_ca_file)
+            .field("replica_url", &self.replica_url.as_deref().map(redact_url))
+            .field("replica_max_lag", &self.replica_max_lag)
             .field("db_pool_size", &self.db_pool_size)
             .field("cache_pool_size", &self.cache_pool_size)
             .field("pool_min_idle", &self.pool_min_idle)
@@ -411,9 +432,10 @@ impl fmt::Debug for Config {
 }
 
 impl Config {
-    /// The defaults, with `DATABASE_URL`, `REDIS_URL` and the CA files for
-    /// TLS (`DATABASE_CA_FILE`, `REDIS_CA_FILE`) taken from the environment
-    /// when set (and not empty, for the CA files).
+    /// The defaults, with `DATABASE_URL`, `REDIS_URL`, the CA files for
+    /// TLS (`DATABASE_CA_FILE`, `REDIS_CA_FILE`) and the read replica
+    /// (`DATABASE_REPLICA_URL`) taken from the environment when set (and
+    /// not empty, for the CA files and the replica).
     pub fn from_env() -> Self {
         Config::from_vars(|name| std::env::var_os(name))
     }
@@ -428,6 +450,7 @@ impl Config {
         if let Some(url) = text("REDIS_URL") {
             config.redis_url = url;
         }
+        config.replica_url = text("DATABASE_REPLICA_URL").filter(|url| !url.is_empty());
         let path = |name| var(name).filter(|p| !p.is_empty()).map(Into::into);
         config.database_ca_file = path("DATABASE_CA_FILE");
         config.redis_ca_file = path("REDIS_CA_FILE");
@@ -572,6 +595,7 @@ impl Config {
         validate_table_name(&self.outbox_table)?;
         validate_namespace(&self.namespace)?;
         self.sentinel_url()?;
+        self.validate_replica()?;
         if self.db_pool_size == 0 || self.cache_pool_size == 0 {
             return Err(Error::invalid_argument("pool sizes must be at least 1"));
         }
@@ -736,36 +760,6 @@ impl Config {
     }
 }
 
-/// `url` with every password replaced by `***`, for logs and messages:
-/// the password of `scheme://user:password@host` URLs (each of a comma
-/// list), `password=` and `pass=` query parameters (Postgres's and
-/// `redis+unix://`'s; names compared case-insensitively after
-/// percent-decoding, so `pass%77ord=` is one too), and `password` in a
-/// Postgres `key = value` connection string (spaces around `=`, quoted or
-/// not). A key=value string it cannot parse loses everything from the
-/// first `pass` on, rather than risk showing it.
-///
-/// ```
-/// use cacheaside::redact_url;
-/// assert_eq!(redact_url("redis://app:s3cret@cache:6379/0"), "redis://app:***@cache:6379/0");
-/// assert_eq!(redact_url("host=db user=app password=s3cret"), "host=db user=app password=***");
-/// assert_eq!(redact_url("redis+unix:///run/redis.sock?pass=s3cret"), "redis+unix:///run/redis.sock?pass=***");
-/// assert_eq!(redact_url("redis://127.0.0.1:6379/"), "redis://127.0.0.1:6379/");
-/// ```
-pub fn redact_url(url: &str) -> String {
-    if !url.contains("://") {
-        return redact_key_values(url);
-    }
-    let mut out = String::with_capacity(url.len());
-    for (i, part) in url.split(',').enumerate() {
-        if i > 0 {
-            out.push(',');
-        }
-        out.push_str(&redact_query(&redact_one(part)));
-    }
-    out
-}
-
 /// A `redis+sentinel://[user:pass@]HOST:PORT[,HOST:PORT…]/MASTER_NAME[?query]`
 /// URL, taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -862,143 +856,6 @@ impl SentinelUrl {
     }
 }
 
-/// The userinfo password of one `scheme://user:password@host/...` URL.
-fn redact_one(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority = &rest[..rest.find(['/', '?']).unwrap_or(rest.len())];
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let userinfo = &authority[..at];
-    match userinfo.find(':') {
-        Some(colon) => format!(
-            "{}://{}:***{}",
-            &url[..scheme_end],
-            &userinfo[..colon],
-            &rest[at..]
-        ),
-        None => url.to_owned(),
-    }
-}
-
-/// True for a parameter name that carries a password: `password` or
-/// `pass`, in any case, percent-encoded or not.
-fn is_password_name(name: &str) -> bool {
-    let decoded = percent_decode(name.trim()).to_ascii_lowercase();
-    decoded == "password" || decoded == "pass"
-}
-
-/// `%XX` sequences decoded (others kept as they are), as bytes read as
-/// Latin-1: enough to compare a name with an ASCII one.
-fn percent_decode(text: &str) -> String {
-    let bytes = text.as_bytes();
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| char::from(b).to_digit(16);
-        if bytes[i] == b'%'
-            && i + 2 < bytes.len()
-            && let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2]))
-        {
-            out.push(char::from((h * 16 + l) as u8));
-            i += 3;
-            continue;
-        }
-        out.push(char::from(bytes[i]));
-        i += 1;
-    }
-    out
-}
-
-/// The password parameters of a URL's query string (`?a=1&password=x`).
-fn redact_query(url: &str) -> String {
-    let Some(question) = url.find('?') else {
-        return url.to_owned();
-    };
-    let (head, query) = url.split_at(question + 1);
-    let params: Vec<String> = query
-        .split('&')
-        .map(|param| match param.split_once('=') {
-            Some((name, _)) if is_password_name(name) => format!("{name}=***"),
-            _ => param.to_owned(),
-        })
-        .collect();
-    format!("{head}{}", params.join("&"))
-}
-
-/// The password of a Postgres `key = value` connection string; the text
-/// is kept as it was around it.
-fn redact_key_values(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    loop {
-        // Spaces before the key.
-        let key_start = rest.len() - rest.trim_start().len();
-        out.push_str(&rest[..key_start]);
-        rest = &rest[key_start..];
-        if rest.is_empty() {
-            return out;
-        }
-        let key_end = rest
-            .find(|c: char| c == '=' || c.is_whitespace())
-            .unwrap_or(rest.len());
-        let key = &rest[..key_end];
-        let after_key = &rest[key_end..];
-        let Some(value) = after_key.trim_start().strip_prefix('=') else {
-            // Not key=value: show nothing that may follow a password.
-            return unparsed(out, rest);
-        };
-        let value = value.trim_start();
-        let value_start = rest.len() - value.len();
-        out.push_str(&rest[..value_start]);
-        let value_len = if let Some(quoted) = value.strip_prefix('\'') {
-            // A quoted value ends at the first unescaped quote.
-            let mut escaped = false;
-            let close = quoted.char_indices().find_map(|(i, c)| match c {
-                '\\' if !escaped => {
-                    escaped = true;
-                    None
-                }
-                '\'' if !escaped => Some(i),
-                _ => {
-                    escaped = false;
-                    None
-                }
-            });
-            match close {
-                Some(i) => i + 2,
-                // Unterminated: the rest is this value.
-                None if is_password_name(key) => return out + "***",
-                None => return unparsed(out, value),
-            }
-        } else {
-            value.find(char::is_whitespace).unwrap_or(value.len())
-        };
-        if is_password_name(key) {
-            out.push_str("***");
-        } else {
-            out.push_str(&value[..value_len]);
-        }
-        rest = &value[value_len..];
-    }
-}
-
-/// The end of a key=value string that did not parse: shown unless it may
-/// hold a password.
-fn unparsed(mut out: String, rest: &str) -> String {
-    match rest.to_ascii_lowercase().find("pass") {
-        Some(at) => {
-            out.push_str(&rest[..at]);
-            out.push_str("***");
-        }
-        None => out.push_str(rest),
-    }
-    out
-}
-
 /// Rejects a TTL of zero or beyond [`MAX_TTL`].
 pub(crate) fn check_ttl(name: &str, ttl: Duration) -> Result<()> {
     if ttl.as_millis() == 0 {
@@ -1040,72 +897,6 @@ pub(crate) fn validate_table_name(name: &str) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_redacted() {
-        for (url, shown) in [
-            ("redis://:pw@h:1/", "redis://:***@h:1/"),
-            ("redis://alice:pw@h/0", "redis://alice:***@h/0"),
-            ("redis://alice@h/0", "redis://alice@h/0"),
-            ("rediss://u:p@a@h:1", "rediss://u:***@h:1"),
-            (
-                "redis://u:p1@h:1,redis://u:p2@h:2",
-                "redis://u:***@h:1,redis://u:***@h:2",
-            ),
-            ("postgres://app:pw@db/test", "postgres://app:***@db/test"),
-            (
-                "postgres://db/test?password=pw&sslmode=require",
-                "postgres://db/test?password=***&sslmode=require",
-            ),
-            (
-                "host=db password='p w\\' x' user=a",
-                "host=db password=*** user=a",
-            ),
-            ("host=db PASSWORD=pw", "host=db PASSWORD=***"),
-        ] {
-            assert_eq!(redact_url(url), shown, "{url}");
-        }
-    }
-
-    #[test]
-    fn every_password_form_is_redacted() {
-        for (url, shown) in [
-            (
-                "redis+unix:///run/redis.sock?db=1&pass=s3cret",
-                "redis+unix:///run/redis.sock?db=1&pass=***",
-            ),
-            (
-                "unix:///run/redis.sock?pass=s3cret",
-                "unix:///run/redis.sock?pass=***",
-            ),
-            (
-                "host=db password = s3cret user=a",
-                "host=db password = *** user=a",
-            ),
-            (
-                "host=db password= 's3 cret' user=a",
-                "host=db password= *** user=a",
-            ),
-            ("host=db password =s3cret", "host=db password =***"),
-            (
-                "postgres://db/test?pass%77ord=s3cret&sslmode=require",
-                "postgres://db/test?pass%77ord=***&sslmode=require",
-            ),
-            (
-                "postgres://db/test?%50ASSWORD=s3cret",
-                "postgres://db/test?%50ASSWORD=***",
-            ),
-            (
-                "postgres://u:p1@h1:5432,h2:5432/db?password=s3cret",
-                "postgres://u:***@h1:5432,h2:5432/db?password=***",
-            ),
-            ("host=a,b password=s3cret,x", "host=a,b password=***"),
-            ("host=db oops password=s3cret", "host=db oops ***"),
-            ("host=db password='s3cret", "host=db password=***"),
-        ] {
-            assert_eq!(redact_url(url), shown, "{url}");
-        }
-    }
 
     #[test]
     fn config_debug_never_prints_a_password() {

@@ -39,6 +39,9 @@ pub struct Db {
     pool: Pool<PgConnector>,
     queries: Arc<AtomicU64>,
     deadline: Duration,
+    /// The read replica's pool ([`Config::replica_url`]), with its own
+    /// counter; never written through.
+    replica: Option<Arc<Db>>,
 }
 
 impl Db {
@@ -49,10 +52,22 @@ impl Db {
     /// # Errors
     /// [`ErrorKind::InvalidArgument`](crate::ErrorKind) for an unparsable URL.
     pub fn connect(config: &Config) -> Result<Db> {
-        let mut pg: tokio_postgres::Config = config
-            .database_url
-            .parse()
-            .map_err(|e| Error::invalid_argument("database URL does not parse").with_source(e))?;
+        let replica = match &config.replica_url {
+            Some(url) => Some(Arc::new(Db::connect_to(config, url, "replica")?)),
+            None => None,
+        };
+        Ok(Db {
+            replica,
+            ..Db::connect_to(config, &config.database_url, "database")?
+        })
+    }
+
+    /// The pool for one server, `url`, with `config`'s bounds; `what` names
+    /// it in errors.
+    fn connect_to(config: &Config, url: &str, what: &str) -> Result<Db> {
+        let mut pg: tokio_postgres::Config = url.parse().map_err(|e| {
+            Error::invalid_argument(format!("{what} URL does not parse")).with_source(e)
+        })?;
         pg.connect_timeout(config.connect_timeout);
         // After the URL's own `options` (a `search_path`, say), which
         // would otherwise be dropped.
@@ -102,7 +117,28 @@ impl Db {
             ),
             queries: Arc::new(AtomicU64::new(0)),
             deadline: config.statement_timeout + CLIENT_MARGIN,
+            replica: None,
         })
+    }
+
+    /// The read replica's pool, when [`Config::replica_url`] is set: a
+    /// [`Db`] of its own, with its own [`query_count`](Self::query_count).
+    /// Nothing fences what it reads here: a cached load should go through
+    /// [`CacheAside::get_or_load_versioned_from_replica`](crate::CacheAside::get_or_load_versioned_from_replica),
+    /// which re-reads a row older than a finished write from the primary.
+    /// Never write through it (a hot standby refuses writes anyway).
+    ///
+    /// ```no_run
+    /// let mut config = cacheaside::Config::from_env();
+    /// config.replica_url = Some("postgres://postgres@127.0.0.1:5433/test".into());
+    /// let db = cacheaside::Db::connect(&config)?;
+    /// let replica = db.replica().expect("replica_url is set");
+    /// let row = replica.query_opt("SELECT pg_is_in_recovery()", &[])?.unwrap();
+    /// assert!(row.get::<_, bool>(0));
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    pub fn replica(&self) -> Option<&Db> {
+        self.replica.as_deref()
     }
 
     /// Runs a statement that returns at most one row; `Ok(None)` for no row

@@ -35,6 +35,7 @@ use crate::config::{Config, EntryOptions};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
+use crate::fence::{LagWatch, Source};
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
 use crate::near::{Near, Slot};
@@ -76,6 +77,8 @@ pub(crate) struct Engine {
     pub(crate) counters: Arc<Counters>,
     /// The near cache, when [`Config::local_cache`] turns it on.
     pub(crate) near: Option<Arc<Near>>,
+    /// How far behind the read replica is ([`crate::fence`]).
+    replica_lag: Arc<LagWatch>,
     #[cfg(feature = "test-hooks")]
     pub(crate) hooks: Arc<crate::hooks::Hooks>,
 }
@@ -106,6 +109,9 @@ pub(crate) struct Settings {
     /// What a load may take: kept free at the end of a call's deadline.
     pub(crate) load_budget: Duration,
     fail_safe_throttle: Duration,
+    /// How long a write fences replica loads of its key
+    /// ([`Config::replica_max_lag`]); `None` without a replica: no fences.
+    fence: Option<Duration>,
 }
 
 /// A load's result in the form the cache stores: JSON, with the version
@@ -234,6 +240,10 @@ impl Engine {
                 + crate::config::CLIENT_MARGIN
                 + config.cache_timeout * 2,
             fail_safe_throttle: config.fail_safe_throttle,
+            fence: config
+                .replica_url
+                .is_some()
+                .then_some(config.replica_max_lag),
         };
         let counters = Arc::new(Counters::new(&config.namespace));
         let breaker = Arc::new(Breaker::new(
@@ -274,6 +284,7 @@ impl Engine {
             settings: Arc::new(settings),
             counters,
             near,
+            replica_lag: Arc::new(LagWatch::new(config.replica_max_lag)),
             #[cfg(feature = "test-hooks")]
             hooks,
         }
@@ -546,7 +557,12 @@ impl Engine {
         self.flights.note_write(key);
         let _evict = self.evict_on_return(key);
         let keys = self.cache.keys(key);
-        match lease::invalidate(&self.cache, &keys) {
+        // The fence before the lease goes: a reader that takes a lease
+        // after this must find it raised (see crate::fence).
+        let invalidated = self
+            .raise_fences([(&keys, None)])
+            .and_then(|()| lease::invalidate(&self.cache, &keys));
+        match invalidated {
             Ok(()) => Ok(()),
             Err(err) => {
                 self.counters.invalidations_failed.bump();
@@ -611,7 +627,10 @@ impl Engine {
         let took = started.elapsed().max(Duration::from_millis(1));
         let raw = Entry::new(Payload::Value(&json), version, took, ttl).encode();
         let physical = ttl.saturating_add(self.settings.defaults.fail_safe_max);
-        match lease::write_through(&self.cache, &keys, &token, &raw, version, physical) {
+        let written = self.raise_fences([(&keys, Some(version))]).and_then(|()| {
+            lease::write_through(&self.cache, &keys, &token, &raw, version, physical)
+        });
+        match written {
             Ok(_) => {
                 writer.consumed();
                 Ok(Some(value))
@@ -1251,4 +1270,60 @@ pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Resul
             format!("another caller loaded a different type: {why}"),
         )
     })
+}
+
+/// Fences, for loads from a read replica ([`crate::fence`]).
+impl Engine {
+    /// Raises the fences of `keys` to their committed versions (`None`:
+    /// unknown) before a write's cache step reaches them; nothing without a
+    /// replica.
+    pub(crate) fn raise_fences<'k>(
+        &self,
+        keys: impl IntoIterator<Item = (&'k Keys, Option<u64>)>,
+    ) -> Result<()> {
+        let Some(ttl) = self.settings.fence else {
+            return Ok(());
+        };
+        let fences: Vec<(&str, Option<u64>)> = keys
+            .into_iter()
+            .map(|(keys, version)| (keys.value.as_str(), version))
+            .collect();
+        match crate::fence::raise(&self.cache, &fences, ttl) {
+            // Redis answered but refused the write (out of memory): the
+            // invalidation must still go (a DEL is accepted), or the old
+            // row would stay cached, and the relay would retry for ever.
+            // No fill can land on a Redis that refuses writes either; a
+            // read around the cache may find the replica behind (the limit
+            // docs/replicas.md states).
+            Err(err) if !err.is_outage() && !err.is_timeout() => {
+                report!(warn, "a replica fence was refused: {}", err.chain());
+                Ok(())
+            }
+            raised => raised,
+        }
+    }
+
+    /// [`raise_fences`](Self::raise_fences) for changes the relay read
+    /// from the outbox, each with its captured version (none for a delete
+    /// or a table without a version column).
+    pub(crate) fn raise_captured_fences(&self, changes: &[(Keys, Option<i64>)]) -> Result<()> {
+        self.raise_fences(
+            changes
+                .iter()
+                .map(|(keys, version)| (keys, version.and_then(|v| u64::try_from(v).ok()))),
+        )
+    }
+
+    /// Where a load of `key` reads: the replica under the key's fence, or
+    /// the primary when there is no replica.
+    pub(crate) fn source(&self, key: &str) -> Source {
+        Source::new(
+            &self.db,
+            &self.cache,
+            key,
+            &self.breaker,
+            &self.counters,
+            &self.replica_lag,
+        )
+    }
 }

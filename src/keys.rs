@@ -7,8 +7,10 @@
 //! write-through writers in progress: a set of tokens), `…:floor` (the
 //! lowest version a registered writer may still store, once the relay has
 //! seen a newer one), `…:pending` (the newest write-behind change not yet
-//! in the source: a hash) and `…:seq` (the last write-behind sequence
-//! number the key got, kept for a while after it). All share one slot.
+//! in the source: a hash), `…:seq` (the last write-behind sequence
+//! number the key got, kept for a while after it) and `…:fence` (the
+//! newest committed version a read replica must have before a load from
+//! it counts, or `*`: see [`crate::fence`]). All share one slot.
 //!
 //! Names. Everything a caller places inside a hash tag or in front of one
 //! (a cache key, a namespace, a capture or write-behind key prefix, a
@@ -50,6 +52,12 @@ impl Keys {
             value,
         }
     }
+}
+
+/// The fence of a value key (in its slot): see [`crate::fence`]. Not in
+/// [`Keys`]: only reads and writes with a replica configured build it.
+pub(crate) fn fence_key(value: &str) -> String {
+    format!("{value}:fence")
 }
 
 /// The Redis key of `key`'s value in `namespace`: the key in a hash tag.

@@ -655,12 +655,14 @@ pub(crate) fn relay_invalidate(cache: &Cache, changes: &[(Keys, Option<i64>)]) -
 }
 
 /// One change's script call, the same on a cluster and a single server:
-/// the value, lease, writers and floor keys (one slot: one hash tag).
+/// the value, lease, writers, floor and pending keys (one slot: one hash
+/// tag).
 fn relay_call<'a>(keys: &'a Keys, version: Option<i64>) -> redis::ScriptInvocation<'a> {
     let mut call = SCRIPTS.relay_invalidate.key(&keys.value);
     call.key(&keys.lease)
         .key(&keys.writers)
         .key(&keys.floor)
+        .key(&keys.pending)
         .arg(version.map_or(String::new(), |v| v.to_string()));
     call
 }
@@ -700,7 +702,7 @@ struct Scripts {
 
 /// Versions are compared as decimal strings (length, then text), exact for
 /// any u64; Lua numbers are doubles, which round above 2^53.
-const OLDER: &str = r"
+pub(crate) const OLDER: &str = r"
 local function older(a, b)
   a = string.gsub(a, '^0+', ''); b = string.gsub(b, '^0+', '')
   if #a ~= #b then return #a < #b end
@@ -709,17 +711,26 @@ end
 ";
 
 static SCRIPTS: once_cell::sync::Lazy<Scripts> = once_cell::sync::Lazy::new(|| {
-    // KEYS: value, lease, writers, floor. ARGV: the changed row's version,
-    // or ''.
+    // KEYS: value, lease, writers, floor, pending. ARGV: the changed row's
+    // version, or ''.
     // With a version, the writers registered now keep their slots: each
     // holds this very change or a later one, or an earlier one, and the
     // floor (raised to this version for as long as the newest writer may
     // live) tells write-through which. Revoking them all instead would drop
     // the write-through of the change being relayed whenever the relay is
     // faster than the writer, and leave the key empty.
+    // A pending write-behind change older than the captured version was
+    // enqueued before that write (versions of writes that bypass the
+    // library are stamped with the clock, the unit of sequence numbers):
+    // the write supersedes it, as a write-through does, or reads would keep
+    // returning the change until its flush, which skips it.
     let relay_invalidate_code = format!(
         r"{OLDER}
         if ARGV[1] ~= '' then
+          if redis.call('TYPE', KEYS[5]).ok == 'hash' then
+            local seq = redis.call('HGET', KEYS[5], 's')
+            if seq and older(seq, ARGV[1]) then redis.call('DEL', KEYS[5]) end
+          end
           if redis.call('TYPE', KEYS[1]).ok == 'string' then
             local kind, v = string.match(redis.call('GET', KEYS[1]), '^ca1 (%a) (%d+) ')
             if kind == 'v' and v and not older(v, ARGV[1]) then return 0 end

@@ -84,6 +84,7 @@ mod server_watch; // which Redis server process we reach, and when it changes
 // Protocol: what the engine is built from.
 mod background; // the engine's small pool of background threads
 mod breaker; // the circuit breaker in front of Redis
+mod fence; // loads from a read replica, fenced by committed versions
 mod keeper; // the thread that renews live loads' leases and deletes orphans
 mod lease; // the lease protocol: Lua scripts and their wrappers
 mod near; // the near cache (L1) in process memory, kept coherent by Redis

@@ -119,6 +119,16 @@ pub struct Stats {
     pub inspected: u64,
     /// Stale entries the inspector found (each also a `warn` event).
     pub inspect_stale: u64,
+    /// Loads the read replica answered ([`Config::replica_url`](crate::Config::replica_url)).
+    pub replica_loads: u64,
+    /// Loads the replica could not answer because its key's fence was
+    /// closed or above the row it returned (a write it had not replayed):
+    /// each read the primary instead.
+    pub replica_fenced: u64,
+    /// Loads that read the primary because the fence could not be read
+    /// (Redis unreachable, the breaker open), the replica was measured as
+    /// far behind as a fence lives (or not measured yet), or it failed.
+    pub replica_skipped: u64,
 }
 
 /// One counter of [`Stats`]: an atomic the engine reads for `stats()`, and
@@ -265,6 +275,9 @@ counters!(
         local_clears,
         inspected,
         inspect_stale,
+        replica_loads,
+        replica_fenced,
+        replica_skipped,
     ],
     levels: [write_behind_lag_ms],
 );

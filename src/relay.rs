@@ -300,7 +300,11 @@ impl Outbox {
                  RETURN NULL;
              END
              $fn$;
-             -- TG_ARGV: version column. Every update moves it forward.
+             -- TG_ARGV: version column. Every update moves it forward: one
+             -- that left it alone (psql, another service) to at least the
+             -- clock in microseconds, the unit of write-behind's sequence
+             -- numbers, so a change enqueued before this write and flushed
+             -- after it is older by version and does not land over it.
              CREATE OR REPLACE FUNCTION {outbox}_bump() RETURNS trigger
              LANGUAGE plpgsql SECURITY INVOKER
              SET search_path = pg_catalog, pg_temp AS $fn$
@@ -309,7 +313,8 @@ impl Outbox {
              BEGIN
                  IF (pg_catalog.to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
                      NEW := pg_catalog.jsonb_populate_record(NEW,
-                         pg_catalog.jsonb_build_object(TG_ARGV[0], was + 1));
+                         pg_catalog.jsonb_build_object(TG_ARGV[0], GREATEST(was + 1,
+                             (pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000000)::bigint)));
                  END IF;
                  RETURN NEW;
              END
@@ -1087,6 +1092,7 @@ impl Worker {
                 .iter()
                 .map(|c| (cache.keys(&c.key), c.version))
                 .collect();
+            self.engine.raise_captured_fences(&batch)?;
             lease::relay_invalidate(cache, &batch)?;
             self.engine
                 .counters

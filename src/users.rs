@@ -430,13 +430,13 @@ impl Client {
     }
 
     fn read(&self, user_id: i64, mode: Mode) -> Result<Option<UserProfile>> {
-        let (db, sql) = (self.db().clone(), Arc::clone(&self.sql));
-        self.engine.get_or_load_owned_cloned(
-            &Client::user_key(user_id),
-            self.ttl,
-            mode,
-            move || versioned_profile(db.query_opt(&sql.select, &[&user_id])?),
-        )
+        let key = Client::user_key(user_id);
+        // The replica when one is configured, fenced (see crate::fence).
+        let (source, sql) = (self.engine.source(&key), Arc::clone(&self.sql));
+        self.engine
+            .get_or_load_owned_cloned(&key, self.ttl, mode, move || {
+                source.load(|db| versioned_profile(db.query_opt(&sql.select, &[&user_id])?))
+            })
     }
 
     /// Invalidates a user after a committed write of the captured users

@@ -420,6 +420,71 @@ fn a_synchronous_write_supersedes_a_pending_change() {
     assert_eq!(fx.client.write_behind_pending().unwrap(), 0);
 }
 
+/// Enqueues `behind` for user `id`, then sets `direct` as psql or another
+/// service would, leaving the version to the capture trigger.
+fn enqueue_then_update_directly(fx: &Fixture, id: i64) {
+    fx.client
+        .update_user_plan_write_behind(id, "behind")
+        .unwrap()
+        .unwrap();
+    let direct = format!(
+        "UPDATE {} SET plan = 'direct', updated_at = now() WHERE id = $1",
+        fx.config.users_table
+    );
+    assert_eq!(fx.client.db().execute(&direct, &[&id]).unwrap(), 1);
+}
+
+/// SQL that bypasses the library (psql, another service) after an enqueue
+/// is the later write: the flush must not land over it, and once the relay
+/// has applied it, reads get it rather than the pending change.
+#[test]
+fn a_direct_sql_write_after_an_enqueue_is_not_overwritten_by_its_flush() {
+    let fx = Fixture::with(wb_config("wb_direct_after"));
+    enqueue_then_update_directly(&fx, 2);
+    // The relay (the fixture's client runs it) takes the pending change
+    // back: reads get the direct write, not the older change.
+    let deadline = Instant::now() + PATIENCE;
+    while fx.client.get_user_profile(2).unwrap().unwrap().plan != "direct" {
+        assert!(Instant::now() < deadline, "the direct write never read");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(row(&fx, 2).0, "direct", "Postgres keeps the later write");
+    assert_eq!(
+        fx.client.get_user_profile(2).unwrap().unwrap().plan,
+        "direct"
+    );
+    // And a change enqueued after the direct write is written as usual.
+    fx.client
+        .update_user_plan_write_behind(2, "behind-again")
+        .unwrap()
+        .unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(row(&fx, 2).0, "behind-again");
+}
+
+/// The same when the worker flushes before the relay has seen the direct
+/// write: the row's version, stamped by the capture trigger, already
+/// orders the two.
+#[test]
+fn a_flush_before_the_relay_sees_a_direct_write_does_not_land_over_it() {
+    let mut config = wb_config("wb_direct_first");
+    config.invalidation_relay = false;
+    let fx = Fixture::with(config);
+    enqueue_then_update_directly(&fx, 2);
+    fx.client.start_write_behind(1).unwrap();
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    assert_eq!(row(&fx, 2).0, "direct", "Postgres keeps the later write");
+    assert!(
+        fx.client
+            .engine()
+            .write_behind_dead_letters(10)
+            .unwrap()
+            .is_empty()
+    );
+}
+
 #[test]
 fn a_flush_between_a_synchronous_commit_and_its_cache_step_does_not_land_over_it() {
     let fx = Fixture::with(wb_config("wb_race"));
@@ -480,17 +545,27 @@ fn a_flush_between_a_synchronous_commit_and_its_cache_step_does_not_land_over_it
     assert_eq!(workers.engine().stats().write_behind_applied, 0);
 }
 
-/// Update, write-through and write-behind mixed on the same keys (one
-/// writer thread per key, so each key's writes are ordered), readers
-/// alongside, workers flushing: no read older than a write that finished
-/// before it began, and Postgres ends with every key's last write.
+/// Every write path mixed on the same keys: update, write-through,
+/// write-behind, and SQL that bypasses the library (the relay invalidates
+/// it). One writer thread per group of keys, so each key's writes are
+/// ordered; readers alongside, workers flushing. No read older than a
+/// library write that finished before it began; every key's last write
+/// (whatever its path) read within 1 s of the end; and Postgres ends with
+/// every key's last write: a direct write is not overwritten by a
+/// write-behind change enqueued before it.
 #[test]
-fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
+fn every_write_path_mixed_on_the_same_keys_keeps_the_last_write() {
     const WRITERS: usize = 4;
     const READERS: usize = 4;
     const KEYS_PER_WRITER: i64 = 2;
     const KEYS: i64 = WRITERS as i64 * KEYS_PER_WRITER;
-    const RUN: Duration = Duration::from_secs(3);
+    // 3 s in CI; `MIXED_SOAK_SECS=20` for the longer soak.
+    let run = Duration::from_secs(
+        std::env::var("MIXED_SOAK_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(3),
+    );
     let fx = Fixture::with(wb_config("wb_mixed_soak"));
     for id in 6..=KEYS {
         fx.client
@@ -508,8 +583,14 @@ fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
             .and_then(|n| n.parse().ok())
             .unwrap_or(0)
     };
-    // Per key: the number of the last write that has returned.
+    // Per key: the number of the last write that has returned, and of the
+    // last library write that has.
     let done: Vec<AtomicU64> = (0..=KEYS).map(|_| AtomicU64::new(0)).collect();
+    let library: Vec<AtomicU64> = (0..=KEYS).map(|_| AtomicU64::new(0)).collect();
+    let direct = format!(
+        "UPDATE {} SET plan = $2, updated_at = now() WHERE id = $1",
+        fx.config.users_table
+    );
     let stop = AtomicBool::new(false);
     let (reads, stale, writes) = (
         AtomicUsize::new(0),
@@ -519,15 +600,12 @@ fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
     let start = Barrier::new(WRITERS + READERS + 1);
     std::thread::scope(|s| {
         for w in 0..WRITERS {
-            let (fx, done, stop, writes, start) = (&fx, &done, &stop, &writes, &start);
+            let (fx, done, library, direct, stop, writes, start) =
+                (&fx, &done, &library, &direct, &stop, &writes, &start);
             s.spawn(move || {
-                start.wait();
-                let mut n = 0;
-                while !stop.load(Ordering::Relaxed) {
-                    n += 1;
-                    let id = w as i64 * KEYS_PER_WRITER + fastrand::i64(1..=KEYS_PER_WRITER);
+                let write = |id: i64, n: u64, path: u8| {
                     let plan = format!("n{n}");
-                    match fastrand::u8(0..3) {
+                    match path {
                         0 => assert!(fx.client.update_user_plan(id, &plan).unwrap()),
                         1 => assert!(
                             fx.client
@@ -535,27 +613,51 @@ fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
                                 .unwrap()
                                 .is_some()
                         ),
-                        _ => assert!(
+                        2 => assert!(
                             fx.client
                                 .update_user_plan_write_behind(id, &plan)
                                 .unwrap()
                                 .is_some()
                         ),
+                        // As psql or another service would: the version is
+                        // left to the capture trigger.
+                        _ => assert_eq!(fx.client.db().execute(direct, &[&id, &plan]).unwrap(), 1),
                     }
                     done[id as usize].store(n, Ordering::SeqCst);
+                    if path != 3 {
+                        // What a read must not go below: a direct write
+                        // reaches the cache through the relay, later.
+                        library[id as usize].store(n, Ordering::SeqCst);
+                    }
                     writes.fetch_add(1, Ordering::Relaxed);
+                };
+                start.wait();
+                let mut n = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    n += 1;
+                    let id = w as i64 * KEYS_PER_WRITER + fastrand::i64(1..=KEYS_PER_WRITER);
+                    write(id, n, fastrand::u8(0..4));
+                }
+                // Each key's last two writes: a change written behind, then
+                // SQL that bypasses the library before the change is
+                // flushed (most of the time): the SQL is the last write.
+                for id in w as i64 * KEYS_PER_WRITER + 1..=(w as i64 + 1) * KEYS_PER_WRITER {
+                    write(id, n + 1, 2);
+                    write(id, n + 2, 3);
+                    n += 2;
                 }
             });
         }
         for r in 0..READERS {
-            let (fx, done, stop, reads, stale, start) = (&fx, &done, &stop, &reads, &stale, &start);
+            let (fx, library, stop, reads, stale, start) =
+                (&fx, &library, &stop, &reads, &stale, &start);
             s.spawn(move || {
                 start.wait();
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
                     i += 1;
                     let id = fastrand::i64(1..=KEYS);
-                    let floor = done[id as usize].load(Ordering::SeqCst);
+                    let floor = library[id as usize].load(Ordering::SeqCst);
                     let got = if (i + r) % 2 == 0 {
                         fx.client.get_user_profile(id)
                     } else {
@@ -571,7 +673,7 @@ fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
             });
         }
         start.wait();
-        std::thread::sleep(RUN);
+        std::thread::sleep(run);
         stop.store(true, Ordering::Relaxed);
     });
     let (reads, stale, writes) = (reads.into_inner(), stale.into_inner(), writes.into_inner());
@@ -580,15 +682,26 @@ fn mixed_synchronous_and_write_behind_writes_keep_the_last_write() {
         writes > 100 && reads > 100,
         "{writes} writes, {reads} reads"
     );
-    assert_eq!(stale, 0, "reads older than a write that had returned");
-    // Every last write is visible now, and is what Postgres holds after the
-    // drain.
+    assert_eq!(
+        stale, 0,
+        "reads older than a library write that had returned"
+    );
+    // Every last write is visible within 1 s (a direct one once the relay
+    // has applied it), and is what Postgres holds after the drain.
+    let deadline = Instant::now() + Duration::from_secs(1);
     for id in 1..=KEYS {
         let last = done[id as usize].load(Ordering::SeqCst);
-        let got = number(&fx.client.get_user_profile(id).unwrap().unwrap().plan);
+        let mut got;
+        loop {
+            got = number(&fx.client.get_user_profile(id).unwrap().unwrap().plan);
+            if got == last || Instant::now() > deadline {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
         assert_eq!(
             got, last,
-            "user {id} reads n{got}, its last write was n{last}"
+            "user {id} reads n{got} 1 s after its last write, n{last}"
         );
     }
     fx.client.drain_write_behind(PATIENCE).unwrap();

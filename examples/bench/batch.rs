@@ -1,4 +1,4 @@
-//! (18) batch reads, `get_or_load_many`: 100 keys that all hit against one
+//! (19) batch reads, `get_or_load_many`: 100 keys that all hit against one
 //! raw pooled Redis `GET` (1) measured in the same run, and against 100
 //! single-key hits; 100 cold keys: loader calls, Postgres statements and
 //! Redis round trips (counted by a proxy between the engine and Redis: a
@@ -99,14 +99,14 @@ pub fn measure(bench: &Bench) -> BoxResult<Batch> {
         floor_redis,
         Operation {
             id: "batch_hits",
-            item: "18",
+            item: "19",
             label: "get_or_load_many, 100 keys (all hits)",
             baseline: floor,
             call: Box::new(|| check(&engine.get_or_load_many(&hot, TTL, all_hits)?, &hot)),
         },
         Operation {
             id: "raw_mget",
-            item: "18b",
+            item: "19b",
             label: "floor: pooled redis MGET of the 100 keys",
             baseline: floor,
             call: Box::new(|| {
@@ -121,7 +121,7 @@ pub fn measure(bench: &Bench) -> BoxResult<Batch> {
         },
         Operation {
             id: "single_hits",
-            item: "18a",
+            item: "19a",
             label: "100 × get_or_load (all hits)",
             baseline: floor,
             call: Box::new(|| {
@@ -268,10 +268,10 @@ impl Section for Batch {
     }
 
     fn markdown(&self, md: &mut String) {
-        let _ = writeln!(md, "\n### Batch reads (18): get_or_load_many\n");
+        let _ = writeln!(md, "\n### Batch reads (19): get_or_load_many\n");
         let _ = writeln!(
             md,
-            "(18) reads 100 cached keys in one call; (18a) reads them one `get_or_load` at a \
+            "(19) reads 100 cached keys in one call; (19a) reads them one `get_or_load` at a \
              time; both against one raw pooled `GET` (1). A cold page of {KEYS} keys, worst of \
              {} repetitions: loader calls, Postgres statements, Redis round trips (counted by a \
              proxy: a request sent after the last reply, per connection). {THREADS} threads \
@@ -311,7 +311,7 @@ impl Section for Batch {
         let worst = self.cold_worst();
         vec![
             Target::at_most(
-                "batch of 100 hits (18) latency vs one GET (1), 1 thread",
+                "batch of 100 hits (19) latency vs one GET (1), 1 thread",
                 ratio("batch_hits"),
                 2.0,
             ),

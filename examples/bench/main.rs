@@ -47,6 +47,7 @@ mod near;
 mod plan;
 mod plots;
 mod relay;
+mod replica;
 mod report;
 mod stampede;
 mod steady;
@@ -69,7 +70,7 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
              steady, write_behind, near, cluster, failover, capture, consistency,
-             batch): for work on one section";
+             replica, batch): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -133,7 +134,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 14] = [
+const SECTIONS: [(&str, Measure); 15] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -160,7 +161,9 @@ const SECTIONS: [(&str, Measure); 14] = [
     ("capture", |b| Ok(Box::new(capture::measure(b)?))),
     // (17): every write path at once, each write checked after d
     ("consistency", |b| Ok(Box::new(consistency::measure(b)?))),
-    // (18): batch reads: 100 hits against one GET, a cold page's cost
+    // (18): loads from a lagging read replica, fenced
+    ("replica", |b| Ok(Box::new(replica::measure(b)?))),
+    // (19): batch reads: 100 hits against one GET, a cold page's cost
     ("batch", |b| Ok(Box::new(batch::measure(b)?))),
 ];
 

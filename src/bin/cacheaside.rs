@@ -355,7 +355,9 @@ fn get(engine: &CacheAside, out: &Out, key: &str) -> Outcome {
     // Validates the key (empty, braces, reserved) as every cache call does.
     engine.cache().exists(key)?;
     let redis_key = engine.cache().redis_key(key);
-    let suffixes = ["lease", "lock", "writers", "pending", "floor", "seq"];
+    let suffixes = [
+        "lease", "lock", "writers", "pending", "floor", "seq", "fence",
+    ];
     let mut entry_pipe = redis::pipe();
     entry_pipe
         .cmd("GET")
@@ -365,13 +367,22 @@ fn get(engine: &CacheAside, out: &Out, key: &str) -> Outcome {
         .cmd("GET")
         .arg(format!("{redis_key}:seq"))
         .cmd("GET")
-        .arg(format!("{redis_key}:floor"));
+        .arg(format!("{redis_key}:floor"))
+        .cmd("GET")
+        .arg(format!("{redis_key}:fence"));
     let mut side_pipe = redis::pipe();
     for s in suffixes {
         side_pipe.cmd("PTTL").arg(format!("{redis_key}:{s}"));
     }
-    type Reply = (Option<Vec<u8>>, i64, Option<String>, Option<String>);
-    let (raw, pttl, seq, floor): Reply = engine.cache().with_connection(|c| entry_pipe.query(c))?;
+    type Reply = (
+        Option<Vec<u8>>,
+        i64,
+        Option<String>,
+        Option<String>,
+        Option<String>,
+    );
+    let (raw, pttl, seq, floor, fence): Reply =
+        engine.cache().with_connection(|c| entry_pipe.query(c))?;
     let sides: Vec<i64> = engine.cache().with_connection(|c| side_pipe.query(c))?;
     let mut side_json = serde_json::Map::new();
     let mut rows = vec![vec!["redis key".into(), redis_key.clone()]];
@@ -413,6 +424,10 @@ fn get(engine: &CacheAside, out: &Out, key: &str) -> Outcome {
     if let Some(floor) = &floor {
         rows.push(vec!["floor".into(), floor.clone()]);
     }
+    if let Some(fence) = &fence {
+        // A read replica's loads of the key need this version ('*': none).
+        rows.push(vec!["replica fence".into(), fence.clone()]);
+    }
     let entry = match &header {
         None => Value::Null,
         Some(Err(why)) => json!({"corrupt": why}),
@@ -427,7 +442,7 @@ fn get(engine: &CacheAside, out: &Out, key: &str) -> Outcome {
     };
     out.print(
         json!({"key": key, "redis_key": redis_key, "entry": entry, "side_keys": side_json,
-               "seq": seq, "floor": floor}),
+               "seq": seq, "floor": floor, "fence": fence}),
         table(&rows),
     );
     Ok(0)

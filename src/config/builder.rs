@@ -110,8 +110,9 @@ impl Config {
 }
 
 impl ConfigBuilder {
-    /// Takes `DATABASE_URL`, `REDIS_URL`, `DATABASE_CA_FILE` and
-    /// `REDIS_CA_FILE` from the environment where set, as
+    /// Takes `DATABASE_URL`, `REDIS_URL`, `DATABASE_CA_FILE`,
+    /// `REDIS_CA_FILE` and `DATABASE_REPLICA_URL` from the environment where
+    /// set, as
     /// [`Config::from_env`] does.
     pub fn urls_from_env(mut self) -> Self {
         let env = Config::from_env();
@@ -119,6 +120,7 @@ impl ConfigBuilder {
         self.config.redis_url = env.redis_url;
         self.config.database_ca_file = env.database_ca_file;
         self.config.redis_ca_file = env.redis_ca_file;
+        self.config.replica_url = env.replica_url;
         self
     }
 
@@ -138,6 +140,19 @@ impl ConfigBuilder {
         redis_ca_file: Option<PathBuf>,
         /// Sets [`Config::database_ca_file`].
         database_ca_file: Option<PathBuf>,
+        /// Sets [`Config::replica_url`]: loads read this replica, fenced by
+        /// the committed version of their key.
+        ///
+        /// ```
+        /// let config = cacheaside::Config::builder()
+        ///     .replica_url(Some("postgres://app@replica:5432/app".into()))
+        ///     .build()?;
+        /// assert!(format!("{config:?}").contains("replica:5432"));
+        /// # Ok::<(), cacheaside::Error>(())
+        /// ```
+        replica_url: Option<String>,
+        /// Sets [`Config::replica_max_lag`].
+        replica_max_lag: Duration,
         /// Sets [`Config::db_pool_size`].
         db_pool_size: u32,
         /// Sets [`Config::cache_pool_size`].

@@ -943,7 +943,12 @@ impl Worker {
             .iter()
             .map(|kb| (cache.keys(&kb.newest.key), kb.newest.seq))
             .collect();
-        if let Err(err) = lease::settle(cache, &settles, Settled::Applied) {
+        // A replica may not have the commit yet: fence it (a sequence
+        // number is not the row's version, so closed).
+        let fenced = self
+            .engine
+            .raise_fences(settles.iter().map(|(k, _)| (k, None)));
+        if let Err(err) = fenced.and_then(|()| lease::settle(cache, &settles, Settled::Applied)) {
             return self.wait_out(group, &err);
         }
         let ids: Vec<String> = group.iter().flat_map(|kb| kb.ids().cloned()).collect();

@@ -106,6 +106,14 @@ static void config_setters(void) {
     EXPECT_INVALID(cacheaside_config_set_outbox_table(config, "outbox; drop table x"));
     EXPECT_INVALID(cacheaside_config_set_outbox_table(config, NULL));
     EXPECT_INVALID(cacheaside_config_set_relay_poll_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_replica_url(config, NULL));
+    EXPECT_INVALID(cacheaside_config_set_replica_url(config, "postgres://u:s3cret@h:notaport/db"));
+    EXPECT(strstr(cacheaside_last_error(), "s3cret") == NULL);
+    CHECK(cacheaside_config_set_replica_url(config, "postgres://u@replica:5433/db"));
+    CHECK(cacheaside_config_set_replica_url(config, "")); /* off */
+    EXPECT_INVALID(cacheaside_config_set_replica_max_lag_ms(config, 0));
+    EXPECT_INVALID(cacheaside_config_set_replica_max_lag_ms(NULL, 1000));
+    CHECK(cacheaside_config_set_replica_max_lag_ms(config, 1000));
 
     cacheaside_config_free(config);
     cacheaside_config_free(NULL);

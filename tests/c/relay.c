@@ -31,7 +31,7 @@ int main(void) {
     CHECK(cacheaside_client_relay_sync(client, 10000));
     CHECK(cacheaside_get_user_profile(client, 1, &p));
     EXPECT(strcmp(p.plan, "from-sql") == 0);
-    EXPECT(p.version == 2); /* the trigger bumped it */
+    EXPECT(p.version > 1000000000000000LL); /* the trigger moved it to the clock, in microseconds */
     cacheaside_user_profile_free(&p);
 
     cacheaside_stats stats = {.size = sizeof stats};

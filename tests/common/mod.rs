@@ -4,11 +4,13 @@
 //!
 //! For failure tests: [`proxy`] puts a fault proxy between a client and a
 //! server, [`servers`] starts private Redis and PostgreSQL servers to kill,
-//! freeze and restart.
+//! freeze and restart; [`replica`] is the workload of the read-replica
+//! tests (and of the benchmark's `replica` section).
 
 #![allow(dead_code)] // each test binary uses a different part of it
 
 pub mod proxy;
+pub mod replica;
 pub mod servers;
 
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -786,9 +786,73 @@ impl PrivatePostgres {
     /// With initdb's output or the server's log, if either fails or the
     /// server does not accept connections within 10 s.
     pub fn start() -> PrivatePostgres {
-        let dir = temp_dir("pg");
-        // Owns the temp dir from here on, so a failed start removes it too.
-        let mut pg = PrivatePostgres {
+        let mut pg = PrivatePostgres::empty("pg");
+        let output = as_postgres(&pg_program("initdb"))
+            .arg("-D")
+            .arg(&pg.data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
+            .args(["--no-locale", "--encoding=UTF8", "--no-instructions"])
+            .current_dir(&pg.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run initdb");
+        assert!(
+            output.status.success(),
+            "initdb failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        pg.launch_on_a_free_port();
+        pg
+    }
+
+    /// A streaming replica of this server (`pg_basebackup -R`, a hot
+    /// standby) that applies each commit `apply_delay` after the primary
+    /// (`recovery_min_apply_delay`), started on a free port; returns once
+    /// it accepts connections. Stopped and removed on `Drop` like any
+    /// other. Takes about a second.
+    ///
+    /// # Panics
+    /// With pg_basebackup's output or the replica's log, if either fails.
+    pub fn start_replica(&self, apply_delay: Duration) -> PrivatePostgres {
+        let mut replica = PrivatePostgres::empty("pg-replica");
+        let output = as_postgres(&pg_program("pg_basebackup"))
+            .arg("-D")
+            .arg(&replica.data)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["-U", "postgres", "-R", "-X", "stream"])
+            .args(["--checkpoint=fast", "--no-sync"])
+            .current_dir(&replica.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run pg_basebackup");
+        assert!(
+            output.status.success(),
+            "pg_basebackup failed:\n{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        // -R wrote primary_conninfo there; the delay goes beside it.
+        let mut conf = OpenOptions::new()
+            .append(true)
+            .open(replica.data.join("postgresql.auto.conf"))
+            .expect("open postgresql.auto.conf");
+        writeln!(
+            conf,
+            "recovery_min_apply_delay = '{}ms'",
+            apply_delay.as_millis()
+        )
+        .expect("write postgresql.auto.conf");
+        replica.launch_on_a_free_port();
+        replica
+    }
+
+    /// A server not yet created: its temp dir, and an empty data dir that
+    /// `postgres` owns. Owns the temp dir from here on, so a failed start
+    /// removes it too.
+    fn empty(label: &str) -> PrivatePostgres {
+        let dir = temp_dir(label);
+        let pg = PrivatePostgres {
             port: 0,
             data: dir.join("data"),
             dir,
@@ -806,26 +870,16 @@ impl PrivatePostgres {
                 .expect("run chown");
             assert!(status.success(), "chown postgres {}", pg.data.display());
         }
-        let output = as_postgres(&pg_program("initdb"))
-            .arg("-D")
-            .arg(&pg.data)
-            .args(["-U", "postgres", "--auth=trust", "--no-sync"])
-            .args(["--no-locale", "--encoding=UTF8", "--no-instructions"])
-            .current_dir(&pg.dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run initdb");
-        assert!(
-            output.status.success(),
-            "initdb failed:\n{}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+        pg
+    }
+
+    /// Starts the server on a free port (another, if one is taken first).
+    fn launch_on_a_free_port(&mut self) {
         let mut failure = String::new();
         for _ in 0..PORT_ATTEMPTS {
-            pg.port = free_port();
-            match pg.launch() {
-                Ok(()) => return pg,
+            self.port = free_port();
+            match self.launch() {
+                Ok(()) => return,
                 Err(log) if log.contains("Address already in use") => failure = log,
                 Err(log) => panic!("postgres did not start:\n{log}"),
             }
