@@ -741,7 +741,8 @@ impl Engine {
     }
 
     /// Invalidates every key of `keys` (as [`Engine::invalidate`] does one):
-    /// one `DEL` per key, pipelined in one round trip on a single server.
+    /// their replica fences raised in one call, then one `DEL` per key,
+    /// pipelined.
     pub(crate) fn invalidate_many(&self, keys: &[&str]) -> Result<()> {
         for key in keys {
             check_key(key)?;
@@ -757,15 +758,10 @@ impl Engine {
         if all.is_empty() {
             return Ok(());
         }
-        match lease::invalidate_many(&self.cache, &all) {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                self.counters.invalidations_failed.bump();
-                self.cache_failed(Permit::Use, &err);
-                // This process must not read what may now be stale.
-                self.breaker.trip(&err);
-                Err(err)
-            }
-        }
+        // The fences before the leases go, as for one key (see
+        // crate::fence).
+        self.raise_fences(all.iter().map(|keys| (keys, None)))
+            .and_then(|()| lease::invalidate_many(&self.cache, &all))
+            .map_err(|err| self.invalidation_failed(err))
     }
 }

@@ -559,19 +559,19 @@ impl Engine {
         let keys = self.cache.keys(key);
         // The fence before the lease goes: a reader that takes a lease
         // after this must find it raised (see crate::fence).
-        let invalidated = self
-            .raise_fences([(&keys, None)])
-            .and_then(|()| lease::invalidate(&self.cache, &keys));
-        match invalidated {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                self.counters.invalidations_failed.bump();
-                self.cache_failed(Permit::Use, &err);
-                // This process must not read what may now be stale.
-                self.breaker.trip(&err);
-                Err(err)
-            }
-        }
+        self.raise_fences([(&keys, None)])
+            .and_then(|()| lease::invalidate(&self.cache, &keys))
+            .map_err(|err| self.invalidation_failed(err))
+    }
+
+    /// Records an invalidation that failed (`err`, handed back): counted,
+    /// and this process stops trusting the cache.
+    pub(crate) fn invalidation_failed(&self, err: Error) -> Error {
+        self.counters.invalidations_failed.bump();
+        self.cache_failed(Permit::Use, &err);
+        // This process must not read what may now be stale.
+        self.breaker.trip(&err);
+        err
     }
 
     pub(crate) fn write_through<T, F>(
