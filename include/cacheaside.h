@@ -133,6 +133,14 @@ typedef enum cacheaside_log_level {
 } cacheaside_log_level;
 
 /**
+ * The rows a `cacheaside_batch_loader` found (opaque): one slot per key
+ * it was asked for, empty until `cacheaside_batch_rows_set()` fills it.
+ *
+ * Ownership: the library's; a loader borrows it for its call only.
+ */
+typedef struct cacheaside_batch_rows cacheaside_batch_rows;
+
+/**
  * A connected client: Postgres and Redis pools, the cache-aside engine and
  * the users table (opaque).
  *
@@ -184,6 +192,27 @@ typedef struct cacheaside_engine cacheaside_engine;
  * callback's.
  */
 typedef struct cacheaside_subscription cacheaside_subscription;
+
+/**
+ * A batch loader: loads the rows of the `n_keys` missing `keys` (e.g. one
+ * `SELECT ... WHERE id = ANY($1)`), and for each row it found calls
+ * `cacheaside_batch_rows_set(rows, i, ...)`, `i` being the key's index in
+ * `keys`. It returns `CACHEASIDE_OK` (a key whose row was not set is
+ * cached as absent, for the negative TTL), or any other value to fail:
+ * the read then returns `CACHEASIDE_LOADER_ERROR` and nothing is cached.
+ *
+ * Threads and reentrancy: as `cacheaside_loader`. While it runs, every
+ * key it was given is held by this read (other threads and processes
+ * asking for those keys wait for it); it must not read one of them
+ * through the library, and must not unwind out of the callback.
+ *
+ * Ownership: `keys` (the array and its strings) and `rows` are borrowed
+ * for the call.
+ */
+typedef int (*cacheaside_batch_loader)(void *user_data,
+                                       const char *const *keys,
+                                       size_t n_keys,
+                                       struct cacheaside_batch_rows *rows);
 
 /**
  * A value: `len` bytes at `data` (any bytes: text, JSON, protobuf),
@@ -526,6 +555,99 @@ const char *cacheaside_status_str(cacheaside_status status);
  * Ownership: a static string; do not free it. Thread-safe.
  */
 const char *cacheaside_version(void);
+
+/**
+ * Sets the row of key `index` (of the keys the loader was given): `len`
+ * bytes at `data` (any bytes; NULL with `len` 0 is the empty value) at
+ * `version` (any number that grows with every write of the row, or 0
+ * for none). Setting a row twice keeps the second.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for a NULL `rows`, an `index` out
+ * of range, or NULL `data` with a nonzero `len`.
+ *
+ * Ownership: the library copies the bytes; the caller keeps `data`.
+ *
+ * # Safety
+ * `rows` is NULL or the pointer a batch loader was given, during its
+ * call; `data` is NULL or points to `len` readable bytes.
+ */
+enum cacheaside_status cacheaside_batch_rows_set(struct cacheaside_batch_rows *rows,
+                                                 size_t index,
+                                                 const void *data,
+                                                 size_t len,
+                                                 uint64_t version);
+
+/**
+ * Reads `n_keys` keys at once: the hits in one Redis round trip, and every
+ * missing key through one `loader` call (see `cacheaside_batch_loader`),
+ * filled under each key's lease; single-flight per key, as
+ * `cacheaside_engine_get_or_load()`. A key given twice is read once.
+ * Blocks.
+ *
+ * `out_values` points to `n_keys` `cacheaside_bytes`, which are zeroed
+ * first; on success `out_values[i]` holds the value of `keys[i]`, or stays
+ * zeroed (`data` NULL) when the source has no such row. (An empty value
+ * has a non-NULL `data` and `len` 0.) `ttl_ms` is how long loaded values
+ * stay cached (at least 1, at most the maximum TTL).
+ *
+ * Returns `CACHEASIDE_OK`; `CACHEASIDE_LOADER_ERROR` when the loader
+ * failed; `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers (`keys` may be
+ * NULL when `n_keys` is 0), a NULL, empty or non-UTF-8 key, a zero TTL,
+ * or a loader reading a key it loads; cache and timeout statuses as
+ * `cacheaside_engine_get_or_load()`. Every output is zeroed unless the
+ * call succeeds.
+ *
+ * Ownership: the caller owns each `out_values[i]` and frees it with
+ * `cacheaside_bytes_free()` (freeing a zeroed one is a no-op). `keys` is
+ * only read; `user_data` is only passed to the loader. Thread-safe.
+ *
+ * ```c
+ * const char *keys[] = {"product:1", "product:2", "product:3"};
+ * cacheaside_bytes values[3];
+ * if (cacheaside_engine_get_or_load_many(engine, keys, 3, 60000, load_products, db, values)
+ *         == CACHEASIDE_OK) {
+ *     for (size_t i = 0; i < 3; i++) {
+ *         if (values[i].data != NULL) puts((const char *)values[i].data);
+ *         cacheaside_bytes_free(&values[i]);
+ *     }
+ * }
+ * ```
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `keys` is NULL or points to `n_keys`
+ * pointers, each NULL or a NUL-terminated string; `loader` is NULL or a
+ * function of the documented shape; `out_values` is NULL or points to
+ * writable storage for `n_keys` `cacheaside_bytes` (their old contents are
+ * not freed).
+ */
+enum cacheaside_status cacheaside_engine_get_or_load_many(const struct cacheaside_engine *engine,
+                                                          const char *const *keys,
+                                                          size_t n_keys,
+                                                          uint64_t ttl_ms,
+                                                          cacheaside_batch_loader loader,
+                                                          void *user_data,
+                                                          struct cacheaside_bytes *out_values);
+
+/**
+ * Removes the cached values of `n_keys` keys and revokes every reader's
+ * lease on them, in one Redis round trip (on a cluster, one per node, sent
+ * together); `cacheaside_engine_invalidate()` for many keys. Call it after
+ * the write to the source has committed. Blocks.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` for NULL pointers (`keys` may be
+ * NULL when `n_keys` is 0) or a NULL, empty or non-UTF-8 key (nothing is
+ * invalidated then); `CACHEASIDE_CACHE_ERROR` or `CACHEASIDE_TIMEOUT` when
+ * Redis fails.
+ *
+ * Ownership: `keys` is only read. Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; `keys` is NULL or points to `n_keys`
+ * pointers, each NULL or a NUL-terminated string.
+ */
+enum cacheaside_status cacheaside_engine_invalidate_many(const struct cacheaside_engine *engine,
+                                                         const char *const *keys,
+                                                         size_t n_keys);
 
 /**
  * Copies `len` bytes from `data` into `*out`, which then owns the copy.

@@ -36,6 +36,7 @@
 #include <string_view>
 #include <type_traits>
 #include <utility>
+#include <vector>
 
 #if defined(__GLIBCXX__)
 #include <cxxabi.h>
@@ -618,6 +619,80 @@ public:
      *  command (entries are tagged by the Rust API's `get_or_load_tagged`). */
     void invalidate_tag(const std::string &tag) const {
         detail::check(cacheaside_engine_invalidate_tag(get(), detail::c_str(tag, "tag")));
+    }
+
+    /** Many keys at once (cacheaside_engine_get_or_load_many): the hits in
+     *  one round trip, and one `load(missing)` call for every missing key.
+     *  `load` gets a std::vector<std::string> of the missing keys and
+     *  returns the rows it found as a container of
+     *  std::pair<std::string, std::string> (key, value); a key it does not
+     *  return (or one it was not asked for) is cached as absent. Returns one
+     *  answer per key, in the order of `keys`. */
+    template <class Load>
+    std::vector<std::optional<std::string>> get_or_load_many(const std::vector<std::string> &keys,
+                                                             std::chrono::milliseconds ttl,
+                                                             Load &&load) const {
+        struct Context {
+            std::remove_reference_t<Load> *load;
+            std::exception_ptr thrown;
+        } context{&load, nullptr};
+        cacheaside_batch_loader trampoline = [](void *user_data, const char *const *c_keys,
+                                                size_t n_keys,
+                                                cacheaside_batch_rows *rows) -> int {
+            Context *context = static_cast<Context *>(user_data);
+            return detail::guarded(context->thrown, [&]() -> int {
+                std::vector<std::string> missing(c_keys, c_keys + n_keys);
+                for (const auto &row : (*context->load)(missing)) {
+                    for (size_t i = 0; i < n_keys; ++i) {
+                        if (missing[i] == row.first) {
+                            detail::check(cacheaside_batch_rows_set(
+                                rows, i, row.second.data(), row.second.size(), 0));
+                            break;
+                        }
+                    }
+                }
+                return CACHEASIDE_OK;
+            });
+        };
+        std::vector<const char *> c_keys;
+        c_keys.reserve(keys.size());
+        for (const auto &key : keys) {
+            c_keys.push_back(detail::c_str(key, "key"));
+        }
+        std::vector<cacheaside_bytes> raw(keys.size());
+        cacheaside_status status;
+        {
+            detail::NoCancel no_cancel;
+            status = cacheaside_engine_get_or_load_many(get(), c_keys.data(), c_keys.size(),
+                                                        detail::millis(ttl), trampoline,
+                                                        &context, raw.data());
+        }
+        std::vector<std::optional<std::string>> values;
+        values.reserve(raw.size());
+        for (auto &bytes : raw) {
+            if (bytes.data != nullptr) {
+                values.emplace_back(
+                    std::string(reinterpret_cast<const char *>(bytes.data), bytes.len));
+            } else {
+                values.emplace_back(std::nullopt);
+            }
+            cacheaside_bytes_free(&bytes);
+        }
+        if (context.thrown && status == CACHEASIDE_LOADER_ERROR) {
+            std::rethrow_exception(context.thrown);
+        }
+        detail::check(status);
+        return values;
+    }
+
+    /** Invalidates many keys in one round trip (cacheaside_engine_invalidate_many). */
+    void invalidate_many(const std::vector<std::string> &keys) const {
+        std::vector<const char *> c_keys;
+        c_keys.reserve(keys.size());
+        for (const auto &key : keys) {
+            c_keys.push_back(detail::c_str(key, "key"));
+        }
+        detail::check(cacheaside_engine_invalidate_many(get(), c_keys.data(), c_keys.size()));
     }
 
     /** Waits until the relay has applied every change committed so far;

@@ -75,7 +75,7 @@ impl Mode {
 pub(crate) struct Engine {
     pub(crate) db: Db,
     pub(crate) cache: Cache,
-    flights: SingleFlight<Shared>,
+    pub(crate) flights: SingleFlight<Shared>,
     pub(crate) keeper: Arc<Keeper>,
     pub(crate) breaker: Arc<Breaker>,
     pub(crate) settings: Arc<Settings>,
@@ -93,11 +93,11 @@ pub(crate) struct Engine {
 }
 
 /// What a single-flight leader hands its followers.
-type Shared = Result<Answer, Error>;
+pub(crate) type Shared = Result<Answer, Error>;
 
 /// A read's answer, before the caller decodes it as its type.
 #[derive(Clone, Debug)]
-enum Answer {
+pub(crate) enum Answer {
     /// The JSON of the value.
     Value(Arc<[u8]>),
     /// The source has no such row.
@@ -110,13 +110,13 @@ enum Answer {
 pub(crate) struct Settings {
     /// The entry options of a read that names only its TTL.
     pub(crate) defaults: EntryOptions,
-    ttls: Ttls,
-    lock_wait: Duration,
-    lock_poll: Duration,
+    pub(crate) ttls: Ttls,
+    pub(crate) lock_wait: Duration,
+    pub(crate) lock_poll: Duration,
     /// The longest one call may take.
-    call_deadline: Duration,
+    pub(crate) call_deadline: Duration,
     /// What a load may take: kept free at the end of a call's deadline.
-    load_budget: Duration,
+    pub(crate) load_budget: Duration,
     fail_safe_throttle: Duration,
     /// How long a write fences replica loads of its key
     /// ([`Config::replica_max_lag`]); `None` without a replica: no fences.
@@ -238,9 +238,9 @@ impl Miss<'_> {
 }
 
 /// A usable entry a lookup found.
-struct Found<T> {
-    value: Option<T>,
-    fresh: bool,
+pub(crate) struct Found<T> {
+    pub(crate) value: Option<T>,
+    pub(crate) fresh: bool,
     refresh_due: bool,
 }
 
@@ -576,7 +576,7 @@ impl Engine {
 impl Engine {
     /// Decodes a cached entry: `Some` for a usable one (fresh or a fail-safe
     /// copy), `None` after deleting and counting a corrupt one.
-    fn decode<T: DeserializeOwned>(
+    pub(crate) fn decode<T: DeserializeOwned>(
         &self,
         value_key: &str,
         raw: &[u8],
@@ -605,7 +605,7 @@ impl Engine {
         }
     }
 
-    fn corrupt(&self, value_key: &str, raw: &[u8]) {
+    pub(crate) fn corrupt(&self, value_key: &str, raw: &[u8]) {
         self.counters.corrupt_entries.bump();
         // Best effort: if the delete fails, the fill that follows this miss
         // overwrites the entry anyway.
@@ -622,7 +622,7 @@ impl Engine {
     }
 
     /// Records a Redis call's outcome with the breaker.
-    fn cache_call<T>(&self, permit: Permit, outcome: Result<T>) -> Result<T> {
+    pub(crate) fn cache_call<T>(&self, permit: Permit, outcome: Result<T>) -> Result<T> {
         match &outcome {
             Ok(_) => self.breaker.succeeded(permit),
             Err(err) => self.cache_failed(permit, err),
@@ -676,19 +676,19 @@ impl Engine {
         let keys = self.cache.keys(key);
         // The fence before the lease goes: a reader that takes a lease
         // after this must find it raised (see crate::fence).
-        let invalidated = self
-            .raise_fences([(&keys, None)])
-            .and_then(|()| lease::invalidate(&self.cache, &keys));
-        match invalidated {
-            Ok(()) => Ok(()),
-            Err(err) => {
-                self.counters.invalidations_failed.bump();
-                self.cache_failed(Permit::Use, &err);
-                // This process must not read what may now be stale.
-                self.breaker.trip(&err);
-                Err(err)
-            }
-        }
+        self.raise_fences([(&keys, None)])
+            .and_then(|()| lease::invalidate(&self.cache, &keys))
+            .map_err(|err| self.invalidation_failed(err))
+    }
+
+    /// Records an invalidation that failed (`err`, handed back): counted,
+    /// and this process stops trusting the cache.
+    pub(crate) fn invalidation_failed(&self, err: Error) -> Error {
+        self.counters.invalidations_failed.bump();
+        self.cache_failed(Permit::Use, &err);
+        // This process must not read what may now be stale.
+        self.breaker.trip(&err);
+        err
     }
 
     pub(crate) fn write_through<T, F>(
@@ -1120,14 +1120,7 @@ impl Engine {
     /// Stores a load's result if `hold` still has the lease; the lease check
     /// and the write are one Lua script, with no window between them.
     fn fill(&self, keys: &Keys, opts: &EntryOptions, hold: Hold, loaded: &Loaded) -> Verdict {
-        let (payload, ttl) = match &loaded.json {
-            Some(json) => (Payload::Value(json), opts.ttl),
-            None => (Payload::Absent, opts.negative_ttl),
-        };
-        let line = keys.tags.as_deref().map(crate::tags::line);
-        let entry = Entry::new(payload, loaded.version, loaded.took, ttl);
-        let raw = entry.tagged(line.as_deref().unwrap_or_default()).encode();
-        let physical = ttl.saturating_add(opts.fail_safe_max);
+        let (entry, raw, physical) = fill_entry(opts, loaded, keys.tags.as_deref());
         #[cfg(feature = "test-hooks")]
         if self.hooks.leases_disabled() {
             return match self.cache.set_raw(&keys.value, &raw, physical) {
@@ -1157,7 +1150,20 @@ impl Engine {
             self.counters.fill_dropped(&keys.value);
             return Verdict::Dropped;
         }
-        match filled {
+        self.fill_verdict(keys, hold, &raw, filled)
+    }
+
+    /// What a fill script's reply (`stored`) means for the key, with the
+    /// bookkeeping that goes with it: the hold released, a fill on another
+    /// server taken back, drops and failures counted.
+    pub(crate) fn fill_verdict(
+        &self,
+        keys: &Keys,
+        hold: Hold,
+        raw: &[u8],
+        stored: Result<bool>,
+    ) -> Verdict {
+        match stored {
             Ok(true) if self.cache.server_generation() != hold.generation() => {
                 // Stored on another Redis server than the one the lease was
                 // taken on: there the lease may have come back from a
@@ -1165,7 +1171,7 @@ impl Engine {
                 // (only if it is still ours); the breaker tripped with the
                 // change, so nobody trusted it meanwhile.
                 hold.filled();
-                let _ = lease::discard(&self.cache, &keys.value, &raw);
+                let _ = lease::discard(&self.cache, &keys.value, raw);
                 self.counters.fill_dropped(&keys.value);
                 Verdict::Dropped
             }
@@ -1226,15 +1232,21 @@ impl Engine {
                 "no fail-safe copy to serve",
             ));
         };
-        self.counters.stale_served.bump();
-        if m.use_redis
-            && let Ok(entry) = Entry::decode(raw)
-        {
-            let again = entry.rearmed(self.settings.fail_safe_throttle);
-            let rearmed = lease::rearm(&self.cache, &m.keys.value, raw, &again);
-            let _ = self.cache_call(m.permit, rearmed);
+        if m.use_redis {
+            self.rearm(m.permit, &m.keys.value, raw);
         }
+        self.counters.stale_served.bump();
         Ok(Answer::Stale)
+    }
+
+    /// Re-arms a fail-safe copy about to be served, for the throttle period
+    /// (only if it is still the same bytes: nothing newer is overwritten).
+    pub(crate) fn rearm(&self, permit: Permit, value_key: &str, raw: &[u8]) {
+        if let Ok(entry) = Entry::decode(raw) {
+            let again = entry.rearmed(self.settings.fail_safe_throttle);
+            let rearmed = lease::rearm(&self.cache, value_key, raw, &again);
+            let _ = self.cache_call(permit, rearmed);
+        }
     }
 
     /// A fresh entry read again by a follower, as an answer.
@@ -1344,7 +1356,7 @@ struct Target {
 
 /// A fill's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Stored,
     /// Not stored, but the lease was still ours after the load: no write
     /// came in between.
@@ -1361,7 +1373,7 @@ enum Verdict {
 /// word from Redis, it is valid past the load's start only if this process
 /// did not write the key meanwhile (writes of other processes cannot be
 /// seen then: the outage-mode limit the README states).
-fn valid_before(verdict: Verdict, load_read: u64, fill_read: u64, marks: &Marks) -> u64 {
+pub(crate) fn valid_before(verdict: Verdict, load_read: u64, fill_read: u64, marks: &Marks) -> u64 {
     match verdict {
         Verdict::Stored | Verdict::Held => fill_read,
         Verdict::Failed if !marks.written() => fill_read,
@@ -1412,7 +1424,24 @@ impl Drop for Writer<'_> {
     }
 }
 
-fn answer_of(loaded: &Loaded) -> Answer {
+/// The entry a fill stores for `loaded`, and its physical TTL (the
+/// logical one plus the fail-safe period).
+pub(crate) fn fill_entry<'a>(
+    opts: &EntryOptions,
+    loaded: &'a Loaded,
+    tags: Option<&crate::keys::Tags>,
+) -> (Entry<'a>, Vec<u8>, Duration) {
+    let (payload, ttl) = match &loaded.json {
+        Some(json) => (Payload::Value(json), opts.ttl),
+        None => (Payload::Absent, opts.negative_ttl),
+    };
+    let entry = Entry::new(payload, loaded.version, loaded.took, ttl);
+    let line = tags.map(crate::tags::line);
+    let raw = entry.tagged(line.as_deref().unwrap_or_default()).encode();
+    (entry, raw, ttl.saturating_add(opts.fail_safe_max))
+}
+
+pub(crate) fn answer_of(loaded: &Loaded) -> Answer {
     match &loaded.json {
         Some(json) => Answer::Value(json.as_slice().into()),
         None => Answer::Absent,
@@ -1424,7 +1453,7 @@ pub(crate) fn to_json<T: Serialize + ?Sized>(value: &T) -> Result<Vec<u8>> {
         .map_err(|e| Error::invalid_argument("value does not serialize to JSON").with_source(e))
 }
 
-fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>> {
+pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Result<Option<T>> {
     serde_json::from_slice(json).map(Some).map_err(|e| {
         let why = crate::error::json_error(&e);
         Error::corrupt(

@@ -43,7 +43,7 @@ use redis::{Script, Value};
 use crate::cache::{Cache, Raw};
 use crate::error::{Error, ErrorKind, Result};
 pub(crate) use crate::keys::Keys;
-use crate::redis_conn::millis;
+use crate::redis_conn::{RedisConnection, millis};
 
 /// Names one holder of a lease, lock or writer slot: unique across
 /// processes (pid, a random start) and within one (a counter).
@@ -105,30 +105,57 @@ pub(crate) fn acquire(
     ttls: Ttls,
     now_ms: u64,
 ) -> Result<Acquired> {
+    let reply: Value =
+        cache.run(|conn| acquire_call(keys, claim, token, ttls, now_ms).invoke(conn))?;
+    acquired(reply)
+}
+
+/// [`acquire`] for many keys (each with its own token), pipelined: one
+/// round trip on a single server, one per node (sent together) on a
+/// cluster.
+pub(crate) fn acquire_many(
+    cache: &Cache,
+    claims: &[(&Keys, &str)],
+    claim: Claim,
+    ttls: Ttls,
+    now_ms: u64,
+) -> Result<Vec<Acquired>> {
+    let calls: Vec<_> = claims
+        .iter()
+        .map(|(keys, token)| acquire_call(keys, claim, token, ttls, now_ms))
+        .collect();
+    pipelined(cache, &SCRIPTS.acquire, &calls)?
+        .into_iter()
+        .map(acquired)
+        .collect()
+}
+
+fn acquire_call<'a>(
+    keys: &'a Keys,
+    claim: Claim,
+    token: &'a str,
+    ttls: Ttls,
+    now_ms: u64,
+) -> redis::ScriptInvocation<'static> {
     let mode = match claim {
         Claim::Lease => "lease",
         Claim::Lock => "lock",
         Claim::Refresh => "refresh",
         Claim::Takeover => "takeover",
     };
-    let reply: Value = cache.run(|conn| {
-        SCRIPTS
-            .acquire
-            .key(&keys.value)
-            .key(&keys.lease)
-            .key(&keys.lock)
-            .key(&keys.pending)
-            .arg(mode)
-            .arg(token)
-            .arg(millis(ttls.lease))
-            .arg(millis(ttls.lock))
-            .arg(now_ms)
-            .invoke(conn)
-    })?;
-    acquired(reply)
+    let mut call = SCRIPTS.acquire.key(&keys.value);
+    call.key(&keys.lease)
+        .key(&keys.lock)
+        .key(&keys.pending)
+        .arg(mode)
+        .arg(token)
+        .arg(millis(ttls.lease))
+        .arg(millis(ttls.lock))
+        .arg(now_ms);
+    call
 }
 
-/// The acquire script's reply, read.
+/// What the acquire script's reply means.
 fn acquired(reply: Value) -> Result<Acquired> {
     match reply {
         Value::BulkString(raw) => Ok(Acquired::Cached(raw)),
@@ -204,6 +231,71 @@ pub(crate) fn lookup_and_lease(
     Ok((raw, acquired(claimed)))
 }
 
+/// Runs `calls` of `script` pipelined: one round trip on a single server;
+/// on a cluster one pipeline per node, all sent before any reply is read
+/// (a command whose slot moved is retried on its own after the slot map is
+/// read again).
+///
+/// A pipelined `EVALSHA` has no `EVAL` fallback. On a single server the
+/// pipeline loads the script first (a no-op when Redis has it); a cluster
+/// pipeline may not carry `SCRIPT LOAD`, so there a script Redis forgot (a
+/// restart) is loaded on every master and the pipeline sent once more,
+/// which the scripts allow (each is idempotent for its token, and a fill
+/// that ran twice reports "not stored", the cautious answer).
+fn pipelined(
+    cache: &Cache,
+    script: &Script,
+    calls: &[redis::ScriptInvocation<'_>],
+) -> Result<Vec<Value>> {
+    let replies: Vec<Value> = cache.run(|conn| match conn {
+        RedisConnection::Cluster(cluster) => {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for call in calls {
+                pipe.invoke_script(call);
+            }
+            match pipe.query(cluster) {
+                Err(err) if names_error(&err, "NOSCRIPT") => {
+                    script.load(conn)?;
+                    let RedisConnection::Cluster(cluster) = conn else {
+                        unreachable!("matched as a cluster above");
+                    };
+                    pipe.query(cluster)
+                }
+                replies => replies,
+            }
+        }
+        conn => {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            pipe.load_script(script).ignore();
+            for call in calls {
+                pipe.invoke_script(call);
+            }
+            pipe.query(conn)
+        }
+    })?;
+    if replies.len() != calls.len() {
+        return Err(Error::new(
+            ErrorKind::Cache,
+            "a pipelined script call got the wrong number of replies",
+        ));
+    }
+    replies
+        .into_iter()
+        .map(|reply| match reply {
+            Value::ServerError(err) => Err(redis::RedisError::from(err).into()),
+            reply => Ok(reply),
+        })
+        .collect()
+}
+
+/// True when `err` (or, for a pipeline, one of its commands' errors) is the
+/// server error `code`: a cluster pipeline's error lists its commands'
+/// errors by kind name ("NoScript"), not by code.
+pub(crate) fn names_error(err: &redis::RedisError, code: &str) -> bool {
+    err.code() == Some(code) || err.to_string().to_ascii_uppercase().contains(code)
+}
+
 /// Stores `raw` for `ttl` if `token` still holds the lease and no
 /// write-behind change of the key is pending, and releases the lease and the
 /// lock if `token` holds them; one atomic script. True if stored.
@@ -214,18 +306,44 @@ pub(crate) fn fill(
     raw: &[u8],
     ttl: Duration,
 ) -> Result<bool> {
-    cache.run(|conn| {
-        SCRIPTS
-            .fill
-            .key(&keys.value)
-            .key(&keys.lease)
-            .key(&keys.lock)
-            .key(&keys.pending)
-            .arg(token)
-            .arg(raw)
-            .arg(millis(ttl))
-            .invoke(conn)
-    })
+    cache.run(|conn| fill_call(keys, token, raw, ttl).invoke(conn))
+}
+
+/// One key's fill for [`fill_many`]: its keys, its lease's token, the
+/// entry, and its physical TTL.
+pub(crate) type Fill<'a> = (&'a Keys, &'a str, &'a [u8], Duration);
+
+/// [`fill`] for many keys, pipelined as [`acquire_many`]; true for each
+/// one stored.
+pub(crate) fn fill_many(cache: &Cache, fills: &[Fill<'_>]) -> Result<Vec<bool>> {
+    let calls: Vec<_> = fills
+        .iter()
+        .map(|(keys, token, raw, ttl)| fill_call(keys, token, raw, *ttl))
+        .collect();
+    pipelined(cache, &SCRIPTS.fill, &calls)?
+        .into_iter()
+        .map(|reply| {
+            redis::from_redis_value::<bool>(reply).map_err(|e| {
+                Error::new(ErrorKind::Cache, "unexpected reply from the fill script").with_source(e)
+            })
+        })
+        .collect()
+}
+
+fn fill_call(
+    keys: &Keys,
+    token: &str,
+    raw: &[u8],
+    ttl: Duration,
+) -> redis::ScriptInvocation<'static> {
+    let mut call = SCRIPTS.fill.key(&keys.value);
+    call.key(&keys.lease)
+        .key(&keys.lock)
+        .key(&keys.pending)
+        .arg(token)
+        .arg(raw)
+        .arg(millis(ttl));
+    call
 }
 
 /// A conditional refresh found the row unchanged: re-stamps the cached
@@ -327,16 +445,40 @@ pub(crate) fn renew(cache: &Cache, lease: &str, lock: &str, token: &str, ttls: T
 /// goes, readers load the newer row, and the workers skip the change
 /// ([`still_current`]).
 pub(crate) fn invalidate(cache: &Cache, keys: &Keys) -> Result<()> {
-    cache.run(|conn| {
-        redis::cmd("DEL")
-            .arg(&keys.value)
-            .arg(&keys.lease)
-            .arg(&keys.writers)
-            .arg(&keys.floor)
-            .arg(&keys.pending)
-            .query::<i64>(conn)
-    })?;
+    cache.run(|conn| invalidate_cmd(keys).query::<i64>(conn))?;
     Ok(())
+}
+
+/// [`invalidate`] for many keys: a pipeline of one `DEL` per key (each
+/// key's side keys share its slot), one round trip on a single server, one
+/// per node (sent together) on a cluster.
+pub(crate) fn invalidate_many(cache: &Cache, all: &[Keys]) -> Result<()> {
+    cache.run(|conn| match conn {
+        RedisConnection::Cluster(cluster) => {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for keys in all {
+                pipe.add_command(invalidate_cmd(keys)).ignore();
+            }
+            pipe.query::<()>(cluster)
+        }
+        conn => {
+            let mut pipe = redis::pipe();
+            for keys in all {
+                pipe.add_command(invalidate_cmd(keys)).ignore();
+            }
+            pipe.query::<()>(conn)
+        }
+    })
+}
+
+fn invalidate_cmd(keys: &Keys) -> redis::Cmd {
+    let mut del = redis::cmd("DEL");
+    del.arg(&keys.value)
+        .arg(&keys.lease)
+        .arg(&keys.writers)
+        .arg(&keys.floor)
+        .arg(&keys.pending);
+    del
 }
 
 /// What a write-behind worker does with a change it is about to commit.

@@ -93,6 +93,7 @@ mod singleflight; // in-process single-flight
 mod tags; // tags: stamps per tag, checked on read, replaced to invalidate
 
 // Engine: the read/write algorithm, and what runs on it.
+mod batch; // many keys at once: get_or_load_many, invalidate_many
 mod engine; // reads, fills, fail-safe, invalidation, write-through
 mod inspect; // the inspector: cached entries against their rows
 mod refresh; // conditional refresh: a loader may find the row unchanged

@@ -346,6 +346,13 @@ fn c_engine_caches_its_own_table_single_flight_and_captured() {
     run_program("tests/c/engine.c");
 }
 
+/// Batch reads and invalidation on the engine handle: order, absent rows,
+/// one loader call for the misses, none for hits, bad input.
+#[test]
+fn c_engine_batch_reads_and_invalidation() {
+    run_program("tests/c/batch.c");
+}
+
 /// The engine handle's C program again under valgrind, when it is
 /// installed: loaders, binary values, write-through, every failure path.
 #[test]
@@ -456,6 +463,7 @@ fn every_program_is_run() {
         "tests/c/bad_input.c",
         "tests/c/get_or_load.c",
         "tests/c/engine.c",
+        "tests/c/batch.c",
         "tests/c/deprecated.c",
         "tests/c/outage.c",
         "tests/c/relay.c",

@@ -30,6 +30,7 @@
 //! cross-process stampede needs several processes, and memory is only
 //! meaningful in a fresh one.
 
+mod batch;
 mod c_abi;
 mod capture;
 mod cluster;
@@ -70,8 +71,8 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --quick    a ~20 s smoke run (CI): report in target/bench/, no plots
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
-             steady, write_behind, near, cluster, failover, capture, consistency, replica, tags): for
-             work on one section";
+             steady, write_behind, near, cluster, failover, capture, consistency,
+             replica, tags, batch): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -135,7 +136,7 @@ fn main() {
 type Measure = fn(&Bench) -> BoxResult<Box<dyn Section>>;
 
 /// The sections in order, by the name `--only` takes.
-const SECTIONS: [(&str, Measure); 15] = [
+const SECTIONS: [(&str, Measure); 16] = [
     // (1)-(4), (7): hits against the floors
     ("hits", |b| Ok(Box::new(hits::measure(b)?))),
     // (5): misses against both floors
@@ -166,6 +167,8 @@ const SECTIONS: [(&str, Measure); 15] = [
     ("replica", |b| Ok(Box::new(replica::measure(b)?))),
     // (19): tagged hits, invalidate_tag, conditional refresh's bytes
     ("tags", |b| Ok(Box::new(tags::measure(b)?))),
+    // (20): batch reads: 100 hits against one GET, a cold page's cost
+    ("batch", |b| Ok(Box::new(batch::measure(b)?))),
 ];
 
 /// The sections in order (or only the one named), then the report;

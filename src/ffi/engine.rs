@@ -34,7 +34,7 @@ use crate::error::{Error, Result};
 /// taking a `const cacheaside_engine *` may be called concurrently, without
 /// external locking. Every such function blocks the calling thread.
 pub struct cacheaside_engine {
-    inner: CacheAside,
+    pub(super) inner: CacheAside,
 }
 
 // The header promises that one engine serves many threads at once.

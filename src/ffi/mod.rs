@@ -114,6 +114,7 @@ macro_rules! non_null {
     };
 }
 
+mod batch;
 mod bytes;
 mod client;
 mod config;
@@ -128,6 +129,7 @@ mod users;
 mod value;
 mod write_behind;
 
+pub use batch::*;
 pub use bytes::*;
 pub use client::*;
 pub use config::*;

@@ -1,6 +1,7 @@
 // cacheaside::Engine, the C++ face of cacheaside_engine: RAII, single-flight
 // reads from many threads, versioned reads and write-through, the
-// uncoalesced read, binary values, and errors that carry the status name.
+// uncoalesced read, binary values, errors that carry the status name, and
+// batch reads (get_or_load_many, invalidate_many).
 #include <atomic>
 #include <map>
 #include <stdexcept>
@@ -116,6 +117,42 @@ void errors_carry_the_status_name(const cacheaside::Engine &engine) {
     EXPECT(rethrown);
 }
 
+void batch_reads_and_invalidation(const cacheaside::Engine &engine) {
+    int calls = 0;
+    size_t asked = 0;
+    auto load = [&](const std::vector<std::string> &missing) {
+        ++calls;
+        asked += missing.size();
+        std::vector<std::pair<std::string, std::string>> rows;
+        for (const auto &key : missing) {
+            if (key != "item:9") rows.emplace_back(key, "value-" + key);  // item:9: no row
+        }
+        return rows;
+    };
+    const std::vector<std::string> keys{"item:2", "item:9", "item:1", "item:2"};
+    using Values = std::vector<std::optional<std::string>>;
+    const Values want{"value-item:2", std::nullopt, "value-item:1", "value-item:2"};
+    EXPECT(engine.get_or_load_many(keys, 1min, load) == want);
+    EXPECT(calls == 1 && asked == 3);  // item:2 asked once
+    EXPECT(engine.get_or_load_many(keys, 1min, load) == want);
+    EXPECT(calls == 1);  // hits, and a cached absence
+    engine.invalidate_many({"item:1"});
+    EXPECT(engine.get_or_load_many(keys, 1min, load) == want);
+    EXPECT(calls == 2 && asked == 4);
+    // A loader's exception reaches the caller; nothing is cached.
+    bool rethrown = false;
+    try {
+        engine.get_or_load_many({"item:5"}, 1min, [](const std::vector<std::string> &)
+                                    -> std::vector<std::pair<std::string, std::string>> {
+            throw std::runtime_error("source down");
+        });
+    } catch (const std::runtime_error &e) {
+        rethrown = std::string(e.what()) == "source down";
+    }
+    EXPECT(rethrown);
+    EXPECT_ERROR(engine.get_or_load_many({"bad{key}"}, 1min, load), CACHEASIDE_INVALID_ARGUMENT);
+}
+
 }  // namespace
 
 int main() {
@@ -126,6 +163,7 @@ int main() {
         versioned_and_write_through(engine);
         uncoalesced_binary_and_absent(engine);
         errors_carry_the_status_name(engine);
+        batch_reads_and_invalidation(engine);
         engine.delete_namespace();
     } catch (const cacheaside::Error &e) {
         std::cerr << "unexpected error " << e.what() << "\n";
