@@ -238,19 +238,32 @@ pub(crate) enum Verdict {
 /// [`Verdict::Apply`] at this point cannot land over a synchronous write
 /// that returned.
 pub(crate) fn still_current(cache: &Cache, changes: &[(Keys, u64)]) -> Result<Vec<Verdict>> {
-    let replies: Vec<i64> = cache.run(|conn| {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(&SCRIPTS.still_current_code)
-            .ignore();
+    let call = |keys: &Keys, seq: u64| {
+        let mut call = SCRIPTS.still_current.key(&keys.pending);
+        call.key(&keys.writers).arg(seq);
+        call
+    };
+    let replies: Vec<i64> = if cache.is_cluster() {
+        // The keys live in many slots, and the cluster client sends a
+        // pipeline to one node: one call each (as `relay_invalidate`).
+        let mut replies = Vec::with_capacity(changes.len());
         for (keys, seq) in changes {
-            let mut call = SCRIPTS.still_current.key(&keys.pending);
-            call.key(&keys.writers).arg(seq);
-            pipe.invoke_script(&call);
+            replies.push(cache.run(|conn| call(keys, *seq).invoke::<i64>(conn))?);
         }
-        pipe.query(conn)
-    })?;
+        replies
+    } else {
+        cache.run(|conn| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(&SCRIPTS.still_current_code)
+                .ignore();
+            for (keys, seq) in changes {
+                pipe.invoke_script(&call(keys, *seq));
+            }
+            pipe.query(conn)
+        })?
+    };
     if replies.len() != changes.len() {
         return Err(Error::new(
             ErrorKind::Cache,
@@ -370,10 +383,10 @@ pub(crate) enum Enqueued {
 /// [`SEQ_FLOOR_TTL`]) sequence or `floor` when that is later, so it grows
 /// per key even across a clock step back or a lost counter.
 ///
-/// The one script that spans two slots (the key's and the stream's): the
-/// change must be readable if and only if it will be written, and only one
-/// script makes both true at once. Sharding the stream per slot (Redis
-/// Cluster) is where it splits.
+/// The change must be readable if and only if it will be written, and only
+/// one script makes both true at once: so the stream is in the key's slot
+/// on a Redis Cluster (one stream per slot, see `write_behind::shards`),
+/// and the script runs on one node.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_behind(
     cache: &Cache,
@@ -457,6 +470,18 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
         Settled::Applied => "applied",
         Settled::Dead => "dead",
     };
+    let call = |keys: &Keys, seq: u64| {
+        let mut call = SCRIPTS.settle.key(&keys.value);
+        call.key(&keys.lease).key(&keys.pending).arg(seq).arg(how);
+        call
+    };
+    if cache.is_cluster() {
+        // One call per key, each routed to its slot (as `relay_invalidate`).
+        for (keys, seq) in changes {
+            cache.run(|conn| call(keys, *seq).invoke::<()>(conn))?;
+        }
+        return Ok(());
+    }
     cache.run(|conn| {
         let mut pipe = redis::pipe();
         // Pipelined EVALSHA has no EVAL fallback: load the script first.
@@ -465,9 +490,7 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
             .arg(&SCRIPTS.settle_code)
             .ignore();
         for (keys, seq) in changes {
-            let mut call = SCRIPTS.settle.key(&keys.value);
-            call.key(&keys.lease).key(&keys.pending).arg(seq).arg(how);
-            pipe.invoke_script(&call).ignore();
+            pipe.invoke_script(&call(keys, *seq)).ignore();
         }
         pipe.query::<()>(conn)
     })

@@ -170,20 +170,6 @@ fn keys_that_break_the_hash_tag_are_rejected() {
 }
 
 #[test]
-fn write_behind_refuses_a_cluster_with_a_clear_error() {
-    let cluster = cluster();
-    let fx = fixture(&cluster, "cl_wb");
-    let err = fx.client.start_write_behind(1).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    assert!(err.to_string().contains("Redis Cluster"), "{err}");
-    let err = fx
-        .client
-        .update_user_plan_write_behind(1, "pro")
-        .unwrap_err();
-    assert!(err.to_string().contains("Redis Cluster"), "{err}");
-}
-
-#[test]
 fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
     let cluster = cluster();
     let fx = fixture(&cluster, "cl_events");
