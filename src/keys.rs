@@ -171,6 +171,13 @@ mod tests {
         assert_eq!(slot_of_tag("foo"), 12182);
         assert_eq!(slot_of_tag("user:1"), 10778);
         assert_eq!(slot_of_tag(""), 0);
+        // And as redis-rs's cluster client routes (its slot number is
+        // private: compare the slots).
+        use redis::cluster_routing::Slot;
+        for n in 0..2000 {
+            let tag = format!("write_behind:{n}");
+            assert_eq!(Slot::new(slot_of_tag(&tag)), Some(Slot::for_key(&tag)));
+        }
     }
 
     #[test]

@@ -183,7 +183,7 @@ fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
         })
         .unwrap();
     for i in 0..20 {
-        // PUBLISH goes to the node the subscriptions use, so it counts ours.
+        // SPUBLISH goes to the master of the channel's slot, where ours is.
         assert_eq!(events.publish("orders", format!("m{i}")).unwrap(), 1);
     }
     for i in 0..20 {
