@@ -112,7 +112,7 @@ impl CacheAside {
         let tracker = engine
             .near
             .clone()
-            .map(|near| Tracker::start(near, engine.cache.clone(), config.cache_timeout));
+            .map(|near| Tracker::start(near, engine.cache.clone(), config));
         let inspector = (!config.inspect_every.is_zero())
             .then(|| {
                 crate::inspect::Inspector::start(

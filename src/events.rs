@@ -657,33 +657,19 @@ impl Setup {
 impl Shard {
     /// A client for the master that serves the slot now.
     fn master(&self) -> Result<redis::Client> {
-        let slots: Vec<Vec<Value>> = self
-            .cache
-            .run(|conn| redis::cmd("CLUSTER").arg("SLOTS").query(conn))?;
-        for range in slots {
-            // [start, end, [host, port, id, ...], replicas...]
-            let bound = |at: usize| match range.get(at) {
-                Some(Value::Int(n)) => u16::try_from(*n).ok(),
-                _ => None,
-            };
-            let (Some(start), Some(end)) = (bound(0), bound(1)) else {
-                continue;
-            };
-            if !(start..=end).contains(&self.slot) {
-                continue;
+        let map = self.cache.slot_map()?;
+        match map
+            .iter()
+            .find(|(a, b, _, _)| (*a..=*b).contains(&self.slot))
+        {
+            Some((_, _, host, port)) => {
+                crate::redis_conn::node_client(&self.config, host, *port, true)
             }
-            if let Some(Value::Array(node)) = range.get(2)
-                && let [host, Value::Int(port), ..] = node.as_slice()
-                && let Ok(host) = redis::from_redis_value_ref::<String>(host)
-                && let Ok(port) = u16::try_from(*port)
-            {
-                return crate::redis_conn::node_client(&self.config, &host, port);
-            }
+            None => Err(Error::new(
+                ErrorKind::Cache,
+                format!("no master serves slot {} (CLUSTER SLOTS)", self.slot),
+            )),
         }
-        Err(Error::new(
-            ErrorKind::Cache,
-            format!("no master serves slot {} (CLUSTER SLOTS)", self.slot),
-        ))
     }
 }
 

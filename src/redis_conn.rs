@@ -34,11 +34,17 @@ pub(crate) fn single_client(config: &Config, url: &str) -> Result<redis::Client>
     client_with(url, tls_certificates(config)?)
 }
 
-/// A RESP3 client for the cluster node at `host:port`, with the first seed
-/// node's credentials and TLS settings: for a connection that must reach
-/// one node the slot map names (a sharded subscription), and hear pushes
-/// the server sends unasked (`sunsubscribe` when a slot moves).
-pub(crate) fn node_client(config: &Config, host: &str, port: u16) -> Result<redis::Client> {
+/// A client for the cluster node at `host:port`, with the first seed node's
+/// credentials and TLS settings: for a connection that must reach one node
+/// the slot map names (a sharded subscription, a near cache tracker). With
+/// `resp3`, it hears the pushes a server sends unasked (`sunsubscribe` when
+/// a slot moves).
+pub(crate) fn node_client(
+    config: &Config,
+    host: &str,
+    port: u16,
+    resp3: bool,
+) -> Result<redis::Client> {
     let seed = config.redis_nodes().first().copied().unwrap_or_default();
     let info = single_client(config, seed)?.get_connection_info().clone();
     let addr = match info.addr() {
@@ -50,10 +56,12 @@ pub(crate) fn node_client(config: &Config, host: &str, port: u16) -> Result<redi
         },
         _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
     };
-    let settings = info
-        .redis_settings()
-        .clone()
-        .set_protocol(redis::ProtocolVersion::RESP3);
+    let protocol = if resp3 {
+        redis::ProtocolVersion::RESP3
+    } else {
+        redis::ProtocolVersion::RESP2
+    };
+    let settings = info.redis_settings().clone().set_protocol(protocol);
     let info = info.set_addr(addr).set_redis_settings(settings);
     let client = match tls_certificates(config)? {
         Some(certs) => redis::Client::build_with_tls(info, certs),
