@@ -244,13 +244,18 @@ pub(crate) fn still_current(cache: &Cache, changes: &[(Keys, u64)]) -> Result<Ve
         call
     };
     let replies: Vec<i64> = if cache.is_cluster() {
-        // The keys live in many slots, and the cluster client sends a
-        // pipeline to one node: one call each (as `relay_invalidate`).
-        let mut replies = Vec::with_capacity(changes.len());
-        for (keys, seq) in changes {
-            replies.push(cache.run(|conn| call(keys, *seq).invoke::<i64>(conn))?);
-        }
-        replies
+        // The keys live in many slots, and a plain pipeline would go to one
+        // node.
+        let calls: Vec<(Vec<&str>, Vec<String>)> = changes
+            .iter()
+            .map(|(keys, seq)| {
+                (
+                    vec![keys.pending.as_str(), keys.writers.as_str()],
+                    vec![seq.to_string()],
+                )
+            })
+            .collect();
+        cluster_calls(cache, &SCRIPTS.still_current, &calls)?
     } else {
         cache.run(|conn| {
             let mut pipe = redis::pipe();
@@ -476,10 +481,20 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
         call
     };
     if cache.is_cluster() {
-        // One call per key, each routed to its slot (as `relay_invalidate`).
-        for (keys, seq) in changes {
-            cache.run(|conn| call(keys, *seq).invoke::<()>(conn))?;
-        }
+        let calls: Vec<(Vec<&str>, Vec<String>)> = changes
+            .iter()
+            .map(|(keys, seq)| {
+                (
+                    vec![
+                        keys.value.as_str(),
+                        keys.lease.as_str(),
+                        keys.pending.as_str(),
+                    ],
+                    vec![seq.to_string(), how.to_owned()],
+                )
+            })
+            .collect();
+        cluster_calls::<Value>(cache, &SCRIPTS.settle, &calls)?;
         return Ok(());
     }
     cache.run(|conn| {
@@ -494,6 +509,55 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
         }
         pipe.query::<()>(conn)
     })
+}
+
+/// One call of `script` per entry of `calls` (its keys, then its
+/// arguments; the keys of one call share a slot), on a Redis Cluster. They
+/// go in one cluster pipeline of `EVALSHA` (a round trip per node); if that
+/// fails (a node without the script yet, a moved slot, a dropped
+/// connection), one call at a time, which loads the script and follows
+/// redirects. So a call may run twice: every caller's script is read-only
+/// or idempotent.
+pub(crate) fn cluster_calls<T: redis::FromRedisValue>(
+    cache: &Cache,
+    script: &Script,
+    calls: &[(Vec<&str>, Vec<String>)],
+) -> Result<Vec<T>> {
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let piped: Option<Vec<T>> = cache.run(|conn| {
+        let crate::redis_conn::RedisConnection::Cluster(cluster) = conn else {
+            return Ok(None);
+        };
+        let mut pipe = redis::cluster::cluster_pipe();
+        for (keys, args) in calls {
+            pipe.cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
+        }
+        Ok(pipe.query::<Vec<T>>(cluster).ok())
+    })?;
+    if let Some(replies) = piped.filter(|r| r.len() == calls.len()) {
+        return Ok(replies);
+    }
+    calls
+        .iter()
+        .map(|(keys, args)| {
+            cache.run(|conn| {
+                let mut call = script.prepare_invoke();
+                for key in keys {
+                    call.key(*key);
+                }
+                for arg in args {
+                    call.arg(arg);
+                }
+                call.invoke(conn)
+            })
+        })
+        .collect()
 }
 
 /// Applies changes the relay read from the outbox, in one round trip: each

@@ -33,6 +33,7 @@
 mod c_abi;
 mod capture;
 mod cluster;
+mod cluster_features;
 mod consistency;
 mod failover;
 mod faults;

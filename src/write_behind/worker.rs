@@ -347,8 +347,13 @@ impl Worker {
             self.refresh_streams()?;
             self.next_refresh = Instant::now() + REFRESH_EVERY;
         }
-        for i in 0..self.streams.len() {
-            if !self.streams[i].ready {
+        let waiting: Vec<usize> = (0..self.streams.len())
+            .filter(|i| !self.streams[*i].ready)
+            .collect();
+        if self.shared.streams.sharded() && waiting.len() > 1 {
+            self.find_groups(&waiting)?;
+        } else {
+            for i in waiting {
                 self.ensure_group(i)?;
             }
         }
@@ -401,11 +406,8 @@ impl Worker {
             self.next_claim = now + self.shared.max_wait();
         }
         if room > 0 && now >= self.next_dead_check {
-            for &i in &ready {
-                if room > 0 {
-                    let names = self.streams[i].names.clone();
-                    take(self.claim_from_dead(&names, room)?, &names, &mut room);
-                }
+            for (names, claimed) in self.claim_from_dead(&ready, room)? {
+                take(claimed, &names, &mut room);
             }
             self.next_dead_check = now + LIVENESS_EVERY;
         }
@@ -417,16 +419,16 @@ impl Worker {
             let read = self.read(ready[0], room, block)?;
             sort(&self.shared, read, &names, &mut batch, &mut poison);
         } else if room > 0 {
-            // A stream per slot: each is polled in turn, from a rotating start.
-            self.read_from = (self.read_from + 1) % ready.len();
-            for n in 0..ready.len() {
-                let i = ready[(self.read_from + n) % ready.len()];
-                if room == 0 {
-                    break;
-                }
+            // A stream per slot: up to `room` of them polled at once (one
+            // round trip per node), from a rotating start, so the entries
+            // read stay within `room` and every stream gets its turn.
+            let take = ready.len().min(room);
+            let window: Vec<usize> = (0..take)
+                .map(|n| ready[(self.read_from + n) % ready.len()])
+                .collect();
+            self.read_from = (self.read_from + take) % ready.len();
+            for (i, read) in self.poll(&window, room / take)? {
                 let names = self.streams[i].names.clone();
-                let read = self.read(i, room, None)?;
-                room = room.saturating_sub(read.len());
                 sort(&self.shared, read, &names, &mut batch, &mut poison);
             }
             if batch.is_empty() && poison.is_empty() {
@@ -504,6 +506,31 @@ impl Worker {
         Ok(true)
     }
 
+    /// On a cluster: which of the streams `waiting` exist now, in one
+    /// pipeline. The enqueue that creates a stream creates its consumer
+    /// group in the same script, so an existing stream is ready (a stream
+    /// without its group shows as `NOGROUP` when polled, and gets one then).
+    fn find_groups(&mut self, waiting: &[usize]) -> Result<()> {
+        let streams: Vec<&String> = waiting
+            .iter()
+            .map(|&i| &self.streams[i].names.stream)
+            .collect();
+        let exist: Vec<bool> = self.engine.cache.run(|conn| {
+            let crate::redis_conn::RedisConnection::Cluster(cluster) = conn else {
+                return Ok(Vec::new());
+            };
+            let mut pipe = redis::cluster::cluster_pipe();
+            for stream in &streams {
+                pipe.cmd("EXISTS").arg(*stream);
+            }
+            pipe.query(cluster)
+        })?;
+        for (&i, exists) in waiting.iter().zip(exist) {
+            self.streams[i].ready = exists;
+        }
+        Ok(())
+    }
+
     /// `XREADGROUP` of up to `count` new entries of stream `i`, blocking
     /// up to `block`.
     fn read(&mut self, i: usize, count: usize, block: Option<Duration>) -> Result<Vec<RawEntry>> {
@@ -535,6 +562,60 @@ impl Worker {
             Err(err) => {
                 // A lost reply leaves what it delivered pending for us; the
                 // next claims (ours or another worker's) pick it up.
+                self.conn = None;
+                Err(err.into())
+            }
+        }
+    }
+
+    /// `XREADGROUP` of up to `count` new entries of each stream of
+    /// `streams`, without blocking, in one cluster pipeline (one round trip
+    /// per node; the cluster client follows a moved slot's redirect).
+    fn poll(&mut self, streams: &[usize], count: usize) -> Result<Vec<(usize, Vec<RawEntry>)>> {
+        if self.conn.is_none() {
+            self.conn = Some(self.engine.cache.dedicated(self.shared.read_timeout)?);
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Ok(Vec::new());
+        };
+        let crate::redis_conn::RedisConnection::Cluster(cluster) = &mut **conn else {
+            // Not a cluster: one stream at a time.
+            let mut out = Vec::new();
+            for &i in streams {
+                out.push((i, self.read(i, count, None)?));
+            }
+            return Ok(out);
+        };
+        let mut pipe = redis::cluster::cluster_pipe();
+        for &i in streams {
+            pipe.cmd("XREADGROUP")
+                .arg("GROUP")
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg("COUNT")
+                .arg(count.max(1))
+                .arg("STREAMS")
+                .arg(&self.streams[i].names.stream)
+                .arg(">");
+        }
+        match pipe.query::<Vec<Value>>(cluster) {
+            Ok(replies) => Ok(streams
+                .iter()
+                .zip(replies)
+                .map(|(&i, reply)| (i, read_entries(&reply)))
+                .collect()),
+            Err(err) if err.code() == Some("NOGROUP") => {
+                // A stream (or its group) is gone: create the groups of
+                // those that exist, and wait for the others.
+                for &i in streams {
+                    self.streams[i].ready = false;
+                    self.ensure_group(i)?;
+                }
+                Ok(Vec::new())
+            }
+            Err(err) => {
+                // What a lost reply delivered stays pending for us; claims
+                // pick it up.
                 self.conn = None;
                 Err(err.into())
             }
@@ -575,22 +656,23 @@ impl Worker {
         Ok(parts.get(1).map(entries).unwrap_or_default())
     }
 
-    /// Claims (up to `count`) the changes held by workers whose liveness
-    /// key has expired: dead ones, found within [`LIVENESS_TTL`] of their
-    /// death rather than after `claim_after`.
-    fn claim_from_dead(&mut self, names: &StreamNames, count: usize) -> Result<Vec<RawEntry>> {
-        let stream = &names.stream;
-        let summary: Value = self.engine.cache.run(|conn| {
-            match redis::cmd("XPENDING").arg(stream).arg(GROUP).query(conn) {
-                Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
-                other => other,
+    /// Claims (up to `count`, over the streams `ready`) the changes held by
+    /// workers whose liveness key has expired: dead ones, found within
+    /// [`LIVENESS_TTL`] of their death rather than after `claim_after`.
+    fn claim_from_dead(
+        &mut self,
+        ready: &[usize],
+        count: usize,
+    ) -> Result<Vec<(StreamNames, Vec<RawEntry>)>> {
+        let summaries = self.pending_summaries(ready)?;
+        let mut others: Vec<String> = Vec::new();
+        for summary in &summaries {
+            for (name, _) in pending_consumers(summary) {
+                if name != self.consumer && !others.contains(&name) {
+                    others.push(name);
+                }
             }
-        })?;
-        let others: Vec<String> = pending_consumers(&summary)
-            .into_iter()
-            .map(|(name, _)| name)
-            .filter(|name| *name != self.consumer)
-            .collect();
+        }
         if others.is_empty() {
             return Ok(Vec::new());
         }
@@ -602,57 +684,113 @@ impl Worker {
             }
             pipe.query(conn)
         })?;
+        let dead: Vec<&String> = others
+            .iter()
+            .zip(alive)
+            .filter(|(_, alive)| !alive)
+            .map(|(name, _)| name)
+            .collect();
         let mut claimed = Vec::new();
-        for (name, alive) in others.iter().zip(alive) {
-            if alive || claimed.len() >= count {
-                continue;
+        let mut room = count;
+        for (&i, summary) in ready.iter().zip(&summaries) {
+            let names = self.streams[i].names.clone();
+            for (name, _) in pending_consumers(summary) {
+                if room == 0 || !dead.contains(&&name) {
+                    continue;
+                }
+                let entries = self.claim_from(&names.stream, &name, room)?;
+                room = room.saturating_sub(entries.len());
+                claimed.push((names.clone(), entries));
             }
-            let room = count - claimed.len();
-            let held: Value = self.engine.cache.run(|conn| {
-                redis::cmd("XPENDING")
-                    .arg(stream)
-                    .arg(GROUP)
-                    .arg("-")
-                    .arg("+")
-                    .arg(room)
-                    .arg(name)
-                    .query(conn)
-            })?;
-            let ids: Vec<String> = match &held {
-                Value::Array(items) => items
-                    .iter()
-                    .filter_map(|item| match item {
-                        Value::Array(fields) => match fields.first() {
-                            Some(Value::BulkString(id)) => {
-                                Some(String::from_utf8_lossy(id).into_owned())
-                            }
-                            _ => None,
-                        },
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if ids.is_empty() {
-                continue;
-            }
-            report!(
-                info,
-                "write-behind: worker {name} is dead (no liveness key): claiming its {} changes",
-                ids.len()
-            );
-            let reply: Value = self.engine.cache.run(|conn| {
-                redis::cmd("XCLAIM")
-                    .arg(stream)
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .arg(millis(DEAD_CLAIM_IDLE))
-                    .arg(&ids)
-                    .query(conn)
-            })?;
-            claimed.extend(entries(&reply));
         }
         Ok(claimed)
+    }
+
+    /// The `XPENDING` summary of each stream of `ready` (`Nil` for one
+    /// without its group): on a cluster in one pipeline, a round trip per
+    /// node.
+    fn pending_summaries(&mut self, ready: &[usize]) -> Result<Vec<Value>> {
+        let streams: Vec<&String> = ready
+            .iter()
+            .map(|&i| &self.streams[i].names.stream)
+            .collect();
+        let summaries = self.engine.cache.run(|conn| {
+            if let crate::redis_conn::RedisConnection::Cluster(cluster) = conn
+                && streams.len() > 1
+            {
+                let mut pipe = redis::cluster::cluster_pipe();
+                for stream in &streams {
+                    pipe.cmd("XPENDING").arg(*stream).arg(GROUP);
+                }
+                return match pipe.query::<Vec<Value>>(cluster) {
+                    // A stream without its group: look at them one by one.
+                    Err(err) if err.code() == Some("NOGROUP") => Ok(None),
+                    other => other.map(Some),
+                };
+            }
+            Ok(None)
+        })?;
+        if let Some(summaries) = summaries {
+            return Ok(summaries);
+        }
+        let mut out = Vec::new();
+        for stream in streams {
+            out.push(self.engine.cache.run(|conn| {
+                match redis::cmd("XPENDING").arg(stream).arg(GROUP).query(conn) {
+                    Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
+                    other => other,
+                }
+            })?);
+        }
+        Ok(out)
+    }
+
+    /// Claims up to `count` of the changes the dead consumer `name` holds
+    /// on `stream`.
+    fn claim_from(&mut self, stream: &str, name: &str, count: usize) -> Result<Vec<RawEntry>> {
+        let held: Value = self.engine.cache.run(|conn| {
+            redis::cmd("XPENDING")
+                .arg(stream)
+                .arg(GROUP)
+                .arg("-")
+                .arg("+")
+                .arg(count)
+                .arg(name)
+                .query(conn)
+        })?;
+        let ids: Vec<String> = match &held {
+            Value::Array(items) => items
+                .iter()
+                .filter_map(|item| match item {
+                    Value::Array(fields) => match fields.first() {
+                        Some(Value::BulkString(id)) => {
+                            Some(String::from_utf8_lossy(id).into_owned())
+                        }
+                        _ => None,
+                    },
+                    _ => None,
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        report!(
+            info,
+            "write-behind: worker {name} is dead (no liveness key): claiming its {} changes",
+            ids.len()
+        );
+        let reply: Value = self.engine.cache.run(|conn| {
+            redis::cmd("XCLAIM")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(&self.consumer)
+                .arg(millis(DEAD_CLAIM_IDLE))
+                .arg(&ids)
+                .query(conn)
+        })?;
+        Ok(entries(&reply))
     }
 
     /// Renews this worker's claim on what it holds (so nobody claims a
@@ -1167,6 +1305,23 @@ impl Worker {
         for (key, id) in ids {
             let stream = self.shared.streams.for_key(key).stream;
             by_stream.entry(stream).or_default().push(id.clone());
+        }
+        if self.shared.streams.sharded() {
+            // A stream per slot: every stream's acknowledgement in one
+            // cluster pipeline.
+            let calls: Vec<(Vec<&str>, Vec<String>)> = by_stream
+                .iter()
+                .flat_map(|(stream, ids)| {
+                    ids.chunks(ACK_CHUNK).map(move |chunk| {
+                        let args = std::iter::once(GROUP.to_owned())
+                            .chain(chunk.iter().cloned())
+                            .collect();
+                        (vec![stream.as_str()], args)
+                    })
+                })
+                .collect();
+            lease::cluster_calls::<i64>(&self.engine.cache, &STREAM_SCRIPTS.ack, &calls)?;
+            return Ok(());
         }
         for (stream, ids) in &by_stream {
             self.ack(stream, ids)?;
