@@ -575,7 +575,7 @@ impl WriteBehind {
                 (StreamId::parse(&e.id), letter)
             }));
         }
-        letters.sort_by(|a, b| a.0.cmp(&b.0));
+        letters.sort_by_key(|letter| letter.0);
         letters.truncate(count.max(1));
         Ok(letters.into_iter().map(|(_, letter)| letter).collect())
     }
