@@ -202,10 +202,10 @@ const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
 
 impl Events {
     /// Publishing and subscribing through `cache` (for its pool and
-    /// namespace), with subscriptions connecting to `config.redis_url` (its
-    /// first node, for a Redis Cluster: the cluster carries a `PUBLISH` on
-    /// any node to the subscribers of every node), each connect and command
-    /// bounded by `config.cache_timeout`.
+    /// namespace), with subscriptions connecting to `config.redis_url` (on
+    /// a Redis Cluster, sharded: to the master of each channel's slot, with
+    /// the first node's credentials and TLS settings), each connect and
+    /// command bounded by `config.cache_timeout`.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse,
