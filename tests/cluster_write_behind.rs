@@ -482,3 +482,162 @@ fn dead_letters_of_every_slot_are_listed_and_dropped_on_a_cluster() {
     assert_eq!(engine.drop_dead_letters(&ids).unwrap(), 3);
     assert!(engine.write_behind_dead_letters(10).unwrap().is_empty());
 }
+
+/// Moves `slot` to another master as `redis-cli --cluster reshard` does
+/// (IMPORTING, MIGRATING, its keys moved in batches for at least `hold`,
+/// then the slot assigned everywhere). Returns the keys moved.
+fn migrate_slot(cluster: &PrivateCluster, slot: u16, hold: Duration) -> u64 {
+    let from = cluster.owner_of(slot);
+    let to = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port() != from.port())
+        .unwrap();
+    let s = slot.to_string();
+    let (from_id, to_id) = (
+        from.command(&["CLUSTER", "MYID"]),
+        to.command(&["CLUSTER", "MYID"]),
+    );
+    assert_eq!(
+        to.command(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]),
+        "OK"
+    );
+    assert_eq!(
+        from.command(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]),
+        "OK"
+    );
+    let port = to.port().to_string();
+    let began = Instant::now();
+    let mut moved = 0;
+    loop {
+        let keys = from.command(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"]);
+        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+        if !keys.is_empty() {
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(&keys);
+            let reply = from.command(&args);
+            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
+            moved += keys.len() as u64;
+        } else if began.elapsed() >= hold {
+            break;
+        } else {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    for node in [to, from] {
+        assert_eq!(
+            node.command(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]),
+            "OK"
+        );
+    }
+    for node in cluster
+        .nodes
+        .iter()
+        .filter(|n| n.port() != from.port() && n.port() != to.port())
+    {
+        assert_eq!(
+            node.command(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]),
+            "OK"
+        );
+    }
+    moved
+}
+
+#[test]
+fn ordered_changes_survive_a_keys_slot_migrating_mid_run() {
+    const USERS: i64 = 3;
+    const CHANGES: i64 = 600;
+    // Its own cluster: the migration moves user 1's slot for everyone.
+    let cluster = PrivateCluster::start();
+    let fx = Fixture::with(wb_config("cwb_migrate", &cluster.url()));
+    fx.client.start_write_behind(2).unwrap();
+    let reader = {
+        let mut config = fx.config.clone();
+        config.invalidation_relay = false;
+        Client::open(&config).unwrap()
+    };
+    let slot = slot_of("user:1");
+    let stream = stream_of(&fx, "user:1");
+    let from_port = cluster.owner_of(slot).port();
+    let enqueued = AtomicUsize::new(0);
+    let (refused, done) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let failed_reads = AtomicUsize::new(0);
+    let last_seq: Mutex<HashMap<i64, u64>> = Mutex::new(HashMap::new());
+    let moved = std::thread::scope(|s| {
+        for id in 1..=USERS {
+            let (fx, enqueued, refused, last_seq) = (&fx, &enqueued, &refused, &last_seq);
+            s.spawn(move || {
+                let mut seq = 0;
+                for i in 0..CHANGES {
+                    let plan = format!("p{i}");
+                    let deadline = Instant::now() + PATIENCE;
+                    // Refused while the slot's keys are split: retried.
+                    let next = loop {
+                        match fx.client.update_user_plan_write_behind(id, &plan) {
+                            Ok(next) => break next.expect("seeded"),
+                            Err(err) => {
+                                assert!(Instant::now() < deadline, "user {id}: {err}");
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                        }
+                    };
+                    assert!(next > seq);
+                    seq = next;
+                    enqueued.fetch_add(1, Ordering::Relaxed);
+                }
+                last_seq.lock().unwrap().insert(id, seq);
+            });
+        }
+        {
+            let (reader, done, failed_reads) = (&reader, &done, &failed_reads);
+            s.spawn(move || {
+                let mut seen = [(-1_i64, 0_i64); USERS as usize + 1];
+                while !done.load(Ordering::Relaxed) {
+                    for id in 1..=USERS {
+                        let Ok(Some(got)) = reader.get_user_profile(id) else {
+                            failed_reads.fetch_add(1, Ordering::Relaxed);
+                            continue;
+                        };
+                        let now = (change_no(&got.plan), got.version);
+                        let before = seen[id as usize];
+                        assert!(
+                            now.0 >= before.0 && now.1 >= before.1,
+                            "user {id} went back in time: {now:?} after {before:?}"
+                        );
+                        seen[id as usize] = now;
+                    }
+                }
+            });
+        }
+        let deadline = Instant::now() + PATIENCE * 2;
+        while enqueued.load(Ordering::Relaxed) < (USERS * CHANGES / 3) as usize {
+            assert!(Instant::now() < deadline, "the writers stalled");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let moved = migrate_slot(&cluster, slot, Duration::from_secs(1));
+        while enqueued.load(Ordering::Relaxed) < (USERS * CHANGES) as usize {
+            assert!(Instant::now() < deadline, "the writers stalled");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        done.store(true, Ordering::Relaxed);
+        moved
+    });
+    eprintln!(
+        "migration: {moved} keys moved, {} enqueues refused and retried, {} failed reads",
+        refused.load(Ordering::Relaxed),
+        failed_reads.load(Ordering::Relaxed)
+    );
+    // The slot, and user 1's stream with it, moved to another master.
+    let owner = cluster.owner_of(slot);
+    assert_ne!(owner.port(), from_port, "the slot moved");
+    assert_eq!(owner.command(&["EXISTS", &stream]), "1", "{stream}");
+    fx.client.drain_write_behind(PATIENCE).unwrap();
+    let last_seq = last_seq.into_inner().unwrap();
+    for id in 1..=USERS {
+        let last = format!("p{}", CHANGES - 1);
+        assert_eq!(row(&fx, id), (last, last_seq[&id] as i64), "user {id}");
+    }
+    assert_eq!(fx.client.write_behind_pending().unwrap(), 0);
+    fx.client.stop_write_behind();
+}
