@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use cacheaside::{Client, ErrorKind};
-use common::servers::{PrivateCluster, PrivateRedis};
+use common::servers::PrivateCluster;
 use common::{Fixture, PATIENCE, test_config};
 
 /// One cluster for the tests that run at the same time: each holds an
@@ -194,58 +194,6 @@ fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
     }
 }
 
-/// Moves `slot` from `from` to `to` the way `redis-cli --cluster reshard`
-/// does: IMPORTING on the target, MIGRATING on the source, then MIGRATE its
-/// keys in batches for at least `hold` (keys created on the source
-/// meanwhile follow in the next batch, and clients meet ASK and TRYAGAIN
-/// all along), then the slot is assigned to the target on every node.
-fn migrate_slot(
-    cluster: &PrivateCluster,
-    slot: u16,
-    from: &PrivateRedis,
-    to: &PrivateRedis,
-    hold: Duration,
-) -> u64 {
-    let slot_arg = slot.to_string();
-    let from_id = from.command(&["CLUSTER", "MYID"]);
-    let to_id = to.command(&["CLUSTER", "MYID"]);
-    assert_eq!(
-        to.command(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]),
-        "OK"
-    );
-    assert_eq!(
-        from.command(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]),
-        "OK"
-    );
-    let port = to.port().to_string();
-    let began = Instant::now();
-    let mut moved = 0;
-    loop {
-        let keys = from.command(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "1000"]);
-        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-        if !keys.is_empty() {
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(&keys);
-            let reply = from.command(&args);
-            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
-            moved += keys.len() as u64;
-        } else if began.elapsed() >= hold {
-            break;
-        } else {
-            // Pacing of the scenario (the slot stays MIGRATING while the
-            // soak runs), not a wait for a result.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    for node in &cluster.nodes {
-        assert_eq!(
-            node.command(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]),
-            "OK"
-        );
-    }
-    moved
-}
-
 /// The stale-read soak (readers and writers on one hot row, a slow read
 /// path) while the hot key's slot moves to another master (held MIGRATING
 /// for 2 s): every read that starts after a write returned sees that
@@ -363,7 +311,7 @@ fn soak(migrate: bool) {
         // then run a while on its new master.
         std::thread::sleep(Duration::from_millis(500));
         let moved = if migrate {
-            migrate_slot(&cluster, slot, from, to, Duration::from_secs(2))
+            cluster.migrate_slot(slot, from, to, Duration::from_secs(2))
         } else {
             std::thread::sleep(Duration::from_secs(2));
             0

@@ -1,9 +1,9 @@
 //! The near cache (L1) on a Redis Cluster of our own (three masters, a
 //! replica each, free loopback ports; a master is killed, so it is shared
 //! with no other test): one tracker per master, so another client's writes
-//! to keys of every master evict L1 within the bound, and a failover
-//! (replica takeover) leaves no read older than a write that returned more
-//! than the bound before it.
+//! to keys of every master evict L1 within the bound, and a slot migration
+//! and a failover (replica takeover) each leave no read older than a write
+//! that returned more than the bound before it.
 
 mod common;
 
@@ -63,7 +63,7 @@ fn stale_reads(
 }
 
 #[test]
-fn l1_on_a_cluster_sees_writes_within_the_bound_and_a_failover_leaves_no_stale_read() {
+fn l1_on_a_cluster_sees_writes_within_the_bound_and_a_migration_or_failover_leaves_no_stale_read() {
     let mut cluster = PrivateCluster::start_with_replicas();
     let mut config = test_config("cl_near");
     config.redis_url = cluster.url();
@@ -129,26 +129,57 @@ fn l1_on_a_cluster_sees_writes_within_the_bound_and_a_failover_leaves_no_stale_r
         took[REPS - 1]
     );
 
-    // A failover: user 1's master is SIGKILLed under a reader and a
-    // writer, its replica takes over. No read may return a version older
-    // than a write that returned more than the bound before it began.
+    // A slot migration: user 2's slot moves to another master under a
+    // reader and a writer. Then a failover: user 1's master is SIGKILLed,
+    // its replica takes over. Through each, no read may return a version
+    // older than a write that returned more than the bound before it began.
+    let slot = slot_of(2);
+    let from_port = cluster.owner_of(slot).port();
+    no_stale_read_through(&fx, 2, "the migration", || {
+        let from = cluster.owner_of(slot);
+        let to = cluster
+            .nodes
+            .iter()
+            .find(|n| {
+                n.port() != from_port && n.command(&["INFO", "REPLICATION"]).contains("role:master")
+            })
+            .unwrap();
+        cluster.migrate_slot(slot, from, to, Duration::from_millis(500));
+    });
+    assert_ne!(cluster.owner_of(slot).port(), from_port, "the slot moved");
+
     let master_port = cluster.owner_of(slot_of(1)).port();
     let replica_port = cluster.replica_of(cluster.owner_of(slot_of(1))).port();
-    warm(reader, 1);
+    no_stale_read_through(&fx, 1, "the failover", || {
+        cluster
+            .nodes
+            .iter_mut()
+            .find(|n| n.port() == master_port)
+            .unwrap()
+            .kill();
+        cluster.take_over(replica_port);
+    });
+}
+
+/// Reads user `id` on the fixture's client (L1 on) while another client
+/// writes it, through `event`, run once 20 writes have returned; until L1
+/// has been cleared, answers again, and 20 more writes have returned. No
+/// read may fail, nor return a version older than a write that returned
+/// more than the bound before it began.
+fn no_stale_read_through(fx: &Fixture, id: i64, what: &str, event: impl FnOnce()) {
+    let reader = &fx.client;
+    warm(reader, id);
     let stop = Arc::new(AtomicBool::new(false));
     let writes = Arc::new(Mutex::new(Vec::<(Instant, i64)>::new()));
     let writing = {
-        let (stop, writes, writer) = (
-            stop.clone(),
-            writes.clone(),
-            Client::open(&fx.config).unwrap(),
-        );
+        let (stop, writes) = (stop.clone(), writes.clone());
+        let writer = Client::open(&fx.config).unwrap();
         thread::spawn(move || {
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 n += 1;
-                if writer.update_user_plan(1, &format!("w{n}")).is_ok()
-                    && let Ok(Some(now)) = writer.get_user_profile(1)
+                if writer.update_user_plan(id, &format!("w{n}")).is_ok()
+                    && let Ok(Some(now)) = writer.get_user_profile(id)
                 {
                     writes.lock().unwrap().push((Instant::now(), now.version));
                 }
@@ -160,7 +191,7 @@ fn l1_on_a_cluster_sees_writes_within_the_bound_and_a_failover_leaves_no_stale_r
     let mut failed = 0;
     let mut read = |reads: &mut Vec<(Instant, i64)>| {
         let began = Instant::now();
-        match reader.get_user_profile(1) {
+        match reader.get_user_profile(id) {
             Ok(Some(p)) => reads.push((began, p.version)),
             _ => failed += 1,
         }
@@ -170,31 +201,25 @@ fn l1_on_a_cluster_sees_writes_within_the_bound_and_a_failover_leaves_no_stale_r
         move || writes.lock().unwrap().len() >= n
     };
     let enough = written(20);
-    wait_for("writes before the kill", || {
+    wait_for("writes before the event", || {
         read(&mut reads);
         enough()
     });
     let clears = reader.engine().stats().local_clears;
-    cluster
-        .nodes
-        .iter_mut()
-        .find(|n| n.port() == master_port)
-        .unwrap()
-        .kill();
-    let killed = Instant::now();
-    cluster.take_over(replica_port);
-    wait_for("L1 cleared after the kill", || {
+    let began = Instant::now();
+    event();
+    wait_for("L1 cleared after the event", || {
         read(&mut reads);
         reader.engine().stats().local_clears > clears
     });
     let hits = reader.engine().stats().local_hits;
-    wait_for("L1 hits again after the failover", || {
+    wait_for("L1 hits again after the event", || {
         read(&mut reads);
         reader.engine().stats().local_hits > hits
     });
-    eprintln!("L1 hits again {:?} after the kill", killed.elapsed());
+    eprintln!("{what}: L1 hits again {:?} after it began", began.elapsed());
     let enough = written(writes.lock().unwrap().len() + 20);
-    wait_for("writes after the failover", || {
+    wait_for("writes after the event", || {
         read(&mut reads);
         enough()
     });
@@ -203,15 +228,15 @@ fn l1_on_a_cluster_sees_writes_within_the_bound_and_a_failover_leaves_no_stale_r
     let writes = writes.lock().unwrap();
     let stale = stale_reads(&reads, &writes, BOUND);
     eprintln!(
-        "failover: {} reads ({failed} failed), {} writes",
+        "{what}: {} reads ({failed} failed), {} writes",
         reads.len(),
         writes.len()
     );
     assert!(
         stale.is_empty(),
-        "{} stale reads: {:?}",
+        "{what}: {} stale reads: {:?}",
         stale.len(),
         &stale[..stale.len().min(5)]
     );
-    assert_eq!(failed, 0, "failed reads");
+    assert_eq!(failed, 0, "{what}: failed reads");
 }

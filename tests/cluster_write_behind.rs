@@ -483,66 +483,6 @@ fn dead_letters_of_every_slot_are_listed_and_dropped_on_a_cluster() {
     assert!(engine.write_behind_dead_letters(10).unwrap().is_empty());
 }
 
-/// Moves `slot` to another master as `redis-cli --cluster reshard` does
-/// (IMPORTING, MIGRATING, its keys moved in batches for at least `hold`,
-/// then the slot assigned everywhere). Returns the keys moved.
-fn migrate_slot(cluster: &PrivateCluster, slot: u16, hold: Duration) -> u64 {
-    let from = cluster.owner_of(slot);
-    let to = cluster
-        .nodes
-        .iter()
-        .find(|n| n.port() != from.port())
-        .unwrap();
-    let s = slot.to_string();
-    let (from_id, to_id) = (
-        from.command(&["CLUSTER", "MYID"]),
-        to.command(&["CLUSTER", "MYID"]),
-    );
-    assert_eq!(
-        to.command(&["CLUSTER", "SETSLOT", &s, "IMPORTING", &from_id]),
-        "OK"
-    );
-    assert_eq!(
-        from.command(&["CLUSTER", "SETSLOT", &s, "MIGRATING", &to_id]),
-        "OK"
-    );
-    let port = to.port().to_string();
-    let began = Instant::now();
-    let mut moved = 0;
-    loop {
-        let keys = from.command(&["CLUSTER", "GETKEYSINSLOT", &s, "1000"]);
-        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-        if !keys.is_empty() {
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(&keys);
-            let reply = from.command(&args);
-            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
-            moved += keys.len() as u64;
-        } else if began.elapsed() >= hold {
-            break;
-        } else {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    for node in [to, from] {
-        assert_eq!(
-            node.command(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]),
-            "OK"
-        );
-    }
-    for node in cluster
-        .nodes
-        .iter()
-        .filter(|n| n.port() != from.port() && n.port() != to.port())
-    {
-        assert_eq!(
-            node.command(&["CLUSTER", "SETSLOT", &s, "NODE", &to_id]),
-            "OK"
-        );
-    }
-    moved
-}
-
 #[test]
 fn ordered_changes_survive_a_keys_slot_migrating_mid_run() {
     const USERS: i64 = 3;
@@ -615,7 +555,13 @@ fn ordered_changes_survive_a_keys_slot_migrating_mid_run() {
             assert!(Instant::now() < deadline, "the writers stalled");
             std::thread::sleep(Duration::from_millis(1));
         }
-        let moved = migrate_slot(&cluster, slot, Duration::from_secs(1));
+        let from = cluster.owner_of(slot);
+        let to = cluster
+            .nodes
+            .iter()
+            .find(|n| n.port() != from_port)
+            .unwrap();
+        let moved = cluster.migrate_slot(slot, from, to, Duration::from_secs(1));
         while enqueued.load(Ordering::Relaxed) < (USERS * CHANGES) as usize {
             assert!(Instant::now() < deadline, "the writers stalled");
             std::thread::sleep(Duration::from_millis(5));
