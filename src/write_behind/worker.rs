@@ -398,10 +398,16 @@ impl Worker {
             .filter(|i| self.streams[*i].ready)
             .collect();
         if room > 0 && now >= self.next_claim {
-            for &i in &ready {
-                if room > 0 {
-                    let names = self.streams[i].names.clone();
-                    take(self.claim(i, room)?, &names, &mut room);
+            if self.shared.streams.sharded() {
+                for (names, claimed) in self.claim_all(&ready, room)? {
+                    take(claimed, &names, &mut room);
+                }
+            } else {
+                for &i in &ready {
+                    if room > 0 {
+                        let names = self.streams[i].names.clone();
+                        take(self.claim(i, room)?, &names, &mut room);
+                    }
                 }
             }
             self.next_claim = now + self.shared.max_wait();

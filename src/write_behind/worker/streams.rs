@@ -222,6 +222,70 @@ impl Worker {
         Ok(parts.get(1).map(entries).unwrap_or_default())
     }
 
+    /// On a cluster: [`claim`](Self::claim) over every stream of `ready`,
+    /// in cluster pipelines of up to `count` streams (a round trip per node
+    /// each), each stream's share of `count` at most, so no more than
+    /// `count` entries are claimed in all.
+    pub(super) fn claim_all(
+        &mut self,
+        ready: &[usize],
+        count: usize,
+    ) -> Result<Vec<(StreamNames, Vec<RawEntry>)>> {
+        let mut claimed = Vec::new();
+        let mut room = count;
+        for window in ready.chunks(count.max(1)) {
+            if room == 0 {
+                break;
+            }
+            let window = &window[..window.len().min(room)];
+            let each = (room / window.len()).max(1);
+            let min_idle = millis(self.shared.claim_after);
+            let replies: Option<Vec<Value>> = self.engine.cache.run(|conn| {
+                let crate::redis_conn::RedisConnection::Cluster(cluster) = conn else {
+                    return Ok(None);
+                };
+                let mut pipe = redis::cluster::cluster_pipe();
+                for &i in window {
+                    let state = &self.streams[i];
+                    pipe.cmd("XAUTOCLAIM")
+                        .arg(&state.names.stream)
+                        .arg(GROUP)
+                        .arg(&self.consumer)
+                        .arg(min_idle)
+                        .arg(&state.claim_cursor)
+                        .arg("COUNT")
+                        .arg(each);
+                }
+                match pipe.query::<Vec<Value>>(cluster) {
+                    // A stream without its group: found again later.
+                    Err(err) if err.code() == Some("NOGROUP") => Ok(Some(Vec::new())),
+                    other => other.map(Some),
+                }
+            })?;
+            let Some(replies) = replies.filter(|r| r.len() == window.len()) else {
+                for &i in window {
+                    self.streams[i].ready = false;
+                }
+                continue;
+            };
+            for (&i, reply) in window.iter().zip(replies) {
+                let Value::Array(parts) = &reply else {
+                    continue;
+                };
+                self.streams[i].claim_cursor = match parts.first() {
+                    Some(Value::BulkString(cursor)) => String::from_utf8_lossy(cursor).into_owned(),
+                    _ => "0-0".into(),
+                };
+                let entries = parts.get(1).map(entries).unwrap_or_default();
+                room = room.saturating_sub(entries.len());
+                if !entries.is_empty() {
+                    claimed.push((self.streams[i].names.clone(), entries));
+                }
+            }
+        }
+        Ok(claimed)
+    }
+
     /// Claims (up to `count`, over the streams `ready`) the changes held by
     /// workers whose liveness key has expired: dead ones, found within
     /// [`LIVENESS_TTL`] of their death rather than after `claim_after`.
