@@ -507,31 +507,45 @@ impl WriteBehind {
     /// Changes enqueued (by any process) and not yet in Postgres or
     /// dead-lettered, over every stream.
     pub fn pending(&self, cache: &Cache) -> Result<u64> {
-        let mut total = 0;
-        for names in self.shared.streams.all(cache)? {
-            let len: u64 = cache.run(|conn| redis::cmd("XLEN").arg(&names.stream).query(conn))?;
-            total += len;
-        }
-        Ok(total)
+        let all = self.shared.streams.all(cache)?;
+        let streams: Vec<&str> = all.iter().map(|n| n.stream.as_str()).collect();
+        let lengths = per_stream(cache, &streams, |stream| {
+            let mut cmd = redis::cmd("XLEN");
+            cmd.arg(stream);
+            cmd
+        })?;
+        Ok(lengths
+            .iter()
+            .map(|len| redis::from_redis_value_ref::<u64>(len).unwrap_or(0))
+            .sum())
     }
 
     /// Waits until every change enqueued before this call has left its
     /// stream (committed, or dead-lettered), at most `timeout`.
     pub fn drain(&self, cache: &Cache, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let mut targets = Vec::new();
-        for names in self.shared.streams.all(cache)? {
-            if let Some(last) = edge(cache, &names.stream, "XREVRANGE", "+", "-")? {
-                targets.push((names, last));
+        let all = self.shared.streams.all(cache)?;
+        let streams: Vec<&str> = all.iter().map(|n| n.stream.as_str()).collect();
+        // Per stream, its newest entry now: drained once its oldest is past it.
+        let mut targets: Vec<(&str, StreamId)> = streams
+            .iter()
+            .zip(edges(cache, &streams, "XREVRANGE", "+", "-")?)
+            .filter_map(|(stream, last)| Some((*stream, last?)))
+            .collect();
+        loop {
+            let left: Vec<&str> = targets.iter().map(|(stream, _)| *stream).collect();
+            if left.is_empty() {
+                return Ok(());
             }
-        }
-        while let Some((names, target)) = targets.last() {
-            match edge(cache, &names.stream, "XRANGE", "-", "+")? {
-                Some(first) if first <= *target => {}
-                _ => {
-                    targets.pop();
-                    continue;
-                }
+            let firsts = edges(cache, &left, "XRANGE", "-", "+")?;
+            targets = targets
+                .into_iter()
+                .zip(firsts)
+                .filter(|((_, target), first)| first.is_some_and(|first| first <= *target))
+                .map(|(target, _)| target)
+                .collect();
+            if targets.is_empty() {
+                return Ok(());
             }
             let now = Instant::now();
             if now >= deadline {
@@ -541,23 +555,24 @@ impl WriteBehind {
             }
             std::thread::sleep(Duration::from_millis(5).min(deadline - now));
         }
-        Ok(())
     }
 
     /// The oldest `count` entries of the dead-letter stream (on a cluster,
     /// of every slot's, oldest first).
     pub fn dead_letters(&self, cache: &Cache, count: usize) -> Result<Vec<DeadLetter>> {
         let mut letters: Vec<(Option<StreamId>, DeadLetter)> = Vec::new();
-        for names in self.shared.streams.all(cache)? {
-            let reply: Value = cache.run(|conn| {
-                redis::cmd("XRANGE")
-                    .arg(&names.dead)
-                    .arg("-")
-                    .arg("+")
-                    .arg("COUNT")
-                    .arg(count.max(1))
-                    .query(conn)
-            })?;
+        let all = self.shared.streams.all(cache)?;
+        let dead: Vec<&str> = all.iter().map(|n| n.dead.as_str()).collect();
+        let replies = per_stream(cache, &dead, |stream| {
+            let mut cmd = redis::cmd("XRANGE");
+            cmd.arg(stream)
+                .arg("-")
+                .arg("+")
+                .arg("COUNT")
+                .arg(count.max(1));
+            cmd
+        })?;
+        for (names, reply) in all.iter().zip(replies) {
             letters.extend(entries(&reply).into_iter().map(|e| {
                 let text = |name: &str| {
                     e.field(name)
@@ -570,7 +585,7 @@ impl WriteBehind {
                     json: text("v"),
                     error: text("error").unwrap_or_default(),
                     attempts: text("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
-                    id: Streams::letter_id(&names, &e.id),
+                    id: Streams::letter_id(names, &e.id),
                 };
                 (StreamId::parse(&e.id), letter)
             }));
@@ -581,18 +596,52 @@ impl WriteBehind {
     }
 }
 
-/// The first (or last) entry id of `stream`.
-fn edge(cache: &Cache, stream: &str, cmd: &str, from: &str, to: &str) -> Result<Option<StreamId>> {
-    let reply: Value = cache.run(|conn| {
-        redis::cmd(cmd)
-            .arg(stream)
-            .arg(from)
-            .arg(to)
-            .arg("COUNT")
-            .arg(1)
-            .query(conn)
+/// The first (or last) entry id of each of `streams`.
+fn edges(
+    cache: &Cache,
+    streams: &[&str],
+    cmd: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<Option<StreamId>>> {
+    let replies = per_stream(cache, streams, |stream| {
+        let mut edge = redis::cmd(cmd);
+        edge.arg(stream).arg(from).arg(to).arg("COUNT").arg(1);
+        edge
     })?;
-    Ok(entries(&reply).first().and_then(|e| StreamId::parse(&e.id)))
+    Ok(replies
+        .iter()
+        .map(|reply| entries(reply).first().and_then(|e| StreamId::parse(&e.id)))
+        .collect())
+}
+
+/// `command(stream)` for each of `streams`, replies in order: on a cluster
+/// in one cluster pipeline (a round trip per node; a cluster may have a
+/// stream per slot), else one by one.
+fn per_stream(
+    cache: &Cache,
+    streams: &[&str],
+    command: impl Fn(&str) -> redis::Cmd,
+) -> Result<Vec<Value>> {
+    if streams.len() > 1 && cache.is_cluster() {
+        let replies: Option<Vec<Value>> = cache.run(|conn| {
+            let crate::redis_conn::RedisConnection::Cluster(cluster) = conn else {
+                return Ok(None);
+            };
+            let mut pipe = redis::cluster::cluster_pipe();
+            for stream in streams {
+                pipe.add_command(command(stream));
+            }
+            pipe.query(cluster).map(Some)
+        })?;
+        if let Some(replies) = replies.filter(|r| r.len() == streams.len()) {
+            return Ok(replies);
+        }
+    }
+    streams
+        .iter()
+        .map(|stream| cache.run(|conn| command(stream).query(conn)))
+        .collect()
 }
 
 impl Drop for WriteBehind {

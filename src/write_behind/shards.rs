@@ -95,7 +95,7 @@ impl Streams {
     }
 
     /// The streams of `slot` (cluster), or the one stream.
-    fn names(&self, slot: Option<u16>) -> StreamNames {
+    pub(super) fn names(&self, slot: Option<u16>) -> StreamNames {
         let base = match slot {
             Some(slot) => crate::keys::value_key(
                 &self.namespace,
@@ -144,8 +144,18 @@ impl Streams {
 
     /// Every stream of the namespace: the one, or those the registry lists.
     pub(super) fn all(&self, cache: &Cache) -> Result<Vec<StreamNames>> {
+        Ok(self
+            .slots(cache)?
+            .into_iter()
+            .map(|slot| self.names(slot))
+            .collect())
+    }
+
+    /// The slots of [`all`](Self::all) (`None`: the single server's one
+    /// stream), sorted.
+    pub(super) fn slots(&self, cache: &Cache) -> Result<Vec<Option<u16>>> {
         if !self.cluster {
-            return Ok(vec![self.names(None)]);
+            return Ok(vec![None]);
         }
         let members: Vec<String> =
             cache.run(|conn| redis::cmd("SMEMBERS").arg(&self.registry).query(conn))?;
@@ -156,7 +166,7 @@ impl Streams {
             .collect();
         slots.sort_unstable();
         slots.dedup();
-        Ok(slots.into_iter().map(|s| self.names(Some(s))).collect())
+        Ok(slots.into_iter().map(Some).collect())
     }
 
     /// A dead letter's id as callers see it: the stream id, and on a

@@ -20,17 +20,20 @@ impl Worker {
     /// Reads the list of streams again (cluster: slots get streams as
     /// keys are written), keeping what it knows of those it had.
     pub(super) fn refresh_streams(&mut self) -> Result<()> {
-        let names = self.shared.streams.all(&self.engine.cache)?;
-        let mut old = std::mem::take(&mut self.streams);
-        self.streams = names
+        let slots = self.shared.streams.slots(&self.engine.cache)?;
+        // By slot: a cluster may list thousands.
+        let mut old: HashMap<Option<u16>, StreamState> = std::mem::take(&mut self.streams)
             .into_iter()
-            .map(|names| match old.iter().position(|s| s.names == names) {
-                Some(at) => old.swap_remove(at),
-                None => StreamState {
-                    names,
+            .map(|state| (state.names.slot, state))
+            .collect();
+        self.streams = slots
+            .into_iter()
+            .map(|slot| {
+                old.remove(&slot).unwrap_or_else(|| StreamState {
+                    names: self.shared.streams.names(slot),
                     ready: false,
                     claim_cursor: "0-0".into(),
-                },
+                })
             })
             .collect();
         Ok(())
