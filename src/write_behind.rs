@@ -544,16 +544,24 @@ impl WriteBehind {
                 .filter(|((_, target), first)| first.is_some_and(|first| first <= *target))
                 .map(|(target, _)| target)
                 .collect();
-            if targets.is_empty() {
+            // Wait on one stream (a round trip a look), then look at all
+            // that remain again (in one pipeline): most have drained too.
+            let Some(&(stream, target)) = targets.first() else {
                 return Ok(());
+            };
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::timeout(
+                        "waiting for write-behind changes to reach Postgres",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5).min(deadline - now));
+                match edges(cache, &[stream], "XRANGE", "-", "+")?.first() {
+                    Some(Some(first)) if *first <= target => {}
+                    _ => break,
+                }
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::timeout(
-                    "waiting for write-behind changes to reach Postgres",
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(5).min(deadline - now));
         }
     }
 

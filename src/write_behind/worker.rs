@@ -292,7 +292,8 @@ impl Worker {
             conn: None,
             streams: Vec::new(),
             next_refresh: now,
-            read_from: 0,
+            // Workers start their sweeps apart.
+            read_from: fastrand::usize(..1 << 16),
             held: Vec::new(),
             next_claim: now,
             next_dead_check: now,
@@ -428,15 +429,24 @@ impl Worker {
         } else if room > 0 {
             // A stream per slot: up to `room` of them polled at once (one
             // round trip per node), from a rotating start, so the entries
-            // read stay within `room` and every stream gets its turn.
-            let take = ready.len().min(room);
-            let window: Vec<usize> = (0..take)
-                .map(|n| ready[(self.read_from + n) % ready.len()])
-                .collect();
-            self.read_from = (self.read_from + take) % ready.len();
-            for (i, read) in self.poll(&window, room / take)? {
-                let names = self.streams[i].names.clone();
-                sort(&self.shared, read, &names, &mut batch, &mut poison);
+            // read stay within `room` and every stream gets its turn. A
+            // window that held nothing (another worker just read it) moves
+            // on to the next, until one sweep of all.
+            let mut swept = 0;
+            while swept < ready.len() {
+                let take = (ready.len() - swept).min(room);
+                let window: Vec<usize> = (0..take)
+                    .map(|n| ready[(self.read_from + n) % ready.len()])
+                    .collect();
+                self.read_from = (self.read_from + take) % ready.len();
+                swept += take;
+                for (i, read) in self.poll(&window, room / take)? {
+                    let names = self.streams[i].names.clone();
+                    sort(&self.shared, read, &names, &mut batch, &mut poison);
+                }
+                if !batch.is_empty() || !poison.is_empty() {
+                    break;
+                }
             }
             if batch.is_empty() && poison.is_empty() {
                 self.sleep(self.idle_wait(now).min(POLL_IDLE));
