@@ -2070,7 +2070,9 @@ enum cacheaside_status cacheaside_subscribe(const struct cacheaside_client *clie
  * namespace itself is matched literally). `channel` in the callback is the
  * channel a message was published to, without the namespace.
  *
- * Returns, owns and promises as `cacheaside_subscribe()`.
+ * Returns, owns and promises as `cacheaside_subscribe()`; on a Redis
+ * Cluster, whose pub/sub is sharded and has no patterns,
+ * `CACHEASIDE_INVALID_ARGUMENT`.
  *
  * # Safety
  * As `cacheaside_subscribe()`, with `pattern` for `channel`.

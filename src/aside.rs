@@ -115,7 +115,7 @@ impl CacheAside {
         let tracker = engine
             .near
             .clone()
-            .map(|near| Tracker::start(near, engine.cache.clone(), config.cache_timeout));
+            .map(|near| Tracker::start(near, engine.cache.clone(), config));
         let inspector = (!config.inspect_every.is_zero())
             .then(|| {
                 crate::inspect::Inspector::start(
@@ -1282,8 +1282,10 @@ impl CacheAside {
 
     /// The oldest `count` entries of the dead-letter stream: changes the
     /// workers gave up on, with the error that made them. They stay there
-    /// until removed (with `XDEL` on the stream
-    /// `{namespace}{write_behind}:dead`).
+    /// until removed ([`drop_dead_letters`](Self::drop_dead_letters), or
+    /// `XDEL` on the stream `{namespace}{write_behind}:dead`). On a Redis
+    /// Cluster each slot has its own dead-letter stream: this lists the
+    /// oldest of all of them, and each id ends with `@<slot>`.
     ///
     /// # Errors
     /// Cache errors and timeouts.
@@ -1337,7 +1339,9 @@ impl CacheAside {
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for an id that is not a stream entry
-    /// id (nothing is removed then); cache errors and timeouts.
+    /// id (on a Redis Cluster, one with its `@<slot>`, as
+    /// [`write_behind_dead_letters`](Self::write_behind_dead_letters) gives
+    /// it; nothing is removed then); cache errors and timeouts.
     pub fn drop_dead_letters(&self, ids: &[&str]) -> Result<u64> {
         self.inner
             .write_behind

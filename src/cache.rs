@@ -365,6 +365,31 @@ impl Cache {
         Ok(conn)
     }
 
+    /// A Redis Cluster's slot ranges and the address of each one's master
+    /// (`CLUSTER SLOTS`), sorted: `(first slot, last slot, host, port)`.
+    pub(crate) fn slot_map(&self) -> Result<Vec<(u16, u16, String, u16)>> {
+        let ranges: Vec<Vec<redis::Value>> =
+            self.run(|conn| redis::cmd("CLUSTER").arg("SLOTS").query(conn))?;
+        let mut map = Vec::new();
+        for range in ranges {
+            // [start, end, [host, port, id, ...], replicas...]
+            let bound = |at: usize| match range.get(at) {
+                Some(redis::Value::Int(n)) => u16::try_from(*n).ok(),
+                _ => None,
+            };
+            if let (Some(start), Some(end), Some(redis::Value::Array(node))) =
+                (bound(0), bound(1), range.get(2))
+                && let [host, redis::Value::Int(port), ..] = node.as_slice()
+                && let Ok(host) = redis::from_redis_value_ref::<String>(host)
+                && let Ok(port) = u16::try_from(*port)
+            {
+                map.push((start, end, host, port));
+            }
+        }
+        map.sort();
+        Ok(map)
+    }
+
     /// Connections open now (idle or in use).
     pub fn open_connections(&self) -> u32 {
         self.pool.open_connections()

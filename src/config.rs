@@ -679,14 +679,6 @@ impl Config {
     /// Checks the settings that must fit together.
     fn validate_together(&self) -> Result<()> {
         let ms = |d: Duration| d.as_millis();
-        if self.local_cache.is_on() && self.is_redis_cluster() {
-            // Broadcast tracking is per node: one tracker connection would
-            // hear of the changes of its own node's slots only.
-            return Err(Error::invalid_argument(
-                "the near cache (local_cache) does not support Redis Cluster yet \
-                 (see docs/cluster.md)",
-            ));
-        }
         if self.database_ca_file.is_some() && !self.database_url_requires_tls() {
             // Redis refuses the equivalent (a CA file with a redis:// URL
             // is never used either); here it would connect in plaintext.
@@ -1063,7 +1055,7 @@ mod tests {
     }
 
     #[test]
-    fn the_near_cache_is_refused_on_a_cluster() {
+    fn the_near_cache_is_accepted_on_a_cluster() {
         let mut c = Config {
             local_cache: LocalCache::new(1000, Duration::from_secs(1)),
             ..Config::default()
@@ -1071,8 +1063,7 @@ mod tests {
         assert!(c.validate().is_ok());
         c.set_redis_cluster(&["redis://a:1", "redis://b:2"])
             .unwrap();
-        let err = c.validate().unwrap_err();
-        assert!(err.to_string().contains("Redis Cluster"), "{err}");
+        assert!(c.validate().is_ok());
     }
 
     #[test]

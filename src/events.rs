@@ -26,6 +26,16 @@
 //!   timeout, during a keepalive `PING`.) Dropping it from inside its own
 //!   callback is safe.
 //!
+//! On a Redis Cluster pub/sub is sharded (Redis 7's `SPUBLISH` and
+//! `SSUBSCRIBE`): a channel lives in the slot of its name, a message goes to
+//! that slot's master and its subscribers only (classic `PUBLISH` is
+//! carried to every node), and a subscription holds one connection per
+//! slot among its channels, to the slot's master. When that connection
+//! breaks, or the server unsubscribes it because the slot moved (a
+//! migration, a failover), it finds the slot's master again, subscribes
+//! there and reports the gap, as above. Order holds per channel. Patterns
+//! do not exist in sharded pub/sub: `psubscribe` is refused on a cluster.
+//!
 //! Channel names are stored under the namespace, fenced by braces the way
 //! keys are: `publish("orders", ..)` with namespace `app:` publishes to the
 //! Redis channel `app:{orders}`, and a subscriber sees `orders` again.
@@ -44,14 +54,13 @@ use std::sync::mpsc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
-use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
-use redis::{Connection, PubSub};
+use parking_lot::Mutex;
+use redis::{Connection, PubSub, PushInfo, PushKind, Value};
 
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
-use crate::keys::{escape_glob, validate_name};
-use crate::redis_conn::RedisConnection;
+use crate::keys::{escape_glob, slot_of_tag, validate_name};
 
 /// How often a subscription's thread wakes up, when no message arrives, to
 /// see whether it was asked to stop.
@@ -92,11 +101,9 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub struct Events {
     cache: Cache,
     redis: redis::Client,
-    /// On a Redis Cluster, the node every subscription of ours connects to
-    /// (the first seed), where `PUBLISH` goes too: the cluster carries a
-    /// message to every node, but `PUBLISH` counts only the receiving
-    /// node's subscribers.
-    publish_node: Option<(String, u16)>,
+    /// On a Redis Cluster: the settings sharded subscriptions connect to
+    /// each slot's master with. `None` on a single server (classic pub/sub).
+    sharded: Option<Arc<Config>>,
     connect_timeout: Duration,
     io_timeout: Duration,
 }
@@ -138,7 +145,8 @@ pub enum Event<'a> {
 /// `Send + Sync`: it may be dropped on any thread.
 pub struct Subscription {
     shared: Arc<Shared>,
-    thread: Option<JoinHandle<()>>,
+    /// One thread (on a cluster, one per slot among its channels).
+    threads: Vec<JoinHandle<()>>,
     name: String,
 }
 
@@ -170,7 +178,21 @@ struct Setup {
     name: String,
     targets: Targets,
     namespace: String,
+    /// Sharded (cluster): the channels' slot, found anew at each connect.
+    shard: Option<Shard>,
 }
+
+/// Where a sharded subscription's channels live: one slot, whose master
+/// is looked up (`CLUSTER SLOTS`, through the pool) at each connect.
+struct Shard {
+    slot: u16,
+    cache: Cache,
+    config: Arc<Config>,
+}
+
+/// What a connection delivers besides replies: on a sharded one, the
+/// pushes Redis sends unasked (a `sunsubscribe` when the slot moved).
+type Pushes = Option<mpsc::Receiver<PushInfo>>;
 
 type Callback = Box<dyn FnMut(Event<'_>) + Send>;
 
@@ -180,10 +202,10 @@ const KEEPALIVE_AFTER: Duration = Duration::from_secs(5);
 
 impl Events {
     /// Publishing and subscribing through `cache` (for its pool and
-    /// namespace), with subscriptions connecting to `config.redis_url` (its
-    /// first node, for a Redis Cluster: the cluster carries a `PUBLISH` on
-    /// any node to the subscribers of every node), each connect and command
-    /// bounded by `config.cache_timeout`.
+    /// namespace), with subscriptions connecting to `config.redis_url` (on
+    /// a Redis Cluster, sharded: to the master of each channel's slot, with
+    /// the first node's credentials and TLS settings), each connect and
+    /// command bounded by `config.cache_timeout`.
     ///
     /// # Errors
     /// [`ErrorKind::InvalidArgument`] for a Redis URL that does not parse,
@@ -196,20 +218,12 @@ impl Events {
                  stay on the old master after a failover (see docs/cluster.md)",
             ));
         }
-        // On a Redis Cluster, subscriptions connect to the first seed node:
-        // the cluster bus carries every PUBLISH to every node.
         let node = config.redis_nodes().first().copied().unwrap_or_default();
         let redis = crate::redis_conn::single_client(config, node)?;
-        let publish_node = match redis.get_connection_info().addr() {
-            _ if !cache.is_cluster() => None,
-            redis::ConnectionAddr::Tcp(host, port) => Some((host.clone(), *port)),
-            redis::ConnectionAddr::TcpTls { host, port, .. } => Some((host.clone(), *port)),
-            _ => None,
-        };
         Ok(Events {
             cache: cache.clone(),
             redis,
-            publish_node,
+            sharded: cache.is_cluster().then(|| Arc::new(config.clone())),
             connect_timeout: config.cache_timeout,
             io_timeout: config.cache_timeout,
         })
@@ -225,21 +239,16 @@ impl Events {
     pub fn publish(&self, channel: &str, payload: impl AsRef<[u8]>) -> Result<u64> {
         validate_name("channel", channel)?;
         let channel = fenced(self.cache.namespace(), channel);
-        let mut publish = redis::cmd("PUBLISH");
+        // On a cluster, SPUBLISH goes to the master of the channel's slot
+        // (the cluster client routes it by the channel, as a key).
+        let verb = if self.sharded.is_some() {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        };
+        let mut publish = redis::cmd(verb);
         publish.arg(&channel).arg(payload.as_ref());
-        self.cache
-            .with_connection(|conn| match (conn, &self.publish_node) {
-                (RedisConnection::Cluster(cluster), Some((host, port))) => {
-                    let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
-                        host: host.clone(),
-                        port: *port,
-                    });
-                    Ok(redis::from_redis_value(
-                        cluster.route_command(&publish, route)?,
-                    )?)
-                }
-                (conn, _) => publish.query(conn),
-            })
+        self.cache.with_connection(|conn| publish.query(conn))
     }
 
     /// Subscribes to `channels` and calls `on_event` for each message, on a
@@ -279,11 +288,18 @@ impl Events {
     /// ```
     ///
     /// # Errors
-    /// As [`subscribe`](Self::subscribe).
+    /// As [`subscribe`](Self::subscribe); and [`ErrorKind::InvalidArgument`]
+    /// on a Redis Cluster, whose sharded pub/sub has no patterns.
     pub fn psubscribe<F>(&self, patterns: &[&str], on_event: F) -> Result<Subscription>
     where
         F: FnMut(Event<'_>) + Send + 'static,
     {
+        if self.sharded.is_some() {
+            return Err(Error::invalid_argument(
+                "pattern subscriptions are not supported on a Redis Cluster: its pub/sub \
+                 is sharded (SSUBSCRIBE), which has no patterns; subscribe to channels",
+            ));
+        }
         let prefix = escape_glob(self.cache.namespace());
         let targets = self.targets("channel pattern", patterns, |pattern| {
             fenced(&prefix, pattern)
@@ -315,50 +331,106 @@ impl Events {
 
     fn start(&self, targets: Targets, on_event: Callback) -> Result<Subscription> {
         let name = connection_name();
-        let setup = Setup {
+        let setup = |targets: Targets, shard: Option<Shard>| Setup {
             redis: self.redis.clone(),
             connect_timeout: self.connect_timeout,
             io_timeout: self.io_timeout,
             name: name.clone(),
             targets,
             namespace: self.cache.namespace().to_owned(),
+            shard,
         };
         let shared = Arc::new(Shared {
             stop: AtomicBool::new(false),
         });
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let thread = thread::Builder::new()
-            .name("cacheaside-subscription".to_owned())
-            .spawn({
-                let shared = Arc::clone(&shared);
-                move || run(&setup, &shared, on_event, ready_tx)
-            })
-            .map_err(|e| {
-                Error::new(ErrorKind::Cache, "could not start a subscription thread").with_source(e)
-            })?;
         let mut subscription = Subscription {
-            shared,
-            thread: Some(thread),
-            name,
+            shared: Arc::clone(&shared),
+            threads: Vec::new(),
+            name: name.clone(),
         };
-        // The thread's first connect and subscribe are bounded by these
-        // timeouts; the margin is for a slow scheduler.
-        let deadline = self.connect_timeout + self.io_timeout * 3 + Duration::from_secs(5);
-        match ready_rx.recv_timeout(deadline) {
-            Ok(Ok(())) => Ok(subscription),
-            Ok(Err(err)) => Err(err),
-            Err(mpsc::RecvTimeoutError::Timeout) => {
-                // Stop it without waiting for it: it is stuck somewhere.
-                subscription.shared.stop.store(true, Ordering::SeqCst);
-                subscription.thread.take();
-                Err(Error::timeout("subscribing"))
+        // What each thread runs: on a cluster one per slot, calling the one
+        // callback in turn.
+        let mut plans: Vec<(Setup, Callback)> = Vec::new();
+        match (&self.sharded, targets) {
+            (Some(config), Targets::Channels(channels)) => {
+                let mut by_slot: Vec<(u16, Vec<String>)> = Vec::new();
+                for channel in channels {
+                    let slot = slot_of_tag(unfenced(self.cache.namespace(), &channel));
+                    match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+                        Some((_, group)) => group.push(channel),
+                        None => by_slot.push((slot, vec![channel])),
+                    }
+                }
+                let on_event = Arc::new(Mutex::new(on_event));
+                for (slot, channels) in by_slot {
+                    let shard = Shard {
+                        slot,
+                        cache: self.cache.clone(),
+                        config: Arc::clone(config),
+                    };
+                    let one = setup(Targets::Channels(channels), Some(shard));
+                    plans.push((one, in_turn(&on_event, &shared)));
+                }
             }
-            Err(mpsc::RecvTimeoutError::Disconnected) => Err(Error::new(
-                ErrorKind::Panicked,
-                "the subscription thread panicked while subscribing",
-            )),
+            (_, targets) => plans.push((setup(targets, None), on_event)),
         }
+        // The first connect and subscribe of every thread are bounded by
+        // these timeouts; the margin is for a slow scheduler.
+        let deadline =
+            Instant::now() + self.connect_timeout + self.io_timeout * 4 + Duration::from_secs(5);
+        let mut readies = Vec::new();
+        for (setup, on_event) in plans {
+            let (ready_tx, ready_rx) = mpsc::sync_channel(1);
+            let thread = thread::Builder::new()
+                .name("cacheaside-subscription".to_owned())
+                .spawn({
+                    let shared = Arc::clone(&shared);
+                    move || run(&setup, &shared, on_event, ready_tx)
+                })
+                .map_err(|e| {
+                    Error::new(ErrorKind::Cache, "could not start a subscription thread")
+                        .with_source(e)
+                })?;
+            subscription.threads.push(thread);
+            readies.push(ready_rx);
+        }
+        for ready_rx in readies {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match ready_rx.recv_timeout(left) {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => return Err(err),
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    // Stop them without waiting: one is stuck somewhere.
+                    subscription.shared.stop.store(true, Ordering::SeqCst);
+                    subscription.threads.clear();
+                    return Err(Error::timeout("subscribing"));
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    return Err(Error::new(
+                        ErrorKind::Panicked,
+                        "the subscription thread panicked while subscribing",
+                    ));
+                }
+            }
+        }
+        Ok(subscription)
     }
+}
+
+/// A callback for one of a sharded subscription's threads: the shared
+/// callback, called by one thread at a time (so events never overlap);
+/// a thread waiting for its turn gives up once the subscription stops (it
+/// may be dropped from inside the callback another thread runs).
+fn in_turn(on_event: &Arc<Mutex<Callback>>, shared: &Arc<Shared>) -> Callback {
+    let (on_event, shared) = (Arc::clone(on_event), Arc::clone(shared));
+    Box::new(move |event| {
+        while !shared.stopped() {
+            if let Some(mut call) = on_event.try_lock_for(POLL_INTERVAL) {
+                call(event);
+                return;
+            }
+        }
+    })
 }
 
 impl Subscription {
@@ -373,18 +445,20 @@ impl Subscription {
 impl Drop for Subscription {
     fn drop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
-        let Some(thread) = self.thread.take() else {
-            return;
-        };
-        if thread.thread().id() == thread::current().id() {
-            // Dropped from inside its own callback: joining would wait for
-            // ourselves. The thread sees `stop` when the callback returns.
-            return;
+        for thread in &self.threads {
+            // Wake it if it is sleeping between reconnection attempts.
+            thread.thread().unpark();
         }
-        // Wake it if it is sleeping between reconnection attempts.
-        thread.thread().unpark();
-        // A panic in the callback ended the thread already; nothing to add.
-        let _ = thread.join();
+        for thread in self.threads.drain(..) {
+            if thread.thread().id() == thread::current().id() {
+                // Dropped from inside its own callback: joining would wait
+                // for ourselves. The thread sees `stop` when the callback
+                // returns.
+                continue;
+            }
+            // A panic in the callback ended the thread already.
+            let _ = thread.join();
+        }
     }
 }
 
@@ -402,7 +476,7 @@ fn run(
     // Why the last connection broke, until a gap has been reported for it.
     let mut broken: Option<Error> = None;
     while !shared.stopped() {
-        let mut conn = match setup.connect() {
+        let (mut conn, pushes) = match setup.connect() {
             Ok(conn) => conn,
             Err(err) => {
                 if let Some(ready) = ready.take() {
@@ -434,12 +508,14 @@ fn run(
             on_event(Event::Gap { cause: &cause });
         }
         let connected_at = Instant::now();
-        match setup.listen(&mut pubsub, shared, &mut on_event) {
+        match setup.listen(&mut pubsub, &pushes, shared, &mut on_event) {
             None => {
                 // Dropping `pubsub` unsubscribes and waits for Redis to
                 // confirm, so a publish after `drop(subscription)` reaches
                 // nobody; give the confirmations the full I/O timeout.
                 let _ = pubsub.set_read_timeout(Some(setup.io_timeout));
+                drop(pubsub);
+                setup.leave_shard(&mut conn);
                 return;
             }
             Some(cause) => broken = Some(cause),
@@ -456,29 +532,62 @@ fn run(
 }
 
 impl Setup {
-    /// A dedicated connection with timeouts, named for `CLIENT LIST`.
-    fn connect(&self) -> Result<Connection> {
-        let mut conn = self
-            .redis
-            .get_connection_with_timeout(self.connect_timeout)?;
+    /// A dedicated connection with timeouts, named for `CLIENT LIST`. A
+    /// sharded one goes to the master of its slot, speaks RESP3 and has
+    /// sent its `SSUBSCRIBE` (confirmed by [`subscribe`](Self::subscribe));
+    /// its pushes are copied to the receiver returned with it.
+    fn connect(&self) -> Result<(Connection, Pushes)> {
+        let client = match &self.shard {
+            Some(shard) => shard.master()?,
+            None => self.redis.clone(),
+        };
+        let mut conn = client.get_connection_with_timeout(self.connect_timeout)?;
         conn.set_write_timeout(Some(self.io_timeout))?;
         conn.set_read_timeout(Some(self.io_timeout))?;
         redis::cmd("CLIENT")
             .arg("SETNAME")
             .arg(&self.name)
             .query::<()>(&mut conn)?;
-        Ok(conn)
+        let (Some(_), Targets::Channels(channels)) = (&self.shard, &self.targets) else {
+            return Ok((conn, None));
+        };
+        let (tx, rx) = mpsc::channel();
+        conn.set_push_sender(tx);
+        let mut ssubscribe = redis::cmd("SSUBSCRIBE");
+        ssubscribe.arg(channels).set_no_response(true);
+        redis::ConnectionLike::req_command(&mut conn, &ssubscribe)?;
+        Ok((conn, Some(rx)))
     }
 
     /// Subscribes and waits for Redis to confirm (the first confirmation
-    /// means the whole command ran: Redis runs one command at a time).
+    /// means the whole command ran: Redis runs one command at a time). A
+    /// sharded connection subscribed in [`connect`](Self::connect): the
+    /// first reply after it (a confirmation, or the `PING`'s) says it ran.
     fn subscribe(&self, pubsub: &mut PubSub<'_>) -> Result<()> {
-        match &self.targets {
-            Targets::Channels(channels) => pubsub.subscribe(channels)?,
-            Targets::Patterns(patterns) => pubsub.psubscribe(patterns)?,
+        match (&self.shard, &self.targets) {
+            (Some(_), _) => {
+                pubsub.set_read_timeout(Some(self.io_timeout))?;
+                pubsub.ping::<Value>()?;
+            }
+            (None, Targets::Channels(channels)) => pubsub.subscribe(channels)?,
+            (None, Targets::Patterns(patterns)) => pubsub.psubscribe(patterns)?,
         }
         pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
         Ok(())
+    }
+
+    /// On stop, a sharded connection unsubscribes and waits for Redis to
+    /// confirm (a reply to the `PING` after it, or the confirmation), so a
+    /// publish after `drop(subscription)` reaches nobody. Best effort.
+    fn leave_shard(&self, conn: &mut Connection) {
+        let (Some(_), Targets::Channels(channels)) = (&self.shard, &self.targets) else {
+            return;
+        };
+        let mut sunsubscribe = redis::cmd("SUNSUBSCRIBE");
+        sunsubscribe.arg(channels).set_no_response(true);
+        if redis::ConnectionLike::req_command(conn, &sunsubscribe).is_ok() {
+            let _ = redis::cmd("PING").query::<Value>(conn);
+        }
     }
 
     /// Delivers messages until asked to stop (`None`) or the connection
@@ -490,6 +599,7 @@ impl Setup {
     fn listen(
         &self,
         pubsub: &mut PubSub<'_>,
+        pushes: &Pushes,
         shared: &Shared,
         on_event: &mut Callback,
     ) -> Option<Error> {
@@ -497,6 +607,18 @@ impl Setup {
         loop {
             if shared.stopped() {
                 return None;
+            }
+            if let Some(pushes) = pushes {
+                // Messages come through `get_message`; what only the copy
+                // shows is the server dropping us from the slot's channels.
+                while let Ok(push) = pushes.try_recv() {
+                    if push.kind == PushKind::SUnsubscribe {
+                        return Some(Error::new(
+                            ErrorKind::Cache,
+                            "the server unsubscribed a sharded subscription: its slot moved",
+                        ));
+                    }
+                }
             }
             match pubsub.get_message() {
                 Ok(message) => {
@@ -529,6 +651,25 @@ impl Setup {
         pubsub.ping::<redis::Value>()?;
         pubsub.set_read_timeout(Some(POLL_INTERVAL))?;
         Ok(())
+    }
+}
+
+impl Shard {
+    /// A client for the master that serves the slot now.
+    fn master(&self) -> Result<redis::Client> {
+        let map = self.cache.slot_map()?;
+        match map
+            .iter()
+            .find(|(a, b, _, _)| (*a..=*b).contains(&self.slot))
+        {
+            Some((_, _, host, port)) => {
+                crate::redis_conn::node_client(&self.config, host, *port, true)
+            }
+            None => Err(Error::new(
+                ErrorKind::Cache,
+                format!("no master serves slot {} (CLUSTER SLOTS)", self.slot),
+            )),
+        }
     }
 }
 

@@ -177,9 +177,46 @@ pub(crate) fn escape_glob(text: &str) -> String {
     out
 }
 
+/// How many hash slots a Redis Cluster has.
+pub(crate) const SLOTS: u16 = 16384;
+
+/// The Redis Cluster hash slot of a key whose hash tag is `tag` (for a
+/// cache key `k`, stored at `{namespace}{k}`, the tag is `k`): CRC16
+/// (XMODEM) of the tag, modulo [`SLOTS`], as `CLUSTER KEYSLOT` computes it.
+pub(crate) fn slot_of_tag(tag: &str) -> u16 {
+    let mut crc: u16 = 0;
+    for byte in tag.bytes() {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % SLOTS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn slots_are_the_clusters() {
+        // Values from `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(slot_of_tag("123456789"), 0x31C3 % SLOTS);
+        assert_eq!(slot_of_tag("foo"), 12182);
+        assert_eq!(slot_of_tag("user:1"), 10778);
+        assert_eq!(slot_of_tag(""), 0);
+        // And as redis-rs's cluster client routes (its slot number is
+        // private: compare the slots).
+        use redis::cluster_routing::Slot;
+        for n in 0..2000 {
+            let tag = format!("write_behind:{n}");
+            assert_eq!(Slot::new(slot_of_tag(&tag)), Some(Slot::for_key(&tag)));
+        }
+    }
 
     #[test]
     fn names_are_checked() {

@@ -503,19 +503,37 @@ pub(crate) enum Verdict {
 /// [`Verdict::Apply`] at this point cannot land over a synchronous write
 /// that returned.
 pub(crate) fn still_current(cache: &Cache, changes: &[(Keys, u64)]) -> Result<Vec<Verdict>> {
-    let replies: Vec<i64> = cache.run(|conn| {
-        let mut pipe = redis::pipe();
-        pipe.cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(&SCRIPTS.still_current_code)
-            .ignore();
-        for (keys, seq) in changes {
-            let mut call = SCRIPTS.still_current.key(&keys.pending);
-            call.key(&keys.writers).arg(seq);
-            pipe.invoke_script(&call);
-        }
-        pipe.query(conn)
-    })?;
+    let call = |keys: &Keys, seq: u64| {
+        let mut call = SCRIPTS.still_current.key(&keys.pending);
+        call.key(&keys.writers).arg(seq);
+        call
+    };
+    let replies: Vec<i64> = if cache.is_cluster() {
+        // The keys live in many slots, and a plain pipeline would go to one
+        // node.
+        let calls: Vec<(Vec<&str>, Vec<String>)> = changes
+            .iter()
+            .map(|(keys, seq)| {
+                (
+                    vec![keys.pending.as_str(), keys.writers.as_str()],
+                    vec![seq.to_string()],
+                )
+            })
+            .collect();
+        cluster_calls(cache, &SCRIPTS.still_current, &calls)?
+    } else {
+        cache.run(|conn| {
+            let mut pipe = redis::pipe();
+            pipe.cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(&SCRIPTS.still_current_code)
+                .ignore();
+            for (keys, seq) in changes {
+                pipe.invoke_script(&call(keys, *seq));
+            }
+            pipe.query(conn)
+        })?
+    };
     if replies.len() != changes.len() {
         return Err(Error::new(
             ErrorKind::Cache,
@@ -635,10 +653,10 @@ pub(crate) enum Enqueued {
 /// [`SEQ_FLOOR_TTL`]) sequence or `floor` when that is later, so it grows
 /// per key even across a clock step back or a lost counter.
 ///
-/// The one script that spans two slots (the key's and the stream's): the
-/// change must be readable if and only if it will be written, and only one
-/// script makes both true at once. Sharding the stream per slot (Redis
-/// Cluster) is where it splits.
+/// The change must be readable if and only if it will be written, and only
+/// one script makes both true at once: so the stream is in the key's slot
+/// on a Redis Cluster (one stream per slot, see `write_behind::shards`),
+/// and the script runs on one node.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn write_behind(
     cache: &Cache,
@@ -722,6 +740,28 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
         Settled::Applied => "applied",
         Settled::Dead => "dead",
     };
+    let call = |keys: &Keys, seq: u64| {
+        let mut call = SCRIPTS.settle.key(&keys.value);
+        call.key(&keys.lease).key(&keys.pending).arg(seq).arg(how);
+        call
+    };
+    if cache.is_cluster() {
+        let calls: Vec<(Vec<&str>, Vec<String>)> = changes
+            .iter()
+            .map(|(keys, seq)| {
+                (
+                    vec![
+                        keys.value.as_str(),
+                        keys.lease.as_str(),
+                        keys.pending.as_str(),
+                    ],
+                    vec![seq.to_string(), how.to_owned()],
+                )
+            })
+            .collect();
+        cluster_calls::<Value>(cache, &SCRIPTS.settle, &calls)?;
+        return Ok(());
+    }
     cache.run(|conn| {
         let mut pipe = redis::pipe();
         // Pipelined EVALSHA has no EVAL fallback: load the script first.
@@ -730,12 +770,59 @@ pub(crate) fn settle(cache: &Cache, changes: &[(Keys, u64)], how: Settled) -> Re
             .arg(&SCRIPTS.settle_code)
             .ignore();
         for (keys, seq) in changes {
-            let mut call = SCRIPTS.settle.key(&keys.value);
-            call.key(&keys.lease).key(&keys.pending).arg(seq).arg(how);
-            pipe.invoke_script(&call).ignore();
+            pipe.invoke_script(&call(keys, *seq)).ignore();
         }
         pipe.query::<()>(conn)
     })
+}
+
+/// One call of `script` per entry of `calls` (its keys, then its
+/// arguments; the keys of one call share a slot), on a Redis Cluster. They
+/// go in one cluster pipeline of `EVALSHA` (a round trip per node); if that
+/// fails (a node without the script yet, a moved slot, a dropped
+/// connection), one call at a time, which loads the script and follows
+/// redirects. So a call may run twice: every caller's script is read-only
+/// or idempotent.
+pub(crate) fn cluster_calls<T: redis::FromRedisValue>(
+    cache: &Cache,
+    script: &Script,
+    calls: &[(Vec<&str>, Vec<String>)],
+) -> Result<Vec<T>> {
+    if calls.is_empty() {
+        return Ok(Vec::new());
+    }
+    let piped: Option<Vec<T>> = cache.run(|conn| {
+        let crate::redis_conn::RedisConnection::Cluster(cluster) = conn else {
+            return Ok(None);
+        };
+        let mut pipe = redis::cluster::cluster_pipe();
+        for (keys, args) in calls {
+            pipe.cmd("EVALSHA")
+                .arg(script.get_hash())
+                .arg(keys.len())
+                .arg(keys)
+                .arg(args);
+        }
+        Ok(pipe.query::<Vec<T>>(cluster).ok())
+    })?;
+    if let Some(replies) = piped.filter(|r| r.len() == calls.len()) {
+        return Ok(replies);
+    }
+    calls
+        .iter()
+        .map(|(keys, args)| {
+            cache.run(|conn| {
+                let mut call = script.prepare_invoke();
+                for key in keys {
+                    call.key(*key);
+                }
+                for arg in args {
+                    call.arg(arg);
+                }
+                call.invoke(conn)
+            })
+        })
+        .collect()
 }
 
 /// Applies changes the relay read from the outbox, in one round trip: each

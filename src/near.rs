@@ -50,7 +50,7 @@ use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 use crate::cache::Cache;
-use crate::config::LocalCache;
+use crate::config::{Config, LocalCache};
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, Result};
 use crate::observe::{Counters, report};
@@ -371,6 +371,14 @@ impl Near {
         self.live_until.fetch_max(until, Ordering::SeqCst);
     }
 
+    /// On a cluster: every master's tracker has read back a heartbeat sent
+    /// at `oldest` or later (the oldest of their latest). Set, not raised:
+    /// the caller serializes it with [`lost`](Self::lost).
+    fn confirmed_everywhere(&self, oldest: Instant) {
+        self.live_until
+            .store(self.now(oldest + BOUND).max(1), Ordering::SeqCst);
+    }
+
     /// Entries held now (expired ones too, until evicted).
     pub(crate) fn len(&self) -> u64 {
         self.store.len() as u64
@@ -399,13 +407,17 @@ pub(crate) struct Tracker {
 }
 
 impl Tracker {
-    /// Starts tracking the keys of `cache`'s namespace for `near`.
-    pub(crate) fn start(near: Arc<Near>, cache: Cache, io_timeout: Duration) -> Tracker {
+    /// Starts tracking the keys of `cache`'s namespace for `near`; on a
+    /// Redis Cluster, on every master (reached with `config`'s
+    /// credentials), each I/O bounded by `config.cache_timeout`.
+    pub(crate) fn start(near: Arc<Near>, cache: Cache, config: &Config) -> Tracker {
+        let io_timeout = config.cache_timeout;
+        let config = cache.is_cluster().then(|| config.clone());
         let thread = {
             let near = near.clone();
             thread::Builder::new()
                 .name("cacheaside-near".into())
-                .spawn(move || track(&near, &cache, io_timeout))
+                .spawn(move || track(&near, &cache, config.as_ref(), io_timeout))
                 .ok()
         };
         if thread.is_none() {
@@ -427,14 +439,18 @@ impl Drop for Tracker {
     }
 }
 
-/// The tracker's life: sessions, with a backoff between them.
-fn track(near: &Near, cache: &Cache, io_timeout: Duration) {
+/// The tracker's life: sessions, with a backoff between them. `cluster`:
+/// the settings to reach each master with, on a Redis Cluster.
+fn track(near: &Near, cache: &Cache, cluster: Option<&Config>, io_timeout: Duration) {
     let mut backoff = FIRST_BACKOFF;
     // Said once per streak of refusals, not once per retry.
     let mut warned = false;
     while !near.stopped() {
         let mut connected = false;
-        let outcome = session(near, cache, io_timeout, &mut connected);
+        let outcome = match cluster {
+            Some(config) => masters::session(near, cache, config, io_timeout, &mut connected),
+            None => session(near, cache, io_timeout, &mut connected),
+        };
         if connected {
             near.lost();
             backoff = FIRST_BACKOFF;
@@ -471,28 +487,9 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
     let mut sub = cache.dedicated(io_timeout)?;
     let mut beat = cache.dedicated(io_timeout)?;
     let name = tracker_name();
-    redis::cmd("CLIENT")
-        .arg("SETNAME")
-        .arg(&name)
-        .query::<()>(&mut *sub)?;
-    let id: u64 = redis::cmd("CLIENT").arg("ID").query(&mut *sub)?;
-    // Tracking redirected to this very connection: if it dies, tracking
-    // and subscription die together, and we notice on the next read.
-    #[cfg(feature = "test-hooks")]
-    near.hooks.before_tracking("");
-    let mut tracking = redis::cmd("CLIENT");
-    tracking
-        .arg("TRACKING")
-        .arg("ON")
-        .arg("REDIRECT")
-        .arg(id)
-        .arg("BCAST");
-    if !cache.namespace().is_empty() {
-        tracking.arg("PREFIX").arg(cache.namespace());
-    }
-    tracking.query::<()>(&mut *sub)?;
+    let id = start_tracking(near, &mut *sub, &name, cache.namespace())?;
     let channel = format!("__cacheaside_near__:{name}");
-    // Config validation refuses L1 on a cluster.
+    // (A cluster's masters are tracked by `masters::session`.)
     let sub = sub
         .single()
         .ok_or_else(|| Error::invalid_argument("the near cache needs a single Redis server"))?;
@@ -514,37 +511,104 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
         if near.stopped() {
             return Ok(());
         }
-        let now = Instant::now();
-        if now >= next_beat {
-            seq += 1;
-            let receivers: u64 = redis::cmd("PUBLISH")
-                .arg(&channel)
-                .arg(seq)
-                .query(&mut *beat)?;
-            if receivers == 0 {
-                return Err(Error::new(
-                    crate::ErrorKind::Cache,
-                    "the tracker's subscription is gone",
-                ));
-            }
-            sent.push_back((seq, now));
-            next_beat = now + BEAT;
-        }
-        if let Some(&(_, oldest)) = sent.front()
-            && now.saturating_duration_since(oldest) > io_timeout
-        {
-            return Err(Error::timeout("near cache heartbeat"));
-        }
+        heartbeat(
+            &mut *beat,
+            &channel,
+            &mut seq,
+            &mut sent,
+            &mut next_beat,
+            io_timeout,
+        )?;
         let msg = match pubsub.get_message() {
             Ok(msg) => msg,
             Err(err) if err.is_timeout() => continue,
             Err(err) => return Err(err.into()),
         };
+        if let Some(sent) = on_message(near, &msg, &channel, &mut sent)? {
+            near.confirmed(sent);
+        }
+    }
+}
+
+/// Names `sub`, and turns on broadcast tracking of `namespace`'s keys,
+/// redirected to `sub` itself: if it dies, tracking and subscription die
+/// together, and we notice on the next read. Returns its `CLIENT ID`.
+fn start_tracking(
+    near: &Near,
+    sub: &mut dyn redis::ConnectionLike,
+    name: &str,
+    namespace: &str,
+) -> Result<u64> {
+    redis::cmd("CLIENT")
+        .arg("SETNAME")
+        .arg(name)
+        .query::<()>(sub)?;
+    let id: u64 = redis::cmd("CLIENT").arg("ID").query(sub)?;
+    #[cfg(feature = "test-hooks")]
+    near.hooks.before_tracking("");
+    #[cfg(not(feature = "test-hooks"))]
+    let _ = near;
+    let mut tracking = redis::cmd("CLIENT");
+    tracking
+        .arg("TRACKING")
+        .arg("ON")
+        .arg("REDIRECT")
+        .arg(id)
+        .arg("BCAST");
+    if !namespace.is_empty() {
+        tracking.arg("PREFIX").arg(namespace);
+    }
+    tracking.query::<()>(sub)?;
+    Ok(id)
+}
+
+/// Sends the next heartbeat on `channel` when it is due, and fails when
+/// the oldest one unanswered is older than `io_timeout`.
+fn heartbeat(
+    beat: &mut dyn redis::ConnectionLike,
+    channel: &str,
+    seq: &mut u64,
+    sent: &mut VecDeque<(u64, Instant)>,
+    next_beat: &mut Instant,
+    io_timeout: Duration,
+) -> Result<()> {
+    let now = Instant::now();
+    if now >= *next_beat {
+        *seq += 1;
+        let receivers: u64 = redis::cmd("PUBLISH").arg(channel).arg(*seq).query(beat)?;
+        if receivers == 0 {
+            return Err(Error::new(
+                crate::ErrorKind::Cache,
+                "the tracker's subscription is gone",
+            ));
+        }
+        sent.push_back((*seq, now));
+        *next_beat = now + BEAT;
+    }
+    if let Some(&(_, oldest)) = sent.front()
+        && now.saturating_duration_since(oldest) > io_timeout
+    {
+        return Err(Error::timeout("near cache heartbeat"));
+    }
+    Ok(())
+}
+
+/// Applies one message of a tracker's subscription: an invalidation, or
+/// one of its heartbeats read back; for a heartbeat, returns when it was
+/// sent (every invalidation queued before then has been applied).
+fn on_message(
+    near: &Near,
+    msg: &redis::Msg,
+    channel: &str,
+    sent: &mut VecDeque<(u64, Instant)>,
+) -> Result<Option<Instant>> {
+    let mut confirmed = None;
+    {
         let from: Vec<u8> = msg.get_channel().unwrap_or_default();
         if from == INVALIDATE.as_bytes() {
             #[cfg(feature = "test-hooks")]
             if near.ignore_invalidations.load(Ordering::SeqCst) {
-                continue;
+                return Ok(None);
             }
             match msg.get_payload::<redis::Value>() {
                 Ok(redis::Value::Array(keys)) => {
@@ -565,7 +629,7 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
                 .ok()
                 .and_then(|s| s.parse::<u64>().ok())
             else {
-                continue;
+                return Ok(None);
             };
             while let Some(&(m, at)) = sent.front() {
                 if m > n {
@@ -581,10 +645,11 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
                         "a near cache heartbeat was lost",
                     ));
                 }
-                near.confirmed(at);
+                confirmed = Some(at);
             }
         }
     }
+    Ok(confirmed)
 }
 
 /// `cacheaside-near-<pid>-<n>`: unique per tracker across processes (a
@@ -598,6 +663,8 @@ fn tracker_name() -> String {
         fastrand::u32(..)
     )
 }
+
+mod masters;
 
 #[cfg(test)]
 mod tests {

@@ -34,6 +34,42 @@ pub(crate) fn single_client(config: &Config, url: &str) -> Result<redis::Client>
     client_with(url, tls_certificates(config)?)
 }
 
+/// A client for the cluster node at `host:port`, with the first seed node's
+/// credentials and TLS settings: for a connection that must reach one node
+/// the slot map names (a sharded subscription, a near cache tracker). With
+/// `resp3`, it hears the pushes a server sends unasked (`sunsubscribe` when
+/// a slot moves).
+pub(crate) fn node_client(
+    config: &Config,
+    host: &str,
+    port: u16,
+    resp3: bool,
+) -> Result<redis::Client> {
+    let seed = config.redis_nodes().first().copied().unwrap_or_default();
+    let info = single_client(config, seed)?.get_connection_info().clone();
+    let addr = match info.addr() {
+        redis::ConnectionAddr::TcpTls { insecure, .. } => redis::ConnectionAddr::TcpTls {
+            host: host.to_owned(),
+            port,
+            insecure: *insecure,
+            tls_params: None,
+        },
+        _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+    };
+    let protocol = if resp3 {
+        redis::ProtocolVersion::RESP3
+    } else {
+        redis::ProtocolVersion::RESP2
+    };
+    let settings = info.redis_settings().clone().set_protocol(protocol);
+    let info = info.set_addr(addr).set_redis_settings(settings);
+    let client = match tls_certificates(config)? {
+        Some(certs) => redis::Client::build_with_tls(info, certs),
+        None => redis::Client::open(info),
+    };
+    client.map_err(|e| Error::invalid_argument("redis URL does not parse").with_source(e))
+}
+
 fn client_with(url: &str, certs: Option<redis::TlsCertificates>) -> Result<redis::Client> {
     let client = match certs {
         Some(certs) => redis::Client::build_with_tls(url, certs),

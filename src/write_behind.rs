@@ -50,17 +50,24 @@
 //!   at most [`Config::write_behind_batch`] entries in memory, reads with a
 //!   blocking `XREADGROUP` of at most 100 ms on a connection of its own
 //!   (so `stop` returns within that plus the batch in progress), and every
-//!   other call is bounded by the cache and database timeouts.
+//!   other call is bounded by the cache and database timeouts. (On a
+//!   cluster a worker polls the streams of every slot in turn, resting at
+//!   most 50 ms when all are empty: one `XREADGROUP` cannot name keys of
+//!   several slots.) [`Config::write_behind_max_backlog`] bounds each
+//!   stream: on a cluster, each slot's.
 //!
-//! Keys (the layout of [`crate::lease`]): the stream is
-//! `{namespace}{write_behind}:stream`, the dead-letter stream
-//! `{namespace}{write_behind}:dead`, both in the slot of the hash tag
-//! `write_behind`; the consumer group is `cacheaside`. Entries hold `k` (the
-//! key, without the namespace), `s` (the sequence number) and `v` (the
-//! value's JSON). The scripts that touch the streams alone (acknowledge,
-//! dead-letter) live here, since no cache key is involved; the ones that
-//! touch a cache key live in [`crate::lease`], and the enqueue is the one
-//! script that spans two slots (see [`crate::lease::write_behind`]).
+//! Keys (the layout of [`crate::lease`]): on a single server the stream is
+//! `{namespace}{write_behind}:stream` and the dead-letter stream
+//! `{namespace}{write_behind}:dead`. On a Redis Cluster each hash slot has
+//! its own pair, in that slot, so a key's enqueue runs on one node
+//! (`shards` has the layout and how workers find the streams); workers
+//! read, claim and dead-letter per stream, and `pending`, `drain` and the
+//! dead-letter listing cover every stream. The consumer group is
+//! `cacheaside`. Entries hold `k` (the key, without the namespace), `s`
+//! (the sequence number) and `v` (the value's JSON). The scripts that touch
+//! the streams alone (acknowledge, dead-letter) live here, since no cache
+//! key is involved; the ones that touch a cache key live in
+//! [`crate::lease`] (the enqueue is [`crate::lease::write_behind`]).
 //!
 //! Durability is Redis's: with `appendonly yes` and `appendfsync always`,
 //! an enqueued change survives a Redis crash; with `everysec` the last
@@ -187,8 +194,8 @@ pub(crate) struct WriteBehind {
 
 /// What every worker of an engine reads.
 struct Shared {
-    stream: String,
-    dead: String,
+    /// The stream (single server) or the streams per slot (cluster).
+    streams: Streams,
     /// A worker's liveness key is this followed by its consumer name.
     alive: String,
     /// Longest prefix first. Read by enqueues and by workers (who copy the
@@ -202,21 +209,6 @@ struct Shared {
     fail_safe_max: Duration,
     /// XREADGROUP's read timeout: the block plus a command's own bound.
     read_timeout: Duration,
-}
-
-/// Write-behind does not run on a Redis Cluster yet: its enqueue script
-/// writes the value key and the namespace's one stream atomically, and those
-/// lie in different hash slots (a CROSSSLOT error), and one stream would pin
-/// every change to one node. Sharding the stream by hash tag is issue 13's
-/// open part; until then it is refused up front, with this error, instead of
-/// failing change by change.
-fn refuse_cluster(cache: &Cache) -> Result<()> {
-    if cache.is_cluster() {
-        return Err(Error::invalid_argument(
-            "write-behind does not support Redis Cluster yet (see docs/cluster.md)",
-        ));
-    }
-    Ok(())
 }
 
 /// While this process's circuit breaker is open (or probing, or waiting
@@ -300,12 +292,11 @@ struct Workers {
 
 impl WriteBehind {
     pub fn new(cache: &Cache, config: &Config) -> WriteBehind {
-        let base = cache.redis_key("write_behind");
+        let streams = Streams::new(cache);
         WriteBehind {
             shared: Arc::new(Shared {
-                stream: format!("{base}:stream"),
-                dead: format!("{base}:dead"),
-                alive: format!("{base}:alive:"),
+                alive: format!("{}:alive:", streams.base()),
+                streams,
                 appliers: RwLock::new(Vec::new()),
                 max_backlog: config.write_behind_max_backlog,
                 batch: config.write_behind_batch as usize,
@@ -338,7 +329,6 @@ impl WriteBehind {
         json: Json<'_>,
         floor: u64,
     ) -> Result<u64> {
-        refuse_cluster(&engine.cache)?;
         refuse_while_bypassing(engine)?;
         let size = match json {
             Json::Whole(json) => json.len(),
@@ -373,8 +363,13 @@ impl WriteBehind {
         // followers that join after this write must not take it.
         engine.note_write(key);
         let keys = engine.cache.keys(key);
+        let names = self.shared.streams.for_key(key);
+        if let Err(err) = self.shared.streams.register(&engine.cache, key) {
+            engine.cache_failed(crate::breaker::Permit::Use, &err);
+            return Err(err);
+        }
         let stream = lease::Stream {
-            key: &self.shared.stream,
+            key: &names.stream,
             group: GROUP,
             max_backlog: self.shared.max_backlog,
         };
@@ -413,7 +408,6 @@ impl WriteBehind {
 
     /// Starts `workers` threads.
     pub fn start(&self, engine: &Engine, workers: u32) -> Result<()> {
-        refuse_cluster(&engine.cache)?;
         if workers == 0 || workers > MAX_WRITE_BEHIND_WORKERS {
             return Err(Error::invalid_argument(format!(
                 "write-behind workers must be between 1 and {MAX_WRITE_BEHIND_WORKERS}"
@@ -511,78 +505,151 @@ impl WriteBehind {
     }
 
     /// Changes enqueued (by any process) and not yet in Postgres or
-    /// dead-lettered.
+    /// dead-lettered, over every stream.
     pub fn pending(&self, cache: &Cache) -> Result<u64> {
-        cache.run(|conn| redis::cmd("XLEN").arg(&self.shared.stream).query(conn))
+        let all = self.shared.streams.all(cache)?;
+        let streams: Vec<&str> = all.iter().map(|n| n.stream.as_str()).collect();
+        let lengths = per_stream(cache, &streams, |stream| {
+            let mut cmd = redis::cmd("XLEN");
+            cmd.arg(stream);
+            cmd
+        })?;
+        Ok(lengths
+            .iter()
+            .map(|len| redis::from_redis_value_ref::<u64>(len).unwrap_or(0))
+            .sum())
     }
 
-    /// Waits until every change enqueued before this call has left the
+    /// Waits until every change enqueued before this call has left its
     /// stream (committed, or dead-lettered), at most `timeout`.
     pub fn drain(&self, cache: &Cache, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
-        let Some(target) = self.edge(cache, "XREVRANGE", "+", "-")? else {
-            return Ok(());
-        };
+        let all = self.shared.streams.all(cache)?;
+        let streams: Vec<&str> = all.iter().map(|n| n.stream.as_str()).collect();
+        // Per stream, its newest entry now: drained once its oldest is past it.
+        let mut targets: Vec<(&str, StreamId)> = streams
+            .iter()
+            .zip(edges(cache, &streams, "XREVRANGE", "+", "-")?)
+            .filter_map(|(stream, last)| Some((*stream, last?)))
+            .collect();
         loop {
-            match self.edge(cache, "XRANGE", "-", "+")? {
-                None => return Ok(()),
-                Some(first) if first > target => return Ok(()),
-                Some(_) => {}
+            let left: Vec<&str> = targets.iter().map(|(stream, _)| *stream).collect();
+            if left.is_empty() {
+                return Ok(());
             }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(Error::timeout(
-                    "waiting for write-behind changes to reach Postgres",
-                ));
+            let firsts = edges(cache, &left, "XRANGE", "-", "+")?;
+            targets = targets
+                .into_iter()
+                .zip(firsts)
+                .filter(|((_, target), first)| first.is_some_and(|first| first <= *target))
+                .map(|(target, _)| target)
+                .collect();
+            // Wait on one stream (a round trip a look), then look at all
+            // that remain again (in one pipeline): most have drained too.
+            let Some(&(stream, target)) = targets.first() else {
+                return Ok(());
+            };
+            loop {
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(Error::timeout(
+                        "waiting for write-behind changes to reach Postgres",
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(5).min(deadline - now));
+                match edges(cache, &[stream], "XRANGE", "-", "+")?.first() {
+                    Some(Some(first)) if *first <= target => {}
+                    _ => break,
+                }
             }
-            std::thread::sleep(Duration::from_millis(5).min(deadline - now));
         }
     }
 
-    /// The first (or last) entry id of the stream.
-    fn edge(&self, cache: &Cache, cmd: &str, from: &str, to: &str) -> Result<Option<StreamId>> {
-        let reply: Value = cache.run(|conn| {
-            redis::cmd(cmd)
-                .arg(&self.shared.stream)
-                .arg(from)
-                .arg(to)
-                .arg("COUNT")
-                .arg(1)
-                .query(conn)
-        })?;
-        Ok(entries(&reply).first().and_then(|e| StreamId::parse(&e.id)))
-    }
-
-    /// The oldest `count` entries of the dead-letter stream.
+    /// The oldest `count` entries of the dead-letter stream (on a cluster,
+    /// of every slot's, oldest first).
     pub fn dead_letters(&self, cache: &Cache, count: usize) -> Result<Vec<DeadLetter>> {
-        let reply: Value = cache.run(|conn| {
-            redis::cmd("XRANGE")
-                .arg(&self.shared.dead)
+        let mut letters: Vec<(Option<StreamId>, DeadLetter)> = Vec::new();
+        let all = self.shared.streams.all(cache)?;
+        let dead: Vec<&str> = all.iter().map(|n| n.dead.as_str()).collect();
+        let replies = per_stream(cache, &dead, |stream| {
+            let mut cmd = redis::cmd("XRANGE");
+            cmd.arg(stream)
                 .arg("-")
                 .arg("+")
                 .arg("COUNT")
-                .arg(count.max(1))
-                .query(conn)
+                .arg(count.max(1));
+            cmd
         })?;
-        Ok(entries(&reply)
-            .into_iter()
-            .map(|e| {
+        for (names, reply) in all.iter().zip(replies) {
+            letters.extend(entries(&reply).into_iter().map(|e| {
                 let text = |name: &str| {
                     e.field(name)
                         .map(|v| String::from_utf8_lossy(v).into_owned())
                 };
-                DeadLetter {
+                let letter = DeadLetter {
                     original_id: text("id").unwrap_or_default(),
                     key: text("k"),
                     seq: text("s").and_then(|s| s.parse().ok()),
                     json: text("v"),
                     error: text("error").unwrap_or_default(),
                     attempts: text("attempts").and_then(|a| a.parse().ok()).unwrap_or(0),
-                    id: e.id,
-                }
-            })
-            .collect())
+                    id: Streams::letter_id(names, &e.id),
+                };
+                (StreamId::parse(&e.id), letter)
+            }));
+        }
+        letters.sort_by_key(|letter| letter.0);
+        letters.truncate(count.max(1));
+        Ok(letters.into_iter().map(|(_, letter)| letter).collect())
     }
+}
+
+/// The first (or last) entry id of each of `streams`.
+fn edges(
+    cache: &Cache,
+    streams: &[&str],
+    cmd: &str,
+    from: &str,
+    to: &str,
+) -> Result<Vec<Option<StreamId>>> {
+    let replies = per_stream(cache, streams, |stream| {
+        let mut edge = redis::cmd(cmd);
+        edge.arg(stream).arg(from).arg(to).arg("COUNT").arg(1);
+        edge
+    })?;
+    Ok(replies
+        .iter()
+        .map(|reply| entries(reply).first().and_then(|e| StreamId::parse(&e.id)))
+        .collect())
+}
+
+/// `command(stream)` for each of `streams`, replies in order: on a cluster
+/// in one cluster pipeline (a round trip per node; a cluster may have a
+/// stream per slot), else one by one.
+fn per_stream(
+    cache: &Cache,
+    streams: &[&str],
+    command: impl Fn(&str) -> redis::Cmd,
+) -> Result<Vec<Value>> {
+    if streams.len() > 1 && cache.is_cluster() {
+        let replies: Option<Vec<Value>> = cache.run(|conn| {
+            let crate::redis_conn::RedisConnection::Cluster(cluster) = conn else {
+                return Ok(None);
+            };
+            let mut pipe = redis::cluster::cluster_pipe();
+            for stream in streams {
+                pipe.add_command(command(stream));
+            }
+            pipe.query(cluster).map(Some)
+        })?;
+        if let Some(replies) = replies.filter(|r| r.len() == streams.len()) {
+            return Ok(replies);
+        }
+    }
+    streams
+        .iter()
+        .map(|stream| cache.run(|conn| command(stream).query(conn)))
+        .collect()
 }
 
 impl Drop for WriteBehind {
@@ -620,5 +687,7 @@ fn find(appliers: &[(String, Applier)], key: &str) -> Option<Applier> {
 
 mod dead_letters;
 pub use dead_letters::ReplayReport;
+mod shards;
+use shards::Streams;
 mod worker;
 use worker::{StreamId, Worker, delete_liveness, entries, renew_liveness};

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use cacheaside::{Client, ErrorKind};
-use common::servers::{PrivateCluster, PrivateRedis};
+use common::servers::PrivateCluster;
 use common::{Fixture, PATIENCE, test_config};
 
 /// One cluster for the tests that run at the same time: each holds an
@@ -170,20 +170,6 @@ fn keys_that_break_the_hash_tag_are_rejected() {
 }
 
 #[test]
-fn write_behind_refuses_a_cluster_with_a_clear_error() {
-    let cluster = cluster();
-    let fx = fixture(&cluster, "cl_wb");
-    let err = fx.client.start_write_behind(1).unwrap_err();
-    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
-    assert!(err.to_string().contains("Redis Cluster"), "{err}");
-    let err = fx
-        .client
-        .update_user_plan_write_behind(1, "pro")
-        .unwrap_err();
-    assert!(err.to_string().contains("Redis Cluster"), "{err}");
-}
-
-#[test]
 fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
     let cluster = cluster();
     let fx = fixture(&cluster, "cl_events");
@@ -197,7 +183,7 @@ fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
         })
         .unwrap();
     for i in 0..20 {
-        // PUBLISH goes to the node the subscriptions use, so it counts ours.
+        // SPUBLISH goes to the master of the channel's slot, where ours is.
         assert_eq!(events.publish("orders", format!("m{i}")).unwrap(), 1);
     }
     for i in 0..20 {
@@ -206,58 +192,6 @@ fn events_reach_subscribers_and_publish_counts_them_on_a_cluster() {
             format!("m{i}").into_bytes()
         );
     }
-}
-
-/// Moves `slot` from `from` to `to` the way `redis-cli --cluster reshard`
-/// does: IMPORTING on the target, MIGRATING on the source, then MIGRATE its
-/// keys in batches for at least `hold` (keys created on the source
-/// meanwhile follow in the next batch, and clients meet ASK and TRYAGAIN
-/// all along), then the slot is assigned to the target on every node.
-fn migrate_slot(
-    cluster: &PrivateCluster,
-    slot: u16,
-    from: &PrivateRedis,
-    to: &PrivateRedis,
-    hold: Duration,
-) -> u64 {
-    let slot_arg = slot.to_string();
-    let from_id = from.command(&["CLUSTER", "MYID"]);
-    let to_id = to.command(&["CLUSTER", "MYID"]);
-    assert_eq!(
-        to.command(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]),
-        "OK"
-    );
-    assert_eq!(
-        from.command(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]),
-        "OK"
-    );
-    let port = to.port().to_string();
-    let began = Instant::now();
-    let mut moved = 0;
-    loop {
-        let keys = from.command(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "1000"]);
-        let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
-        if !keys.is_empty() {
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
-            args.extend(&keys);
-            let reply = from.command(&args);
-            assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
-            moved += keys.len() as u64;
-        } else if began.elapsed() >= hold {
-            break;
-        } else {
-            // Pacing of the scenario (the slot stays MIGRATING while the
-            // soak runs), not a wait for a result.
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-    for node in &cluster.nodes {
-        assert_eq!(
-            node.command(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]),
-            "OK"
-        );
-    }
-    moved
 }
 
 /// The stale-read soak (readers and writers on one hot row, a slow read
@@ -377,7 +311,7 @@ fn soak(migrate: bool) {
         // then run a while on its new master.
         std::thread::sleep(Duration::from_millis(500));
         let moved = if migrate {
-            migrate_slot(&cluster, slot, from, to, Duration::from_secs(2))
+            cluster.migrate_slot(slot, from, to, Duration::from_secs(2))
         } else {
             std::thread::sleep(Duration::from_secs(2));
             0

@@ -3,7 +3,8 @@
 //! 3-master cluster beside the same on the shared Redis, at 1 thread
 //! (latency) and 50 threads (throughput), as ratios cluster / single; and
 //! the correctness property that 50 threads on a cold key cost exactly one
-//! query on the cluster too.
+//! query on the cluster too. Then (`cluster_features`) the L1 hit and
+//! write-behind's throughput on the cluster against the single Redis.
 //!
 //! The cluster is the run's own: three `redis-server --cluster-enabled yes`
 //! on free loopback ports, joined by `redis-cli --cluster create`, killed by
@@ -27,6 +28,7 @@ use cacheaside::{Client, Config};
 use serde_json::{Value, json};
 
 use crate::BoxResult;
+use crate::cluster_features::{Features, WriteBehindRun};
 use crate::fixture::{Bench, USER_ID, check_profile};
 use crate::floors::Floors;
 use crate::measure::{self, Baseline, Operation, Series};
@@ -48,6 +50,8 @@ pub enum ClusterSection {
         cold_queries: Vec<u64>,
         /// From the first node's spawn to `cluster_state:ok` everywhere.
         formed_in: Duration,
+        /// L1 and write-behind on the cluster (14c-14e).
+        features: Features,
     },
 }
 
@@ -129,10 +133,14 @@ pub fn measure(bench: &Bench) -> BoxResult<ClusterSection> {
         series.extend(measure::side_by_side(&active, threads, &bench.plan)?);
         eprintln!("bench: cluster hits at {threads} thread(s) done");
     }
+    drop(ops);
+    let mut features = crate::cluster_features::measure(bench, &config)?;
+    series.append(&mut features.series);
     Ok(ClusterSection::Measured {
         series,
         cold_queries,
         formed_in,
+        features,
     })
 }
 
@@ -201,8 +209,24 @@ impl Section for ClusterSection {
             ClusterSection::Measured {
                 cold_queries,
                 formed_in,
+                features,
                 ..
             } => {
+                let (single, cluster) = (&features.wb_single, &features.wb_cluster);
+                let _ = writeln!(
+                    md,
+                    "\nWrite-behind (14d, 14e): {} changes over as many users, enqueued by 4 \
+                     threads with no worker running, then flushed by 2 workers: enqueue {:.0}/s \
+                     on the cluster against {:.0}/s on the single Redis, flush {:.0}/s against \
+                     {:.0}/s (on the cluster a stream per slot, polled by every worker). \
+                     (14c) is the L1 hit on the cluster (a tracker per master) against the L1 \
+                     hit on the single Redis.\n",
+                    cluster.changes,
+                    cluster.enqueue_per_s(),
+                    single.enqueue_per_s(),
+                    cluster.flush_per_s(),
+                    single.flush_per_s(),
+                );
                 let _ = writeln!(
                     md,
                     "A private cluster of 3 masters (no replicas) on loopback, formed in {:.1} s, \
@@ -237,6 +261,26 @@ impl Section for ClusterSection {
                 ratio("hit_cluster", 50),
                 0.90,
             ),
+            Target::at_most(
+                "cluster L1 hit (14c) latency vs single-node L1 hit, 1 thread",
+                ratio("local_hit_cluster", 1),
+                1.10,
+            ),
+            Target::at_least(
+                "cluster L1 hit (14c) throughput vs single-node L1 hit, 50 threads",
+                ratio("local_hit_cluster", 50),
+                0.90,
+            ),
+            Target::at_least(
+                "cluster write-behind enqueue (14d) throughput vs single Redis",
+                self.write_behind_ratio(WriteBehindRun::enqueue_per_s),
+                0.50,
+            ),
+            Target::at_least(
+                "cluster write-behind flush (14e) throughput vs single Redis",
+                self.write_behind_ratio(WriteBehindRun::flush_per_s),
+                0.50,
+            ),
         ]
     }
 
@@ -249,8 +293,16 @@ impl Section for ClusterSection {
                 ClusterSection::Measured {
                     cold_queries,
                     formed_in,
+                    features,
                     ..
                 } => json!({
+                    "write_behind": {
+                        "changes": features.wb_cluster.changes,
+                        "enqueue_per_s": features.wb_cluster.enqueue_per_s(),
+                        "flush_per_s": features.wb_cluster.flush_per_s(),
+                        "single_enqueue_per_s": features.wb_single.enqueue_per_s(),
+                        "single_flush_per_s": features.wb_single.flush_per_s(),
+                    },
                     "masters": 3,
                     "formed_in_s": formed_in.as_secs_f64(),
                     "cold_readers": COLD_READERS,
@@ -260,10 +312,24 @@ impl Section for ClusterSection {
                         "hit_throughput_50_threads": ratio("hit_cluster", 50),
                         "floor_latency_1_thread": ratio("floor_cluster", 1),
                         "floor_throughput_50_threads": ratio("floor_cluster", 50),
+                        "local_hit_latency_1_thread": ratio("local_hit_cluster", 1),
+                        "local_hit_throughput_50_threads": ratio("local_hit_cluster", 50),
                     },
                 }),
             },
         ))
+    }
+}
+
+impl ClusterSection {
+    /// Cluster / single of a write-behind rate.
+    fn write_behind_ratio(&self, rate: fn(&WriteBehindRun) -> f64) -> Option<f64> {
+        match self {
+            ClusterSection::Skipped(_) => None,
+            ClusterSection::Measured { features, .. } => {
+                Some(rate(&features.wb_cluster) / rate(&features.wb_single))
+            }
+        }
     }
 }
 

@@ -34,6 +34,7 @@ mod batch;
 mod c_abi;
 mod capture;
 mod cluster;
+mod cluster_features;
 mod consistency;
 mod failover;
 mod faults;

@@ -290,7 +290,11 @@ fn split_key<'a>(namespace: &str, redis_key: &'a str) -> Option<(&'a str, &'a st
 /// Keys reserved for sessions, rate limits and write-behind: not cache
 /// entries.
 fn reserved(key: &str) -> bool {
-    key.starts_with("session:") || key.starts_with("rate_limit:") || key == "write_behind"
+    // `write_behind:N`: a cluster slot's write-behind streams.
+    key.starts_with("session:")
+        || key.starts_with("rate_limit:")
+        || key == "write_behind"
+        || key.starts_with("write_behind:")
 }
 
 fn stats(engine: &CacheAside, out: &Out) -> Outcome {

@@ -203,7 +203,9 @@ pub unsafe extern "C" fn cacheaside_subscribe(
 /// namespace itself is matched literally). `channel` in the callback is the
 /// channel a message was published to, without the namespace.
 ///
-/// Returns, owns and promises as `cacheaside_subscribe()`.
+/// Returns, owns and promises as `cacheaside_subscribe()`; on a Redis
+/// Cluster, whose pub/sub is sharded and has no patterns,
+/// `CACHEASIDE_INVALID_ARGUMENT`.
 ///
 /// # Safety
 /// As `cacheaside_subscribe()`, with `pattern` for `channel`.

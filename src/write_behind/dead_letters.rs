@@ -16,9 +16,10 @@
 //!   key, a reserved key, a value that is not JSON, or was cut) is left
 //!   and reported as unreadable.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
-use super::{MAX_VALUE_BYTES, WriteBehind, refuse_cluster, refuse_while_bypassing};
+use super::{MAX_VALUE_BYTES, WriteBehind, refuse_while_bypassing};
 use crate::cache::{Cache, check_key};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
@@ -45,7 +46,6 @@ impl WriteBehind {
         count: usize,
         ttl: Duration,
     ) -> Result<ReplayReport> {
-        refuse_cluster(&engine.cache)?;
         refuse_while_bypassing(engine)?;
         let mut report = ReplayReport::default();
         for letter in self.dead_letters(&engine.cache, count)? {
@@ -74,27 +74,29 @@ impl WriteBehind {
         Ok(report)
     }
 
-    /// Removes the dead letters `ids` (stream ids, `<ms>-<n>`); returns how
-    /// many were there.
+    /// Removes the dead letters `ids` (stream ids, `<ms>-<n>`; on a
+    /// cluster `<ms>-<n>@<slot>`, as [`WriteBehind::dead_letters`] names
+    /// them); returns how many were there.
     pub fn remove_dead_letters(&self, cache: &Cache, ids: &[&str]) -> Result<u64> {
+        let mut by_stream: BTreeMap<String, Vec<String>> = BTreeMap::new();
         for id in ids {
-            let valid = id
-                .split_once('-')
-                .is_some_and(|(ms, n)| ms.parse::<u64>().is_ok() && n.parse::<u64>().is_ok());
-            if !valid {
+            let Some((names, id)) = self.shared.streams.parse_letter_id(id) else {
+                let form = if self.shared.streams.sharded() {
+                    "<milliseconds>-<sequence>@<slot>"
+                } else {
+                    "<milliseconds>-<sequence>"
+                };
                 return Err(Error::invalid_argument(format!(
-                    "{id:?} is not a stream entry id (<milliseconds>-<sequence>)"
+                    "{id:?} is not a dead letter's id ({form})"
                 )));
-            }
+            };
+            by_stream.entry(names.dead).or_default().push(id);
         }
-        if ids.is_empty() {
-            return Ok(0);
+        let mut removed = 0;
+        for (dead, ids) in by_stream {
+            removed +=
+                cache.run(|conn| redis::cmd("XDEL").arg(&dead).arg(&ids).query::<u64>(conn))?;
         }
-        cache.run(|conn| {
-            redis::cmd("XDEL")
-                .arg(&self.shared.dead)
-                .arg(ids)
-                .query(conn)
-        })
+        Ok(removed)
     }
 }

@@ -22,11 +22,18 @@ use crate::observe::report;
 use crate::pool::Conn;
 use crate::redis_conn::{RedisConnector, millis};
 
+use super::shards::{REFRESH_EVERY, StreamNames};
 use super::{
-    ACK_CHUNK, Applier, BLOCK, DEAD_CLAIM_IDLE, DEAD_LETTER_CAP, DEAD_VALUE_BYTES, GROUP,
-    LIVENESS_EVERY, LIVENESS_TTL, MAX_ENTRY_FIELDS, MAX_SEQ, MAX_VALUE_BYTES, Shared,
-    WriteBehindChange,
+    ACK_CHUNK, Applier, BLOCK, DEAD_LETTER_CAP, DEAD_VALUE_BYTES, GROUP, LIVENESS_EVERY,
+    LIVENESS_TTL, MAX_ENTRY_FIELDS, MAX_SEQ, MAX_VALUE_BYTES, Shared, WriteBehindChange,
 };
+
+mod streams;
+
+/// On a cluster a worker polls its streams (one `XREADGROUP` cannot name
+/// streams of several slots, and a blocking read of one would starve the
+/// others): when a round found nothing, it waits at most this long.
+const POLL_IDLE: Duration = Duration::from_millis(50);
 
 /// A stream entry id, `<ms>-<n>`, ordered as Redis orders them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -240,6 +247,17 @@ struct Held {
     due: Instant,
 }
 
+/// One stream as a worker reads it.
+struct StreamState {
+    names: StreamNames,
+    /// Its consumer group exists (the first enqueue creates both).
+    ready: bool,
+    claim_cursor: String,
+}
+
+/// Entries read from a stream that do not parse, with why and where from.
+type Poison = Vec<(RawEntry, String, StreamNames)>;
+
 /// One worker thread.
 pub(super) struct Worker {
     engine: Engine,
@@ -249,9 +267,14 @@ pub(super) struct Worker {
     /// The connection the blocking reads use, opened on demand and dropped
     /// after any error on it.
     conn: Option<Conn<RedisConnector>>,
-    group_ready: bool,
+    /// The namespace's streams (one on a single server), refreshed every
+    /// [`REFRESH_EVERY`].
+    streams: Vec<StreamState>,
+    next_refresh: Instant,
+    /// Where the next poll of the streams starts (cluster), so a busy
+    /// stream does not starve the others.
+    read_from: usize,
     held: Vec<Held>,
-    claim_cursor: String,
     next_claim: Instant,
     next_dead_check: Instant,
     next_touch: Instant,
@@ -267,9 +290,11 @@ impl Worker {
             engine,
             consumer: format!("worker-{}", new_token()),
             conn: None,
-            group_ready: false,
+            streams: Vec::new(),
+            next_refresh: now,
+            // Workers start their sweeps apart.
+            read_from: fastrand::usize(..1 << 16),
             held: Vec::new(),
-            claim_cursor: "0-0".into(),
             next_claim: now,
             next_dead_check: now,
             next_touch: now,
@@ -320,7 +345,21 @@ impl Worker {
     /// One round: renew claims on held changes, take the due ones, claim
     /// abandoned ones, read new ones, and flush what it has.
     fn round(&mut self) -> Result<()> {
-        if !self.group_ready && !self.ensure_group()? {
+        if Instant::now() >= self.next_refresh {
+            self.refresh_streams()?;
+            self.next_refresh = Instant::now() + REFRESH_EVERY;
+        }
+        let waiting: Vec<usize> = (0..self.streams.len())
+            .filter(|i| !self.streams[*i].ready)
+            .collect();
+        if self.shared.streams.sharded() && waiting.len() > 1 {
+            self.find_groups(&waiting)?;
+        } else {
+            for i in waiting {
+                self.ensure_group(i)?;
+            }
+        }
+        if !self.streams.iter().any(|s| s.ready) {
             // Nothing was ever enqueued in this namespace.
             self.sleep(BLOCK);
             return Ok(());
@@ -335,7 +374,7 @@ impl Worker {
             self.next_sweep = now + self.shared.claim_after * 10;
         }
         let mut batch: Vec<KeyBatch> = Vec::new();
-        let mut poison: Vec<(RawEntry, String)> = Vec::new();
+        let mut poison: Poison = Vec::new();
         let mut i = 0;
         while i < self.held.len() {
             if self.held[i].due <= now {
@@ -350,33 +389,74 @@ impl Worker {
             .saturating_sub(self.held_entries() + batch.len());
         // What this worker claimed from others joins the batch, counted.
         let counters = Arc::clone(&self.engine.counters);
-        let mut take = |claimed: Vec<RawEntry>, room: &mut usize| {
+        let shared = Arc::clone(&self.shared);
+        let mut take = |claimed: Vec<RawEntry>, from: &StreamNames, room: &mut usize| {
             counters.write_behind_claimed.add(claimed.len() as u64);
             *room = room.saturating_sub(claimed.len());
-            sort(claimed, &mut batch, &mut poison);
+            sort(&shared, claimed, from, &mut batch, &mut poison);
         };
+        let ready: Vec<usize> = (0..self.streams.len())
+            .filter(|i| self.streams[*i].ready)
+            .collect();
         if room > 0 && now >= self.next_claim {
-            take(self.claim(room)?, &mut room);
+            if self.shared.streams.sharded() {
+                for (names, claimed) in self.claim_all(&ready, room)? {
+                    take(claimed, &names, &mut room);
+                }
+            } else {
+                for &i in &ready {
+                    if room > 0 {
+                        let names = self.streams[i].names.clone();
+                        take(self.claim(i, room)?, &names, &mut room);
+                    }
+                }
+            }
             self.next_claim = now + self.shared.max_wait();
         }
         if room > 0 && now >= self.next_dead_check {
-            take(self.claim_from_dead(room)?, &mut room);
+            for (names, claimed) in self.claim_from_dead(&ready, room)? {
+                take(claimed, &names, &mut room);
+            }
             self.next_dead_check = now + LIVENESS_EVERY;
         }
-        if room > 0 {
-            let block = if batch.is_empty() && poison.is_empty() {
-                Some(self.idle_wait(now))
-            } else {
-                None
-            };
-            let read = self.read(room, block)?;
-            sort(read, &mut batch, &mut poison);
+        let idle = batch.is_empty() && poison.is_empty();
+        if room > 0 && !self.shared.streams.sharded() {
+            // One stream: a blocking read waits for the next change.
+            let block = idle.then(|| self.idle_wait(now));
+            let names = self.streams[ready[0]].names.clone();
+            let read = self.read(ready[0], room, block)?;
+            sort(&self.shared, read, &names, &mut batch, &mut poison);
+        } else if room > 0 {
+            // A stream per slot: up to `room` of them polled at once (one
+            // round trip per node), from a rotating start, so the entries
+            // read stay within `room` and every stream gets its turn. A
+            // window that held nothing (another worker just read it) moves
+            // on to the next, until one sweep of all.
+            let mut swept = 0;
+            while swept < ready.len() {
+                let take = (ready.len() - swept).min(room);
+                let window: Vec<usize> = (0..take)
+                    .map(|n| ready[(self.read_from + n) % ready.len()])
+                    .collect();
+                self.read_from = (self.read_from + take) % ready.len();
+                swept += take;
+                for (i, read) in self.poll(&window, room / take)? {
+                    let names = self.streams[i].names.clone();
+                    sort(&self.shared, read, &names, &mut batch, &mut poison);
+                }
+                if !batch.is_empty() || !poison.is_empty() {
+                    break;
+                }
+            }
+            if batch.is_empty() && poison.is_empty() {
+                self.sleep(self.idle_wait(now).min(POLL_IDLE));
+            }
         } else if batch.is_empty() {
             // Full of changes that wait for their retry.
             self.sleep(self.idle_wait(now));
         }
-        for (raw, why) in poison {
-            self.dead_letter_raw(&raw, &why, 0)?;
+        for (raw, why, names) in poison {
+            self.dead_letter_raw(&raw, &why, 0, &names)?;
         }
         if !batch.is_empty() {
             self.process(batch);
@@ -395,301 +475,6 @@ impl Worker {
         until
             .saturating_duration_since(now)
             .max(Duration::from_millis(1))
-    }
-
-    /// Creates the consumer group at the stream's start if the stream
-    /// exists; false if it does not yet (the first enqueue creates both).
-    fn ensure_group(&mut self) -> Result<bool> {
-        let stream = &self.shared.stream;
-        let exists: bool = self
-            .engine
-            .cache
-            .run(|conn| redis::cmd("EXISTS").arg(stream).query(conn))?;
-        if !exists {
-            return Ok(false);
-        }
-        self.engine.cache.run(|conn| {
-            match redis::cmd("XGROUP")
-                .arg("CREATE")
-                .arg(stream)
-                .arg(GROUP)
-                .arg("0")
-                .query::<()>(conn)
-            {
-                Err(err) if err.code() == Some("BUSYGROUP") => Ok(()),
-                other => other,
-            }
-        })?;
-        self.group_ready = true;
-        Ok(true)
-    }
-
-    /// `XREADGROUP` of up to `count` new entries, blocking up to `block`.
-    fn read(&mut self, count: usize, block: Option<Duration>) -> Result<Vec<RawEntry>> {
-        if self.conn.is_none() {
-            self.conn = Some(self.engine.cache.dedicated(self.shared.read_timeout)?);
-        }
-        let Some(conn) = self.conn.as_mut() else {
-            return Ok(Vec::new());
-        };
-        let mut cmd = redis::cmd("XREADGROUP");
-        cmd.arg("GROUP")
-            .arg(GROUP)
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count);
-        if let Some(block) = block {
-            cmd.arg("BLOCK").arg(millis(block));
-        }
-        cmd.arg("STREAMS").arg(&self.shared.stream).arg(">");
-        match cmd.query::<Value>(&mut **conn) {
-            Ok(reply) => Ok(read_entries(&reply)),
-            Err(err) if err.code() == Some("NOGROUP") => {
-                // The stream (or group) was deleted: wait for it again.
-                self.group_ready = false;
-                Ok(Vec::new())
-            }
-            Err(err) => {
-                // A lost reply leaves what it delivered pending for us; the
-                // next claims (ours or another worker's) pick it up.
-                self.conn = None;
-                Err(err.into())
-            }
-        }
-    }
-
-    /// `XAUTOCLAIM`: entries another worker (or a lost reply) left pending
-    /// for longer than `claim_after`.
-    fn claim(&mut self, count: usize) -> Result<Vec<RawEntry>> {
-        let reply: Value = self.engine.cache.run(|conn| {
-            let claimed = redis::cmd("XAUTOCLAIM")
-                .arg(&self.shared.stream)
-                .arg(GROUP)
-                .arg(&self.consumer)
-                .arg(millis(self.shared.claim_after))
-                .arg(&self.claim_cursor)
-                .arg("COUNT")
-                .arg(count)
-                .query(conn);
-            match claimed {
-                Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
-                other => other,
-            }
-        })?;
-        if reply == Value::Nil {
-            // The stream (or group) was deleted: wait for it again.
-            self.group_ready = false;
-            return Ok(Vec::new());
-        }
-        let Value::Array(parts) = &reply else {
-            return Ok(Vec::new());
-        };
-        self.claim_cursor = match parts.first() {
-            Some(Value::BulkString(cursor)) => String::from_utf8_lossy(cursor).into_owned(),
-            _ => "0-0".into(),
-        };
-        Ok(parts.get(1).map(entries).unwrap_or_default())
-    }
-
-    /// Claims (up to `count`) the changes held by workers whose liveness
-    /// key has expired: dead ones, found within [`LIVENESS_TTL`] of their
-    /// death rather than after `claim_after`.
-    fn claim_from_dead(&mut self, count: usize) -> Result<Vec<RawEntry>> {
-        let stream = &self.shared.stream;
-        let summary: Value = self.engine.cache.run(|conn| {
-            match redis::cmd("XPENDING").arg(stream).arg(GROUP).query(conn) {
-                Err(err) if err.code() == Some("NOGROUP") => Ok(Value::Nil),
-                other => other,
-            }
-        })?;
-        let others: Vec<String> = pending_consumers(&summary)
-            .into_iter()
-            .map(|(name, _)| name)
-            .filter(|name| *name != self.consumer)
-            .collect();
-        if others.is_empty() {
-            return Ok(Vec::new());
-        }
-        let alive: Vec<bool> = self.engine.cache.run(|conn| {
-            let mut pipe = redis::pipe();
-            for name in &others {
-                pipe.cmd("EXISTS")
-                    .arg(format!("{}{name}", self.shared.alive));
-            }
-            pipe.query(conn)
-        })?;
-        let mut claimed = Vec::new();
-        for (name, alive) in others.iter().zip(alive) {
-            if alive || claimed.len() >= count {
-                continue;
-            }
-            let room = count - claimed.len();
-            let held: Value = self.engine.cache.run(|conn| {
-                redis::cmd("XPENDING")
-                    .arg(stream)
-                    .arg(GROUP)
-                    .arg("-")
-                    .arg("+")
-                    .arg(room)
-                    .arg(name)
-                    .query(conn)
-            })?;
-            let ids: Vec<String> = match &held {
-                Value::Array(items) => items
-                    .iter()
-                    .filter_map(|item| match item {
-                        Value::Array(fields) => match fields.first() {
-                            Some(Value::BulkString(id)) => {
-                                Some(String::from_utf8_lossy(id).into_owned())
-                            }
-                            _ => None,
-                        },
-                        _ => None,
-                    })
-                    .collect(),
-                _ => Vec::new(),
-            };
-            if ids.is_empty() {
-                continue;
-            }
-            report!(
-                info,
-                "write-behind: worker {name} is dead (no liveness key): claiming its {} changes",
-                ids.len()
-            );
-            let reply: Value = self.engine.cache.run(|conn| {
-                redis::cmd("XCLAIM")
-                    .arg(stream)
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .arg(millis(DEAD_CLAIM_IDLE))
-                    .arg(&ids)
-                    .query(conn)
-            })?;
-            claimed.extend(entries(&reply));
-        }
-        Ok(claimed)
-    }
-
-    /// Renews this worker's claim on what it holds (so nobody claims a
-    /// change that only waits for its retry), and forgets what is no longer
-    /// pending (another worker finished it).
-    fn touch(&mut self) -> Result<()> {
-        let ids: Vec<&String> = self.held.iter().flat_map(|h| h.batch.ids()).collect();
-        let mut still: std::collections::HashSet<String> = std::collections::HashSet::new();
-        for chunk in ids.chunks(ACK_CHUNK) {
-            let claimed: Vec<String> = self.engine.cache.run(|conn| {
-                redis::cmd("XCLAIM")
-                    .arg(&self.shared.stream)
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .arg(0)
-                    .arg(chunk)
-                    .arg("JUSTID")
-                    .query(conn)
-            })?;
-            still.extend(claimed);
-        }
-        let mut done = Vec::new();
-        self.held.retain_mut(|h| {
-            h.batch.older.retain(|id| still.contains(id));
-            if still.contains(&h.batch.newest.id) {
-                true
-            } else {
-                // Written (or dead-lettered) by someone else: what is older
-                // is superseded by it.
-                done.append(&mut h.batch.older);
-                false
-            }
-        });
-        if !done.is_empty() {
-            self.ack(&done)?;
-        }
-        Ok(())
-    }
-
-    /// Deletes consumers that have nothing pending and have not read for
-    /// ten claim periods (workers of processes that died). Best effort.
-    fn sweep_consumers(&self) {
-        let idle_ms = millis(self.shared.claim_after * 10);
-        let reply: Result<Value> = self.engine.cache.run(|conn| {
-            redis::cmd("XINFO")
-                .arg("CONSUMERS")
-                .arg(&self.shared.stream)
-                .arg(GROUP)
-                .query(conn)
-        });
-        let Ok(Value::Array(consumers)) = reply else {
-            return;
-        };
-        for consumer in consumers {
-            let info: HashMap<String, Value> = match consumer {
-                Value::Array(flat) => flat
-                    .chunks(2)
-                    .filter_map(|kv| match kv {
-                        [Value::BulkString(k), v] => {
-                            Some((String::from_utf8_lossy(k).into_owned(), v.clone()))
-                        }
-                        [Value::SimpleString(k), v] => Some((k.clone(), v.clone())),
-                        _ => None,
-                    })
-                    .collect(),
-                Value::Map(pairs) => pairs
-                    .into_iter()
-                    .filter_map(|(k, v)| match k {
-                        Value::BulkString(k) => Some((String::from_utf8_lossy(&k).into_owned(), v)),
-                        Value::SimpleString(k) => Some((k, v)),
-                        _ => None,
-                    })
-                    .collect(),
-                _ => continue,
-            };
-            let (Some(Value::BulkString(name)), Some(Value::Int(pending)), Some(Value::Int(idle))) =
-                (info.get("name"), info.get("pending"), info.get("idle"))
-            else {
-                continue;
-            };
-            let name = String::from_utf8_lossy(name);
-            if *pending == 0 && *idle as u64 >= idle_ms && name != self.consumer {
-                let _ = self.engine.cache.run(|conn| {
-                    redis::cmd("XGROUP")
-                        .arg("DELCONSUMER")
-                        .arg(&self.shared.stream)
-                        .arg(GROUP)
-                        .arg(name.as_ref())
-                        .query::<i64>(conn)
-                });
-            }
-        }
-    }
-
-    /// On stop: removes this consumer from the group if it holds nothing
-    /// (what it holds stays pending for another worker to claim).
-    fn leave(&mut self) {
-        if !self.held.is_empty() || !self.group_ready {
-            return;
-        }
-        let stream = &self.shared.stream;
-        let pending: Result<Value> = self.engine.cache.run(|conn| {
-            redis::cmd("XPENDING")
-                .arg(stream)
-                .arg(GROUP)
-                .arg("-")
-                .arg("+")
-                .arg(1)
-                .arg(&self.consumer)
-                .query(conn)
-        });
-        if matches!(pending, Ok(Value::Array(ref items)) if items.is_empty()) {
-            let _ = self.engine.cache.run(|conn| {
-                redis::cmd("XGROUP")
-                    .arg("DELCONSUMER")
-                    .arg(stream)
-                    .arg(GROUP)
-                    .arg(&self.consumer)
-                    .query::<i64>(conn)
-            });
-        }
     }
 
     /// Coalesces a batch per key (folding in held changes of the same keys)
@@ -893,13 +678,9 @@ impl Worker {
             }
         }
         if !skip.is_empty() {
-            let ids: Vec<String> = skip.iter().flat_map(|kb| kb.ids().cloned()).collect();
-            match self.ack(&ids) {
-                Ok(()) => self
-                    .engine
-                    .counters
-                    .write_behind_coalesced
-                    .add(ids.len() as u64),
+            let ids: usize = skip.iter().map(KeyBatch::len).sum();
+            match self.ack_batches(&skip) {
+                Ok(()) => self.engine.counters.write_behind_coalesced.add(ids as u64),
                 Err(err) => self.wait_out(skip, &err),
             }
         }
@@ -951,8 +732,7 @@ impl Worker {
         if let Err(err) = fenced.and_then(|()| lease::settle(cache, &settles, Settled::Applied)) {
             return self.wait_out(group, &err);
         }
-        let ids: Vec<String> = group.iter().flat_map(|kb| kb.ids().cloned()).collect();
-        if let Err(err) = self.ack(&ids) {
+        if let Err(err) = self.ack_batches(&group) {
             return self.wait_out(group, &err);
         }
         let counters = &self.engine.counters;
@@ -980,15 +760,16 @@ impl Worker {
     fn dead(&mut self, kb: KeyBatch, why: &str) {
         let cache = &self.engine.cache;
         let keys = cache.keys(&kb.newest.key);
+        let names = self.shared.streams.for_key(&kb.newest.key);
         let moved = lease::settle(cache, &[(keys, kb.newest.seq)], Settled::Dead).and_then(|()| {
             let fields: Vec<(&str, Vec<u8>)> = vec![
                 ("k", kb.newest.key.as_bytes().to_vec()),
                 ("s", kb.newest.seq.to_string().into_bytes()),
                 ("v", kb.newest.json.clone()),
             ];
-            self.dead_letter(&kb.newest.id, why, kb.attempts, &fields)
+            self.dead_letter(&names, &kb.newest.id, why, kb.attempts, &fields)
         });
-        let moved = moved.and_then(|()| self.ack(&kb.older));
+        let moved = moved.and_then(|()| self.ack(&names.stream, &kb.older));
         if let Err(err) = moved {
             let due = Instant::now() + self.shared.max_wait();
             report!(
@@ -1004,7 +785,13 @@ impl Worker {
     /// `k`, `s` and `v` fields (the value cut to [`DEAD_VALUE_BYTES`]), not
     /// whatever else it holds (an entry may have been forged with thousands
     /// of fields, which would break the script).
-    fn dead_letter_raw(&self, raw: &RawEntry, why: &str, attempts: u32) -> Result<()> {
+    fn dead_letter_raw(
+        &self,
+        raw: &RawEntry,
+        why: &str,
+        attempts: u32,
+        names: &StreamNames,
+    ) -> Result<()> {
         let fields: Vec<(&str, Vec<u8>)> = ["k", "s", "v"]
             .into_iter()
             .filter_map(|name| {
@@ -1013,7 +800,7 @@ impl Worker {
             })
             .collect();
         report!(warn, "write-behind: entry {} is poison: {why}", raw.id);
-        self.dead_letter(&raw.id, why, attempts, &fields)
+        self.dead_letter(names, &raw.id, why, attempts, &fields)
     }
 
     /// The dead-letter script: acknowledges `id` and, if it was still
@@ -1021,14 +808,15 @@ impl Worker {
     /// dead-letter stream; deletes it from the stream.
     fn dead_letter(
         &self,
+        names: &StreamNames,
         id: &str,
         why: &str,
         attempts: u32,
         fields: &[(&str, Vec<u8>)],
     ) -> Result<()> {
         let moved: i64 = self.engine.cache.run(|conn| {
-            let mut call = STREAM_SCRIPTS.dead_letter.key(&self.shared.stream);
-            call.key(&self.shared.dead)
+            let mut call = STREAM_SCRIPTS.dead_letter.key(&names.stream);
+            call.key(&names.dead)
                 .arg(GROUP)
                 .arg(DEAD_LETTER_CAP)
                 .arg(id)
@@ -1045,14 +833,53 @@ impl Worker {
         Ok(())
     }
 
-    /// Acknowledges entries and deletes them from the stream, so the
-    /// stream holds exactly the changes not yet done.
-    fn ack(&self, ids: &[String]) -> Result<()> {
+    /// Acknowledges every change of `batches`, each on its key's stream.
+    fn ack_batches(&self, batches: &[KeyBatch]) -> Result<()> {
+        self.ack_keys(
+            batches
+                .iter()
+                .flat_map(|kb| kb.ids().map(|id| (kb.newest.key.as_str(), id))),
+        )
+    }
+
+    /// Acknowledges `(key, id)` pairs, grouped by the keys' streams.
+    fn ack_keys<'a>(&self, ids: impl IntoIterator<Item = (&'a str, &'a String)>) -> Result<()> {
+        let mut by_stream: HashMap<String, Vec<String>> = HashMap::new();
+        for (key, id) in ids {
+            let stream = self.shared.streams.for_key(key).stream;
+            by_stream.entry(stream).or_default().push(id.clone());
+        }
+        if self.shared.streams.sharded() {
+            // A stream per slot: every stream's acknowledgement in one
+            // cluster pipeline.
+            let calls: Vec<(Vec<&str>, Vec<String>)> = by_stream
+                .iter()
+                .flat_map(|(stream, ids)| {
+                    ids.chunks(ACK_CHUNK).map(move |chunk| {
+                        let args = std::iter::once(GROUP.to_owned())
+                            .chain(chunk.iter().cloned())
+                            .collect();
+                        (vec![stream.as_str()], args)
+                    })
+                })
+                .collect();
+            lease::cluster_calls::<i64>(&self.engine.cache, &STREAM_SCRIPTS.ack, &calls)?;
+            return Ok(());
+        }
+        for (stream, ids) in &by_stream {
+            self.ack(stream, ids)?;
+        }
+        Ok(())
+    }
+
+    /// Acknowledges entries and deletes them from `stream`, so the stream
+    /// holds exactly the changes not yet done.
+    fn ack(&self, stream: &str, ids: &[String]) -> Result<()> {
         for chunk in ids.chunks(ACK_CHUNK) {
             self.engine.cache.run(|conn| {
                 STREAM_SCRIPTS
                     .ack
-                    .key(&self.shared.stream)
+                    .key(stream)
                     .arg(GROUP)
                     .arg(chunk)
                     .invoke::<i64>(conn)
@@ -1115,12 +942,28 @@ fn pending_consumers(summary: &Value) -> Vec<(String, u64)> {
         .collect()
 }
 
-/// Sorts entries read into changes (as key batches) and poison.
-fn sort(raw: Vec<RawEntry>, batch: &mut Vec<KeyBatch>, poison: &mut Vec<(RawEntry, String)>) {
+/// Sorts entries read from the stream `from` into changes (as key batches)
+/// and poison. A change found in another stream than its key's (a forged
+/// entry, on a cluster) is poison too: its acknowledgement would go to its
+/// key's stream, and it would stay pending for ever.
+fn sort(
+    shared: &Shared,
+    raw: Vec<RawEntry>,
+    from: &StreamNames,
+    batch: &mut Vec<KeyBatch>,
+    poison: &mut Poison,
+) {
     for entry in raw {
         match Change::parse(&entry) {
-            Ok(change) => batch.push(KeyBatch::new(change)),
-            Err(why) => poison.push((entry, why)),
+            Ok(change) if shared.streams.for_key(&change.key).stream == from.stream => {
+                batch.push(KeyBatch::new(change));
+            }
+            Ok(_) => poison.push((
+                entry,
+                "unparseable: the key belongs to another slot's stream".into(),
+                from.clone(),
+            )),
+            Err(why) => poison.push((entry, why, from.clone())),
         }
     }
 }

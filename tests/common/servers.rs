@@ -566,6 +566,65 @@ impl PrivateCluster {
         assert!(promoted, "the replica at {port} was not promoted");
     }
 
+    /// Moves `slot` from `from` to `to` the way `redis-cli --cluster
+    /// reshard` does: IMPORTING on the target, MIGRATING on the source,
+    /// then MIGRATE its keys in batches for at least `hold` (keys created on
+    /// the source meanwhile follow in the next batch, and clients meet ASK
+    /// and TRYAGAIN all along), then the slot is assigned to the target on
+    /// every node. Returns how many keys it moved.
+    pub fn migrate_slot(
+        &self,
+        slot: u16,
+        from: &PrivateRedis,
+        to: &PrivateRedis,
+        hold: Duration,
+    ) -> u64 {
+        let slot_arg = slot.to_string();
+        let from_id = from.command(&["CLUSTER", "MYID"]);
+        let to_id = to.command(&["CLUSTER", "MYID"]);
+        assert_eq!(
+            to.command(&["CLUSTER", "SETSLOT", &slot_arg, "IMPORTING", &from_id]),
+            "OK"
+        );
+        assert_eq!(
+            from.command(&["CLUSTER", "SETSLOT", &slot_arg, "MIGRATING", &to_id]),
+            "OK"
+        );
+        let port = to.port().to_string();
+        let began = Instant::now();
+        let mut moved = 0;
+        loop {
+            let keys = from.command(&["CLUSTER", "GETKEYSINSLOT", &slot_arg, "1000"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if !keys.is_empty() {
+                let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+                args.extend(&keys);
+                let reply = from.command(&args);
+                assert!(reply == "OK" || reply == "NOKEY", "MIGRATE: {reply}");
+                moved += keys.len() as u64;
+            } else if began.elapsed() >= hold {
+                break;
+            } else {
+                // Pacing of the scenario (the slot stays MIGRATING while
+                // the test runs), not a wait for a result.
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        // Every master (a replica refuses SETSLOT, and follows its master).
+        for node in self.alive() {
+            if node
+                .command(&["INFO", "REPLICATION"])
+                .contains("role:master")
+            {
+                assert_eq!(
+                    node.command(&["CLUSTER", "SETSLOT", &slot_arg, "NODE", &to_id]),
+                    "OK"
+                );
+            }
+        }
+        moved
+    }
+
     /// The node that serves `slot` now.
     pub fn owner_of(&self, slot: u16) -> &PrivateRedis {
         let id = self
