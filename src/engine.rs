@@ -35,7 +35,7 @@ use crate::config::{Config, EntryOptions};
 use crate::db::Db;
 use crate::entry::{Entry, Payload, now_ms};
 use crate::error::{Error, ErrorKind, Result};
-use crate::fence::{LagWatch, Source};
+use crate::fence::LagWatch;
 use crate::keeper::{Hold, Keeper};
 use crate::lease::{self, Acquired, Claim, Keys, Ttls, new_token};
 use crate::miss_ahead::{Ahead, AheadClaim, Behind, Streak};
@@ -46,6 +46,10 @@ use crate::singleflight::{Leader, Marks, Role, SingleFlight, WaitError, Waited};
 // A loader built only on a miss, and the fill handed off behind the caller.
 mod behind;
 pub(crate) use behind::Deferred;
+// Fences of the keys a write changes, for loads from a read replica.
+mod fences;
+// Invalidation and write-through.
+mod write;
 
 /// How a read that misses the cache reaches the source.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -630,18 +634,6 @@ impl Engine {
         outcome
     }
 
-    /// Evicts `key` from L1 when the guard drops: after a write's Redis
-    /// command, on every path (errors and panics too), before the write
-    /// returns. Evicting before the Redis command would not do: a reader of
-    /// this process could put the old value back from Redis in between.
-    pub(crate) fn evict_on_return(&self, key: &str) -> Option<EvictOnReturn<'_>> {
-        let near = self.near.as_deref()?;
-        Some(EvictOnReturn {
-            near,
-            key: key.to_owned(),
-        })
-    }
-
     /// As [`note_write`](Self::note_write), for every key under `prefix`.
     pub(crate) fn note_prefix_write(&self, prefix: &str) {
         self.flights.note_write_prefix(prefix);
@@ -668,102 +660,6 @@ impl Engine {
     /// process, or one the relay read from the outbox).
     pub(crate) fn note_write(&self, key: &str) {
         self.flights.note_write(key);
-    }
-
-    pub(crate) fn invalidate(&self, key: &str) -> Result<()> {
-        self.flights.note_write(key);
-        let _evict = self.evict_on_return(key);
-        let keys = self.cache.keys(key);
-        // The fence before the lease goes: a reader that takes a lease
-        // after this must find it raised (see crate::fence).
-        self.raise_fences([(&keys, None)])
-            .and_then(|()| lease::invalidate(&self.cache, &keys))
-            .map_err(|err| self.invalidation_failed(err))
-    }
-
-    /// Records an invalidation that failed (`err`, handed back): counted,
-    /// and this process stops trusting the cache.
-    pub(crate) fn invalidation_failed(&self, err: Error) -> Error {
-        self.counters.invalidations_failed.bump();
-        self.cache_failed(Permit::Use, &err);
-        // This process must not read what may now be stale.
-        self.breaker.trip(&err);
-        err
-    }
-
-    pub(crate) fn write_through<T, F>(
-        &self,
-        key: &str,
-        ttl: Duration,
-        write: F,
-        covered: impl Fn() -> bool,
-    ) -> Result<Option<T>>
-    where
-        T: Serialize,
-        F: FnOnce() -> Result<Option<(T, u64)>>,
-    {
-        let _evict = self.evict_on_return(key);
-        let keys = self.cache.keys(key);
-        let token = new_token();
-        let writer =
-            match lease::register_writer(&self.cache, &keys, &token, self.settings.call_deadline) {
-                Ok(()) => Some(Writer {
-                    cache: &self.cache,
-                    keys: &keys,
-                    token: &token,
-                }),
-                Err(err) if covered() => {
-                    // Redis is out; the write itself can go ahead: the outbox
-                    // row it commits will invalidate the key once Redis is back.
-                    self.cache_failed(Permit::Use, &err);
-                    self.breaker.trip(&err);
-                    None
-                }
-                Err(err) => {
-                    self.cache_failed(Permit::Use, &err);
-                    return Err(err);
-                }
-            };
-        let started = Instant::now();
-        let Some((value, version)) = write()? else {
-            return Ok(None);
-        };
-        // The row changed: a flight of this key that loaded before the
-        // commit must not hand its older row to followers that join from
-        // now on. (With the cache in use they would find this write's value
-        // cached first; with the breaker open they go straight to a flight.)
-        self.flights.note_write(key);
-        #[cfg(feature = "test-hooks")]
-        self.hooks.after_write(key);
-        let Some(writer) = writer else {
-            return Ok(Some(value));
-        };
-        let json = to_json(&value)?;
-        // XFetch needs a load time: the write's, with a floor, so an entry
-        // written through is refreshed early like one that was loaded.
-        let took = started.elapsed().max(Duration::from_millis(1));
-        let raw = Entry::new(Payload::Value(&json), version, took, ttl).encode();
-        let physical = ttl.saturating_add(self.settings.defaults.fail_safe_max);
-        let written = self.raise_fences([(&keys, Some(version))]).and_then(|()| {
-            lease::write_through(&self.cache, &keys, &token, &raw, version, physical)
-        });
-        match written {
-            Ok(_) => {
-                writer.consumed();
-                Ok(Some(value))
-            }
-            Err(err) => {
-                // The write committed, and the cache may hold the row before
-                // it: remove that.
-                self.cache_failed(Permit::Use, &err);
-                drop(writer);
-                match self.invalidate(key) {
-                    Ok(()) => Ok(Some(value)),
-                    Err(_) if covered() => Ok(Some(value)),
-                    Err(err) => Err(err),
-                }
-            }
-        }
     }
 
     fn miss_plain<L: Load>(&self, bg: &Background, m: &Miss<'_>, load: L) -> Result<Answer> {
@@ -1330,19 +1226,6 @@ impl Engine {
     }
 }
 
-/// See [`Engine::evict_on_return`].
-pub(crate) struct EvictOnReturn<'a> {
-    near: &'a Near,
-    /// The caller's key (L1 is keyed by it).
-    key: String,
-}
-
-impl Drop for EvictOnReturn<'_> {
-    fn drop(&mut self) {
-        self.near.evict(&self.key);
-    }
-}
-
 /// What an early refresh reloads.
 #[derive(Clone)]
 struct Target {
@@ -1402,28 +1285,6 @@ enum Claimed {
     Busy,
 }
 
-/// Removes a write-through writer's token on every path but success
-/// (errors, panics), so tokens never pile up in the writers set.
-struct Writer<'a> {
-    cache: &'a Cache,
-    keys: &'a Keys,
-    token: &'a str,
-}
-
-impl Writer<'_> {
-    /// The write-through script removed the token.
-    fn consumed(self) {
-        std::mem::forget(self);
-    }
-}
-
-impl Drop for Writer<'_> {
-    fn drop(&mut self) {
-        // Best effort: a token left behind expires with its set.
-        let _ = lease::unregister_writer(self.cache, self.keys, self.token);
-    }
-}
-
 /// The entry a fill stores for `loaded`, and its physical TTL (the
 /// logical one plus the fail-safe period).
 pub(crate) fn fill_entry<'a>(
@@ -1461,60 +1322,4 @@ pub(crate) fn decode_value<T: DeserializeOwned>(key: &str, json: &[u8]) -> Resul
             format!("another caller loaded a different type: {why}"),
         )
     })
-}
-
-/// Fences, for loads from a read replica ([`crate::fence`]).
-impl Engine {
-    /// Raises the fences of `keys` to their committed versions (`None`:
-    /// unknown) before a write's cache step reaches them; nothing without a
-    /// replica.
-    pub(crate) fn raise_fences<'k>(
-        &self,
-        keys: impl IntoIterator<Item = (&'k Keys, Option<u64>)>,
-    ) -> Result<()> {
-        let Some(ttl) = self.settings.fence else {
-            return Ok(());
-        };
-        let fences: Vec<(&str, Option<u64>)> = keys
-            .into_iter()
-            .map(|(keys, version)| (keys.value.as_str(), version))
-            .collect();
-        match crate::fence::raise(&self.cache, &fences, ttl) {
-            // Redis answered but refused the write (out of memory): the
-            // invalidation must still go (a DEL is accepted), or the old
-            // row would stay cached, and the relay would retry for ever.
-            // No fill can land on a Redis that refuses writes either; a
-            // read around the cache may find the replica behind (the limit
-            // docs/replicas.md states).
-            Err(err) if !err.is_outage() && !err.is_timeout() => {
-                report!(warn, "a replica fence was refused: {}", err.chain());
-                Ok(())
-            }
-            raised => raised,
-        }
-    }
-
-    /// [`raise_fences`](Self::raise_fences) for changes the relay read
-    /// from the outbox, each with its captured version (none for a delete
-    /// or a table without a version column).
-    pub(crate) fn raise_captured_fences(&self, changes: &[(Keys, Option<i64>)]) -> Result<()> {
-        self.raise_fences(
-            changes
-                .iter()
-                .map(|(keys, version)| (keys, version.and_then(|v| u64::try_from(v).ok()))),
-        )
-    }
-
-    /// Where a load of `key` reads: the replica under the key's fence, or
-    /// the primary when there is no replica.
-    pub(crate) fn source(&self, key: &str) -> Source {
-        Source::new(
-            &self.db,
-            &self.cache,
-            key,
-            &self.breaker,
-            &self.counters,
-            &self.replica_lag,
-        )
-    }
 }
