@@ -192,18 +192,18 @@ impl Engine {
         let near = self.near.as_deref().filter(|_| !self.breaker.is_open());
         if let Some(near) = near {
             for item in &mut run.items {
-                if let Some(slot) = near.get(&item.value_key) {
+                if let Some(slot) = near.get(item.key) {
                     match slot.decode::<T>() {
                         Some(value) => {
                             item.done = Some(value);
                             continue;
                         }
-                        None => near.evict(&item.value_key),
+                        None => near.evict(item.key),
                     }
                 }
                 // Noted before the MGET: an invalidation from now on wins
                 // over the L1 fill below.
-                item.ticket = Some(near.ticket(&item.value_key));
+                item.ticket = Some(near.ticket(item.key));
             }
         }
         let open: Vec<usize> = (0..run.items.len())
@@ -309,6 +309,18 @@ impl Engine {
             }
             Raw::Bytes(raw) => raw,
         };
+        // An entry filled with tags (get_or_load_tagged) is checked as an
+        // untagged single-key read checks it: one of its tags invalidated
+        // makes it a miss, not even a fail-safe copy (crate::tags).
+        let tagged = crate::entry::is_tagged(&raw);
+        if tagged
+            && !matches!(
+                crate::tags::valid(&self.cache, &item.value_key, &raw, &[], &[]),
+                Ok(true)
+            )
+        {
+            return false;
+        }
         // No early refresh from a batch (beta 0): see the module docs.
         let Some(found) = self.decode::<T>(&item.value_key, &raw, 0.0) else {
             return false;
@@ -319,8 +331,10 @@ impl Engine {
         }
         if first {
             self.counters.hits.bump();
-            if let (Some(near), Some(ticket)) = (&self.near, item.ticket) {
-                near.offer(&item.value_key, ticket, &raw);
+            if let (Some(near), Some(ticket)) = (&self.near, item.ticket)
+                && !tagged
+            {
+                near.offer(item.key, ticket, &raw);
             }
         }
         item.done = Some(found.value);

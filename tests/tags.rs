@@ -639,3 +639,49 @@ fn a_follower_never_takes_a_row_whose_fill_reply_was_lost_after_invalidate_tag()
     });
     assert_eq!(engine.in_flight(), 0);
 }
+
+/// A batch read (`get_or_load_many`) names no tags, and still finds a
+/// tagged entry out of date once one of its tags is invalidated.
+#[test]
+fn a_batch_read_of_tagged_entries_honours_invalidate_tag() {
+    let fx = Fixture::new("tags_batch");
+    let engine = fx.client.engine();
+    for (key, tag) in [("product:1", "category:7"), ("product:2", "category:8")] {
+        let _: Option<String> = engine
+            .get_or_load_tagged(key, TTL, &[tag], || Ok(Some(format!("{key}@tagged"))))
+            .unwrap();
+    }
+    let loads = Mutex::new(Vec::new());
+    let batch = || -> Vec<Option<String>> {
+        engine
+            .get_or_load_many(&["product:1", "product:2"], TTL, |missing| {
+                loads
+                    .lock()
+                    .unwrap()
+                    .extend(missing.iter().map(|k| k.to_string()));
+                Ok(missing
+                    .iter()
+                    .map(|k| (k.to_string(), format!("{k}@batch")))
+                    .collect())
+            })
+            .unwrap()
+    };
+    // Both tagged entries are hits while their tags stand.
+    assert_eq!(
+        batch(),
+        [
+            Some("product:1@tagged".into()),
+            Some("product:2@tagged".into())
+        ]
+    );
+    assert!(loads.lock().unwrap().is_empty());
+    engine.invalidate_tag("category:7").unwrap();
+    assert_eq!(
+        batch(),
+        [
+            Some("product:1@batch".into()),
+            Some("product:2@tagged".into())
+        ]
+    );
+    assert_eq!(*loads.lock().unwrap(), ["product:1"]);
+}
