@@ -73,7 +73,7 @@ const USAGE: &str = "usage: bench [--quick [--plots]] [--only SECTION]
   --plots    with --quick: also draw the plots, into target/bench/ (docs/ keeps the full run's)
   --only S   measure section S alone (hits, misses, stampede, memory, faults, relay,
              steady, write_behind, near, cluster, failover, capture, consistency,
-             replica, tags, batch): for work on one section";
+             replica, tags, batch; batch also runs tags): for work on one section";
 
 /// The hidden modes: this binary run as a child process by a section.
 type ChildMode = fn(&[String]) -> BoxResult<()>;
@@ -178,7 +178,9 @@ fn run(plan: Plan, quick_plots: bool, only: Option<&str>) -> BoxResult<i32> {
     let bench = Bench::open(plan)?;
     let mut report = Report::default();
     for (name, measure) in SECTIONS {
-        if only.is_none_or(|o| o == name) {
+        // `--only batch` also runs tags (19): one page of keys, one group of
+        // entries, conditional refresh: the targets of one piece of work.
+        if only.is_none_or(|o| o == name || (o, name) == ("batch", "tags")) {
             report.add(measure(&bench)?);
         }
     }
