@@ -204,17 +204,25 @@ pub(crate) fn lookup_and_lease(
     pipe.ignore_errors()
         .add_command(redis::cmd("GET").arg(&keys.value).clone())
         .add_command(claim());
-    let (got, claimed): (Value, Value) = cache.run(|conn| {
-        let (got, claimed): (Value, Value) = pipe.query(conn)?;
-        match &claimed {
-            // A server that has not seen the script yet (a restart): load
-            // it and claim again; the same token finds what it would take.
-            Value::ServerError(err) if err.code() == "NOSCRIPT" => {
-                SCRIPTS.acquire.load(conn)?;
-                Ok((got, claim().query(conn)?))
-            }
-            _ => Ok((got, claimed)),
+    // A server that has not seen the script yet (a restart, a promoted
+    // replica) answers NOSCRIPT: as the claim's own reply on a single
+    // server, as the whole pipeline's error on a cluster (whose pipelines
+    // fail as one). Either way the claim runs once as `invoke` (EVALSHA,
+    // then EVAL, which leaves the script on the key's node), and the
+    // pipeline again; the same token finds what the first claim took.
+    let claim_by_eval =
+        |conn: &mut crate::redis_conn::RedisConnection| -> redis::RedisResult<Value> {
+            acquire_call(keys, Claim::Lease, token, ttls, now_ms).invoke(conn)
+        };
+    let (got, claimed): (Value, Value) = cache.run(|conn| match pipe.query(conn) {
+        Ok((got, Value::ServerError(err))) if err.code() == "NOSCRIPT" => {
+            Ok((got, claim_by_eval(conn)?))
         }
+        Err(err) if names_error(&err, "NOSCRIPT") => {
+            claim_by_eval(conn)?;
+            pipe.query(conn)
+        }
+        replies => replies,
     })?;
     let raw = match got {
         Value::BulkString(bytes) => Raw::Bytes(bytes),

@@ -397,3 +397,39 @@ fn unversioned_invalidations_reach_a_cluster_without_relay_errors() {
     assert_eq!(stats.relay_errors, 0, "{stats:?}");
     db.batch_execute(&format!("DROP TABLE {table}")).unwrap();
 }
+
+/// A plain read that claims its lease in its lookup's round trip (an
+/// engine whose reads mostly miss) on a master that forgot the scripts (a
+/// promoted replica, a restart; here `SCRIPT FLUSH`): a cluster pipeline
+/// fails as a whole with NOSCRIPT, and the read must load the script and
+/// go on through Redis, not go around it on every read from then on.
+#[test]
+fn a_lease_claimed_ahead_survives_a_master_without_the_scripts() {
+    let cluster = cluster();
+    let fx = fixture(&cluster, "cl_ahead_noscript");
+    let engine = fx.client.engine();
+    let mut id = 0;
+    while !engine.claims_leases_ahead() {
+        id = id % 5 + 1;
+        engine.invalidate(&Client::user_key(id)).unwrap();
+        fx.client.get_user_profile(id).unwrap().expect("seeded");
+    }
+    for node in &cluster.nodes {
+        node.command(&["SCRIPT", "FLUSH"]);
+    }
+    let before = engine.stats();
+    engine.invalidate(&Client::user_key(1)).unwrap();
+    fx.client.get_user_profile(1).unwrap().expect("seeded");
+    let queries = fx.queries();
+    fx.client.get_user_profile(1).unwrap().expect("seeded");
+    assert_eq!(
+        fx.queries(),
+        queries,
+        "the miss filled: the next read sent no statement"
+    );
+    assert_eq!(
+        engine.stats().bypassed,
+        before.bypassed,
+        "no read went around Redis"
+    );
+}
