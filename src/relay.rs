@@ -19,6 +19,10 @@
 //!   `session_replication_role = replica`. The trigger adds no `NOTIFY` to
 //!   the writer's commit: the relay polls (one cheap statement when the
 //!   database is quiet: has its snapshot moved?).
+//! - A table captured with a tag column also writes each changed row's old
+//!   and new tag (tag rows, [`tags`]): the relay replaces each tag's stamp
+//!   exactly as [`CacheAside::invalidate_tag`](crate::CacheAside::invalidate_tag)
+//!   does, skipping (and logging) a name that is no valid tag.
 //! - Nothing is skipped, whatever order transactions commit in. Outbox ids
 //!   are handed out at insert time, not at commit, so a cursor on ids alone
 //!   would step over a row whose transaction commits late. A round reads in
