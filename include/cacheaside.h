@@ -1742,6 +1742,47 @@ enum cacheaside_status cacheaside_engine_capture_changes(const struct cacheaside
                                                          const char *version_column);
 
 /**
+ * `cacheaside_engine_capture_changes()` of a table whose rows carry a tag:
+ * every insert, update or delete of a row also invalidates the tag
+ * `tag_prefix` followed by the row's `tag_column` (the tag the row had
+ * and the one it has), as `cacheaside_engine_invalidate_tag()` does. A
+ * NULL tag column is no tag; a row whose tag is not a valid tag name is
+ * skipped by the relay (logged). A `TRUNCATE` invalidates no tag.
+ * Blocks.
+ *
+ * Returns `CACHEASIDE_INVALID_ARGUMENT` as
+ * `cacheaside_engine_capture_changes()` does, and for a NULL `tag_prefix`
+ * or `tag_column`, a `tag_column` that is not an SQL identifier, or a
+ * `tag_prefix` holding `{`, `}` or control characters (it may be empty);
+ * `CACHEASIDE_DATABASE_ERROR` or `CACHEASIDE_TIMEOUT` when PostgreSQL
+ * fails.
+ *
+ * Ownership: every string is only read during the call; the caller keeps
+ * it.
+ *
+ * Row id 7 of `products`, in category 3, is key `product:7` and tag
+ * `category:3`:
+ *
+ * ```c
+ * cacheaside_engine_capture_changes_tagged(engine, "products", "product:", "id",
+ *                                          "version", "category:", "category_id");
+ * ```
+ *
+ * Thread-safe.
+ *
+ * # Safety
+ * `engine` is NULL or a live engine; each string is NULL or
+ * NUL-terminated.
+ */
+enum cacheaside_status cacheaside_engine_capture_changes_tagged(const struct cacheaside_engine *engine,
+                                                                const char *table,
+                                                                const char *key_prefix,
+                                                                const char *key_column,
+                                                                const char *version_column,
+                                                                const char *tag_prefix,
+                                                                const char *tag_column);
+
+/**
  * Starts the invalidation relay if it is not running (and the config did
  * not turn it off): for a process that reads tables another process
  * captured. `cacheaside_engine_capture_changes()` starts it too.

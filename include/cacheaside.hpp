@@ -574,6 +574,20 @@ public:
             version_column ? detail::c_str(*version_column, "version_column") : nullptr));
     }
 
+    /** capture_changes() of a table whose rows carry a tag: a write also
+     *  invalidates the tag `tag_prefix` + `tag_column` (old and new). */
+    void capture_changes_tagged(const std::string &table, const std::string &key_prefix,
+                                const std::string &key_column,
+                                const std::optional<std::string> &version_column,
+                                const std::string &tag_prefix,
+                                const std::string &tag_column) const {
+        detail::check(cacheaside_engine_capture_changes_tagged(
+            get(), detail::c_str(table, "table"), detail::c_str(key_prefix, "key_prefix"),
+            detail::c_str(key_column, "key_column"),
+            version_column ? detail::c_str(*version_column, "version_column") : nullptr,
+            detail::c_str(tag_prefix, "tag_prefix"), detail::c_str(tag_column, "tag_column")));
+    }
+
     /** Starts the invalidation relay, for tables another process captured. */
     void start_relay() const { detail::check(cacheaside_engine_start_relay(get())); }
 

@@ -901,12 +901,66 @@ impl CacheAside {
         key_column: &str,
         version_column: Option<&str>,
     ) -> Result<()> {
+        self.capture(table, key_prefix, key_column, version_column, None)
+    }
+
+    /// [`capture_changes`](Self::capture_changes) of a table whose rows
+    /// carry a tag: every insert, update or delete of a row also
+    /// invalidates the tag `tag_prefix || <tag_column>` (the one the row
+    /// had and the one it has, so an update that moves the row invalidates
+    /// both), exactly as [`invalidate_tag`](Self::invalidate_tag) does.
+    /// Tag your reads of the table's rows with the same names
+    /// ([`get_or_load_tagged`](Self::get_or_load_tagged)), and a write from
+    /// anywhere reaches every entry carrying the row's tag, whatever its
+    /// key.
+    ///
+    /// A row whose tag column is NULL has no tag; one whose tag is not a
+    /// valid tag name (`{`, `}`, a control character, over 512 bytes) is
+    /// skipped by the relay (logged). A `TRUNCATE` resets `key_prefix` only:
+    /// it invalidates no tag. Capturing the table again without a tag
+    /// column (`capture_changes`) removes the tag capture.
+    ///
+    /// ```no_run
+    /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
+    /// // product 7 in category 3: key "product:7", tag "category:3"
+    /// engine.capture_changes_tagged(
+    ///     "products", "product:", "id", Some("version"), "category:", "category_id",
+    /// )?;
+    /// # Ok::<(), cacheaside::Error>(())
+    /// ```
+    ///
+    /// # Errors
+    /// As [`capture_changes`](Self::capture_changes), and
+    /// [`ErrorKind::InvalidArgument`] for a `tag_column` that is not an SQL
+    /// identifier or a `tag_prefix` holding `{`, `}` or control characters.
+    pub fn capture_changes_tagged(
+        &self,
+        table: &str,
+        key_prefix: &str,
+        key_column: &str,
+        version_column: Option<&str>,
+        tag_prefix: &str,
+        tag_column: &str,
+    ) -> Result<()> {
+        let tag = Some((tag_prefix, tag_column));
+        self.capture(table, key_prefix, key_column, version_column, tag)
+    }
+
+    fn capture(
+        &self,
+        table: &str,
+        key_prefix: &str,
+        key_column: &str,
+        version_column: Option<&str>,
+        tag: Option<(&str, &str)>,
+    ) -> Result<()> {
         crate::relay::Outbox::new(&self.inner.config.outbox_table)?.capture(
             &self.inner.engine.db,
             table,
             key_prefix,
             key_column,
             version_column,
+            tag,
         )?;
         // Read again on the next need: this table is captured now.
         *self.inner.captured.lock() = None;

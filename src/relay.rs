@@ -19,6 +19,10 @@
 //!   `session_replication_role = replica`. The trigger adds no `NOTIFY` to
 //!   the writer's commit: the relay polls (one cheap statement when the
 //!   database is quiet: has its snapshot moved?).
+//! - A table captured with a tag column also writes each changed row's old
+//!   and new tag (tag rows, [`tags`]): the relay replaces each tag's stamp
+//!   exactly as [`CacheAside::invalidate_tag`](crate::CacheAside::invalidate_tag)
+//!   does, skipping (and logging) a name that is no valid tag.
 //! - Nothing is skipped, whatever order transactions commit in. Outbox ids
 //!   are handed out at insert time, not at commit, so a cursor on ids alone
 //!   would step over a row whose transaction commits late. A round reads in
@@ -64,11 +68,16 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex};
 use tokio_postgres::error::SqlState;
 
-use crate::config::{Config, validate_table_name};
-use crate::db::{Db, DbConn, Transaction};
+use crate::config::Config;
+use crate::db::{DbConn, Transaction};
 use crate::engine::Engine;
 use crate::error::{Error, Result};
 use crate::lease::{self, Keys};
+
+mod outbox;
+mod tags;
+
+pub(crate) use outbox::Outbox;
 
 /// How long the relay thread sleeps at most before it looks at its flags
 /// (stop, sync requests, breaker recovery).
@@ -98,254 +107,6 @@ const STANDBY_TRY: Duration = Duration::from_millis(250);
 /// How long a standby's sync waits for the leader before it tries the
 /// lease again.
 const FOLLOW_FOR: Duration = Duration::from_secs(1);
-
-/// The SQL of one outbox, built once from its validated name.
-pub(crate) struct Outbox {
-    table: String,
-    cursors: String,
-}
-
-impl Outbox {
-    pub fn new(table: &str) -> Result<Outbox> {
-        validate_table_name(table)?;
-        let cursors = format!("{table}_cursors");
-        validate_table_name(&cursors)?;
-        Ok(Outbox {
-            table: table.to_owned(),
-            cursors,
-        })
-    }
-
-    /// The `application_name` of a relay's listening connection:
-    /// `relay:<outbox>`, cut to Postgres's 63 bytes.
-    pub fn listener_name(&self) -> String {
-        let mut name = format!("relay:{}", self.table);
-        name.truncate(63);
-        name
-    }
-
-    /// The unqualified name, for objects that cannot carry a schema.
-    /// The key prefixes whose tables' changes are captured into this outbox
-    /// now (the first argument of every `cacheaside_capture` trigger that
-    /// runs this outbox's capture function), read from the catalog.
-    pub fn captured_prefixes(&self, db: &Db) -> Result<Vec<String>> {
-        let function = format!("{}_capture", self.bare());
-        let rows = db.uncounted().query(
-            "SELECT t.tgargs FROM pg_catalog.pg_trigger t
-               JOIN pg_catalog.pg_proc p ON p.oid = t.tgfoid
-              WHERE t.tgname = 'cacheaside_capture' AND p.proname = $1",
-            &[&function],
-        )?;
-        Ok(rows
-            .iter()
-            .filter_map(|row| {
-                let args: Vec<u8> = row.get(0);
-                let prefix = args.split(|&b| b == 0).next()?;
-                String::from_utf8(prefix.to_vec()).ok()
-            })
-            .collect())
-    }
-
-    fn bare(&self) -> &str {
-        self.table.rsplit('.').next().unwrap_or(&self.table)
-    }
-
-    /// Creates the outbox, its cursor table and its trigger functions, and
-    /// installs the triggers on `table`: every insert, update or delete of a
-    /// row writes `key_prefix || <key_column>` (old and new key) to the
-    /// outbox in the same transaction, with the row's version when there is
-    /// a version column; a `TRUNCATE` writes a reset of `key_prefix`. With a
-    /// version column, every update also bumps it if the writer did not, so
-    /// a write from anywhere orders correctly.
-    pub fn capture(
-        &self,
-        db: &Db,
-        table: &str,
-        key_prefix: &str,
-        key_column: &str,
-        version_column: Option<&str>,
-    ) -> Result<()> {
-        validate_table_name(table)?;
-        for column in std::iter::once(key_column).chain(version_column) {
-            if column.contains('.') {
-                return Err(Error::invalid_argument(format!(
-                    "{column:?} must be a column name, not qualified"
-                )));
-            }
-            validate_table_name(column)?;
-        }
-        crate::keys::check_tag_safe("key_prefix", key_prefix)?;
-        let prefix = quote_literal(key_prefix);
-        let (outbox, cursors, bare) = (&self.table, &self.cursors, self.bare());
-        let (schema, schema_dot) = match outbox.split_once('.') {
-            Some((schema, _)) => (
-                format!("CREATE SCHEMA IF NOT EXISTS {schema};"),
-                format!("{schema}."),
-            ),
-            None => (String::new(), String::new()),
-        };
-        let tables = format!(
-            "{schema}
-             CREATE TABLE IF NOT EXISTS {outbox} (
-                 id         bigserial PRIMARY KEY,
-                 cache_key  text NOT NULL,
-                 version    bigint,
-                 txid       xid8 NOT NULL DEFAULT pg_catalog.pg_current_xact_id(),
-                 created_at timestamptz NOT NULL DEFAULT pg_catalog.now()
-             );
-             -- A reset row: every key starting with cache_key (a TRUNCATE).
-             ALTER TABLE {outbox} ADD COLUMN IF NOT EXISTS
-                 reset boolean NOT NULL DEFAULT false;
-             -- Rounds read by (txid, id): a transaction's rows, and the
-             -- rows from a horizon on, in pages. (It replaces the index on
-             -- txid alone that earlier versions made.)
-             CREATE INDEX IF NOT EXISTS {bare}_txid_id ON {outbox} (txid, id);
-             DROP INDEX IF EXISTS {schema_dot}{bare}_txid;
-             -- Pruning goes by id: the created_at index earlier versions
-             -- made only cost writers.
-             DROP INDEX IF EXISTS {schema_dot}{bare}_created;
-             CREATE TABLE IF NOT EXISTS {cursors} (
-                 consumer   text PRIMARY KEY,
-                 horizon    xid8 NOT NULL,
-                 updated_at timestamptz NOT NULL DEFAULT pg_catalog.now()
-             );"
-        );
-        // Concurrent installs (several processes starting at once) would
-        // collide on CREATE OR REPLACE FUNCTION: serialize them.
-        db.transaction(|tx| {
-            tx.execute(
-                "SELECT pg_advisory_xact_lock(hashtext($1))",
-                &[&outbox.as_str()],
-            )?;
-            tx.batch_execute(&tables)?;
-            // The functions run as whoever writes the table, with a search
-            // path of nothing but the catalog: the outbox is named by its
-            // schema, as found now.
-            let qualified: String = tx
-                .query_opt(
-                    "SELECT pg_catalog.quote_ident(n.nspname) || '.' \
-                            || pg_catalog.quote_ident(c.relname)
-                     FROM pg_catalog.pg_class c
-                     JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-                     WHERE c.oid = $1::text::pg_catalog.regclass",
-                    &[&outbox.as_str()],
-                )?
-                .map(|row| row.get(0))
-                .ok_or_else(|| Error::invalid_argument("the outbox table was not created"))?;
-            tx.batch_execute(&self.trigger_ddl(
-                &qualified,
-                table,
-                &prefix,
-                key_column,
-                version_column,
-            ))
-        })
-    }
-
-    /// The capture functions and triggers. Both functions are `SECURITY
-    /// INVOKER` (they run as the writer, who may be a superuser running a
-    /// migration), so they trust nothing on the writer's `search_path`:
-    /// it is pinned to `pg_catalog, pg_temp` (which also resolves the
-    /// operators in the catalog, and never a temporary function), every
-    /// function is named by schema, and the outbox by `qualified`, so
-    /// neither a planted overload (`to_jsonb(<row type>)` is preferred to
-    /// the built-in `anyelement` one wherever it sits on the path) nor a
-    /// temporary table named like the outbox runs or swallows anything.
-    fn trigger_ddl(
-        &self,
-        qualified: &str,
-        table: &str,
-        prefix: &str,
-        key_column: &str,
-        version_column: Option<&str>,
-    ) -> String {
-        let outbox = &self.table;
-        let version = version_column.unwrap_or("");
-        let bump = match version_column {
-            Some(column) => format!(
-                "CREATE TRIGGER cacheaside_version BEFORE UPDATE ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION {outbox}_bump('{column}');"
-            ),
-            None => String::new(),
-        };
-        format!(
-            "-- TG_ARGV: key prefix, key column, version column ('' for none).
-             CREATE OR REPLACE FUNCTION {outbox}_capture() RETURNS trigger
-             LANGUAGE plpgsql SECURITY INVOKER
-             SET search_path = pg_catalog, pg_temp AS $fn$
-             DECLARE
-                 old_key text;
-                 new_key text;
-                 new_version bigint;
-                 new_row jsonb;
-             BEGIN
-                 IF TG_OP <> 'INSERT' THEN
-                     old_key := TG_ARGV[0] || (pg_catalog.to_jsonb(OLD) ->> TG_ARGV[1]);
-                 END IF;
-                 IF TG_OP <> 'DELETE' THEN
-                     new_row := pg_catalog.to_jsonb(NEW);
-                     new_key := TG_ARGV[0] || (new_row ->> TG_ARGV[1]);
-                     IF TG_ARGV[2] <> '' THEN
-                         new_version := (new_row ->> TG_ARGV[2])::bigint;
-                     END IF;
-                 END IF;
-                 -- A key that no longer exists is invalidated whatever is
-                 -- cached; the new key only if the cache is older.
-                 IF old_key IS DISTINCT FROM new_key AND old_key IS NOT NULL THEN
-                     INSERT INTO {qualified} (cache_key) VALUES (old_key);
-                 END IF;
-                 IF new_key IS NOT NULL THEN
-                     INSERT INTO {qualified} (cache_key, version) VALUES (new_key, new_version);
-                 END IF;
-                 RETURN NULL;
-             END
-             $fn$;
-             -- TG_ARGV: version column. Every update moves it forward: one
-             -- that left it alone (psql, another service) to at least the
-             -- clock in microseconds, the unit of write-behind's sequence
-             -- numbers, so a change enqueued before this write and flushed
-             -- after it is older by version and does not land over it.
-             CREATE OR REPLACE FUNCTION {outbox}_bump() RETURNS trigger
-             LANGUAGE plpgsql SECURITY INVOKER
-             SET search_path = pg_catalog, pg_temp AS $fn$
-             DECLARE
-                 was bigint := (pg_catalog.to_jsonb(OLD) ->> TG_ARGV[0])::bigint;
-             BEGIN
-                 IF (pg_catalog.to_jsonb(NEW) ->> TG_ARGV[0])::bigint <= was THEN
-                     NEW := pg_catalog.jsonb_populate_record(NEW,
-                         pg_catalog.jsonb_build_object(TG_ARGV[0], GREATEST(was + 1,
-                             (pg_catalog.date_part('epoch', pg_catalog.clock_timestamp()) * 1000000)::bigint)));
-                 END IF;
-                 RETURN NEW;
-             END
-             $fn$;
-             -- TG_ARGV: key prefix. A TRUNCATE resets every key under it.
-             CREATE OR REPLACE FUNCTION {outbox}_reset() RETURNS trigger
-             LANGUAGE plpgsql SECURITY INVOKER
-             SET search_path = pg_catalog, pg_temp AS $fn$
-             BEGIN
-                 INSERT INTO {qualified} (cache_key, reset) VALUES (TG_ARGV[0], true);
-                 RETURN NULL;
-             END
-             $fn$;
-             DROP TRIGGER IF EXISTS cacheaside_capture ON {table};
-             DROP TRIGGER IF EXISTS cacheaside_truncate ON {table};
-             DROP TRIGGER IF EXISTS cacheaside_version ON {table};
-             CREATE TRIGGER cacheaside_capture
-                 AFTER INSERT OR UPDATE OR DELETE ON {table}
-                 FOR EACH ROW EXECUTE FUNCTION {outbox}_capture({prefix}, '{key_column}', '{version}');
-             CREATE TRIGGER cacheaside_truncate
-                 AFTER TRUNCATE ON {table}
-                 FOR EACH STATEMENT EXECUTE FUNCTION {outbox}_reset({prefix});
-             -- Also under session_replication_role = replica (a logical
-             -- replication apply, a restore): a change the cache missed
-             -- is stale whoever made it.
-             ALTER TABLE {table} ENABLE ALWAYS TRIGGER cacheaside_capture;
-             ALTER TABLE {table} ENABLE ALWAYS TRIGGER cacheaside_truncate;
-             {bump}"
-        )
-    }
-}
 
 /// A running relay; stopping it (or dropping it) joins its thread.
 pub(crate) struct Relay {
@@ -961,7 +722,7 @@ impl Worker {
                 loop {
                     let page = tx.query(
                         &format!(
-                            "SELECT id, cache_key, txid::text AS xid, version, reset FROM {table}
+                            "SELECT id, cache_key, txid::text AS xid, version, reset, tag FROM {table}
                              WHERE id > $1 ORDER BY id LIMIT {PAGE}"
                         ),
                         &[&last_id],
@@ -1024,7 +785,7 @@ impl Worker {
         // (The text column is named `xid`: named `txid`, it would be what
         // ORDER BY sorts, as text.)
         let sql = format!(
-            "SELECT id, cache_key, txid::text AS xid, version, reset FROM {table}
+            "SELECT id, cache_key, txid::text AS xid, version, reset, tag FROM {table}
              WHERE (txid, id) > ($1::text::xid8, $2) AND txid <= $3::text::xid8 AND id <= $4
              ORDER BY txid, id LIMIT {PAGE}"
         );
@@ -1061,6 +822,7 @@ impl Worker {
                 txid: parse_xid(&row.get::<_, String>(2))?,
                 version: row.get(3),
                 reset: row.get(4),
+                tag: row.get(5),
             };
             last = Some((change.id, change.txid));
             changes.push(change);
@@ -1074,7 +836,9 @@ impl Worker {
         // Known here even when Redis is out: a load of the key in flight
         // must not hand its row to readers that came after the change.
         for change in &changes {
-            if change.reset {
+            if change.tag {
+                continue;
+            } else if change.reset {
                 self.engine.note_prefix_write(&change.key);
             } else {
                 self.engine.note_write(&change.key);
@@ -1085,7 +849,7 @@ impl Worker {
         // can insert into the outbox could name one) is not ours to delete.
         let keyed: Vec<&Change> = changes
             .iter()
-            .filter(|c| !c.reset && crate::keys::check_key(&c.key).is_ok())
+            .filter(|c| !c.reset && !c.tag && crate::keys::check_key(&c.key).is_ok())
             .collect();
         for chunk in keyed.chunks(100) {
             let batch: Vec<(Keys, Option<i64>)> = chunk
@@ -1099,6 +863,9 @@ impl Worker {
                 .relay_invalidations
                 .add(chunk.len() as u64);
         }
+        let tagged = changes.iter().filter(|c| c.tag).map(|c| c.key.as_str());
+        let invalidated = tags::apply(cache, tagged)?;
+        self.engine.counters.relay_invalidations.add(invalidated);
         resets.extend(changes.into_iter().filter(|c| c.reset).map(|c| c.key));
         Ok(last)
     }
@@ -1257,6 +1024,8 @@ struct Change {
     version: Option<i64>,
     /// `key` is a prefix: every key under it changed (a `TRUNCATE`).
     reset: bool,
+    /// `key` is a tag: its entries changed.
+    tag: bool,
 }
 
 /// True for the Redis key of a cache entry of `namespace`: a value
@@ -1278,20 +1047,6 @@ fn is_cache_entry(namespace: &str, redis_key: &str) -> bool {
     };
     matches!(suffix, "" | ":lease" | ":lock" | ":writers" | ":floor")
         && crate::keys::check_key(key).is_ok()
-}
-
-/// `text` as an SQL string literal, as Postgres's `quote_literal` makes
-/// it: quotes doubled, and with a backslash an `E'…'` literal with the
-/// backslashes doubled, which reads the same whatever
-/// `standard_conforming_strings` says (a plain `'…'` literal reads `\'`
-/// as an escaped quote when it is off: SQL injection through a prefix).
-fn quote_literal(text: &str) -> String {
-    let quoted = text.replace('\'', "''");
-    if text.contains('\\') {
-        format!("E'{}'", quoted.replace('\\', "\\\\"))
-    } else {
-        format!("'{quoted}'")
-    }
 }
 
 fn parse_xid(text: &str) -> Result<u64> {
@@ -1384,12 +1139,5 @@ mod tests {
         assert!(!snap(25, &[13]).covers(&snap(20, &[12])));
         // 19 had ended earlier; the later snapshot does not reach it.
         assert!(!snap(19, &[]).covers(&snap(20, &[])));
-    }
-
-    #[test]
-    fn quote_literal_escapes_as_postgres_does() {
-        assert_eq!(quote_literal("user:"), "'user:'");
-        assert_eq!(quote_literal("it's"), "'it''s'");
-        assert_eq!(quote_literal(r"a\b'"), r"E'a\\b'''");
     }
 }

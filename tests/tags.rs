@@ -685,3 +685,70 @@ fn a_batch_read_of_tagged_entries_honours_invalidate_tag() {
     );
     assert_eq!(*loads.lock().unwrap(), ["product:1"]);
 }
+
+/// A captured table with a tag column: a write to it from anywhere (here
+/// plain SQL, bypassing the library) invalidates, through the relay, every
+/// entry carrying the row's tag, whatever the entry's key; both tags when
+/// an update moves the row; and a row whose tag is no valid tag name is
+/// skipped without holding up the others.
+#[test]
+fn a_captured_tag_column_invalidates_the_tags_of_rows_written_in_sql() {
+    let fx = Fixture::new("tags_capture");
+    let engine = fx.client.engine();
+    let table = unique("ca_tags_shelf");
+    let db = engine.db();
+    db.batch_execute(&format!(
+        "CREATE TABLE {table} (id bigint PRIMARY KEY, cat text, gen bigint NOT NULL);
+         INSERT INTO {table} VALUES (1, 'a', 0), (2, 'a', 0), (3, 'b', 0),
+                                    (4, 'c', 0), (5, 'bad{{', 0);"
+    ))
+    .unwrap();
+    let _drop = Items {
+        engine,
+        table: table.clone(),
+    };
+    engine
+        .capture_changes_tagged(&table, "shelf:", "id", None, "cat:", "cat")
+        .unwrap();
+    // Listings of a category: keys that are no row's key, tagged by it.
+    let loads = Mutex::new(Vec::<String>::new());
+    let read_all = || {
+        for (key, tag) in [
+            ("list:a", "cat:a"),
+            ("count:a", "cat:a"),
+            ("list:b", "cat:b"),
+            ("list:c", "cat:c"),
+        ] {
+            let _: Option<String> = engine
+                .get_or_load_tagged(key, TTL, &[tag], || {
+                    loads.lock().unwrap().push(key.to_owned());
+                    Ok(Some(format!("{key}:value")))
+                })
+                .unwrap();
+        }
+        std::mem::take(&mut *loads.lock().unwrap())
+    };
+    let write = |sql: &str| {
+        db.execute(&sql.replace("{t}", &table), &[]).unwrap();
+        assert!(engine.sync_relay(common::PATIENCE), "the relay caught up");
+    };
+    assert_eq!(read_all(), ["list:a", "count:a", "list:b", "list:c"]);
+    assert!(read_all().is_empty(), "all hits");
+
+    // An update that keeps row 2 in category a: both of a's entries.
+    write("UPDATE {t} SET gen = gen + 1 WHERE id = 2");
+    assert_eq!(read_all(), ["list:a", "count:a"]);
+    // Row 3 moves from b to c: both.
+    write("UPDATE {t} SET cat = 'c' WHERE id = 3");
+    assert_eq!(read_all(), ["list:b", "list:c"]);
+    // A delete; and a row with an invalid tag ("cat:bad{") written with
+    // one of c: it is skipped, c is invalidated.
+    write("DELETE FROM {t} WHERE id = 1");
+    assert_eq!(read_all(), ["list:a", "count:a"]);
+    let errors = engine.stats().relay_errors;
+    write("UPDATE {t} SET gen = gen + 1 WHERE id IN (4, 5)");
+    assert_eq!(read_all(), ["list:c"]);
+    assert_eq!(engine.stats().relay_errors, errors, "no relay error");
+    assert!(read_all().is_empty(), "all hits again");
+    assert_eq!(engine.in_flight(), 0);
+}

@@ -32,7 +32,7 @@ impl CacheAside {
     /// as `T` is a miss. A key given twice is read once and answered twice.
     /// With the near cache on, it answers first. `load` is called once,
     /// unless another process held some keys' rebuild locks past
-    /// [`Config::lock_wait`] (they are then loaded in another call), or a
+    /// [`Config::lock_wait`](crate::Config::lock_wait) (they are then loaded in another call), or a
     /// write sent some keys back to be read again. Early refresh (XFetch)
     /// and the soft timeout do not apply to batches.
     ///
@@ -84,7 +84,7 @@ impl CacheAside {
     ///
     /// # Errors
     /// As [`get_or_load_many`](Self::get_or_load_many), and
-    /// [`ErrorKind::InvalidArgument`] for options out of range.
+    /// [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) for options out of range.
     ///
     /// ```no_run
     /// # let engine = cacheaside::CacheAside::open(&cacheaside::Config::from_env())?;
@@ -148,7 +148,7 @@ impl CacheAside {
     ///
     /// # Errors
     /// Cache errors and timeouts (the circuit breaker then opens, as for
-    /// one key); [`ErrorKind::InvalidArgument`] for an empty key or one
+    /// one key); [`ErrorKind::InvalidArgument`](crate::ErrorKind::InvalidArgument) for an empty key or one
     /// holding `{` or `}` (then nothing is invalidated).
     ///
     /// ```no_run

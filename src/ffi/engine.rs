@@ -170,21 +170,98 @@ pub unsafe extern "C" fn cacheaside_engine_capture_changes(
     version_column: *const c_char,
 ) -> cacheaside_status {
     ffi_panic_boundary! {
-        let engine = non_null!(engine);
-        let table = non_null!(str table);
-        let key_prefix = non_null!(str key_prefix);
-        let key_column = non_null!(str key_column);
-        let version_column = if version_column.is_null() {
-            None
-        } else {
-            Some(non_null!(str version_column))
-        };
-        if key_prefix.is_empty() {
-            // Every key of the namespace would be a bare row id, shared by
-            // every table captured so.
-            return fail(&Error::invalid_argument("`key_prefix` is empty"));
-        }
-        status(engine.inner.capture_changes(table, key_prefix, key_column, version_column))
+        // SAFETY: as this function's.
+        unsafe { capture(engine, table, key_prefix, key_column, version_column, None) }
+    }
+}
+
+/// The body of both capture functions; `tag`: the tag prefix and column.
+///
+/// # Safety
+/// As `cacheaside_engine_capture_changes()`.
+unsafe fn capture(
+    engine: *const cacheaside_engine,
+    table: *const c_char,
+    key_prefix: *const c_char,
+    key_column: *const c_char,
+    version_column: *const c_char,
+    tag: Option<(&str, &str)>,
+) -> cacheaside_status {
+    let engine = non_null!(engine);
+    let table = non_null!(str table);
+    let key_prefix = non_null!(str key_prefix);
+    let key_column = non_null!(str key_column);
+    let version_column = if version_column.is_null() {
+        None
+    } else {
+        Some(non_null!(str version_column))
+    };
+    if key_prefix.is_empty() {
+        // Every key of the namespace would be a bare row id, shared by
+        // every table captured so.
+        return fail(&Error::invalid_argument("`key_prefix` is empty"));
+    }
+    let inner = &engine.inner;
+    status(match tag {
+        None => inner.capture_changes(table, key_prefix, key_column, version_column),
+        Some((prefix, column)) => inner.capture_changes_tagged(
+            table,
+            key_prefix,
+            key_column,
+            version_column,
+            prefix,
+            column,
+        ),
+    })
+}
+
+/// `cacheaside_engine_capture_changes()` of a table whose rows carry a tag:
+/// every insert, update or delete of a row also invalidates the tag
+/// `tag_prefix` followed by the row's `tag_column` (the tag the row had
+/// and the one it has), as `cacheaside_engine_invalidate_tag()` does. A
+/// NULL tag column is no tag; a row whose tag is not a valid tag name is
+/// skipped by the relay (logged). A `TRUNCATE` invalidates no tag.
+/// Blocks.
+///
+/// Returns `CACHEASIDE_INVALID_ARGUMENT` as
+/// `cacheaside_engine_capture_changes()` does, and for a NULL `tag_prefix`
+/// or `tag_column`, a `tag_column` that is not an SQL identifier, or a
+/// `tag_prefix` holding `{`, `}` or control characters (it may be empty);
+/// `CACHEASIDE_DATABASE_ERROR` or `CACHEASIDE_TIMEOUT` when PostgreSQL
+/// fails.
+///
+/// Ownership: every string is only read during the call; the caller keeps
+/// it.
+///
+/// Row id 7 of `products`, in category 3, is key `product:7` and tag
+/// `category:3`:
+///
+/// ```c
+/// cacheaside_engine_capture_changes_tagged(engine, "products", "product:", "id",
+///                                          "version", "category:", "category_id");
+/// ```
+///
+/// Thread-safe.
+///
+/// # Safety
+/// `engine` is NULL or a live engine; each string is NULL or
+/// NUL-terminated.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn cacheaside_engine_capture_changes_tagged(
+    engine: *const cacheaside_engine,
+    table: *const c_char,
+    key_prefix: *const c_char,
+    key_column: *const c_char,
+    version_column: *const c_char,
+    tag_prefix: *const c_char,
+    tag_column: *const c_char,
+) -> cacheaside_status {
+    ffi_panic_boundary! {
+        let tag_prefix = non_null!(str tag_prefix);
+        let tag_column = non_null!(str tag_column);
+        let tag = Some((tag_prefix, tag_column));
+        // SAFETY: as this function's.
+        unsafe { capture(engine, table, key_prefix, key_column, version_column, tag) }
     }
 }
 

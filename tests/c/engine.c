@@ -308,6 +308,16 @@ static void bad_inputs_are_invalid(cacheaside_config *config) {
     INVALID(cacheaside_engine_capture_changes(engine, table, "product:", "", NULL));
     INVALID(cacheaside_engine_capture_changes(engine, table, "product:", "id", ""));
     INVALID(cacheaside_engine_capture_changes(engine, "x; drop table y", "p:", "id", NULL));
+    INVALID(cacheaside_engine_capture_changes_tagged(engine, table, "product:", "id", NULL, NULL,
+                                                     "cat"));
+    INVALID(cacheaside_engine_capture_changes_tagged(engine, table, "product:", "id", NULL, "c:",
+                                                     NULL));
+    INVALID(cacheaside_engine_capture_changes_tagged(engine, table, "product:", "id", NULL, "c:",
+                                                     ""));
+    INVALID(cacheaside_engine_capture_changes_tagged(engine, table, "product:", "id", NULL, "c{",
+                                                     "cat"));
+    INVALID(cacheaside_engine_capture_changes_tagged(NULL, table, "product:", "id", NULL, "c:",
+                                                     "cat"));
 
     INVALID(cacheaside_engine_get_or_load(NULL, "k", 1000, load_product, NULL, &value));
     EXPECT(value.data == NULL && value.len == 0); /* zeroed on failure */
