@@ -503,31 +503,18 @@ fn session(near: &Near, cache: &Cache, io_timeout: Duration, connected: &mut boo
     pubsub.set_read_timeout(Some(BEAT))?;
     near.tracker_id.store(id, Ordering::SeqCst);
     *connected = true;
-    // Heartbeats sent and not yet read back, oldest first.
-    let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
-    let mut seq = 0u64;
-    let mut next_beat = Instant::now();
-    loop {
-        if near.stopped() {
-            return Ok(());
-        }
-        heartbeat(
-            &mut *beat,
-            &channel,
-            &mut seq,
-            &mut sent,
-            &mut next_beat,
-            io_timeout,
-        )?;
-        let msg = match pubsub.get_message() {
-            Ok(msg) => msg,
-            Err(err) if err.is_timeout() => continue,
-            Err(err) => return Err(err.into()),
-        };
-        if let Some(sent) = on_message(near, &msg, &channel, &mut sent)? {
+    pump(
+        near,
+        &mut pubsub,
+        &mut *beat,
+        &channel,
+        io_timeout,
+        || near.stopped(),
+        |sent| {
             near.confirmed(sent);
-        }
-    }
+            true
+        },
+    )
 }
 
 /// Names `sub`, and turns on broadcast tracking of `namespace`'s keys,
@@ -564,6 +551,48 @@ fn start_tracking(
 
 /// Sends the next heartbeat on `channel` when it is due, and fails when
 /// the oldest one unanswered is older than `io_timeout`.
+/// Reads a tracking subscription (`pubsub`) until `done()` (`Ok`) or the
+/// connection fails (`Err`): applies its invalidations, sends heartbeats
+/// on `beat` to `channel`, and tells `confirmed` when each was sent as it
+/// comes back (every invalidation queued before then has been applied);
+/// `confirmed` returns false to stop.
+fn pump(
+    near: &Near,
+    pubsub: &mut redis::PubSub<'_>,
+    beat: &mut dyn redis::ConnectionLike,
+    channel: &str,
+    io_timeout: Duration,
+    done: impl Fn() -> bool,
+    mut confirmed: impl FnMut(Instant) -> bool,
+) -> Result<()> {
+    // Heartbeats sent and not yet read back, oldest first.
+    let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
+    let (mut seq, mut next_beat) = (0u64, Instant::now());
+    loop {
+        if done() {
+            return Ok(());
+        }
+        heartbeat(
+            beat,
+            channel,
+            &mut seq,
+            &mut sent,
+            &mut next_beat,
+            io_timeout,
+        )?;
+        let msg = match pubsub.get_message() {
+            Ok(msg) => msg,
+            Err(err) if err.is_timeout() => continue,
+            Err(err) => return Err(err.into()),
+        };
+        if let Some(at) = on_message(near, &msg, channel, &mut sent)?
+            && !confirmed(at)
+        {
+            return Ok(());
+        }
+    }
+}
+
 fn heartbeat(
     beat: &mut dyn redis::ConnectionLike,
     channel: &str,

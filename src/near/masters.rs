@@ -19,13 +19,12 @@
 //! entries of a slot whose master changed), coarsely: every slot's entries
 //! go, not just the moved one's.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use redis::Value;
 
-use super::{BEAT, INVALIDATE, Near, heartbeat, on_message, start_tracking, tracker_name};
+use super::{BEAT, INVALIDATE, Near, pump, start_tracking, tracker_name};
 use crate::cache::Cache;
 use crate::config::Config;
 use crate::error::{Error, ErrorKind, Result};
@@ -151,41 +150,30 @@ fn link(
 ) -> Result<()> {
     let mut pubsub = sub.as_pubsub();
     pubsub.set_read_timeout(Some(BEAT))?;
-    let mut sent: VecDeque<(u64, Instant)> = VecDeque::new();
-    let (mut seq, mut next_beat) = (0u64, Instant::now());
-    loop {
-        if near.stopped() || shared.lock().broken {
-            return Ok(());
-        }
-        heartbeat(
-            beat,
-            channel,
-            &mut seq,
-            &mut sent,
-            &mut next_beat,
-            io_timeout,
-        )?;
-        let msg = match pubsub.get_message() {
-            Ok(msg) => msg,
-            Err(err) if err.is_timeout() => continue,
-            Err(err) => return Err(err.into()),
-        };
-        let Some(at) = on_message(near, &msg, channel, &mut sent)? else {
-            continue;
-        };
-        let mut shared = shared.lock();
-        if shared.broken {
-            return Ok(());
-        }
-        shared.confirmed[i] = Some(at);
-        let oldest = shared
-            .confirmed
-            .iter()
-            .copied()
-            .collect::<Option<Vec<Instant>>>()
-            .and_then(|all| all.into_iter().min());
-        if let Some(oldest) = oldest {
-            near.confirmed_everywhere(oldest);
-        }
-    }
+    let broken = || shared.lock().broken;
+    pump(
+        near,
+        &mut pubsub,
+        beat,
+        channel,
+        io_timeout,
+        || near.stopped() || broken(),
+        |at| {
+            let mut shared = shared.lock();
+            if shared.broken {
+                return false;
+            }
+            shared.confirmed[i] = Some(at);
+            let oldest = shared
+                .confirmed
+                .iter()
+                .copied()
+                .collect::<Option<Vec<Instant>>>()
+                .and_then(|all| all.into_iter().min());
+            if let Some(oldest) = oldest {
+                near.confirmed_everywhere(oldest);
+            }
+            true
+        },
+    )
 }
