@@ -27,8 +27,9 @@
 //!   longer holds that change.
 //!
 //! The inspector never changes the cache: it reports (a `warn` event per
-//! finding, [`Stats::inspect_stale`](crate::Stats::inspect_stale)). It runs
-//! on a single Redis server, not on a Redis Cluster yet.
+//! finding, [`Stats::inspect_stale`](crate::Stats::inspect_stale)). On a
+//! Redis Cluster it samples every master (in a random order), and reads
+//! the sample per key in one cluster pipeline (one round trip per node).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -145,11 +146,6 @@ pub(crate) fn inspect(
             "an inspection samples 1 to {MAX_INSPECT_SAMPLE} entries"
         )));
     }
-    if cache.is_cluster() {
-        return Err(Error::invalid_argument(
-            "the inspector does not support Redis Cluster yet",
-        ));
-    }
     validate_table_name(outbox)?;
     let mut report = InspectReport::default();
     let captures = captures(db, outbox)?;
@@ -264,23 +260,10 @@ fn owner<'a>(captures: &'a [Capture], key: &str) -> Option<&'a Capture> {
 fn sample_keys(cache: &Cache, captures: &[Capture], sample: usize) -> Result<(Vec<String>, u64)> {
     let namespace = cache.namespace();
     let pattern = format!("{}{{*", escape_glob(namespace));
-    let start: u64 = fastrand::u64(..1 << 20);
-    let mut cursor = start;
-    let mut wrapped = start == 0;
     let mut seen = HashSet::new();
     let mut keys = Vec::new();
-    let mut calls = 0;
-    loop {
-        let (next, batch): (u64, Vec<String>) = cache.run(|conn| {
-            redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query(conn)
-        })?;
-        calls += 1;
+    // Takes a page of Redis keys; true once the sample is full.
+    let mut take = |batch: Vec<String>| -> bool {
         for redis_key in batch {
             // Value keys are `namespace{key}`; side keys go on after the `}`.
             let Some(key) = redis_key
@@ -294,8 +277,37 @@ fn sample_keys(cache: &Cache, captures: &[Capture], sample: usize) -> Result<(Ve
                 keys.push(key.to_owned());
             }
         }
-        if keys.len() >= sample {
-            keys.truncate(sample);
+        keys.len() >= sample
+    };
+    if cache.is_cluster() {
+        // SCAN is not one command: a connection of its own, no retry.
+        let mut conn = cache.dedicated(Duration::from_secs(5))?;
+        let calls = match &mut *conn {
+            crate::redis_conn::RedisConnection::Cluster(cluster) => {
+                crate::redis_conn::scan_cluster(cluster, &pattern, &mut take)
+                    .map_err(crate::error::Error::from)?
+            }
+            _ => 0,
+        };
+        keys.truncate(sample);
+        return Ok((keys, calls));
+    }
+    let start: u64 = fastrand::u64(..1 << 20);
+    let mut cursor = start;
+    let mut wrapped = start == 0;
+    let mut calls = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = cache.run(|conn| {
+            redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query(conn)
+        })?;
+        calls += 1;
+        if take(batch) {
             break;
         }
         if next == 0 {
@@ -306,6 +318,7 @@ fn sample_keys(cache: &Cache, captures: &[Capture], sample: usize) -> Result<(Ve
         }
         cursor = next;
     }
+    keys.truncate(sample);
     Ok((keys, calls))
 }
 
@@ -319,8 +332,17 @@ fn read_entries(
         return Ok(Vec::new());
     }
     let redis_keys: Vec<String> = keys.iter().map(|k| cache.redis_key(k)).collect();
-    let raws: Vec<Option<Vec<u8>>> =
-        cache.run(|conn| redis::cmd("MGET").arg(&redis_keys).query(conn))?;
+    let raws: Vec<Option<Vec<u8>>> = cache.run(|conn| match conn {
+        // The keys span slots: one GET each, a pipeline per node.
+        crate::redis_conn::RedisConnection::Cluster(cluster) => {
+            let mut pipe = redis::cluster::cluster_pipe();
+            for key in &redis_keys {
+                pipe.get(key);
+            }
+            pipe.query(cluster)
+        }
+        conn => redis::cmd("MGET").arg(&redis_keys).query(conn),
+    })?;
     report.redis_round_trips += 1;
     let mut out = Vec::new();
     for ((key, redis_key), raw) in keys.iter().zip(redis_keys).zip(raws) {
@@ -436,12 +458,19 @@ fn confirm(
     if candidates.is_empty() {
         return Ok(());
     }
-    let mut pipe = redis::pipe();
+    // A key and its pending record share a slot; the candidates span many
+    // (a pipeline per node on a cluster).
+    let (mut pipe, mut cluster_pipe) = (redis::pipe(), redis::cluster::cluster_pipe());
     for c in &candidates {
         let redis_key = &sampled[c.sampled].redis_key;
-        pipe.get(redis_key).exists(format!("{redis_key}:pending"));
+        let pending = format!("{redis_key}:pending");
+        pipe.get(redis_key).exists(&pending);
+        cluster_pipe.get(redis_key).exists(&pending);
     }
-    let replies: Vec<(Option<Vec<u8>>, bool)> = cache.run(|conn| pipe.query(conn))?;
+    let replies: Vec<(Option<Vec<u8>>, bool)> = cache.run(|conn| match conn {
+        crate::redis_conn::RedisConnection::Cluster(cluster) => cluster_pipe.query(cluster),
+        conn => pipe.query(conn),
+    })?;
     report.redis_round_trips += 1;
     let now = now_ms();
     for (c, (raw, pending)) in candidates.into_iter().zip(replies) {

@@ -297,6 +297,46 @@ fn delete_matching_in_cluster(
     Ok(deleted)
 }
 
+/// Scans every master of a cluster for keys matching `pattern`, handing
+/// each page to `take` until it returns true (enough); the masters in a
+/// random order, so that a sample does not always come from the first.
+/// Returns the `SCAN` calls made.
+pub(crate) fn scan_cluster(
+    conn: &mut ClusterConnection,
+    pattern: &str,
+    take: &mut dyn FnMut(Vec<String>) -> bool,
+) -> RedisResult<u64> {
+    let mut masters = cluster_masters(conn)?;
+    fastrand::shuffle(&mut masters);
+    let mut calls = 0;
+    for (host, port) in masters {
+        let mut cursor = 0u64;
+        loop {
+            let mut scan = redis::cmd("SCAN");
+            scan.arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000);
+            let route = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress {
+                host: host.clone(),
+                port,
+            });
+            let (next, keys): (u64, Vec<String>) =
+                redis::from_redis_value(conn.route_command(&scan, route)?)?;
+            calls += 1;
+            if take(keys) {
+                return Ok(calls);
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(calls)
+}
+
 /// The (host, port) of every master, from `CLUSTER SLOTS`.
 fn cluster_masters(conn: &mut ClusterConnection) -> RedisResult<Vec<(String, u16)>> {
     let slots: Vec<Vec<Value>> = redis::cmd("CLUSTER").arg("SLOTS").query(conn)?;

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use cacheaside::Client;
 use common::Fixture;
+use common::servers::PrivateCluster;
 
 /// A raw entry as the engine writes it, with `version`, expiring in a
 /// minute.
@@ -28,8 +29,23 @@ fn cache_all(fx: &Fixture) {
 
 #[test]
 fn a_stale_entry_planted_behind_the_leases_is_found_with_its_age() {
-    let fx = Fixture::new("inspect_stale");
-    cache_all(&fx);
+    finds_planted_stale_entries(&Fixture::new("inspect_stale"));
+}
+
+/// The same on a Redis Cluster: the sample comes from every master, and
+/// the entries are read per key (they span slots).
+#[test]
+fn a_stale_entry_is_found_on_a_redis_cluster() {
+    let cluster = PrivateCluster::start();
+    let mut config = common::test_config("inspect_cluster");
+    config.redis_url = cluster.url();
+    finds_planted_stale_entries(&Fixture::with(config));
+}
+
+/// Plants stale entries behind the leases; the inspector finds exactly
+/// them, with their age.
+fn finds_planted_stale_entries(fx: &Fixture) {
+    cache_all(fx);
     // Row 3 moves to version 2 behind the library's back, and row 5 goes;
     // the relay invalidates both.
     fx.set_plan_directly(3, "team");

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use cacheaside::{CacheAside, Config, Db, Mode, Versioned};
 use common::replica::{self as soak, until};
-use common::servers::PrivatePostgres;
+use common::servers::{PrivateCluster, PrivatePostgres};
 use common::{Fixture, test_config};
 
 const TTL: Duration = Duration::from_secs(60);
@@ -239,9 +239,28 @@ fn a_replica_further_behind_than_the_fences_cover_is_not_read() {
 /// the committed one; and most misses are served by the replica.
 #[test]
 fn readers_beside_a_writer_cache_no_pre_write_row_and_the_replica_serves_most_misses() {
+    replica_soak("replica_soak", None);
+}
+
+/// The same with the fences (and entries) on a Redis Cluster: each fence
+/// lives in its key's slot.
+#[test]
+fn the_replica_soak_holds_on_a_redis_cluster() {
+    let cluster = PrivateCluster::start();
+    replica_soak("replica_soak_cluster", Some(cluster.url()));
+}
+
+/// Readers and a writer on the lab's users, loads from a replica 500 ms
+/// behind (Redis at `redis_url`, or the shared one): 0 reads older than a
+/// write that had returned, 0 cached profiles older than their row, most
+/// misses served by the replica.
+fn replica_soak(label: &str, redis_url: Option<String>) {
     let primary = PrivatePostgres::start();
     let replica = primary.start_replica(Duration::from_millis(500));
-    let mut config = replica_config("replica_soak", &primary, &replica);
+    let mut config = replica_config(label, &primary, &replica);
+    if let Some(url) = redis_url {
+        config.redis_url = url;
+    }
     // Entries of users nobody writes expire often: their misses are the
     // replica's to serve.
     config.ttl = Duration::from_millis(200);
