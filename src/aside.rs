@@ -1188,6 +1188,18 @@ impl CacheAside {
         self.inner.write_behind.pending(&self.inner.engine.cache)
     }
 
+    /// How many dead letters are kept (see
+    /// [`write_behind_dead_letters`](Self::write_behind_dead_letters)), over
+    /// every dead-letter stream (one per slot on a Redis Cluster).
+    ///
+    /// # Errors
+    /// Cache errors and timeouts.
+    pub fn write_behind_dead_letter_count(&self) -> Result<u64> {
+        self.inner
+            .write_behind
+            .dead_lettered(&self.inner.engine.cache)
+    }
+
     /// The oldest `count` entries of the dead-letter stream: changes the
     /// workers gave up on, with the error that made them. They stay there
     /// until removed ([`drop_dead_letters`](Self::drop_dead_letters), or

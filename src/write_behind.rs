@@ -509,15 +509,14 @@ impl WriteBehind {
     pub fn pending(&self, cache: &Cache) -> Result<u64> {
         let all = self.shared.streams.all(cache)?;
         let streams: Vec<&str> = all.iter().map(|n| n.stream.as_str()).collect();
-        let lengths = per_stream(cache, &streams, |stream| {
-            let mut cmd = redis::cmd("XLEN");
-            cmd.arg(stream);
-            cmd
-        })?;
-        Ok(lengths
-            .iter()
-            .map(|len| redis::from_redis_value_ref::<u64>(len).unwrap_or(0))
-            .sum())
+        total_length(cache, &streams)
+    }
+
+    /// Dead letters kept, over every dead-letter stream.
+    pub fn dead_lettered(&self, cache: &Cache) -> Result<u64> {
+        let all = self.shared.streams.all(cache)?;
+        let streams: Vec<&str> = all.iter().map(|n| n.dead.as_str()).collect();
+        total_length(cache, &streams)
     }
 
     /// Waits until every change enqueued before this call has left its
@@ -691,3 +690,16 @@ mod shards;
 use shards::Streams;
 mod worker;
 use worker::{StreamId, Worker, delete_liveness, entries, renew_liveness};
+
+/// The entries of `streams` together (`XLEN` of each, a pipeline per node).
+fn total_length(cache: &Cache, streams: &[&str]) -> Result<u64> {
+    let lengths = per_stream(cache, streams, |stream| {
+        let mut cmd = redis::cmd("XLEN");
+        cmd.arg(stream);
+        cmd
+    })?;
+    Ok(lengths
+        .iter()
+        .map(|len| redis::from_redis_value_ref::<u64>(len).unwrap_or(0))
+        .sum())
+}

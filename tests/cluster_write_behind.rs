@@ -478,9 +478,12 @@ fn dead_letters_of_every_slot_are_listed_and_dropped_on_a_cluster() {
     // An id without its slot is ambiguous on a cluster: refused.
     let bare = letters[0].id.split_once('@').unwrap().0.to_owned();
     assert!(engine.drop_dead_letters(&[bare.as_str()]).is_err());
+    // Counted over every slot's stream (as `cacheaside stats` reports).
+    assert_eq!(engine.write_behind_dead_letter_count().unwrap(), 3);
     let ids: Vec<&str> = letters.iter().map(|l| l.id.as_str()).collect();
     assert_eq!(engine.drop_dead_letters(&ids).unwrap(), 3);
     assert!(engine.write_behind_dead_letters(10).unwrap().is_empty());
+    assert_eq!(engine.write_behind_dead_letter_count().unwrap(), 0);
 }
 
 #[test]

@@ -307,12 +307,7 @@ fn stats(engine: &CacheAside, out: &Out) -> Outcome {
         None => other += 1,
     })?;
     let pending = engine.write_behind_pending()?;
-    let dead: u64 = {
-        let key = format!("{}{{write_behind}}:dead", namespace);
-        engine
-            .cache()
-            .with_connection(|c| redis::cmd("XLEN").arg(&key).query(c))?
-    };
+    let dead = engine.write_behind_dead_letter_count()?;
     let outbox = &engine.config().outbox_table;
     let outbox_rows: Option<i64> = engine
         .db()
