@@ -1167,7 +1167,9 @@ impl CacheAside {
     /// ([`Stats::write_behind_dead_lettered`] and
     /// [`write_behind_dead_letters`](Self::write_behind_dead_letters) tell),
     /// at most `timeout`. Workers may run in any process; without any, it
-    /// times out unless nothing is pending.
+    /// times out unless nothing is pending. When it returns, this process's
+    /// workers have also finished the round they were in, so its
+    /// [`Stats`] count every change they took out of the streams.
     ///
     /// # Errors
     /// [`ErrorKind::Timeout`] when changes from before the call are still

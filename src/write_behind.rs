@@ -76,7 +76,7 @@
 //! `volatile-*` one: every cache entry has a TTL).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -283,6 +283,8 @@ impl Drop for SyncWrite<'_> {
 struct Workers {
     stop: Arc<AtomicBool>,
     threads: Vec<JoinHandle<()>>,
+    /// Each thread's finished rounds (`Worker::rounds`), in `threads`' order.
+    rounds: Vec<Arc<AtomicU64>>,
     /// Renews the workers' liveness keys until `stop`.
     liveness: Option<JoinHandle<()>>,
     /// The workers' liveness keys, deleted once they have stopped.
@@ -424,9 +426,11 @@ impl WriteBehind {
         engine.db = engine.db.uncounted();
         let stop = Arc::new(AtomicBool::new(false));
         let mut threads = Vec::new();
+        let mut rounds = Vec::new();
         let mut alive_keys = Vec::new();
         for i in 0..workers {
             let worker = Worker::new(engine.clone(), Arc::clone(&self.shared), Arc::clone(&stop));
+            let done = Arc::clone(&worker.rounds);
             let alive_key = format!("{}{}", self.shared.alive, worker.consumer);
             // Alive before it reads anything (best effort: the renewer
             // retries, and a worker taken for dead early only costs a
@@ -437,7 +441,10 @@ impl WriteBehind {
                 .name(format!("cacheaside-write-behind-{i}"))
                 .spawn(move || worker.run())
             {
-                Ok(thread) => threads.push(thread),
+                Ok(thread) => {
+                    threads.push(thread);
+                    rounds.push(done);
+                }
                 Err(err) => report!(warn, "cannot start a write-behind worker thread: {err}"),
             }
         }
@@ -475,6 +482,7 @@ impl WriteBehind {
         *slot = Some(Workers {
             stop,
             threads,
+            rounds,
             liveness,
             alive_keys,
             cache: engine.cache.clone(),
@@ -519,6 +527,30 @@ impl WriteBehind {
         total_length(cache, &streams)
     }
 
+    /// Waits (at most until `deadline`) for each of this process's workers
+    /// to finish the round it is in. A change leaves its stream inside a
+    /// round, and the round adds its counters (applied, dead-lettered) at
+    /// its end: after this, a drain's caller reads them whole.
+    fn rounds_finished(&self, deadline: Instant) {
+        let started: Vec<(Arc<AtomicU64>, u64)> = match self.workers.lock().as_ref() {
+            Some(w) => w
+                .rounds
+                .iter()
+                .map(|r| (Arc::clone(r), r.load(Ordering::SeqCst)))
+                .collect(),
+            None => return,
+        };
+        // A worker blocked in its read ends the round within BLOCK; a
+        // worker thread that is gone never will (the deadline bounds it).
+        while Instant::now() < deadline
+            && started
+                .iter()
+                .any(|(r, at)| r.load(Ordering::SeqCst) == *at)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
     /// Waits until every change enqueued before this call has left its
     /// stream (committed, or dead-lettered), at most `timeout`.
     pub fn drain(&self, cache: &Cache, timeout: Duration) -> Result<()> {
@@ -534,6 +566,7 @@ impl WriteBehind {
         loop {
             let left: Vec<&str> = targets.iter().map(|(stream, _)| *stream).collect();
             if left.is_empty() {
+                self.rounds_finished(deadline);
                 return Ok(());
             }
             let firsts = edges(cache, &left, "XRANGE", "-", "+")?;
@@ -546,6 +579,7 @@ impl WriteBehind {
             // Wait on one stream (a round trip a look), then look at all
             // that remain again (in one pipeline): most have drained too.
             let Some(&(stream, target)) = targets.first() else {
+                self.rounds_finished(deadline);
                 return Ok(());
             };
             loop {

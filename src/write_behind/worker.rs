@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use redis::{Script, Value};
@@ -263,6 +263,9 @@ pub(super) struct Worker {
     engine: Engine,
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
+    /// Rounds this worker has finished, counters included: see
+    /// `WriteBehind::drain`.
+    pub(super) rounds: Arc<AtomicU64>,
     pub(super) consumer: String,
     /// The connection the blocking reads use, opened on demand and dropped
     /// after any error on it.
@@ -288,6 +291,7 @@ impl Worker {
         let now = Instant::now();
         Worker {
             engine,
+            rounds: Arc::default(),
             consumer: format!("worker-{}", new_token()),
             conn: None,
             streams: Vec::new(),
@@ -312,7 +316,9 @@ impl Worker {
     pub(super) fn run(mut self) {
         let mut pause = Duration::from_millis(20);
         while !self.stopping() {
-            match self.round() {
+            let outcome = self.round();
+            self.rounds.fetch_add(1, Ordering::SeqCst);
+            match outcome {
                 Ok(()) => pause = Duration::from_millis(20),
                 Err(err) => {
                     report!(debug, "write-behind worker (retrying): {}", err.chain());
