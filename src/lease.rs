@@ -184,26 +184,12 @@ pub(crate) fn lookup_and_lease(
     ttls: Ttls,
     now_ms: u64,
 ) -> Result<(Raw, Result<Acquired>)> {
-    let claim = || {
-        let mut eval = redis::cmd("EVALSHA");
-        eval.arg(SCRIPTS.acquire.get_hash())
-            .arg(4)
-            .arg(&keys.value)
-            .arg(&keys.lease)
-            .arg(&keys.lock)
-            .arg(&keys.pending)
-            .arg("lease")
-            .arg(token)
-            .arg(millis(ttls.lease))
-            .arg(millis(ttls.lock))
-            .arg(now_ms);
-        eval
-    };
+    let claim = acquire_call(keys, Claim::Lease, token, ttls, now_ms);
     let mut pipe = redis::pipe();
     // Each reply on its own: a `WRONGTYPE` of the GET is an answer.
     pipe.ignore_errors()
         .add_command(redis::cmd("GET").arg(&keys.value).clone())
-        .add_command(claim());
+        .invoke_script(&claim);
     // A server that has not seen the script yet (a restart, a promoted
     // replica) answers NOSCRIPT: as the claim's own reply on a single
     // server, as the whole pipeline's error on a cluster (whose pipelines
@@ -212,7 +198,7 @@ pub(crate) fn lookup_and_lease(
     // pipeline again; the same token finds what the first claim took.
     let claim_by_eval =
         |conn: &mut crate::redis_conn::RedisConnection| -> redis::RedisResult<Value> {
-            acquire_call(keys, Claim::Lease, token, ttls, now_ms).invoke(conn)
+            claim.invoke(conn)
         };
     let (got, claimed): (Value, Value) = cache.run(|conn| match pipe.query(conn) {
         Ok((got, Value::ServerError(err))) if err.code() == "NOSCRIPT" => {
